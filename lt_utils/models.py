@@ -1,0 +1,215 @@
+"""Backbones (HF CLIP vision tower or ViT) and the LTModel wrapper: backbone feature -> classifier head."""
+import contextlib
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .heads import build_head
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SUPPORTED_MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "vit": "vit"}
+# PIL resample codes, as stored in preprocessor_config.json.
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclasses.dataclass
+class BackboneSpec:
+    """Everything the rest of the code needs to know about a backbone (saved with exports)."""
+
+    kind: str  # "clip" | "vit"
+    name_or_path: str
+    hidden_size: int
+    num_layers: int
+    image_size: int
+    patch_size: int
+    image_mean: list
+    image_std: list
+    interpolation: str  # "bicubic" | "bilinear" (from the image processor's resample)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(d) - names, names - set(d)
+        if unknown or missing:
+            raise UserError(
+                f"backbone spec has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
+                "re-export the model with this version"
+            )
+        return cls(**d)
+
+
+def _first_line(err):
+    """transformers' errors span lines; a UserError is one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_local_path(name):
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+
+
+def load_backbone_config(model_name_or_path):
+    """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model."""
+    from transformers import AutoConfig
+
+    name = str(model_name_or_path)
+    if _is_local_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        raise UserError(f"no config.json at {name!r}; pass a Hub id (e.g. openai/clip-vit-base-patch16) or a model dir")
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}") from err
+    kind = SUPPORTED_MODEL_TYPES.get(config.model_type)
+    if kind is None:
+        raise UserError(
+            f"{name!r} is a {config.model_type!r} model; supported model types: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    vision_config = config.vision_config if config.model_type == "clip" else config
+    return kind, config, vision_config
+
+
+def _preprocessing(model_name_or_path, kind):
+    """Mean, std and interpolation from the checkpoint's image processor; CLIP's or 0.5 when it has none."""
+    from transformers import AutoImageProcessor
+
+    default_mean, default_std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else ([0.5] * 3, [0.5] * 3)
+    default_resample = 3 if kind == "clip" else 2
+    try:
+        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)))
+    except (OSError, ValueError):  # no preprocessor_config.json in the dir or repo
+        return default_mean, default_std, _RESAMPLE_NAMES[default_resample]
+    mean = [float(v) for v in (getattr(processor, "image_mean", None) or default_mean)]
+    std = [float(v) for v in (getattr(processor, "image_std", None) or default_std)]
+    return mean, std, _interpolation_name(getattr(processor, "resample", None), default_resample)
+
+
+def _interpolation_name(resample, default):
+    if resample is None:
+        resample = default
+    value = getattr(resample, "value", resample)  # PIL enum, int, or torchvision InterpolationMode
+    if isinstance(value, str):
+        return value.lower()
+    return _RESAMPLE_NAMES.get(int(value), _RESAMPLE_NAMES[default])
+
+
+def _model_class(kind):
+    from transformers import CLIPVisionModel, ViTModel
+
+    return CLIPVisionModel if kind == "clip" else ViTModel
+
+
+def _model_kwargs(kind):
+    # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
+    return {"add_pooling_layer": False} if kind == "vit" else {}
+
+
+def load_backbone(model_name_or_path, from_scratch=False, seed=0):
+    """The vision backbone (fp32) and its spec. `from_scratch`: seeded random init from the config alone."""
+    kind, _, vision_config = load_backbone_config(model_name_or_path)
+    cls, kwargs = _model_class(kind), _model_kwargs(kind)
+    if from_scratch:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = cls(vision_config, **kwargs)
+    else:
+        backbone = _from_pretrained(cls, model_name_or_path, kwargs)
+    mean, std, interpolation = _preprocessing(model_name_or_path, kind)
+    spec = BackboneSpec(
+        kind=kind,
+        name_or_path=str(model_name_or_path),
+        hidden_size=int(vision_config.hidden_size),
+        num_layers=int(vision_config.num_hidden_layers),
+        image_size=int(vision_config.image_size),
+        patch_size=int(vision_config.patch_size),
+        image_mean=mean,
+        image_std=std,
+        interpolation=interpolation,
+    )
+    return backbone, spec
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _from_pretrained(cls, model_name_or_path, kwargs):
+    name = os.path.expanduser(str(model_name_or_path))
+    try:
+        # The load report lists a full CLIP checkpoint's text tower as unexpected (expected here);
+        # missing keys, the real problem, are checked below.
+        with _quiet_transformers():
+            backbone, info = cls.from_pretrained(name, dtype=torch.float32, output_loading_info=True, **kwargs)
+    except OSError as err:
+        raise UserError(
+            f"cannot load weights from {name!r} ({_first_line(err)}); pass --from_scratch for a config-only dir"
+        ) from err
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        # Silently random weights would look like a bad run; fail instead.
+        example = sorted(missing)[0]
+        raise UserError(f"{name!r} lacks {len(missing)} backbone weights (e.g. {example}); wrong checkpoint?")
+    return backbone
+
+
+class LTModel(nn.Module):
+    """Backbone feature (CLIP: post-LN CLS before the projection; ViT: last_hidden_state[:, 0]) -> head."""
+
+    def __init__(self, backbone, head, spec):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.adapters = None  # set by peft_methods.apply_method("adaptformer")
+        self.spec = spec
+
+    @property
+    def num_classes(self):
+        return self.head.weight.shape[0]
+
+    def features(self, pixel_values):
+        out = self.backbone(pixel_values=pixel_values)
+        if self.spec.kind == "clip":
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+    def forward(self, pixel_values):
+        return self.head(self.features(pixel_values))
+
+
+def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0):
+    """Backbone + a seeded random head; data-dependent head inits are applied by heads.set_head_weight."""
+    if int(num_classes) < 1:
+        raise UserError(f"num_classes must be >= 1, got {num_classes}")
+    backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)
+    head = build_head(head_type, int(num_classes), spec.hidden_size, scale=head_scale, seed=seed)
+    return LTModel(backbone, head, spec)
+
+
+def unwrap_lt_model(model):
+    """The LTModel inside accelerate/DDP/DeepSpeed (`.module`), peft (`get_base_model`) or torch.compile wrappers."""
+    for _ in range(16):
+        if isinstance(model, LTModel):
+            return model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    raise TypeError(f"no LTModel inside {type(model).__name__}")
