@@ -1,0 +1,185 @@
+"""Image transforms for training, evaluation and test-time ensembling (TTE), plus collate.
+
+Resizing runs on PIL images, as HF image processors do (CLIP's preprocessing is PIL bicubic);
+crops, flips and normalisation run on tensors. All transforms are picklable for DataLoader workers.
+
+TTE (LIFT): resize the shorter side to `image_size + tte_expand(image_size, patch_size)`, take the
+four corner crops and the centre crop, run all views through the model as one batch and average
+the *logits*. The 1.5-patch expand offsets the corner crops by a non-integer number of patches.
+"""
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import UserError, require
+
+TTE_MODES = ("fivecrop", "tencrop", "flip")
+
+_INTERPOLATIONS = {
+    "nearest": v2.InterpolationMode.NEAREST,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+}
+# PIL resample codes, as stored in HF image processors' `resample`.
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def tte_expand(image_size, patch_size):
+    """Pixels added before five-cropping: 1.5 patches, rounded half up (24 for /16, 21 for /14)."""
+    del image_size  # the LIFT rule depends on the patch only; kept in the signature for callers
+    return (3 * int(patch_size) + 1) // 2
+
+
+def build_train_transform(image_size, mean, std, interpolation="bicubic"):
+    """RandomResizedCrop (scale 0.08-1) + horizontal flip + normalise: LIFT's only augmentation."""
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=_interpolation(interpolation)),
+            v2.RandomHorizontalFlip(),
+            *_to_normalized_tensor(mean, std),
+        ]
+    )
+
+
+def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
+    """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise."""
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation)),
+            v2.CenterCrop(image_size),
+            *_to_normalized_tensor(mean, std),
+        ]
+    )
+
+
+def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):
+    """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
+
+    fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
+    tencrop and flip append the horizontal flip of each view in the same order.
+    """
+    if mode not in TTE_MODES:
+        raise UserError(f"unknown --tte {mode!r}; choose one of {', '.join(TTE_MODES)}")
+    if mode == "flip":
+        resize, crop = image_size * 8 // 7, v2.CenterCrop(image_size)
+    else:
+        resize, crop = image_size + tte_expand(image_size, patch_size), v2.FiveCrop(image_size)
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.Resize(resize, interpolation=_interpolation(interpolation)),
+            *_to_normalized_tensor(mean, std),
+            MultiView(crop, add_flips=mode != "fivecrop"),
+        ]
+    )
+
+
+def transform_params_from_processor(processor):
+    """image_size, mean, std and interpolation from an HF image processor (CLIP or ViT)."""
+    crop = getattr(processor, "crop_size", None) or processor.size
+    size = crop.get("height") or crop.get("shortest_edge")
+    resample = getattr(processor, "resample", 3)
+    return {
+        "image_size": int(size),
+        "mean": list(processor.image_mean),
+        "std": list(processor.image_std),
+        "interpolation": _PIL_RESAMPLE.get(int(resample), "bicubic"),
+    }
+
+
+class ToRGB:
+    """PIL (L/RGB/RGBA/P/...) or HWC uint8 array -> RGB PIL image."""
+
+    def __call__(self, image):
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise UserError(
+                f"expected a PIL image or uint8 array, got {type(image).__name__}; check --image_column_name"
+            )
+        return image.convert("RGB")
+
+
+class MultiView:
+    """Crop one image tensor into views (plus their horizontal flips) stacked as [V, 3, H, W]."""
+
+    def __init__(self, crop, add_flips):
+        self.crop = crop
+        self.add_flips = add_flips
+
+    def __call__(self, image):
+        views = self.crop(image)
+        views = list(views) if isinstance(views, (tuple, list)) else [views]
+        if self.add_flips:
+            views += [TF.horizontal_flip(view) for view in views]
+        return torch.stack(views)
+
+
+class ApplyTransform:
+    """Batch transform for `datasets.Dataset.set_transform` / `with_transform`.
+
+    {"image": [...], "label": [...]} -> {"pixel_values": [tensors], "labels": [ints]}.
+    A class rather than a closure so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, transform, image_column="image", label_column="label"):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch):
+        for column in (self.image_column, self.label_column):
+            if column not in batch:
+                raise UserError(
+                    f"column {column!r} not in the dataset (has {sorted(batch)}); "
+                    "set --image_column_name / --label_column_name"
+                )
+        return {
+            "pixel_values": [self.transform(image) for image in batch[self.image_column]],
+            "labels": [int(label) for label in batch[self.label_column]],
+        }
+
+
+def collate(batch):
+    """List of {"pixel_values", "labels"} -> pixel_values [B, 3, H, W] (or [B, V, 3, H, W]) and labels [B]."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in batch]),
+        "labels": torch.tensor([example["labels"] for example in batch], dtype=torch.long),
+    }
+
+
+def average_view_logits(model_fn, pixel_values):
+    """Logits [B, C] for [B, 3, H, W] input, or the mean over views for [B, V, 3, H, W] input.
+
+    All B * V views go through `model_fn` as one batch (one call); the mean over views is taken in
+    float32. `model_fn` may return a tensor or an HF output with `.logits`.
+    """
+    if pixel_values.ndim == 4:
+        return _logits(model_fn(pixel_values))
+    require(pixel_values.ndim == 5, f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
+    batch, views = pixel_values.shape[:2]
+    logits = _logits(model_fn(pixel_values.flatten(0, 1)))
+    return logits.float().view(batch, views, -1).mean(dim=1)
+
+
+def _logits(output):
+    return getattr(output, "logits", output)
+
+
+def _interpolation(name):
+    if name not in _INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {name!r}; choose one of {', '.join(_INTERPOLATIONS)}")
+    return _INTERPOLATIONS[name]
+
+
+def _to_normalized_tensor(mean, std):
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+        v2.ToPureTensor(),
+    ]

@@ -1,0 +1,195 @@
+"""Transforms: TTE crop geometry on images whose pixels encode their coordinates, collate, view averaging."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import AutoImageProcessor, CLIPImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+from lt_utils.errors import UserError
+from lt_utils.transforms import (
+    ApplyTransform,
+    average_view_logits,
+    build_eval_transform,
+    build_train_transform,
+    build_tte_transform,
+    collate,
+    transform_params_from_processor,
+    tte_expand,
+)
+
+IDENTITY = dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])  # keeps pixel values readable: value / 255
+SIZE, PATCH = 32, 4  # expand = 6, so five-crop works on a 38 x 38 image
+STEP = 6  # coordinate encoding: R = 6 * x, G = 6 * y (fits in uint8 up to 42 pixels)
+
+
+def coordinate_image(height, width, step=STEP):
+    """RGB image with R = step * x, G = step * y, B = 0."""
+    assert step * (max(height, width) - 1) <= 255
+    ys, xs = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([step * xs, step * ys, np.zeros_like(xs)], axis=-1).astype(np.uint8))
+
+
+def origin(view, step=STEP):
+    """(x, y) of a view's top-left pixel, decoded from the coordinate encoding."""
+    r, g = (view[:2, 0, 0] * 255 / step).round().long().tolist()
+    return r, g
+
+
+def as_tensor(image):
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+def test_tte_expand_is_one_and_a_half_patches_rounded_half_up():
+    assert tte_expand(224, 16) == 24
+    assert tte_expand(336, 14) == 21
+    assert tte_expand(224, 32) == 48
+    assert tte_expand(224, 7) == 11  # 10.5 rounds up, not to even
+
+
+def test_fivecrop_takes_the_four_corners_and_centre():
+    side = SIZE + tte_expand(SIZE, PATCH)
+    image = coordinate_image(side, side)  # already at the TTE size, so the resize is the identity
+    views = build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY)(image)
+    assert views.shape == (5, 3, SIZE, SIZE) and views.dtype == torch.float32
+    assert [origin(v) for v in views] == [(0, 0), (6, 0), (0, 6), (6, 6), (3, 3)]
+    full = as_tensor(image)
+    for view, (x, y) in zip(views, [(0, 0), (6, 0), (0, 6), (6, 6), (3, 3)]):
+        assert torch.allclose(view, full[:, y : y + SIZE, x : x + SIZE], atol=1e-6)
+
+
+def test_fivecrop_resizes_the_shorter_side_to_size_plus_expand():
+    # 42 x 84 (H x W) -> 38 x 76: corners are those of the aspect-preserving resize.
+    image = coordinate_image(42, 84, step=3)
+    views = build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY, interpolation="bilinear")(image)
+    assert views.shape == (5, 3, SIZE, SIZE)
+    scale = 84 / 76  # original pixels per resized pixel
+    # Top-right crop starts at resized column 76 - 32 = 44; bottom crops at row 38 - 32 = 6.
+    expected = {1: (44, 0), 2: (0, 6), 3: (44, 6), 4: (22, 3)}
+    for index, (col, row) in expected.items():
+        x, y = (views[index][:2, 0, 0] * 255 / 3).tolist()
+        assert x == pytest.approx((col + 0.5) * scale - 0.5, abs=0.7)
+        assert y == pytest.approx((row + 0.5) * scale - 0.5, abs=0.7)
+
+
+def test_tencrop_appends_the_flip_of_each_crop():
+    side = SIZE + tte_expand(SIZE, PATCH)
+    image = coordinate_image(side, side)
+    five = build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY)(image)
+    ten = build_tte_transform("tencrop", SIZE, PATCH, **IDENTITY)(image)
+    assert ten.shape == (10, 3, SIZE, SIZE)
+    assert torch.equal(ten[:5], five)
+    assert torch.equal(ten[5:], five.flip(-1))
+    assert origin(ten[5]) == (SIZE - 1, 0)  # flipped top-left crop starts at its right edge
+
+
+def test_flip_mode_is_the_eval_view_and_its_mirror():
+    image = coordinate_image(40, 40)
+    views = build_tte_transform("flip", SIZE, PATCH, **IDENTITY)(image)
+    eval_view = build_eval_transform(SIZE, **IDENTITY)(image)
+    assert views.shape == (2, 3, SIZE, SIZE)
+    assert torch.equal(views[0], eval_view)
+    assert torch.equal(views[1], eval_view.flip(-1))
+
+
+def test_eval_transform_resizes_to_8_7_and_centre_crops():
+    image = coordinate_image(SIZE * 8 // 7, SIZE * 8 // 7)  # 36 x 36: resize is the identity
+    view = build_eval_transform(SIZE, **IDENTITY)(image)
+    assert view.shape == (3, SIZE, SIZE)
+    assert origin(view) == (2, 2)
+    assert torch.allclose(view, as_tensor(image)[:, 2:34, 2:34], atol=1e-6)
+    # Normalisation is applied: mean 0.5 / std 0.5 maps [0, 1] onto [-1, 1].
+    normalized = build_eval_transform(SIZE, mean=[0.5] * 3, std=[0.5] * 3)(image)
+    assert torch.allclose(normalized, view * 2 - 1)
+
+
+def test_train_transform_outputs_rgb_crops_from_any_mode():
+    torch.manual_seed(0)
+    train = build_train_transform(SIZE, **IDENTITY)
+    gray = Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8), mode="L")
+    out = train(gray)
+    assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.float32
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # L -> RGB repeats the channel
+    rgba = Image.new("RGBA", (50, 50), (10, 20, 30, 0))
+    assert torch.allclose(train(rgba)[:, 0, 0], torch.tensor([10, 20, 30]) / 255)
+    assert type(train(rgba)) is torch.Tensor  # plain tensor, not a tv_tensors subclass
+
+
+def test_apply_transform_with_datasets_and_collate():
+    images = [coordinate_image(38, 38), Image.new("L", (60, 45), 128), Image.new("RGBA", (40, 40))]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b", "c"])})
+    ds = Dataset.from_dict({"image": images, "label": [2, 0, 1]}, features=features)
+    transform = ApplyTransform(build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY))
+    ds.set_transform(pickle.loads(pickle.dumps(transform)))  # workers receive a pickled copy
+    batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate)))
+    assert batch["pixel_values"].shape == (3, 5, 3, SIZE, SIZE)
+    assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [2, 0, 1]
+    assert [origin(v) for v in batch["pixel_values"][0]] == [(0, 0), (6, 0), (0, 6), (6, 6), (3, 3)]
+
+
+def test_apply_transform_names_missing_column():
+    transform = ApplyTransform(build_eval_transform(SIZE, **IDENTITY), image_column="img")
+    with pytest.raises(UserError, match="'img' not in the dataset"):
+        transform({"image": [Image.new("RGB", (8, 8))], "label": [0]})
+
+
+def tiny_vit(tmp_path):
+    config = ViTConfig(
+        image_size=SIZE, patch_size=PATCH, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=7,
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    return ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+
+
+def test_average_view_logits_runs_one_batch_and_averages_logits(tmp_path):
+    model = tiny_vit(tmp_path)
+    calls = []
+
+    def model_fn(pixel_values):
+        calls.append(tuple(pixel_values.shape))
+        return model(pixel_values=pixel_values)  # HF output: average_view_logits reads .logits
+
+    pixel_values = torch.randn(3, 5, 3, SIZE, SIZE)
+    with torch.no_grad():
+        averaged = average_view_logits(model_fn, pixel_values)
+        one_by_one = torch.stack(
+            [torch.stack([model(pixel_values=v[None]).logits[0] for v in views]).mean(0) for views in pixel_values]
+        )
+    assert calls == [(15, 3, SIZE, SIZE)]
+    assert averaged.shape == (3, 7)
+    assert torch.allclose(averaged, one_by_one, atol=1e-5)
+
+
+def test_average_view_logits_passes_single_view_through(tmp_path):
+    model = tiny_vit(tmp_path)
+    pixel_values = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(average_view_logits(model, pixel_values), model(pixel_values).logits)
+    with pytest.raises(UserError, match="4-D or 5-D"):
+        average_view_logits(model, torch.randn(3, SIZE, SIZE))
+
+
+def test_transform_params_from_saved_processors(tmp_path):
+    CLIPImageProcessor().save_pretrained(tmp_path / "clip")
+    ViTImageProcessor().save_pretrained(tmp_path / "vit")
+    clip = transform_params_from_processor(AutoImageProcessor.from_pretrained(tmp_path / "clip"))
+    vit = transform_params_from_processor(AutoImageProcessor.from_pretrained(tmp_path / "vit"))
+    assert clip == {
+        "image_size": 224,
+        "mean": pytest.approx([0.48145466, 0.4578275, 0.40821073]),
+        "std": pytest.approx([0.26862954, 0.26130258, 0.27577711]),
+        "interpolation": "bicubic",
+    }
+    assert vit == {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+
+
+def test_bad_mode_and_interpolation_are_user_errors():
+    with pytest.raises(UserError, match="unknown --tte 'sixcrop'"):
+        build_tte_transform("sixcrop", SIZE, PATCH, **IDENTITY)
+    with pytest.raises(UserError, match="unknown interpolation 'lanczos'"):
+        build_eval_transform(SIZE, **IDENTITY, interpolation="lanczos")
