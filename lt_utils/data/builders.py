@@ -1,0 +1,268 @@
+"""`datasets` builders for the LT splits: one `GeneratorBasedBuilder` per source family, parameterised by `LTConfig`.
+
+A builder reads its source (sources.py), decides which images go to train / val / test (counts.py),
+stores the LTInfo as JSON in `info.description`, and writes the images as encoded bytes. The config,
+including a fingerprint of the source files, keys the cache, so a second build is a cache hit.
+"""
+import dataclasses
+import hashlib
+from typing import Optional
+
+import datasets
+import numpy as np
+from datasets.builder import Key
+
+from ..errors import UserError
+from . import sources
+from .counts import (
+    assign_groups, check_no_empty_class, class_order, flat_sorted, indices_by_class, lt_counts, take_lt,
+)
+from .info import LTInfo
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class LTConfig(datasets.BuilderConfig):
+    """Everything that defines an LT split. Field meanings: `load_lt_dataset`'s docstring."""
+
+    imb: float = 100.0
+    max_per_class: Optional[int] = None
+    seed: int = 0
+    selection: str = "rng"
+    val_per_class: int = 20
+    val_source: str = "unused_train"
+    many_threshold: int = 100
+    few_threshold: int = 20
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    test_list: Optional[str] = None
+    class_names_file: Optional[str] = None
+    relabel_by_name: bool = False
+    test_dir: Optional[str] = None
+    val_dir: Optional[str] = None
+    test_per_class: int = 50
+    source_fingerprint: str = ""
+
+
+def features_for(class_names):
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})
+
+
+def index_hash(source_split, indices):
+    return hashlib.sha256(source_split.encode() + np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def first_per_class(labels, num_classes, k):
+    """Positions of the first k items of each class, in source order, and the rest."""
+    chosen = np.concatenate([idx[:k] for idx in indices_by_class(labels, num_classes)]).astype(np.int64)
+    rest = np.setdiff1d(np.arange(len(labels)), chosen)
+    return np.sort(chosen), rest
+
+
+class LTBuilder(datasets.GeneratorBasedBuilder):
+    BUILDER_CONFIG_CLASS = LTConfig
+    VERSION = datasets.Version("1.0.0")
+    DATASET = ""
+    EMPTY_CLASS_HINT = "lower --imb or raise --max_per_class"
+    BUILDER_CONFIGS = [LTConfig(name=f"imb{r}", imb=float(r)) for r in (100, 50, 10)]
+
+    def __init__(self, *args, dataset_name=None, **kwargs):
+        super().__init__(*args, dataset_name=dataset_name or self.DATASET, **kwargs)
+
+    def _info(self):
+        # features need the class names, which come with the source: set in _split_generators
+        return datasets.DatasetInfo()
+
+    # ---- hooks for subclasses
+    @classmethod
+    def config_name_for(cls, imb):
+        return f"imb{imb:g}"
+
+    @classmethod
+    def source_files(cls, config):
+        """Local files that make up the source (validated to exist); their stats key the cache."""
+        raise NotImplementedError
+
+    def read_source(self):
+        raise NotImplementedError
+
+    def train_counts(self, order):
+        """Per-class train counts from each class's available images."""
+        cfg = self.config
+        n_max = cfg.max_per_class or min(len(o) for o in order)
+        return lt_counts(n_max, cfg.imb, len(order)), n_max
+
+    # ---- shared logic
+    def plan(self, source):
+        """split -> (source split, source indices), plus the train counts and n_max."""
+        cfg = self.config
+        names = source.class_names
+        order = class_order(source.splits["train"].labels, len(names), cfg.seed, cfg.selection)
+        if "test" in source.splits:
+            test = ("test", np.arange(len(source.splits["test"].labels)))
+        else:
+            order, test = self.carve_test(order, names)
+        counts, n_max = self.train_counts(order)
+        check_no_empty_class(counts, names, self.EMPTY_CLASS_HINT)
+        train, unused = take_lt(order, counts, names, extra=cfg.val_per_class)
+        val, test = self.choose_val(source, test, unused)
+        return {"train": ("train", flat_sorted(train)), "val": val, "test": test}, counts, n_max
+
+    def choose_val(self, source, test, unused):
+        """(val, test): the source's own val split if it has one, else per `val_source`."""
+        if "val" in source.splits:
+            return ("val", np.arange(len(source.splits["val"].labels))), test
+        if self.config.val_source == "test_slice":
+            src, idx = test
+            val_pos, test_pos = first_per_class(source.splits[src].labels[idx], len(source.class_names),
+                                                self.config.val_per_class)
+            return (src, idx[val_pos]), (src, idx[test_pos])
+        return ("train", flat_sorted(unused)), test
+
+    def carve_test(self, order, class_names):
+        raise UserError(f"{self.DATASET} needs a test split in its source")
+
+    def lt_info(self, source, plan, counts, n_max):
+        cfg = self.config
+        return LTInfo(
+            dataset=self.DATASET, class_names=list(source.class_names), train_counts=[int(c) for c in counts],
+            groups=assign_groups(counts, cfg.many_threshold, cfg.few_threshold), imb=float(cfg.imb),
+            max_per_class=int(n_max), seed=cfg.seed, selection=cfg.selection, val_source=cfg.val_source,
+            val_per_class=cfg.val_per_class, many_threshold=cfg.many_threshold, few_threshold=cfg.few_threshold,
+            source=source.description, split_sizes={s: int(len(idx)) for s, (_, idx) in plan.items()},
+            index_hashes={s: index_hash(src, idx) for s, (src, idx) in plan.items()},
+        )
+
+    def _split_generators(self, dl_manager):
+        source = self.read_source()
+        plan, counts, n_max = self.plan(source)
+        self.info.features = features_for(source.class_names)
+        self.info.description = self.lt_info(source, plan, counts, n_max).to_json()
+        return [
+            datasets.SplitGenerator(name=split, gen_kwargs={"part": source.splits[src], "indices": idx})
+            for split, (src, idx) in plan.items()
+        ]
+
+    def _generate_examples(self, part, indices):
+        labels = part.labels[indices]
+        for k, (data, label) in enumerate(zip(part.images.iter_bytes(indices), labels)):
+            yield Key(0, k), {"image": {"bytes": data, "path": None}, "label": int(label)}
+
+
+class Cifar100LT(LTBuilder):
+    """CIFAR-100-LT: `uoft-cs/cifar100` on the Hub or a local `cifar-100-python/`; test = the full 10k test set."""
+
+    DATASET = "cifar100_lt"
+    NUM_CLASSES = 100
+
+    @classmethod
+    def source_files(cls, config):
+        return sources.cifar_files(config.data_dir, cls.NUM_CLASSES) if config.data_dir else []
+
+    def read_source(self):
+        return sources.read_cifar(self.config.data_dir, self.NUM_CLASSES, cache_dir=self._cache_dir_root)
+
+
+class Cifar10LT(Cifar100LT):
+    """CIFAR-10-LT: `uoft-cs/cifar10` on the Hub or a local `cifar-10-batches-py/`."""
+
+    DATASET = "cifar10_lt"
+    NUM_CLASSES = 10
+
+
+class FashionMnistLT(LTBuilder):
+    """Fashion-MNIST-LT from the four IDX files (gz or not) or `zalando-datasets/fashion_mnist` (data_dir None)."""
+
+    DATASET = "fashion_mnist_lt"
+    BUILDER_CONFIGS = LTBuilder.BUILDER_CONFIGS + [LTConfig(name="quickstart", imb=100.0, max_per_class=600)]
+
+    @classmethod
+    def source_files(cls, config):
+        return sources.idx_files(config.data_dir) if config.data_dir else []
+
+    def read_source(self):
+        return sources.read_fashion_mnist(self.config.data_dir, cache_dir=self._cache_dir_root)
+
+
+class ImageFolderLT(LTBuilder):
+    """Any folder-per-class dataset. Test/val from `test_dir`/`val_dir` (same class folders) when given;
+    otherwise `test_per_class` images per class are held out for test before the LT draw, and val
+    follows `val_source`."""
+
+    DATASET = "imagefolder_lt"
+
+    @classmethod
+    def source_files(cls, config):
+        if config.data_dir is None:
+            raise UserError("imagefolder_lt needs --data_dir (a folder with one sub-folder of images per class)")
+        return sources.image_folder_files(config.data_dir, config.test_dir, config.val_dir)
+
+    def read_source(self):
+        cfg = self.config
+        return sources.read_image_folder(cfg.data_dir, cfg.test_dir, cfg.val_dir)
+
+    def carve_test(self, order, class_names):
+        k = self.config.test_per_class
+        for c, idx in enumerate(order):
+            if len(idx) <= k:
+                raise UserError(
+                    f"class {c} ({class_names[c]}) has {len(idx)} images, not more than test_per_class={k}; "
+                    "lower --test_per_class or pass --test_dir"
+                )
+        return [idx[: len(idx) - k] for idx in order], ("train", flat_sorted([idx[len(idx) - k :] for idx in order]))
+
+
+class ListLTBuilder(LTBuilder):
+    """An image root plus OLTR txt lists (`relative/path label`); the lists define the split, `imb` is unused.
+    `max_per_class` caps each class's train images (drawn by `selection`); val = the val list, else per `val_source`."""
+
+    BUILDER_CONFIGS = [LTConfig(name="lists")]
+    EMPTY_CLASS_HINT = "every class needs at least one image in the train list; fix the list or the class-names file"
+
+    @classmethod
+    def config_name_for(cls, imb):
+        return "lists"
+
+    @classmethod
+    def source_files(cls, config):
+        if config.train_list is None or config.test_list is None or config.data_dir is None:
+            raise UserError(
+                f"{cls.DATASET} needs --data_dir (the image root), --train_list and --test_list "
+                "(OLTR 'relative/path label' files)"
+            )
+        sources.require_dir(config.data_dir, "image root")
+        files = [config.train_list, config.val_list, config.test_list, config.class_names_file]
+        return [sources.require_file(f, "file") for f in files if f is not None]
+
+    def read_source(self):
+        cfg = self.config
+        lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
+        return sources.read_oltr(cfg.data_dir, lists, cfg.class_names_file, cfg.relabel_by_name)
+
+    def train_counts(self, order):
+        n_max = self.config.max_per_class or max(len(o) for o in order)
+        counts = [min(len(o), n_max) for o in order]
+        return counts, n_max
+
+    def lt_info(self, source, plan, counts, n_max):
+        info = super().lt_info(source, plan, counts, n_max)
+        info.imb = max(counts) / max(min(counts), 1)  # the ratio the lists realise
+        return info
+
+
+class ImageNetLT(ListLTBuilder):
+    DATASET = "imagenet_lt"
+
+
+class PlacesLT(ListLTBuilder):
+    DATASET = "places_lt"
+
+
+class INat2018(ListLTBuilder):
+    """iNaturalist 2018 from the OLTR lists; `relabel_by_name` applies LIFT's sorted-name class order."""
+
+    DATASET = "inat2018"
+
+
+BUILDERS = {b.DATASET: b for b in (Cifar100LT, Cifar10LT, FashionMnistLT, ImageNetLT, PlacesLT, INat2018, ImageFolderLT)}

@@ -1,0 +1,132 @@
+"""Entry points: build or load an LT split (`load_lt_dataset`), save / reload it with its LTInfo."""
+import os
+import warnings
+from pathlib import Path
+
+import datasets
+
+from ..errors import UserError
+from ..fileio import atomic_dir
+from . import sources
+from .builders import BUILDERS, SPLITS, LTConfig
+from .counts import SELECTION_MODES
+from .info import INFO_FILENAME, LTInfo
+
+DATASET_NAMES = tuple(BUILDERS)
+VAL_SOURCES = ("unused_train", "test_slice")
+_ALIASES = {"imagenet": "imagenet_lt", "places": "places_lt", "inat": "inat2018", "inat2018_lt": "inat2018"}
+
+
+def canonical_name(name):
+    key = str(name).lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    key = key if key in BUILDERS else key + "_lt"
+    if key not in BUILDERS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)} or a saved LT dir")
+    return key
+
+
+def is_saved_lt_dir(path):
+    return os.path.isdir(str(path)) and os.path.isfile(os.path.join(str(path), INFO_FILENAME))
+
+
+def _abs(path):
+    return None if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def check_params(imb, max_per_class, val_per_class, val_source, selection, many_threshold, few_threshold):
+    if imb < 1:
+        raise UserError(f"imb={imb:g}: the imbalance ratio must be >= 1 (n_max / n_min); pass e.g. --imb 100")
+    if max_per_class is not None and (int(max_per_class) != max_per_class or max_per_class < 1):
+        raise UserError(f"max_per_class={max_per_class}: must be a positive integer (or unset for the source maximum)")
+    if val_per_class < 0:
+        raise UserError(f"val_per_class={val_per_class}: must be >= 0")
+    if val_source not in VAL_SOURCES:
+        raise UserError(f"val_source={val_source!r}: use one of {', '.join(VAL_SOURCES)}")
+    if selection not in SELECTION_MODES:
+        raise UserError(f"selection={selection!r}: use one of {', '.join(SELECTION_MODES)}")
+    if few_threshold > many_threshold:
+        raise UserError(f"few_threshold={few_threshold} exceeds many_threshold={many_threshold}; pick few <= many")
+
+
+def load_lt_dataset(
+    name, imb=100.0, data_dir=None, max_per_class=None, seed=0, selection="rng", val_per_class=20,
+    val_source="unused_train", train_list=None, val_list=None, test_list=None, class_names_file=None,
+    many_threshold=100, few_threshold=20, cache_dir=None, test_dir=None, val_dir=None, test_per_class=50,
+    relabel_by_name=False,
+):
+    """Build (or reuse from the `datasets` cache) an LT split; returns (DatasetDict train/val/test, LTInfo).
+
+    name: a builder (`DATASET_NAMES`, short forms like "cifar100" too) or a directory written by
+        `save_lt_to_disk` (then every other argument is ignored).
+    imb: ρ = n_max / n_min >= 1; class i keeps floor(n_max * ρ**(-i/(C-1))) images. Unused by the list datasets.
+    data_dir: local source (CIFAR python dir, IDX dir, image root of the lists, folder-per-class);
+        None -> the Hub (fashion_mnist: Debian's IDX dir when installed, else the Hub).
+    max_per_class: n_max; None -> the smallest class of the source train set (500 CIFAR-100, 5000 CIFAR-10,
+        6000 Fashion-MNIST). For list datasets it caps each class instead.
+    seed, selection: which images fill each class ("rng", "lift", "first"; see counts.class_order).
+    val_per_class, val_source: val = up to `val_per_class` unused source-train images per class
+        ("unused_train"), or the first `val_per_class` test images per class, taken out of test ("test_slice").
+        A val list / `val_dir` takes precedence.
+    test_dir, val_dir, test_per_class: imagefolder_lt only (held-out test size per class without `test_dir`).
+    relabel_by_name: list datasets; class ids = rank of the class name (LIFT's iNat order).
+    """
+    if is_saved_lt_dir(name):
+        return load_lt_from_disk(name)
+    key = canonical_name(name)
+    check_params(imb, max_per_class, val_per_class, val_source, selection, many_threshold, few_threshold)
+    if key == "fashion_mnist_lt" and data_dir is None:
+        data_dir = sources.default_fashion_mnist_dir()
+    params = dict(
+        imb=float(imb), data_dir=_abs(data_dir), max_per_class=None if max_per_class is None else int(max_per_class),
+        seed=int(seed), selection=selection, val_per_class=int(val_per_class), val_source=val_source,
+        many_threshold=many_threshold, few_threshold=few_threshold, train_list=_abs(train_list),
+        val_list=_abs(val_list), test_list=_abs(test_list), class_names_file=_abs(class_names_file),
+        relabel_by_name=bool(relabel_by_name), test_dir=_abs(test_dir), val_dir=_abs(val_dir),
+        test_per_class=int(test_per_class),
+    )
+    builder_cls = BUILDERS[key]
+    files = builder_cls.source_files(LTConfig(name="probe", **params))
+    params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
+    builder = builder_cls(cache_dir=_abs(cache_dir), name=builder_cls.config_name_for(imb), **params)
+    try:
+        builder.download_and_prepare()
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+    ds = datasets.DatasetDict({s: _as_split(builder, s) for s in SPLITS})
+    if ds["val"].num_rows == 0:
+        warnings.warn(f"{key}: the val split is empty; pass a val list, --val_dir or --val_source test_slice")
+    return ds, LTInfo.from_dataset(ds["train"])
+
+
+def _as_split(builder, split):
+    # `datasets` writes no file for an empty split (a list dataset without a val list), so build it here
+    if builder.info.splits[split].num_examples == 0:
+        empty = {name: [] for name in builder.info.features}
+        return datasets.Dataset.from_dict(empty, features=builder.info.features, info=builder.info.copy(), split=split)
+    return builder.as_dataset(split=split)
+
+
+def embed_info(ds, info):
+    """Store the LTInfo in every split's `info.description`, so `LTInfo.from_dataset` recovers it."""
+    for split in ds.values():
+        split.info.description = info.to_json()
+    return ds
+
+
+def save_lt_to_disk(ds, info, path, overwrite=False):
+    """Write `ds.save_to_disk` plus lt_info.json, atomically; the info is also embedded in `ds`."""
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        embed_info(ds, info).save_to_disk(str(tmp))
+        info.save(Path(tmp) / INFO_FILENAME)
+    return Path(path)
+
+
+def load_lt_from_disk(path):
+    path = Path(path)
+    if not is_saved_lt_dir(path):
+        raise UserError(f"{path} holds no {INFO_FILENAME}; pass a directory written by save_lt_to_disk / build_lt.py")
+    info = LTInfo.load(path / INFO_FILENAME)
+    return embed_info(datasets.load_from_disk(str(path)), info), info
