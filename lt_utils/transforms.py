@@ -22,8 +22,6 @@ _INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
     "bicubic": v2.InterpolationMode.BICUBIC,
 }
-# PIL resample codes, as stored in HF image processors' `resample`.
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def tte_expand(image_size, patch_size):
@@ -76,19 +74,6 @@ def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="
             MultiView(crop, add_flips=mode != "fivecrop"),
         ]
     )
-
-
-def transform_params_from_processor(processor):
-    """image_size, mean, std and interpolation from an HF image processor (CLIP or ViT)."""
-    crop = getattr(processor, "crop_size", None) or processor.size
-    size = crop.get("height") or crop.get("shortest_edge")
-    resample = getattr(processor, "resample", 3)
-    return {
-        "image_size": int(size),
-        "mean": list(processor.image_mean),
-        "std": list(processor.image_std),
-        "interpolation": _PIL_RESAMPLE.get(int(resample), "bicubic"),
-    }
 
 
 class ToRGB:

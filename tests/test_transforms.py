@@ -7,7 +7,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
-from transformers import AutoImageProcessor, CLIPImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import ViTConfig, ViTForImageClassification
 
 from lt_utils.errors import UserError
 from lt_utils.transforms import (
@@ -17,7 +17,6 @@ from lt_utils.transforms import (
     build_train_transform,
     build_tte_transform,
     collate,
-    transform_params_from_processor,
     tte_expand,
 )
 
@@ -172,20 +171,6 @@ def test_average_view_logits_passes_single_view_through(tmp_path):
         assert torch.equal(average_view_logits(model, pixel_values), model(pixel_values).logits)
     with pytest.raises(UserError, match="4-D or 5-D"):
         average_view_logits(model, torch.randn(3, SIZE, SIZE))
-
-
-def test_transform_params_from_saved_processors(tmp_path):
-    CLIPImageProcessor().save_pretrained(tmp_path / "clip")
-    ViTImageProcessor().save_pretrained(tmp_path / "vit")
-    clip = transform_params_from_processor(AutoImageProcessor.from_pretrained(tmp_path / "clip"))
-    vit = transform_params_from_processor(AutoImageProcessor.from_pretrained(tmp_path / "vit"))
-    assert clip == {
-        "image_size": 224,
-        "mean": pytest.approx([0.48145466, 0.4578275, 0.40821073]),
-        "std": pytest.approx([0.26862954, 0.26130258, 0.27577711]),
-        "interpolation": "bicubic",
-    }
-    assert vit == {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
 
 
 def test_bad_mode_and_interpolation_are_user_errors():
