@@ -1,0 +1,202 @@
+"""Resume states and export dirs, kept apart (hf_stack.md §1.2).
+
+* Resume state: `accelerator.save_state` into OUTPUT_DIR/step_{n}; only trainable weights are written (frozen
+  backbones are rebuilt from the base checkpoint), plus optimizer, RNG, dataloader position and `TrainState`.
+* Export dir (`final/`, `best/`, a soup): everything needed to rebuild the model from its base checkpoint:
+    lt_model.json          base model, backbone spec, architecture (adapters / LoRA), head, labels, train counts, groups
+    model.safetensors      tensors that differ from the base, in LTModel key names (all of them for a from-scratch run)
+    adapter_model.safetensors + adapter_config.json   peft LoRA adapter incl. the head (LoRA runs only)
+    head_init.safetensors  the head as initialised: the zero-shot anchor of WiSE-FT / progressive soups
+    preprocessor_config.json, lt_info.json, metrics.json, README.md (model card)
+  `soup.py` and `eval_lt.py` read export dirs only.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .fileio import atomic_dir, atomic_write_json
+
+META_FILE = "lt_model.json"
+WEIGHTS_FILE = "model.safetensors"
+HEAD_INIT_FILE = "head_init.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPORT_FORMAT = "lt-export-v1"
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- resume states
+def checkpoint_dir(output_dir, step):
+    return Path(output_dir) / f"step_{step}"
+
+
+def find_latest_checkpoint(output_dir):
+    """The step_{n} folder with the largest n (numeric, not by name or ctime), or None."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def resolve_resume_path(resume_from_checkpoint, output_dir):
+    if resume_from_checkpoint == "latest":
+        path = find_latest_checkpoint(output_dir)
+        if path is None:
+            raise UserError(f"--resume_from_checkpoint latest: no step_* checkpoint in {output_dir}; start without it")
+        return path
+    path = Path(resume_from_checkpoint)
+    if not (path / "lt_resume.json").is_file():
+        raise UserError(f"{path} is not a resume checkpoint (no lt_resume.json); pass a step_* folder or 'latest'")
+    return path
+
+
+def register_trainable_only_hooks(accelerator):
+    """Write only trainable tensors into resume states: a LoRA checkpoint would otherwise hold the whole backbone."""
+
+    def save_hook(models, weights, output_dir):
+        for model, weight in zip(models, weights):
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            for key in [k for k in weight if k not in trainable]:
+                del weight[key]
+
+    accelerator.register_save_state_pre_hook(save_hook)
+
+
+def write_resume_identity(path, identity):
+    """What a resume must agree on (classes, method, ...): checked before any state is loaded."""
+    atomic_write_json(Path(path) / "lt_resume.json", identity)
+
+
+def check_resume_identity(path, identity):
+    saved = json.loads((Path(path) / "lt_resume.json").read_text())
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            raise UserError(f"cannot resume from {path}: its {key} is {saved.get(key)!r} but this run has {value!r}; "
+                            "resume with the same settings or start a new --output_dir")
+
+
+# ------------------------------------------------------------------------------------------------------ exports
+def lora_files_present(export_dir):
+    return (Path(export_dir) / ADAPTER_CONFIG).is_file()
+
+
+def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
+    """Atomically write an export dir. Main process only; collective gathers happen before (see `gather_export`).
+
+    tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
+    peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);
+    extra_writers: callables f(tmp_dir) for the processor config, lt_info, metrics and model card.
+    """
+    with atomic_dir(export_dir, overwrite=True) as tmp:
+        if tensors:
+            save_file(_contiguous(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(_contiguous(head_init), str(tmp / HEAD_INIT_FILE), metadata={"format": "pt"})
+        if peft_model is not None:
+            peft_model.save_pretrained(str(tmp), state_dict=peft_state_dict)
+        atomic_write_json(tmp / META_FILE, {"format": EXPORT_FORMAT, **meta})
+        for write in extra_writers:
+            write(tmp)
+
+
+def _contiguous(tensors):
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def read_export_meta(export_dir):
+    """lt_model.json of an export dir (local path or Hub id), validated; missing/partial dirs are user errors."""
+    export_dir = _local_export_dir(export_dir)
+    meta_path = export_dir / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{export_dir} is not an export dir (no {META_FILE}); pass a final/ or best/ folder written by train_lt.py or soup.py")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{meta_path} has format {meta.get('format')!r}; this version reads {EXPORT_FORMAT}")
+    needed = [HEAD_INIT_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if meta["arch"].get("lora") else [])
+    if meta.get("has_weights_file"):
+        needed.append(WEIGHTS_FILE)
+    missing = [name for name in needed if not (export_dir / name).is_file()]
+    if missing:
+        raise UserError(f"export dir {export_dir} is incomplete: missing {', '.join(missing)}; re-export it")
+    return meta
+
+
+def _local_export_dir(path_or_repo):
+    path = Path(path_or_repo)
+    if path.exists():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(str(path_or_repo)))
+        except Exception as err:  # offline, missing repo, auth: all user-fixable
+            raise UserError(f"could not fetch {path_or_repo} from the Hub ({err.__class__.__name__}); "
+                            "check the id and your connection, or pass a local export dir") from None
+    raise UserError(f"export dir {path_or_repo} not found; pass a local final/ or best/ folder or a Hub model id")
+
+
+def load_export(export_dir, merge_lora=False):
+    """Rebuild (model, meta) from an export dir. With `merge_lora`, LoRA is folded into plain weights (an LTModel)."""
+    from .models import build_lt_model
+    from .peft_methods import apply_method
+
+    export_dir = _local_export_dir(export_dir)
+    meta = read_export_meta(export_dir)
+    arch = meta["arch"]
+    model = build_lt_model(meta["base_model"], meta["num_labels"], head_type=meta["head"]["type"],
+                           head_scale=meta["head"]["scale"], from_scratch=meta["from_scratch"], seed=meta.get("seed", 0))
+    if arch.get("adapters") == "adaptformer":
+        model = apply_method(model, "adaptformer", r=arch["adapter_dim"])
+    if meta.get("has_weights_file"):
+        load_overrides(model, load_file(str(export_dir / WEIGHTS_FILE)), export_dir, complete=meta["from_scratch"])
+    if arch.get("lora"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(export_dir))
+        if merge_lora:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, meta
+
+
+def load_overrides(model, tensors, source, complete=False):
+    """Load export tensors into `model`, refusing unknown keys or shapes (and, if `complete`, missing keys)."""
+    own = model.state_dict()
+    unknown = sorted(k for k in tensors if k not in own)
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} tensors do not belong to this model (e.g. {unknown[0]}); "
+                        "the export and its base model do not match")
+    bad_shape = [k for k, v in tensors.items() if v.shape != own[k].shape]
+    if bad_shape:
+        raise UserError(f"{source}: shape of {bad_shape[0]} is {tuple(tensors[bad_shape[0]].shape)}, "
+                        f"the model has {tuple(own[bad_shape[0]].shape)}; the export and its base model do not match")
+    if complete:
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise UserError(f"{source}: the from-scratch export lacks {len(missing)} tensors (e.g. {missing[0]}); re-export it")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+
+
+def export_overrides(export_dir):
+    """The LTModel-namespace tensors an export holds on top of its base (LoRA merged in, head included)."""
+    model, _ = load_export(export_dir, merge_lora=True)
+    meta = read_export_meta(export_dir)
+    sd = model.state_dict()
+    keys = set(load_file(str(Path(export_dir) / WEIGHTS_FILE))) if meta.get("has_weights_file") else set()
+    if meta["arch"].get("lora"):
+        keys |= {_lora_target_key(k) for k in load_file(str(Path(export_dir) / ADAPTER_WEIGHTS))}
+    keys |= {k for k in sd if k.startswith("head.") or k.startswith("adapters.")}
+    return {k: sd[k].clone() for k in keys if k in sd}
+
+
+def _lora_target_key(adapter_key):
+    """peft's saved key of a LoRA factor or saved module -> the LTModel weight it changes."""
+    key = adapter_key.removeprefix("base_model.model.")
+    return re.sub(r"\.lora_[AB](\.default)?\.weight$", ".weight", key)

@@ -1,0 +1,155 @@
+"""The training and evaluation loops, shared by train_lt.py, eval_lt.py and soup.py (DeiT's engine split)."""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .metrics import compute_lt_metrics
+from .schedule import lr_at, set_lr
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive a resume; saved by `accelerator.register_for_checkpointing`."""
+
+    completed_steps: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    last_good_checkpoint: str = ""
+
+    def state_dict(self):
+        return asdict(self)
+
+    def load_state_dict(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step, value):
+        super().__init__(f"loss became {value} at optimizer step {step}")
+        self.step, self.value = step, value
+
+
+def forward_views(model, inputs):
+    """Logits for a batch; with test-time views ([B, V, ...] inputs) all views run as one batch and logits are averaged."""
+    if inputs.ndim in (3, 5):  # [B, V, D] cached features or [B, V, 3, H, W] images
+        b, v = inputs.shape[:2]
+        return model(inputs.flatten(0, 1)).view(b, v, -1).mean(dim=1)
+    return model(inputs)
+
+
+def loss_is_finite_everywhere(loss, accelerator):
+    """One process with a NaN loss must stop all of them, or the others hang in the next all-reduce."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, schedule, *, max_grad_norm=None,
+                    ema=None, on_step=None, progress=None):
+    """One pass over `loader`; returns the mean training loss of the optimizer steps it made.
+
+    `schedule(step) -> lr` is set before every optimizer step; `on_step(step)` runs after each one (evaluation,
+    checkpointing) and may return True to stop early.
+    """
+    model.train()
+    total_loss, losses_seen = 0.0, 0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            logits = model(batch["pixel_values"])
+            loss = loss_fn(logits.float(), batch["labels"])
+            if not loss_is_finite_everywhere(loss, accelerator):
+                raise NonFiniteLoss(state.completed_steps + 1, loss.item())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            set_lr(optimizer, schedule(state.completed_steps))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item()
+        losses_seen += 1
+        if not accelerator.sync_gradients:
+            continue
+        state.completed_steps += 1
+        if ema is not None:
+            ema.update(model)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule(state.completed_steps - 1):.2e}")
+        if on_step is not None and on_step(state.completed_steps):
+            break
+    return total_loss / max(1, losses_seen)
+
+
+@torch.no_grad()
+def predict(model, loader, accelerator, desc="eval"):
+    """Gathered (preds, labels, per-sample NLL) over a prepared loader, exactly once per sample on any number of processes."""
+    model.eval()
+    preds, labels, nll = [], [], []
+    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    for batch in bar:
+        logits = forward_views(model, batch["pixel_values"]).float()
+        sample_nll = F.cross_entropy(logits, batch["labels"], reduction="none")
+        gathered = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"], sample_nll))
+        for store, value in zip((preds, labels, nll), gathered):
+            store.append(value.cpu())
+    return torch.cat(preds), torch.cat(labels), torch.cat(nll)
+
+
+def evaluate(model, loader, accelerator, groups, num_classes, desc="eval"):
+    """Long-tail metrics (overall, mean-class, many/medium/few, ...) of `model` on a prepared loader."""
+    preds, labels, nll = predict(model, loader, accelerator, desc=desc)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"labels outside 0..{num_classes - 1} in the evaluation data; the split does not match the model")
+    metrics = compute_lt_metrics(preds, labels, num_classes, groups)
+    metrics["nll"] = nll.mean().item() if nll.numel() else None
+    return metrics
+
+
+def linear_warmup_cosine(args, plan):
+    """The run's lr function of the optimizer step, from its flags."""
+    warmup = args.num_warmup_steps
+    if warmup is None and args.optimizer == "adamw":
+        # LT-Soups: max(20, 1% of the steps); capped at a fifth of the run so short runs still decay
+        warmup = min(max(20, round(0.01 * plan.total_steps)), plan.total_steps // 5)
+
+    def schedule(step):
+        return lr_at(step, args.learning_rate, plan.total_steps, args.lr_scheduler_type, warmup or 0,
+                     args.min_lr_ratio, plan.steps_per_epoch)
+
+    return schedule
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (LT-Soups: decay 0.99), kept in float32."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model):
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model):
+        """Exchange the model's trainable weights with the averaged ones (call twice to swap back)."""
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                current = param.detach().float().clone()
+                param.copy_(self.shadow[name].to(param.dtype))
+                self.shadow[name] = current
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        self.shadow = {k: v.float() for k, v in state["shadow"].items()}

@@ -1,0 +1,60 @@
+"""Step arithmetic and the learning rate as a pure function of the optimizer step.
+
+No scheduler object is prepared: the lr is set on every optimizer step from `lr_at(step)`, so resuming
+needs only the step counter and the schedule is the same on 1 or N processes (hf_stack.md §9).
+"""
+import math
+from dataclasses import dataclass
+
+SCHEDULES = ("cosine", "cosine_epoch", "constant")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many batches and optimizer steps a run makes, after the dataloader was sharded."""
+
+    batches_per_epoch: int  # per process, after `accelerator.prepare`
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+    num_epochs: int
+
+    def batches_to_skip(self, completed_steps, gradient_accumulation_steps):
+        """Dataloader batches already consumed in the current epoch when resuming at `completed_steps`."""
+        return (completed_steps % self.steps_per_epoch) * gradient_accumulation_steps
+
+
+def plan_steps(batches_per_epoch, gradient_accumulation_steps, num_train_epochs, max_train_steps=None):
+    """A trailing partial accumulation group still steps (accelerate syncs at the end of the dataloader)."""
+    steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
+    if max_train_steps:
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+        total = max_train_steps
+    else:
+        num_epochs = num_train_epochs
+        total = steps_per_epoch * num_train_epochs
+    return StepPlan(batches_per_epoch, steps_per_epoch, total, num_epochs)
+
+
+def lr_at(step, base_lr, total_steps, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0, steps_per_epoch=None):
+    """Learning rate for optimizer step `step` (0-based).
+
+    cosine: linear warm-up from 0 over `warmup_steps`, then cosine from base_lr to min_lr_ratio * base_lr
+    (LT-Soups: 0.1). cosine_epoch: LIFT's per-epoch cosine to min_lr_ratio * base_lr, constant within an epoch.
+    """
+    if schedule == "constant":
+        return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else base_lr
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine_epoch":
+        num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+        progress = (step // steps_per_epoch) / num_epochs
+    else:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    floor = min_lr_ratio * base_lr
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

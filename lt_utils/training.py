@@ -1,0 +1,373 @@
+"""The set-up steps of train_lt.py, one function each: accelerator, data, model, loaders, optimizer, exports."""
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .checkpoint import export_overrides, read_export_meta, write_export
+from .data import LTInfo, capped_subset, load_lt_dataset
+from .errors import UserError, require
+from .heads import class_mean_head_init, fingerprint, random_head_init, set_head_weight, text_head_init
+from .hub import model_card
+from .models import build_lt_model
+from .peft_methods import apply_method, bottleneck_dim, export_state_dict, unwrap_lt_model
+from .samplers import ClassBalancedSampler
+from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
+
+logger = logging.getLogger("lt")
+INIT_FROM_METHODS = ("head", "full", "bitfit")
+
+
+# ----------------------------------------------------------------------------------------------- accelerator
+def build_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    check_deepspeed_accumulation(accelerator, args)
+    return accelerator
+
+
+def check_deepspeed_accumulation(accelerator, args):
+    """accelerate silently takes DeepSpeed's accumulation when the two disagree; refuse instead (hf_stack §14.3)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds_steps = plugin.deepspeed_config.get("gradient_accumulation_steps")
+    if ds_steps not in (None, "auto") and int(ds_steps) != args.gradient_accumulation_steps:
+        raise UserError(f"DeepSpeed config has gradient_accumulation_steps={ds_steps} but --gradient_accumulation_steps="
+                        f"{args.gradient_accumulation_steps}; set one of them so they agree (or 'auto' in the DeepSpeed config)")
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise UserError(f"accelerate uses gradient_accumulation_steps={accelerator.gradient_accumulation_steps} but "
+                        f"--gradient_accumulation_steps={args.gradient_accumulation_steps}; make the accelerate config agree")
+
+
+def resolve_batch_size(args, num_processes):
+    """--total_batch_size = per-device batch x accumulation x processes; it must divide exactly."""
+    require(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
+    if args.total_batch_size is None:
+        return
+    denom = args.gradient_accumulation_steps * num_processes
+    require(args.total_batch_size % denom == 0,
+            f"--total_batch_size {args.total_batch_size} is not divisible by gradient_accumulation_steps x processes "
+            f"= {args.gradient_accumulation_steps} x {num_processes}; pick an accumulation that divides it")
+    args.per_device_train_batch_size = args.total_batch_size // denom
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def load_data(args, accelerator):
+    with accelerator.main_process_first():
+        return load_lt_dataset(
+            args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.imb_seed,
+            selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,
+            train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
+            class_names_file=args.class_names_file, many_threshold=args.many_threshold,
+            few_threshold=args.few_threshold, cache_dir=args.cache_dir)
+
+
+def limit_eval_splits(ds, max_eval_samples):
+    """--max_eval_samples: a seeded subset of val and test, for quick debugging runs only."""
+    if not max_eval_samples:
+        return ds
+    for split in ("val", "test"):
+        if len(ds[split]) > max_eval_samples:
+            ds[split] = ds[split].shuffle(seed=0).select(range(max_eval_samples))
+    return ds
+
+
+def training_split(ds, info, args):
+    """The images and class counts the loss sees: the full LT train split, or LT-Soups' capped subset."""
+    if args.balance_factor is None:
+        return ds["train"], list(info.train_counts)
+    require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
+    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed)
+
+
+def image_transforms(spec, augment="rrc_flip"):
+    """(train, eval) transforms from the checkpoint's preprocessing; augment 'none' trains on the eval view."""
+    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
+    eval_tf = build_eval_transform(**common)
+    return (build_train_transform(**common) if augment == "rrc_flip" else eval_tf), eval_tf
+
+
+def test_transform(spec, tte):
+    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
+    if tte == "none":
+        return build_eval_transform(**common)
+    return build_tte_transform(tte, patch_size=spec.patch_size, **common)
+
+
+class SeededAugment:
+    """Training augmentation drawn from (seed, epoch, sample id) instead of the global RNG.
+
+    The same image gets the same crop whatever the number of processes or workers, however far the dataloader
+    prefetches, and after a mid-epoch resume; so resumed and distributed runs reproduce single-process ones.
+    Set `.epoch` before each epoch (workers are re-created per epoch and pick it up).
+    """
+
+    def __init__(self, transform, seed):
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def __call__(self, batch):
+        pixel_values = []
+        for image, sample_id in zip(batch["image"], batch["sample_id"]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + sample_id) % (2**62))
+                pixel_values.append(self.transform(image))
+        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch["label"]]}
+
+
+def with_sample_ids(dataset):
+    return dataset.add_column("sample_id", list(range(len(dataset))))
+
+
+def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
+    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a batch transform (SeededAugment)."""
+    batch_transform = transform if isinstance(transform, SeededAugment) else ApplyTransform(transform)
+    return DataLoader(dataset.with_transform(batch_transform), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+
+
+def build_sampler(args, train_ds):
+    if args.sampler == "random":
+        return None
+    power = 0.0 if args.sampler == "class_balanced" else 0.5
+    return ClassBalancedSampler(train_ds["label"], power=power, seed=args.seed)
+
+
+def collate_features(items):
+    features, labels = zip(*items)
+    return {"pixel_values": torch.stack(features), "labels": torch.stack(labels)}
+
+
+@torch.no_grad()
+def cache_features(lt_model, loader, accelerator, desc):
+    """Frozen-backbone features of a whole split, computed once (head-only training must not re-run the backbone)."""
+    from tqdm.auto import tqdm
+
+    lt_model.eval()
+    feats, labels = [], []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+        x = batch["pixel_values"]
+        with accelerator.autocast():
+            f = lt_model.features(x.flatten(0, 1)).view(*x.shape[:2], -1) if x.ndim == 5 else lt_model.features(x)
+        f, y = accelerator.gather_for_metrics((f.float().contiguous(), batch["labels"]))
+        feats.append(f.cpu())
+        labels.append(y.cpu())
+    return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+
+def feature_loader(features, batch_size, shuffle=False, sampler=None):
+    return DataLoader(features, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      collate_fn=collate_features)
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def method_args(args, num_classes, num_layers):
+    r = args.adapter_dim or bottleneck_dim(num_classes, num_layers)
+    return {"r": r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "lora_target_modules": args.lora_target_modules}
+
+
+def build_training_model(args, info, accelerator, head_init_loader_fn):
+    """(model to train, LTModel inside it, head init tensor, init overrides, architecture) for this run."""
+    num_classes = len(info.class_names)
+    overrides, init_meta = None, None
+    if args.init_from:
+        require(args.method in INIT_FROM_METHODS,
+                f"--init_from works with --method {'/'.join(INIT_FROM_METHODS)}, not {args.method}; train a fresh run instead")
+        init_meta = read_export_meta(args.init_from)
+        require(init_meta["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
+                f"--init_from {args.init_from} was trained on other classes than --dataset {args.dataset}; use a matching export")
+        # the backbone and head geometry come from the export, not from the flags
+        args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
+        args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
+    lt_model = build_lt_model(args.model_name_or_path, num_classes, head_type=args.head_type, head_scale=args.head_scale,
+                              from_scratch=args.from_scratch, seed=args.seed)
+    margs = method_args(args, num_classes, lt_model.spec.num_layers)
+    arch = {"adapters": None, "adapter_dim": None, "lora": None}
+    if init_meta is not None:
+        arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
+        if arch["adapters"] == "adaptformer":
+            lt_model = apply_method(lt_model, "adaptformer", r=arch["adapter_dim"])
+        overrides = export_overrides(args.init_from)
+        from .checkpoint import load_overrides
+        load_overrides(lt_model, overrides, args.init_from)
+        head_init = overrides["head.weight"].clone()
+    else:
+        head_init = initial_head(args, info, lt_model, accelerator, head_init_loader_fn)
+    set_head_weight(lt_model, head_init)
+    if args.method == "adaptformer":
+        arch.update(adapters="adaptformer", adapter_dim=margs["r"])
+    if args.method == "lora":
+        arch["lora"] = {k: margs[k] for k in ("r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+    model = apply_method(lt_model, args.method, **(margs if args.method in ("adaptformer", "lora") else {}))
+    return model, lt_model, head_init, overrides, arch
+
+
+def initial_head(args, info, lt_model, accelerator, head_init_loader_fn):
+    """Deterministic head init: the same inputs give the same head in every run (soups rely on it)."""
+    num_classes, dim = len(info.class_names), lt_model.spec.hidden_size
+    if args.head_init == "text":
+        require(lt_model.spec.kind == "clip" and not args.from_scratch,
+                "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
+        return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
+    if args.head_init == "class_mean":
+        lt_model.to(accelerator.device)
+        return class_mean_head_init(lt_model, head_init_loader_fn(lt_model.spec), num_classes).cpu()
+    return random_head_init(num_classes, dim, seed=args.seed)
+
+
+def build_optimizer(model, args):
+    params = [p for p in model.parameters() if p.requires_grad]
+    require(params, f"--method {args.method} left nothing to train")
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def export_meta(args, info, lt_model, arch, head_init):
+    return {
+        "base_model": args.model_name_or_path, "from_scratch": bool(args.from_scratch), "seed": args.seed,
+        "backbone": lt_model.spec.to_dict(), "arch": arch, "method": args.method,
+        "head": {"type": args.head_type, "scale": args.head_scale,
+                 "init": "from " + str(args.init_from) if args.init_from else args.head_init,
+                 "init_fingerprint": fingerprint(head_init)},
+        "num_labels": len(info.class_names),
+        "id2label": {str(i): n for i, n in enumerate(info.class_names)},
+        "label2id": {n: i for i, n in enumerate(info.class_names)},
+        "train_counts": list(info.train_counts), "groups": list(info.groups),
+        "group_counts": info.group_counts(), "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
+        "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
+                    "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor},
+        "has_weights_file": True, "run_name": Path(args.output_dir).name,
+    }
+
+
+def gather_export_tensors(accelerator, train_model, lt_model, args, overrides):
+    """Collective (every rank): the full state dict, gathered under ZeRO-3, reduced to what the export stores."""
+    state_dict = accelerator.get_state_dict(train_model)
+    if args.method == "head":
+        full = {k: v for k, v in lt_model.state_dict().items()}
+        full.update({f"head.{k}": v for k, v in state_dict.items()})
+        state_dict = full
+    if args.method == "lora":
+        return state_dict, dict(overrides or {})
+    if args.from_scratch:
+        tensors = dict(state_dict)
+    else:
+        tensors = export_state_dict(state_dict, args.method)
+    for key in overrides or {}:
+        tensors.setdefault(key, state_dict[key])
+    return state_dict, tensors
+
+
+def save_export(export_dir, accelerator, train_model, lt_model, args, info, arch, head_init, overrides, metrics=None,
+                image_processor=None):
+    state_dict, tensors = gather_export_tensors(accelerator, train_model, lt_model, args, overrides)
+    if not accelerator.is_main_process:
+        return
+    meta = export_meta(args, info, lt_model, arch, head_init)
+    meta["has_weights_file"] = bool(tensors)
+    peft_model, peft_sd = None, None
+    if args.method == "lora":
+        from peft import get_peft_model_state_dict
+
+        peft_model = accelerator.unwrap_model(train_model)
+        peft_sd = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+        check_adapter_complete(peft_sd, peft_model)
+    head_init_tensors = {"weight": head_init}
+    writers = [lambda d: info.save(Path(d) / "lt_info.json"),
+               lambda d: (Path(d) / "README.md").write_text(model_card(meta, metrics or {}))]
+    if metrics is not None:
+        writers.append(lambda d: (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2)))
+    if image_processor is not None:
+        writers.append(lambda d: image_processor.save_pretrained(str(d)))
+    write_export(export_dir, meta, tensors, head_init_tensors, writers, peft_model=peft_model, peft_state_dict=peft_sd)
+
+
+def check_adapter_complete(peft_sd, peft_model):
+    """ZeRO-3 without a 16-bit gather writes empty adapters (hf_stack §14.2): compare numel with the trainable set."""
+    saved = sum(v.numel() for v in peft_sd.values())
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if saved < trainable:
+        raise UserError(f"the adapter to export has {saved} values but {trainable} are trained; under DeepSpeed ZeRO-3 set "
+                        "zero3_save_16bit_model: true in the accelerate config")
+
+
+def load_image_processor(name_or_path):
+    try:
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except Exception:  # a config-only dir has none; the spec in lt_model.json still records mean/std/size
+        return None
+
+
+def num_update_steps(train_loader_len, args):
+    return math.ceil(train_loader_len / args.gradient_accumulation_steps)
+
+
+# ----------------------------------------------------------------------------------------- run bookkeeping
+def prepare_output_dir(args, accelerator):
+    """Refuse to mix a new run into a used output dir: nothing of an earlier run is overwritten by accident."""
+    out = Path(args.output_dir)
+    used = out.is_dir() and any(p.name in ("final", "best", "log.txt") or p.name.startswith("step_") for p in out.iterdir())
+    if used and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
+                        "--overwrite_output_dir to replace it, or another --output_dir")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def every_n_steps(value, plan, flag):
+    """'epoch' -> steps per epoch; an integer string -> that many optimizer steps; None/'none' -> never."""
+    if value is None or str(value).lower() == "none":
+        return None
+    if str(value) == "epoch":
+        return plan.steps_per_epoch
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"{flag} must be a number of steps, 'epoch' or 'none', got {value!r}") from None
+    require(n > 0, f"{flag} must be positive, got {n}")
+    return n
+
+
+def resume_identity(args, info):
+    return {"dataset": info.dataset, "num_classes": len(info.class_names), "class_names": list(info.class_names),
+            "method": args.method, "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor}
+
+
+def log_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def describe_run(args, accelerator, plan, num_examples, trainable):
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    lines = ["***** Running training *****", f"  Num examples = {num_examples}", f"  Num epochs = {plan.num_epochs}",
+             f"  Per-device batch size = {args.per_device_train_batch_size}",
+             f"  Total batch size (per device x processes x accumulation) = {total_batch}",
+             f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
+             f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}"]
+    return "\n".join(lines)
+
+
+def refresh_model_card(export_dir, metrics):
+    from .checkpoint import META_FILE
+    from .fileio import atomic_write_text
+
+    meta = json.loads((Path(export_dir) / META_FILE).read_text())
+    atomic_write_text(Path(export_dir) / "README.md", model_card(meta, metrics))

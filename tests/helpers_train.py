@@ -1,0 +1,58 @@
+"""Small learnable data in Fashion-MNIST's IDX format, and helpers to run the entry scripts in tests."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = REPO / "configs" / "models" / "vit_tiny_fmnist"
+
+
+def _write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_images(labels, rng, size=28):
+    """Class c: a noisy image of brightness 30 + 20c, so crops and flips keep the class (easy, not trivial)."""
+    base = 30 + 20 * np.asarray(labels)[:, None, None]
+    return np.clip(base + rng.integers(-15, 16, size=(len(labels), size, size)), 0, 255).astype(np.uint8)
+
+
+def write_synthetic_idx(root, train_per_class=60, test_per_class=10, num_classes=10, seed=0):
+    """Four gzip'd IDX files named as Fashion-MNIST's, so `fashion_mnist_lt --data_dir root` reads them."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for stem, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.repeat(np.arange(num_classes), per_class)
+        rng.shuffle(labels)
+        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", synthetic_images(labels, rng))
+        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def tiny_train_args(data_dir, output_dir, *extra):
+    """Flags of a seconds-long train_lt.py run on the synthetic IDX data with the tiny ViT config."""
+    return ["--dataset", "fashion_mnist_lt", "--data_dir", str(data_dir), "--imb", "10", "--max_per_class", "40",
+            "--val_per_class", "5", "--model_name_or_path", str(TINY_VIT), "--from_scratch", "true",
+            "--head_init", "random", "--method", "full", "--optimizer", "adamw", "--learning_rate", "0.001",
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
+            "--num_train_epochs", "2", "--output_dir", str(output_dir), "--cache_dir", str(Path(output_dir).parent / "hf_cache"),
+            *map(str, extra)]
+
+
+def run_script(args, env=None, timeout=600):
+    """Run a command from the repo root; returns CompletedProcess with text output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def python_script(name, *args, **kwargs):
+    return run_script([sys.executable, name, *map(str, args)], **kwargs)

@@ -1,0 +1,138 @@
+"""train_lt.py end to end on CPU: exports, resume, bad input, NaN handling (tiny ViT, synthetic IDX data)."""
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers_train import REPO, python_script, tiny_train_args, write_synthetic_idx
+
+sys.path.insert(0, str(REPO))
+import train_lt  # noqa: E402
+from lt_utils.checkpoint import load_export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
+
+
+def run_main(argv):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train_lt.main(argv)
+
+
+def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    results = run_main(tiny_train_args(idx_dir, out, "--checkpointing_steps", "10", "--learning_rate", "0.003"))
+    for name in ("final", "best"):
+        export = out / name
+        for f in ("lt_model.json", "model.safetensors", "head_init.safetensors", "metrics.json", "README.md", "lt_info.json"):
+            assert (export / f).is_file(), f"{name}/{f} missing"
+        metrics = json.loads((export / "metrics.json").read_text())
+        assert metrics["test"]["num_samples"] == 100
+        assert metrics["test"]["many_acc"] is None  # no class has > 100 training images here
+        assert "| test |" in (export / "README.md").read_text()
+    assert json.loads((out / "best" / "metrics.json").read_text())["val"]["num_samples"] == 50
+    # resume states hold only trainable tensors plus our counters; the config round-trips
+    assert (out / "step_10" / "lt_resume.json").is_file() and (out / "step_20").is_dir()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["learning_rate"] == 0.003 and saved["method"] == "full"
+    assert [json.loads(line)["step"] for line in (out / "log.txt").read_text().splitlines()] == [10, 20]
+    assert results["final"]["test"]["accuracy"] > 30  # the synthetic classes are easy: well above 10% chance
+    assert "| final (test) |" in capsys.readouterr().out
+
+
+def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
+    out = tmp_path / "run"
+    results = run_main(tiny_train_args(idx_dir, out, "--num_train_epochs", "1", "--eval_steps", "none"))
+    assert not (out / "best").exists()  # no validation, no best
+    model, meta = load_export(out / "final")
+    assert meta["method"] == "full" and meta["num_labels"] == 10
+    from accelerate import Accelerator
+    from lt_utils import training as T
+    from lt_utils.data import load_lt_dataset
+    from lt_utils.engine import evaluate
+
+    ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
+                               cache_dir=tmp_path / "hf_cache")
+    loader = T.image_loader(ds["test"], T.test_transform(model.spec, "none"), 64, 0)
+    again = evaluate(model, loader, Accelerator(cpu=True), info.groups, 10)
+    assert again["accuracy"] == pytest.approx(results["final"]["test"]["accuracy"], abs=1e-9)
+    assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
+
+
+def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path):
+    # 159 images / batch 16 = 10 batches = 5 optimizer steps per epoch with accumulation 2;
+    # the resume at step 3 is mid-epoch, and the run crosses into the next epoch after it.
+    flags = ["--gradient_accumulation_steps", "2", "--max_train_steps", "8", "--checkpointing_steps", "3",
+             "--eval_steps", "none", "--learning_rate", "0.003"]
+    full = tmp_path / "full"
+    run_main(tiny_train_args(idx_dir, full, *flags))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "step_3", resumed / "step_3")
+    run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    start = load_file(full / "step_3" / "model.safetensors")
+    assert any(not torch.equal(start[k], a[k]) for k in start)  # training did move after the checkpoint
+
+
+def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--eval_steps", "none"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tiny_train_args(idx_dir, out, "--method", "bitfit", "--max_train_steps", "4",
+                                 "--resume_from_checkpoint", "latest"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method is 'full' but this run has 'bitfit'" in err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total_batch_size", "30", "--gradient_accumulation_steps", "4"], "not divisible"),
+    (["--dataset", "mnist_lt"], "mnist_lt"),
+    (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
+    (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+])
+def test_bad_input_is_one_line_and_exit_2(idx_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tiny_train_args(idx_dir, out) + flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (out / "final").exists()
+
+
+def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1", "--eval_steps", "none"))
+    before = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1"))
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
+    out = tmp_path / "run"
+    result = python_script("train_lt.py", *tiny_train_args(
+        idx_dir, out, "--head_type", "linear", "--loss", "ce", "--optimizer", "sgd", "--learning_rate", "1e12",
+        "--momentum", "0", "--checkpointing_steps", "1", "--eval_steps", "none", "--max_train_steps", "20"))
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: loss became nan at optimizer step") and "Traceback" not in result.stderr
+    step = int(last_line.split("optimizer step ")[1].split(";")[0])
+    assert f"last good checkpoint: {out / f'step_{step - 1}'}" in last_line
+    assert (out / f"step_{step - 1}" / "lt_resume.json").is_file()
+    assert not (out / f"step_{step}").exists() and not (out / "final").exists()

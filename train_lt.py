@@ -1,0 +1,206 @@
+"""Fine-tune CLIP / ViT on long-tailed data: LIFT (PEFT), LT-Soups ingredients (full FT), LOS / LT-Soups stage 2 (head).
+
+  # offline demo on CPU (Fashion-MNIST-LT, a tiny ViT from scratch)
+  python train_lt.py --config configs/quickstart_fashion_mnist.yaml
+  # LIFT on CIFAR-100-LT, one GPU; effective batch 128 from 4 x 32
+  accelerate launch train_lt.py --config configs/lift_cifar100_lt.yaml --gradient_accumulation_steps 4
+  # several GPUs / DeepSpeed ZeRO-2 (ViT-L/14@336 full fine-tuning)
+  accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_lt.py --dataset cifar100_lt --imb 100
+  accelerate launch --config_file accelerate_configs/ds_zero2.yaml train_lt.py --config configs/ltsoups_stage1_full.yaml \
+      --model_name_or_path openai/clip-vit-large-patch14-336
+"""
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from lt_utils import training as T
+from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
+                                 resolve_resume_path, write_resume_identity)
+from lt_utils.config import build_train_parser, parse_args_with_config, save_resolved_config
+from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
+from lt_utils.errors import UserError, cli_entry
+from lt_utils.fileio import atomic_write_json
+from lt_utils.losses import build_loss
+from lt_utils.peft_methods import trainable_parameter_count
+from lt_utils.reports import format_markdown_table
+from lt_utils.schedule import plan_steps
+
+logger = logging.getLogger("lt")
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args_with_config(build_train_parser(), argv)
+    accelerator = T.build_accelerator(args)
+    T.resolve_batch_size(args, accelerator.num_processes)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.ERROR, format="%(message)s")
+    T.prepare_output_dir(args, accelerator)
+    set_seed(args.seed)
+
+    # data
+    ds, info = T.load_data(args, accelerator)
+    ds = T.limit_eval_splits(ds, args.max_eval_samples)
+    train_ds, train_counts = T.training_split(ds, info, args)
+    head_init_loader = lambda spec: T.image_loader(train_ds, T.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
+    # model
+    model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
+    train_tf, eval_tf = T.image_transforms(lt_model.spec, args.augment)
+    loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
+    sampler = T.build_sampler(args, train_ds)
+    if args.method == "head":  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
+        lt_model.to(accelerator.device)
+        cache = lambda split, name: T.cache_features(lt_model, accelerator.prepare(
+            T.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
+        train_feats, val_feats = cache(train_ds, "train"), cache(ds["val"], "val")
+        train_loader = T.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
+        val_loader = T.feature_loader(val_feats, args.per_device_eval_batch_size)
+        train_model = lt_model.head
+    else:
+        augment = T.SeededAugment(train_tf, args.seed)
+        train_loader = T.image_loader(T.with_sample_ids(train_ds), augment, args.per_device_train_batch_size,
+                                      args.num_workers, True, sampler)
+        val_loader = T.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
+        train_model = model
+    optimizer = T.build_optimizer(train_model, args)
+    train_model, optimizer, train_loader, val_loader = accelerator.prepare(train_model, optimizer, train_loader, val_loader)
+
+    plan = plan_steps(len(train_loader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    ema = EMA(train_model, args.ema_decay) if args.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.state.deepspeed_plugin is None:
+        register_trainable_only_hooks(accelerator)
+    if args.resume_from_checkpoint:
+        path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+        check_resume_identity(path, T.resume_identity(args, info))
+        accelerator.load_state(str(path), strict=False)
+        logger.info(f"Resumed from {path} at optimizer step {state.completed_steps}")
+    if accelerator.is_main_process:
+        save_resolved_config(args, Path(args.output_dir) / "config.yaml")
+    if args.with_tracking:
+        accelerator.init_trackers("train_lt", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in vars(args).items()})
+    logger.info(T.describe_run(args, accelerator, plan, len(train_ds), trainable_parameter_count(train_model)))
+
+    ctx = SimpleNamespace(args=args, accelerator=accelerator, info=info, train_model=train_model, lt_model=lt_model,
+                          arch=arch, head_init=head_init, overrides=overrides, val_loader=val_loader, ema=ema,
+                          state=state, processor=T.load_image_processor(args.model_name_or_path),
+                          eval_every=T.every_n_steps(args.eval_steps, plan, "--eval_steps") if len(ds["val"]) else None,
+                          ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"), plan=plan)
+    schedule = linear_warmup_cosine(args, plan)
+    progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    try:
+        for epoch in range(state.completed_steps // plan.steps_per_epoch, plan.num_epochs):
+            train_loader.set_epoch(epoch)
+            if args.method != "head":
+                augment.epoch = epoch
+            skip = plan.batches_to_skip(state.completed_steps, args.gradient_accumulation_steps)
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            loss = train_one_epoch(train_model, loader, optimizer, loss_fn, accelerator, state, schedule,
+                                   max_grad_norm=args.max_grad_norm, ema=ema, progress=progress,
+                                   on_step=lambda step: on_step(ctx, step))
+            accelerator.log({"train/epoch_loss": loss, "train/epoch": epoch + 1}, step=state.completed_steps)
+            if state.completed_steps >= plan.total_steps:
+                break
+    except NonFiniteLoss as err:
+        last = state.last_good_checkpoint or "none (set --checkpointing_steps)"
+        raise UserError(f"{err}; training stopped, last good checkpoint: {last}; lower --learning_rate or set --max_grad_norm") from None
+    progress.close()
+
+    with_ema(ctx, lambda: export(ctx, "final"))
+    results = test_exports(ctx, ds["test"], lt_model.spec)
+    if accelerator.is_main_process:
+        atomic_write_json(Path(args.output_dir) / "all_results.json", results)
+        print(format_markdown_table({f"{name} (test)": r["test"] for name, r in results.items()}))
+    if args.push_to_hub and accelerator.is_main_process:
+        from lt_utils.hub import push_export
+
+        repo = push_export(Path(args.output_dir) / ("best" if "best" in results else "final"),
+                           args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+        logger.info(f"Pushed to https://huggingface.co/{repo}")
+    accelerator.end_training()
+    return results
+
+
+def on_step(ctx, step):
+    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals."""
+    if ctx.eval_every and (step % ctx.eval_every == 0 or step == ctx.plan.total_steps):
+        with_ema(ctx, lambda: validate(ctx, step))
+    if ctx.ckpt_every and step % ctx.ckpt_every == 0:
+        save_checkpoint(ctx, step)
+    return step >= ctx.plan.total_steps
+
+
+def with_ema(ctx, fn):
+    """Run fn with the EMA weights swapped in (LT-Soups evaluates and keeps the EMA model)."""
+    if ctx.ema is not None:
+        ctx.ema.swap(ctx.train_model)
+    try:
+        return fn()
+    finally:
+        if ctx.ema is not None:
+            ctx.ema.swap(ctx.train_model)
+
+
+def validate(ctx, step):
+    a = ctx.accelerator
+    metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc="val")
+    a.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    if a.is_main_process:
+        T.log_jsonl(Path(ctx.args.output_dir) / "log.txt", {"step": step, **{f"val_{k}": v for k, v in metrics.items()
+                                                                         if not isinstance(v, list)}})
+        logger.info(f"step {step}: val acc {metrics['accuracy']:.2f}  mean-class {metrics['mean_class_acc']:.2f}")
+    score = metrics.get(ctx.args.select_metric)
+    if score is not None and score > ctx.state.best_metric:
+        ctx.state.best_metric, ctx.state.best_step = score, step
+        export(ctx, "best", {"val": metrics, "step": step})
+
+
+def export(ctx, name, metrics=None):
+    T.save_export(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, ctx.lt_model, ctx.args, ctx.info,
+                  ctx.arch, ctx.head_init, ctx.overrides, metrics=metrics, image_processor=ctx.processor)
+    ctx.accelerator.wait_for_everyone()
+
+
+def save_checkpoint(ctx, step):
+    """Resume state written to a temp name and renamed: an interrupted save never looks like a checkpoint."""
+    a, final = ctx.accelerator, checkpoint_dir(ctx.args.output_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    a.save_state(str(tmp))
+    if a.is_main_process:
+        write_resume_identity(tmp, T.resume_identity(ctx.args, ctx.info))
+        tmp.rename(final)
+    a.wait_for_everyone()
+    ctx.state.last_good_checkpoint = str(final)
+
+
+def test_exports(ctx, test_ds, spec):
+    """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
+    a, args, results = ctx.accelerator, ctx.args, {}
+    loader = a.prepare(T.image_loader(test_ds, T.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
+    for name in ("best", "final"):
+        export_dir = Path(args.output_dir) / name
+        if not export_dir.is_dir():
+            continue
+        model, _ = load_export(export_dir)
+        model.to(a.device)
+        with a.autocast():
+            test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
+        saved = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").is_file() else {}
+        results[name] = {**saved, "test": test, "tte": args.tte}
+        if a.is_main_process:
+            atomic_write_json(export_dir / "metrics.json", results[name])
+            T.refresh_model_card(export_dir, results[name])
+        a.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    main()
