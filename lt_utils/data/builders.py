@@ -64,6 +64,7 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
     BUILDER_CONFIG_CLASS = LTConfig
     VERSION = datasets.Version("1.0.0")
     DATASET = ""
+    USES_IMB = True  # False: the source fixes the counts, so imb must not split the cache
     EMPTY_CLASS_HINT = "lower --imb or raise --max_per_class"
     BUILDER_CONFIGS = [LTConfig(name=f"imb{r}", imb=float(r)) for r in (100, 50, 10)]
 
@@ -218,6 +219,7 @@ class ListLTBuilder(LTBuilder):
     `max_per_class` caps each class's train images (drawn by `selection`); val = the val list, else per `val_source`."""
 
     BUILDER_CONFIGS = [LTConfig(name="lists")]
+    USES_IMB = False
     EMPTY_CLASS_HINT = "every class needs at least one image in the train list; fix the list or the class-names file"
 
     @classmethod

@@ -77,15 +77,15 @@ def load_lt_dataset(
     check_params(imb, max_per_class, val_per_class, val_source, selection, many_threshold, few_threshold)
     if key == "fashion_mnist_lt" and data_dir is None:
         data_dir = sources.default_fashion_mnist_dir()
+    builder_cls = BUILDERS[key]
     params = dict(
-        imb=float(imb), data_dir=_abs(data_dir), max_per_class=None if max_per_class is None else int(max_per_class),
+        imb=float(imb) if builder_cls.USES_IMB else 1.0, data_dir=_abs(data_dir), max_per_class=None if max_per_class is None else int(max_per_class),
         seed=int(seed), selection=selection, val_per_class=int(val_per_class), val_source=val_source,
         many_threshold=many_threshold, few_threshold=few_threshold, train_list=_abs(train_list),
         val_list=_abs(val_list), test_list=_abs(test_list), class_names_file=_abs(class_names_file),
         relabel_by_name=bool(relabel_by_name), test_dir=_abs(test_dir), val_dir=_abs(val_dir),
         test_per_class=int(test_per_class),
     )
-    builder_cls = BUILDERS[key]
     files = builder_cls.source_files(LTConfig(name="probe", **params))
     params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
     builder = builder_cls(cache_dir=_abs(cache_dir), name=builder_cls.config_name_for(imb), **params)
