@@ -37,7 +37,8 @@ def main(argv=None):
     args = parse_args_with_config(build_train_parser(), argv)
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.ERROR, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     T.prepare_output_dir(args, accelerator)
     set_seed(args.seed)
 
@@ -110,6 +111,7 @@ def main(argv=None):
             if state.completed_steps >= plan.total_steps:
                 break
     except NonFiniteLoss as err:
+        progress.close()
         last = state.last_good_checkpoint or "none (set --checkpointing_steps)"
         raise UserError(f"{err}; training stopped, last good checkpoint: {last}; lower --learning_rate or set --max_grad_norm") from None
     progress.close()

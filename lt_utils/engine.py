@@ -38,7 +38,7 @@ def forward_views(model, inputs):
     """Logits for a batch; with test-time views ([B, V, ...] inputs) all views run as one batch and logits are averaged."""
     if inputs.ndim in (3, 5):  # [B, V, D] cached features or [B, V, 3, H, W] images
         b, v = inputs.shape[:2]
-        return model(inputs.flatten(0, 1)).view(b, v, -1).mean(dim=1)
+        return model(inputs.flatten(0, 1)).float().view(b, v, -1).mean(dim=1)
     return model(inputs)
 
 
@@ -104,11 +104,7 @@ def predict(model, loader, accelerator, desc="eval"):
 def evaluate(model, loader, accelerator, groups, num_classes, desc="eval"):
     """Long-tail metrics (overall, mean-class, many/medium/few, ...) of `model` on a prepared loader."""
     preds, labels, nll = predict(model, loader, accelerator, desc=desc)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(f"labels outside 0..{num_classes - 1} in the evaluation data; the split does not match the model")
-    metrics = compute_lt_metrics(preds, labels, num_classes, groups)
-    metrics["nll"] = nll.mean().item() if nll.numel() else None
-    return metrics
+    return compute_lt_metrics(preds, labels, num_classes, groups, sample_nll=nll)
 
 
 def linear_warmup_cosine(args, plan):

@@ -137,24 +137,6 @@ def collate(batch):
     }
 
 
-def average_view_logits(model_fn, pixel_values):
-    """Logits [B, C] for [B, 3, H, W] input, or the mean over views for [B, V, 3, H, W] input.
-
-    All B * V views go through `model_fn` as one batch (one call); the mean over views is taken in
-    float32. `model_fn` may return a tensor or an HF output with `.logits`.
-    """
-    if pixel_values.ndim == 4:
-        return _logits(model_fn(pixel_values))
-    require(pixel_values.ndim == 5, f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
-    batch, views = pixel_values.shape[:2]
-    logits = _logits(model_fn(pixel_values.flatten(0, 1)))
-    return logits.float().view(batch, views, -1).mean(dim=1)
-
-
-def _logits(output):
-    return getattr(output, "logits", output)
-
-
 def _interpolation(name):
     if name not in _INTERPOLATIONS:
         raise UserError(f"unknown interpolation {name!r}; choose one of {', '.join(_INTERPOLATIONS)}")

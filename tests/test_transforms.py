@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 from transformers import ViTConfig, ViTForImageClassification
 
 from lt_utils.errors import UserError
+from lt_utils.engine import forward_views
 from lt_utils.transforms import (
     ApplyTransform,
-    average_view_logits,
     build_eval_transform,
     build_train_transform,
     build_tte_transform,
@@ -145,17 +145,17 @@ def tiny_vit(tmp_path):
     return ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
 
 
-def test_average_view_logits_runs_one_batch_and_averages_logits(tmp_path):
+def test_forward_views_runs_one_batch_and_averages_logits(tmp_path):
     model = tiny_vit(tmp_path)
     calls = []
 
     def model_fn(pixel_values):
         calls.append(tuple(pixel_values.shape))
-        return model(pixel_values=pixel_values)  # HF output: average_view_logits reads .logits
+        return model(pixel_values=pixel_values).logits
 
     pixel_values = torch.randn(3, 5, 3, SIZE, SIZE)
     with torch.no_grad():
-        averaged = average_view_logits(model_fn, pixel_values)
+        averaged = forward_views(model_fn, pixel_values)
         one_by_one = torch.stack(
             [torch.stack([model(pixel_values=v[None]).logits[0] for v in views]).mean(0) for views in pixel_values]
         )
@@ -164,13 +164,12 @@ def test_average_view_logits_runs_one_batch_and_averages_logits(tmp_path):
     assert torch.allclose(averaged, one_by_one, atol=1e-5)
 
 
-def test_average_view_logits_passes_single_view_through(tmp_path):
+def test_forward_views_passes_single_view_through(tmp_path):
     model = tiny_vit(tmp_path)
+    logits_of = lambda x: model(pixel_values=x).logits
     pixel_values = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        assert torch.equal(average_view_logits(model, pixel_values), model(pixel_values).logits)
-    with pytest.raises(UserError, match="4-D or 5-D"):
-        average_view_logits(model, torch.randn(3, SIZE, SIZE))
+        assert torch.equal(forward_views(logits_of, pixel_values), logits_of(pixel_values))
 
 
 def test_bad_mode_and_interpolation_are_user_errors():
