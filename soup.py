@@ -1,0 +1,80 @@
+"""Merge fine-tuned export dirs (train_lt.py's final/ or best/, local or Hub ids) into a model soup export.
+
+  # uniform soup (default): 1/N each
+  python soup.py runs/a/final runs/b/final runs/c/final --output_dir soups/uniform
+  # explicit weights (must sum to 1, or add --normalize)
+  python soup.py runs/a/final runs/b/final --weights 0.25 0.75 --output_dir soups/weighted
+  # LT-Soups' running merge in the given order (balance factor 1 first): soup = 0.3*soup + 0.7*next
+  python soup.py runs/b1/best runs/b2/best runs/b4/best --mode progressive --lam 0.7 --output_dir soups/lt
+  # greedy soup on the val split (ranked by the stored val score; kept on strict improvement)
+  accelerate launch soup.py runs/*/best --mode greedy --output_dir soups/greedy
+  # WiSE-FT: interpolate any soup toward the zero-shot model (base weights + head init)
+  python soup.py runs/a/final --alpha 0.5 --output_dir soups/wiseft
+  # then LT-Soups stage 2: re-train the head on the full data from the soup
+  python train_lt.py --method head --init_from soups/lt --loss la --output_dir runs/stage2 ...
+
+LoRA exports are merged as exact deltas into plain weights; AdaptFormer, BitFit and full fine-tuning exports are
+averaged tensor by tensor. The output is a normal export (eval_lt.py, load_export, train_lt.py --init_from) with
+soup_manifest.json: inputs and their sha256, weights (anchor included), mode and the greedy steps.
+"""
+import argparse
+
+from lt_utils.config import add_data_args
+from lt_utils.errors import cli_entry
+from lt_utils.soup import MODES, build_val_scorer, make_soup
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, "
+                                                 "greedy; WiSE-FT with --alpha).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("ingredients", nargs="+", help="export dirs (final/, best/) or Hub ids, in order (progressive)")
+    parser.add_argument("--output_dir", required=True, help="the soup's export dir (refused if it exists)")
+    parser.add_argument("--mode", default=None, choices=MODES,
+                        help="default: weighted if --weights is given, else uniform")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)")
+    parser.add_argument("--normalize", action="store_true", help="divide --weights by their sum")
+    parser.add_argument("--lam", "--lambda", dest="lam", type=float, default=0.7,
+                        help="progressive: weight of each next ingredient, soup = (1-lam)*soup + lam*next")
+    parser.add_argument("--alpha", type=float, default=1.0,
+                        help="WiSE-FT: (1-alpha)*zero-shot + alpha*soup; 1 = the soup itself")
+    parser.add_argument("--select_metric", default="mean_class_acc", help="greedy: val metric to rank and keep by")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None, help="default: the --output_dir folder name")
+    parser.add_argument("--hub_token", default=None, help="prefer the HF_TOKEN environment variable")
+    group = add_data_args(parser)
+    group.description = "greedy only: the val split; default: the split the ingredients were trained on (lt_info.json)"
+    parser.set_defaults(dataset=None, num_workers=0)
+    return parser
+
+
+@cli_entry
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    mode = args.mode or ("weighted" if args.weights is not None else "uniform")
+
+    def scorer_factory(first):
+        return build_val_scorer(first.meta, first.path / "lt_info.json", args,
+                                batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
+
+    manifest = make_soup(args.ingredients, args.output_dir, mode=mode, lam=args.lam, weights=args.weights,
+                         normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
+                         scorer_factory=scorer_factory, select_metric=args.select_metric)
+    if "output_sha256" in manifest:  # main process
+        print(f"soup written to {args.output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
+              + ", ".join(f"{w:.4g}" for w in manifest["weights"]))
+        print(f"sha256 {manifest['output_sha256']}  model.safetensors")
+        if args.push_to_hub:
+            from pathlib import Path
+
+            from lt_utils.hub import push_export
+
+            repo = push_export(args.output_dir, args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+            print(f"pushed to https://huggingface.co/{repo}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

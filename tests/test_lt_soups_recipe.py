@@ -1,0 +1,117 @@
+"""The LT-Soups recipe offline: train_lt.py ingredients on class-capped Fashion-MNIST-LT subsets (real images), the
+branch and progressive soups, stage-2 head re-training from the soup; scripts/lt_soups.sh and its Slurm template."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import soup
+import train_lt
+from lt_utils.checkpoint import load_export
+from lt_utils.soup import load_base_state
+from tests.helpers_models import make_tiny_clip, random_pixels
+from tests.helpers_soup import small_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    return {"root": root, "clip": make_tiny_clip(root / "clip"), "data": small_fashion_mnist(root / "fmnist", 30, 3)}
+
+
+def run_flags(setup):
+    """A seconds-long version of configs/ltsoups_stage*.yaml: 30-image n_max, 3 steps, no EMA (so 3 steps show)."""
+    return ["--data_dir", str(setup["data"]), "--max_per_class", "30", "--val_per_class", "5", "--max_train_steps", "3",
+            "--total_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
+            "--learning_rate", "1e-3", "--ema_decay", "0", "--cache_dir", str(setup["root"] / "hf_cache")]
+
+
+def common_flags(setup):
+    """Fashion-MNIST-LT at rho 10 and the tiny CLIP (its text tower gives every run the same head init)."""
+    return ["--dataset", "fashion_mnist_lt", "--imb", "10", "--model_name_or_path", str(setup["clip"]), *run_flags(setup)]
+
+
+def _weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_recipe_soups_then_retrains_only_the_head(setup):
+    root, flags = setup["root"] / "inproc", common_flags(setup)
+    for k in (0, 1):  # balance factors 2^0, 2^1; two branches each: same subset, other seeds
+        for branch in (0, 1):
+            train_lt.main(["--config", str(REPO / "configs/ltsoups_stage1_full.yaml"), *flags,
+                           "--balance_factor", str(2 ** k), "--subset_seed", str(k), "--loss", "ce" if k == 0 else "la",
+                           "--seed", str(10 * k + branch), "--output_dir", str(root / f"k{k}_b{branch}")])
+    for k in (0, 1):
+        soup.main([str(root / f"k{k}_b0" / "final"), str(root / f"k{k}_b1" / "final"), "--output_dir", str(root / f"soup_k{k}")])
+    soup.main([str(root / "soup_k0"), str(root / "soup_k1"), "--mode", "progressive", "--lam", "0.7",
+               "--output_dir", str(root / "soup")])
+
+    # the soup is 0.09 * zero-shot + 0.21 * mean(factor 1 branches) + 0.7 * mean(factor 2 branches)
+    branches = [[_weights(root / f"k{k}_b{b}" / "final") for b in (0, 1)] for k in (0, 1)]
+    meta = json.loads((root / "soup" / "lt_model.json").read_text())
+    anchor = load_base_state(meta)
+    anchor["head.weight"] = load_file(str(root / "soup" / "head_init.safetensors"))["weight"]
+    merged = _weights(root / "soup")
+    assert set(merged) == set(branches[0][0]) and "backbone.encoder.layers.0.mlp.fc1.weight" in merged
+    for key, value in merged.items():
+        factor_means = [(b[0][key].double() + b[1][key].double()) / 2 for b in branches]
+        want = 0.09 * anchor[key].double() + 0.21 * factor_means[0] + 0.7 * factor_means[1]
+        torch.testing.assert_close(value.double(), want, rtol=0, atol=1e-6)
+    assert not torch.equal(branches[0][0]["head.weight"], branches[0][1]["head.weight"])  # branches differ
+    assert json.loads((root / "soup" / "soup_manifest.json").read_text())["weights"] == pytest.approx([0.21, 0.7])
+
+    # stage 2: the head re-trained on the full LT data; every other tensor is the soup's
+    train_lt.main(["--config", str(REPO / "configs/ltsoups_stage2_head.yaml"), *flags, "--head_scale", "30",
+                   "--init_from", str(root / "soup"), "--output_dir", str(root / "stage2")])
+    final = root / "stage2" / "final"
+    stage2 = _weights(final)
+    assert set(stage2) == set(merged)
+    changed = sorted(k for k in merged if not torch.equal(stage2[k], merged[k]))
+    assert changed == ["head.weight"]
+    model, meta2 = load_export(final)
+    assert meta2["method"] == "head" and model(random_pixels(2)).shape == (2, 10)
+    assert "test" in json.loads((final / "metrics.json").read_text())
+
+
+def test_lt_soups_script_runs_the_recipe(setup):
+    out = setup["root"] / "script"
+    env = {**os.environ, "LAUNCH": "python", "PYTHON": "python", "DATASET": "fashion_mnist_lt", "IMB": "10",
+           "MODEL": str(setup["clip"]), "FACTORS": "0 1", "BRANCHES": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run(["bash", "scripts/lt_soups.sh", "all", "--", *run_flags(setup), "--head_scale", "30"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / "soup" / "soup_manifest.json").read_text())
+    assert manifest["mode"] == "progressive" and manifest["weights"] == pytest.approx([0.21, 0.7])
+    assert manifest["ingredients"] == [str(out / "stage1" / f"k{k}_branch0" / "best") for k in (0, 1)]
+    assert (out / "stage2" / "final" / "lt_model.json").is_file()
+    again = subprocess.run(["bash", "scripts/lt_soups.sh", "stage1"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("skip") == 2
+
+
+def test_slurm_template_submits_an_array_and_a_dependent_job(tmp_path):
+    """sbatch cannot run here: a stand-in records its arguments and prints job ids like `sbatch --parsable`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" "----" >> {log}\necho $((RANDOM + 1))\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FACTORS": "0 1 2", "BRANCHES": "2",
+           "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", "scripts/lt_soups_slurm.sh", "--", "--mixed_precision", "bf16"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    array_call, final_call = [c.strip().splitlines() for c in log.read_text().split("----")[:2]]
+    assert "--array=0-5" in array_call and "--export=ALL" in array_call
+    assert any(a.startswith("--wrap=bash scripts/lt_soups.sh stage1 $SLURM_ARRAY_TASK_ID -- --mixed_precision bf16")
+               for a in array_call)
+    array_id = run.stdout.split("array job ")[1].split()[0]
+    assert f"--dependency=afterok:{array_id}" in final_call
+    assert any("lt_soups.sh soup && bash scripts/lt_soups.sh stage2" in a for a in final_call)
