@@ -1,0 +1,269 @@
+"""eval_lt.py end to end on CPU: one tiny export trained by train_lt.py, re-evaluated exactly, on 1 and 2 processes,
+with TTE, against a zero-shot CLIP computed by hand with transformers' CLIPModel, compared in one table; bad inputs."""
+import json
+import shutil
+import socket
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers_models import make_tiny_clip, random_pixels
+from helpers_train import REPO, run_script, tiny_train_args, write_synthetic_idx
+
+sys.path.insert(0, str(REPO))
+import eval_lt  # noqa: E402
+import train_lt  # noqa: E402
+from lt_utils.eval_runs import (DEFAULT_OUTPUT_ROOT, Target, assign_output_dirs, data_args_for, passed_flags,  # noqa: E402
+                                recorded_data_flags)
+
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(idx_dir, tmp_path_factory):
+    """A run with best/ (validated at step 2) and final/ (step 4); test numbers recorded by train_lt.py."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    reset_accelerate()
+    train_lt.main(tiny_train_args(idx_dir, out, "--max_train_steps", "4", "--eval_steps", "2", "--learning_rate", "0.003"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
+
+
+@pytest.fixture(scope="module")
+def flags(run_dir, idx_dir):
+    return ["--data_dir", str(idx_dir), "--cache_dir", str(run_dir.parent / "hf_cache"), "--num_workers", "0"]
+
+
+def run_eval(*argv):
+    reset_accelerate()
+    return eval_lt.main([str(a) for a in argv])
+
+
+def read_metrics(out_dir):
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reevaluation_gives_the_numbers_train_lt_recorded(run_dir, flags, capsys):
+    # a run dir means its best/; batch 64 as in training, so even the float NLL sums run in the same order
+    results = run_eval(run_dir, "--split", "test", "--per_device_eval_batch_size", "64", *flags)
+    out = run_dir / "best" / "eval_test"
+    saved = read_metrics(out)
+    recorded = json.loads((run_dir / "best" / "metrics.json").read_text())["test"]
+    assert saved["metrics"] == recorded  # every number, per-class accuracies included, exactly
+    assert results[str(run_dir / "best")] == recorded
+    # the dataset came from the export's record: no --imb / --max_per_class passed
+    assert saved["config"]["dataset"]["imb"] == 10.0 and saved["config"]["dataset"]["max_per_class"] == 40
+    assert saved["config"]["split"] == "test" and saved["config"]["tte"] == "none"
+    rows = (out / "per_class.csv").read_text().splitlines()
+    assert rows[0] == "class_id,class_name,train_count,group,test_samples,accuracy"
+    info = json.loads((run_dir / "best" / "lt_info.json").read_text())
+    assert [int(r.split(",")[2]) for r in rows[1:]] == info["train_counts"]
+    assert [r.split(",")[1] for r in rows[1:]] == FASHION_NAMES
+    assert (out / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert f"| {run_dir / 'best'} | {recorded['accuracy']:.2f} | {recorded['mean_class_acc']:.2f} |" in table
+
+
+def test_two_processes_give_exactly_the_one_process_metrics(run_dir, flags, tmp_path):
+    # 100 test images, batch 16 x 2 processes: the last batch is padded with duplicates that must not count
+    common = [str(run_dir / "final"), "--per_device_eval_batch_size", "16", *flags]
+    run_eval(*common, "--output_dir", tmp_path / "one")
+    # torchrun, not accelerate launch: with a MULTI_CPU config the latter starts one process unless mpirun is set up
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), "eval_lt.py"]
+    result = run_script(launch + common + ["--output_dir", str(tmp_path / "two")], env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes" in result.stderr
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert two["metrics"]["num_samples"] == 100
+    assert two == one
+
+
+def test_five_crop_tte_is_recorded_and_changes_the_numbers(run_dir, flags):
+    run_eval(run_dir / "final", "--tte", "fivecrop", *flags)
+    saved = read_metrics(run_dir / "final" / "eval_test_fivecrop")  # the default output dir names the TTE
+    center_crop = json.loads((run_dir / "final" / "metrics.json").read_text())["test"]
+    assert saved["config"]["tte"] == "fivecrop"
+    assert saved["metrics"]["num_samples"] == 100
+    assert saved["metrics"]["nll"] != pytest.approx(center_crop["nll"], abs=1e-9)
+
+
+def test_data_flags_override_the_recorded_split(run_dir, flags, tmp_path):
+    run_eval(run_dir / "final", "--split", "val", "--many_threshold", "25", "--few_threshold", "10", *flags,
+             "--output_dir", tmp_path / "val")
+    saved = read_metrics(tmp_path / "val")
+    assert saved["metrics"]["num_samples"] == 50  # --val_per_class 5 recorded at training, x 10 classes
+    assert saved["config"]["many_threshold"] == 25 and saved["config"]["dataset"]["imb"] == 10.0
+    # train counts 40 30 23 18 14 11 8 6 5 4: > 25 many, < 10 few
+    assert (saved["metrics"]["many_classes"], saved["metrics"]["medium_classes"], saved["metrics"]["few_classes"]) == (2, 4, 4)
+    groups = [row.split(",")[3] for row in (tmp_path / "val" / "per_class.csv").read_text().splitlines()[1:]]
+    assert groups == ["many"] * 2 + ["medium"] * 4 + ["few"] * 4
+
+
+def test_passed_flags_are_only_the_ones_on_the_command_line(tmp_path):
+    parser = eval_lt.get_args_parser()
+    argv = ["RUN", "--imb", "100", "--split", "val"]
+    passed = passed_flags(parser, argv, {"dataset", "imb", "max_per_class"})
+    assert passed == {"imb"}
+    args = parser.parse_args(argv)  # the real defaults are back after the sentinel parse
+    assert args.dataset == "fashion_mnist_lt" and args.max_per_class is None
+    merged = data_args_for(args, {"dataset": "cifar100_lt", "imb": 10.0, "max_per_class": 500}, passed)
+    assert (merged.dataset, merged.imb, merged.max_per_class) == ("cifar100_lt", 100.0, 500)
+    # without lt_info.json the record comes from lt_model.json
+    meta = {"dataset": {"dataset": "cifar10_lt", "imb": 50.0, "max_per_class": None, "seed": 3, "selection": "lift"},
+            "many_threshold": 100, "few_threshold": 20}
+    assert recorded_data_flags(tmp_path, meta) == {"dataset": "cifar10_lt", "imb": 50.0, "imb_seed": 3,
+                                                   "selection": "lift", "many_threshold": 100, "few_threshold": 20}
+
+
+def test_output_dirs_never_go_into_the_hub_cache(tmp_path):
+    local = Target(name="runs/a/best", slug="a__best", export_dir=tmp_path / "a" / "best", local=True)
+    hub = Target(name="user/lift-cifar", slug="user__lift-cifar", export_dir=tmp_path / "hub_cache" / "snap")
+    zero_shot = Target(name="zero-shot openai/clip (single)", slug="zero_shot_clip_single", zero_shot="openai/clip")
+    comparison = assign_output_dirs([local, hub, zero_shot], None, "test", "fivecrop", overwrite=False)
+    assert local.output_dir == tmp_path / "a" / "best" / "eval_test_fivecrop"
+    assert hub.output_dir == DEFAULT_OUTPUT_ROOT / "user__lift-cifar" / "eval_test_fivecrop"
+    assert zero_shot.output_dir == DEFAULT_OUTPUT_ROOT / "zero_shot_clip_single" / "eval_test_fivecrop"
+    assert comparison == DEFAULT_OUTPUT_ROOT / "comparison_eval_test_fivecrop.md"
+    assert assign_output_dirs([hub], tmp_path / "out", "val", "none", overwrite=False) is None
+    assert hub.output_dir == tmp_path / "out"  # one target: --output_dir itself
+
+
+@torch.no_grad()
+def clip_logits_by_hand(clip_dir, pixel_values, class_names, templates=("a photo of a {}.",)):
+    """transformers' CLIPModel: logits_per_image against one prompt per class (templates averaged as CLIP does)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    clip, tokenizer = CLIPModel.from_pretrained(clip_dir).eval(), AutoTokenizer.from_pretrained(clip_dir)
+    if len(templates) == 1:
+        tokens = tokenizer([templates[0].format(n) for n in class_names], padding=True, return_tensors="pt")
+        return clip(**tokens, pixel_values=pixel_values).logits_per_image
+    text = []
+    for name in class_names:
+        tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+        text.append(F.normalize(F.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1).mean(0), dim=-1))
+    image = F.normalize(clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    return clip.logit_scale.exp() * image @ torch.stack(text).t()
+
+
+def test_zero_shot_equals_clip_logits_per_image(clip_dir):
+    from lt_utils.prompts import IMAGENET_TEMPLATES
+    from lt_utils.zeroshot import build_zero_shot_clip
+
+    pixels = random_pixels(4, image_size=32)
+    names = ["maple_tree", "Ankle boot", "T-shirt/top"]
+    model = build_zero_shot_clip(clip_dir, names, "single")
+    expected = clip_logits_by_hand(clip_dir, pixels, ["maple tree", "Ankle boot", "T-shirt/top"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), expected, rtol=1e-5, atol=1e-5)
+    ensemble = build_zero_shot_clip(clip_dir, names[:2], "ensemble")
+    expected = clip_logits_by_hand(clip_dir, pixels, ["maple tree", "Ankle boot"], IMAGENET_TEMPLATES)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble(pixels), expected, rtol=1e-5, atol=1e-5)
+    assert model.spec.image_size == 32 and model.spec.interpolation == "bicubic"
+
+
+def test_zero_shot_evaluation_matches_a_hand_computation(clip_dir, idx_dir, run_dir, flags, tmp_path):
+    from lt_utils.data import load_lt_dataset
+    from lt_utils.models import CLIP_MEAN, CLIP_STD
+    from lt_utils.transforms import build_eval_transform
+
+    run_eval("--zero_shot", clip_dir, "--dataset", "fashion_mnist_lt", "--imb", "10", "--max_per_class", "40",
+             "--val_per_class", "5", *flags, "--output_dir", tmp_path / "zs")
+    saved = read_metrics(tmp_path / "zs")
+    ds, info = load_lt_dataset("fashion_mnist_lt", imb=10, data_dir=idx_dir, max_per_class=40, val_per_class=5,
+                               cache_dir=run_dir.parent / "hf_cache")
+    transform = build_eval_transform(32, CLIP_MEAN, CLIP_STD, "bicubic")  # the CLIP processor's mean/std/resample
+    pixels = torch.stack([transform(image) for image in ds["test"]["image"]])
+    labels = torch.tensor(ds["test"]["label"])
+    logits = clip_logits_by_hand(clip_dir, pixels, FASHION_NAMES)
+    correct = logits.argmax(1) == labels
+    assert saved["metrics"]["accuracy"] == pytest.approx(100 * correct.double().mean().item(), abs=1e-9)
+    per_class = [100 * correct[labels == c].double().mean().item() for c in range(10)]
+    assert saved["metrics"]["per_class_acc"] == pytest.approx(per_class, abs=1e-9)
+    assert saved["metrics"]["nll"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert saved["config"]["prompt_template"] == "single" and saved["config"]["model"] == str(clip_dir)
+
+
+def test_two_runs_are_compared_in_one_table(run_dir, flags, tmp_path, capsys):
+    run_eval(run_dir, run_dir / "final", *flags, "--output_dir", tmp_path / "cmp")
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {run_dir / 'best'}", f"| {run_dir / 'final'}"]
+    assert (tmp_path / "cmp" / "comparison.md").read_text() in table
+    best, final = read_metrics(tmp_path / "cmp" / "run__best"), read_metrics(tmp_path / "cmp" / "run__final")
+    assert best["config"]["model"] == str(run_dir / "best") and final["config"]["model"] == str(run_dir / "final")
+    assert f"{final['metrics']['accuracy']:.2f}" == rows[1].split(" | ")[1]
+
+
+def copy_export(run_dir, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(run_dir / "final", dst, ignore=shutil.ignore_patterns("eval_*"))
+    return dst
+
+
+def relabel(export):
+    meta = json.loads((export / "lt_model.json").read_text())
+    meta["id2label"]["3"] = "Gown"
+    (export / "lt_model.json").write_text(json.dumps(meta))
+    return export
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label_mismatch", "label 3 is 'Gown' in the export but 'Dress' in fashion_mnist_lt"),
+    ("missing_dir", "not found"),
+    ("partial_dir", "missing model.safetensors"),
+    ("unknown_split", "unknown split 'dev'; choose one of train, val, test"),
+    ("zero_shot_without_dataset", "--zero_shot alone needs --dataset"),
+    ("existing_output", "already exists; pass --overwrite"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(run_dir, flags, tmp_path, capsys, case, message):
+    run, extra = run_dir / "final", []
+    if case == "label_mismatch":
+        run = relabel(copy_export(run_dir, tmp_path, "relabelled"))
+    elif case == "missing_dir":
+        run = tmp_path / "no_such_export"
+    elif case == "partial_dir":
+        run = copy_export(run_dir, tmp_path, "partial")
+        (run / "model.safetensors").unlink()
+    elif case == "unknown_split":
+        extra = ["--split", "dev"]
+    elif case == "zero_shot_without_dataset":
+        run, extra = None, ["--zero_shot", "openai/clip-vit-base-patch16"]
+    elif case == "existing_output":
+        (tmp_path / "taken").mkdir()
+        extra = ["--output_dir", tmp_path / "taken"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval(*([run] if run else []), *flags, *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0]
+    if case == "label_mismatch":
+        assert not (run / "eval_test").exists()
