@@ -46,7 +46,8 @@ def main(argv=None):
     ds, info = T.load_data(args, accelerator)
     ds = T.limit_eval_splits(ds, args.max_eval_samples)
     train_ds, train_counts = T.training_split(ds, info, args)
-    head_init_loader = lambda spec: T.image_loader(train_ds, T.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
+    # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
+    head_init_loader = lambda spec: T.image_loader(ds["train"], T.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
     model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
     train_tf, eval_tf = T.image_transforms(lt_model.spec, args.augment)

@@ -24,7 +24,7 @@ INIT_FROM_METHODS = ("head", "full", "bitfit")
 # ----------------------------------------------------------------------------------------------- accelerator
 def build_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedType
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -32,9 +32,36 @@ def build_accelerator(args):
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **cpu_multiprocess_kwargs(),
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
+                        "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
     check_deepspeed_accumulation(accelerator, args)
+    fill_deepspeed_clipping(accelerator, args)
     return accelerator
+
+
+def cpu_multiprocess_kwargs():
+    """Several processes without a GPU (torchrun on CPU). accelerate picks gloo DDP only when told the run is on
+    CPU, and under DeepSpeed (which it turns off on CPU) finds no backend at all, so each process would train
+    alone. Say which: cpu=True for DDP, an explicit gloo process group for DeepSpeed."""
+    import os
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def fill_deepspeed_clipping(accelerator, args):
+    """accelerate fills DeepSpeed's 'auto' gradient_clipping with 1.0; make it --max_grad_norm (0: none) instead."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = float(args.max_grad_norm or 0.0)
 
 
 def check_deepspeed_accumulation(accelerator, args):
@@ -284,8 +311,8 @@ def save_export(export_dir, accelerator, train_model, lt_model, args, info, arch
         from peft import get_peft_model_state_dict
 
         peft_model = accelerator.unwrap_model(train_model)
-        peft_sd = get_peft_model_state_dict(peft_model, state_dict=state_dict)
-        check_adapter_complete(peft_sd, peft_model)
+        check_adapter_complete(get_peft_model_state_dict(peft_model, state_dict=state_dict), peft_model)
+        peft_sd = state_dict  # save_pretrained selects the adapter (and head) from the full state dict itself
     head_init_tensors = {"weight": head_init}
     writers = [lambda d: info.save(Path(d) / "lt_info.json"),
                lambda d: (Path(d) / "README.md").write_text(model_card(meta, metrics or {}))]

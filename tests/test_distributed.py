@@ -1,0 +1,101 @@
+"""Distributed training on CPU: DDP (gloo) and DeepSpeed ZeRO-2, launched with torchrun as on a GPU node."""
+import json
+import socket
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_train import REPO, python_script, run_script, tiny_train_args, write_synthetic_idx
+
+# 159 training images; 4 optimizer steps of 16 images never reach the trailing partial batch, so every step
+# sees exactly the same 16 images whether they come as 2 processes x 8 or 1 process x 8 x 2 accumulation steps.
+# SGD, not Adam: Adam divides by sqrt(v), which turns float summation-order noise in near-zero gradients into
+# full-size updates, so two exact-in-math runs would not agree to 1e-5.
+STEPS = ["--max_train_steps", "4", "--eval_steps", "none", "--per_device_train_batch_size", "8",
+         "--optimizer", "sgd", "--learning_rate", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, args, env=None):
+    return run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                       "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train_lt.py", *args], env=env)
+
+
+def deepspeed_env(config=REPO / "accelerate_configs" / "ds_zero2.json"):
+    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
+
+
+def final_weights(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(idx_dir, tmp_path_factory):
+    """1 process, micro-batch 8, accumulation 2: the global batch of the 2-process runs."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
+    return final_weights(out)
+
+
+def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, one_process_reference):
+    out = tmp_path / "ddp"
+    result = torchrun(2, tiny_train_args(idx_dir, out, *STEPS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
+    weights = final_weights(out)
+    assert_same_weights(weights, one_process_reference, atol=1e-5)
+    start = load_file(out / "final" / "head_init.safetensors")["weight"]
+    assert not torch.allclose(weights["head.weight"], start)  # it trained
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_process_reference, nproc):
+    out = tmp_path / f"ds{nproc}"
+    accumulation = ["--gradient_accumulation_steps", str(3 - nproc)]  # the same global batch of 16
+    result = torchrun(nproc, tiny_train_args(idx_dir, out, *STEPS, *accumulation, "--checkpointing_steps", "2"),
+                      env=deepspeed_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "step_2" / "pytorch_model").is_dir()  # a DeepSpeed (ZeRO) resume state, not a DDP one
+    sys.path.insert(0, str(REPO))
+    from lt_utils.checkpoint import load_export
+
+    model, meta = load_export(out / "final")
+    assert meta["method"] == "full"
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    # ZeRO-2 in fp32 is the same optimisation as DDP: same weights as the 1-process reference
+    assert_same_weights(final_weights(out), one_process_reference, atol=1e-5)
+    assert json.loads((out / "final" / "metrics.json").read_text())["test"]["num_samples"] == 100
+
+
+def test_deepspeed_accumulation_mismatch_is_refused(idx_dir, tmp_path):
+    config = json.loads((REPO / "accelerate_configs" / "ds_zero2.json").read_text())
+    config["gradient_accumulation_steps"] = 4
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"), env=deepspeed_env(path))
+    assert result.returncode != 0
+    assert "DeepSpeed config has gradient_accumulation_steps=4 but --gradient_accumulation_steps=2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "final").exists()
