@@ -61,6 +61,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, sched
     total_loss, losses_seen = 0.0, 0
     for batch in loader:
         with accelerator.accumulate(model):
+            # before backward: under DeepSpeed the optimizer step happens inside accelerator.backward
+            set_lr(optimizer, schedule(state.completed_steps))
             logits = model(batch["pixel_values"])
             loss = loss_fn(logits.float(), batch["labels"])
             if not loss_is_finite_everywhere(loss, accelerator):
@@ -68,7 +70,6 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, sched
             accelerator.backward(loss)
             if accelerator.sync_gradients and max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            set_lr(optimizer, schedule(state.completed_steps))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         total_loss += loss.item()

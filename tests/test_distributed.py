@@ -97,5 +97,5 @@ def test_deepspeed_accumulation_mismatch_is_refused(idx_dir, tmp_path):
     result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"), env=deepspeed_env(path))
     assert result.returncode != 0
     assert "DeepSpeed config has gradient_accumulation_steps=4 but --gradient_accumulation_steps=2" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert 'train_lt.py", line' not in result.stderr  # our process printed no traceback (torchrun reports the exit itself)
     assert not (out / "final").exists()
