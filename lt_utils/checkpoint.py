@@ -109,7 +109,7 @@ def _contiguous(tensors):
 
 def read_export_meta(export_dir):
     """lt_model.json of an export dir (local path or Hub id), validated; missing/partial dirs are user errors."""
-    export_dir = _local_export_dir(export_dir)
+    export_dir = resolve_export_dir(export_dir)
     meta_path = export_dir / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{export_dir} is not an export dir (no {META_FILE}); pass a final/ or best/ folder written by train_lt.py or soup.py")
@@ -125,7 +125,7 @@ def read_export_meta(export_dir):
     return meta
 
 
-def _local_export_dir(path_or_repo):
+def resolve_export_dir(path_or_repo):
     path = Path(path_or_repo)
     if path.exists():
         return path
@@ -145,7 +145,7 @@ def load_export(export_dir, merge_lora=False):
     from .models import build_lt_model
     from .peft_methods import apply_method
 
-    export_dir = _local_export_dir(export_dir)
+    export_dir = resolve_export_dir(export_dir)
     meta = read_export_meta(export_dir)
     arch = meta["arch"]
     model = build_lt_model(meta["base_model"], meta["num_labels"], head_type=meta["head"]["type"],

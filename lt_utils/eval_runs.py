@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import META_FILE, _local_export_dir, read_export_meta
+from .checkpoint import META_FILE, resolve_export_dir, read_export_meta
 from .data.builders import SPLITS
 from .data.info import INFO_FILENAME
 from .errors import UserError, require
@@ -80,7 +80,7 @@ def resolve_run(run):
             if (path / sub / META_FILE).is_file():
                 logger.info(f"{run}: a run dir; evaluating its {sub}/ export")
                 return path / sub, str(path / sub)
-    export_dir = _local_export_dir(run)  # UserError for a missing path or an unreachable Hub id
+    export_dir = resolve_export_dir(run)  # UserError for a missing path or an unreachable Hub id
     return export_dir, str(run)
 
 

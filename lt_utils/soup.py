@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, _local_export_dir,
+from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, resolve_export_dir,
                          read_export_meta, write_export)
 from .errors import UserError, require
 from .fileio import atomic_write_json
@@ -69,7 +69,7 @@ class Ingredient:
 
 def read_ingredient(source):
     """An export dir (local or Hub id) and where each of its tensors lives; reads safetensors headers only."""
-    path = _local_export_dir(source)
+    path = resolve_export_dir(source)
     meta = read_export_meta(path)
     entries = _file_entries(path, WEIGHTS_FILE) if meta.get("has_weights_file") else {}
     if meta["arch"].get("lora"):
