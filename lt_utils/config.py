@@ -78,8 +78,8 @@ def add_data_args(parser):
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--max_eval_samples", type=int, default=None,
                    help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
-    g.add_argument("--augment", default="rrc_flip", choices=["rrc_flip", "none"],
-                   help="training augmentation: RandomResizedCrop + flip (LIFT), or the eval transform")
+    g.add_argument("--augment", default="rrc_flip", choices=["rrc_flip", "flip", "none"],
+                   help="training augmentation: RandomResizedCrop + flip (LIFT), flip only, or none (the eval view)")
     g.add_argument("--tte", default="none", choices=["none", "fivecrop", "tencrop", "flip"],
                    help="test-time ensembling for the test evaluation (LIFT: fivecrop)")
     return g

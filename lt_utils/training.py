@@ -120,10 +120,19 @@ def training_split(ds, info, args):
 
 
 def image_transforms(spec, augment="rrc_flip"):
-    """(train, eval) transforms from the checkpoint's preprocessing; augment 'none' trains on the eval view."""
+    """(train, eval) transforms from the checkpoint's preprocessing.
+
+    augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
+    from scratch), none (the eval view).
+    """
+    from torchvision.transforms import v2
+
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
     eval_tf = build_eval_transform(**common)
-    return (build_train_transform(**common) if augment == "rrc_flip" else eval_tf), eval_tf
+    train_tf = {"rrc_flip": lambda: build_train_transform(**common),
+                "flip": lambda: v2.Compose([v2.RandomHorizontalFlip(), eval_tf]),
+                "none": lambda: eval_tf}[augment]()
+    return train_tf, eval_tf
 
 
 def test_transform(spec, tte):

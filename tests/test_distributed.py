@@ -22,6 +22,13 @@ def idx_dir(tmp_path_factory):
     return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
 
 
+def failure_report(result):
+    """What a failed torchrun printed: every rank's error lines, not only torchrun's own summary."""
+    lines = result.stderr.splitlines()
+    picked = [line for line in lines if "Error" in line or "error:" in line or line.startswith("[rank")]
+    return "\n".join(picked[-60:]) or result.stderr[-3000:]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +59,7 @@ def one_process_reference(idx_dir, tmp_path_factory):
     """1 process, micro-batch 8, accumulation 2: the global batch of the 2-process runs."""
     out = tmp_path_factory.mktemp("ref") / "run"
     result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
     return final_weights(out)
 
@@ -60,7 +67,7 @@ def one_process_reference(idx_dir, tmp_path_factory):
 def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, one_process_reference):
     out = tmp_path / "ddp"
     result = torchrun(2, tiny_train_args(idx_dir, out, *STEPS))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
     weights = final_weights(out)
     assert_same_weights(weights, one_process_reference, atol=1e-5)
@@ -74,7 +81,7 @@ def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_proces
     accumulation = ["--gradient_accumulation_steps", str(3 - nproc)]  # the same global batch of 16
     result = torchrun(nproc, tiny_train_args(idx_dir, out, *STEPS, *accumulation, "--checkpointing_steps", "2"),
                       env=deepspeed_env())
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert (out / "step_2" / "pytorch_model").is_dir()  # a DeepSpeed (ZeRO) resume state, not a DDP one
     sys.path.insert(0, str(REPO))
     from lt_utils.checkpoint import load_export
