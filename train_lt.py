@@ -49,7 +49,8 @@ def main(argv=None):
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
     head_init_loader = lambda spec: T.image_loader(ds["train"], T.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
-    model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
+    with T.plain_model_init(accelerator):
+        model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
     train_tf, eval_tf = T.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
     sampler = T.build_sampler(args, train_ds)
@@ -192,7 +193,8 @@ def test_exports(ctx, test_ds, spec):
         export_dir = Path(args.output_dir) / name
         if not export_dir.is_dir():
             continue
-        model, _ = load_export(export_dir)
+        with T.plain_model_init(a):
+            model, _ = load_export(export_dir)
         model.to(a.device)
         with a.autocast():
             test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")

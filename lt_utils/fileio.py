@@ -20,6 +20,7 @@ def atomic_dir(final_path, overwrite=False):
         raise UserError(f"{final_path} already exists; choose another output path or pass --overwrite")
     final_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs should be as readable as any new dir
     try:
         yield tmp
     except BaseException:
@@ -42,6 +43,7 @@ def atomic_write_text(path, text):
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -51,3 +53,9 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

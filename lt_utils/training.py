@@ -1,4 +1,5 @@
 """The set-up steps of train_lt.py, one function each: accelerator, data, model, loaders, optimizer, exports."""
+import contextlib
 import json
 import logging
 import math
@@ -38,8 +39,19 @@ def build_accelerator(args):
         raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
                         "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
     check_deepspeed_accumulation(accelerator, args)
+    check_zero3_export(accelerator)
     fill_deepspeed_clipping(accelerator, args)
     return accelerator
+
+
+def check_zero3_export(accelerator):
+    """Under ZeRO-3 an export needs the 16-bit gather; refuse at start rather than fail after training."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return
+    if plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise UserError("DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true cannot export complete "
+                        "weights; set it in the DeepSpeed JSON (or zero3_save_16bit_model: true in the accelerate config)")
 
 
 def cpu_multiprocess_kwargs():
@@ -62,6 +74,24 @@ def fill_deepspeed_clipping(accelerator, args):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         plugin.deepspeed_config["gradient_clipping"] = float(args.max_grad_norm or 0.0)
+
+
+@contextlib.contextmanager
+def plain_model_init(accelerator):
+    """Build models unpartitioned under ZeRO-3: transformers would otherwise construct them inside
+    deepspeed.zero.Init, and the head init (CLIP text features, class means) needs whole weights. The models here
+    are small enough (ViT-L/14@336: 0.3B) to build on every process; prepare() partitions them afterwards."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def check_deepspeed_accumulation(accelerator, args):

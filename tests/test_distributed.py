@@ -106,3 +106,41 @@ def test_deepspeed_accumulation_mismatch_is_refused(idx_dir, tmp_path):
     assert "DeepSpeed config has gradient_accumulation_steps=4 but --gradient_accumulation_steps=2" in result.stderr
     assert 'train_lt.py", line' not in result.stderr  # our process printed no traceback (torchrun reports the exit itself)
     assert not (out / "final").exists()
+
+
+def test_deepspeed_zero3_lora_export_is_complete(idx_dir, tmp_path):
+    """ZeRO-3 partitions every parameter; an export without the 16-bit gather would hold empty tensors."""
+    sys.path.insert(0, str(REPO))
+    from helpers_models import make_tiny_clip
+    from lt_utils.checkpoint import load_export
+
+    clip = make_tiny_clip(tmp_path / "clip", image_size=28, patch_size=4)
+    out = tmp_path / "z3"
+    args = tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "1")
+    for flag, value in (("--model_name_or_path", clip), ("--method", "lora"), ("--from_scratch", "false"),
+                        ("--head_init", "text")):
+        args[args.index(flag) + 1] = str(value)
+    result = torchrun(2, args, env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
+    assert result.returncode == 0, failure_report(result)
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    lora = {k: v for k, v in adapter.items() if "lora_" in k}
+    # r = 2 (bottleneck rule: 10 classes, 2 layers), q_proj and v_proj of 2 layers, hidden 32; cosine head 10 x 32
+    assert sum(v.numel() for v in lora.values()) == 2 * 2 * (2 * 32 + 32 * 2)
+    assert sum(v.numel() for k, v in adapter.items() if "head" in k) == 10 * 32
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained: B starts at zero
+    model, meta = load_export(out / "final")
+    assert meta["arch"]["lora"]["r"] == 2
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(2, 3, 28, 28))).all()
+
+
+def test_zero3_without_16bit_gather_is_refused_before_training(idx_dir, tmp_path):
+    config = json.loads((REPO / "accelerate_configs" / "ds_zero3.json").read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS), env=deepspeed_env(path))
+    assert result.returncode != 0
+    assert "stage3_gather_16bit_weights_on_model_save: true" in result.stderr
+    assert not (out / "step_1").exists() and not (out / "final").exists()
