@@ -55,6 +55,12 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
+# data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
+RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max_per_class", "imb_seed": "seed",
+                       "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
+                       "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
+
+
 def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="fashion_mnist_lt",
@@ -71,6 +77,10 @@ def add_data_args(parser):
     g.add_argument("--val_list", default=None)
     g.add_argument("--test_list", default=None)
     g.add_argument("--class_names_file", default=None)
+    g.add_argument("--test_dir", default=None, help="imagefolder_lt: a separate folder-per-class test set")
+    g.add_argument("--val_dir", default=None, help="imagefolder_lt: a separate folder-per-class val set")
+    g.add_argument("--relabel_by_name", type=str2bool, default=False,
+                   help="list datasets: class ids by sorted class name (LIFT's iNaturalist labels)")
     g.add_argument("--many_threshold", type=int, default=100)
     g.add_argument("--few_threshold", type=int, default=20)
     g.add_argument("--cache_dir", default=None, help="datasets cache (default: the HF cache)")
@@ -78,8 +88,6 @@ def add_data_args(parser):
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--max_eval_samples", type=int, default=None,
                    help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
-    g.add_argument("--augment", default="rrc_flip", choices=["rrc_flip", "flip", "none"],
-                   help="training augmentation: RandomResizedCrop + flip (LIFT), flip only, or none (the eval view)")
     g.add_argument("--tte", default="none", choices=["none", "fivecrop", "tencrop", "flip"],
                    help="test-time ensembling for the test evaluation (LIFT: fivecrop)")
     return g
@@ -105,6 +113,8 @@ def build_train_parser():
     g.add_argument("--head_init", default="text", choices=["text", "class_mean", "random"])
     g.add_argument("--prompt_template", default="single", choices=["single", "ensemble"])
     g = parser.add_argument_group("loss and sampling")
+    g.add_argument("--augment", default="rrc_flip", choices=["rrc_flip", "flip", "none"],
+                   help="training augmentation: RandomResizedCrop + flip (LIFT), flip only, or none (the eval view)")
     g.add_argument("--loss", default="la", choices=["ce", "la", "balanced_softmax"])
     g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")

@@ -79,9 +79,11 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, sched
         state.completed_steps += 1
         if ema is not None:
             ema.update(model)
+        lr = schedule(state.completed_steps - 1)
+        accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=state.completed_steps)  # no-op without trackers
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule(state.completed_steps - 1):.2e}")
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
         if on_step is not None and on_step(state.completed_steps):
             break
     return total_loss / max(1, losses_seen)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import META_FILE, resolve_export_dir, read_export_meta
+from .config import RECORDED_DATA_FLAGS
 from .data.builders import SPLITS
 from .data.info import INFO_FILENAME
 from .errors import UserError, require
@@ -19,9 +20,6 @@ from .reports import plot_per_class_accuracy, write_per_class_csv
 logger = logging.getLogger("lt")
 DEFAULT_OUTPUT_ROOT = Path("eval_outputs")
 # data flag -> its key in lt_info.json: what identifies the LT split a model was trained on
-RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max_per_class", "imb_seed": "seed",
-                       "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
-                       "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
 
 
 @dataclass

@@ -3,16 +3,13 @@
 All take the dict of `lt_utils.metrics.compute_lt_metrics` (unprefixed keys). An empty group is
 shown as "—", never as 0. Files are written atomically.
 """
-import contextlib
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import require
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 from .metrics import GROUP_NAMES
 
 EMPTY = "—"
@@ -80,7 +77,7 @@ def plot_per_class_accuracy(path, metrics, train_counts, groups, title=None):
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _style_axes(ax, xlim, title):
@@ -159,16 +156,3 @@ def _check_lengths(num_classes, **lists):
         )
 
 
-def _atomic_write_bytes(path, data):
-    # Binary twin of fileio.atomic_write_text (which only writes text).
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

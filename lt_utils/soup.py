@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .config import RECORDED_DATA_FLAGS
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, resolve_export_dir,
                          read_export_meta, write_export)
 from .errors import UserError, require
@@ -376,9 +377,8 @@ def val_data_args(data_args, lt_info_path):
         return args
     require(Path(lt_info_path).is_file(), f"{lt_info_path} is missing; pass --dataset (and its flags) for the val split")
     info = json.loads(Path(lt_info_path).read_text())
-    args.dataset, args.imb, args.max_per_class, args.imb_seed = info["dataset"], info["imb"], info["max_per_class"], info["seed"]
-    args.selection, args.val_per_class, args.val_source = info["selection"], info["val_per_class"], info["val_source"]
-    args.many_threshold, args.few_threshold = info["many_threshold"], info["few_threshold"]
+    for flag, key in RECORDED_DATA_FLAGS.items():
+        setattr(args, flag, info[key])
     return args
 
 

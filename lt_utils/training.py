@@ -128,7 +128,8 @@ def load_data(args, accelerator):
             selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,
             train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
             class_names_file=args.class_names_file, many_threshold=args.many_threshold,
-            few_threshold=args.few_threshold, cache_dir=args.cache_dir)
+            few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
+            val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False))
 
 
 def limit_eval_splits(ds, max_eval_samples):
