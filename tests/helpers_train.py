@@ -47,10 +47,13 @@ def tiny_train_args(data_dir, output_dir, *extra):
             *map(str, extra)]
 
 
+# offline, one thread per process (tests run side by side on 2 cores)
+QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
 def run_script(args, env=None, timeout=600):
     """Run a command from the repo root; returns CompletedProcess with text output."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, **QUIET_ENV, **(env or {})}
     return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -71,8 +71,9 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
 def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path):
     # 159 images / batch 16 = 10 batches = 5 optimizer steps per epoch with accumulation 2;
     # the resume at step 3 is mid-epoch, and the run crosses into the next epoch after it.
+    # with an EMA, so its state must be restored too (the export holds the EMA weights)
     flags = ["--gradient_accumulation_steps", "2", "--max_train_steps", "8", "--checkpointing_steps", "3",
-             "--eval_steps", "none", "--learning_rate", "0.003"]
+             "--eval_steps", "none", "--learning_rate", "0.003", "--ema_decay", "0.9"]
     full = tmp_path / "full"
     run_main(tiny_train_args(idx_dir, full, *flags))
     resumed = tmp_path / "resumed"
