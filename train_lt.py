@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lt_utils import training as T
 from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
@@ -61,7 +62,7 @@ def main(argv=None):
         train_feats, val_feats = cache(train_ds, "train"), cache(ds["val"], "val")
         train_loader = T.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
         val_loader = T.feature_loader(val_feats, args.per_device_eval_batch_size)
-        train_model = lt_model.head
+        train_model, augment = lt_model.head, None
     else:
         augment = T.SeededAugment(train_tf, args.seed)
         train_loader = T.image_loader(T.with_sample_ids(train_ds), augment, args.per_device_train_batch_size,
@@ -100,18 +101,8 @@ def main(argv=None):
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
                     disable=not accelerator.is_local_main_process)
     try:
-        for epoch in range(state.completed_steps // plan.steps_per_epoch, plan.num_epochs):
-            train_loader.set_epoch(epoch)
-            if args.method != "head":
-                augment.epoch = epoch
-            skip = plan.batches_to_skip(state.completed_steps, args.gradient_accumulation_steps)
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            loss = train_one_epoch(train_model, loader, optimizer, loss_fn, accelerator, state, schedule,
-                                   max_grad_norm=args.max_grad_norm, ema=ema, progress=progress,
-                                   on_step=lambda step: on_step(ctx, step))
-            accelerator.log({"train/epoch_loss": loss, "train/epoch": epoch + 1}, step=state.completed_steps)
-            if state.completed_steps >= plan.total_steps:
-                break
+        with logging_redirect_tqdm(loggers=[logger]):  # log lines above the progress bar, not through it
+            run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment)
     except NonFiniteLoss as err:
         progress.close()
         last = state.last_good_checkpoint or "none (set --checkpointing_steps)"
@@ -131,6 +122,23 @@ def main(argv=None):
         logger.info(f"Pushed to https://huggingface.co/{repo}")
     accelerator.end_training()
     return results
+
+
+def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment):
+    """The epoch loop from wherever the state says (a resume starts mid-epoch, skipping the batches already seen)."""
+    args, accelerator, state, plan = ctx.args, ctx.accelerator, ctx.state, ctx.plan
+    for epoch in range(state.completed_steps // plan.steps_per_epoch, plan.num_epochs):
+        train_loader.set_epoch(epoch)
+        if augment is not None:
+            augment.epoch = epoch
+        skip = plan.batches_to_skip(state.completed_steps, args.gradient_accumulation_steps)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loss = train_one_epoch(ctx.train_model, loader, optimizer, loss_fn, accelerator, state, schedule,
+                               max_grad_norm=args.max_grad_norm, ema=ctx.ema, progress=progress,
+                               on_step=lambda step: on_step(ctx, step))
+        accelerator.log({"train/epoch_loss": loss, "train/epoch": epoch + 1}, step=state.completed_steps)
+        if state.completed_steps >= plan.total_steps:
+            break
 
 
 def on_step(ctx, step):

@@ -4,6 +4,7 @@ A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar
 Unknown keys in a preset are an error, not silently ignored.
 """
 import argparse
+import os
 from pathlib import Path
 
 import yaml
@@ -85,7 +86,7 @@ def add_data_args(parser):
     g.add_argument("--few_threshold", type=int, default=20)
     g.add_argument("--cache_dir", default=None, help="datasets cache (default: the HF cache)")
     g.add_argument("--per_device_eval_batch_size", type=int, default=256)
-    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="dataloader workers per process")
     g.add_argument("--max_eval_samples", type=int, default=None,
                    help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
     g.add_argument("--tte", default="none", choices=["none", "fivecrop", "tencrop", "flip"],
