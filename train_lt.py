@@ -38,6 +38,8 @@ def main(argv=None):
     args = parse_args_with_config(build_train_parser(), argv)
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
+    T.check_select_metric(args.select_metric)
+    args.augment = T.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     T.prepare_output_dir(args, accelerator)
@@ -72,7 +74,8 @@ def main(argv=None):
     optimizer = T.build_optimizer(train_model, args)
     train_model, optimizer, train_loader, val_loader = accelerator.prepare(train_model, optimizer, train_loader, val_loader)
 
-    plan = plan_steps(len(train_loader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
+    plan = plan_steps(len(train_loader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps,
+                      args.min_train_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     ema = EMA(train_model, args.ema_decay) if args.ema_decay else None
@@ -83,7 +86,8 @@ def main(argv=None):
     if args.resume_from_checkpoint:
         path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
         check_resume_identity(path, T.resume_identity(args, info))
-        accelerator.load_state(str(path), strict=False)
+        # trainable-only states load non-strictly; DeepSpeed writes complete ZeRO shards (and takes no `strict`)
+        accelerator.load_state(str(path), **({} if accelerator.state.deepspeed_plugin else {"strict": False}))
         logger.info(f"Resumed from {path} at optimizer step {state.completed_steps}")
     if accelerator.is_main_process:
         save_resolved_config(args, Path(args.output_dir) / "config.yaml")
@@ -169,7 +173,7 @@ def validate(ctx, step):
         T.log_jsonl(Path(ctx.args.output_dir) / "log.txt", {"step": step, **{f"val_{k}": v for k, v in metrics.items()
                                                                          if not isinstance(v, list)}})
         logger.info(f"step {step}: val acc {metrics['accuracy']:.2f}  mean-class {metrics['mean_class_acc']:.2f}")
-    score = metrics.get(ctx.args.select_metric)
+    score = T.selection_score(metrics, ctx.args.select_metric)
     if score is not None and score > ctx.state.best_metric:
         ctx.state.best_metric, ctx.state.best_step = score, step
         export(ctx, "best", {"val": metrics, "step": step})

@@ -101,10 +101,14 @@ def summary(ds, info):
 def push_to_hub(ds, info, repo):
     from huggingface_hub import HfApi
 
-    ds.push_to_hub(repo)
-    HfApi().upload_file(
-        path_or_fileobj=info.to_json().encode(), path_in_repo=INFO_FILENAME, repo_id=repo, repo_type="dataset"
-    )
+    try:
+        ds.push_to_hub(repo)
+        HfApi().upload_file(
+            path_or_fileobj=info.to_json().encode(), path_in_repo=INFO_FILENAME, repo_id=repo, repo_type="dataset"
+        )
+    except Exception as err:  # network, auth, repo name: all for the user to fix
+        raise UserError(f"pushing the split to {repo} failed ({type(err).__name__}); check HF_TOKEN and the repo id, "
+                        "then run again with --push_to_hub") from None
 
 
 @cli_entry

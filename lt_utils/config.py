@@ -114,8 +114,9 @@ def build_train_parser():
     g.add_argument("--head_init", default="text", choices=["text", "class_mean", "random"])
     g.add_argument("--prompt_template", default="single", choices=["single", "ensemble"])
     g = parser.add_argument_group("loss and sampling")
-    g.add_argument("--augment", default="rrc_flip", choices=["rrc_flip", "flip", "none"],
-                   help="training augmentation: RandomResizedCrop + flip (LIFT), flip only, or none (the eval view)")
+    g.add_argument("--augment", default=None, choices=["rrc_flip", "flip", "none"],
+                   help="training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none (the "
+                        "eval view); --method head always trains on cached eval-view features")
     g.add_argument("--loss", default="la", choices=["ce", "la", "balanced_softmax"])
     g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")
@@ -133,6 +134,8 @@ def build_train_parser():
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak lr (LT-Soups 0.1)")
     g.add_argument("--num_train_epochs", type=int, default=10)
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    g.add_argument("--min_train_steps", type=int, default=None,
+                   help="train at least this many steps (LT-Soups: 100, for its small balanced subsets)")
     g.add_argument("--per_device_train_batch_size", type=int, default=128)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--total_batch_size", type=int, default=None,

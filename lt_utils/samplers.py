@@ -9,8 +9,9 @@ class ClassBalancedSampler(Sampler):
     """Draw a class with probability proportional to n_c**power (0: balanced, 0.5: square-root, 1: instance),
     then one of its images uniformly, with replacement.
 
-    Every draw comes from `self.generator`: accelerate seeds and synchronises a sampler's `.generator` across
-    ranks at each epoch, so all processes draw the same stream and take their own shard of it.
+    Every draw comes from `self.generator`, re-seeded from (seed, epoch) at the start of each pass: all processes
+    draw the same stream and take their own shard of it, and a resumed run replays exactly the epoch it left
+    (accelerate calls `set_epoch` on the sampler; the generator is also the one it would synchronise).
     """
 
     def __init__(self, labels, num_samples=None, power=0.0, seed=0):
@@ -27,12 +28,17 @@ class ClassBalancedSampler(Sampler):
         self.classes = classes
         self.class_weights = counts.double() ** float(power)
         self.num_samples = int(num_samples) if num_samples is not None else labels.numel()
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed, self.epoch = int(seed), 0
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def __len__(self):
         return self.num_samples
 
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
     def __iter__(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
         drawn = torch.multinomial(self.class_weights, self.num_samples, replacement=True, generator=self.generator)
         u = torch.rand(self.num_samples, dtype=torch.float64, generator=self.generator)
         within = (u * self.counts[drawn]).long().clamp_max(self.counts[drawn] - 1)

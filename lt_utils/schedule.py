@@ -23,16 +23,16 @@ class StepPlan:
         return (completed_steps % self.steps_per_epoch) * gradient_accumulation_steps
 
 
-def plan_steps(batches_per_epoch, gradient_accumulation_steps, num_train_epochs, max_train_steps=None):
-    """A trailing partial accumulation group still steps (accelerate syncs at the end of the dataloader)."""
+def plan_steps(batches_per_epoch, gradient_accumulation_steps, num_train_epochs, max_train_steps=None,
+               min_train_steps=None):
+    """Epochs or --max_train_steps, raised to --min_train_steps (LT-Soups trains its smallest subsets >= 100 steps).
+
+    A trailing partial accumulation group still steps (accelerate syncs at the end of the dataloader).
+    """
     steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
-    if max_train_steps:
-        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-        total = max_train_steps
-    else:
-        num_epochs = num_train_epochs
-        total = steps_per_epoch * num_train_epochs
-    return StepPlan(batches_per_epoch, steps_per_epoch, total, num_epochs)
+    total = max_train_steps or steps_per_epoch * num_train_epochs
+    total = max(total, min_train_steps or 0)
+    return StepPlan(batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
 
 def lr_at(step, base_lr, total_steps, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0, steps_per_epoch=None):

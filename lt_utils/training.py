@@ -39,16 +39,20 @@ def build_accelerator(args):
         raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
                         "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
     check_deepspeed_accumulation(accelerator, args)
-    check_zero3_export(accelerator)
+    check_zero3_export(accelerator, args)
     fill_deepspeed_clipping(accelerator, args)
     return accelerator
 
 
-def check_zero3_export(accelerator):
-    """Under ZeRO-3 an export needs the 16-bit gather; refuse at start rather than fail after training."""
+def check_zero3_export(accelerator, args):
+    """Under ZeRO-3 an export needs the 16-bit gather, and parameters are partitioned (an EMA copy would hold empty
+    tensors): refuse at start rather than fail, or silently mix EMA and raw weights, after training."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.zero_stage != 3:
         return
+    if args.ema_decay:
+        raise UserError("--ema_decay does not work under DeepSpeed ZeRO-3 (parameters are partitioned); use ZeRO-2 "
+                        "(accelerate_configs/ds_zero2.yaml) or drop --ema_decay")
     if plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True:
         raise UserError("DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true cannot export complete "
                         "weights; set it in the DeepSpeed JSON (or zero3_save_16bit_model: true in the accelerate config)")
@@ -123,13 +127,22 @@ def resolve_batch_size(args, num_processes):
 # ------------------------------------------------------------------------------------------------------- data
 def load_data(args, accelerator):
     with accelerator.main_process_first():
-        return load_lt_dataset(
+        ds, info = load_lt_dataset(
             args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.imb_seed,
             selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,
             train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
             class_names_file=args.class_names_file, many_threshold=args.many_threshold,
             few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
             val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False))
+    return ds, record_saved_folder(info, args.dataset)
+
+
+def record_saved_folder(info, dataset_arg):
+    """A split loaded from a build_lt.py folder is recorded by that folder, so eval_lt.py finds the same images."""
+    import dataclasses
+
+    path = Path(str(dataset_arg))
+    return dataclasses.replace(info, dataset=str(path.resolve())) if path.is_dir() else info
 
 
 def limit_eval_splits(ds, max_eval_samples):
@@ -148,6 +161,15 @@ def training_split(ds, info, args):
         return ds["train"], list(info.train_counts)
     require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
     return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed)
+
+
+def resolve_augment(args):
+    """Head-only training trains on cached features of the eval view (the backbone runs once), so it cannot augment."""
+    if args.method == "head":
+        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head: its features "
+                "are computed once from the eval view; drop --augment")
+        return "none"
+    return args.augment or "rrc_flip"
 
 
 def image_transforms(spec, augment="rrc_flip"):
@@ -395,7 +417,37 @@ def prepare_output_dir(args, accelerator):
                         "--overwrite_output_dir to replace it, or another --output_dir")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if used and args.overwrite_output_dir and not args.resume_from_checkpoint:
+            remove_previous_run(out)
     accelerator.wait_for_everyone()
+
+
+RUN_FILES = ("final", "best", "log.txt", "all_results.json", "config.yaml")
+
+
+def remove_previous_run(out):
+    """--overwrite_output_dir: no export, checkpoint or log of the earlier run may pass for this one's."""
+    import shutil
+
+    for path in out.iterdir():
+        if path.name in RUN_FILES or path.name.startswith(("step_", ".step_")):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+SELECTABLE = ("accuracy", "mean_class_acc", "many_acc", "medium_acc", "few_acc", "macro_f1", "worst_class_acc",
+              "harmonic_mean_acc", "geometric_mean_acc", "nll", "many_nll", "medium_nll", "few_nll")
+
+
+def check_select_metric(name):
+    require(name in SELECTABLE, f"--select_metric {name!r} is not a validation metric; use one of {', '.join(SELECTABLE)}")
+
+
+def selection_score(metrics, name):
+    """Higher is better: NLLs are negated. None when the metric is empty (e.g. a group without val images)."""
+    value = metrics.get(name)
+    if value is None:
+        return None
+    return -value if name.endswith("nll") else value
 
 
 def every_n_steps(value, plan, flag):
@@ -413,8 +465,12 @@ def every_n_steps(value, plan, flag):
 
 
 def resume_identity(args, info):
+    """What a resumed run must share with the checkpoint: the exact training images, the classes and the model."""
     return {"dataset": info.dataset, "num_classes": len(info.class_names), "class_names": list(info.class_names),
-            "method": args.method, "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor}
+            "train_images": info.index_hashes.get("train"), "method": args.method,
+            "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
+            "subset_seed": args.subset_seed, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
+            "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
 
 
 def log_jsonl(path, record):

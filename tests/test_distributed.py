@@ -1,5 +1,6 @@
 """Distributed training on CPU: DDP (gloo) and DeepSpeed ZeRO-2, launched with torchrun as on a GPU node."""
 import json
+import shutil
 import socket
 import sys
 
@@ -144,3 +145,17 @@ def test_zero3_without_16bit_gather_is_refused_before_training(idx_dir, tmp_path
     assert result.returncode != 0
     assert "stage3_gather_16bit_weights_on_model_save: true" in result.stderr
     assert not (out / "step_1").exists() and not (out / "final").exists()
+
+
+def test_deepspeed_resume_ends_with_the_same_weights(idx_dir, tmp_path, one_process_reference):
+    out = tmp_path / "ds"
+    first = torchrun(2, tiny_train_args(idx_dir, out, *STEPS, "--checkpointing_steps", "2"), env=deepspeed_env())
+    assert first.returncode == 0, failure_report(first)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "step_2", resumed / "step_2")
+    again = torchrun(2, tiny_train_args(idx_dir, resumed, *STEPS, "--checkpointing_steps", "2",
+                                        "--resume_from_checkpoint", "latest"), env=deepspeed_env())
+    assert again.returncode == 0, failure_report(again)
+    assert "Resumed from" in again.stderr + again.stdout
+    assert_same_weights(final_weights(resumed), one_process_reference, atol=1e-5)

@@ -68,12 +68,13 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
 
 
-def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--sampler", "class_balanced"]], ids=["random", "class_balanced"])
+def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path, extra):
     # 159 images / batch 16 = 10 batches = 5 optimizer steps per epoch with accumulation 2;
     # the resume at step 3 is mid-epoch, and the run crosses into the next epoch after it.
     # with an EMA, so its state must be restored too (the export holds the EMA weights)
     flags = ["--gradient_accumulation_steps", "2", "--max_train_steps", "8", "--checkpointing_steps", "3",
-             "--eval_steps", "none", "--learning_rate", "0.003", "--ema_decay", "0.9"]
+             "--eval_steps", "none", "--learning_rate", "0.003", "--ema_decay", "0.9", *extra]
     full = tmp_path / "full"
     run_main(tiny_train_args(idx_dir, full, *flags))
     resumed = tmp_path / "resumed"
@@ -103,6 +104,8 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--total_batch_size", "30", "--gradient_accumulation_steps", "4"], "not divisible"),
+    (["--select_metric", "mean_acc"], "--select_metric 'mean_acc' is not a validation metric"),
+    (["--method", "head", "--augment", "rrc_flip"], "--augment rrc_flip does not apply to --method head"),
     (["--dataset", "mnist_lt"], "mnist_lt"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
@@ -116,6 +119,17 @@ def test_bad_input_is_one_line_and_exit_2(idx_dir, tmp_path, capsys, flags, mess
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("error: ") and message in last
     assert not (out / "final").exists()
+
+
+def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_path):
+    out = tmp_path / "run"
+    run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2"))
+    assert (out / "best").is_dir() and (out / "step_4").is_dir()
+    run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none", "--method", "bitfit",
+                             "--overwrite_output_dir"))
+    assert not (out / "best").exists() and not (out / "step_2").exists() and not (out / "step_4").exists()
+    assert json.loads((out / "final" / "lt_model.json").read_text())["method"] == "bitfit"
+    assert list(json.loads((out / "all_results.json").read_text())) == ["final"]
 
 
 def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):
