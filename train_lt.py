@@ -26,6 +26,7 @@ from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_war
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json
 from lt_utils.losses import build_loss
+from lt_utils.metrics import check_select_metric, selection_score
 from lt_utils.peft_methods import trainable_parameter_count
 from lt_utils.reports import format_markdown_table
 from lt_utils.schedule import plan_steps
@@ -38,7 +39,7 @@ def main(argv=None):
     args = parse_args_with_config(build_train_parser(), argv)
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
-    T.check_select_metric(args.select_metric)
+    check_select_metric(args.select_metric)
     args.augment = T.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
@@ -173,7 +174,7 @@ def validate(ctx, step):
         T.log_jsonl(Path(ctx.args.output_dir) / "log.txt", {"step": step, **{f"val_{k}": v for k, v in metrics.items()
                                                                          if not isinstance(v, list)}})
         logger.info(f"step {step}: val acc {metrics['accuracy']:.2f}  mean-class {metrics['mean_class_acc']:.2f}")
-    score = T.selection_score(metrics, ctx.args.select_metric)
+    score = selection_score(metrics, ctx.args.select_metric)
     if score is not None and score > ctx.state.best_metric:
         ctx.state.best_metric, ctx.state.best_step = score, step
         export(ctx, "best", {"val": metrics, "step": step})
@@ -190,6 +191,7 @@ def save_checkpoint(ctx, step):
     a, final = ctx.accelerator, checkpoint_dir(ctx.args.output_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     a.save_state(str(tmp))
+    a.wait_for_everyone()  # every rank writes its own RNG state (and ZeRO shard) into tmp: all must finish first
     if a.is_main_process:
         write_resume_identity(tmp, T.resume_identity(ctx.args, ctx.info))
         tmp.rename(final)

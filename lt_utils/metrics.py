@@ -187,3 +187,19 @@ def _harmonic_mean(acc):
 
 def _geometric_mean(acc):
     return 0.0 if bool((acc == 0).any()) else acc.log().mean().exp().item()
+
+
+SELECTABLE = ("accuracy", "mean_class_acc", "many_acc", "medium_acc", "few_acc", "macro_f1", "worst_class_acc",
+              "harmonic_mean_acc", "geometric_mean_acc", "nll", "many_nll", "medium_nll", "few_nll")
+
+
+def check_select_metric(name):
+    require(name in SELECTABLE, f"--select_metric {name!r} is not a validation metric; use one of {', '.join(SELECTABLE)}")
+
+
+def selection_score(metrics, name):
+    """Higher is better: NLLs are negated. None when the metric is empty (e.g. a group without val images)."""
+    value = metrics.get(name)
+    if value is None:
+        return None
+    return -value if name.endswith("nll") else value

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import RECORDED_DATA_FLAGS
+from .metrics import check_select_metric, selection_score
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, resolve_export_dir,
                          read_export_meta, write_export)
 from .errors import UserError, require
@@ -300,7 +301,7 @@ def stored_val_score(ing, metric):
     path = ing.path / "metrics.json"
     if not path.is_file():
         return None
-    value = json.loads(path.read_text()).get("val", {}).get(metric)
+    value = selection_score(json.loads(path.read_text()).get("val", {}), metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -326,7 +327,7 @@ def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None):
     def score_of(subset):
         tensors = merge_tensors([ingredients[i] for i in subset], [0.0] + [1.0 / len(subset)] * len(subset),
                                 base_state, head_init, progress=False)
-        value = scorer(tensors).get(metric)
+        value = selection_score(scorer(tensors), metric)  # higher is better (NLLs negated)
         require(value is not None, f"the val split gives no {metric}; choose another --select_metric")
         return float(value)
 
@@ -442,6 +443,8 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
     Returns the manifest (as written to soup_manifest.json, plus "output_sha256" on the main process).
     """
+    if mode == "greedy":
+        check_select_metric(select_metric)
     from accelerate import PartialState
     from safetensors.torch import load_file
 

@@ -434,22 +434,6 @@ def remove_previous_run(out):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-SELECTABLE = ("accuracy", "mean_class_acc", "many_acc", "medium_acc", "few_acc", "macro_f1", "worst_class_acc",
-              "harmonic_mean_acc", "geometric_mean_acc", "nll", "many_nll", "medium_nll", "few_nll")
-
-
-def check_select_metric(name):
-    require(name in SELECTABLE, f"--select_metric {name!r} is not a validation metric; use one of {', '.join(SELECTABLE)}")
-
-
-def selection_score(metrics, name):
-    """Higher is better: NLLs are negated. None when the metric is empty (e.g. a group without val images)."""
-    value = metrics.get(name)
-    if value is None:
-        return None
-    return -value if name.endswith("nll") else value
-
-
 def every_n_steps(value, plan, flag):
     """'epoch' -> steps per epoch; an integer string -> that many optimizer steps; None/'none' -> never."""
     if value is None or str(value).lower() == "none":
