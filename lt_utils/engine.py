@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import UserError
 from .metrics import compute_lt_metrics
 from .schedule import lr_at, set_lr
 

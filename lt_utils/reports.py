@@ -6,7 +6,6 @@ shown as "—", never as 0. Files are written atomically.
 import csv
 import io
 import math
-from pathlib import Path
 
 from .errors import require
 from .fileio import atomic_write_bytes, atomic_write_text

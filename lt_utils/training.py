@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import export_overrides, read_export_meta, write_export
-from .data import LTInfo, capped_subset, load_lt_dataset
+from .data import capped_subset, load_lt_dataset
 from .errors import UserError, require
 from .heads import class_mean_head_init, fingerprint, random_head_init, set_head_weight, text_head_init
 from .hub import model_card
 from .models import build_lt_model
-from .peft_methods import apply_method, bottleneck_dim, export_state_dict, unwrap_lt_model
+from .peft_methods import apply_method, bottleneck_dim, export_state_dict
 from .samplers import ClassBalancedSampler
 from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
 

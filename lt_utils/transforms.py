@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import UserError, require
+from .errors import UserError
 
 TTE_MODES = ("fivecrop", "tencrop", "flip")
 

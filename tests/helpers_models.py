@@ -95,32 +95,22 @@ def make_tiny_vit(path, image_size=32, patch_size=8, hidden=32, layers=2, heads=
     return path
 
 
+# ViT-B/16 at 224 px: the shapes of the papers' parameter-count table
+VIT_B16_SHAPES = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=16)
+
+
 def vit_b16_clip_config():
     """CLIP ViT-B/16 vision tower shapes (D 768, L 12, 224 px)."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-        projection_dim=512,
-    )
+    return CLIPVisionConfig(**VIT_B16_SHAPES, projection_dim=512)
 
 
 def vit_b16_vit_config():
     from transformers import ViTConfig
 
-    return ViTConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-    )
+    return ViTConfig(**VIT_B16_SHAPES)
 
 
 def write_config_only(path, config):

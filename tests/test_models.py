@@ -24,14 +24,6 @@ from tests.helpers_models import make_tiny_clip, make_tiny_vit, random_pixels, w
 CLASSES = ["cat", "maple_tree", "aquarium fish"]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    return make_tiny_vit(tmp_path_factory.mktemp("vit") / "tiny-vit")
 
 
 # ---- backbones and features -------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ from lt_utils.peft_methods import (
     unwrap_lt_model,
 )
 from tests.helpers_models import (
-    make_tiny_clip,
-    make_tiny_vit,
     random_pixels,
     vit_b16_clip_config,
     vit_b16_vit_config,
@@ -29,14 +27,6 @@ from tests.helpers_models import (
 )
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    return make_tiny_vit(tmp_path_factory.mktemp("vit") / "tiny-vit")
 
 
 @pytest.fixture(scope="module", params=["clip", "vit"])
