@@ -141,8 +141,9 @@ def record_saved_folder(info, dataset_arg):
     """A split loaded from a build_lt.py folder is recorded by that folder, so eval_lt.py finds the same images."""
     import dataclasses
 
-    path = Path(str(dataset_arg))
-    return dataclasses.replace(info, dataset=str(path.resolve())) if path.is_dir() else info
+    from .data.loading import is_saved_lt_dir
+
+    return dataclasses.replace(info, dataset=str(Path(dataset_arg).resolve())) if is_saved_lt_dir(dataset_arg) else info
 
 
 def limit_eval_splits(ds, max_eval_samples):
