@@ -81,10 +81,6 @@ def check_resume_identity(path, identity):
 
 
 # ------------------------------------------------------------------------------------------------------ exports
-def lora_files_present(export_dir):
-    return (Path(export_dir) / ADAPTER_CONFIG).is_file()
-
-
 def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
     """Atomically write an export dir. Main process only; collective gathers happen before (see `gather_export`).
 

@@ -1,8 +1,6 @@
 """The set-up steps of train_lt.py, one function each: accelerator, data, model, loaders, optimizer, exports."""
 import contextlib
 import json
-import logging
-import math
 from pathlib import Path
 
 import torch
@@ -18,7 +16,6 @@ from .peft_methods import apply_method, bottleneck_dim, export_state_dict
 from .samplers import ClassBalancedSampler
 from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
 
-logger = logging.getLogger("lt")
 INIT_FROM_METHODS = ("head", "full", "bitfit")
 
 
@@ -403,9 +400,6 @@ def load_image_processor(name_or_path):
     except Exception:  # a config-only dir has none; the spec in lt_model.json still records mean/std/size
         return None
 
-
-def num_update_steps(train_loader_len, args):
-    return math.ceil(train_loader_len / args.gradient_accumulation_steps)
 
 
 # ----------------------------------------------------------------------------------------- run bookkeeping
