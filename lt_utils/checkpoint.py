@@ -82,7 +82,8 @@ def check_resume_identity(path, identity):
 
 # ------------------------------------------------------------------------------------------------------ exports
 def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
-    """Atomically write an export dir. Main process only; collective gathers happen before (see `gather_export`).
+    """Atomically write an export dir. Main process only; the collective gather happens before it
+    (`lt_utils.training.gather_export_tensors`).
 
     tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
     peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);
@@ -182,12 +183,12 @@ def load_overrides(model, tensors, source, complete=False):
 
 def export_overrides(export_dir):
     """The LTModel-namespace tensors an export holds on top of its base (LoRA merged in, head included)."""
-    model, _ = load_export(export_dir, merge_lora=True)
-    meta = read_export_meta(export_dir)
+    export_dir = resolve_export_dir(export_dir)  # a Hub id becomes its local snapshot, once
+    model, meta = load_export(export_dir, merge_lora=True)
     sd = model.state_dict()
-    keys = set(load_file(str(Path(export_dir) / WEIGHTS_FILE))) if meta.get("has_weights_file") else set()
+    keys = set(load_file(str(export_dir / WEIGHTS_FILE))) if meta.get("has_weights_file") else set()
     if meta["arch"].get("lora"):
-        keys |= {_lora_target_key(k) for k in load_file(str(Path(export_dir) / ADAPTER_WEIGHTS))}
+        keys |= {_lora_target_key(k) for k in load_file(str(export_dir / ADAPTER_WEIGHTS))}
     keys |= {k for k in sd if k.startswith("head.") or k.startswith("adapters.")}
     return {k: sd[k].clone() for k in keys if k in sd}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import export_overrides, read_export_meta, write_export
+from .checkpoint import export_overrides, load_overrides, read_export_meta, write_export
 from .data import capped_subset, load_lt_dataset
 from .errors import UserError, require
 from .heads import class_mean_head_init, fingerprint, random_head_init, set_head_weight, text_head_init
@@ -287,7 +287,6 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         if arch["adapters"] == "adaptformer":
             lt_model = apply_method(lt_model, "adaptformer", r=arch["adapter_dim"])
         overrides = export_overrides(args.init_from)
-        from .checkpoint import load_overrides
         load_overrides(lt_model, overrides, args.init_from)
         head_init = overrides["head.weight"].clone()
     else:
