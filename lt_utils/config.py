@@ -1,5 +1,7 @@
 """Command-line flags (HF example vocabulary), yaml presets with CLI overrides, and the saved resolved config.
 
+The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
+
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
 Unknown keys in a preset are an error, not silently ignored.
 """
@@ -11,6 +13,12 @@ import yaml
 
 from .errors import UserError
 from .fileio import atomic_write_text
+from .head_init import HEAD_INITS
+from .heads import HEADS
+from .losses import LOSSES
+from .peft_methods import METHODS
+from .prompts import PROMPT_MODES
+from .transforms import TTE_MODES
 
 
 def parse_args_with_config(parser, argv=None):
@@ -89,7 +97,7 @@ def add_data_args(parser):
     g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="dataloader workers per process")
     g.add_argument("--max_eval_samples", type=int, default=None,
                    help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
-    g.add_argument("--tte", default="none", choices=["none", "fivecrop", "tencrop", "flip"],
+    g.add_argument("--tte", default="none", choices=["none", *TTE_MODES.names()],
                    help="test-time ensembling for the test evaluation (LIFT: fivecrop)")
     return g
 
@@ -104,20 +112,21 @@ def build_train_parser():
     g.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Hub id or local dir of a CLIP or ViT checkpoint")
     g.add_argument("--from_scratch", type=str2bool, default=False, help="build the backbone from its config with random weights")
     g.add_argument("--init_from", default=None, help="start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head")
-    g.add_argument("--method", default="adaptformer", choices=["adaptformer", "lora", "full", "bitfit", "head"])
+    g.add_argument("--method", default="adaptformer", choices=METHODS.names(),
+                   help="; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS))
     g.add_argument("--adapter_dim", type=int, default=None, help="AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)")
     g.add_argument("--lora_alpha", type=float, default=1.0)
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--lora_target_modules", nargs="+", default=None, help="default q_proj v_proj (CLIP) / query value (ViT)")
-    g.add_argument("--head_type", default="cosine", choices=["cosine", "linear"])
+    g.add_argument("--head_type", default="cosine", choices=HEADS.names())
     g.add_argument("--head_scale", type=float, default=25.0, help="cosine head scale (LIFT 25, LT-Soups 30)")
-    g.add_argument("--head_init", default="text", choices=["text", "class_mean", "random"])
-    g.add_argument("--prompt_template", default="single", choices=["single", "ensemble"])
+    g.add_argument("--head_init", default="text", choices=HEAD_INITS.names())
+    g.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names())
     g = parser.add_argument_group("loss and sampling")
     g.add_argument("--augment", default=None, choices=["rrc_flip", "flip", "none"],
                    help="training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none (the "
                         "eval view); --method head always trains on cached eval-view features")
-    g.add_argument("--loss", default="la", choices=["ce", "la", "balanced_softmax"])
+    g.add_argument("--loss", default="la", choices=LOSSES.names())
     g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")
     g.add_argument("--sampler", default="random", choices=["random", "class_balanced", "sqrt"])
