@@ -1,6 +1,7 @@
 """One registry per axis: the CLI's choices are the registries' names, unknown names list the valid ones, and a new
 fine-tuning method is one registry entry (a LayerNorm-tuning method defined here trains, exports, reloads through
-checkpoint.build_from_meta and evaluates identically)."""
+checkpoint.build_from_meta, evaluates identically, resumes exactly and soups)."""
+import shutil
 import sys
 
 import pytest
@@ -114,7 +115,7 @@ def run_main(argv):
     return train_lt.main(argv)
 
 
-def test_a_method_registered_in_a_test_trains_exports_reloads_and_evaluates_identically(
+def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identically_and_resumes(
         ln_method, idx_dir, vit_dir, tmp_path, capsys):
     from accelerate import Accelerator
 
@@ -125,9 +126,10 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_and_evaluates_iden
 
     assert "ln_test" in _choices(build_train_parser(), "method")
     out = tmp_path / "run"
-    # one epoch, validated at its end: best/ is written from the in-memory model with its val metrics
-    run_main(tiny_train_args(idx_dir, out, "--method", "ln_test", "--model_name_or_path", vit_dir,
-                             "--from_scratch", "false", "--num_train_epochs", "1", "--learning_rate", "0.01"))
+    # one epoch (10 steps), validated at its end: best/ is written from the in-memory model with its val metrics
+    flags = ["--method", "ln_test", "--model_name_or_path", vit_dir, "--from_scratch", "false", "--num_train_epochs", "1",
+             "--learning_rate", "0.01", "--checkpointing_steps", "4"]
+    run_main(tiny_train_args(idx_dir, out, *flags))
     model, meta = load_export(out / "best")
     assert meta["method"] == "ln_test" and meta["arch"] == {"adapters": None, "adapter_dim": None, "lora": None}
 
@@ -148,6 +150,16 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_and_evaluates_iden
     recorded = load_export_metrics(out / "best")["val"]
     assert val["per_class_acc"] == recorded["per_class_acc"] and val["accuracy"] == recorded["accuracy"]
     assert val["nll"] == pytest.approx(recorded["nll"], rel=1e-5)
+
+    # resumed from step 4, it ends with the same weights
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "step_4", resumed / "step_4")
+    run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() == stored.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
     # soupable by default; an entry that says otherwise is refused by soup.py
     make_soup([out / "best", out / "final"], tmp_path / "soup", progress=False)
