@@ -114,7 +114,7 @@ def linear_warmup_cosine(args, plan):
     warmup = args.num_warmup_steps
     if warmup is None and args.optimizer == "adamw":
         # LT-Soups: max(20, 1% of the steps); capped at a fifth of the run so short runs still decay
-        warmup = min(max(20, round(0.01 * plan.total_steps)), plan.total_steps // 5)
+        warmup = min(int(max(20, 0.01 * plan.total_steps)), plan.total_steps // 5)
 
     def schedule(step):
         return lr_at(step, args.learning_rate, plan.total_steps, args.lr_scheduler_type, warmup or 0,

@@ -195,7 +195,7 @@ def reference_lr_factors(n_steps):
     return np.concatenate([warmup, 0.1 + 0.9 * (np.cos(np.pi * xx) + 1) / 2])
 
 
-@pytest.mark.parametrize("n_steps", [100, 140, 230, 850, 3000])
+@pytest.mark.parametrize("n_steps", [100, 140, 230, 850, 2550, 3000])
 def test_warmup_start_factor_gives_lt_soups_learning_rates(n_steps):
     from types import SimpleNamespace
 
