@@ -31,7 +31,7 @@ from lt_utils.losses import build_loss
 from lt_utils.metrics import check_select_metric, selection_score
 from lt_utils.peft_methods import trainable_parameter_count
 from lt_utils.reports import format_markdown_table
-from lt_utils.schedule import check_eval_schedule, eval_interval, plan_steps
+from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
 
 logger = logging.getLogger("lt")
 
@@ -42,7 +42,7 @@ def main(argv=None):
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
     check_select_metric(args.select_metric)
-    check_eval_schedule(args.num_evals, args.eval_steps)
+    check_schedule_flags(args)
     args.augment = D.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)

@@ -6,6 +6,8 @@ needs only the step counter and the schedule is the same on 1 or N processes (hf
 import math
 from dataclasses import dataclass
 
+from .errors import UserError
+
 SCHEDULES = ("cosine", "cosine_epoch", "constant")
 
 
@@ -69,17 +71,18 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def check_eval_schedule(num_evals, eval_steps):
-    """--num_evals replaces --eval_steps (left at its default 'epoch'); checked before anything is written."""
-    from .errors import UserError
-
-    if num_evals is None:
+def check_schedule_flags(args):
+    """--num_evals (replacing --eval_steps, left at 'epoch') and --warmup_start_factor; checked before anything
+    is written."""
+    if args.warmup_start_factor is not None and not 0 <= args.warmup_start_factor <= 1:
+        raise UserError(f"--warmup_start_factor {args.warmup_start_factor}: must be in [0, 1] (LT-Soups: 1e-6)")
+    if args.num_evals is None:
         return
-    if num_evals < 1:
-        raise UserError(f"--num_evals must be a positive number of evaluations, got {num_evals}")
-    if str(eval_steps) != "epoch":
-        raise UserError(f"--num_evals {num_evals} and --eval_steps {eval_steps} both set the validation schedule; "
-                        "pass one of them")
+    if args.num_evals < 1:
+        raise UserError(f"--num_evals must be a positive number of evaluations, got {args.num_evals}")
+    if str(args.eval_steps) != "epoch":
+        raise UserError(f"--num_evals {args.num_evals} and --eval_steps {args.eval_steps} both set the validation "
+                        "schedule; pass one of them")
 
 
 def eval_interval(num_evals, total_steps):

@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 from lt_utils.data import capped_subset, load_lt_dataset
 from lt_utils.engine import EMA, linear_warmup_cosine
 from lt_utils.errors import UserError
-from lt_utils.schedule import StepPlan, check_eval_schedule, eval_interval, lr_at
+from lt_utils.schedule import StepPlan, eval_interval, lr_at
 from tests.helpers_data import decode_index, write_cifar10, write_cifar100
 
 C100_TRAIN, C100_TEST, C10_TRAIN, C10_TEST = 60, 12, 60, 110
@@ -241,8 +241,22 @@ def test_num_evals_is_lt_soups_eval_schedule():
         interval = eval_interval(5, n)
         assert [s for s in range(1, n + 1) if s % interval == 0] == ref and len(ref) == 5
     assert eval_interval(5, 3) == 1
-    check_eval_schedule(5, "epoch")
-    with pytest.raises(UserError, match="both set the validation schedule"):
-        check_eval_schedule(5, "100")
-    with pytest.raises(UserError, match="positive"):
-        check_eval_schedule(0, "epoch")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num_evals", "5", "--eval_steps", "100"], "both set the validation schedule"),
+    (["--num_evals", "0"], "--num_evals must be a positive number"),
+    (["--warmup_start_factor", "2"], "--warmup_start_factor 2.0: must be in"),
+])
+def test_schedule_flag_errors_leave_the_output_dir_alone(tmp_path, capsys, flags, message):
+    import train_lt
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier run")
+    with pytest.raises(SystemExit) as exit_info:
+        train_lt.main(["--output_dir", str(out), "--overwrite_output_dir", *flags])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "\n".join(err)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "earlier run"
