@@ -31,7 +31,7 @@ from lt_utils.metrics import check_select_metric, scalar_metrics, selection_scor
 from lt_utils.exports import Exporter, refresh_model_card
 from lt_utils.peft_methods import METHODS, trainable_parameter_count
 from lt_utils.reports import format_markdown_table
-from lt_utils.schedule import plan_steps
+from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
 
 logger = logging.getLogger("lt")
 
@@ -42,6 +42,7 @@ def main(argv=None):
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
     check_select_metric(args.select_metric)
+    check_schedule_flags(args)
     args.augment = D.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
@@ -82,7 +83,7 @@ def main(argv=None):
                       args.min_train_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    ema = EMA(train_model, args.ema_decay) if args.ema_decay else None
+    ema = EMA(train_model, args.ema_decay, args.ema_start) if args.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if accelerator.state.deepspeed_plugin is None:
@@ -102,7 +103,7 @@ def main(argv=None):
 
     ctx = Run(args=args, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
               val_loader=val_loader, ema=ema, state=state, plan=plan,
-              eval_every=T.every_n_steps(args.eval_steps, plan, "--eval_steps") if len(ds["val"]) else None,
+              eval_every=eval_every(args, plan) if len(ds["val"]) else None,
               ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(args, plan)
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
@@ -165,9 +166,18 @@ def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augmen
             break
 
 
+def eval_every(args, plan):
+    """Validation interval in optimizer steps: --num_evals (LT-Soups' 5 per run) or --eval_steps."""
+    if args.num_evals is None:
+        return T.every_n_steps(args.eval_steps, plan, "--eval_steps")
+    return eval_interval(args.num_evals, plan.total_steps)
+
+
 def on_step(ctx, step):
-    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals."""
-    if ctx.eval_every and (step % ctx.eval_every == 0 or step == ctx.plan.total_steps):
+    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals.
+    The last step is validated too, except under --num_evals, whose schedule is LT-Soups' exactly."""
+    at_end = step == ctx.plan.total_steps and ctx.args.num_evals is None
+    if ctx.eval_every and (step % ctx.eval_every == 0 or at_end):
         with_ema(ctx, lambda: validate(ctx, step))
     if ctx.ckpt_every and step % ctx.ckpt_every == 0:
         save_checkpoint(ctx, step)

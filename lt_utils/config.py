@@ -133,6 +133,9 @@ def build_train_parser():
     g.add_argument("--balance_factor", type=float, default=None,
                    help="LT-Soups ingredient: train on the subset with every class capped at n_min * b")
     g.add_argument("--subset_seed", type=int, default=0, help="seed of the --balance_factor subset")
+    g.add_argument("--subset_selection", default="rng", choices=["rng", "lt_soups"],
+                   help="which images fill a --balance_factor subset: a seeded permutation per class (rng), or "
+                        "LT-Soups' exact draw (rng.choice over each class in the LT split's draw order)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     g.add_argument("--learning_rate", type=float, default=0.01)
@@ -140,6 +143,9 @@ def build_train_parser():
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "cosine_epoch", "constant"])
     g.add_argument("--num_warmup_steps", type=int, default=None, help="default: 0 (SGD), max(20, 1%% of steps) (AdamW)")
+    g.add_argument("--warmup_start_factor", type=float, default=None,
+                   help="LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the lr at step "
+                        "--num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: (step+1)/warmup of the lr")
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak lr (LT-Soups 0.1)")
     g.add_argument("--num_train_epochs", type=int, default=10)
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
@@ -151,9 +157,14 @@ def build_train_parser():
                    help="effective batch; sets the per-device batch from the accumulation steps and processes (LIFT: 128)")
     g.add_argument("--max_grad_norm", type=float, default=None)
     g.add_argument("--ema_decay", type=float, default=None, help="evaluate and export an EMA of the weights (LT-Soups 0.99)")
+    g.add_argument("--ema_start", default="initial", choices=["initial", "first_step"],
+                   help="EMA starts from the initial weights, or (torch AveragedModel, LT-Soups) is a copy of the "
+                        "weights after the first optimizer step")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: from the accelerate config")
     g = parser.add_argument_group("evaluation, checkpoints, outputs")
     g.add_argument("--eval_steps", default="epoch", help="evaluate on val every N optimizer steps, or 'epoch', or 'none'")
+    g.add_argument("--num_evals", type=int, default=None,
+                   help="instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per run)")
     g.add_argument("--select_metric", default="mean_class_acc", help="val metric that picks best/")
     g.add_argument("--output_dir", default="outputs/run")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir without resuming")

@@ -47,7 +47,8 @@ def training_split(ds, info, args):
     if args.balance_factor is None:
         return ds["train"], list(info.train_counts)
     require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
-    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed)
+    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed,
+                         selection=args.subset_selection)
 
 
 def resolve_augment(args):

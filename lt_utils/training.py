@@ -209,7 +209,7 @@ def resume_identity(args, info):
     return {"dataset": info.dataset, "num_classes": len(info.class_names), "class_names": list(info.class_names),
             "train_images": info.index_hashes.get("train"), "method": args.method,
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
-            "subset_seed": args.subset_seed, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
+            "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
             "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
 
 
