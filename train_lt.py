@@ -46,7 +46,8 @@ def main(argv=None):
     args.augment = D.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    T.prepare_output_dir(args, accelerator)
+    if not args.dry_run:  # a dry run writes nothing
+        T.prepare_output_dir(args, accelerator)
     set_seed(args.seed)
 
     # data
@@ -59,6 +60,8 @@ def main(argv=None):
     with T.plain_model_init(accelerator):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
     lt_model = exporter.lt_model
+    if args.dry_run:
+        return T.dry_run(args, accelerator, model, len(train_ds))
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
     sampler = D.build_sampler(args, train_ds)

@@ -16,7 +16,7 @@ from .fileio import atomic_write_text
 from .head_init import HEAD_INITS
 from .heads import HEADS
 from .losses import LOSSES
-from .peft_methods import METHODS
+from .peft_methods import LORA_INITS, METHODS
 from .prompts import PROMPT_MODES
 from .transforms import TTE_MODES
 
@@ -114,7 +114,17 @@ def build_train_parser():
     g.add_argument("--init_from", default=None, help="start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head")
     g.add_argument("--method", default="adaptformer", choices=METHODS.names(),
                    help="; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS))
-    g.add_argument("--adapter_dim", type=int, default=None, help="AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)")
+    g.add_argument("--adapter_dim", type=int, default=None,
+                   help="AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))")
+    g.add_argument("--partial_layers", type=int, default=None,
+                   help="tune only the last k transformer blocks (LIFT's partial; any method but full_all and head)")
+    g.add_argument("--vpt_len", type=int, default=10, help="prompt tokens per prompted block (vpt_shallow, vpt_deep)")
+    g.add_argument("--mask_ratio", type=float, default=None,
+                   help="--method mask: fraction of each Linear's entries trained (default: LIFT's K / (12 L D), "
+                        "floored to a multiple of 0.001, at least 0.001)")
+    g.add_argument("--mask_seed", type=int, default=0, help="--method mask: seed of the entries chosen (LIFT: 0)")
+    g.add_argument("--lora_init", default="peft", choices=list(LORA_INITS),
+                   help="LoRA A init: peft's U(+-1/sqrt(D)) or LIFT's U(+-1/sqrt(r)) (its A is a (D, r) tensor)")
     g.add_argument("--lora_alpha", type=float, default=1.0)
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--lora_target_modules", nargs="+", default=None, help="default q_proj v_proj (CLIP) / query value (ViT)")
@@ -169,6 +179,9 @@ def build_train_parser():
     g.add_argument("--output_dir", default="outputs/run")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir without resuming")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dry_run", action="store_true",
+                   help="build the data and the model, print the run header and, as the last line, a JSON object of "
+                        "the trainable parameters (trainable, head, backbone), then exit without training")
     g.add_argument("--checkpointing_steps", default=None, help="save a resume state every N optimizer steps, or 'epoch'")
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a step_* folder")
     g.add_argument("--with_tracking", action="store_true")

@@ -61,7 +61,7 @@ class Exporter:
         if self.args.from_scratch:
             tensors = dict(state_dict)
         else:
-            tensors = export_state_dict(state_dict, self.args.method)
+            tensors = export_state_dict(state_dict, self.args.method, self.arch)
         for key in self.overrides or {}:
             tensors.setdefault(key, state_dict[key])
         return state_dict, tensors

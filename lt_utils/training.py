@@ -11,7 +11,7 @@ from .checkpoint import build_from_meta, export_overrides, read_export_meta, res
 from .errors import UserError, require
 from .exports import Exporter, load_image_processor
 from .head_init import HEAD_INITS, set_head_weight
-from .peft_methods import METHODS, apply_method, empty_arch
+from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
@@ -210,7 +210,13 @@ def resume_identity(args, info):
             "train_images": info.index_hashes.get("train"), "method": args.method,
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
             "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
-            "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
+            "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from,
+            **{k: getattr(args, k) for k, default in METHOD_FLAG_DEFAULTS.items() if getattr(args, k) != default}}
+
+
+# flags that shape a method's modules, with their defaults: part of a resume's identity when set (so checkpoints
+# written before the flags existed still resume)
+METHOD_FLAG_DEFAULTS = {"partial_layers": None, "vpt_len": 10, "mask_ratio": None, "mask_seed": 0, "lora_init": "peft"}
 
 
 def log_jsonl(path, record):
@@ -226,3 +232,21 @@ def describe_run(args, accelerator, plan, num_examples, trainable):
              f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
              f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}"]
     return "\n".join(lines)
+
+
+def dry_run(args, accelerator, model, num_examples):
+    """--dry_run: the run header, then (last line of stdout) a JSON object of the trainable parameter counts."""
+    import math
+
+    from .schedule import plan_steps
+
+    batches = math.ceil(num_examples / (args.per_device_train_batch_size * accelerator.num_processes))
+    plan = plan_steps(batches, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps,
+                      args.min_train_steps)
+    trainable, head = trainable_parameter_count(model), head_parameter_count(model)
+    counts = {"method": args.method, "trainable": trainable, "head": head, "backbone": trainable - head,
+              "total": sum(p.numel() for p in model.parameters()), "total_steps": plan.total_steps}
+    if accelerator.is_main_process:
+        print(describe_run(args, accelerator, plan, num_examples, trainable).replace("Running training", "Dry run"))
+        print(json.dumps(counts), flush=True)
+    return counts

@@ -88,7 +88,7 @@ def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_proces
     from lt_utils.checkpoint import load_export
 
     model, meta = load_export(out / "final")
-    assert meta["method"] == "full"
+    assert meta["method"] == "full_all"
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
     # ZeRO-2 in fp32 is the same optimisation as DDP: same weights as the 1-process reference
