@@ -147,8 +147,8 @@ def _wrap_lora(lt, r, lora_alpha, lora_dropout, target_modules, partial_layers=N
 
 def _lift_lora_init(model):
     """LIFT's LoRA init: its A is a (D, r) tensor, so Kaiming-uniform (a=sqrt(5)) draws U(+-1/sqrt(r)), where peft's
-    (r, D) nn.Linear weight draws U(+-1/sqrt(D)). Drawn as LIFT does (a (D, r) tensor, blocks in order, q before v)
-    and stored transposed; B stays zero."""
+    (r, D) nn.Linear weight draws U(+-1/sqrt(D)). Drawn as LIFT does (a (D, r) tensor, blocks in order, targets in
+    name order) and stored transposed; B stays zero."""
     modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     modules.sort(key=lambda nm: (block_index(nm[0].removeprefix("base_model.model.")) or 0, nm[0].rsplit(".", 1)[-1]))
     with torch.no_grad():
