@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from .compile import add_compile_args
 from .errors import UserError
 from .fileio import atomic_write_text
 
@@ -143,6 +144,10 @@ def build_train_parser():
     g.add_argument("--max_grad_norm", type=float, default=None)
     g.add_argument("--ema_decay", type=float, default=None, help="evaluate and export an EMA of the weights (LT-Soups 0.99)")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: from the accelerate config")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the backbone's activations in the backward pass (the HF models' own): less memory, "
+                        "about a third more compute")
+    add_compile_args(parser)
     g = parser.add_argument_group("evaluation, checkpoints, outputs")
     g.add_argument("--eval_steps", default="epoch", help="evaluate on val every N optimizer steps, or 'epoch', or 'none'")
     g.add_argument("--select_metric", default="mean_class_acc", help="val metric that picks best/")

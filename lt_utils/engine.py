@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .compile import plain_name
 from .metrics import compute_lt_metrics
 from .schedule import lr_at, set_lr
 
@@ -128,22 +129,23 @@ class EMA:
 
     def __init__(self, model, decay):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # eager names, so a resume with or without --torch_compile finds them
+        self.shadow = {plain_name(n): p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model):
         for name, param in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+            if plain_name(name) in self.shadow:
+                self.shadow[plain_name(name)].lerp_(param.detach().float(), 1.0 - self.decay)
 
     @torch.no_grad()
     def swap(self, model):
         """Exchange the model's trainable weights with the averaged ones (call twice to swap back)."""
         for name, param in model.named_parameters():
-            if name in self.shadow:
+            if plain_name(name) in self.shadow:
                 current = param.detach().float().clone()
-                param.copy_(self.shadow[name].to(param.dtype))
-                self.shadow[name] = current
+                param.copy_(self.shadow[plain_name(name)].to(param.dtype))
+                self.shadow[plain_name(name)] = current
 
     def state_dict(self):
         return {"decay": self.decay, "shadow": self.shadow}

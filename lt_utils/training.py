@@ -7,14 +7,17 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import export_overrides, load_overrides, read_export_meta, write_export
+from .compile import dynamo_plugin
 from .data import capped_subset, load_lt_dataset
 from .errors import UserError, require
 from .heads import class_mean_head_init, fingerprint, random_head_init, set_head_weight, text_head_init
 from .hub import model_card
-from .models import build_lt_model
+from .models import build_lt_model, enable_gradient_checkpointing
 from .peft_methods import apply_method, bottleneck_dim, export_state_dict
 from .samplers import ClassBalancedSampler
-from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
+from .data.images import ImageSplit
+from .transforms import (NoAugment, RandomFlip, SeededAugment, build_eval_transform, build_train_transform,
+                         build_tte_transform, collate)
 
 INIT_FROM_METHODS = ("head", "full", "bitfit")
 
@@ -30,6 +33,7 @@ def build_accelerator(args):
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_plugin=dynamo_plugin(args),
         **cpu_multiprocess_kwargs(),
     )
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
@@ -171,18 +175,16 @@ def resolve_augment(args):
 
 
 def image_transforms(spec, augment="rrc_flip"):
-    """(train, eval) transforms from the checkpoint's preprocessing.
+    """(train, eval) transforms from the checkpoint's preprocessing; train ones are called (image, generator).
 
     augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
     from scratch), none (the eval view).
     """
-    from torchvision.transforms import v2
-
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
     eval_tf = build_eval_transform(**common)
     train_tf = {"rrc_flip": lambda: build_train_transform(**common),
-                "flip": lambda: v2.Compose([v2.RandomHorizontalFlip(), eval_tf]),
-                "none": lambda: eval_tf}[augment]()
+                "flip": lambda: RandomFlip(eval_tf),
+                "none": lambda: NoAugment(eval_tf)}[augment]()
     return train_tf, eval_tf
 
 
@@ -193,35 +195,12 @@ def test_transform(spec, tte):
     return build_tte_transform(tte, patch_size=spec.patch_size, **common)
 
 
-class SeededAugment:
-    """Training augmentation drawn from (seed, epoch, sample id) instead of the global RNG.
-
-    The same image gets the same crop whatever the number of processes or workers, however far the dataloader
-    prefetches, and after a mid-epoch resume; so resumed and distributed runs reproduce single-process ones.
-    Set `.epoch` before each epoch (workers are re-created per epoch and pick it up).
-    """
-
-    def __init__(self, transform, seed):
-        self.transform, self.seed, self.epoch = transform, seed, 0
-
-    def __call__(self, batch):
-        pixel_values = []
-        for image, sample_id in zip(batch["image"], batch["sample_id"]):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + sample_id) % (2**62))
-                pixel_values.append(self.transform(image))
-        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch["label"]]}
-
-
-def with_sample_ids(dataset):
-    return dataset.add_column("sample_id", list(range(len(dataset))))
-
-
 def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
-    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a batch transform (SeededAugment)."""
-    batch_transform = transform if isinstance(transform, SeededAugment) else ApplyTransform(transform)
-    return DataLoader(dataset.with_transform(batch_transform), batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a SeededAugment (training).
+    Workers stay alive across epochs (SeededAugment's epoch is shared with them)."""
+    split = ImageSplit(dataset, transform, seeded=isinstance(transform, SeededAugment))
+    return DataLoader(split, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0)
 
 
 def build_sampler(args, train_ds):
@@ -297,6 +276,10 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     if args.method == "lora":
         arch["lora"] = {k: margs[k] for k in ("r", "lora_alpha", "lora_dropout", "lora_target_modules")}
     model = apply_method(lt_model, args.method, **(margs if args.method in ("adaptformer", "lora") else {}))
+    if args.gradient_checkpointing:
+        require(args.method != "head", "--gradient_checkpointing does not apply to --method head (its backbone runs "
+                "once without gradients); drop it")
+        enable_gradient_checkpointing(lt_model)
     return model, lt_model, head_init, overrides, arch
 
 
@@ -369,7 +352,7 @@ def save_export(export_dir, accelerator, train_model, lt_model, args, info, arch
     if args.method == "lora":
         from peft import get_peft_model_state_dict
 
-        peft_model = accelerator.unwrap_model(train_model)
+        peft_model = accelerator.unwrap_model(train_model, keep_torch_compile=False)
         check_adapter_complete(get_peft_model_state_dict(peft_model, state_dict=state_dict), peft_model)
         peft_sd = state_dict  # save_pretrained selects the adapter (and head) from the full state dict itself
     head_init_tensors = {"weight": head_init}
