@@ -193,7 +193,7 @@ class LTModel(nn.Module):
 def enable_gradient_checkpointing(lt_model):
     """The HF backbone's own activation checkpointing; non-reentrant, so frozen inputs (LoRA, adapters) still get
     gradients, and AdaptFormer's layer hooks run again in the recomputation."""
-    lt_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lt_model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return lt_model
 
 

@@ -146,3 +146,38 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     assert ema["shadow"] and not any(COMPILE_PREFIX in k for k in ema["shadow"])
     eager_test = json.loads((eager / "all_results.json").read_text())["final"]["test"]
     assert json.loads((compiled / "all_results.json").read_text())["final"]["test"]["accuracy"] == eager_test["accuracy"]
+    # eval_lt.py --torch_compile on the eager export: the numbers train_lt.py recorded
+    result = python_script("eval_lt.py", eager / "final", "--torch_compile", "--torch_compile_backend", "aot_eager",
+                           "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0",
+                           "--output_dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == eager_test["accuracy"] and evaluated["per_class_acc"] == eager_test["per_class_acc"]
+
+
+def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
+    """The benchmark script end to end with tiny settings: the JSON has every section, ratio and repeat (no timing
+    assertions: numbers from a smoke run mean nothing)."""
+    result = python_script("benchmarks/bench_throughput.py", "--quick", "--out_dir", tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["benchmark"] == "throughput" and data["setup"]["quick"] is True and data["machine"]["cpu_count"] >= 1
+    expected = {"train": {"adaptformer/fp32: compiled / eager", "adaptformer: bf16 / fp32 (eager)", "full: bf16 / fp32 (eager)"},
+                "loader": {"project / lift_style", "project / previous"}, "eval": {"fivecrop / one view (time)"},
+                "head": {"naive / cached over 3 epochs"}, "memory": {"checkpointed / plain (activation memory)"}}
+    for section, names in expected.items():
+        ratios = data[section]["ratios"]
+        assert names <= set(ratios), (section, sorted(ratios))
+        for name, s in ratios.items():
+            assert len(s["runs"]) == 3 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0, (section, name)
+        assert len(data[section]["repeats"]) == 3
+    train = data["train"]
+    assert set(train["images_per_s"]) == {f"{m}/{p}/{c}" for m in ("adaptformer", "lora", "bitfit", "full")
+                                          for p in ("fp32", "bf16") for c in ("eager",)} | {
+        "adaptformer/fp32/compiled", "adaptformer/bf16/compiled"}
+    assert all(train["flops_per_image"][m] > 0 for m in ("adaptformer", "lora", "bitfit", "full"))
+    assert train["flops_per_image"]["full"] > train["flops_per_image"]["bitfit"]  # weight gradients cost FLOPs
+    assert 0 < train["fraction_of_matmul_peak"]["full/fp32/eager"]["median"] < 10
+    assert data["memory"]["checkpointed_mib"] < data["memory"]["plain_mib"]
+    assert data["loader"]["decoded_bytes"] == data["loader"]["train_images"] * 32 * 32 * 3
+    assert data["head"]["max_abs_head_diff"] < 1e-5  # both head-only paths train the same head
