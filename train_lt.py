@@ -18,6 +18,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lt_utils import data_loaders as D
+from lt_utils import exports as X
 from lt_utils import training as T
 from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
                                  resolve_resume_path, write_resume_identity)
@@ -41,37 +43,37 @@ def main(argv=None):
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
     check_select_metric(args.select_metric)
-    args.augment = T.resolve_augment(args)
+    args.augment = D.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     T.prepare_output_dir(args, accelerator)
     set_seed(args.seed)
 
     # data
-    ds, info = T.load_data(args, accelerator)
-    ds = T.limit_eval_splits(ds, args.max_eval_samples)
-    train_ds, train_counts = T.training_split(ds, info, args)
+    ds, info = D.load_data(args, accelerator)
+    ds = D.limit_eval_splits(ds, args.max_eval_samples)
+    train_ds, train_counts = D.training_split(ds, info, args)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
-    head_init_loader = lambda spec: T.image_loader(ds["train"], T.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
+    head_init_loader = lambda spec: D.image_loader(ds["train"], D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
     with T.plain_model_init(accelerator):
         model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
-    train_tf, eval_tf = T.image_transforms(lt_model.spec, args.augment)
+    train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
-    sampler = T.build_sampler(args, train_ds)
+    sampler = D.build_sampler(args, train_ds)
     if args.method == "head":  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)
-        cache = lambda split, name: T.cache_features(lt_model, accelerator.prepare(
-            T.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
+        cache = lambda split, name: D.cache_features(lt_model, accelerator.prepare(
+            D.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
         train_feats, val_feats = cache(train_ds, "train"), cache(ds["val"], "val")
-        train_loader = T.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
-        val_loader = T.feature_loader(val_feats, args.per_device_eval_batch_size)
+        train_loader = D.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
+        val_loader = D.feature_loader(val_feats, args.per_device_eval_batch_size)
         train_model, augment = lt_model.head, None
     else:
-        augment = T.SeededAugment(train_tf, args.seed)
-        train_loader = T.image_loader(train_ds, augment, args.per_device_train_batch_size,
+        augment = D.SeededAugment(train_tf, args.seed)
+        train_loader = D.image_loader(train_ds, augment, args.per_device_train_batch_size,
                                       args.num_workers, True, sampler)
-        val_loader = T.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
+        val_loader = D.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
         train_model = model
     optimizer = T.build_optimizer(train_model, args)
     train_model, optimizer, train_loader, val_loader = accelerator.prepare(train_model, optimizer, train_loader, val_loader)
@@ -101,7 +103,7 @@ def main(argv=None):
 
     ctx = SimpleNamespace(args=args, accelerator=accelerator, info=info, train_model=train_model, lt_model=lt_model,
                           arch=arch, head_init=head_init, overrides=overrides, val_loader=val_loader, ema=ema,
-                          state=state, processor=T.load_image_processor(args.model_name_or_path),
+                          state=state, processor=X.load_image_processor(args.model_name_or_path),
                           eval_every=T.every_n_steps(args.eval_steps, plan, "--eval_steps") if len(ds["val"]) else None,
                           ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"), plan=plan)
     schedule = linear_warmup_cosine(args, plan)
@@ -183,7 +185,7 @@ def validate(ctx, step):
 
 
 def export(ctx, name, metrics=None):
-    T.save_export(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, ctx.lt_model, ctx.args, ctx.info,
+    X.save_export(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, ctx.lt_model, ctx.args, ctx.info,
                   ctx.arch, ctx.head_init, ctx.overrides, metrics=metrics, image_processor=ctx.processor)
     ctx.accelerator.wait_for_everyone()
 
@@ -204,7 +206,7 @@ def save_checkpoint(ctx, step):
 def test_exports(ctx, test_ds, spec):
     """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
     a, args, results = ctx.accelerator, ctx.args, {}
-    loader = a.prepare(T.image_loader(test_ds, T.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
+    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
     for name in ("best", "final"):
         export_dir = Path(args.output_dir) / name
         if not export_dir.is_dir():
@@ -218,7 +220,7 @@ def test_exports(ctx, test_ds, spec):
         results[name] = {**saved, "test": test, "tte": args.tte}
         if a.is_main_process:
             atomic_write_json(export_dir / "metrics.json", results[name])
-            T.refresh_model_card(export_dir, results[name])
+            X.refresh_model_card(export_dir, results[name])
         a.wait_for_everyone()
     return results
 

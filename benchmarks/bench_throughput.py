@@ -307,7 +307,7 @@ def bench_loader(args, root, ds):
     import torchvision.transforms as tv
     from torch.utils.data import DataLoader
 
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
     from lt_utils.data import images as data_images
     from lt_utils.models import CLIP_MEAN, CLIP_STD
     from lt_utils.transforms import SeededAugment, collate
@@ -359,7 +359,7 @@ def bench_loader(args, root, ds):
 
 # -------------------------------------------------------------------------------------------------------- eval
 def bench_eval(args, root, ds, accelerator):
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
     from lt_utils.engine import predict
 
     path = model_dir(args, root)
@@ -390,7 +390,7 @@ def bench_eval(args, root, ds, accelerator):
 def bench_head(args, root, ds, accelerator):
     import bench_head_cache as H
 
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
     from lt_utils.heads import random_head_init
     from lt_utils.losses import build_loss
     from lt_utils.peft_methods import apply_method

@@ -84,7 +84,7 @@ def check_resume_identity(path, identity):
 # ------------------------------------------------------------------------------------------------------ exports
 def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
     """Atomically write an export dir. Main process only; the collective gather happens before it
-    (`lt_utils.training.gather_export_tensors`).
+    (`lt_utils.exports.gather_export_tensors`).
 
     tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
     peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);

@@ -198,7 +198,7 @@ def enable_gradient_checkpointing(lt_model):
 
 
 def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0):
-    """Backbone + a seeded random head; data-dependent head inits are applied by heads.set_head_weight."""
+    """Backbone + a seeded random head; data-dependent head inits are applied by head_init.set_head_weight."""
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)

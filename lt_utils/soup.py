@@ -348,7 +348,7 @@ def build_val_scorer(meta, lt_info_path, data_args, batch_size=256, num_workers=
     from .engine import evaluate
     from .models import build_lt_model
     from .peft_methods import apply_method
-    from .training import image_loader, image_transforms, load_data
+    from .data_loaders import image_loader, image_transforms, load_data
 
     accelerator = Accelerator()
     ds, info = load_data(val_data_args(data_args, lt_info_path), accelerator)

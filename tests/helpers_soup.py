@@ -17,10 +17,10 @@ import torch
 from lt_utils.checkpoint import write_export
 from lt_utils.data import LTInfo
 from lt_utils.fileio import atomic_write_json
-from lt_utils.heads import set_head_weight
+from lt_utils.head_init import set_head_weight
 from lt_utils.models import build_lt_model
 from lt_utils.peft_methods import apply_method
-from lt_utils.training import export_meta
+from lt_utils.exports import export_meta
 
 from tests.helpers_data import idx_bytes
 

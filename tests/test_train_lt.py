@@ -56,7 +56,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
     model, meta = load_export(out / "final")
     assert meta["method"] == "full" and meta["num_labels"] == 10
     from accelerate import Accelerator
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
     from lt_utils.data import load_lt_dataset
     from lt_utils.engine import evaluate
 

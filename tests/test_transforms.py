@@ -11,7 +11,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from lt_utils.errors import UserError
 from lt_utils.engine import forward_views
-from lt_utils import training as T
+from lt_utils import data_loaders as T
 from lt_utils.data import images as data_images
 from lt_utils.data.images import ImageSplit
 from lt_utils.transforms import (
