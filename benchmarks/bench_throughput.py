@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--compile_methods", default=None, help="methods also timed compiled (default: all on cuda, "
-                   "adaptformer and full on cpu, where each compilation takes a minute)")
+                   "adaptformer on cpu, where each compilation takes a minute)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--train_batch", type=int, default=None, help="default 4 (cpu) / 64 (cuda)")
     p.add_argument("--train_steps", type=int, default=None, help="timed steps per repeat (default 2 cpu / 20 cuda)")
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     cuda = args.device.startswith("cuda")
     defaults = dict(layers=12 if cuda else 2, train_batch=64 if cuda else 4, train_steps=20 if cuda else 2,
                     eval_images=512 if cuda else 8, head_images=1024 if cuda else 8,
-                    compile_methods=",".join(METHODS) if cuda else "adaptformer,full")
+                    compile_methods=",".join(METHODS) if cuda else "adaptformer")
     if args.quick:
         defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4, compile_methods="adaptformer")
         args.loader_images, args.loader_batch, args.memory_batch, args.head_epochs = 32, 8, 2, 3
