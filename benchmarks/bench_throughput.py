@@ -47,19 +47,19 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a tiny CLIP at 32 px and few images: a smoke test, not numbers")
     p.add_argument("--sections", default=",".join(SECTIONS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats per section (ratios: median, min-max)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--layers", type=int, default=None, help="encoder layers (default: 12 on cuda, 2 on cpu)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--compile_methods", default=None, help="methods also timed compiled (default: all on cuda, "
-                   "adaptformer on cpu, where each compilation takes a minute)")
+    p.add_argument("--compile_methods", default=None, help="methods also timed compiled (default: all; on this CPU "
+                   "each compilation takes about a minute the first time, seconds once inductor's cache holds it)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--train_batch", type=int, default=None, help="default 4 (cpu) / 64 (cuda)")
     p.add_argument("--train_steps", type=int, default=None, help="timed steps per repeat (default 2 cpu / 20 cuda)")
     p.add_argument("--loader_images", type=int, default=384, help="images per loader timing")
     p.add_argument("--loader_batch", type=int, default=16)
-    p.add_argument("--eval_images", type=int, default=None, help="default 8 (cpu) / 512 (cuda)")
+    p.add_argument("--eval_images", type=int, default=None, help="default 16 (cpu) / 512 (cuda)")
     p.add_argument("--head_images", type=int, default=None, help="default 8 (cpu) / 1024 (cuda)")
     p.add_argument("--head_epochs", type=int, default=10)
     p.add_argument("--memory_batch", type=int, default=32)
@@ -70,8 +70,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     defaults = dict(layers=12 if cuda else 2, train_batch=64 if cuda else 4, train_steps=20 if cuda else 2,
-                    eval_images=512 if cuda else 8, head_images=1024 if cuda else 8,
-                    compile_methods=",".join(METHODS) if cuda else "adaptformer")
+                    eval_images=512 if cuda else 16, head_images=1024 if cuda else 8, compile_methods=",".join(METHODS))
     if args.quick:
         defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4, compile_methods="adaptformer")
         args.loader_images, args.loader_batch, args.memory_batch, args.head_epochs = 32, 8, 2, 3

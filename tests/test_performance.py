@@ -158,7 +158,8 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
 def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     """The benchmark script end to end with tiny settings: the JSON has every section, ratio and repeat (no timing
     assertions: numbers from a smoke run mean nothing)."""
-    result = python_script("benchmarks/bench_throughput.py", "--quick", "--out_dir", tmp_path, timeout=900)
+    result = python_script("benchmarks/bench_throughput.py", "--quick", "--repeats", "3", "--out_dir", tmp_path,
+                           timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["benchmark"] == "throughput" and data["setup"]["quick"] is True and data["machine"]["cpu_count"] >= 1
