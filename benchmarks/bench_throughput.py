@@ -45,7 +45,8 @@ SECTIONS = ("train", "loader", "eval", "head", "memory")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quick", action="store_true", help="a tiny CLIP at 32 px and few images: a smoke test, not numbers")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny CLIP at 32 px and few images: a smoke test, not numbers")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--repeats", type=int, default=5, help="alternating repeats per section (ratios: median, min-max)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     defaults = dict(layers=12 if cuda else 2, train_batch=64 if cuda else 4, train_steps=20 if cuda else 2,
                     eval_images=512 if cuda else 16, head_images=1024 if cuda else 8, compile_methods=",".join(METHODS))
     if args.quick:
-        defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4, compile_methods="adaptformer")
+        defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4,
+                        compile_methods="adaptformer")
         args.loader_images, args.loader_batch, args.memory_batch, args.head_epochs = 32, 8, 2, 3
         args.compile_backend = "aot_eager" if args.compile_backend == "inductor" else args.compile_backend
     for key, value in defaults.items():
@@ -192,7 +194,8 @@ class TrainStep:
 
 def bench_train(args, root):
     path = model_dir(args, root)
-    configs = [(m, p, c) for m in args.methods for p in args.precisions for c in ((False, True) if m in args.compile_methods else (False,))]
+    configs = [(m, p, c) for m in args.methods for p in args.precisions
+               for c in ((False, True) if m in args.compile_methods else (False,))]
     steps, warmup_s, flops = {}, {}, {}
     for method, precision, compiled in configs:
         key = f"{method}/{precision}/{'compiled' if compiled else 'eager'}"
@@ -213,7 +216,8 @@ def bench_train(args, root):
         for key in order:
             run["images_per_s"][key] = args.train_batch * args.train_steps / steps[key].seconds(args.train_steps)
         runs.append(run)
-        print(f"  train repeat {repeat + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in run["images_per_s"].items()), flush=True)
+        print(f"  train repeat {repeat + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in run["images_per_s"].items()),
+              flush=True)
     ratios = {}
     for method, precision, compiled in configs:
         eager = f"{method}/{precision}/eager"
@@ -227,7 +231,8 @@ def bench_train(args, root):
     for key in steps:
         method, precision, _ = key.split("/")
         if method in flops:
-            utilisation[key] = spread([r["images_per_s"][key] * flops[method] / r["matmul_flops"][precision] for r in runs])
+            utilisation[key] = spread([r["images_per_s"][key] * flops[method] / r["matmul_flops"][precision]
+                                       for r in runs])
     return {"batch": args.train_batch, "steps": args.train_steps, "layers": args.layers, "warmup_s": warmup_s,
             "flops_per_image": flops, "ratios": ratios, "fraction_of_matmul_peak": utilisation,
             "images_per_s": {k: spread([r["images_per_s"][k] for r in runs]) for k in steps},
@@ -236,7 +241,7 @@ def bench_train(args, root):
 
 # ------------------------------------------------------------------------------------------------------ loader
 def write_synthetic_cifar100(root, per_class_train, per_class_test, seed=0):
-    """The original cifar-100-python layout, filled with smooth synthetic 32 px images (PNG-compressible like photos)."""
+    """The original cifar-100-python layout, filled with smooth synthetic 32 px images (compressible like photos)."""
     import pickle
 
     rng = np.random.default_rng(seed)
@@ -347,8 +352,10 @@ def bench_loader(args, root, ds):
         order = list(loaders) if repeat % 2 == 0 else list(reversed(loaders))
         augment.epoch = repeat
         runs.append({name: images_per_s(name) for name in order})
-        print(f"  loader repeat {repeat + 1}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in runs[-1].items()), flush=True)
-    return {"train_images": len(train), "image_size": size, "batch": args.loader_batch, "images_per_timing": args.loader_images,
+        print(f"  loader repeat {repeat + 1}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in runs[-1].items()),
+              flush=True)
+    return {"train_images": len(train), "image_size": size, "batch": args.loader_batch,
+            "images_per_timing": args.loader_images,
             "decode_once_s": decode_s, "decoded_bytes": int(array.nbytes),
             "images_per_s": {k: spread([r[k] for r in runs]) for k in loaders},
             "ratios": {"project / lift_style": spread([r["project"] / r["lift_style"] for r in runs]),
@@ -380,9 +387,12 @@ def bench_eval(args, root, ds, accelerator):
     for repeat in range(args.repeats):
         order = ("none", "fivecrop") if repeat % 2 == 0 else ("fivecrop", "none")
         runs.append({tte: seconds(tte) for tte in order})
-        print(f"  eval repeat {repeat + 1}: one view {runs[-1]['none']:.2f}s, five-crop {runs[-1]['fivecrop']:.2f}s", flush=True)
-    return {"images": len(test), "layers": args.layers, "seconds": {k: spread([r[k] for r in runs]) for k in ("none", "fivecrop")},
-            "ratios": {"fivecrop / one view (time)": spread([r["fivecrop"] / r["none"] for r in runs])}, "repeats": runs}
+        print(f"  eval repeat {repeat + 1}: one view {runs[-1]['none']:.2f}s, five-crop {runs[-1]['fivecrop']:.2f}s",
+              flush=True)
+    return {"images": len(test), "layers": args.layers,
+            "seconds": {k: spread([r[k] for r in runs]) for k in ("none", "fivecrop")},
+            "ratios": {"fivecrop / one view (time)": spread([r["fivecrop"] / r["none"] for r in runs])},
+            "repeats": runs}
 
 
 # -------------------------------------------------------------------------------------------------------- head
@@ -410,7 +420,8 @@ def bench_head(args, root, ds, accelerator):
         runs.append(run)
         print(f"  head repeat {repeat + 1}: naive {run['naive_s']:.2f}s, cached {run['cached_s']:.2f}s", flush=True)
     return {"images": len(train), "epochs": args.head_epochs, "layers": args.layers,
-            "ratios": {f"naive / cached over {args.head_epochs} epochs": spread([r["naive_s"] / r["cached_s"] for r in runs])},
+            "ratios": {f"naive / cached over {args.head_epochs} epochs":
+                       spread([r["naive_s"] / r["cached_s"] for r in runs])},
             "max_abs_head_diff": max(r["max_abs_head_diff"] for r in runs), "repeats": runs}
 
 
@@ -435,7 +446,8 @@ def activation_bytes(args, root, checkpointing):
         base = torch.cuda.memory_allocated()
         model(pixels).float().sum().backward()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated above weights and batch"
+        how = "cuda max_memory_allocated above weights and batch (gradients included)"
+        return torch.cuda.max_memory_allocated() - base, how
     saved = {"forward": 0}
 
     def pack(tensor):
@@ -465,7 +477,8 @@ def bench_memory(args, root):
     return {"batch": args.memory_batch, "layers": 12, "method": "full", "measured_as": how,
             "plain_mib": median([r["plain_bytes"] for r in runs]) / 2**20,
             "checkpointed_mib": median([r["checkpointed_bytes"] for r in runs]) / 2**20,
-            "ratios": {"checkpointed / plain (activation memory)": spread([r["checkpointed_bytes"] / r["plain_bytes"] for r in runs])},
+            "ratios": {"checkpointed / plain (activation memory)":
+                       spread([r["checkpointed_bytes"] / r["plain_bytes"] for r in runs])},
             "repeats": runs}
 
 
@@ -513,7 +526,8 @@ def summary_table(results):
             lines.append(f"| {section} | {name} | {s['median']:.2f} | {s['min']:.2f} - {s['max']:.2f} |")
     util = results.get("train", {}).get("fraction_of_matmul_peak", {})
     for key, s in util.items():
-        lines.append(f"| train | {key}: achieved FLOP/s / matmul peak | {s['median']:.2f} | {s['min']:.2f} - {s['max']:.2f} |")
+        lines.append(f"| train | {key}: achieved FLOP/s / matmul peak | {s['median']:.2f} | "
+                     f"{s['min']:.2f} - {s['max']:.2f} |")
     return "\n".join(lines)
 
 

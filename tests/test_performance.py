@@ -134,8 +134,8 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     compiled = tmp_path / "compiled"
     compiled.mkdir()
     shutil.copytree(eager / "step_2", compiled / "step_2")
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, "--resume_from_checkpoint", "latest",
-                                                          "--torch_compile", "--torch_compile_backend", "aot_eager"))
+    resume = ["--resume_from_checkpoint", "latest", "--torch_compile", "--torch_compile_backend", "aot_eager"]
+    result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("final/model.safetensors", "step_4/model.safetensors"):
         a, b = load_file(eager / name), load_file(compiled / name)
@@ -145,7 +145,8 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     ema = torch.load(compiled / "step_4" / "custom_checkpoint_1.pkl", weights_only=False)
     assert ema["shadow"] and not any(COMPILE_PREFIX in k for k in ema["shadow"])
     eager_test = json.loads((eager / "all_results.json").read_text())["final"]["test"]
-    assert json.loads((compiled / "all_results.json").read_text())["final"]["test"]["accuracy"] == eager_test["accuracy"]
+    compiled_test = json.loads((compiled / "all_results.json").read_text())["final"]["test"]
+    assert compiled_test["accuracy"] == eager_test["accuracy"]
     # eval_lt.py --torch_compile on the eager export: the numbers train_lt.py recorded
     result = python_script("eval_lt.py", eager / "final", "--torch_compile", "--torch_compile_backend", "aot_eager",
                            "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0",
@@ -163,7 +164,8 @@ def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["benchmark"] == "throughput" and data["setup"]["quick"] is True and data["machine"]["cpu_count"] >= 1
-    expected = {"train": {"adaptformer/fp32: compiled / eager", "adaptformer: bf16 / fp32 (eager)", "full: bf16 / fp32 (eager)"},
+    expected = {"train": {"adaptformer/fp32: compiled / eager", "adaptformer: bf16 / fp32 (eager)",
+                          "full: bf16 / fp32 (eager)"},
                 "loader": {"project / lift_style", "project / previous"}, "eval": {"fivecrop / one view (time)"},
                 "head": {"naive / cached over 3 epochs"}, "memory": {"checkpointed / plain (activation memory)"}}
     for section, names in expected.items():
