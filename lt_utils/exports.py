@@ -52,6 +52,8 @@ class Exporter:
     def gather(self, accelerator, train_model):
         """Collective (every rank): the full state dict, gathered under ZeRO-3, reduced to what the export stores."""
         state_dict = accelerator.get_state_dict(train_model)
+        if state_dict is None:  # ZeRO-3 gathers the 16-bit weights onto the main process only
+            return None, {}
         if self.method.head_only:  # the trained module is the head alone
             full = {k: v for k, v in self.lt_model.state_dict().items()}
             full.update({f"head.{k}": v for k, v in state_dict.items()})

@@ -460,7 +460,10 @@ class MaskMethod(ModuleMethod):
         if mask_ratio is None:
             mask_ratio = PM.lift_mask_ratio(model.num_classes, model.spec.num_layers, model.spec.hidden_size)
         require(0 < mask_ratio <= 1, f"--mask_ratio must be in (0, 1], got {mask_ratio}")
-        return PM.attach_masks(blocks, parts, mask_ratio, mask_seed)
+        try:
+            return PM.attach_masks(blocks, parts, mask_ratio, mask_seed)
+        except ValueError as err:
+            raise UserError(f"{err}; raise --mask_ratio") from None
 
 
 METHODS.register("adaptformer", AdaptFormerMethod())

@@ -138,32 +138,45 @@ class ScaleShiftOutput:
         return self.ssf(output, self.lo, self.hi)
 
 
-class MaskedValues(nn.Module):
-    """Sparse fine-tuning of one Linear: the entries at `weight_index` / `bias_index` (flat, ascending) are trained
-    copies that replace the frozen ones in the forward. The indices are derived from the seed (not stored)."""
+class MaskedEntries(nn.Module):
+    """Sparse fine-tuning of several Linears: the entries at each one's flat weight / bias indices (ascending) are
+    trained copies that replace the frozen ones in its forward. All copies live in ONE parameter `values` (Linear by
+    Linear, weights then biases): a Linear may get no entry at all, and DeepSpeed ZeRO-3 cannot partition an empty
+    parameter. The indices are derived from the seed, so they are buffers, not stored."""
 
-    def __init__(self, linear, weight_index, bias_index):
+    def __init__(self, linears, indices):
         super().__init__()
-        self.register_buffer("weight_index", weight_index, persistent=False)
-        self.register_buffer("bias_index", bias_index, persistent=False)
-        self.weight = nn.Parameter(linear.weight.detach().reshape(-1)[weight_index].clone())
-        self.bias = nn.Parameter(linear.bias.detach()[bias_index].clone())
+        chunks, self.spans = [], []
+        start = 0
+        for i, (linear, (w_idx, b_idx)) in enumerate(zip(linears, indices)):
+            self.register_buffer(f"weight_index_{i}", w_idx, persistent=False)
+            self.register_buffer(f"bias_index_{i}", b_idx, persistent=False)
+            chunks += [linear.weight.detach().reshape(-1)[w_idx], linear.bias.detach()[b_idx]]
+            self.spans.append((start, start + len(w_idx), start + len(w_idx) + len(b_idx)))
+            start = self.spans[-1][2]
+        self.values = nn.Parameter(torch.cat(chunks).clone())
 
-    def effective(self, linear):
-        weight = linear.weight.reshape(-1).index_put((self.weight_index.to(linear.weight.device),),
-                                                     self.weight.to(linear.weight.dtype)).view_as(linear.weight)
-        bias = linear.bias.index_put((self.bias_index.to(linear.bias.device),), self.bias.to(linear.bias.dtype))
-        return weight, bias
+    def indices(self, i):
+        return getattr(self, f"weight_index_{i}"), getattr(self, f"bias_index_{i}")
+
+    def forward(self, linear, i):
+        """(weight, bias) of Linear `i` with its trained entries in place. Called as a module so that DeepSpeed
+        ZeRO-3 gathers `values` (it gathers a module's parameters around its forward)."""
+        w_idx, b_idx = self.indices(i)
+        start, mid, end = self.spans[i]
+        values = self.values.to(linear.weight.dtype)
+        weight = linear.weight.reshape(-1).index_put((w_idx,), values[start:mid]).view_as(linear.weight)
+        return weight, linear.bias.index_put((b_idx,), values[mid:end])
 
 
 class MaskedForward:
-    """Replaces a Linear's forward: F.linear with the masked entries taken from `values` (LIFT's MaskedLinear)."""
+    """Replaces Linear `i`'s forward: F.linear with its masked entries taken from `entries` (LIFT's MaskedLinear)."""
 
-    def __init__(self, linear, values):
-        self.linear, self.values = linear, values
+    def __init__(self, linear, entries, i):
+        self.linear, self.entries, self.i = linear, entries, i
 
     def __call__(self, x):
-        return nn.functional.linear(x, *self.values.effective(self.linear))
+        return nn.functional.linear(x, *self.entries(self.linear, self.i))
 
 
 def lift_mask_indices(shapes, ratio, generator):
@@ -192,21 +205,22 @@ def lift_mask_ratio(num_classes, num_layers, dim):
 
 
 def attach_masks(blocks, parts, ratio, seed):
-    """Masked values for the attention input (q, k, v fused), attention output, MLP in and out of each block, drawn
-    in LIFT's order from one generator seeded with `seed`; returns them, one ModuleDict per block."""
+    """Masked entries of the attention input (q, k, v fused), attention output, MLP in and out of each block, drawn
+    in LIFT's order from one generator seeded with `seed`; returns the MaskedEntries (Linears in that order)."""
     generator = torch.Generator().manual_seed(int(seed))
-    groups = (("q", "k", "v"), ("attn_out",), ("fc1",), ("fc2",))
-    out = nn.ModuleList()
+    linears, indices = [], []
     for block in blocks:
-        values = nn.ModuleDict()
-        for roles in groups:
-            linears = [block_part(block, parts, role) for role in roles]
-            indices = lift_mask_indices([tuple(m.weight.shape) for m in linears], ratio, generator)
-            for role, linear, (w_idx, b_idx) in zip(roles, linears, indices):
-                values[role] = MaskedValues(linear, w_idx.to(linear.weight.device), b_idx.to(linear.weight.device))
-                linear.forward = MaskedForward(linear, values[role])
-        out.append(values)
-    return out
+        for roles in (("q", "k", "v"), ("attn_out",), ("fc1",), ("fc2",)):
+            group = [block_part(block, parts, role) for role in roles]
+            drawn = lift_mask_indices([tuple(m.weight.shape) for m in group], ratio, generator)
+            linears += group
+            indices += [(w.to(m.weight.device), b.to(m.weight.device)) for m, (w, b) in zip(group, drawn)]
+    if sum(len(w) + len(b) for w, b in indices) == 0:
+        raise ValueError(f"a mask ratio of {ratio} selects no entry of these blocks")
+    entries = MaskedEntries(linears, indices)
+    for i, linear in enumerate(linears):
+        linear.forward = MaskedForward(linear, entries, i)
+    return entries
 
 
 def attach_prompts(blocks, length, dim, patch_size, seq_len, deep):

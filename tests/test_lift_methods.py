@@ -133,23 +133,26 @@ def test_mask_follows_lifts_ratio_rule_and_draw(vit_dir):
     assert PM.lift_mask_ratio(8142, 12, 768) == pytest.approx(0.073)
     assert PM.lift_mask_ratio(1000, 24, 1024) == 0.003
     model = apply_method(build_lt_model(vit_dir, 3), "mask", mask_ratio=0.05, mask_seed=7)
+    entries = model.adapters  # Linears in LIFT's order: per block q, k, v, attention output, fc1, fc2
     generator = torch.Generator().manual_seed(7)
     n_qkv = 96 * 33
     chosen = torch.randperm(n_qkv, generator=generator)[: int(n_qkv * 0.05)]
     k_rows = chosen[(chosen // 33 >= 32) & (chosen // 33 < 64)]
     k_weight = sorted(((r - 32) * 32 + c).item() for r, c in zip(k_rows // 33, k_rows % 33) if c < 32)
-    assert model.adapters[0]["k"].weight_index.tolist() == k_weight
-    sizes = [model.adapters[0][role].weight.numel() + model.adapters[0][role].bias.numel() for role in ("q", "k", "v")]
-    assert sum(sizes) == int(n_qkv * 0.05)
+    assert entries.indices(1)[0].tolist() == k_weight
+    assert sum(len(w) + len(b) for w, b in map(entries.indices, range(3))) == int(n_qkv * 0.05)
     # the trained entries replace the frozen ones: changing one moves the output exactly there
-    values = model.adapters[0]["fc1"]
-    fc1 = PM.block_part(transformer_blocks(model)[0][0], transformer_blocks(model)[1], "fc1")
+    blocks, parts, _ = transformer_blocks(model)
+    fc1 = PM.block_part(blocks[0], parts, "fc1")
+    first_fc1 = entries.spans[4][0]
     with torch.no_grad():
-        values.weight[0] += 1.0
-        row, col = divmod(values.weight_index[0].item(), 32)
+        entries.values[first_fc1] += 1.0
+        row, col = divmod(entries.indices(4)[0][0].item(), 32)
         h = torch.randn(4, 32)
         delta = fc1(h) - torch.nn.functional.linear(h, fc1.weight, fc1.bias)
     assert torch.allclose(delta[:, row], h[:, col], atol=1e-5) and delta.abs().sum() == delta[:, row].abs().sum()
+    with pytest.raises(UserError, match="a mask ratio of 1e-05 selects no entry of these blocks; raise --mask_ratio"):
+        apply_method(build_lt_model(vit_dir, 3), "mask", mask_ratio=1e-5)
 
 
 def test_lora_init_lift_draws_a_from_u_one_over_sqrt_r(clip_dir):
