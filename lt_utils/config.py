@@ -96,7 +96,9 @@ def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="fashion_mnist_lt",
                    help="cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, inat2018, imagefolder_lt, "
-                        "or a folder written by data_scripts/build_lt.py")
+                        "a folder written by data_scripts/build_lt.py, or a split it pushed to the Hub (user/repo)")
+    g.add_argument("--dataset_config_name", default=None,
+                   help="a named preset of the dataset builder, e.g. fashion_mnist_lt's quickstart (imb 100, n_max 600)")
     g.add_argument("--imb", type=float, default=100.0, help="imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)")
     g.add_argument("--data_dir", default=None, help="local source files (CIFAR python dir, IDX dir, image root); default: the Hub")
     g.add_argument("--max_per_class", type=int, default=None, help="n_max of the LT split (default: the source's)")
