@@ -63,6 +63,12 @@ def test_quickstart_from_another_directory_then_soup_and_eval(user_dir):
     assert metrics["config"]["dataset"]["dataset"] == "fashion_mnist_lt"
     assert (cwd / "soups" / "uniform" / "eval_test" / "per_class.csv").is_file()
 
+    # a run dir on eval_lt.py: its best/ by default, final/ with --which final
+    res = run_in(cwd, REPO / "eval_lt.py", "ckpts/a", "--which", "final", "--max_eval_samples", "500", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (cwd / "ckpts" / "a" / "final" / "eval_test" / "metrics.json").is_file()
+    assert not (cwd / "ckpts" / "a" / "best" / "eval_test").exists()
+
 
 def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
     cwd, env = user_dir
