@@ -46,7 +46,7 @@ def get_args_parser():
                         help="the export a run dir stands for; default: best/, else final/")
     parser.add_argument("--split", default="test", help="train, val or test")
     parser.add_argument("--zero_shot", default=None, metavar="MODEL", help="add a zero-shot row for this CLIP id or dir")
-    parser.add_argument("--prompt_template", default="single", choices=sorted(PROMPT_MODES),
+    parser.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names(),
                         help="zero-shot prompts: 'a photo of a {}.' or the 80 ImageNet templates averaged")
     parser.add_argument("--output_dir", default=None,
                         help="default: <export>/eval_<split>[_<tte>]; eval_outputs/<name>/... for Hub ids and zero-shot")

@@ -10,17 +10,16 @@
       --config configs/ltsoups_stage1_full.yaml \
       --model_name_or_path openai/clip-vit-large-patch14-336
 """
+import dataclasses
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lt_utils import data_loaders as D
-from lt_utils import exports as X
 from lt_utils import training as T
 from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
                                  resolve_resume_path, write_resume_identity)
@@ -29,10 +28,11 @@ from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_war
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json
 from lt_utils.losses import build_loss
-from lt_utils.metrics import check_select_metric, selection_score
-from lt_utils.peft_methods import trainable_parameter_count
+from lt_utils.metrics import check_select_metric, scalar_metrics, selection_score
+from lt_utils.exports import Exporter, refresh_model_card
+from lt_utils.peft_methods import METHODS, trainable_parameter_count
 from lt_utils.reports import format_markdown_table
-from lt_utils.schedule import plan_steps
+from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
 
 logger = logging.getLogger("lt")
 
@@ -43,6 +43,7 @@ def main(argv=None):
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
     check_select_metric(args.select_metric)
+    check_schedule_flags(args)
     args.augment = D.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
@@ -57,11 +58,12 @@ def main(argv=None):
     head_init_loader = lambda spec: D.image_loader(ds["train"], D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
     with T.plain_model_init(accelerator):
-        model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
+        model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
+    lt_model = exporter.lt_model
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
     sampler = D.build_sampler(args, train_ds)
-    if args.method == "head":  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
+    if METHODS.get(args.method).head_only:  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)
         cache = lambda split, name: D.cache_features(lt_model, accelerator.prepare(
             D.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
@@ -82,7 +84,7 @@ def main(argv=None):
                       args.min_train_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    ema = EMA(train_model, args.ema_decay) if args.ema_decay else None
+    ema = EMA(train_model, args.ema_decay, args.ema_start) if args.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if accelerator.state.deepspeed_plugin is None:
@@ -100,11 +102,10 @@ def main(argv=None):
                                                       for k, v in public_flags(vars(args)).items()})
     logger.info(T.describe_run(args, accelerator, plan, len(train_ds), trainable_parameter_count(train_model)))
 
-    ctx = SimpleNamespace(args=args, accelerator=accelerator, info=info, train_model=train_model, lt_model=lt_model,
-                          arch=arch, head_init=head_init, overrides=overrides, val_loader=val_loader, ema=ema,
-                          state=state, processor=X.load_image_processor(args.model_name_or_path),
-                          eval_every=T.every_n_steps(args.eval_steps, plan, "--eval_steps") if len(ds["val"]) else None,
-                          ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"), plan=plan)
+    ctx = Run(args=args, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
+              val_loader=val_loader, ema=ema, state=state, plan=plan,
+              eval_every=eval_every(args, plan) if len(ds["val"]) else None,
+              ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(args, plan)
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
                     disable=not accelerator.is_local_main_process)
@@ -134,6 +135,23 @@ def main(argv=None):
     return results
 
 
+@dataclasses.dataclass
+class Run:
+    """The training loop's state shared by the functions below (the export side is in `exporter`)."""
+
+    args: object
+    accelerator: object
+    info: object  # LTInfo of the data
+    train_model: object  # the prepared model (or head, for --method head) the optimizer steps
+    exporter: Exporter
+    val_loader: object
+    ema: object  # engine.EMA or None
+    state: TrainState
+    plan: object  # schedule.StepPlan
+    eval_every: int = None
+    ckpt_every: int = None
+
+
 def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment):
     """The epoch loop from wherever the state says (a resume starts mid-epoch, skipping the batches already seen)."""
     args, accelerator, state, plan = ctx.args, ctx.accelerator, ctx.state, ctx.plan
@@ -151,9 +169,18 @@ def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augmen
             break
 
 
+def eval_every(args, plan):
+    """Validation interval in optimizer steps: --num_evals (LT-Soups' 5 per run) or --eval_steps."""
+    if args.num_evals is None:
+        return T.every_n_steps(args.eval_steps, plan, "--eval_steps")
+    return eval_interval(args.num_evals, plan.total_steps)
+
+
 def on_step(ctx, step):
-    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals."""
-    if ctx.eval_every and (step % ctx.eval_every == 0 or step == ctx.plan.total_steps):
+    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals.
+    The last step is validated too, except under --num_evals, whose schedule is LT-Soups' exactly."""
+    at_end = step == ctx.plan.total_steps and ctx.args.num_evals is None
+    if ctx.eval_every and (step % ctx.eval_every == 0 or at_end):
         with_ema(ctx, lambda: validate(ctx, step))
     if ctx.ckpt_every and step % ctx.ckpt_every == 0:
         save_checkpoint(ctx, step)
@@ -174,7 +201,7 @@ def with_ema(ctx, fn):
 def validate(ctx, step):
     a = ctx.accelerator
     metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc="val")
-    a.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    a.log({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
     if a.is_main_process:
         T.log_jsonl(Path(ctx.args.output_dir) / "log.txt", {"step": step, **{f"val_{k}": v for k, v in metrics.items()
                                                                          if not isinstance(v, list)}})
@@ -186,8 +213,7 @@ def validate(ctx, step):
 
 
 def export(ctx, name, metrics=None):
-    X.save_export(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, ctx.lt_model, ctx.args, ctx.info,
-                  ctx.arch, ctx.head_init, ctx.overrides, metrics=metrics, image_processor=ctx.processor)
+    ctx.exporter.save(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, metrics)
     ctx.accelerator.wait_for_everyone()
 
 
@@ -219,11 +245,11 @@ def test_exports(ctx, test_ds, spec):
             test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
         saved = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").is_file() else {}
         results[name] = {**saved, "test": test, "tte": args.tte}
-        a.log({f"test_{name}/{k}": v for k, v in test.items() if isinstance(v, (int, float))},
+        a.log({f"test_{name}/{k}": v for k, v in scalar_metrics(test).items()},
               step=ctx.state.completed_steps)
         if a.is_main_process:
             atomic_write_json(export_dir / "metrics.json", results[name])
-            X.refresh_model_card(export_dir, results[name])
+            refresh_model_card(export_dir, results[name])
         a.wait_for_everyone()
     return results
 

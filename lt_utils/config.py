@@ -1,5 +1,7 @@
 """Command-line flags (HF example vocabulary), yaml presets with CLI overrides, and the saved resolved config.
 
+The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
+
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
 Unknown keys in a preset are an error, not silently ignored. Relative input paths inside a preset are found next to
 the preset file, then in the repository (`resolve_preset_paths`); paths typed on the command line stay relative to
@@ -13,6 +15,12 @@ import yaml
 
 from .errors import UserError
 from .fileio import atomic_write_text
+from .head_init import HEAD_INITS
+from .heads import HEADS
+from .losses import LOSSES
+from .peft_methods import METHODS
+from .prompts import PROMPT_MODES
+from .transforms import TTE_MODES
 
 
 def parse_args_with_config(parser, argv=None):
@@ -121,7 +129,7 @@ def add_data_args(parser):
     g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="dataloader workers per process")
     g.add_argument("--max_eval_samples", type=int, default=None,
                    help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
-    g.add_argument("--tte", default="none", choices=["none", "fivecrop", "tencrop", "flip"],
+    g.add_argument("--tte", default="none", choices=["none", *TTE_MODES.names()],
                    help="test-time ensembling for the test evaluation (LIFT: fivecrop)")
     return g
 
@@ -136,26 +144,30 @@ def build_train_parser():
     g.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Hub id or local dir of a CLIP or ViT checkpoint")
     g.add_argument("--from_scratch", type=str2bool, default=False, help="build the backbone from its config with random weights")
     g.add_argument("--init_from", default=None, help="start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head")
-    g.add_argument("--method", default="adaptformer", choices=["adaptformer", "lora", "full", "bitfit", "head"])
+    g.add_argument("--method", default="adaptformer", choices=METHODS.names(),
+                   help="; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS))
     g.add_argument("--adapter_dim", type=int, default=None, help="AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)")
     g.add_argument("--lora_alpha", type=float, default=1.0)
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--lora_target_modules", nargs="+", default=None, help="default q_proj v_proj (CLIP) / query value (ViT)")
-    g.add_argument("--head_type", default="cosine", choices=["cosine", "linear"])
+    g.add_argument("--head_type", default="cosine", choices=HEADS.names())
     g.add_argument("--head_scale", type=float, default=25.0, help="cosine head scale (LIFT 25, LT-Soups 30)")
-    g.add_argument("--head_init", default="text", choices=["text", "class_mean", "random"])
-    g.add_argument("--prompt_template", default="single", choices=["single", "ensemble"])
+    g.add_argument("--head_init", default="text", choices=HEAD_INITS.names())
+    g.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names())
     g = parser.add_argument_group("loss and sampling")
     g.add_argument("--augment", default=None, choices=["rrc_flip", "flip", "none"],
                    help="training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none (the "
                         "eval view); --method head always trains on cached eval-view features")
-    g.add_argument("--loss", default="la", choices=["ce", "la", "balanced_softmax"])
+    g.add_argument("--loss", default="la", choices=LOSSES.names())
     g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")
     g.add_argument("--sampler", default="random", choices=["random", "class_balanced", "sqrt"])
     g.add_argument("--balance_factor", type=float, default=None,
                    help="LT-Soups ingredient: train on the subset with every class capped at n_min * b")
     g.add_argument("--subset_seed", type=int, default=0, help="seed of the --balance_factor subset")
+    g.add_argument("--subset_selection", default="rng", choices=["rng", "lt_soups"],
+                   help="which images fill a --balance_factor subset: a seeded permutation per class (rng), or "
+                        "LT-Soups' exact draw (rng.choice over each class in the LT split's draw order)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     g.add_argument("--learning_rate", type=float, default=0.01)
@@ -163,6 +175,9 @@ def build_train_parser():
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "cosine_epoch", "constant"])
     g.add_argument("--num_warmup_steps", type=int, default=None, help="default: 0 (SGD), max(20, 1%% of steps) (AdamW)")
+    g.add_argument("--warmup_start_factor", type=float, default=None,
+                   help="LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the lr at step "
+                        "--num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: (step+1)/warmup of the lr")
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak lr (LT-Soups 0.1)")
     g.add_argument("--num_train_epochs", type=int, default=10)
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
@@ -174,9 +189,14 @@ def build_train_parser():
                    help="effective batch; sets the per-device batch from the accumulation steps and processes (LIFT: 128)")
     g.add_argument("--max_grad_norm", type=float, default=None)
     g.add_argument("--ema_decay", type=float, default=None, help="evaluate and export an EMA of the weights (LT-Soups 0.99)")
+    g.add_argument("--ema_start", default="initial", choices=["initial", "first_step"],
+                   help="EMA starts from the initial weights, or (torch AveragedModel, LT-Soups) is a copy of the "
+                        "weights after the first optimizer step")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: from the accelerate config")
     g = parser.add_argument_group("evaluation, checkpoints, outputs")
     g.add_argument("--eval_steps", default="epoch", help="evaluate on val every N optimizer steps, or 'epoch', or 'none'")
+    g.add_argument("--num_evals", type=int, default=None,
+                   help="instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per run)")
     g.add_argument("--select_metric", default="mean_class_acc", help="val metric that picks best/")
     g.add_argument("--output_dir", default="outputs/run")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir without resuming")

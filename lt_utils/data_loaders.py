@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .data import capped_subset, load_lt_dataset
 from .errors import require
+from .peft_methods import METHODS
 from .samplers import ClassBalancedSampler
 from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
 
@@ -51,12 +52,13 @@ def training_split(ds, info, args):
     if args.balance_factor is None:
         return ds["train"], list(info.train_counts)
     require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
-    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed)
+    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed,
+                         selection=args.subset_selection)
 
 
 def resolve_augment(args):
     """Head-only training trains on cached features of the eval view (the backbone runs once), so it cannot augment."""
-    if args.method == "head":
+    if METHODS.get(args.method).head_only:
         require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head: its features "
                 "are computed once from the eval view; drop --augment")
         return "none"

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, require
+from .heads import random_head_init
 from .models import load_backbone_config, unwrap_lt_model
 from .prompts import clean_class_name, prompt_templates
+from .registry import Registry
 
 
 def _default_device():
@@ -120,3 +122,26 @@ def set_head_weight(model, weight):
         head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
         if getattr(head, "bias", None) is not None:
             head.bias.zero_()
+
+
+# `--head_init`: f(args, info, lt_model, accelerator, train_loader_fn) -> the head weight [C, D] on CPU, the same in
+# every run given the same inputs (soups rely on it); train_loader_fn(spec) gives an unsharded eval-view train loader.
+HEAD_INITS = Registry("head init", flag="--head_init")
+
+
+@HEAD_INITS.register("text")
+def _text(args, info, lt_model, accelerator, train_loader_fn):
+    require(lt_model.spec.kind == "clip" and not args.from_scratch,
+            "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
+    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
+
+
+@HEAD_INITS.register("class_mean")
+def _class_mean(args, info, lt_model, accelerator, train_loader_fn):
+    lt_model.to(accelerator.device)
+    return class_mean_head_init(lt_model, train_loader_fn(lt_model.spec), len(info.class_names)).cpu()
+
+
+@HEAD_INITS.register("random")
+def _random(args, info, lt_model, accelerator, train_loader_fn):
+    return random_head_init(len(info.class_names), lt_model.spec.hidden_size, seed=args.seed)

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .registry import Registry
 
-HEAD_TYPES = ("cosine", "linear")
+# `--head_type`: classes built as cls(num_classes, dim, scale=..., seed=...), weights seeded by random_head_init
+HEADS = Registry("head", flag="head type")
 
 
 def random_head_init(num_classes, dim, seed):
@@ -17,6 +18,7 @@ def random_head_init(num_classes, dim, seed):
     return F.normalize(weight, dim=-1)
 
 
+@HEADS.register("cosine")
 class CosineHead(nn.Module):
     """scale * <x/|x|, w/|w|>, no bias (LIFT uses scale 25)."""
 
@@ -32,10 +34,11 @@ class CosineHead(nn.Module):
         return f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, scale={self.scale}"
 
 
+@HEADS.register("linear")
 class LinearHead(nn.Module):
-    """Plain affine classifier; seeded unit-norm rows and a zero bias by default."""
+    """Plain affine classifier; seeded unit-norm rows and a zero bias by default (`scale` does not apply)."""
 
-    def __init__(self, num_classes, dim, seed=0):
+    def __init__(self, num_classes, dim, scale=None, seed=0):
         super().__init__()
         self.weight = nn.Parameter(random_head_init(num_classes, dim, seed))
         self.bias = nn.Parameter(torch.zeros(num_classes))
@@ -45,11 +48,7 @@ class LinearHead(nn.Module):
 
 
 def build_head(head_type, num_classes, dim, scale=25.0, seed=0):
-    if head_type == "cosine":
-        return CosineHead(num_classes, dim, scale=scale, seed=seed)
-    if head_type == "linear":
-        return LinearHead(num_classes, dim, seed=seed)
-    raise UserError(f"unknown head type {head_type!r}; use one of {HEAD_TYPES}")
+    return HEADS.get(head_type)(num_classes, dim, scale=scale, seed=seed)
 
 
 def fingerprint(tensor):

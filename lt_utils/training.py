@@ -7,14 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export_overrides, load_overrides, read_export_meta
+from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
 from .errors import UserError, require
-from .head_init import class_mean_head_init, set_head_weight, text_head_init
-from .heads import random_head_init
-from .models import build_lt_model
-from .peft_methods import apply_method, bottleneck_dim
-
-INIT_FROM_METHODS = ("head", "full", "bitfit")
+from .exports import Exporter, load_image_processor
+from .head_init import HEAD_INITS, set_head_weight
+from .peft_methods import METHODS, apply_method, empty_arch
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
@@ -120,58 +117,42 @@ def resolve_batch_size(args, num_processes):
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def method_args(args, num_classes, num_layers):
-    r = args.adapter_dim or bottleneck_dim(num_classes, num_layers)
-    return {"r": r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "lora_target_modules": args.lora_target_modules}
+def model_meta(args, num_classes):
+    """The part of an export's metadata that defines the model, from the flags: what build_from_meta reads."""
+    return {"base_model": args.model_name_or_path, "num_labels": num_classes, "from_scratch": bool(args.from_scratch),
+            "seed": args.seed, "head": {"type": args.head_type, "scale": args.head_scale}, "arch": empty_arch()}
 
 
 def build_training_model(args, info, accelerator, head_init_loader_fn):
-    """(model to train, LTModel inside it, head init tensor, init overrides, architecture) for this run."""
+    """(model to train, Exporter holding the LTModel inside it, its architecture, head init and init overrides)."""
     num_classes = len(info.class_names)
-    overrides, init_meta = None, None
+    method = METHODS.get(args.method)
+    overrides = None
     if args.init_from:
-        require(args.method in INIT_FROM_METHODS,
-                f"--init_from works with --method {'/'.join(INIT_FROM_METHODS)}, not {args.method}; train a fresh run instead")
-        init_meta = read_export_meta(args.init_from)
+        allowed = [name for name in METHODS if METHODS.get(name).init_from]
+        require(method.init_from,
+                f"--init_from works with --method {'/'.join(allowed)}, not {args.method}; train a fresh run instead")
+        export_dir = resolve_export_dir(args.init_from)  # a Hub id becomes its local snapshot, once
+        init_meta = read_export_meta(export_dir)
         require(init_meta["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
                 f"--init_from {args.init_from} was trained on other classes than --dataset {args.dataset}; use a matching export")
         # the backbone and head geometry come from the export, not from the flags
         args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
         args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
-    lt_model = build_lt_model(args.model_name_or_path, num_classes, head_type=args.head_type, head_scale=args.head_scale,
-                              from_scratch=args.from_scratch, seed=args.seed)
-    margs = method_args(args, num_classes, lt_model.spec.num_layers)
-    arch = {"adapters": None, "adapter_dim": None, "lora": None}
-    if init_meta is not None:
+        lt_model = build_from_meta(init_meta, export_dir, merge_lora=True)
+        overrides = export_overrides(lt_model, init_meta, export_dir)
         arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
-        if arch["adapters"] == "adaptformer":
-            lt_model = apply_method(lt_model, "adaptformer", r=arch["adapter_dim"])
-        overrides = export_overrides(args.init_from)
-        load_overrides(lt_model, overrides, args.init_from)
         head_init = overrides["head.weight"].clone()
     else:
-        head_init = initial_head(args, info, lt_model, accelerator, head_init_loader_fn)
+        lt_model = build_from_meta(model_meta(args, num_classes))
+        arch = empty_arch()
+        head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
-    if args.method == "adaptformer":
-        arch.update(adapters="adaptformer", adapter_dim=margs["r"])
-    if args.method == "lora":
-        arch["lora"] = {k: margs[k] for k in ("r", "lora_alpha", "lora_dropout", "lora_target_modules")}
-    model = apply_method(lt_model, args.method, **(margs if args.method in ("adaptformer", "lora") else {}))
-    return model, lt_model, head_init, overrides, arch
-
-
-def initial_head(args, info, lt_model, accelerator, head_init_loader_fn):
-    """Deterministic head init: the same inputs give the same head in every run (soups rely on it)."""
-    num_classes, dim = len(info.class_names), lt_model.spec.hidden_size
-    if args.head_init == "text":
-        require(lt_model.spec.kind == "clip" and not args.from_scratch,
-                "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
-        return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
-    if args.head_init == "class_mean":
-        lt_model.to(accelerator.device)
-        return class_mean_head_init(lt_model, head_init_loader_fn(lt_model.spec), num_classes).cpu()
-    return random_head_init(num_classes, dim, seed=args.seed)
+    margs = method.method_args(args, num_classes, lt_model.spec.num_layers)
+    arch.update(method.arch(margs))
+    model = apply_method(lt_model, args.method, **margs)
+    exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
+    return model, exporter
 
 
 def build_optimizer(model, args):
@@ -228,7 +209,7 @@ def resume_identity(args, info):
     return {"dataset": info.dataset, "num_classes": len(info.class_names), "class_names": list(info.class_names),
             "train_images": info.index_hashes.get("train"), "method": args.method,
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
-            "subset_seed": args.subset_seed, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
+            "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
             "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
 
 

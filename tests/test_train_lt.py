@@ -68,7 +68,9 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--sampler", "class_balanced"]], ids=["random", "class_balanced"])
+@pytest.mark.parametrize("extra", [[], ["--sampler", "class_balanced"],
+                                   ["--ema_start", "first_step", "--warmup_start_factor", "1e-6", "--num_warmup_steps", "4"]],
+                         ids=["random", "class_balanced", "lt_soups_ema_warmup"])
 def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path, extra):
     # 159 images / batch 16 = 10 batches = 5 optimizer steps per epoch with accumulation 2;
     # the resume at step 3 is mid-epoch, and the run crosses into the next epoch after it.
