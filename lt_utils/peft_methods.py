@@ -3,13 +3,13 @@ stores and how an export of it is rebuilt (checkpoint.build_from_meta), plus the
 
 A new method is one subclass of `Method` registered in METHODS (see README, "Extending").
 """
-import math
 import re
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .peft_modules import AdaptFormer, AdapterHooks
 from .models import BACKBONES, LTModel, unwrap_lt_model
 from .registry import Registry
 
@@ -25,42 +25,6 @@ def bottleneck_dim(num_classes, num_layers):
     while dim * 2 * 2 * num_layers <= num_classes:
         dim *= 2
     return dim
-
-
-class AdaptFormer(nn.Module):
-    """Parallel bottleneck beside an MLP: s * Up(ReLU(Down(LN(h)))); Up starts at zero, so it starts as a no-op."""
-
-    def __init__(self, dim, r):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.down = nn.Linear(dim, r)
-        self.up = nn.Linear(r, dim)
-        self.scale = nn.Parameter(torch.ones(()))
-        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h):
-        return self.scale * self.up(torch.relu(self.down(self.norm(h))))
-
-
-class _AdapterHooks:
-    """Captures the residual stream at the layer's second LayerNorm and adds the adapter to the MLP output.
-
-    A picklable object (not a closure) so that deepcopy (EMA copies) rebinds the hooks to the copied adapter.
-    """
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-        self.h = None
-
-    def capture(self, module, args):
-        self.h = args[0]
-
-    def add(self, module, args, output):
-        h, self.h = self.h, None
-        return output + self.adapter(h)
 
 
 def encoder_layers(backbone, kind=None):
@@ -83,7 +47,7 @@ def _attach_adaptformer(lt, r):
     device = next(lt.backbone.parameters()).device
     lt.adapters = nn.ModuleList(AdaptFormer(lt.spec.hidden_size, r) for _ in layers).to(device)
     for adapter, (_, norm, mlp) in zip(lt.adapters, layers):
-        hooks = _AdapterHooks(adapter)
+        hooks = AdapterHooks(adapter)
         norm.register_forward_pre_hook(hooks.capture)
         mlp.register_forward_hook(hooks.add)
 
