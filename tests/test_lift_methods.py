@@ -274,3 +274,26 @@ def test_dry_run_prints_the_counts_last_and_writes_nothing(idx_dir, clip_dir, tm
     assert counts["backbone"] == counts["trainable"] - counts["head"] and counts["method"] == "vpt_deep"
     assert "***** Dry run *****" in proc.stdout and "Trainable parameters = 960" in proc.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["vpt_deep", "adapter", "mask", "ssf_attn"])
+def test_gradient_checkpointing_gives_the_same_gradients(clip_dir, method):
+    """Recomputed blocks re-run the prompt pre-hooks, the SSF/adapter hooks and the masked forwards."""
+    from lt_utils.models import enable_gradient_checkpointing
+
+    def grads(checkpointing):
+        model = apply_method(build_lt_model(clip_dir, 3), method, seed=1).train()
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # a non-zero Up, so every adapter tensor gets a gradient
+            for name, p in model.named_parameters():
+                if ".up." in name:
+                    p.copy_(torch.randn(p.shape, generator=generator))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        torch.nn.functional.cross_entropy(model(random_pixels(4)), torch.tensor([0, 1, 2, 0])).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and all(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
