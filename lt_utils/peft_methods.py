@@ -383,7 +383,8 @@ class ModuleMethod(Method):
 
     def rebuild(self, model, arch):
         return apply_method(model, self.name, partial_layers=arch.get("partial_layers"),
-                            **{k: arch[k] for k in self.arch_keys}, **({"r": arch["adapter_dim"]} if arch.get("adapter_dim") else {}))
+                            **{k: arch[k] for k in self.arch_keys},
+                            **({"r": arch["adapter_dim"]} if arch.get("adapter_dim") else {}))
 
     def apply(self, model, partial_layers=None, **margs):
         if model.adapters is not None:
@@ -478,7 +479,8 @@ METHODS.register("vpt_deep", DeepPromptMethod())
 METHODS.register("adapter", AdapterMethod())
 METHODS.register("mask", MaskMethod())
 METHODS.register("lora_mlp", LoraMlpMethod())
-METHODS.register("ssf_attn", ScaleShiftMethod("ssf_attn", "SSF scale and shift after the attention's q, k, v and output projections"))
+METHODS.register("ssf_attn", ScaleShiftMethod("ssf_attn", "SSF scale and shift after the attention's q, k, v and "
+                                                           "output projections"))
 METHODS.register("ssf_mlp", ScaleShiftMethod("ssf_mlp", "SSF scale and shift after the MLP's two Linears"))
 METHODS.register("ssf_ln", ScaleShiftMethod("ssf_ln", "SSF scale and shift after the blocks' two LayerNorms"))
 
