@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import export_overrides, load_overrides, read_export_meta, write_export
+from .config import DATA_INPUT_FLAGS
 from .data import capped_subset, load_lt_dataset
 from .errors import UserError, require
 from .heads import class_mean_head_init, fingerprint, random_head_init, set_head_weight, text_head_init
@@ -335,7 +336,9 @@ def export_meta(args, info, lt_model, arch, head_init):
         "train_counts": list(info.train_counts), "groups": list(info.groups),
         "group_counts": info.group_counts(), "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
         "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
-                    "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor},
+                    "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor,
+                    # the local source files (eval_lt.py reads the same ones by default)
+                    "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None},
         "has_weights_file": True, "run_name": Path(args.output_dir).name,
     }
 
@@ -402,18 +405,91 @@ def load_image_processor(name_or_path):
 
 
 # ----------------------------------------------------------------------------------------- run bookkeeping
-def prepare_output_dir(args, accelerator):
-    """Refuse to mix a new run into a used output dir: nothing of an earlier run is overwritten by accident."""
+INPUT_PATH_FLAGS = (*DATA_INPUT_FLAGS, "init_from", "model_name_or_path")
+
+
+def check_run_paths(args):
+    """Before anything runs: the output dir is writable, apart from every input, and not an earlier run's unless
+    resumed or --overwrite_output_dir is given."""
+    from .fileio import check_outputs_apart, check_writable_dir
+
+    check_writable_dir(args.output_dir, "--output_dir")
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, "--cache_dir")
+    check_outputs_apart({"--output_dir": args.output_dir},
+                        {f"--{flag}": getattr(args, flag, None) for flag in INPUT_PATH_FLAGS})
     out = Path(args.output_dir)
-    used = out.is_dir() and any(p.name in ("final", "best", "log.txt") or p.name.startswith("step_") for p in out.iterdir())
-    if used and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+    if used_run_dir(out) and not args.resume_from_checkpoint and not args.overwrite_output_dir:
         raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
                         "--overwrite_output_dir to replace it, or another --output_dir")
+
+
+def used_run_dir(out):
+    return out.is_dir() and any(p.name in ("final", "best", "log.txt") or p.name.startswith("step_") for p in out.iterdir())
+
+
+# flags that do not change what a run trains (or are rewritten at start), not compared on a relaunch
+_RELAUNCH_FREE = {"config", "resume_from_checkpoint", "overwrite_output_dir", "with_tracking", "report_to", "push_to_hub",
+                  "hub_model_id", "hub_token", "num_workers", "per_device_eval_batch_size", "cache_dir", "augment",
+                  "per_device_train_batch_size", "model_name_or_path", "from_scratch", "head_type", "head_scale",
+                  "output_dir"}
+
+
+def finished_run(args):
+    """The results of a finished run being resumed (a requeued job): the relaunch is then a no-op. A relaunch with
+    other settings would overwrite final/ with another model: refused."""
+    out = Path(args.output_dir)
+    path = out / "all_results.json"
+    if not args.resume_from_checkpoint or not path.is_file():
+        return None
+    from .fileio import read_json
+
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        import yaml
+
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved = {}
+        for key, value in vars(args).items():
+            if key in _RELAUNCH_FREE or key not in saved or saved[key] == value:
+                continue
+            raise UserError(f"cannot resume {out}, a finished run: its {key} is {saved[key]!r} but this run has "
+                            f"{value!r}; relaunch it with the same settings (a no-op) or start a new --output_dir")
+    return read_json(path, "results file")
+
+
+def start_output_dir(args, accelerator, resumed_step=None):
+    """After every check passed: make the output dir, clear the earlier run (--overwrite_output_dir), drop temp
+    folders of killed saves, and cut log.txt back to the resumed step (those validations run again)."""
+    out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if used and args.overwrite_output_dir and not args.resume_from_checkpoint:
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
             remove_previous_run(out)
+        import shutil
+
+        for tmp in out.glob(".step_*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if resumed_step is not None:
+            truncate_log(out / "log.txt", resumed_step)
     accelerator.wait_for_everyone()
+
+
+def truncate_log(path, step):
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by a kill
+    from .fileio import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 RUN_FILES = ("final", "best", "log.txt", "all_results.json", "config.yaml")
@@ -430,16 +506,11 @@ def remove_previous_run(out):
 
 def every_n_steps(value, plan, flag):
     """'epoch' -> steps per epoch; an integer string -> that many optimizer steps; None/'none' -> never."""
-    if value is None or str(value).lower() == "none":
+    if value is None or value == "none":
         return None
-    if str(value) == "epoch":
+    if value == "epoch":
         return plan.steps_per_epoch
-    try:
-        n = int(value)
-    except ValueError:
-        raise UserError(f"{flag} must be a number of steps, 'epoch' or 'none', got {value!r}") from None
-    require(n > 0, f"{flag} must be positive, got {n}")
-    return n
+    return int(value)  # checked by the flag table
 
 
 def resume_identity(args, info):
@@ -449,6 +520,21 @@ def resume_identity(args, info):
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
             "subset_seed": args.subset_seed, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
             "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
+
+
+def non_finite_advice(args):
+    """What may have made the loss non-finite: the flags of this run that scale the logits, the loss or the steps."""
+    causes = [f"--learning_rate {args.learning_rate:g}"]
+    if args.head_type == "cosine":
+        causes.append(f"--head_scale {args.head_scale:g}")
+    if args.loss == "la":
+        causes.append(f"--tau {args.tau:g}")
+    if args.max_grad_norm is not None:
+        causes.append(f"--max_grad_norm {args.max_grad_norm:g}")
+    if args.mixed_precision == "fp16":
+        causes.append("--mixed_precision fp16")
+    fix = "lower the one you raised" + ("" if args.max_grad_norm is not None else ", or set --max_grad_norm (e.g. 1.0)")
+    return f"check {', '.join(causes)}: {fix}"
 
 
 def log_jsonl(path, record):
@@ -470,5 +556,7 @@ def refresh_model_card(export_dir, metrics):
     from .checkpoint import META_FILE
     from .fileio import atomic_write_text
 
-    meta = json.loads((Path(export_dir) / META_FILE).read_text())
+    from .fileio import read_json
+
+    meta = read_json(Path(export_dir) / META_FILE, "export metadata")
     atomic_write_text(Path(export_dir) / "README.md", model_card(meta, metrics))
