@@ -338,7 +338,7 @@ def export_meta(args, info, lt_model, arch, head_init):
         "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
                     "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor,
                     # the local source files (eval_lt.py reads the same ones by default)
-                    "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None},
+                    "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None},
         "has_weights_file": True, "run_name": Path(args.output_dir).name,
     }
 
