@@ -1,8 +1,8 @@
 """Kills at random moments (SIGKILL at a random file-system write event) during training, checkpoint writing, soup
 writing and dataset building; the requeued command must end exactly where the uninterrupted one did, bit for bit.
 
-Training runs use 159 images in batches of 32: 5 optimizer steps per epoch. Scenario `not_multiple` trains 6 steps
-(checkpoints at 3 and 6, with an EMA), `multiple` trains 10 steps (checkpoints at 5 and 10): step counts that are
+Training runs use 159 images in batches of 64: 3 optimizer steps per epoch. Scenario `not_multiple` trains 4 steps
+(checkpoints at 2 and 4, with an EMA), `multiple` trains 6 steps (checkpoints at 3 and 6): step counts that are
 and are not multiples of an epoch, each with a checkpoint at the very last step.
 """
 import json
@@ -16,8 +16,8 @@ from helpers_faults import cli_mains, run_forked, tree_digest
 from helpers_train import tiny_train_args, write_synthetic_idx
 
 SCENARIOS = {
-    "not_multiple": ["--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_steps", "3", "--ema_decay", "0.5"],
-    "multiple": ["--max_train_steps", "10", "--checkpointing_steps", "5", "--eval_steps", "5",
+    "not_multiple": ["--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2", "--ema_decay", "0.5"],
+    "multiple": ["--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_steps", "3",
                  "--sampler", "class_balanced"],
 }
 TRIALS_PER_SCENARIO = 5  # 10 training kills in all
@@ -38,7 +38,7 @@ def world(tmp_path_factory):
 
 
 def train_argv(idx, out, scenario, *extra):
-    return tiny_train_args(idx, out, "--per_device_train_batch_size", "32", *SCENARIOS[scenario], *extra)
+    return tiny_train_args(idx, out, "--per_device_train_batch_size", "64", *SCENARIOS[scenario], *extra)
 
 
 def requeue(world, out, scenario):
@@ -103,14 +103,14 @@ def test_resume_from_an_explicit_earlier_checkpoint_rewrites_later_ones(world, t
     ref, _ = world["refs"]["not_multiple"]
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("step_3", "step_6", "best"):
+    for name in ("step_2", "step_4", "best"):
         shutil.copytree(ref / name, out / name)
     shutil.copy(ref / "log.txt", out / "log.txt")
     outcome, code, _ = run_forked(lambda: MAINS["train"](train_argv(world["idx"], out, "not_multiple",
-                                                                      "--resume_from_checkpoint", str(out / "step_3"))))
+                                                                      "--resume_from_checkpoint", str(out / "step_2"))))
     assert (outcome, code) == ("exit", 0)
     assert_same_run(out, ref)
-    assert (out / "step_6" / "model.safetensors").read_bytes() == (ref / "step_6" / "model.safetensors").read_bytes()
+    assert (out / "step_4" / "model.safetensors").read_bytes() == (ref / "step_4" / "model.safetensors").read_bytes()
 
 
 def test_soup_killed_at_random_writes_is_whole_or_absent(world, tmp_path):
@@ -140,14 +140,14 @@ def test_dataset_build_killed_at_random_writes_is_whole_or_absent(world, tmp_pat
     ref = tmp_path / "ref_ds"
     outcome, code, events = run_forked(lambda: MAINS["build"](argv(ref, tmp_path / "ref_cache")))
     assert (outcome, code) == ("exit", 0)
-    want = {s: split_digest(d) for s, d in load_lt_dataset(str(ref))[0].items()}
+    want = split_digest(load_lt_dataset(str(ref))[0])
     for k in sorted(random.Random("build").sample(range(1, events + 1), min(10, events))):
         out, cache = tmp_path / f"ds_{k}" / "ds", tmp_path / f"cache_{k}"
         outcome, _, _ = run_forked(lambda: MAINS["build"](argv(out, cache)), kill_at=k)
         assert outcome == "killed"
         if out.exists():  # a saved dataset that appeared is complete and loadable
-            assert {s: split_digest(d) for s, d in load_lt_dataset(str(out))[0].items()} == want
+            assert split_digest(load_lt_dataset(str(out))[0]) == want
         outcome, code, _ = run_forked(lambda: MAINS["build"]([*argv(out, cache), "--overwrite"]))
         assert (outcome, code) == ("exit", 0), f"rebuild after a kill at write {k} failed"
-        assert {s: split_digest(d) for s, d in load_lt_dataset(str(out))[0].items()} == want
+        assert split_digest(load_lt_dataset(str(out))[0]) == want
         assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]
