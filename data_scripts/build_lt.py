@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_utils.data import DATASET_NAMES, load_lt_dataset, save_lt_to_disk  # noqa: E402
 from lt_utils.data.info import INFO_FILENAME  # noqa: E402
-from lt_utils.config import ArgumentParser, add_group, check_cross_flags  # noqa: E402
+from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_group, check_cross_flags  # noqa: E402
+from lt_utils.fileio import check_outputs_apart, check_writable_dir  # noqa: E402
 from lt_utils.errors import UserError, cli_entry, require  # noqa: E402
 
 BAR_WIDTH = 40
@@ -96,8 +97,14 @@ def push_to_hub(ds, info, repo):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    if args.output_dir and os.path.exists(args.output_dir) and not args.overwrite:
-        raise UserError(f"{args.output_dir} already exists; choose another --output_dir or pass --overwrite")
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, "--cache_dir")
+    if args.output_dir:  # checked before the (long) build; the source is never written into or replaced
+        check_writable_dir(args.output_dir, "--output_dir")
+        check_outputs_apart({"--output_dir": args.output_dir},
+                            {f"--{flag}": getattr(args, flag, None) for flag in DATA_INPUT_FLAGS})
+        if os.path.exists(args.output_dir) and not args.overwrite:
+            raise UserError(f"{args.output_dir} already exists; choose another --output_dir or pass --overwrite")
     ds, info = load_lt_dataset(
         args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.seed,
         selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,

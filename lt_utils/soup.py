@@ -79,6 +79,7 @@ def read_ingredient(source):
             require(key not in entries, f"{source}: {key} is both in {WEIGHTS_FILE} and in the LoRA adapter; re-export it")
             entries[key] = entry
     require(entries, f"{source} holds no tensors to merge (no {WEIGHTS_FILE}, no adapter); re-export it")
+    read_tensors(path / HEAD_INIT_FILE)  # readable and finite: a soup's anchor and card come from it
     return Ingredient(str(source), path, meta, entries)
 
 
