@@ -425,7 +425,7 @@ def load_preset(path, parser):
     except OSError as err:
         raise UserError(f"config file {path} cannot be read ({err.strerror}); check its permissions") from None
     if not isinstance(preset, dict):
-        raise UserError(f"config file {path} must be a mapping of flag names to values")
+        raise UserError(f"config file {path} must be a mapping of flag names to values; write one `flag: value` per line")
     table = _table_of(parser)
     unknown = sorted(str(k) for k in preset if k not in table)
     if unknown:

@@ -201,7 +201,7 @@ def soup_weights(mode, n, lam=0.7, weights=None, normalize=False):
 
 def _explicit_weights(weights, n, normalize):
     require(weights is not None and len(weights) == n,
-            f"--weights needs one value per ingredient: got {0 if weights is None else len(weights)} for {n}")
+            f"--weights needs one value per ingredient: got {0 if weights is None else len(weights)} for {n}; pass {n}")
     total = math.fsum(weights)
     if normalize:
         require(total > 0, f"--weights sum to {total:g}; --normalize needs a positive sum")

@@ -169,11 +169,10 @@ def test_train_paths(world, capsys, case):
 @pytest.mark.parametrize("flags, expect", [
     (["--head_init", "text"], "--head_init text needs a pretrained CLIP"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
-    (["--method", "lora", "--init_from", "RUN/final"], "--init_from works with"),
-], ids=["head_init_text_vit", "missing_model", "init_from_lora"])
+    (["--method", "head", "--init_from", "/nonexistent/export"], "/nonexistent/export not found"),
+], ids=["head_init_text_vit", "missing_model", "missing_init_from"])
 def test_overwrite_output_dir_validates_before_deleting(world, capsys, flags, expect):
     """--overwrite_output_dir once removed the earlier run before a flag error found seconds later."""
-    flags = [str(world["run"] / "final") if f == "RUN/final" else f for f in flags]
     refused(world, "train", tiny_train_args(world["idx"], world["run"], "--overwrite_output_dir", *flags), expect, capsys)
 
 
