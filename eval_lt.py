@@ -22,7 +22,7 @@ import json
 import logging
 
 from lt_utils import eval_runs as E
-from lt_utils import training as T
+from lt_utils import data_loaders as D
 from lt_utils.checkpoint import load_export
 from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
 from lt_utils.engine import evaluate
@@ -98,8 +98,8 @@ def load_split(data_args, accelerator, loaded):
     """(DatasetDict, LTInfo with the thresholds of data_args), loaded once per distinct set of data flags."""
     key = json.dumps(vars(data_args), sort_keys=True, default=str)
     if key not in loaded:
-        ds, info = T.load_data(data_args, accelerator)
-        ds = T.limit_eval_splits(ds, data_args.max_eval_samples)
+        ds, info = D.load_data(data_args, accelerator)
+        ds = D.limit_eval_splits(ds, data_args.max_eval_samples)
         E.check_split(data_args.split, ds, info.dataset)
         loaded[key] = ds, info.with_thresholds(data_args.many_threshold, data_args.few_threshold)
     return loaded[key]
@@ -116,7 +116,7 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         model, meta = load_export(target.export_dir)
         spec = BackboneSpec.from_dict(meta["backbone"])
     model.to(accelerator.device)
-    loader = T.image_loader(ds[args.split], T.test_transform(spec, args.tte), args.per_device_eval_batch_size,
+    loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)
     with accelerator.autocast():

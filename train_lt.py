@@ -9,15 +9,16 @@
   accelerate launch --config_file accelerate_configs/ds_zero2.yaml train_lt.py --config configs/ltsoups_stage1_full.yaml \
       --model_name_or_path openai/clip-vit-large-patch14-336
 """
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lt_utils import data_loaders as D
 from lt_utils import training as T
 from lt_utils.checkpoint import (check_finite, checkpoint_dir, check_resume_identity, load_export,
                                  register_trainable_only_hooks, resolve_resume_path, write_resume_identity)
@@ -26,10 +27,11 @@ from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_war
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json, read_json, replace_dir
 from lt_utils.losses import build_loss
-from lt_utils.metrics import selection_score
-from lt_utils.peft_methods import trainable_parameter_count
+from lt_utils.metrics import scalar_metrics, selection_score
+from lt_utils.exports import Exporter, refresh_model_card
+from lt_utils.peft_methods import METHODS, trainable_parameter_count
 from lt_utils.reports import format_markdown_table
-from lt_utils.schedule import plan_steps
+from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
 
 logger = logging.getLogger("lt")
 
@@ -46,35 +48,37 @@ def main(argv=None):
         return done
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
-    args.augment = T.resolve_augment(args)
+    check_schedule_flags(args)
+    args.augment = D.resolve_augment(args)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     set_seed(args.seed)
 
     # data
-    ds, info = T.load_data(args, accelerator)
-    ds = T.limit_eval_splits(ds, args.max_eval_samples)
-    train_ds, train_counts = T.training_split(ds, info, args)
+    ds, info = D.load_data(args, accelerator)
+    ds = D.limit_eval_splits(ds, args.max_eval_samples)
+    train_ds, train_counts = D.training_split(ds, info, args)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
-    head_init_loader = lambda spec: T.image_loader(ds["train"], T.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
+    head_init_loader = lambda spec: D.image_loader(ds["train"], D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
     with T.plain_model_init(accelerator):
-        model, lt_model, head_init, overrides, arch = T.build_training_model(args, info, accelerator, head_init_loader)
-    train_tf, eval_tf = T.image_transforms(lt_model.spec, args.augment)
+        model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
+    lt_model = exporter.lt_model
+    train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
-    sampler = T.build_sampler(args, train_ds)
-    if args.method == "head":  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
+    sampler = D.build_sampler(args, train_ds)
+    if METHODS.get(args.method).head_only:  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)
-        cache = lambda split, name: T.cache_features(lt_model, accelerator.prepare(
-            T.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
+        cache = lambda split, name: D.cache_features(lt_model, accelerator.prepare(
+            D.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
         train_feats, val_feats = cache(train_ds, "train"), cache(ds["val"], "val")
-        train_loader = T.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
-        val_loader = T.feature_loader(val_feats, args.per_device_eval_batch_size)
+        train_loader = D.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
+        val_loader = D.feature_loader(val_feats, args.per_device_eval_batch_size)
         train_model, augment = lt_model.head, None
     else:
-        augment = T.SeededAugment(train_tf, args.seed)
-        train_loader = T.image_loader(T.with_sample_ids(train_ds), augment, args.per_device_train_batch_size,
+        augment = D.SeededAugment(train_tf, args.seed)
+        train_loader = D.image_loader(D.with_sample_ids(train_ds), augment, args.per_device_train_batch_size,
                                       args.num_workers, True, sampler)
-        val_loader = T.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
+        val_loader = D.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
         train_model = model
     optimizer = T.build_optimizer(train_model, args)
     train_model, optimizer, train_loader, val_loader = accelerator.prepare(train_model, optimizer, train_loader, val_loader)
@@ -83,7 +87,7 @@ def main(argv=None):
                       args.min_train_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    ema = EMA(train_model, args.ema_decay) if args.ema_decay else None
+    ema = EMA(train_model, args.ema_decay, args.ema_start) if args.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if accelerator.state.deepspeed_plugin is None:
@@ -103,11 +107,10 @@ def main(argv=None):
                                                       for k, v in vars(args).items()})
     logger.info(T.describe_run(args, accelerator, plan, len(train_ds), trainable_parameter_count(train_model)))
 
-    ctx = SimpleNamespace(args=args, accelerator=accelerator, info=info, train_model=train_model, lt_model=lt_model,
-                          arch=arch, head_init=head_init, overrides=overrides, val_loader=val_loader, ema=ema,
-                          state=state, processor=T.load_image_processor(args.model_name_or_path),
-                          eval_every=T.every_n_steps(args.eval_steps, plan, "--eval_steps") if len(ds["val"]) else None,
-                          ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"), plan=plan)
+    ctx = Run(args=args, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
+              val_loader=val_loader, ema=ema, state=state, plan=plan,
+              eval_every=eval_every(args, plan) if len(ds["val"]) else None,
+              ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(args, plan)
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
                     disable=not accelerator.is_local_main_process)
@@ -136,6 +139,23 @@ def main(argv=None):
     return results
 
 
+@dataclasses.dataclass
+class Run:
+    """The training loop's state shared by the functions below (the export side is in `exporter`)."""
+
+    args: object
+    accelerator: object
+    info: object  # LTInfo of the data
+    train_model: object  # the prepared model (or head, for --method head) the optimizer steps
+    exporter: Exporter
+    val_loader: object
+    ema: object  # engine.EMA or None
+    state: TrainState
+    plan: object  # schedule.StepPlan
+    eval_every: int = None
+    ckpt_every: int = None
+
+
 def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment):
     """The epoch loop from wherever the state says (a resume starts mid-epoch, skipping the batches already seen)."""
     args, accelerator, state, plan = ctx.args, ctx.accelerator, ctx.state, ctx.plan
@@ -155,9 +175,18 @@ def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augmen
             break
 
 
+def eval_every(args, plan):
+    """Validation interval in optimizer steps: --num_evals (LT-Soups' 5 per run) or --eval_steps."""
+    if args.num_evals is None:
+        return T.every_n_steps(args.eval_steps, plan, "--eval_steps")
+    return eval_interval(args.num_evals, plan.total_steps)
+
+
 def on_step(ctx, step):
-    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals."""
-    if ctx.eval_every and (step % ctx.eval_every == 0 or step == ctx.plan.total_steps):
+    """After each optimizer step: validate (keeping the best export) and save resume states on their intervals.
+    The last step is validated too, except under --num_evals, whose schedule is LT-Soups' exactly."""
+    at_end = step == ctx.plan.total_steps and ctx.args.num_evals is None
+    if ctx.eval_every and (step % ctx.eval_every == 0 or at_end):
         with_ema(ctx, lambda: validate(ctx, step))
     if ctx.ckpt_every and step % ctx.ckpt_every == 0:
         save_checkpoint(ctx, step)
@@ -178,7 +207,7 @@ def with_ema(ctx, fn):
 def validate(ctx, step):
     a = ctx.accelerator
     metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc="val")
-    a.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    a.log({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
     if a.is_main_process:
         T.log_jsonl(Path(ctx.args.output_dir) / "log.txt", {"step": step, **{f"val_{k}": v for k, v in metrics.items()
                                                                          if not isinstance(v, list)}})
@@ -190,8 +219,7 @@ def validate(ctx, step):
 
 
 def export(ctx, name, metrics=None):
-    T.save_export(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, ctx.lt_model, ctx.args, ctx.info,
-                  ctx.arch, ctx.head_init, ctx.overrides, metrics=metrics, image_processor=ctx.processor)
+    ctx.exporter.save(Path(ctx.args.output_dir) / name, ctx.accelerator, ctx.train_model, metrics)
     ctx.accelerator.wait_for_everyone()
 
 
@@ -228,7 +256,7 @@ def load_resume_state(accelerator, path, train_model):
 def test_exports(ctx, test_ds, spec):
     """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
     a, args, results = ctx.accelerator, ctx.args, {}
-    loader = a.prepare(T.image_loader(test_ds, T.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
+    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
     for name in ("best", "final"):
         export_dir = Path(args.output_dir) / name
         if not export_dir.is_dir():
@@ -242,7 +270,7 @@ def test_exports(ctx, test_ds, spec):
         results[name] = {**saved, "test": test, "tte": args.tte}
         if a.is_main_process:
             atomic_write_json(export_dir / "metrics.json", results[name])
-            T.refresh_model_card(export_dir, results[name])
+            refresh_model_card(export_dir, results[name])
         a.wait_for_everyone()
     return results
 

@@ -110,7 +110,7 @@ class HeadOnly(nn.Module):
 
 
 def run_cached(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks):
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
 
     start = clock()
     images = accelerator.prepare(T.image_loader(train_ds, eval_tf, args.per_device_eval_batch_size, 0))
@@ -122,7 +122,7 @@ def run_cached(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks):
 
 
 def run_naive(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks):
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
 
     start = clock()
     torch.manual_seed(args.seed)
@@ -132,7 +132,7 @@ def run_naive(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks):
 
 def one_repeat(args, accelerator, lt_model, head_init, train_ds, eval_tf, loss_fn, marks, naive_first):
     """Both paths from the same head init; {"cache_seconds", "N": {times, head diff}} for each N in marks."""
-    from lt_utils.heads import set_head_weight
+    from lt_utils.head_init import set_head_weight
 
     paths, cache_seconds = {}, None
     # alternate which path goes first, so a drift in machine load does not favour one of them
@@ -156,7 +156,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
     from lt_utils.losses import build_loss
 
     args = parse_args(argv)

@@ -88,7 +88,7 @@ def check_resume_identity(path, identity):
 # ------------------------------------------------------------------------------------------------------ exports
 def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
     """Atomically write an export dir. Main process only; the collective gather happens before it
-    (`lt_utils.training.gather_export_tensors`).
+    (`lt_utils.exports.gather_export_tensors`).
 
     tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
     peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);
@@ -149,32 +149,41 @@ def resolve_export_dir(path_or_repo):
     raise UserError(f"export dir {path_or_repo} not found; pass a local final/ or best/ folder or a Hub model id")
 
 
-def load_export(export_dir, merge_lora=False):
-    """Rebuild (model, meta) from an export dir. With `merge_lora`, LoRA is folded into plain weights (an LTModel)."""
-    from .models import build_lt_model
-    from .peft_methods import apply_method
+def build_from_meta(meta, export_dir=None, merge_lora=False):
+    """THE rebuild of a model from export metadata (training, resume, --init_from, eval_lt.py and soup.py use it).
 
-    export_dir = resolve_export_dir(export_dir)
-    meta = read_export_meta(export_dir)
-    arch = meta["arch"]
+    meta needs base_model, num_labels, head {type, scale}, from_scratch, seed and arch. Without `export_dir`: the
+    base model with the architecture's modules at their seeded init; with it: the export's tensors (and peft
+    adapter; folded into plain weights with `merge_lora`) loaded on top.
+    """
+    from .models import build_lt_model
+    from .peft_methods import METHODS
+
     model = build_lt_model(meta["base_model"], meta["num_labels"], head_type=meta["head"]["type"],
                            head_scale=meta["head"]["scale"], from_scratch=meta["from_scratch"], seed=meta.get("seed", 0))
-    if arch.get("adapters") == "adaptformer":
-        model = apply_method(model, "adaptformer", r=arch["adapter_dim"])
+    arch = meta.get("arch") or {}
+    if arch.get("adapters"):
+        model = METHODS.get(arch["adapters"]).rebuild(model, arch)
+    if export_dir is None:
+        return model
     if meta.get("has_weights_file"):
-        load_overrides(model, read_tensors(export_dir / WEIGHTS_FILE), export_dir, complete=meta["from_scratch"])
-    read_tensors(export_dir / HEAD_INIT_FILE)  # checked: soups and WiSE-FT anchor on it
+        load_overrides(model, read_tensors(Path(export_dir) / WEIGHTS_FILE), export_dir, complete=meta["from_scratch"])
+    read_tensors(Path(export_dir) / HEAD_INIT_FILE)  # checked: soups and WiSE-FT anchor on it
     if arch.get("lora"):
-        from peft import PeftModel
-
-        read_tensors(export_dir / ADAPTER_WEIGHTS)  # readable and finite before peft loads it
+        read_tensors(Path(export_dir) / ADAPTER_WEIGHTS)  # readable and finite before peft loads it
         try:
-            model = PeftModel.from_pretrained(model, str(export_dir))
+            model = METHODS.get("lora").load_adapter(model, export_dir, merge=merge_lora)
         except Exception as err:  # a malformed adapter_config.json or adapter
             raise UserError(f"{export_dir}: the LoRA adapter cannot be loaded ({err.__class__.__name__}); re-export "
                             "it") from None
-        if merge_lora:
-            model = model.merge_and_unload()
+    return model
+
+
+def load_export(export_dir, merge_lora=False):
+    """(model in eval mode, meta) of an export dir or Hub id. With `merge_lora`, LoRA is folded into plain weights."""
+    export_dir = resolve_export_dir(export_dir)
+    meta = read_export_meta(export_dir)
+    model = build_from_meta(meta, export_dir, merge_lora=merge_lora)
     model.eval()
     return model, meta
 
@@ -199,10 +208,9 @@ def load_overrides(model, tensors, source, complete=False):
             own[key].copy_(value)
 
 
-def export_overrides(export_dir):
-    """The LTModel-namespace tensors an export holds on top of its base (LoRA merged in, head included)."""
-    export_dir = resolve_export_dir(export_dir)  # a Hub id becomes its local snapshot, once
-    model, meta = load_export(export_dir, merge_lora=True)
+def export_overrides(model, meta, export_dir):
+    """The LTModel-namespace tensors an export holds on top of its base (LoRA merged in, head included), taken from
+    `model`, that export loaded with merge_lora=True."""
     sd = model.state_dict()
     keys = set(read_tensors(export_dir / WEIGHTS_FILE)) if meta.get("has_weights_file") else set()
     if meta["arch"].get("lora"):

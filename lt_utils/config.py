@@ -6,6 +6,8 @@ names), nullability and help. The same `Flag.coerce` parses and checks a value f
 `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must be
 finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
+The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
+
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
 Unknown keys in a preset are an error, not silently ignored.
 """
@@ -19,6 +21,12 @@ import yaml
 
 from .errors import UserError
 from .fileio import atomic_write_text
+from .head_init import HEAD_INITS
+from .heads import HEADS
+from .losses import LOSSES
+from .peft_methods import METHODS
+from .prompts import PROMPT_MODES
+from .transforms import TTE_MODES
 
 UINT32 = 2**32  # numpy / torch seeds
 
@@ -197,6 +205,11 @@ def _lazy(module, attr, extra=()):
     return choices
 
 
+def _registry(registry, extra=()):
+    """choices = a registry's names, read when checked (methods registered later count too)."""
+    return lambda: [*extra, *registry.names()]
+
+
 def _report_targets():
     from accelerate.utils import LoggerType
 
@@ -242,39 +255,46 @@ _DATA = {
     "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
-                choices=_lazy(".transforms", "TTE_MODES", extra=("none",))),
+                choices=_registry(TTE_MODES, extra=("none",))),
 }
 
 _TRAIN = {
     "model_name_or_path": Flag("path", "openai/clip-vit-base-patch16", "Hub id or local dir of a CLIP or ViT checkpoint"),
     "from_scratch": Flag("bool", False, "build the backbone from its config with random weights"),
     "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head"),
-    "method": Flag("str", "adaptformer", choices=_lazy(".peft_methods", "METHODS")),
+    "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
+                   choices=_registry(METHODS)),
     "adapter_dim": _pos("int", None, "AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)", nullable=True),
     "lora_alpha": Flag("float", 1.0, low=0, low_open=True),
     "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True),
     "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+"),
-    "head_type": Flag("str", "cosine", choices=_lazy(".heads", "HEAD_TYPES")),
+    "head_type": Flag("str", "cosine", choices=_registry(HEADS)),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True),
-    "head_init": Flag("str", "text", choices=["text", "class_mean", "random"]),
+    "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.' or the 80 ImageNet "
-                            "templates averaged", choices=_lazy(".prompts", "PROMPT_MODES")),
+                            "templates averaged", choices=_registry(PROMPT_MODES)),
     "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none "
                     "(the eval view); --method head always trains on cached eval-view features",
                     choices=["rrc_flip", "flip", "none"], nullable=True),
-    "loss": Flag("str", "la", choices=_lazy(".losses", "LOSSES")),
+    "loss": Flag("str", "la", choices=_registry(LOSSES)),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
     "sampler": Flag("str", "random", choices=["random", "class_balanced", "sqrt"]),
     "balance_factor": Flag("float", None, "LT-Soups ingredient: train on the subset with every class capped at n_min * b",
                            low=1, nullable=True),
     "subset_seed": _seed(0, "seed of the --balance_factor subset"),
+    "subset_selection": Flag("str", "rng", "which images fill a --balance_factor subset: a seeded permutation per "
+                             "class (rng), or LT-Soups' exact draw (rng.choice over each class in the LT split's draw "
+                             "order)", choices=["rng", "lt_soups"]),
     "optimizer": Flag("str", "sgd", choices=["sgd", "adamw"]),
     "learning_rate": Flag("float", 0.01, low=0, low_open=True),
     "weight_decay": Flag("float", 5e-4, low=0),
     "momentum": Flag("float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1, high_open=True),
     "lr_scheduler_type": Flag("str", "cosine", choices=_lazy(".schedule", "SCHEDULES")),
     "num_warmup_steps": _nonneg("int", None, "default: 0 (SGD), max(20, 1%% of steps) (AdamW)", nullable=True),
+    "warmup_start_factor": Flag("float", None, "LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the "
+                                "lr at step --num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: "
+                                "(step+1)/warmup of the lr", low=0, high=1, nullable=True),
     "min_lr_ratio": Flag("float", 0.0, "cosine floor as a fraction of the peak lr (LT-Soups 0.1)", low=0, high=1),
     "num_train_epochs": _pos("int", 10),
     "max_train_steps": _pos("int", None, "overrides --num_train_epochs", nullable=True),
@@ -288,9 +308,13 @@ _TRAIN = {
                           nullable=True),
     "ema_decay": Flag("float", None, "evaluate and export an EMA of the weights (LT-Soups 0.99; 0: none)", low=0, high=1,
                       high_open=True, nullable=True),
+    "ema_start": Flag("str", "initial", "EMA starts from the initial weights, or (torch AveragedModel, LT-Soups) is a "
+                      "copy of the weights after the first optimizer step", choices=["initial", "first_step"]),
     "mixed_precision": Flag("str", None, "default: from the accelerate config", choices=["no", "fp16", "bf16"],
                             nullable=True),
     "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'"),
+    "num_evals": _pos("int", None, "instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per "
+                      "run)", nullable=True),
     "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
                           choices=_lazy(".metrics", "SELECTABLE")),
     "output_dir": Flag("path", "outputs/run"),
@@ -474,13 +498,13 @@ def build_train_parser():
                                 "lora_dropout", "lora_target_modules", "head_type", "head_scale", "head_init",
                                 "prompt_template"))
     add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "sampler", "balance_factor",
-                                            "subset_seed"))
+                                            "subset_seed", "subset_selection"))
     add_group(parser, "optimisation", ("optimizer", "learning_rate", "weight_decay", "momentum", "lr_scheduler_type",
-                                       "num_warmup_steps", "min_lr_ratio", "num_train_epochs", "max_train_steps",
+                                       "num_warmup_steps", "warmup_start_factor", "min_lr_ratio", "num_train_epochs", "max_train_steps",
                                        "min_train_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                                       "total_batch_size", "max_grad_norm", "ema_decay", "mixed_precision"))
+                                       "total_batch_size", "max_grad_norm", "ema_decay", "ema_start", "mixed_precision"))
     add_group(parser, "evaluation, checkpoints, outputs", (
-        "eval_steps", "select_metric", "output_dir", "overwrite_output_dir", "seed", "checkpointing_steps",
+        "eval_steps", "num_evals", "select_metric", "output_dir", "overwrite_output_dir", "seed", "checkpointing_steps",
         "resume_from_checkpoint", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token"))
     return parser
 

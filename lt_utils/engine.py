@@ -114,27 +114,36 @@ def linear_warmup_cosine(args, plan):
     warmup = args.num_warmup_steps
     if warmup is None and args.optimizer == "adamw":
         # LT-Soups: max(20, 1% of the steps); capped at a fifth of the run so short runs still decay
-        warmup = min(max(20, round(0.01 * plan.total_steps)), plan.total_steps // 5)
+        warmup = min(int(max(20, 0.01 * plan.total_steps)), plan.total_steps // 5)
 
     def schedule(step):
         return lr_at(step, args.learning_rate, plan.total_steps, args.lr_scheduler_type, warmup or 0,
-                     args.min_lr_ratio, plan.steps_per_epoch)
+                     args.min_lr_ratio, plan.steps_per_epoch, warmup_start=args.warmup_start_factor)
 
     return schedule
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (LT-Soups: decay 0.99), kept in float32."""
+    """Exponential moving average of the trainable parameters (LT-Soups: decay 0.99), kept in float32.
 
-    def __init__(self, model, decay):
+    start "initial": the average starts from the weights before training. "first_step": torch `AveragedModel`
+    semantics (LT-Soups): the first update copies the weights, later ones average.
+    """
+
+    def __init__(self, model, decay, start="initial"):
         self.decay = decay
+        self.copy_next = start == "first_step"
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model):
         for name, param in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+                if self.copy_next:
+                    self.shadow[name].copy_(param.detach().float())
+                else:
+                    self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+        self.copy_next = False
 
     @torch.no_grad()
     def swap(self, model):
@@ -146,8 +155,9 @@ class EMA:
                 self.shadow[name] = current
 
     def state_dict(self):
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "shadow": self.shadow, "copy_next": self.copy_next}
 
     def load_state_dict(self, state):
         self.decay = state["decay"]
+        self.copy_next = state.get("copy_next", False)
         self.shadow = {k: v.float() for k, v in state["shadow"].items()}

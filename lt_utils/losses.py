@@ -5,8 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .registry import Registry
 
-LOSSES = ("ce", "la", "balanced_softmax")
+# `--loss`: builders f(train_counts, tau=..., label_smoothing=...) -> module(logits, labels) -> scalar
+LOSSES = Registry("loss")
 
 
 class CrossEntropy(nn.Module):
@@ -40,14 +42,30 @@ def log_prior(train_counts):
     return (counts / counts.sum()).log().float()
 
 
-def build_loss(name, train_counts=None, tau=1.0, label_smoothing=0.0):
-    if name not in LOSSES:
-        raise UserError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise UserError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if name == "ce":
-        return CrossEntropy(label_smoothing)
+def _needs_counts(name, train_counts):
     if train_counts is None:
         raise UserError(f"loss {name!r} needs the per-class train counts (priors); use --loss ce otherwise")
-    # Balanced softmax is logit adjustment with tau = 1.
-    return LogitAdjustedCrossEntropy(train_counts, tau if name == "la" else 1.0, label_smoothing)
+
+
+@LOSSES.register("ce")
+def _cross_entropy(train_counts, tau=1.0, label_smoothing=0.0):
+    return CrossEntropy(label_smoothing)
+
+
+@LOSSES.register("la")
+def _logit_adjusted(train_counts, tau=1.0, label_smoothing=0.0):
+    _needs_counts("la", train_counts)
+    return LogitAdjustedCrossEntropy(train_counts, tau, label_smoothing)
+
+
+@LOSSES.register("balanced_softmax")
+def _balanced_softmax(train_counts, tau=1.0, label_smoothing=0.0):
+    _needs_counts("balanced_softmax", train_counts)
+    return LogitAdjustedCrossEntropy(train_counts, 1.0, label_smoothing)  # logit adjustment with tau = 1
+
+
+def build_loss(name, train_counts=None, tau=1.0, label_smoothing=0.0):
+    builder = LOSSES.get(name)
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise UserError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return builder(train_counts, tau=tau, label_smoothing=label_smoothing)

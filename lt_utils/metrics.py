@@ -35,19 +35,6 @@ def groups_from_counts(train_counts, many_threshold=100, few_threshold=20):
     return groups.tolist()
 
 
-def confusion_matrix(preds, labels, num_classes):
-    """C x C counts, rows = true class, columns = predicted class.
-
-    Memory is C^2 int64 (530 MB for 8,142 classes); compute_lt_metrics does not need it.
-    """
-    preds, labels = _as_long(preds, "preds"), _as_long(labels, "labels")
-    require(preds.numel() == labels.numel(), f"{preds.numel()} predictions but {labels.numel()} labels")
-    _check_range(labels, "labels", num_classes)
-    _check_range(preds, "preds", num_classes)
-    flat = labels * num_classes + preds.to(labels.device)
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
 def compute_lt_metrics(logits_or_preds, labels, num_classes, groups, prefix="", sample_nll=None):
     """All LT metrics as a JSON-serialisable dict (see the module docstring for conventions).
 

@@ -8,19 +8,62 @@ from torch import nn
 
 from .errors import UserError
 from .heads import build_head
+from .registry import Registry
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-SUPPORTED_MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "vit": "vit"}
 # PIL resample codes, as stored in preprocessor_config.json.
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneKind:
+    """Everything model-family specific: a new backbone (SigLIP, DINOv2, ...) is one BACKBONES entry."""
+
+    model_types: tuple  # config.model_type values this kind loads
+    model_class: str  # transformers class of the vision tower
+    vision_config: object  # full config -> the vision tower's config
+    features: object  # model output -> the [B, D] feature the head sees
+    mean: list  # preprocessing when the checkpoint has no image processor
+    std: list
+    resample: int  # PIL code
+    layer_wiring: tuple  # (second LayerNorm, MLP branch) attribute names of an encoder layer (AdaptFormer)
+    lora_targets: tuple  # default LoRA targets: the first candidate whose names are Linear layers of the backbone
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def load_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+
+BACKBONES = Registry("backbone kind")
+BACKBONES.register("clip", BackboneKind(
+    model_types=("clip", "clip_vision_model"), model_class="CLIPVisionModel",
+    vision_config=lambda c: c.vision_config if c.model_type == "clip" else c,
+    features=lambda out: out.pooler_output,  # post-LayerNorm CLS, before the projection (LIFT)
+    mean=CLIP_MEAN, std=CLIP_STD, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
+    lora_targets=(("q_proj", "v_proj"),)))
+BACKBONES.register("vit", BackboneKind(
+    model_types=("vit",), model_class="ViTModel", vision_config=lambda c: c,
+    features=lambda out: out.last_hidden_state[:, 0],
+    mean=[0.5] * 3, std=[0.5] * 3, resample=2,
+    layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),  # transformers 5, 4.x
+    lora_targets=(("q_proj", "v_proj"), ("query", "value")),
+    # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
+    model_kwargs={"add_pooling_layer": False}))
+
+
+def backbone_kind_of(model_type):
+    """The BACKBONES name that loads a config.model_type, or None."""
+    return next((name for name in BACKBONES if model_type in BACKBONES.get(name).model_types), None)
 
 
 @dataclasses.dataclass
 class BackboneSpec:
     """Everything the rest of the code needs to know about a backbone (saved with exports)."""
 
-    kind: str  # "clip" | "vit"
+    kind: str  # a BACKBONES name: "clip" | "vit"
     name_or_path: str
     hidden_size: int
     num_layers: int
@@ -66,21 +109,19 @@ def load_backbone_config(model_name_or_path):
         config = AutoConfig.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}") from err
-    kind = SUPPORTED_MODEL_TYPES.get(config.model_type)
+    kind = backbone_kind_of(config.model_type)
     if kind is None:
-        raise UserError(
-            f"{name!r} is a {config.model_type!r} model; supported model types: {sorted(SUPPORTED_MODEL_TYPES)}"
-        )
-    vision_config = config.vision_config if config.model_type == "clip" else config
-    return kind, config, vision_config
+        supported = sorted(t for name in BACKBONES for t in BACKBONES.get(name).model_types)
+        raise UserError(f"{name!r} is a {config.model_type!r} model; supported model types: {supported}")
+    return kind, config, BACKBONES.get(kind).vision_config(config)
 
 
 def _preprocessing(model_name_or_path, kind):
     """Mean, std and interpolation from the checkpoint's image processor; CLIP's or 0.5 when it has none."""
     from transformers import AutoImageProcessor
 
-    default_mean, default_std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else ([0.5] * 3, [0.5] * 3)
-    default_resample = 3 if kind == "clip" else 2
+    entry = BACKBONES.get(kind)
+    default_mean, default_std, default_resample = entry.mean, entry.std, entry.resample
     try:
         processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)))
     except (OSError, ValueError):  # no preprocessor_config.json in the dir or repo
@@ -99,21 +140,10 @@ def _interpolation_name(resample, default):
     return _RESAMPLE_NAMES.get(int(value), _RESAMPLE_NAMES[default])
 
 
-def _model_class(kind):
-    from transformers import CLIPVisionModel, ViTModel
-
-    return CLIPVisionModel if kind == "clip" else ViTModel
-
-
-def _model_kwargs(kind):
-    # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
-    return {"add_pooling_layer": False} if kind == "vit" else {}
-
-
 def load_backbone(model_name_or_path, from_scratch=False, seed=0):
     """The vision backbone (fp32) and its spec. `from_scratch`: seeded random init from the config alone."""
     kind, _, vision_config = load_backbone_config(model_name_or_path)
-    cls, kwargs = _model_class(kind), _model_kwargs(kind)
+    cls, kwargs = BACKBONES.get(kind).load_class(), BACKBONES.get(kind).model_kwargs
     if from_scratch:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -181,17 +211,14 @@ class LTModel(nn.Module):
         return self.head.weight.shape[0]
 
     def features(self, pixel_values):
-        out = self.backbone(pixel_values=pixel_values)
-        if self.spec.kind == "clip":
-            return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        return BACKBONES.get(self.spec.kind).features(self.backbone(pixel_values=pixel_values))
 
     def forward(self, pixel_values):
         return self.head(self.features(pixel_values))
 
 
 def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0):
-    """Backbone + a seeded random head; data-dependent head inits are applied by heads.set_head_weight."""
+    """Backbone + a seeded random head; data-dependent head inits are applied by head_init.set_head_weight."""
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)

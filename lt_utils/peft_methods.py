@@ -1,21 +1,22 @@
-"""Fine-tuning methods (`--method`): which parameters train, plus the AdaptFormer and LoRA modules."""
-import math
+"""Fine-tuning methods (`--method`): one METHODS entry each owns what trains, the modules it adds, what its export
+stores and how an export of it is rebuilt (checkpoint.build_from_meta), plus the AdaptFormer and LoRA modules.
+
+A new method is one subclass of `Method` registered in METHODS (see README, "Extending").
+"""
 import re
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .models import LTModel, build_lt_model, unwrap_lt_model
+from .peft_modules import AdaptFormer, AdapterHooks
+from .models import BACKBONES, LTModel, unwrap_lt_model
+from .registry import Registry
 
-METHODS = ("full", "bitfit", "adaptformer", "lora", "head")
 __all__ = [
-    "METHODS", "AdaptFormer", "apply_method", "bottleneck_dim", "build_method_model", "encoder_layers",
+    "METHODS", "AdaptFormer", "Method", "apply_method", "bottleneck_dim", "empty_arch", "encoder_layers",
     "export_state_dict", "trainable_parameter_count", "unwrap_lt_model",
 ]
-
-# (second LayerNorm, MLP branch) attribute names per encoder layer: CLIP, ViT (transformers 5), ViT (4.x).
-_LAYER_WIRING = (("layer_norm2", "mlp"), ("layernorm_after", "mlp"), ("layernorm_after", "output"))
 
 
 def bottleneck_dim(num_classes, num_layers):
@@ -26,47 +27,13 @@ def bottleneck_dim(num_classes, num_layers):
     return dim
 
 
-class AdaptFormer(nn.Module):
-    """Parallel bottleneck beside an MLP: s * Up(ReLU(Down(LN(h)))); Up starts at zero, so it starts as a no-op."""
-
-    def __init__(self, dim, r):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.down = nn.Linear(dim, r)
-        self.up = nn.Linear(r, dim)
-        self.scale = nn.Parameter(torch.ones(()))
-        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h):
-        return self.scale * self.up(torch.relu(self.down(self.norm(h))))
-
-
-class _AdapterHooks:
-    """Captures the residual stream at the layer's second LayerNorm and adds the adapter to the MLP output.
-
-    A picklable object (not a closure) so that deepcopy (EMA copies) rebinds the hooks to the copied adapter.
-    """
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-        self.h = None
-
-    def capture(self, module, args):
-        self.h = args[0]
-
-    def add(self, module, args, output):
-        h, self.h = self.h, None
-        return output + self.adapter(h)
-
-
-def encoder_layers(backbone):
-    """[(layer, second LayerNorm, MLP branch)] for each transformer block, in order."""
+def encoder_layers(backbone, kind=None):
+    """[(layer, second LayerNorm, MLP branch)] for each transformer block, in order (wiring: BACKBONES[kind])."""
+    kinds = [kind] if kind else BACKBONES.names()
+    wiring = [w for k in kinds for w in BACKBONES.get(k).layer_wiring]
     layers = []
     for module in backbone.modules():
-        for norm_name, mlp_name in _LAYER_WIRING:
+        for norm_name, mlp_name in wiring:
             if isinstance(getattr(module, norm_name, None), nn.LayerNorm) and hasattr(module, mlp_name):
                 layers.append((module, getattr(module, norm_name), getattr(module, mlp_name)))
                 break
@@ -74,21 +41,22 @@ def encoder_layers(backbone):
 
 
 def _attach_adaptformer(lt, r):
-    layers = encoder_layers(lt.backbone)
+    layers = encoder_layers(lt.backbone, lt.spec.kind)
     if len(layers) != lt.spec.num_layers:
         raise RuntimeError(f"found {len(layers)} encoder layers, config says {lt.spec.num_layers}")
     device = next(lt.backbone.parameters()).device
     lt.adapters = nn.ModuleList(AdaptFormer(lt.spec.hidden_size, r) for _ in layers).to(device)
     for adapter, (_, norm, mlp) in zip(lt.adapters, layers):
-        hooks = _AdapterHooks(adapter)
+        hooks = AdapterHooks(adapter)
         norm.register_forward_pre_hook(hooks.capture)
         mlp.register_forward_hook(hooks.add)
 
 
-def default_lora_targets(backbone):
-    """q and v projections (LIFT parity): q_proj/v_proj (CLIP, ViT in transformers 5) or query/value (older ViT)."""
+def default_lora_targets(backbone, kind):
+    """q and v projections (LIFT parity): the first of BACKBONES[kind].lora_targets present in the backbone."""
     names = _linear_leaf_names(backbone)
-    return ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
+    candidates = BACKBONES.get(kind).lora_targets
+    return list(next((c for c in candidates if set(c) <= names), candidates[-1]))
 
 
 def _linear_leaf_names(backbone):
@@ -100,7 +68,7 @@ def _wrap_lora(lt, r, lora_alpha, lora_dropout, target_modules):
 
     if isinstance(target_modules, str):
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    targets = list(target_modules or default_lora_targets(lt.backbone))
+    targets = list(target_modules or default_lora_targets(lt.backbone, lt.spec.kind))
     unknown = sorted(set(targets) - _linear_leaf_names(lt.backbone))
     if unknown:
         choices = sorted(_linear_leaf_names(lt.backbone))
@@ -118,42 +86,166 @@ def _wrap_lora(lt, r, lora_alpha, lora_dropout, target_modules):
     return get_peft_model(lt, config)
 
 
-def apply_method(model, method, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, seed=0):
-    """Set what trains (the head always does); add AdaptFormer adapters or wrap in a peft LoRA model.
+def empty_arch():
+    """The architecture record of a plain LTModel (backbone + head): no adapters, no LoRA."""
+    return {"adapters": None, "adapter_dim": None, "lora": None}
 
-    `r` None -> bottleneck_dim(K, L). New modules are initialised from `seed`, so repeated builds match.
-    A model that already has adapters (rebuilt from an AdaptFormer export) keeps them: they train under
-    "adaptformer" and "full", and stay frozen otherwise.
+
+class Method:
+    """Everything one `--method` decides. Subclass, override what differs, register an instance in METHODS.
+
+    Exports record `arch` (modules beyond backbone + head): `arch["adapters"]` names the method whose modules live
+    in the LTModel (rebuilt by its `rebuild`), `arch["lora"]` a peft adapter. checkpoint.build_from_meta uses them.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
-    if not isinstance(model, LTModel):
-        raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
+
+    trains = ""  # what trains, for --help and the README
+    soupable = True  # exports can be averaged tensor by tensor (LoRA: as exact deltas merged into the weights)
+    init_from = False  # --init_from accepts it: it trains on top of an export's (LoRA-merged) weights
+    head_only = False  # nothing before the head trains: train_lt.py trains the head alone on cached features
+    peft = False  # exported with peft's save_pretrained (adapter_model.safetensors) instead of model.safetensors
+
+    def method_args(self, args, num_classes, num_layers):
+        """The flags that shape this method's modules, as `apply` takes them."""
+        return {}
+
+    def arch(self, margs):
+        """The entries of the export's architecture record this method sets (see the class docstring)."""
+        return {}
+
+    def rebuild(self, model, arch):
+        """Re-create this method's modules on a fresh LTModel from an export's `arch` (its weights load afterwards)."""
+        return model
+
+    def apply(self, model, **margs):
+        """Mark what trains (all starts frozen but the head) and add modules; returns the model to train."""
+        return model
+
+    def exports(self, key):
+        """Whether an export stores this LTModel state-dict key; the head always trains, so it always is."""
+        return key.startswith("head.")
+
+
+METHODS = Registry("method", flag="--method")
+
+
+def _rank(model, r):
     r = bottleneck_dim(model.num_classes, model.spec.num_layers) if r is None else int(r)
     if r < 1:
         raise UserError(f"adapter/LoRA rank r must be >= 1, got {r}")
-    model.requires_grad_(False)
-    model.head.requires_grad_(True)
-    if method == "full":
+    return r
+
+
+def _lift_rank(args, num_classes, num_layers):
+    return args.adapter_dim or bottleneck_dim(num_classes, num_layers)
+
+
+class AdaptFormerMethod(Method):
+    trains = "AdaptFormer bottlenecks beside each MLP (r from LIFT's rule, or --adapter_dim)"
+
+    def method_args(self, args, num_classes, num_layers):
+        return {"r": _lift_rank(args, num_classes, num_layers)}
+
+    def arch(self, margs):
+        return {"adapters": "adaptformer", "adapter_dim": margs["r"]}
+
+    def rebuild(self, model, arch):
+        return apply_method(model, "adaptformer", r=arch["adapter_dim"])
+
+    def apply(self, model, r=None, **_):
+        r = _rank(model, r)
+        if model.adapters is not None:  # rebuilt from an AdaptFormer export: train those adapters further
+            existing = model.adapters[0].down.out_features
+            if existing != r:
+                raise UserError(f"the model already has AdaptFormer adapters of r={existing}, not {r}")
+            model.adapters.requires_grad_(True)
+        else:
+            _attach_adaptformer(model, r)
+        return model
+
+    def exports(self, key):
+        return key.startswith(("head.", "adapters."))
+
+
+class LoraMethod(Method):
+    trains = "peft LoRA on q_proj,v_proj (--lora_target_modules), r from LIFT's rule, alpha 1"
+    peft = True
+
+    def method_args(self, args, num_classes, num_layers):
+        return {"r": _lift_rank(args, num_classes, num_layers), "lora_alpha": args.lora_alpha,
+                "lora_dropout": args.lora_dropout, "lora_target_modules": args.lora_target_modules}
+
+    def arch(self, margs):
+        return {"lora": {k: margs[k] for k in ("r", "lora_alpha", "lora_dropout", "lora_target_modules")}}
+
+    def apply(self, model, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, **_):
+        return _wrap_lora(model, _rank(model, r), lora_alpha, lora_dropout, lora_target_modules)
+
+    @staticmethod
+    def load_adapter(model, export_dir, merge=False):
+        """The export's peft adapter on `model`; `merge` folds it into plain weights (an LTModel)."""
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(export_dir))
+        return model.merge_and_unload() if merge else model
+
+
+class FullMethod(Method):
+    trains = "every weight (backbone, adapters of an --init_from export, head)"
+    init_from = True
+
+    def apply(self, model, **_):
         model.backbone.requires_grad_(True)
         if model.adapters is not None:
             model.adapters.requires_grad_(True)
-    elif method == "bitfit":
-        for name, param in model.backbone.named_parameters():
-            param.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
-    elif method == "adaptformer" and model.adapters is not None:
-        if model.adapters[0].down.out_features != r:
-            existing = model.adapters[0].down.out_features
-            raise UserError(f"the model already has AdaptFormer adapters of r={existing}, not {r}")
-        model.adapters.requires_grad_(True)
         return model
+
+    def exports(self, key):
+        return True
+
+
+class BitFitMethod(Method):
+    trains = "the backbone's biases"
+    init_from = True
+
+    def apply(self, model, **_):
+        for name, param in model.backbone.named_parameters():
+            param.requires_grad_(_is_bias(name))
+        return model
+
+    def exports(self, key):
+        return key.startswith("head.") or (key.startswith("backbone.") and _is_bias(key))
+
+
+class HeadMethod(Method):
+    trains = "the head only, on cached features (LOS / LT-Soups stage 2)"
+    init_from = True
+    head_only = True
+
+
+METHODS.register("adaptformer", AdaptFormerMethod())
+METHODS.register("lora", LoraMethod())
+METHODS.register("full", FullMethod())
+METHODS.register("bitfit", BitFitMethod())
+METHODS.register("head", HeadMethod())
+
+
+def apply_method(model, method, seed=0, **margs):
+    """Set what trains (the head always does) and add the method's modules (AdaptFormer, peft LoRA).
+
+    margs: the method's arguments (r, lora_alpha, ...; r None -> bottleneck_dim(K, L)). New modules are
+    initialised from `seed`, so repeated builds match. A model that already has adapters (rebuilt from an
+    AdaptFormer export) keeps them: they train under "adaptformer" and "full", and stay frozen otherwise.
+    """
+    entry = METHODS.get(method)
+    if not isinstance(model, LTModel):
+        raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
+    if margs.get("r") is not None:
+        _rank(model, margs["r"])
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if method == "adaptformer":
-            _attach_adaptformer(model, r)
-        elif method == "lora":
-            return _wrap_lora(model, r, lora_alpha, lora_dropout, lora_target_modules)
-    return model
+        return entry.apply(model, **margs)
 
 
 def trainable_parameter_count(model):
@@ -164,32 +256,12 @@ def _is_bias(key):
     return key.rsplit(".", 1)[-1] == "bias"
 
 
-_EXPORT_FILTERS = {
-    "full": lambda k: True,
-    "bitfit": lambda k: k.startswith("head.") or (k.startswith("backbone.") and _is_bias(k)),
-    "adaptformer": lambda k: k.startswith(("head.", "adapters.")),
-    "head": lambda k: k.startswith("head."),
-}
-
-
 def export_state_dict(state_dict, method):
     """The tensors `method` changes, from a full LTModel state dict ("backbone.", "head.", "adapters." keys).
 
-    LoRA is exported with peft's save_pretrained instead.
+    peft methods (LoRA) are exported with peft's save_pretrained instead.
     """
-    if method not in _EXPORT_FILTERS:
-        raise ValueError(
-            f"export_state_dict handles {sorted(_EXPORT_FILTERS)}, not {method!r} (LoRA: save_pretrained)"
-        )
-    keep = _EXPORT_FILTERS[method]
-    return {k: v for k, v in state_dict.items() if keep(k)}
-
-
-def build_method_model(
-    model_name_or_path, num_classes, method, method_args, head_type, head_scale, from_scratch=False, seed=0
-):
-    """build_lt_model + apply_method with stored arguments (used when re-loading an export)."""
-    model = build_lt_model(
-        model_name_or_path, num_classes, head_type, head_scale, from_scratch=from_scratch, seed=seed
-    )
-    return apply_method(model, method, **(method_args or {}))
+    entry = METHODS.get(method)
+    if entry.peft:
+        raise ValueError(f"export_state_dict does not handle {method!r}: peft methods are exported with save_pretrained")
+    return {k: v for k, v in state_dict.items() if entry.exports(k)}

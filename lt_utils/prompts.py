@@ -1,5 +1,6 @@
 """Prompt templates for CLIP text-feature head initialisation."""
 from .errors import UserError
+from .registry import Registry
 
 SINGLE_TEMPLATE = "a photo of a {}."
 
@@ -87,7 +88,10 @@ IMAGENET_TEMPLATES = (
     "a tattoo of the {}.",
 )
 
-PROMPT_MODES = {"single": (SINGLE_TEMPLATE,), "ensemble": IMAGENET_TEMPLATES}
+# `--prompt_template`: the "{}" templates of each mode (averaged per class)
+PROMPT_MODES = Registry("prompt mode")
+PROMPT_MODES.register("single", (SINGLE_TEMPLATE,))
+PROMPT_MODES.register("ensemble", IMAGENET_TEMPLATES)
 
 
 def clean_class_name(name):
@@ -98,9 +102,7 @@ def clean_class_name(name):
 def prompt_templates(prompts):
     """Templates for a mode name ("single" | "ensemble") or an explicit sequence of "{}" templates."""
     if isinstance(prompts, str):
-        if prompts not in PROMPT_MODES:
-            raise UserError(f"unknown prompt mode {prompts!r}; use one of {sorted(PROMPT_MODES)}")
-        return PROMPT_MODES[prompts]
+        return PROMPT_MODES.get(prompts)
     templates = tuple(prompts)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:

@@ -6,6 +6,8 @@ needs only the step counter and the schedule is the same on 1 or N processes (hf
 import math
 from dataclasses import dataclass
 
+from .errors import UserError
+
 SCHEDULES = ("cosine", "cosine_epoch", "constant")
 
 
@@ -35,21 +37,30 @@ def plan_steps(batches_per_epoch, gradient_accumulation_steps, num_train_epochs,
     return StepPlan(batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
 
-def lr_at(step, base_lr, total_steps, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0, steps_per_epoch=None):
+def lr_at(step, base_lr, total_steps, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0, steps_per_epoch=None,
+          warmup_start=None):
     """Learning rate for optimizer step `step` (0-based).
 
-    cosine: linear warm-up from 0 over `warmup_steps`, then cosine from base_lr to min_lr_ratio * base_lr
-    (LT-Soups: 0.1). cosine_epoch: LIFT's per-epoch cosine to min_lr_ratio * base_lr, constant within an epoch.
+    cosine: linear warm-up over `warmup_steps` ((step + 1) / warmup_steps of base_lr), then cosine from base_lr to
+    min_lr_ratio * base_lr (LT-Soups: 0.1). cosine_epoch: LIFT's per-epoch cosine to min_lr_ratio * base_lr,
+    constant within an epoch.
+    warmup_start (LT-Soups' shape, 1e-6 there): the warm-up runs linearly from warmup_start * base_lr at step 0
+    to base_lr at step `warmup_steps` inclusive, and the cosine starts one step later.
     """
+    shift = 0
+    if warmup_steps and warmup_start is not None:
+        if step <= warmup_steps:
+            return base_lr * (warmup_start + (1.0 - warmup_start) * step / warmup_steps)
+        shift = 1  # the warm-up's last step is the peak; the cosine begins after it
     if schedule == "constant":
-        return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else base_lr
+        return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps and not shift else base_lr
     if warmup_steps and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine_epoch":
         num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
         progress = (step // steps_per_epoch) / num_epochs
     else:
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - shift - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     floor = min_lr_ratio * base_lr
     return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -58,3 +69,19 @@ def lr_at(step, base_lr, total_steps, schedule="cosine", warmup_steps=0, min_lr_
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def check_schedule_flags(args):
+    """--num_evals replaces --eval_steps (left at 'epoch'); checked before anything is written (each flag's range is
+    checked by the flag table)."""
+    if args.num_evals is None:
+        return
+    if str(args.eval_steps) != "epoch":
+        raise UserError(f"--num_evals {args.num_evals} and --eval_steps {args.eval_steps} both set the validation "
+                        "schedule; pass one of them")
+
+
+def eval_interval(num_evals, total_steps):
+    """--num_evals N: evaluate every total_steps // N optimizer steps (LT-Soups: N = 5, and no extra evaluation at
+    the end when N does not divide the run); at least every step."""
+    return max(1, total_steps // num_evals)

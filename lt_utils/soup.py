@@ -73,6 +73,7 @@ def read_ingredient(source):
     """An export dir (local or Hub id) and where each of its tensors lives; reads safetensors headers only."""
     path = resolve_export_dir(source)
     meta = read_export_meta(path)
+    _check_soupable(meta, source)
     entries = _file_entries(path, WEIGHTS_FILE) if meta.get("has_weights_file") else {}
     if meta["arch"].get("lora"):
         for key, entry in _lora_entries(path).items():
@@ -81,6 +82,15 @@ def read_ingredient(source):
     require(entries, f"{source} holds no tensors to merge (no {WEIGHTS_FILE}, no adapter); re-export it")
     read_tensors(path / HEAD_INIT_FILE)  # readable and finite: a soup's anchor and card come from it
     return Ingredient(str(source), path, meta, entries)
+
+
+def _check_soupable(meta, source):
+    """A method whose exports are not linear in their tensors cannot be averaged (a soup of soups can)."""
+    from .peft_methods import METHODS
+
+    method = meta.get("method")
+    require(method not in METHODS or METHODS.get(method).soupable,
+            f"{source} was trained with --method {method}, whose exports cannot be averaged; leave it out of the soup")
 
 
 def _header(file_path):
@@ -219,11 +229,9 @@ def with_alpha(weights, alpha):
 # ------------------------------------------------------------------------------------------------------ merge
 def load_base_state(meta):
     """The pretrained (or seeded from-scratch) LTModel weights the ingredients started from."""
-    from .models import build_lt_model
+    from .checkpoint import build_from_meta
 
-    model = build_lt_model(meta["base_model"], meta["num_labels"], head_type=meta["head"]["type"],
-                           head_scale=meta["head"]["scale"], from_scratch=meta["from_scratch"], seed=meta.get("seed", 0))
-    return model.state_dict()
+    return build_from_meta(meta).state_dict()
 
 
 def needs_base(ingredients, weights):
@@ -365,21 +373,16 @@ def build_val_scorer(meta, lt_info_path, data_args, batch_size=256, num_workers=
     """tensors -> val metrics of the model they define; the val split is the ingredients' own unless overridden."""
     from accelerate import Accelerator
 
-    from .checkpoint import load_overrides
+    from .checkpoint import build_from_meta, load_overrides
     from .engine import evaluate
-    from .models import build_lt_model
-    from .peft_methods import apply_method
-    from .training import image_loader, image_transforms, load_data
+    from .data_loaders import image_loader, image_transforms, load_data
 
     accelerator = Accelerator()
     ds, info = load_data(val_data_args(data_args, lt_info_path), accelerator)
     require(list(info.class_names) == [meta["id2label"][str(i)] for i in range(meta["num_labels"])],
             f"the val data ({info.dataset}) has other classes than the ingredients; pass their --dataset")
     require(len(ds["val"]) > 0, f"the val split of {info.dataset} is empty; greedy soups need one (--val_per_class)")
-    model = build_lt_model(meta["base_model"], meta["num_labels"], head_type=meta["head"]["type"],
-                           head_scale=meta["head"]["scale"], from_scratch=meta["from_scratch"], seed=meta.get("seed", 0))
-    if meta["arch"].get("adapters") == "adaptformer":
-        model = apply_method(model, "adaptformer", r=meta["arch"]["adapter_dim"])
+    model = build_from_meta(meta)
     loader = accelerator.prepare(image_loader(ds["val"], image_transforms(model.spec)[1], batch_size, num_workers))
     model.to(accelerator.device)
 

@@ -1,23 +1,18 @@
-"""The set-up steps of train_lt.py, one function each: accelerator, data, model, loaders, optimizer, exports."""
+"""The set-up steps of train_lt.py, one function each: accelerator, model, optimizer, run bookkeeping.
+
+Data and loaders: data_loaders.py; export writing: exports.py."""
 import contextlib
 import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import export_overrides, load_overrides, read_export_meta, write_export
+from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
 from .config import DATA_INPUT_FLAGS
-from .data import capped_subset, load_lt_dataset
 from .errors import UserError, require
-from .heads import class_mean_head_init, fingerprint, random_head_init, set_head_weight, text_head_init
-from .hub import model_card
-from .models import build_lt_model
-from .peft_methods import apply_method, bottleneck_dim, export_state_dict
-from .samplers import ClassBalancedSampler
-from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
-
-INIT_FROM_METHODS = ("head", "full", "bitfit")
+from .exports import Exporter, load_image_processor
+from .head_init import HEAD_INITS, set_head_weight
+from .peft_methods import METHODS, apply_method, empty_arch
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
@@ -122,196 +117,43 @@ def resolve_batch_size(args, num_processes):
     args.per_device_train_batch_size = args.total_batch_size // denom
 
 
-# ------------------------------------------------------------------------------------------------------- data
-def load_data(args, accelerator):
-    with accelerator.main_process_first():
-        ds, info = load_lt_dataset(
-            args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.imb_seed,
-            selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,
-            train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
-            class_names_file=args.class_names_file, many_threshold=args.many_threshold,
-            few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
-            val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False))
-    return ds, record_saved_folder(info, args.dataset)
-
-
-def record_saved_folder(info, dataset_arg):
-    """A split loaded from a build_lt.py folder is recorded by that folder, so eval_lt.py finds the same images."""
-    import dataclasses
-
-    from .data.loading import is_saved_lt_dir
-
-    return dataclasses.replace(info, dataset=str(Path(dataset_arg).resolve())) if is_saved_lt_dir(dataset_arg) else info
-
-
-def limit_eval_splits(ds, max_eval_samples):
-    """--max_eval_samples: a seeded subset of val and test, for quick debugging runs only."""
-    if not max_eval_samples:
-        return ds
-    for split in ("val", "test"):
-        if len(ds[split]) > max_eval_samples:
-            ds[split] = ds[split].shuffle(seed=0).select(range(max_eval_samples))
-    return ds
-
-
-def training_split(ds, info, args):
-    """The images and class counts the loss sees: the full LT train split, or LT-Soups' capped subset."""
-    if args.balance_factor is None:
-        return ds["train"], list(info.train_counts)
-    require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
-    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed)
-
-
-def resolve_augment(args):
-    """Head-only training trains on cached features of the eval view (the backbone runs once), so it cannot augment."""
-    if args.method == "head":
-        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head: its features "
-                "are computed once from the eval view; drop --augment")
-        return "none"
-    return args.augment or "rrc_flip"
-
-
-def image_transforms(spec, augment="rrc_flip"):
-    """(train, eval) transforms from the checkpoint's preprocessing.
-
-    augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
-    from scratch), none (the eval view).
-    """
-    from torchvision.transforms import v2
-
-    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    eval_tf = build_eval_transform(**common)
-    train_tf = {"rrc_flip": lambda: build_train_transform(**common),
-                "flip": lambda: v2.Compose([v2.RandomHorizontalFlip(), eval_tf]),
-                "none": lambda: eval_tf}[augment]()
-    return train_tf, eval_tf
-
-
-def test_transform(spec, tte):
-    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    if tte == "none":
-        return build_eval_transform(**common)
-    return build_tte_transform(tte, patch_size=spec.patch_size, **common)
-
-
-class SeededAugment:
-    """Training augmentation drawn from (seed, epoch, sample id) instead of the global RNG.
-
-    The same image gets the same crop whatever the number of processes or workers, however far the dataloader
-    prefetches, and after a mid-epoch resume; so resumed and distributed runs reproduce single-process ones.
-    Set `.epoch` before each epoch (workers are re-created per epoch and pick it up).
-    """
-
-    def __init__(self, transform, seed):
-        self.transform, self.seed, self.epoch = transform, seed, 0
-
-    def __call__(self, batch):
-        pixel_values = []
-        for image, sample_id in zip(batch["image"], batch["sample_id"]):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + sample_id) % (2**62))
-                pixel_values.append(self.transform(image))
-        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch["label"]]}
-
-
-def with_sample_ids(dataset):
-    return dataset.add_column("sample_id", list(range(len(dataset))))
-
-
-def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
-    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a batch transform (SeededAugment)."""
-    batch_transform = transform if isinstance(transform, SeededAugment) else ApplyTransform(transform)
-    return DataLoader(dataset.with_transform(batch_transform), batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
-
-
-def build_sampler(args, train_ds):
-    if args.sampler == "random":
-        return None
-    power = 0.0 if args.sampler == "class_balanced" else 0.5
-    return ClassBalancedSampler(train_ds["label"], power=power, seed=args.seed)
-
-
-def collate_features(items):
-    features, labels = zip(*items)
-    return {"pixel_values": torch.stack(features), "labels": torch.stack(labels)}
-
-
-@torch.no_grad()
-def cache_features(lt_model, loader, accelerator, desc):
-    """Frozen-backbone features of a whole split, computed once (head-only training must not re-run the backbone)."""
-    from tqdm.auto import tqdm
-
-    lt_model.eval()
-    feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
-        x = batch["pixel_values"]
-        with accelerator.autocast():
-            f = lt_model.features(x.flatten(0, 1)).view(*x.shape[:2], -1) if x.ndim == 5 else lt_model.features(x)
-        f, y = accelerator.gather_for_metrics((f.float().contiguous(), batch["labels"]))
-        feats.append(f.cpu())
-        labels.append(y.cpu())
-    return TensorDataset(torch.cat(feats), torch.cat(labels))
-
-
-def feature_loader(features, batch_size, shuffle=False, sampler=None):
-    return DataLoader(features, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      collate_fn=collate_features)
-
-
 # ------------------------------------------------------------------------------------------------------ model
-def method_args(args, num_classes, num_layers):
-    r = args.adapter_dim or bottleneck_dim(num_classes, num_layers)
-    return {"r": r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "lora_target_modules": args.lora_target_modules}
+def model_meta(args, num_classes):
+    """The part of an export's metadata that defines the model, from the flags: what build_from_meta reads."""
+    return {"base_model": args.model_name_or_path, "num_labels": num_classes, "from_scratch": bool(args.from_scratch),
+            "seed": args.seed, "head": {"type": args.head_type, "scale": args.head_scale}, "arch": empty_arch()}
 
 
 def build_training_model(args, info, accelerator, head_init_loader_fn):
-    """(model to train, LTModel inside it, head init tensor, init overrides, architecture) for this run."""
+    """(model to train, Exporter holding the LTModel inside it, its architecture, head init and init overrides)."""
     num_classes = len(info.class_names)
-    overrides, init_meta = None, None
+    method = METHODS.get(args.method)
+    overrides = None
     if args.init_from:
-        require(args.method in INIT_FROM_METHODS,
-                f"--init_from works with --method {'/'.join(INIT_FROM_METHODS)}, not {args.method}; train a fresh run instead")
-        init_meta = read_export_meta(args.init_from)
+        allowed = [name for name in METHODS if METHODS.get(name).init_from]
+        require(method.init_from,
+                f"--init_from works with --method {'/'.join(allowed)}, not {args.method}; train a fresh run instead")
+        export_dir = resolve_export_dir(args.init_from)  # a Hub id becomes its local snapshot, once
+        init_meta = read_export_meta(export_dir)
         require(init_meta["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
                 f"--init_from {args.init_from} was trained on other classes than --dataset {args.dataset}; use a matching export")
         # the backbone and head geometry come from the export, not from the flags
         args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
         args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
-    lt_model = build_lt_model(args.model_name_or_path, num_classes, head_type=args.head_type, head_scale=args.head_scale,
-                              from_scratch=args.from_scratch, seed=args.seed)
-    margs = method_args(args, num_classes, lt_model.spec.num_layers)
-    arch = {"adapters": None, "adapter_dim": None, "lora": None}
-    if init_meta is not None:
+        lt_model = build_from_meta(init_meta, export_dir, merge_lora=True)
+        overrides = export_overrides(lt_model, init_meta, export_dir)
         arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
-        if arch["adapters"] == "adaptformer":
-            lt_model = apply_method(lt_model, "adaptformer", r=arch["adapter_dim"])
-        overrides = export_overrides(args.init_from)
-        load_overrides(lt_model, overrides, args.init_from)
         head_init = overrides["head.weight"].clone()
     else:
-        head_init = initial_head(args, info, lt_model, accelerator, head_init_loader_fn)
+        lt_model = build_from_meta(model_meta(args, num_classes))
+        arch = empty_arch()
+        head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
-    if args.method == "adaptformer":
-        arch.update(adapters="adaptformer", adapter_dim=margs["r"])
-    if args.method == "lora":
-        arch["lora"] = {k: margs[k] for k in ("r", "lora_alpha", "lora_dropout", "lora_target_modules")}
-    model = apply_method(lt_model, args.method, **(margs if args.method in ("adaptformer", "lora") else {}))
-    return model, lt_model, head_init, overrides, arch
-
-
-def initial_head(args, info, lt_model, accelerator, head_init_loader_fn):
-    """Deterministic head init: the same inputs give the same head in every run (soups rely on it)."""
-    num_classes, dim = len(info.class_names), lt_model.spec.hidden_size
-    if args.head_init == "text":
-        require(lt_model.spec.kind == "clip" and not args.from_scratch,
-                "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
-        return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
-    if args.head_init == "class_mean":
-        lt_model.to(accelerator.device)
-        return class_mean_head_init(lt_model, head_init_loader_fn(lt_model.spec), num_classes).cpu()
-    return random_head_init(num_classes, dim, seed=args.seed)
+    margs = method.method_args(args, num_classes, lt_model.spec.num_layers)
+    arch.update(method.arch(margs))
+    model = apply_method(lt_model, args.method, **margs)
+    exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
+    return model, exporter
 
 
 def build_optimizer(model, args):
@@ -320,88 +162,6 @@ def build_optimizer(model, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
     return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
-
-
-# ----------------------------------------------------------------------------------------------------- export
-def export_meta(args, info, lt_model, arch, head_init):
-    return {
-        "base_model": args.model_name_or_path, "from_scratch": bool(args.from_scratch), "seed": args.seed,
-        "backbone": lt_model.spec.to_dict(), "arch": arch, "method": args.method,
-        "head": {"type": args.head_type, "scale": args.head_scale,
-                 "init": "from " + str(args.init_from) if args.init_from else args.head_init,
-                 "init_fingerprint": fingerprint(head_init)},
-        "num_labels": len(info.class_names),
-        "id2label": {str(i): n for i, n in enumerate(info.class_names)},
-        "label2id": {n: i for i, n in enumerate(info.class_names)},
-        "train_counts": list(info.train_counts), "groups": list(info.groups),
-        "group_counts": info.group_counts(), "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
-        "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
-                    "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor,
-                    # the local source files (eval_lt.py reads the same ones by default)
-                    "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None},
-        "has_weights_file": True, "run_name": Path(args.output_dir).name,
-    }
-
-
-def gather_export_tensors(accelerator, train_model, lt_model, args, overrides):
-    """Collective (every rank): the full state dict, gathered under ZeRO-3, reduced to what the export stores."""
-    state_dict = accelerator.get_state_dict(train_model)
-    if args.method == "head":
-        full = {k: v for k, v in lt_model.state_dict().items()}
-        full.update({f"head.{k}": v for k, v in state_dict.items()})
-        state_dict = full
-    if args.method == "lora":
-        return state_dict, dict(overrides or {})
-    if args.from_scratch:
-        tensors = dict(state_dict)
-    else:
-        tensors = export_state_dict(state_dict, args.method)
-    for key in overrides or {}:
-        tensors.setdefault(key, state_dict[key])
-    return state_dict, tensors
-
-
-def save_export(export_dir, accelerator, train_model, lt_model, args, info, arch, head_init, overrides, metrics=None,
-                image_processor=None):
-    state_dict, tensors = gather_export_tensors(accelerator, train_model, lt_model, args, overrides)
-    if not accelerator.is_main_process:
-        return
-    meta = export_meta(args, info, lt_model, arch, head_init)
-    meta["has_weights_file"] = bool(tensors)
-    peft_model, peft_sd = None, None
-    if args.method == "lora":
-        from peft import get_peft_model_state_dict
-
-        peft_model = accelerator.unwrap_model(train_model)
-        check_adapter_complete(get_peft_model_state_dict(peft_model, state_dict=state_dict), peft_model)
-        peft_sd = state_dict  # save_pretrained selects the adapter (and head) from the full state dict itself
-    head_init_tensors = {"weight": head_init}
-    writers = [lambda d: info.save(Path(d) / "lt_info.json"),
-               lambda d: (Path(d) / "README.md").write_text(model_card(meta, metrics or {}))]
-    if metrics is not None:
-        writers.append(lambda d: (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2)))
-    if image_processor is not None:
-        writers.append(lambda d: image_processor.save_pretrained(str(d)))
-    write_export(export_dir, meta, tensors, head_init_tensors, writers, peft_model=peft_model, peft_state_dict=peft_sd)
-
-
-def check_adapter_complete(peft_sd, peft_model):
-    """ZeRO-3 without a 16-bit gather writes empty adapters (hf_stack §14.2): compare numel with the trainable set."""
-    saved = sum(v.numel() for v in peft_sd.values())
-    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters() if p.requires_grad)
-    if saved < trainable:
-        raise UserError(f"the adapter to export has {saved} values but {trainable} are trained; under DeepSpeed ZeRO-3 set "
-                        "zero3_save_16bit_model: true in the accelerate config")
-
-
-def load_image_processor(name_or_path):
-    try:
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(name_or_path)
-    except Exception:  # a config-only dir has none; the spec in lt_model.json still records mean/std/size
-        return None
-
 
 
 # ----------------------------------------------------------------------------------------- run bookkeeping
@@ -518,7 +278,7 @@ def resume_identity(args, info):
     return {"dataset": info.dataset, "num_classes": len(info.class_names), "class_names": list(info.class_names),
             "train_images": info.index_hashes.get("train"), "method": args.method,
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
-            "subset_seed": args.subset_seed, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
+            "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
             "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
 
 
@@ -550,13 +310,3 @@ def describe_run(args, accelerator, plan, num_examples, trainable):
              f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
              f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}"]
     return "\n".join(lines)
-
-
-def refresh_model_card(export_dir, metrics):
-    from .checkpoint import META_FILE
-    from .fileio import atomic_write_text
-
-    from .fileio import read_json
-
-    meta = read_json(Path(export_dir) / META_FILE, "export metadata")
-    atomic_write_text(Path(export_dir) / "README.md", model_card(meta, metrics))

@@ -14,8 +14,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import UserError
+from .registry import Registry
 
-TTE_MODES = ("fivecrop", "tencrop", "flip")
+# `--tte`: (image_size, patch_size) -> (shorter side to resize to, crop of the views, add the flipped views)
+TTE_MODES = Registry("TTE mode", flag="--tte")
+TTE_MODES.register("fivecrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
+TTE_MODES.register("tencrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
+TTE_MODES.register("flip", lambda size, patch: (size * 8 // 7, v2.CenterCrop(size), True))
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -60,18 +65,13 @@ def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="
     fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
     tencrop and flip append the horizontal flip of each view in the same order.
     """
-    if mode not in TTE_MODES:
-        raise UserError(f"unknown --tte {mode!r}; choose one of {', '.join(TTE_MODES)}")
-    if mode == "flip":
-        resize, crop = image_size * 8 // 7, v2.CenterCrop(image_size)
-    else:
-        resize, crop = image_size + tte_expand(image_size, patch_size), v2.FiveCrop(image_size)
+    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size)
     return v2.Compose(
         [
             ToRGB(),
             v2.Resize(resize, interpolation=_interpolation(interpolation)),
             *_to_normalized_tensor(mean, std),
-            MultiView(crop, add_flips=mode != "fivecrop"),
+            MultiView(crop, add_flips=add_flips),
         ]
     )
 

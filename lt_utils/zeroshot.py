@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .heads import _class_text_features
+from .head_init import _class_text_features
 from .models import BackboneSpec, _preprocessing, load_backbone_config
 from .prompts import clean_class_name, prompt_templates
 

@@ -23,8 +23,10 @@ LAM=${LAM:-0.7}
 SEED=${SEED:-0}
 OUT=${OUT:-outputs/lt_soups}
 LAUNCH=${LAUNCH:-"accelerate launch"}
-STAGE1_CONFIG=${STAGE1_CONFIG:-configs/ltsoups_stage1_full.yaml}
-STAGE2_CONFIG=${STAGE2_CONFIG:-configs/ltsoups_stage2_head.yaml}
+# LT-Soups' own settings per dataset (its exact subsets, split, warm-up, EMA and 5 validations per run)
+preset=ltsoups; [[ $DATASET == cifar10_lt ]] && preset=ltsoups_cifar10
+STAGE1_CONFIG=${STAGE1_CONFIG:-configs/${preset}_stage1_full.yaml}
+STAGE2_CONFIG=${STAGE2_CONFIG:-configs/${preset}_stage2_head.yaml}
 PYTHON=${PYTHON:-python}
 
 cd "$(dirname "$0")/.."
@@ -41,14 +43,16 @@ run_dir() { echo "$OUT/stage1/k$1_branch$2"; }
 export_of() { if [[ -d $1/best ]]; then echo "$1/best"; else echo "$1/final"; fi; }
 
 stage1_job() {  # $1: job index in 0 .. len(factors) * BRANCHES - 1
-    local k=${factors[$(($1 / BRANCHES))]} branch=$(($1 % BRANCHES))
+    local position=$(($1 / BRANCHES)) branch=$(($1 % BRANCHES))
+    local k=${factors[$position]}
     local dir; dir=$(run_dir "$k" "$branch")
     if [[ -d $dir/final ]]; then echo "skip $dir (done)"; return; fi
     local loss=la; [[ $k == 0 ]] && loss=ce  # b = 1 is balanced: no prior to adjust for
     local restart=(--overwrite_output_dir)  # an interrupted job resumes from its last step_* checkpoint
     compgen -G "$dir/step_*" > /dev/null && restart=(--resume_from_checkpoint latest)
-    # the same subset for both branches (subset_seed = k, as LT-Soups); other data order and augmentation (seed)
-    $LAUNCH train_lt.py --config "$STAGE1_CONFIG" "${common[@]}" --balance_factor $((2 ** k)) --subset_seed "$k" \
+    # the same subset for both branches, seeded by the factor's position in FACTORS (as LT-Soups); other data
+    # order and augmentation (seed)
+    $LAUNCH train_lt.py --config "$STAGE1_CONFIG" "${common[@]}" --balance_factor $((2 ** k)) --subset_seed "$position" \
         --loss "$loss" --seed $((SEED + 1000 * k + branch)) --output_dir "$dir" "${restart[@]}" "${extra[@]}"
 }
 

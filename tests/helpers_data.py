@@ -17,19 +17,33 @@ def _images(rng, n, shape):
     return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
 
 
+def index_images(start, n):
+    """CIFAR rows (3072 = R, G, B planes) whose pixels spell their own source index: R, G, B = its three bytes."""
+    index = np.arange(start, start + n)
+    planes = [np.repeat(((index >> shift) & 255)[:, None], 1024, axis=1) for shift in (16, 8, 0)]
+    return np.concatenate(planes, axis=1).astype(np.uint8)
+
+
+def decode_index(image):
+    """The source index an `index_images` image spells (a PIL image or an HWC array)."""
+    r, g, b = (int(v) for v in np.asarray(image)[0, 0, :3])
+    return (r << 16) | (g << 8) | b
+
+
 def _interleaved_labels(rng, num_classes, per_class):
     """Labels of a source split in a shuffled (CIFAR-like) order, `per_class` of each class."""
     return rng.permutation(np.repeat(np.arange(num_classes), per_class))
 
 
-def write_cifar100(root, per_class_train=12, per_class_test=3, seed=0):
-    """`root/cifar-100-python/{train,test,meta}` as in the original archive (protocol-2 pickles, bytes keys)."""
+def write_cifar100(root, per_class_train=12, per_class_test=3, seed=0, index_pixels=False):
+    """`root/cifar-100-python/{train,test,meta}` as in the original archive (protocol-2 pickles, bytes keys).
+    index_pixels: every image spells its index in its split (`decode_index`), else random pixels."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True)
     for split, per_class in (("train", per_class_train), ("test", per_class_test)):
         labels = _interleaved_labels(rng, 100, per_class)
-        data = _images(rng, len(labels), (3072,))
+        data = index_images(0, len(labels)) if index_pixels else _images(rng, len(labels), (3072,))
         d = {b"filenames": [f"{i}.png".encode() for i in range(len(labels))], b"batch_label": split.encode(),
              b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(), b"data": data}
         (folder / split).write_bytes(pickle.dumps(d, protocol=2))
@@ -39,16 +53,21 @@ def write_cifar100(root, per_class_train=12, per_class_test=3, seed=0):
     return Path(root)
 
 
-def write_cifar10(root, per_class_train=30, per_class_test=4, seed=0):
-    """`root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`; train spread over 5 batches."""
+def write_cifar10(root, per_class_train=30, per_class_test=4, seed=0, index_pixels=False):
+    """`root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`; train spread over 5 batches.
+    index_pixels: every image spells its index in its split (train: across the 5 batches in order)."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     train = _interleaved_labels(rng, 10, per_class_train)
     batches = {f"data_batch_{i + 1}": part for i, part in enumerate(np.array_split(train, 5))}
     batches["test_batch"] = _interleaved_labels(rng, 10, per_class_test)
+    start = 0
     for name, labels in batches.items():
-        d = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": _images(rng, len(labels), (3072,)),
+        start = 0 if name == "test_batch" else start
+        data = index_images(start, len(labels)) if index_pixels else _images(rng, len(labels), (3072,))
+        start += len(labels)
+        d = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": data,
              b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}
         (folder / name).write_bytes(pickle.dumps(d, protocol=2))
     meta = {b"label_names": [f"c10_{i}".encode() for i in range(10)], b"num_cases_per_batch": 10, b"num_vis": 3072}

@@ -1,4 +1,4 @@
-"""Soup ingredients for tests: export dirs written with the real `write_export` and `export_meta`.
+"""Soup ingredients for tests: export dirs written with the real `write_export` and `Exporter.meta`.
 
     base = make_tiny_vit(tmp / "vit")
     lt = tiny_lt_model(base, num_labels=4)                    # the pretrained LTModel the ingredients start from
@@ -17,10 +17,10 @@ import torch
 from lt_utils.checkpoint import write_export
 from lt_utils.data import LTInfo
 from lt_utils.fileio import atomic_write_json
-from lt_utils.heads import set_head_weight
+from lt_utils.head_init import set_head_weight
 from lt_utils.models import build_lt_model
 from lt_utils.peft_methods import apply_method
-from lt_utils.training import export_meta
+from lt_utils.exports import Exporter
 
 from tests.helpers_data import idx_bytes
 
@@ -44,7 +44,7 @@ def make_meta(base_dir, lt_model, head_init, method="full", arch=None, info=None
     args = SimpleNamespace(model_name_or_path=str(base_dir), from_scratch=from_scratch, seed=seed, method=method,
                            head_type=head_type, head_scale=25.0, head_init="class_mean", init_from=None,
                            balance_factor=balance_factor, output_dir=output_dir)
-    return export_meta(args, info or tiny_info(lt_model.num_classes), lt_model, arch or dict(FULL_ARCH), head_init)
+    return Exporter(args, info or tiny_info(lt_model.num_classes), lt_model, arch or dict(FULL_ARCH), head_init).meta()
 
 
 def write_ingredient(path, lt_model, base_dir, tensors, head_init, method="full", arch=None, info=None, metrics=None,

@@ -39,7 +39,7 @@ def test_cifar100_first_selection_images_and_labels(cifar100_dir, tmp_path):
     counts = lt_counts(8, 4, 100)
     assert info.train_counts == counts and info.class_names[3] == "fine03" and info.dataset == "cifar100_lt"
     assert ds["train"].features["label"].names == info.class_names
-    assert set(ds["train"].features) == {"image", "label"}
+    assert set(ds["train"].features) == {"image", "label", "draw_rank"}
     # "first": the first n_i images of each class in source order; the split is written in source order
     expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(counts)]))
     assert ds["train"]["label"] == labels[expected].tolist()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import soup
@@ -26,8 +27,9 @@ def setup(tmp_path_factory):
 
 
 def run_flags(setup):
-    """A seconds-long version of configs/ltsoups_stage*.yaml: 30-image n_max, 3 steps, no EMA (so 3 steps show)."""
-    return ["--data_dir", str(setup["data"]), "--max_per_class", "30", "--val_per_class", "5", "--max_train_steps", "3",
+    """A seconds-long version of configs/ltsoups_stage*.yaml: 30-image n_max, 3 steps, no EMA (so 3 steps show);
+    the presets' test-slice split with 1 of the 3 test images per class as val."""
+    return ["--data_dir", str(setup["data"]), "--max_per_class", "30", "--val_per_class", "1", "--max_train_steps", "3",
             "--min_train_steps", "0",
             "--total_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
             "--learning_rate", "1e-3", "--ema_decay", "0", "--cache_dir", str(setup["root"] / "hf_cache")]
@@ -82,17 +84,30 @@ def test_recipe_soups_then_retrains_only_the_head(setup):
 
 
 def test_lt_soups_script_runs_the_recipe(setup):
+    """The script with the presets' LT-Soups settings: exact subsets seeded by the factor's position, the test-slice
+    split, 5 validations per run (10 steps: every 2nd), warm-up from 1e-6 x lr."""
     out = setup["root"] / "script"
     env = {**os.environ, "LAUNCH": "python", "PYTHON": "python", "DATASET": "fashion_mnist_lt", "IMB": "10",
-           "MODEL": str(setup["clip"]), "FACTORS": "0 1", "BRANCHES": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "MODEL": str(setup["clip"]), "FACTORS": "0 2", "BRANCHES": "1", "OUT": str(out), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    run = subprocess.run(["bash", "scripts/lt_soups.sh", "all", "--", *run_flags(setup), "--head_scale", "30"],
+    flags = [*run_flags(setup), "--max_train_steps", "10", "--head_scale", "30"]
+    run = subprocess.run(["bash", "scripts/lt_soups.sh", "all", "--", *flags],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((out / "soup" / "soup_manifest.json").read_text())
     assert manifest["mode"] == "progressive" and manifest["weights"] == pytest.approx([0.21, 0.7])
-    assert manifest["ingredients"] == [str(out / "stage1" / f"k{k}_branch0" / "best") for k in (0, 1)]
+    assert manifest["ingredients"] == [str(out / "stage1" / f"k{k}_branch0" / "best") for k in (0, 2)]
     assert (out / "stage2" / "final" / "lt_model.json").is_file()
+    counts = [int(30 * 0.1 ** (i / 9)) for i in range(10)]  # rho 10, n_max 30: n_min 3
+    for position, k in enumerate((0, 2)):
+        run_dir = out / "stage1" / f"k{k}_branch0"
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (config["subset_selection"], config["subset_seed"], config["balance_factor"]) == ("lt_soups", position, 2 ** k)
+        assert (config["warmup_start_factor"], config["ema_start"], config["num_evals"]) == (1e-6, "first_step", 5)
+        assert f"Num examples = {sum(min(n, 3 * 2 ** k) for n in counts)}" in run.stderr
+        info = json.loads((run_dir / "final" / "lt_info.json").read_text())
+        assert info["val_source"] == "test_slice" and info["split_sizes"]["val"] == 10 and info["split_sizes"]["test"] == 20
+        assert [json.loads(line)["step"] for line in (run_dir / "log.txt").read_text().splitlines()] == [2, 4, 6, 8, 10]
     again = subprocess.run(["bash", "scripts/lt_soups.sh", "stage1"], cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("skip") == 2
 

@@ -8,15 +8,8 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, CLIPModel, CLIPVisionModel, ViTModel
 
 from lt_utils.errors import UserError
-from lt_utils.heads import (
-    CosineHead,
-    LinearHead,
-    class_mean_head_init,
-    fingerprint,
-    random_head_init,
-    set_head_weight,
-    text_head_init,
-)
+from lt_utils.head_init import class_mean_head_init, set_head_weight, text_head_init
+from lt_utils.heads import CosineHead, LinearHead, fingerprint, random_head_init
 from lt_utils.models import CLIP_MEAN, BackboneSpec, build_lt_model, load_backbone
 from lt_utils.prompts import IMAGENET_TEMPLATES
 from tests.helpers_models import make_tiny_clip, make_tiny_vit, random_pixels, write_config_only

@@ -13,7 +13,6 @@ from lt_utils.peft_methods import (
     AdaptFormer,
     apply_method,
     bottleneck_dim,
-    build_method_model,
     encoder_layers,
     export_state_dict,
     trainable_parameter_count,
@@ -294,12 +293,15 @@ def test_export_state_dict_filters(clip_dir):
         export_state_dict(state, "lora")
 
 
-def test_export_reloads_into_build_method_model(vit_dir):
-    args = {"r": 2, "seed": 7}
-    trained = build_method_model(vit_dir, 3, "adaptformer", args, "cosine", 25.0).eval()
+def test_export_reloads_through_build_from_meta(vit_dir):
+    from lt_utils.checkpoint import build_from_meta
+
+    meta = {"base_model": str(vit_dir), "num_labels": 3, "from_scratch": False, "seed": 0,
+            "head": {"type": "cosine", "scale": 25.0}, "arch": {"adapters": "adaptformer", "adapter_dim": 2, "lora": None}}
+    trained = apply_method(build_from_meta(meta), "adaptformer", r=2).eval()
     _perturb([p for n, p in trained.named_parameters() if n.startswith(("adapters.", "head."))])
     export = export_state_dict(trained.state_dict(), "adaptformer")
-    reloaded = build_method_model(vit_dir, 3, "adaptformer", args, "cosine", 25.0).eval()
+    reloaded = build_from_meta(meta).eval()
     missing, unexpected = reloaded.load_state_dict(export, strict=False)
     assert not unexpected and all(k.startswith("backbone.") for k in missing)
     x = random_pixels(2)

@@ -197,8 +197,8 @@ def test_greedy_soup_keeps_and_drops_on_real_val_data(base, tmp_path):
 
 
 def _class_means(lt, train, num_classes):
-    from lt_utils.heads import class_mean_head_init
-    from lt_utils.training import image_loader, image_transforms
+    from lt_utils.data_loaders import image_loader, image_transforms
+    from lt_utils.head_init import class_mean_head_init
 
     return class_mean_head_init(lt, image_loader(train, image_transforms(lt.spec)[1], 64, 0), num_classes)
 

@@ -56,7 +56,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
     model, meta = load_export(out / "final")
     assert meta["method"] == "full" and meta["num_labels"] == 10
     from accelerate import Accelerator
-    from lt_utils import training as T
+    from lt_utils import data_loaders as T
     from lt_utils.data import load_lt_dataset
     from lt_utils.engine import evaluate
 
@@ -68,7 +68,9 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--sampler", "class_balanced"]], ids=["random", "class_balanced"])
+@pytest.mark.parametrize("extra", [[], ["--sampler", "class_balanced"],
+                                   ["--ema_start", "first_step", "--warmup_start_factor", "1e-6", "--num_warmup_steps", "4"]],
+                         ids=["random", "class_balanced", "lt_soups_ema_warmup"])
 def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path, extra):
     # 159 images / batch 16 = 10 batches = 5 optimizer steps per epoch with accumulation 2;
     # the resume at step 3 is mid-epoch, and the run crosses into the next epoch after it.

@@ -46,7 +46,10 @@ class LTConfig(datasets.BuilderConfig):
 
 
 def features_for(class_names):
-    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})
+    # draw_rank: the image's position in its class's draw (train, val from unused train images) or in its class's
+    # source order (test); LT-Soups' exact capped subsets draw from each class in this order (subsets.py)
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names)),
+                              "draw_rank": datasets.Value("int32")})
 
 
 def index_hash(source_split, indices):
@@ -62,7 +65,7 @@ def first_per_class(labels, num_classes, k):
 
 class LTBuilder(datasets.GeneratorBasedBuilder):
     BUILDER_CONFIG_CLASS = LTConfig
-    VERSION = datasets.Version("1.0.0")
+    VERSION = datasets.Version("1.1.0")  # 1.1: the draw_rank column
     DATASET = ""
     USES_IMB = True  # False: the source fixes the counts, so imb must not split the cache
     EMPTY_CLASS_HINT = "lower --imb or raise --max_per_class"
@@ -110,6 +113,18 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
         val, test = self.choose_val(source, test, unused)
         return {"train": ("train", flat_sorted(train)), "val": val, "test": test}, counts, n_max
 
+    def draw_ranks(self, source, src):
+        """Per source image of split `src`: its position in its class's draw (the source's train split, drawn by
+        `selection`), or in its class's source order (a test or val split, never drawn)."""
+        labels = source.splits[src].labels
+        per_class = indices_by_class(labels, len(source.class_names))
+        if src == "train":
+            per_class = class_order(labels, len(source.class_names), self.config.seed, self.config.selection)
+        ranks = np.empty(len(labels), dtype=np.int64)
+        for idx in per_class:
+            ranks[idx] = np.arange(len(idx))
+        return ranks
+
     def choose_val(self, source, test, unused):
         """(val, test): the source's own val split if it has one, else per `val_source`."""
         if "val" in source.splits:
@@ -140,15 +155,17 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
         plan, counts, n_max = self.plan(source)
         self.info.features = features_for(source.class_names)
         self.info.description = self.lt_info(source, plan, counts, n_max).to_json()
+        ranks = {src: self.draw_ranks(source, src) for src in {src for src, _ in plan.values()}}
         return [
-            datasets.SplitGenerator(name=split, gen_kwargs={"part": source.splits[src], "indices": idx})
+            datasets.SplitGenerator(name=split, gen_kwargs={"part": source.splits[src], "indices": idx,
+                                                            "ranks": ranks[src][idx]})
             for split, (src, idx) in plan.items()
         ]
 
-    def _generate_examples(self, part, indices):
+    def _generate_examples(self, part, indices, ranks):
         labels = part.labels[indices]
-        for k, (data, label) in enumerate(zip(part.images.iter_bytes(indices), labels)):
-            yield Key(0, k), {"image": {"bytes": data, "path": None}, "label": int(label)}
+        for k, (data, label, rank) in enumerate(zip(part.images.iter_bytes(indices), labels, ranks)):
+            yield Key(0, k), {"image": {"bytes": data, "path": None}, "label": int(label), "draw_rank": int(rank)}
 
 
 class Cifar100LT(LTBuilder):

@@ -1,0 +1,148 @@
+"""Data for training and evaluation: the LT split, its transforms, seeded augmentation, samplers and loaders."""
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import capped_subset, load_lt_dataset
+from .errors import require
+from .peft_methods import METHODS
+from .samplers import ClassBalancedSampler
+from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
+
+
+def load_data(args, accelerator):
+    with accelerator.main_process_first():
+        ds, info = load_lt_dataset(
+            args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.imb_seed,
+            selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,
+            train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
+            class_names_file=args.class_names_file, many_threshold=args.many_threshold,
+            few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
+            val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False))
+    return ds, record_saved_folder(info, args.dataset)
+
+
+def record_saved_folder(info, dataset_arg):
+    """A split loaded from a build_lt.py folder is recorded by that folder, so eval_lt.py finds the same images."""
+    import dataclasses
+
+    from .data.loading import is_saved_lt_dir
+
+    return dataclasses.replace(info, dataset=str(Path(dataset_arg).resolve())) if is_saved_lt_dir(dataset_arg) else info
+
+
+def limit_eval_splits(ds, max_eval_samples):
+    """--max_eval_samples: a seeded subset of val and test, for quick debugging runs only."""
+    if not max_eval_samples:
+        return ds
+    for split in ("val", "test"):
+        if len(ds[split]) > max_eval_samples:
+            ds[split] = ds[split].shuffle(seed=0).select(range(max_eval_samples))
+    return ds
+
+
+def training_split(ds, info, args):
+    """The images and class counts the loss sees: the full LT train split, or LT-Soups' capped subset."""
+    if args.balance_factor is None:
+        return ds["train"], list(info.train_counts)
+    require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
+    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed,
+                         selection=args.subset_selection)
+
+
+def resolve_augment(args):
+    """Head-only training trains on cached features of the eval view (the backbone runs once), so it cannot augment."""
+    if METHODS.get(args.method).head_only:
+        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head: its features "
+                "are computed once from the eval view; drop --augment")
+        return "none"
+    return args.augment or "rrc_flip"
+
+
+def image_transforms(spec, augment="rrc_flip"):
+    """(train, eval) transforms from the checkpoint's preprocessing.
+
+    augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
+    from scratch), none (the eval view).
+    """
+    from torchvision.transforms import v2
+
+    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
+    eval_tf = build_eval_transform(**common)
+    train_tf = {"rrc_flip": lambda: build_train_transform(**common),
+                "flip": lambda: v2.Compose([v2.RandomHorizontalFlip(), eval_tf]),
+                "none": lambda: eval_tf}[augment]()
+    return train_tf, eval_tf
+
+
+def test_transform(spec, tte):
+    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
+    if tte == "none":
+        return build_eval_transform(**common)
+    return build_tte_transform(tte, patch_size=spec.patch_size, **common)
+
+
+class SeededAugment:
+    """Training augmentation drawn from (seed, epoch, sample id) instead of the global RNG.
+
+    The same image gets the same crop whatever the number of processes or workers, however far the dataloader
+    prefetches, and after a mid-epoch resume; so resumed and distributed runs reproduce single-process ones.
+    Set `.epoch` before each epoch (workers are re-created per epoch and pick it up).
+    """
+
+    def __init__(self, transform, seed):
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def __call__(self, batch):
+        pixel_values = []
+        for image, sample_id in zip(batch["image"], batch["sample_id"]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + sample_id) % (2**62))
+                pixel_values.append(self.transform(image))
+        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch["label"]]}
+
+
+def with_sample_ids(dataset):
+    return dataset.add_column("sample_id", list(range(len(dataset))))
+
+
+def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
+    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a batch transform (SeededAugment)."""
+    batch_transform = transform if isinstance(transform, SeededAugment) else ApplyTransform(transform)
+    return DataLoader(dataset.with_transform(batch_transform), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+
+
+def build_sampler(args, train_ds):
+    if args.sampler == "random":
+        return None
+    power = 0.0 if args.sampler == "class_balanced" else 0.5
+    return ClassBalancedSampler(train_ds["label"], power=power, seed=args.seed)
+
+
+def collate_features(items):
+    features, labels = zip(*items)
+    return {"pixel_values": torch.stack(features), "labels": torch.stack(labels)}
+
+
+@torch.no_grad()
+def cache_features(lt_model, loader, accelerator, desc):
+    """Frozen-backbone features of a whole split, computed once (head-only training must not re-run the backbone)."""
+    from tqdm.auto import tqdm
+
+    lt_model.eval()
+    feats, labels = [], []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+        x = batch["pixel_values"]
+        with accelerator.autocast():
+            f = lt_model.features(x.flatten(0, 1)).view(*x.shape[:2], -1) if x.ndim == 5 else lt_model.features(x)
+        f, y = accelerator.gather_for_metrics((f.float().contiguous(), batch["labels"]))
+        feats.append(f.cpu())
+        labels.append(y.cpu())
+    return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+
+def feature_loader(features, batch_size, shuffle=False, sampler=None):
+    return DataLoader(features, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      collate_fn=collate_features)

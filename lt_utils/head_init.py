@@ -1,0 +1,147 @@
+"""Deterministic head initialisations (soups need identical head inits across runs): CLIP text features, class means."""
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import UserError, require
+from .heads import random_head_init
+from .models import load_backbone_config, unwrap_lt_model
+from .prompts import clean_class_name, prompt_templates
+from .registry import Registry
+
+
+def _default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.no_grad()
+def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None):
+    """CLIP text features of the class prompts mapped into the vision feature space, rows unit-norm [C, hidden].
+
+    Per class: mean of the normalised projected text features over the templates, renormalised; then
+    `@ visual_projection.weight` ([proj, hidden]) takes it to the pre-projection space LTModel.features
+    lives in (LIFT's text_feat @ proj.T), and rows are normalised again.
+    """
+    from transformers import AutoTokenizer, CLIPModel
+
+    name = os.path.expanduser(str(model_name_or_path))
+    _, config, _ = load_backbone_config(name)
+    if config.model_type != "clip":
+        raise UserError(
+            f"text head init needs a full CLIP checkpoint (text tower); {name!r} has none: use --head_init class_mean"
+        )
+    templates = prompt_templates(prompts)
+    names = [clean_class_name(c) for c in class_names]
+    if not names:
+        raise UserError("text head init needs at least one class name")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        clip = CLIPModel.from_pretrained(name, dtype=torch.float32)
+    except OSError as err:
+        raise UserError(
+            f"cannot load the CLIP text tower or tokenizer from {name!r}; use --head_init class_mean"
+        ) from err
+    device = torch.device(device or _default_device())
+    clip.to(device).eval()
+    text = _class_text_features(clip, tokenizer, names, templates, batch_size, device)
+    weight = F.normalize(text @ clip.visual_projection.weight.float(), dim=-1)
+    del clip  # the text tower is only needed here
+    return weight.cpu()
+
+
+def _class_text_features(clip, tokenizer, names, templates, batch_size, device):
+    """[C, proj] normalised mean over templates of normalised text embeddings; batched over (class, template)."""
+    pairs = [(c, t.format(n)) for c, n in enumerate(names) for t in templates]
+    sums = torch.zeros(len(names), clip.text_projection.out_features, dtype=torch.float32, device=device)
+    max_length = clip.config.text_config.max_position_embeddings
+    for start in tqdm(range(0, len(pairs), batch_size), desc="text features", disable=len(pairs) <= batch_size):
+        chunk = pairs[start : start + batch_size]
+        texts = [p for _, p in chunk]
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        tokens = {k: v.to(device) for k, v in tokens.items()}
+        pooled = clip.text_model(**tokens).pooler_output
+        feats = F.normalize(clip.text_projection(pooled).float(), dim=-1)
+        sums.index_add_(0, torch.tensor([c for c, _ in chunk], device=device), feats)
+    return F.normalize(sums / len(templates), dim=-1)
+
+
+@torch.no_grad()
+def class_mean_head_init(model, dataloader, num_classes):
+    """Normalised per-class mean of frozen features [C, D]; batches are dicts {"pixel_values", "labels"}.
+
+    Pass an unsharded loader: every process then computes the same head.
+    """
+    lt = unwrap_lt_model(model)
+    device = next(lt.parameters()).device
+    was_training = lt.training
+    lt.eval()
+    sums = counts = None
+    try:
+        for batch in tqdm(dataloader, desc="class means"):
+            feats = lt.features(batch["pixel_values"].to(device)).float()
+            labels = torch.as_tensor(batch["labels"], device=device).long()
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            if bad.numel():
+                raise UserError(
+                    f"class-mean head init: label {bad[0].item()} outside 0..{num_classes - 1}; wrong num_classes?"
+                )
+            if sums is None:
+                sums = torch.zeros(num_classes, feats.shape[-1], device=device)
+                counts = torch.zeros(num_classes, device=device)
+            sums.index_add_(0, labels, feats)
+            counts += torch.bincount(labels, minlength=num_classes)[:num_classes].float()
+    finally:
+        lt.train(was_training)
+    empty = [] if counts is None else (counts == 0).nonzero().flatten().tolist()
+    if counts is None or empty:
+        shown = "all" if counts is None else empty[:10]
+        raise UserError(
+            f"class-mean head init: classes {shown} have no training images; use --head_init text or random"
+        )
+    return F.normalize(sums / counts[:, None], dim=-1).cpu()
+
+
+def _head_modules(head):
+    # peft's modules_to_save wraps the head: keep the trained copy and the original identical.
+    if hasattr(head, "modules_to_save"):
+        return [head.original_module, *head.modules_to_save.values()]
+    return [head]
+
+
+@torch.no_grad()
+def set_head_weight(model, weight):
+    """Copy `weight` [C, D] into the head (a linear head's bias is zeroed)."""
+    for head in _head_modules(unwrap_lt_model(model).head):
+        if tuple(head.weight.shape) != tuple(weight.shape):
+            raise UserError(
+                f"head init has shape {tuple(weight.shape)} but the head is {tuple(head.weight.shape)}; "
+                "the class list and the model disagree"
+            )
+        head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+
+
+# `--head_init`: f(args, info, lt_model, accelerator, train_loader_fn) -> the head weight [C, D] on CPU, the same in
+# every run given the same inputs (soups rely on it); train_loader_fn(spec) gives an unsharded eval-view train loader.
+HEAD_INITS = Registry("head init", flag="--head_init")
+
+
+@HEAD_INITS.register("text")
+def _text(args, info, lt_model, accelerator, train_loader_fn):
+    require(lt_model.spec.kind == "clip" and not args.from_scratch,
+            "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
+    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
+
+
+@HEAD_INITS.register("class_mean")
+def _class_mean(args, info, lt_model, accelerator, train_loader_fn):
+    lt_model.to(accelerator.device)
+    return class_mean_head_init(lt_model, train_loader_fn(lt_model.spec), len(info.class_names)).cpu()
+
+
+@HEAD_INITS.register("random")
+def _random(args, info, lt_model, accelerator, train_loader_fn):
+    return random_head_init(len(info.class_names), lt_model.spec.hidden_size, seed=args.seed)
