@@ -387,3 +387,39 @@ def test_real_processes_exit_2_with_one_line(world, tmp_path):
         one_error_line(err)
         assert proc.returncode == 2, (name, err[-500:])
     assert tree_digest(world["root"]) == before
+
+
+# --------------------------------------------------------------------------------------- image bit depths
+def test_16_bit_and_float_images_are_scaled_not_clipped():
+    """convert("RGB") clips 16-bit grayscale to white: every class identical. Scaled, the pixels keep their order."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lt_utils.transforms import ToRGB
+
+    ramp16 = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    buf = io.BytesIO()
+    Image.fromarray(ramp16).save(buf, format="PNG")
+    png16 = Image.open(io.BytesIO(buf.getvalue()))
+    assert png16.mode.startswith("I")
+    expected = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for image in (png16, ramp16, Image.fromarray(ramp16.astype(np.float32) / 65535, mode="F"),
+                  ramp16.astype(np.float64) / 65535):
+        rgb = np.asarray(ToRGB()(image))
+        assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], expected), type(image)
+
+
+def test_eval_reads_the_data_dir_the_export_was_trained_on(world, tmp_path):
+    """Once only a warning: an export trained with --data_dir X was evaluated on Debian's Fashion-MNIST."""
+    import json
+
+    from lt_utils.checkpoint import read_export_meta
+
+    assert read_export_meta(world["run"] / "final")["dataset"]["data_dir"] == str(world["idx"].resolve())
+    results = MAINS["eval"]([str(world["run"] / "final"), "--output_dir", str(tmp_path / "ev"),
+                             "--cache_dir", str(world["cache"])])
+    (metrics,) = results.values()
+    assert metrics["num_samples"] == 100  # the synthetic test split (Debian's has 10,000 images)
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]["num_samples"] == 100
