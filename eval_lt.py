@@ -24,7 +24,9 @@ import logging
 from lt_utils import eval_runs as E
 from lt_utils import data_loaders as D
 from lt_utils.checkpoint import load_export
-from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
+from lt_utils.compile import dynamo_plugin
+from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args, add_data_args, add_flags,
+                             check_cross_flags)
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
@@ -40,8 +42,9 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
-    add_flags(parser, ("split", "zero_shot", "prompt_template", "output_dir", "overwrite", "mixed_precision"),
+    add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "output_dir", "overwrite", "mixed_precision"),
               output_dir=None)
+    add_compile_args(parser)
     group = add_data_args(parser)
     group.description = ("default: the split each export was trained on (its lt_info.json and --data_dir); only the "
                          "flags you pass override it, e.g. --data_dir for other local source files")
@@ -59,13 +62,13 @@ def main(argv=None):
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_plugin=dynamo_plugin(args))
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
 
     # every input and output is checked before the first (long) evaluation starts
-    targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template)
+    targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template, args.which)
     comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite,
                                       {f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     accelerator.wait_for_everyone()
@@ -116,6 +119,8 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         model, meta = load_export(target.export_dir)
         spec = BackboneSpec.from_dict(meta["backbone"])
     model.to(accelerator.device)
+    if args.torch_compile:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)

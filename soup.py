@@ -1,5 +1,8 @@
-"""Merge fine-tuned export dirs (train_lt.py's final/ or best/, local or Hub ids) into a model soup export.
+"""Merge fine-tuned runs (train_lt.py's output dirs, or their final/ or best/ exports, local or Hub ids) into a model
+soup export.
 
+  # every run in ckpts/ (their best/ exports; --which final for final/), written to soups/uniform (printed)
+  python soup.py ckpts/*
   # uniform soup (default): 1/N each
   python soup.py runs/a/final runs/b/final runs/c/final --output_dir soups/uniform
   # explicit weights (must sum to 1, or add --normalize)
@@ -20,15 +23,18 @@ soup_manifest.json: inputs and their sha256, weights (anchor included), mode and
 import argparse
 
 from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
-from lt_utils.errors import cli_entry, require
+from lt_utils.errors import cli_entry
+from lt_utils.runs import default_soup_dir, expand_ingredients
 from lt_utils.soup import build_val_scorer, make_soup
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, greedy; "
                                         "WiSE-FT with --alpha).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("ingredients", nargs="+", help="export dirs (final/, best/) or Hub ids, in order (progressive)")
-    add_flags(parser, ("output_dir",), output_dir=None)
+    parser.add_argument("ingredients", nargs="+",
+                        help="run dirs, export dirs (final/, best/) or Hub ids, in order (progressive); files and "
+                             "folders without a run among them (logs, an earlier soup) are skipped with a note")
+    add_flags(parser, ("which", "output_dir"), output_dir=None)
     add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "select_metric", "overwrite", "push_to_hub",
                        "hub_model_id", "hub_token"), aliases={"lam": ["--lambda"]})
     group = add_data_args(parser, dataset=None, num_workers=0)
@@ -38,21 +44,27 @@ def get_args_parser():
 
 @cli_entry
 def main(argv=None):
+    from accelerate import PartialState
+
     args = get_args_parser().parse_args(argv)
     check_cross_flags(args)
-    require(args.output_dir is not None, "--output_dir is required; pass the soup's export dir")
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
+    ingredients, notes = expand_ingredients(args.ingredients, args.which)
+    if PartialState().is_main_process:
+        for note in notes:
+            print(note)
+    output_dir = args.output_dir or str(default_soup_dir(mode, ingredients))
 
     def scorer_factory(first):
         return build_val_scorer(first.meta, first.path / "lt_info.json", args,
                                 batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
 
-    manifest = make_soup(args.ingredients, args.output_dir, mode=mode, lam=args.lam, weights=args.weights,
+    manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
                          scorer_factory=scorer_factory, select_metric=args.select_metric,
                          data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     if "output_sha256" in manifest:  # main process
-        print(f"soup written to {args.output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
+        print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
               + ", ".join(f"{w:.4g}" for w in manifest["weights"]))
         print(f"sha256 {manifest['output_sha256']}  model.safetensors")
         if args.push_to_hub:
@@ -60,7 +72,7 @@ def main(argv=None):
 
             from lt_utils.hub import push_export
 
-            repo = push_export(args.output_dir, args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+            repo = push_export(output_dir, args.hub_model_id or Path(output_dir).name, token=args.hub_token)
             print(f"pushed to https://huggingface.co/{repo}")
     return manifest
 

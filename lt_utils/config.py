@@ -2,14 +2,16 @@
 
 `FLAGS` holds every flag of the four command lines (train_lt.py, eval_lt.py, soup.py, data_scripts/build_lt.py) with
 its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
-names), nullability and help. The same `Flag.coerce` parses and checks a value from the command line (argparse's
+names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line (argparse's
 `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must be
 finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
-Unknown keys in a preset are an error, not silently ignored.
+Unknown keys in a preset are an error, not silently ignored. Relative input paths inside a preset are found next to
+the preset file, then in the repository (`resolve_preset_paths`); paths typed on the command line stay relative to
+the working directory.
 """
 import argparse
 import math
@@ -35,7 +37,8 @@ UINT32 = 2**32  # numpy / torch seeds
 class Flag:
     """One flag's constraints. kind: int, float, bool (true/false value), switch (store_true), str, path, steps
     (a positive int, 'epoch' or 'none'). low/high: bounds, open when low_open/high_open. choices: a list or a
-    callable returning one. nullable: None (yaml null) is a valid value. nargs: argparse's, for lists."""
+    callable returning one. nullable: None (yaml null) is a valid value. nargs: argparse's, for lists. secret: never
+    shown or recorded (`public_flags`, error messages)."""
 
     kind: str
     default: object = None
@@ -48,6 +51,7 @@ class Flag:
     nullable: bool = False
     nargs: str = None
     metavar: str = None
+    secret: bool = False
 
     def choice_list(self):
         return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
@@ -63,7 +67,7 @@ class Flag:
 
     def coerce(self, name, raw, origin=""):
         """The typed, checked value of `raw` (a command-line string or a yaml value); UserError if it is not valid."""
-        shown = _show(raw)
+        shown = "<hidden>" if self.secret else _show(raw)
         where = f" (in {origin})" if origin else ""
 
         def bad(problem, fix):
@@ -80,7 +84,7 @@ class Flag:
         if isinstance(raw, (list, tuple, dict)):
             raise bad("is a list or mapping", "give a single value")
         if isinstance(raw, str):
-            _check_encodable(name, raw, where)
+            _check_encodable(name, raw, where, shown)
         kind = self.kind
         if kind in ("bool", "switch"):
             value = _to_bool(raw)
@@ -141,13 +145,13 @@ def _show(raw):
     return str(raw)
 
 
-def _check_encodable(name, value, where=""):
+def _check_encodable(name, value, where="", shown=None):
     """Non-UTF-8 bytes (surrogate-escaped by Python) cannot be written to configs, cards or JSON: refuse them now."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise UserError(f"--{name} {_show(value)}{where} contains bytes that are not UTF-8; rename the path or pass "
-                        "a UTF-8 value") from None
+        raise UserError(f"--{name} {shown or _show(value)}{where} contains bytes that are not UTF-8; rename the path "
+                        "or pass a UTF-8 value") from None
 
 
 def _to_bool(raw):
@@ -235,7 +239,11 @@ def _opt(kind, help=""):
 # ------------------------------------------------------------------------------------------------ the table
 _DATA = {
     "dataset": Flag("path", "fashion_mnist_lt", "cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, "
-                    "inat2018, imagefolder_lt, or a folder written by data_scripts/build_lt.py"),
+                    "inat2018, imagefolder_lt, a folder written by data_scripts/build_lt.py, or a split it pushed to "
+                    "the Hub (user/repo)"),
+    "dataset_config_name": Flag("str", None, "a named preset of the dataset builder, e.g. fashion_mnist_lt's "
+                                "quickstart (imb 100, n_max 600); each builder accepts its own",
+                                choices=_lazy(".data.loading", "builder_config_names"), nullable=True),
     "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1),
     "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub"),
     "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True),
@@ -312,6 +320,14 @@ _TRAIN = {
                       "copy of the weights after the first optimizer step", choices=["initial", "first_step"]),
     "mixed_precision": Flag("str", None, "default: from the accelerate config", choices=["no", "fp16", "bf16"],
                             nullable=True),
+    "gradient_checkpointing": Flag("switch", False, "recompute the backbone's activations in the backward pass (the "
+                                   "HF models' own): less memory, about a third more compute"),
+    "torch_compile": Flag("switch", False, "torch.compile the model (through accelerate's dynamo plugin); the first "
+                          "steps are slower"),
+    "torch_compile_backend": Flag("str", None, "a torch.compile backend (default: inductor)",
+                                  choices=_lazy(".compile", "compile_backends"), nullable=True),
+    "torch_compile_mode": Flag("str", None, "torch.compile's mode (default: torch's)", nullable=True,
+                               choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
     "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'"),
     "num_evals": _pos("int", None, "instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per "
                       "run)", nullable=True),
@@ -326,10 +342,13 @@ _TRAIN = {
     "report_to": Flag("str", "tensorboard", choices=_report_targets),
     "push_to_hub": Flag("switch", False),
     "hub_model_id": _opt("str"),
-    "hub_token": _opt("str", "prefer the HF_TOKEN environment variable"),
+    "hub_token": Flag("str", None, "prefer the HF_TOKEN environment variable (never recorded or shown)", nullable=True,
+                      secret=True),
 }
 
 _OTHER = {  # eval_lt.py, soup.py, build_lt.py
+    "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
+                  choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
     "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP id or dir", nullable=True, metavar="MODEL"),
     "overwrite": Flag("switch", False, "replace an existing --output_dir"),
@@ -430,7 +449,7 @@ def parse_args_with_config(parser, argv=None):
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_preset(known.config, parser))
+        parser.set_defaults(**resolve_preset_paths(load_preset(known.config, parser), known.config))
     return parser.parse_args(argv)
 
 
@@ -457,9 +476,41 @@ def load_preset(path, parser):
     return {key: table[key].coerce(key, value, origin=str(path)) for key, value in preset.items()}
 
 
+# preset keys naming something to read (outputs such as output_dir and cache_dir stay relative to the working dir)
+PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "data_dir", "train_list", "val_list", "test_list",
+                      "class_names_file", "test_dir", "val_dir")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_preset_paths(preset, preset_path):
+    """Relative input paths of a preset, looked up next to the preset file, then at the repository root: the first
+    that exists is made absolute, so a preset works from any working directory. A value found in neither place (a
+    Hub id, a dataset name) is kept as written."""
+    resolved = dict(preset)
+    for key in PRESET_INPUT_PATHS:
+        value = preset.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        for root in (Path(preset_path).resolve().parent, REPO_ROOT):
+            if (root / value).exists():
+                resolved[key] = str(root / value)
+                break
+    return resolved
+
+
+SECRET_FLAGS = frozenset(name for name, flag in FLAGS.items() if flag.secret)
+
+
+def public_flags(values):
+    """Flags as they may be recorded (config.yaml, trackers, logs, cards): the table's secret flags (`--hub_token`) are
+    blanked, so a recorded config never carries a Hub token (re-used, it falls back to HF_TOKEN / huggingface-cli
+    login). Error messages hide them too (`Flag.coerce`)."""
+    return {k: (None if k in SECRET_FLAGS else v) for k, v in dict(values).items()}
+
+
 def save_resolved_config(args, path):
-    """The exact flags a run used, re-usable as `--config`."""
-    values = {k: v for k, v in vars(args).items() if k != "config"}
+    """The exact flags a run used (secrets blanked), re-usable as `--config`."""
+    values = {k: v for k, v in public_flags(vars(args)).items() if k != "config"}
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=True))
 
 
@@ -476,7 +527,7 @@ RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max
                        "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
                        "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
 
-DATA_FLAGS = ("dataset", "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
+DATA_FLAGS = ("dataset", "dataset_config_name", "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
               "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir", "relabel_by_name",
               "many_threshold", "few_threshold", "cache_dir", "per_device_eval_batch_size", "num_workers",
               "max_eval_samples", "tte")
@@ -502,11 +553,20 @@ def build_train_parser():
     add_group(parser, "optimisation", ("optimizer", "learning_rate", "weight_decay", "momentum", "lr_scheduler_type",
                                        "num_warmup_steps", "warmup_start_factor", "min_lr_ratio", "num_train_epochs", "max_train_steps",
                                        "min_train_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                                       "total_batch_size", "max_grad_norm", "ema_decay", "ema_start", "mixed_precision"))
+                                       "total_batch_size", "max_grad_norm", "ema_decay", "ema_start", "mixed_precision",
+                                       "gradient_checkpointing"))
+    add_compile_args(parser)
     add_group(parser, "evaluation, checkpoints, outputs", (
         "eval_steps", "num_evals", "select_metric", "output_dir", "overwrite_output_dir", "seed", "checkpointing_steps",
         "resume_from_checkpoint", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token"))
     return parser
+
+
+COMPILE_FLAGS = ("torch_compile", "torch_compile_backend", "torch_compile_mode")
+
+
+def add_compile_args(parser):
+    return add_group(parser, "compilation", COMPILE_FLAGS)
 
 
 def parse_train_args(argv=None):

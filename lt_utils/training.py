@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
-from .config import DATA_INPUT_FLAGS
+from .compile import dynamo_plugin
+from .config import DATA_INPUT_FLAGS, SECRET_FLAGS
 from .errors import UserError, require
 from .exports import Exporter, load_image_processor
 from .head_init import HEAD_INITS, set_head_weight
+from .models import enable_gradient_checkpointing
 from .peft_methods import METHODS, apply_method, empty_arch
 
 
@@ -26,6 +28,7 @@ def build_accelerator(args):
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_plugin=dynamo_plugin(args),
         **cpu_multiprocess_kwargs(),
     )
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
@@ -152,6 +155,10 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     margs = method.method_args(args, num_classes, lt_model.spec.num_layers)
     arch.update(method.arch(margs))
     model = apply_method(lt_model, args.method, **margs)
+    if args.gradient_checkpointing:
+        require(not method.head_only, f"--gradient_checkpointing does not apply to --method {args.method} (its backbone "
+                "runs once without gradients); drop it")
+        enable_gradient_checkpointing(lt_model)
     exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
     return model, exporter
 
@@ -190,7 +197,8 @@ def used_run_dir(out):
 
 # flags that do not change what a run trains (or are rewritten at start), not compared on a relaunch
 _RELAUNCH_FREE = {"config", "resume_from_checkpoint", "overwrite_output_dir", "with_tracking", "report_to", "push_to_hub",
-                  "hub_model_id", "hub_token", "num_workers", "per_device_eval_batch_size", "cache_dir", "augment",
+                  "hub_model_id", "num_workers", "gradient_checkpointing", "torch_compile", "torch_compile_backend",
+                  "torch_compile_mode", "per_device_eval_batch_size", "cache_dir", "augment",
                   "per_device_train_batch_size", "model_name_or_path", "from_scratch", "head_type", "head_scale",
                   "output_dir"}
 
@@ -213,7 +221,7 @@ def finished_run(args):
         except (yaml.YAMLError, UnicodeDecodeError):
             saved = {}
         for key, value in vars(args).items():
-            if key in _RELAUNCH_FREE or key not in saved or saved[key] == value:
+            if key in _RELAUNCH_FREE or key in SECRET_FLAGS or key not in saved or saved[key] == value:
                 continue
             raise UserError(f"cannot resume {out}, a finished run: its {key} is {saved[key]!r} but this run has "
                             f"{value!r}; relaunch it with the same settings (a no-op) or start a new --output_dir")
@@ -308,5 +316,7 @@ def describe_run(args, accelerator, plan, num_examples, trainable):
              f"  Per-device batch size = {args.per_device_train_batch_size}",
              f"  Total batch size (per device x processes x accumulation) = {total_batch}",
              f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
-             f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}"]
+             f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}",
+             f"  Processes = {accelerator.num_processes} ({accelerator.distributed_type.value}), "
+             f"mixed precision = {accelerator.mixed_precision}"]
     return "\n".join(lines)

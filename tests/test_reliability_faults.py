@@ -20,7 +20,8 @@ SCENARIOS = {
     "multiple": ["--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_steps", "3",
                  "--sampler", "class_balanced"],
 }
-TRIALS_PER_SCENARIO = 5  # 10 training kills in all
+TRIALS_PER_SCENARIO = 3  # 6 training kills, 5 soup kills, 5 dataset-build kills: 16 in all
+WRITE_TRIALS = 5
 MAINS = cli_mains()
 
 
@@ -35,6 +36,14 @@ def world(tmp_path_factory):
         assert (outcome, code) == ("exit", 0)
         refs[name] = (out, events)
     return {"root": root, "idx": idx, "refs": refs}
+
+
+def spread_kills(seed, events, trials):
+    """`trials` kill points, one drawn at random from each of `trials` equal stretches of the write events, so early,
+    middle and late writes (checkpoints, the last export) are all hit whatever the seed."""
+    rng = random.Random(seed)
+    edges = [1 + round(i * events / trials) for i in range(trials + 1)]
+    return sorted({rng.randrange(lo, max(lo + 1, hi)) for lo, hi in zip(edges, edges[1:]) if lo <= events})
 
 
 def train_argv(idx, out, scenario, *extra):
@@ -61,8 +70,8 @@ def assert_same_run(out, ref):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_training_killed_at_random_writes_resumes_bit_exact(world, tmp_path, scenario):
     ref, events = world["refs"][scenario]
-    rng = random.Random(f"kill-{scenario}")
-    kills = sorted(rng.sample(range(1, events + 1), TRIALS_PER_SCENARIO))
+    kills = spread_kills(f"kill-{scenario}", events, TRIALS_PER_SCENARIO)
+    assert len(kills) == TRIALS_PER_SCENARIO
     for k in kills:
         out = tmp_path / f"kill_{k}"
         outcome, _, _ = run_forked(lambda: MAINS["train"](train_argv(world["idx"], out, scenario)), kill_at=k)
@@ -118,7 +127,9 @@ def test_soup_killed_at_random_writes_is_whole_or_absent(world, tmp_path):
     ref = tmp_path / "ref_soup"
     outcome, code, events = run_forked(lambda: MAINS["soup"]([*ingredients, "--output_dir", str(ref)]))
     assert (outcome, code) == ("exit", 0)
-    for k in sorted(random.Random("soup").sample(range(1, events + 1), min(10, events))):
+    kills = spread_kills("soup", events, WRITE_TRIALS)
+    assert len(kills) == WRITE_TRIALS
+    for k in kills:
         out = tmp_path / f"soups_{k}" / "soup"
         outcome, _, _ = run_forked(lambda: MAINS["soup"]([*ingredients, "--output_dir", str(out)]), kill_at=k)
         assert outcome == "killed"
@@ -141,7 +152,9 @@ def test_dataset_build_killed_at_random_writes_is_whole_or_absent(world, tmp_pat
     outcome, code, events = run_forked(lambda: MAINS["build"](argv(ref, tmp_path / "ref_cache")))
     assert (outcome, code) == ("exit", 0)
     want = split_digest(load_lt_dataset(str(ref))[0])
-    for k in sorted(random.Random("build").sample(range(1, events + 1), min(10, events))):
+    kills = spread_kills("build", events, WRITE_TRIALS)
+    assert len(kills) == WRITE_TRIALS
+    for k in kills:
         out, cache = tmp_path / f"ds_{k}" / "ds", tmp_path / f"cache_{k}"
         outcome, _, _ = run_forked(lambda: MAINS["build"](argv(out, cache)), kill_at=k)
         assert outcome == "killed"

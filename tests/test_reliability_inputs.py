@@ -83,6 +83,8 @@ TRAIN_FLAGS = [
     ("checkpointing_steps", "0", "positive number of steps"), ("checkpointing_steps", "1.5", "positive number of steps"),
     ("select_metric", "mean_acc", "not a valid choice"), ("seed", "-1", "out of range"), ("seed", "4294967296", "out of range"),
     ("report_to", "bogus", "not a valid choice"), ("output_dir", "", "empty path"),
+    ("dataset_config_name", "quick", "not a valid choice"), ("torch_compile_mode", "fast", "not a valid choice"),
+    ("torch_compile_backend", "turbo", "not a valid choice"),
 ]
 
 
@@ -110,6 +112,8 @@ PRESETS = [
     ("label_smoothing: 1", "out of range"), ("head_scale: 0", "out of range"), ("num_workers: -1", "out of range"),
     ("overwrite_output_dir: maybe", "not a boolean"), ("- a\n- b", "must be a mapping"), ("a: [b", "not valid yaml"),
     ("per_device_train_batch_size: true", "not an integer"), ("weight_decay: '1e-4x'", "not a number"),
+    ("gradient_checkpointing: maybe", "not a boolean"), ("torch_compile_mode: fast", "--torch_compile_mode fast"),
+    ("dataset_config_name: [quickstart]", "list"),
 ]
 
 
@@ -259,7 +263,8 @@ def test_resume_refuses_corrupted_checkpoints(world, tmp_path, capsys, case):
 # ------------------------------------------------------------------------------------------------ eval
 EVAL_FLAGS = [("imb", "nan"), ("split", "dev"), ("tte", "five"), ("per_device_eval_batch_size", "0"), ("num_workers", "-1"),
               ("max_eval_samples", "0"), ("many_threshold", "-1"), ("mixed_precision", "fp8"), ("prompt_template", "x"),
-              ("imb_seed", "-1"), ("val_per_class", "-1"), ("max_per_class", "0")]
+              ("imb_seed", "-1"), ("val_per_class", "-1"), ("max_per_class", "0"), ("which", "last"),
+              ("torch_compile_mode", "fast"), ("dataset_config_name", "quick")]
 
 
 @pytest.mark.parametrize("flag, value", EVAL_FLAGS, ids=[f"{f}={v}" for f, v in EVAL_FLAGS])
@@ -292,7 +297,7 @@ SOUP_FLAGS = [(["--weights", "inf", "1", "--normalize"], "--weights inf"), (["--
               (["--lambda", "nan"], "not finite"), (["--alpha", "1.5"], "--alpha 1.5"), (["--alpha", "-0.1"], "--alpha -0.1"),
               (["--alpha", "nan"], "--alpha nan"), (["--mode", "blend"], "--mode blend"),
               (["--mode", "greedy", "--select_metric", "x"], "--select_metric x"), (["--weights", "0.5"], "--weights"),
-              (["--weights", "0.3", "0.3"], "sum to 0.6")]
+              (["--weights", "0.3", "0.3"], "sum to 0.6"), (["--which", "last"], "--which last")]
 
 
 @pytest.mark.parametrize("flags, expect", SOUP_FLAGS, ids=[" ".join(f) for f, _ in SOUP_FLAGS])
@@ -321,7 +326,7 @@ def test_soup_existing_output_and_missing_ingredient(world, tmp_path, capsys):
 # -------------------------------------------------------------------------------------------- build_lt
 BUILD_FLAGS = [("imb", "nan"), ("imb", "inf"), ("imb", "0.5"), ("max_per_class", "0"), ("seed", "-1"),
                ("val_per_class", "-1"), ("test_per_class", "0"), ("test_per_class", "-1"), ("many_threshold", "-1"),
-               ("selection", "x"), ("val_source", "x"), ("relabel_by_name", "maybe")]
+               ("selection", "x"), ("val_source", "x"), ("relabel_by_name", "maybe"), ("dataset_config_name", "quick")]
 
 
 @pytest.mark.parametrize("flag, value", BUILD_FLAGS, ids=[f"{f}={v}" for f, v in BUILD_FLAGS])
@@ -389,6 +394,38 @@ def test_real_processes_exit_2_with_one_line(world, tmp_path):
     assert tree_digest(world["root"]) == before
 
 
+# ------------------------------------------------------------------------------------------- the flag table
+def test_every_flag_of_the_four_clis_comes_from_the_table():
+    """A flag added with a bare add_argument would skip the checks (and presets could not set it)."""
+    import eval_lt
+    import soup
+    from helpers_faults import load_build_lt
+
+    from lt_utils.config import FLAGS, build_train_parser
+
+    parsers = {"train": build_train_parser(), "eval": eval_lt.get_args_parser(), "soup": soup.get_args_parser(),
+               "build": load_build_lt().get_args_parser()}
+    for cli, parser in parsers.items():
+        options = {a.dest for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+        assert len(options) > 10 and options == set(parser._lt_flags), (cli, options ^ set(parser._lt_flags))
+    new = {"which", "dataset_config_name", "torch_compile", "torch_compile_backend", "torch_compile_mode",
+           "gradient_checkpointing"}
+    assert new <= set(FLAGS)
+    assert FLAGS["which"].choice_list() == ["best", "final"]
+    assert "quickstart" in FLAGS["dataset_config_name"].choice_list()
+    assert "aot_eager" in FLAGS["torch_compile_backend"].choice_list()
+
+
+def test_secret_flags_are_never_shown_or_recorded(world, capsys):
+    from lt_utils.config import SECRET_FLAGS, public_flags
+
+    assert SECRET_FLAGS == {"hub_token"}
+    assert public_flags({"hub_token": "hf_SECRET", "seed": 3}) == {"hub_token": None, "seed": 3}
+    line = refused(world, "train", tiny_train_args(world["idx"], world["run"], "--hub_token", "hf_SECRET\udcff"),
+                   "--hub_token <hidden> contains bytes that are not UTF-8", capsys)
+    assert "SECRET" not in line
+
+
 # --------------------------------------------------------------------------------------- image bit depths
 def test_16_bit_and_float_images_are_scaled_not_clipped():
     """convert("RGB") clips 16-bit grayscale to white: every class identical. Scaled, the pixels keep their order."""
@@ -396,6 +433,8 @@ def test_16_bit_and_float_images_are_scaled_not_clipped():
 
     import numpy as np
     from PIL import Image
+
+    import torch
 
     from lt_utils.transforms import ToRGB
 
@@ -407,8 +446,36 @@ def test_16_bit_and_float_images_are_scaled_not_clipped():
     expected = np.arange(256, dtype=np.uint8).reshape(16, 16)
     for image in (png16, ramp16, Image.fromarray(ramp16.astype(np.float32) / 65535, mode="F"),
                   ramp16.astype(np.float64) / 65535):
-        rgb = np.asarray(ToRGB()(image))
-        assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], expected), type(image)
+        rgb = ToRGB()(image)
+        assert rgb.dtype == torch.uint8 and tuple(rgb.shape) == (3, 16, 16), type(image)
+        assert all(np.array_equal(rgb[c].numpy(), expected) for c in range(3)), type(image)
+
+
+@pytest.mark.parametrize("side", [16, 80])  # decoded once into the uint8 array / decoded when read (> 64x64 px)
+def test_16_bit_images_are_scaled_in_the_uint8_data_path(side):
+    """The DataLoader's path: a `datasets` split of 16-bit PNGs through ImageSplit and the eval transform."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from lt_utils.data.images import ImageSplit
+    from lt_utils.transforms import ToRGB, build_eval_transform
+
+    ramps = [(np.linspace(0, 65535, side * side).reshape(side, side) * k / 3).astype(np.uint16) for k in (1, 2, 3)]
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(r) for r in ramps], "label": [0, 1, 2]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.Value("int64")}))
+    assert ds[0]["image"].mode.startswith("I")
+    split = ImageSplit(ds, transform=lambda image: image)
+    assert (split.array is not None) == (side <= 64)
+    for index, ramp in enumerate(ramps):
+        pixels = ToRGB()(split[index]["pixel_values"])
+        expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+        assert all(np.array_equal(pixels[c].numpy(), expected) for c in range(3)), index
+    # normalised for the model, the three images differ (clipped, all three were white)
+    transform = build_eval_transform(16, [0.5] * 3, [0.5] * 3)
+    means = [float(transform(split[i]["pixel_values"]).mean()) for i in range(3)]
+    assert means[0] < means[1] < means[2] < 1.0, means
 
 
 def test_eval_reads_the_data_dir_the_export_was_trained_on(world, tmp_path):
