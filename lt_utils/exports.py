@@ -45,7 +45,9 @@ class Exporter:
             "train_counts": list(info.train_counts), "groups": list(info.groups),
             "group_counts": info.group_counts(), "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
             "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
-                        "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor},
+                        "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor,
+                        # the local source files (eval_lt.py reads the same ones by default)
+                        "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None},
             "has_weights_file": True, "run_name": Path(args.output_dir).name,
         }
 
@@ -113,7 +115,7 @@ def load_image_processor(name_or_path):
 
 def refresh_model_card(export_dir, metrics):
     from .checkpoint import META_FILE
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, read_json
 
-    meta = json.loads((Path(export_dir) / META_FILE).read_text())
+    meta = read_json(Path(export_dir) / META_FILE, "export metadata")
     atomic_write_text(Path(export_dir) / "README.md", model_card(meta, metrics))

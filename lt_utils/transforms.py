@@ -182,18 +182,45 @@ def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="
 
 
 class ToRGB:
-    """PIL (L/RGB/RGBA/P/...), HWC uint8 array or [C, H, W] uint8 tensor -> RGB uint8 [3, H, W] tensor."""
+    """PIL (L/RGB/RGBA/P/16-bit/float ...), HWC array or [C, H, W] tensor -> RGB uint8 [3, H, W] tensor; 16-bit and
+    float values are scaled to 8 bits (`to_uint8`), never clipped."""
 
     def __call__(self, image):
         if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8:
+                image = torch.from_numpy(to_uint8(image.numpy()))
             return image if image.shape[0] == 3 else image[:1].expand(3, -1, -1)
+        if is_high_depth(image):
+            image = np.asarray(image)
         if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
+            image = Image.fromarray(to_uint8(image))
         if not isinstance(image, Image.Image):
             raise UserError(
-                f"expected a PIL image or uint8 array, got {type(image).__name__}; check --image_column_name"
+                f"expected a PIL image or an array, got {type(image).__name__}; check --image_column_name"
             )
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def is_high_depth(image):
+    """A PIL image of 16-bit or 32-bit integer or float pixels (modes I;16*, I, F)."""
+    return isinstance(image, Image.Image) and (image.mode in ("I", "F") or image.mode.startswith("I;16"))
+
+
+def to_uint8(array):
+    """8-bit values of an image array: PIL's convert("RGB") clips 16-bit and float images (all white), so scale
+    them here. Integers: the full range of 16 bits (0..65535 -> 0..255); floats: [0, 1] (or [0, 255] when larger)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        top = 255 if array.dtype.itemsize == 1 else 65535
+        scaled = array.astype(np.float64) * (255.0 / top)
+    else:
+        values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = values * 255.0 if values.size == 0 or values.max() <= 1.0 else values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 class MultiView:
