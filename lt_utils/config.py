@@ -118,14 +118,23 @@ def build_train_parser():
     g.add_argument("--lora_alpha", type=float, default=1.0)
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--lora_target_modules", nargs="+", default=None, help="default q_proj v_proj (CLIP) / query value (ViT)")
+    g.add_argument("--head_features", default="cached", choices=["cached", "augmented"],
+                   help="--method head: features of the eval view computed once (fast), or augmented images through "
+                        "the frozen backbone every epoch (the papers' stage 2: LOS, LT-Soups)")
+    g.add_argument("--backbone_bn", default="eval", choices=["eval", "train"],
+                   help="--head_features augmented: the frozen backbone's BatchNorm uses its running statistics (eval) "
+                        "or batch statistics that keep updating them (train; LOS)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="synchronise BatchNorm statistics across processes (DDP): N processes then equal one with the global batch")
     g.add_argument("--head_type", default="cosine", choices=HEADS.names())
     g.add_argument("--head_scale", type=float, default=25.0, help="cosine head scale (LIFT 25, LT-Soups 30)")
     g.add_argument("--head_init", default="text", choices=HEAD_INITS.names())
     g.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names())
     g = parser.add_argument_group("loss and sampling")
-    g.add_argument("--augment", default=None, choices=["rrc_flip", "flip", "none"],
-                   help="training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none (the "
-                        "eval view); --method head always trains on cached eval-view features")
+    g.add_argument("--augment", default=None, choices=["rrc_flip", "crop_flip", "flip", "none"],
+                   help="training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded random crop + "
+                        "flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with cached "
+                        "features trains on the eval view")
     g.add_argument("--loss", default="la", choices=LOSSES.names())
     g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")
@@ -169,6 +178,7 @@ def build_train_parser():
     g.add_argument("--output_dir", default="outputs/run")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir without resuming")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dry_run", action="store_true", help="build the model, print its parameter counts as JSON, and exit")
     g.add_argument("--checkpointing_steps", default=None, help="save a resume state every N optimizer steps, or 'epoch'")
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a step_* folder")
     g.add_argument("--with_tracking", action="store_true")

@@ -8,7 +8,8 @@ from .data import capped_subset, load_lt_dataset
 from .errors import require
 from .peft_methods import METHODS
 from .samplers import ClassBalancedSampler
-from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
+from .transforms import (ApplyTransform, build_crop_flip_transform, build_eval_transform, build_train_transform,
+                         build_tte_transform, collate)
 
 
 def load_data(args, accelerator):
@@ -52,25 +53,30 @@ def training_split(ds, info, args):
 
 
 def resolve_augment(args):
-    """Head-only training trains on cached features of the eval view (the backbone runs once), so it cannot augment."""
-    if METHODS.get(args.method).head_only:
-        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head: its features "
-                "are computed once from the eval view; drop --augment")
+    """Head-only training on cached features of the eval view (the backbone runs once) cannot augment."""
+    if head_on_cached_features(args):
+        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head with cached "
+                "features (computed once from the eval view); drop --augment or pass --head_features augmented")
         return "none"
     return args.augment or "rrc_flip"
+
+
+def head_on_cached_features(args):
+    return METHODS.get(args.method).head_only and args.head_features == "cached"
 
 
 def image_transforms(spec, augment="rrc_flip"):
     """(train, eval) transforms from the checkpoint's preprocessing.
 
-    augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
+    augment: rrc_flip (LIFT: RandomResizedCrop + flip), crop_flip (CIFAR papers, LOS: 4-px padded random crop + flip), flip (the eval view, randomly mirrored; small images trained
     from scratch), none (the eval view).
     """
     from torchvision.transforms import v2
 
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    eval_tf = build_eval_transform(**common)
+    eval_tf = build_eval_transform(**common, resize=spec.eval_resize)
     train_tf = {"rrc_flip": lambda: build_train_transform(**common),
+                "crop_flip": lambda: build_crop_flip_transform(**common, resize=spec.eval_resize),
                 "flip": lambda: v2.Compose([v2.RandomHorizontalFlip(), eval_tf]),
                 "none": lambda: eval_tf}[augment]()
     return train_tf, eval_tf
@@ -79,8 +85,8 @@ def image_transforms(spec, augment="rrc_flip"):
 def test_transform(spec, tte):
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
     if tte == "none":
-        return build_eval_transform(**common)
-    return build_tte_transform(tte, patch_size=spec.patch_size, **common)
+        return build_eval_transform(**common, resize=spec.eval_resize)
+    return build_tte_transform(tte, patch_size=spec.patch_size, resize=spec.eval_resize, **common)
 
 
 class SeededAugment:

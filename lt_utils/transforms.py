@@ -16,11 +16,11 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import UserError
 from .registry import Registry
 
-# `--tte`: (image_size, patch_size) -> (shorter side to resize to, crop of the views, add the flipped views)
+# `--tte`: (image_size, patch_size, eval view's resize) -> (shorter side to resize to, crop of the views, add flips)
 TTE_MODES = Registry("TTE mode", flag="--tte")
-TTE_MODES.register("fivecrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
-TTE_MODES.register("tencrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
-TTE_MODES.register("flip", lambda size, patch: (size * 8 // 7, v2.CenterCrop(size), True))
+TTE_MODES.register("fivecrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
+TTE_MODES.register("tencrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
+TTE_MODES.register("flip", lambda size, patch, resize=None: (resize or size * 8 // 7, v2.CenterCrop(size), True))
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -35,6 +35,20 @@ def tte_expand(image_size, patch_size):
     return (3 * int(patch_size) + 1) // 2
 
 
+def build_crop_flip_transform(image_size, mean, std, interpolation="bilinear", resize=None, padding=4):
+    """The CIFAR papers' augmentation (LOS, LDAM): the eval view, a random crop after zero-padding 4 px, a flip."""
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation)),
+            v2.CenterCrop(image_size),
+            v2.RandomCrop(image_size, padding=padding),
+            v2.RandomHorizontalFlip(),
+            *_to_normalized_tensor(mean, std),
+        ]
+    )
+
+
 def build_train_transform(image_size, mean, std, interpolation="bicubic"):
     """RandomResizedCrop (scale 0.08-1) + horizontal flip + normalise: LIFT's only augmentation."""
     return v2.Compose(
@@ -47,25 +61,25 @@ def build_train_transform(image_size, mean, std, interpolation="bicubic"):
     )
 
 
-def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
-    """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise."""
+def build_eval_transform(image_size, mean, std, interpolation="bicubic", resize=None):
+    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise."""
     return v2.Compose(
         [
             ToRGB(),
-            v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation)),
+            v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation)),
             v2.CenterCrop(image_size),
             *_to_normalized_tensor(mean, std),
         ]
     )
 
 
-def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):
+def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic", resize=None):
     """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
 
     fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
     tencrop and flip append the horizontal flip of each view in the same order.
     """
-    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size)
+    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size, resize)
     return v2.Compose(
         [
             ToRGB(),
