@@ -146,3 +146,24 @@ def test_backbone_bn_eval_keeps_running_statistics_during_training():
     with torch.no_grad():
         lt(torch.randn(4, 3, 32, 32) + 2.0)
     assert not torch.equal(lt.backbone.bn1.running_mean, before)
+
+
+def test_soup_averages_running_statistics_and_keeps_the_most_batches(tmp_path):
+    from safetensors.torch import load_file
+
+    from lt_utils.soup import make_soup
+
+    idx = write_synthetic_idx(tmp_path / "idx")
+    runs = {}
+    for name, lr, steps in (("a", "0.05", "2"), ("b", "0.02", "3")):
+        runs[name] = tmp_path / name
+        run_main(tiny_train_args(idx, runs[name], "--model_name_or_path", RESNET8, "--head_type", "linear",
+                                 "--optimizer", "sgd", "--learning_rate", lr, "--max_train_steps", steps,
+                                 "--eval_steps", "none"))
+    make_soup([runs["a"] / "final", runs["b"] / "final"], tmp_path / "soup")
+    a, b = (load_file(runs[n] / "final" / "model.safetensors") for n in "ab")
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    for key in ("backbone.bn1.running_mean", "backbone.stages.2.0.bn2.running_var", "backbone.conv1.weight"):
+        assert not torch.equal(a[key], b[key])
+        torch.testing.assert_close(soup[key], (a[key] + b[key]) / 2)
+    assert soup["backbone.bn1.num_batches_tracked"].item() == 3  # the larger of 2 and 3
