@@ -73,9 +73,9 @@ def image_transforms(spec, augment="rrc_flip"):
     from scratch), none (the eval view).
     """
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    eval_tf = build_eval_transform(**common, resize=spec.eval_resize)
+    eval_tf = build_eval_transform(**common, resize=getattr(spec, "eval_resize", None))
     train_tf = {"rrc_flip": lambda: build_train_transform(**common),
-                "crop_flip": lambda: PaddedCropFlip(**common, resize=spec.eval_resize),
+                "crop_flip": lambda: PaddedCropFlip(**common, resize=getattr(spec, "eval_resize", None)),
                 "flip": lambda: RandomFlip(eval_tf),
                 "none": lambda: NoAugment(eval_tf)}[augment]()
     return train_tf, eval_tf
@@ -84,8 +84,8 @@ def image_transforms(spec, augment="rrc_flip"):
 def test_transform(spec, tte):
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
     if tte == "none":
-        return build_eval_transform(**common, resize=spec.eval_resize)
-    return build_tte_transform(tte, patch_size=spec.patch_size, resize=spec.eval_resize, **common)
+        return build_eval_transform(**common, resize=getattr(spec, "eval_resize", None))
+    return build_tte_transform(tte, patch_size=spec.patch_size, resize=getattr(spec, "eval_resize", None), **common)
 
 
 def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
