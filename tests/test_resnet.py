@@ -167,3 +167,25 @@ def test_soup_averages_running_statistics_and_keeps_the_most_batches(tmp_path):
         assert not torch.equal(a[key], b[key])
         torch.testing.assert_close(soup[key], (a[key] + b[key]) / 2)
     assert soup["backbone.bn1.num_batches_tracked"].item() == 3  # the larger of 2 and 3
+
+
+def test_resume_restores_running_statistics_exactly(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    idx = write_synthetic_idx(tmp_path / "idx")
+    flags = ["--model_name_or_path", RESNET8, "--head_type", "linear", "--optimizer", "sgd", "--learning_rate", "0.05",
+             "--max_train_steps", "4", "--eval_steps", "none", "--checkpointing_steps", "2", "--augment", "crop_flip"]
+    run_main(tiny_train_args(idx, tmp_path / "full", *flags))
+    state = load_file(tmp_path / "full" / "step_2" / "model.safetensors")
+    assert state["backbone.bn1.num_batches_tracked"].item() == 2  # the resume state holds the running statistics
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "step_2", tmp_path / "resumed" / "step_2")
+    run_main(tiny_train_args(idx, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest"))
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed["backbone.bn1.num_batches_tracked"].item() == 4
