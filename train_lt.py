@@ -53,6 +53,7 @@ def main(argv=None):
     check_schedule_flags(args)
     args.augment = D.resolve_augment(args)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    T.check_bn_flags(args, accelerator.num_processes)
     set_seed(args.seed)
 
     # data
@@ -66,11 +67,12 @@ def main(argv=None):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
     lt_model = exporter.lt_model
     if args.dry_run:
-        return T.dry_run(args, accelerator, model, len(train_ds))
+        return T.dry_run(args, accelerator, model, lt_model, len(train_ds))
+    model = T.setup_batchnorm(args, accelerator, model, lt_model)
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
     sampler = D.build_sampler(args, train_ds)
-    if METHODS.get(args.method).head_only:  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
+    if D.head_on_cached_features(args):  # stage 2, fast: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)
         cache = lambda split, name: D.cache_features(lt_model, accelerator.prepare(
             D.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
@@ -78,7 +80,7 @@ def main(argv=None):
         train_loader = D.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
         val_loader = D.feature_loader(val_feats, args.per_device_eval_batch_size)
         train_model, augment = lt_model.head, None
-    else:
+    else:  # the model end to end (--method head --head_features augmented: the frozen backbone runs every step)
         augment = D.SeededAugment(train_tf, args.seed)
         train_loader = D.image_loader(train_ds, augment, args.per_device_train_batch_size,
                                       args.num_workers, True, sampler)

@@ -60,12 +60,14 @@ def resolve_resume_path(resume_from_checkpoint, output_dir):
 
 
 def register_trainable_only_hooks(accelerator):
-    """Write only trainable tensors into resume states: a LoRA checkpoint would otherwise hold the whole backbone."""
+    """Write only trainable tensors (and BatchNorm running statistics, which move in train mode) into resume states:
+    a LoRA checkpoint would otherwise hold the whole backbone."""
+    from .batchnorm import is_running_stat
 
     def save_hook(models, weights, output_dir):
         for model, weight in zip(models, weights):
             trainable = {plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-            for key in [k for k in weight if k not in trainable]:
+            for key in [k for k in weight if k not in trainable and not is_running_stat(k)]:
                 del weight[key]
 
     accelerator.register_save_state_pre_hook(save_hook)

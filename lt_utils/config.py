@@ -291,9 +291,18 @@ _TRAIN = {
     "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.' or the 80 ImageNet "
                             "templates averaged", choices=_registry(PROMPT_MODES)),
-    "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none "
-                    "(the eval view); --method head always trains on cached eval-view features",
-                    choices=["rrc_flip", "flip", "none"], nullable=True),
+    "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded "
+                    "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
+                    "cached features trains on the eval view",
+                    choices=["rrc_flip", "crop_flip", "flip", "none"], nullable=True),
+    "head_features": Flag("str", "cached", "--method head: features of the eval view computed once (fast), or "
+                          "augmented images through the frozen backbone every epoch (the papers' stage 2: LOS, LT-Soups)",
+                          choices=["cached", "augmented"]),
+    "backbone_bn": Flag("str", "eval", "--head_features augmented: the frozen backbone's BatchNorm uses its running "
+                        "statistics (eval) or batch statistics that keep updating them (train; LOS)",
+                        choices=["eval", "train"]),
+    "sync_bn": Flag("switch", False, "synchronise BatchNorm statistics across processes (DDP): N processes then equal "
+                    "one with the global batch"),
     "loss": Flag("str", "la", choices=_registry(LOSSES)),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
@@ -559,7 +568,8 @@ def build_train_parser():
     add_data_args(parser)
     add_group(parser, "model", ("model_name_or_path", "from_scratch", "init_from", "method", "adapter_dim",
                                 "partial_layers", "vpt_len", "mask_ratio", "mask_seed", "lora_init", "lora_alpha",
-                                "lora_dropout", "lora_target_modules", "head_type", "head_scale", "head_init",
+                                "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn",
+                                "head_type", "head_scale", "head_init",
                                 "prompt_template"))
     add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "sampler", "balance_factor",
                                             "subset_seed", "subset_selection"))

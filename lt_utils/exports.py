@@ -7,6 +7,7 @@ from .checkpoint import write_export
 from .errors import UserError
 from .heads import fingerprint
 from .hub import model_card
+from .models import LTModel
 from .peft_methods import METHODS, export_state_dict
 
 
@@ -56,7 +57,7 @@ class Exporter:
         state_dict = accelerator.get_state_dict(train_model)
         if state_dict is None:  # ZeRO-3 gathers the 16-bit weights onto the main process only
             return None, {}
-        if self.method.head_only:  # the trained module is the head alone
+        if self.method.head_only and not isinstance(accelerator.unwrap_model(train_model), LTModel):  # the head alone (cached features)
             full = {k: v for k, v in self.lt_model.state_dict().items()}
             full.update({f"head.{k}": v for k, v in state_dict.items()})
             state_dict = full

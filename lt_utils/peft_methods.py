@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import peft_modules as PM
+from .batchnorm import is_running_stat
 from .errors import UserError, require
 from .peft_modules import AdaptFormer, AdapterHooks
 from .models import BACKBONES, LTModel, unwrap_lt_model
@@ -351,6 +352,20 @@ class BitFitMethod(BlockMethod):
         return _is_bias(key)
 
 
+class BitFitAllMethod(Method):
+    trains = "every bias of the backbone (embeddings and pre/post LN too; BatchNorm shifts of a CNN)"
+    init_from = True
+    partial = False
+
+    def apply(self, model, **_):
+        for name, param in model.backbone.named_parameters():
+            param.requires_grad_(_is_bias(name))
+        return model
+
+    def exports(self, key):
+        return key.startswith("head.") or (key.startswith("backbone.") and _is_bias(key))
+
+
 class LayerNormMethod(BlockMethod):
     trains = "the LayerNorms of the transformer blocks (weights and biases)"
 
@@ -473,6 +488,7 @@ METHODS.register("full", FullBlocksMethod())
 METHODS.register("bitfit", BitFitMethod())
 METHODS.register("head", HeadMethod())
 METHODS.register("full_all", FullAllMethod())
+METHODS.register("bitfit_all", BitFitAllMethod())
 METHODS.register("ln", LayerNormMethod())
 METHODS.register("vpt_shallow", ShallowPromptMethod())
 METHODS.register("vpt_deep", DeepPromptMethod())
@@ -496,6 +512,10 @@ def apply_method(model, method, seed=0, **margs):
     entry = METHODS.get(method)
     if not isinstance(model, LTModel):
         raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
+    supported = BACKBONES.get(model.spec.kind).methods
+    if supported is not None and method not in supported:
+        raise UserError(f"--method {method} does not apply to {model.spec.kind} backbones; choose one of "
+                        f"{', '.join(supported)}")
     if margs.get("r") is not None:
         _rank(model, margs["r"])
     if margs.get("partial_layers") is not None:
@@ -534,4 +554,6 @@ def export_state_dict(state_dict, method, arch=None):
     if arch and arch.get("partial_layers") and entry.partial:
         num_blocks = 1 + max((block_index(k) for k in state_dict if block_index(k) is not None), default=-1)
         first, _ = tuned_range(num_blocks, arch["partial_layers"])
-    return {k: v for k, v in state_dict.items() if entry.exports(k) and (block_index(k) is None or block_index(k) >= first)}
+    # BatchNorm running statistics move whenever the backbone runs in train mode, whatever trains: always kept
+    return {k: v for k, v in state_dict.items()
+            if (entry.exports(k) and (block_index(k) is None or block_index(k) >= first)) or is_running_stat(k)}

@@ -292,7 +292,8 @@ def _base_tensor(base_state, key, source):
 def merge_tensors(ingredients, weights, base_state=None, head_init=None, progress=True):
     """{key: sum_j w_j * T_j[key]} over (anchor, ingredients), key by key in float64, cast to the first's dtype.
 
-    Integer tensors are copied from the first ingredient and must be equal in all of them.
+    BatchNorm running means and variances are averaged like weights; num_batches_tracked is the largest. Other
+    integer tensors are copied from the first ingredient and must be equal in all of them.
     """
     from tqdm.auto import tqdm
 
@@ -301,6 +302,9 @@ def merge_tensors(ingredients, weights, base_state=None, head_init=None, progres
     out = {}
     for key in tqdm(sorted(first.entries), desc="merge", disable=not progress):
         tensor = ingredient_tensor(first, key, base_state)
+        if key.endswith("num_batches_tracked"):  # BatchNorm's step counter: the soup has seen the most steps of any
+            out[key] = torch.stack([tensor] + [ingredient_tensor(ing, key) for ing, _ in rest]).max(dim=0).values
+            continue
         if not first.entries[key].is_float:
             for ing, _ in rest:
                 require(torch.equal(ingredient_tensor(ing, key), tensor),

@@ -163,6 +163,30 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     return model, exporter
 
 
+def check_bn_flags(args, num_processes):
+    """--head_features / --backbone_bn / --sync_bn apply to some runs only; say so before anything runs."""
+    if args.head_features == "augmented":
+        require(METHODS.get(args.method).head_only,
+                f"--head_features augmented applies to --method head, not {args.method}; drop it")
+    else:
+        require(args.backbone_bn == "eval" or not METHODS.get(args.method).head_only,
+                "--backbone_bn train needs --head_features augmented (cached features are computed once in eval mode)")
+    require(args.backbone_bn == "eval" or args.head_features == "augmented",
+            "--backbone_bn applies to --method head --head_features augmented only; drop it")
+
+
+def setup_batchnorm(args, accelerator, model, lt_model):
+    """The frozen backbone's BatchNorm mode (--backbone_bn) and --sync_bn across processes."""
+    from .batchnorm import convert_sync_batchnorm, has_batchnorm
+
+    lt_model.backbone_eval = METHODS.get(args.method).head_only and args.backbone_bn == "eval"
+    if args.sync_bn:
+        require(has_batchnorm(lt_model), f"--sync_bn: the {lt_model.spec.kind} backbone has no BatchNorm; drop --sync_bn")
+        if accelerator.num_processes > 1:
+            convert_sync_batchnorm(lt_model)  # in place: the LTModel root is no BatchNorm, keys are unchanged
+    return model
+
+
 def build_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     require(params, f"--method {args.method} left nothing to train")
@@ -288,6 +312,7 @@ def resume_identity(args, info):
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
             "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
             "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from,
+            "head_features": args.head_features, "backbone_bn": args.backbone_bn,
             **{k: getattr(args, k) for k, default in METHOD_FLAG_DEFAULTS.items() if getattr(args, k) != default}}
 
 
@@ -328,7 +353,7 @@ def describe_run(args, accelerator, plan, num_examples, trainable):
     return "\n".join(lines)
 
 
-def dry_run(args, accelerator, model, num_examples):
+def dry_run(args, accelerator, model, lt_model, num_examples):
     """--dry_run: the run header, then (last line of stdout) a JSON object of the trainable parameter counts."""
     import math
 
@@ -339,7 +364,7 @@ def dry_run(args, accelerator, model, num_examples):
                       args.min_train_steps)
     trainable, head = trainable_parameter_count(model), head_parameter_count(model)
     counts = {"method": args.method, "trainable": trainable, "head": head, "backbone": trainable - head,
-              "total": sum(p.numel() for p in model.parameters()), "total_steps": plan.total_steps}
+              "backbone_kind": lt_model.spec.kind, "total": sum(p.numel() for p in model.parameters()), "total_steps": plan.total_steps}
     if accelerator.is_main_process:
         print(describe_run(args, accelerator, plan, num_examples, trainable).replace("Running training", "Dry run"))
         print(json.dumps(counts), flush=True)

@@ -21,11 +21,11 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import UserError
 from .registry import Registry
 
-# `--tte`: (image_size, patch_size) -> (shorter side to resize to, crop of the views, add the flipped views)
+# `--tte`: (image_size, patch_size, eval view's resize) -> (shorter side to resize to, crop of the views, add flips)
 TTE_MODES = Registry("TTE mode", flag="--tte")
-TTE_MODES.register("fivecrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
-TTE_MODES.register("tencrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
-TTE_MODES.register("flip", lambda size, patch: (size * 8 // 7, v2.CenterCrop(size), True))
+TTE_MODES.register("fivecrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
+TTE_MODES.register("tencrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
+TTE_MODES.register("flip", lambda size, patch, resize=None: (resize or size * 8 // 7, v2.CenterCrop(size), True))
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -38,6 +38,25 @@ def tte_expand(image_size, patch_size):
     """Pixels added before five-cropping: 1.5 patches, rounded half up (24 for /16, 21 for /14)."""
     del image_size  # the LIFT rule depends on the patch only; kept in the signature for callers
     return (3 * int(patch_size) + 1) // 2
+
+
+class PaddedCropFlip:
+    """The CIFAR papers' augmentation (LOS, LDAM): the eval view (uint8), zero-padded by 4 px, a random crop of the
+    original size and a horizontal flip, both drawn from the generator; then normalised (padding is black, as in
+    torchvision's RandomCrop(32, padding=4) on the PIL image). Called as `transform(image, generator)`."""
+
+    def __init__(self, image_size, mean, std, interpolation="bilinear", resize=None, padding=4):
+        self.size, self.padding = image_size, padding
+        self.view = v2.Compose([ToRGB(), v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation),
+                                                   antialias=True), v2.CenterCrop(image_size)])
+        self.normalize = Normalize255(mean, std)
+
+    def __call__(self, image, generator):
+        image = TF.pad(self.view(image), [self.padding] * 4, fill=0)
+        top, left = (int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=generator))
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        out = image[..., top:top + self.size, left:left + self.size]
+        return self.normalize(out.flip(-1) if flip else out)
 
 
 def build_train_transform(image_size, mean, std, interpolation="bicubic"):
@@ -152,25 +171,25 @@ class SeededAugment:
         return self.transform(image, generator)
 
 
-def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
-    """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise."""
+def build_eval_transform(image_size, mean, std, interpolation="bicubic", resize=None):
+    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise."""
     return v2.Compose(
         [
             ToRGB(),
-            v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
+            v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
             v2.CenterCrop(image_size),
             Normalize255(mean, std),
         ]
     )
 
 
-def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):
+def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic", resize=None):
     """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
 
     fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
     tencrop and flip append the horizontal flip of each view in the same order.
     """
-    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size)
+    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size, resize)
     return v2.Compose(
         [
             ToRGB(),

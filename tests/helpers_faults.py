@@ -126,35 +126,46 @@ class KillSwitch:
             other.safe_save_file = around(other.safe_save_file)
 
 
-def run_forked(fn, kill_at=None, timeout=300):
-    """Run fn() in a forked child, killed at write event `kill_at` (None: never). Returns (outcome, exit code, events
-    seen): outcome 'killed' or 'exit'. The child ends itself (SIGALRM) after `timeout` seconds."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no return from here
-        code = 0
-        try:
-            os.close(read_fd)
-            signal.alarm(timeout)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            switch = KillSwitch(kill_at)
-            switch.install()
-            try:
-                fn()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            os.write(write_fd, str(switch.events).encode())
-        except BaseException:
-            code = 3
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    _, status = os.waitpid(pid, 0)
-    events = int(os.read(read_fd, 64).decode() or 0)
-    os.close(read_fd)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL, f"child ended by signal {os.WTERMSIG(status)} (timeout?)"
+def run_forked(cli, argv, kill_at=None, timeout=300):
+    """Run the `cli` entry script's main(argv) in a fresh interpreter, SIGKILLed at write event `kill_at` (None:
+    never). Returns (outcome, exit code, events seen): outcome 'killed' or 'exit'.
+
+    A fresh interpreter, not a fork of the test worker: a worker that already ran torch (OpenMP pools, compile
+    workers) can deadlock in a forked child."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        events_file = Path(tmp) / "events"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)])}
+        proc = subprocess.run([sys.executable, __file__, cli, "-" if kill_at is None else str(kill_at),
+                               str(events_file), json.dumps([str(a) for a in argv])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=timeout)
+        events = int(events_file.read_text() or 0) if events_file.is_file() else 0
+    if proc.returncode < 0:
+        assert -proc.returncode == signal.SIGKILL, f"child ended by signal {-proc.returncode}"
         return "killed", None, events
-    return "exit", os.WEXITSTATUS(status), events
+    return "exit", proc.returncode, events
+
+
+def _child(cli, kill_at, events_file, argv):
+    """The fresh interpreter of run_forked: count (and kill at) write events while main(argv) runs."""
+    mains = cli_mains()
+    switch = KillSwitch(None if kill_at == "-" else int(kill_at))
+    switch.install()
+    code = 0
+    try:
+        mains[cli](argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        code = 3
+    Path(events_file).write_bytes(str(switch.events).encode())
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    import json
+
+    _child(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))

@@ -27,7 +27,9 @@ LIFT_COUNTS = {"full": 85_054_464, "bitfit": 101_376, "ln": 36_864, "vpt_shallow
                "adapter": 101_424, "mask": 84_996, "adaptformer": 101_436, "lora": 147_456, "ssf_attn": 73_728,
                "ssf_mlp": 92_160, "ssf_ln": 36_864,
                # not in LIFT's table: LIFT's lora_mlp crashes; 12 * (768*4 + 4*3072) * 2 is LoRA beside fc1 and fc2
-               "lora_mlp": 368_640, "head": 0, "full_all": 85_799_424}
+               "lora_mlp": 368_640, "head": 0, "full_all": 85_799_424,
+               # bitfit plus the pre/post LayerNorm biases (CLIP's patch embedding has no bias): 101,376 + 2 * 768
+               "bitfit_all": 102_912}
 
 
 def _meta_model(config_dir, num_classes=100):

@@ -8,11 +8,12 @@ and are not multiples of an epoch, each with a checkpoint at the very last step.
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 
 from helpers_data import split_digest, write_image_folder
-from helpers_faults import cli_mains, run_forked, tree_digest
+from helpers_faults import run_forked, tree_digest
 from helpers_train import tiny_train_args, write_synthetic_idx
 
 SCENARIOS = {
@@ -22,7 +23,6 @@ SCENARIOS = {
 }
 TRIALS_PER_SCENARIO = 3  # 6 training kills, 5 soup kills, 5 dataset-build kills: 16 in all
 WRITE_TRIALS = 5
-MAINS = cli_mains()
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,11 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     idx = write_synthetic_idx(root / "idx")
     refs = {}
+    # build the datasets cache once first: every counted run then makes the same writes (none for the cache)
+    assert run_forked("train", train_argv(idx, root / "warm_cache", next(iter(SCENARIOS))))[:2] == ("exit", 0)
     for name, flags in SCENARIOS.items():
         out = root / f"ref_{name}"
-        outcome, code, events = run_forked(lambda: MAINS["train"](train_argv(idx, out, name)))
+        outcome, code, events = run_forked("train", (train_argv(idx, out, name)))
         assert (outcome, code) == ("exit", 0)
         refs[name] = (out, events)
     return {"root": root, "idx": idx, "refs": refs}
@@ -47,14 +49,15 @@ def spread_kills(seed, events, trials):
 
 
 def train_argv(idx, out, scenario, *extra):
-    return tiny_train_args(idx, out, "--per_device_train_batch_size", "64", *SCENARIOS[scenario], *extra)
+    return tiny_train_args(idx, out, "--per_device_train_batch_size", "64", *SCENARIOS[scenario], *extra,
+                           "--cache_dir", str(Path(idx).parent / "hf_cache"))  # one warm cache for every run
 
 
 def requeue(world, out, scenario):
     """What a cluster's requeue runs: resume from the latest checkpoint, or start over when there is none."""
     has_checkpoint = any((p / "lt_resume.json").is_file() for p in out.glob("step_*")) if out.is_dir() else False
     extra = ["--resume_from_checkpoint", "latest"] if has_checkpoint else ["--overwrite_output_dir"]
-    outcome, code, _ = run_forked(lambda: MAINS["train"](train_argv(world["idx"], out, scenario, *extra)))
+    outcome, code, _ = run_forked("train", (train_argv(world["idx"], out, scenario, *extra)))
     assert (outcome, code) == ("exit", 0), f"requeue of {out} ended with {outcome} {code}"
 
 
@@ -74,7 +77,7 @@ def test_training_killed_at_random_writes_resumes_bit_exact(world, tmp_path, sce
     assert len(kills) == TRIALS_PER_SCENARIO
     for k in kills:
         out = tmp_path / f"kill_{k}"
-        outcome, _, _ = run_forked(lambda: MAINS["train"](train_argv(world["idx"], out, scenario)), kill_at=k)
+        outcome, _, _ = run_forked("train", (train_argv(world["idx"], out, scenario)), kill_at=k)
         assert outcome == "killed"
         requeue(world, out, scenario)
         assert_same_run(out, ref)
@@ -84,7 +87,7 @@ def test_training_killed_at_random_writes_resumes_bit_exact(world, tmp_path, sce
 def test_finished_run_relaunched_is_a_no_op(world, scenario):
     ref, _ = world["refs"][scenario]
     before = tree_digest(ref)
-    outcome, code, _ = run_forked(lambda: MAINS["train"](train_argv(world["idx"], ref, scenario,
+    outcome, code, _ = run_forked("train", (train_argv(world["idx"], ref, scenario,
                                                                       "--resume_from_checkpoint", "latest")))
     assert (outcome, code) == ("exit", 0)
     assert tree_digest(ref) == before
@@ -115,7 +118,7 @@ def test_resume_from_an_explicit_earlier_checkpoint_rewrites_later_ones(world, t
     for name in ("step_2", "step_4", "best"):
         shutil.copytree(ref / name, out / name)
     shutil.copy(ref / "log.txt", out / "log.txt")
-    outcome, code, _ = run_forked(lambda: MAINS["train"](train_argv(world["idx"], out, "not_multiple",
+    outcome, code, _ = run_forked("train", (train_argv(world["idx"], out, "not_multiple",
                                                                       "--resume_from_checkpoint", str(out / "step_2"))))
     assert (outcome, code) == ("exit", 0)
     assert_same_run(out, ref)
@@ -125,17 +128,17 @@ def test_resume_from_an_explicit_earlier_checkpoint_rewrites_later_ones(world, t
 def test_soup_killed_at_random_writes_is_whole_or_absent(world, tmp_path):
     ingredients = [str(world["refs"][s][0] / "final") for s in SCENARIOS]
     ref = tmp_path / "ref_soup"
-    outcome, code, events = run_forked(lambda: MAINS["soup"]([*ingredients, "--output_dir", str(ref)]))
+    outcome, code, events = run_forked("soup", ([*ingredients, "--output_dir", str(ref)]))
     assert (outcome, code) == ("exit", 0)
     kills = spread_kills("soup", events, WRITE_TRIALS)
     assert len(kills) == WRITE_TRIALS
     for k in kills:
         out = tmp_path / f"soups_{k}" / "soup"
-        outcome, _, _ = run_forked(lambda: MAINS["soup"]([*ingredients, "--output_dir", str(out)]), kill_at=k)
+        outcome, _, _ = run_forked("soup", ([*ingredients, "--output_dir", str(out)]), kill_at=k)
         assert outcome == "killed"
         if out.exists():  # a soup that appeared is the complete one
             assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
-        outcome, code, _ = run_forked(lambda: MAINS["soup"]([*ingredients, "--output_dir", str(out), "--overwrite"]))
+        outcome, code, _ = run_forked("soup", ([*ingredients, "--output_dir", str(out), "--overwrite"]))
         assert (outcome, code) == ("exit", 0)
         assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
         assert sorted(p.name for p in out.parent.iterdir()) == ["soup"]  # the killed writer's temp folder is gone
@@ -149,18 +152,18 @@ def test_dataset_build_killed_at_random_writes_is_whole_or_absent(world, tmp_pat
                                "--test_per_class", "2", "--val_per_class", "1", "--output_dir", str(out),
                                "--cache_dir", str(cache)]
     ref = tmp_path / "ref_ds"
-    outcome, code, events = run_forked(lambda: MAINS["build"](argv(ref, tmp_path / "ref_cache")))
+    outcome, code, events = run_forked("build", (argv(ref, tmp_path / "ref_cache")))
     assert (outcome, code) == ("exit", 0)
     want = split_digest(load_lt_dataset(str(ref))[0])
     kills = spread_kills("build", events, WRITE_TRIALS)
     assert len(kills) == WRITE_TRIALS
     for k in kills:
         out, cache = tmp_path / f"ds_{k}" / "ds", tmp_path / f"cache_{k}"
-        outcome, _, _ = run_forked(lambda: MAINS["build"](argv(out, cache)), kill_at=k)
+        outcome, _, _ = run_forked("build", (argv(out, cache)), kill_at=k)
         assert outcome == "killed"
         if out.exists():  # a saved dataset that appeared is complete and loadable
             assert split_digest(load_lt_dataset(str(out))[0]) == want
-        outcome, code, _ = run_forked(lambda: MAINS["build"]([*argv(out, cache), "--overwrite"]))
+        outcome, code, _ = run_forked("build", ([*argv(out, cache), "--overwrite"]))
         assert (outcome, code) == ("exit", 0), f"rebuild after a kill at write {k} failed"
         assert split_digest(load_lt_dataset(str(out))[0]) == want
         assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]
