@@ -1,4 +1,4 @@
-"""Evaluate exports (train_lt.py's final/ or best/, soups, Hub ids) or a zero-shot CLIP on a long-tailed split.
+"""Evaluate exports (train_lt.py's final/ or best/, soups, Hub ids) or a zero-shot CLIP / SigLIP on a long-tailed split.
 
 Reports top-1, mean per-class, many / medium / few, macro-F1, worst-class accuracy and NLL; writes metrics.json,
 per_class.csv and per_class_accuracy.png per run and prints one markdown table for all of them. Exact on any number of
@@ -38,7 +38,7 @@ logger = logging.getLogger("lt")
 
 def get_args_parser():
     parser = ArgumentParser(
-        description="Long-tail evaluation (many/medium/few) of export dirs, Hub ids or a zero-shot CLIP.",
+        description="Long-tail evaluation (many/medium/few) of export dirs, Hub ids or a zero-shot CLIP / SigLIP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
@@ -110,9 +110,9 @@ def load_split(data_args, accelerator, loaded):
 
 def evaluate_target(target, args, data_args, ds, info, accelerator):
     if target.zero_shot:
-        from lt_utils.zeroshot import build_zero_shot_clip
+        from lt_utils.zeroshot import build_zero_shot
 
-        model = build_zero_shot_clip(target.zero_shot, info.class_names, args.prompt_template,
+        model = build_zero_shot(target.zero_shot, info.class_names, args.prompt_template,
                                      device=accelerator.device)
         spec = model.spec
     else:

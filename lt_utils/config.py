@@ -371,7 +371,8 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
     "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
-    "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP id or dir", nullable=True, metavar="MODEL"),
+    "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
+                      "have the same argmax as its logits)", nullable=True, metavar="MODEL"),
     "overwrite": Flag("switch", False, "replace an existing --output_dir"),
     "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".soup", "MODES"),
                  nullable=True),

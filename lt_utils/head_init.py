@@ -1,4 +1,5 @@
-"""Deterministic head initialisations (soups need identical head inits across runs): CLIP text features, class means."""
+"""Deterministic head initialisations (soups need identical head inits across runs): CLIP / SigLIP text features,
+class means."""
 import os
 
 import torch
@@ -7,7 +8,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError, require
 from .heads import random_head_init
-from .models import load_backbone_config, unwrap_lt_model
+from .models import BACKBONES, _first_line, feature_dim, load_backbone_config, unwrap_lt_model
 from .prompts import clean_class_name, prompt_templates
 from .registry import Registry
 
@@ -16,55 +17,51 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@torch.no_grad()
-def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None):
-    """CLIP text features of the class prompts mapped into the vision feature space, rows unit-norm [C, hidden].
-
-    Per class: mean of the normalised projected text features over the templates, renormalised; then
-    `@ visual_projection.weight` ([proj, hidden]) takes it to the pre-projection space LTModel.features
-    lives in (LIFT's text_feat @ proj.T), and rows are normalised again.
-    """
-    from transformers import AutoTokenizer, CLIPModel
+def load_text_tower(model_name_or_path, use):
+    """(tower, full image-text model in eval mode, tokenizer, kind, vision config) of a CLIP / SigLIP checkpoint;
+    `use` names the caller in the errors ("text head init", "--zero_shot")."""
+    from transformers import AutoTokenizer
 
     name = os.path.expanduser(str(model_name_or_path))
-    _, config, _ = load_backbone_config(name)
-    if config.model_type != "clip":
-        raise UserError(
-            f"text head init needs a full CLIP checkpoint (text tower); {name!r} has none: use --head_init class_mean"
-        )
+    kind, config, vision_config = load_backbone_config(name)
+    tower = BACKBONES.get(kind).text_tower
+    with_text = sorted(k for k in BACKBONES if BACKBONES.get(k).text_tower is not None)
+    if tower is None or config.model_type != tower.model_type:
+        full = "" if tower is None else f" (a full {tower.model_type!r} checkpoint, not its vision tower alone)"
+        raise UserError(f"{use} needs an image-text checkpoint with its text tower{full}; {name!r} is a "
+                        f"{config.model_type!r} model (text towers: {', '.join(with_text)}); use --head_init class_mean")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = tower.load_model(name)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"cannot load the {tower.model_class} text tower or tokenizer from {name!r} "
+                        f"({_first_line(err)}); pass a full checkpoint saved with its tokenizer, or use --head_init "
+                        "class_mean") from err
+    return tower, model.eval(), tokenizer, kind, vision_config
+
+
+@torch.no_grad()
+def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None):
+    """Text features of the class prompts mapped into the vision feature space, rows unit-norm [C, hidden].
+
+    Per class: mean of the normalised joint-space text embeddings over the templates, renormalised; then the
+    backbone's text tower maps it to the space LTModel.features lives in (CLIP: `@ visual_projection.weight`, LIFT's
+    text_feat @ proj.T; SigLIP: the same space), and rows are normalised again.
+    """
     templates = prompt_templates(prompts)
     names = [clean_class_name(c) for c in class_names]
     if not names:
         raise UserError("text head init needs at least one class name")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        clip = CLIPModel.from_pretrained(name, dtype=torch.float32)
-    except OSError as err:
-        raise UserError(
-            f"cannot load the CLIP text tower or tokenizer from {name!r}; use --head_init class_mean"
-        ) from err
+    tower, model, tokenizer, _, vision_config = load_text_tower(model_name_or_path, "text head init")
+    problem = tower.check(model, vision_config.hidden_size, str(model_name_or_path))
+    if problem:
+        raise UserError(f"text head init: {problem}; use --head_init class_mean")
     device = torch.device(device or _default_device())
-    clip.to(device).eval()
-    text = _class_text_features(clip, tokenizer, names, templates, batch_size, device)
-    weight = F.normalize(text @ clip.visual_projection.weight.float(), dim=-1)
-    del clip  # the text tower is only needed here
+    model.to(device)
+    text = tower.class_embeddings(model, tokenizer, names, templates, batch_size, device)
+    weight = F.normalize(tower.to_feature_space(model, text), dim=-1)
+    del model  # the text tower is only needed here
     return weight.cpu()
-
-
-def _class_text_features(clip, tokenizer, names, templates, batch_size, device):
-    """[C, proj] normalised mean over templates of normalised text embeddings; batched over (class, template)."""
-    pairs = [(c, t.format(n)) for c, n in enumerate(names) for t in templates]
-    sums = torch.zeros(len(names), clip.text_projection.out_features, dtype=torch.float32, device=device)
-    max_length = clip.config.text_config.max_position_embeddings
-    for start in tqdm(range(0, len(pairs), batch_size), desc="text features", disable=len(pairs) <= batch_size):
-        chunk = pairs[start : start + batch_size]
-        texts = [p for _, p in chunk]
-        tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        tokens = {k: v.to(device) for k, v in tokens.items()}
-        pooled = clip.text_model(**tokens).pooler_output
-        feats = F.normalize(clip.text_projection(pooled).float(), dim=-1)
-        sums.index_add_(0, torch.tensor([c for c, _ in chunk], device=device), feats)
-    return F.normalize(sums / len(templates), dim=-1)
 
 
 @torch.no_grad()
@@ -131,8 +128,9 @@ HEAD_INITS = Registry("head init", flag="--head_init")
 
 @HEAD_INITS.register("text")
 def _text(args, info, lt_model, accelerator, train_loader_fn):
-    require(lt_model.spec.kind == "clip" and not args.from_scratch,
-            "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
+    require(BACKBONES.get(lt_model.spec.kind).text_tower is not None and not args.from_scratch,
+            "--head_init text needs a pretrained image-text checkpoint (CLIP, SigLIP); use --head_init class_mean or "
+            "random")
     return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
 
 
@@ -144,4 +142,4 @@ def _class_mean(args, info, lt_model, accelerator, train_loader_fn):
 
 @HEAD_INITS.register("random")
 def _random(args, info, lt_model, accelerator, train_loader_fn):
-    return random_head_init(len(info.class_names), lt_model.spec.hidden_size, seed=args.seed)
+    return random_head_init(len(info.class_names), feature_dim(lt_model.spec), seed=args.seed)

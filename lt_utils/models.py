@@ -1,4 +1,5 @@
-"""Backbones (HF CLIP vision tower or ViT) and the LTModel wrapper: backbone feature -> classifier head."""
+"""Backbones (HF CLIP / SigLIP vision towers, ViT, DeiT, DINOv2, ResNets) and the LTModel wrapper: backbone feature
+-> classifier head."""
 import contextlib
 import dataclasses
 import os
@@ -9,9 +10,12 @@ from torch import nn
 from .errors import UserError
 from .heads import build_head
 from .registry import Registry
+from .text_towers import ClipTextTower, SiglipTextTower
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 # PIL resample codes, as stored in preprocessor_config.json.
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -37,7 +41,13 @@ class BackboneKind:
     # vision config -> hidden_size, num_layers, image_size, patch_size (default: the ViT attribute names)
     geometry: object = None
     methods: tuple = None  # the --method names that apply (None: all)
+    excluded_methods: tuple = ()  # ... but these
     eval_resize: float = 8 / 7  # the eval view: shorter side resized to image_size * this, then centre-cropped
+    feature_multiple: int = 1  # the feature LTModel's head sees is this many times hidden_size wide
+    # image_size from the image processor's crop (DINOv2: its config holds the 518-px position grid it interpolates
+    # from; its processor feeds 224-px crops); the config's when the checkpoint has no processor
+    processor_image_size: bool = False
+    text_tower: object = None  # text_towers.TextTower of image-text models: --head_init text and --zero_shot
 
     def load_class(self):
         import importlib
@@ -54,6 +64,12 @@ class BackboneKind:
 
 
 BACKBONES = Registry("backbone kind")
+# CLIP / SigLIP encoder layers (same names)
+_CLIP_BLOCK_PARTS = {"ln_1": ("layer_norm1",), "ln_2": ("layer_norm2",), "q": ("self_attn.q_proj",),
+                     "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",), "attn_out": ("self_attn.out_proj",),
+                     "mlp": ("mlp",), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}
+# VPT's prompts assume one CLS token before the patches and a CLS-only feature
+_NO_VPT = ("vpt_shallow", "vpt_deep")
 BACKBONES.register("clip", BackboneKind(
     model_types=("clip", "clip_vision_model"), model_class="CLIPVisionModel",
     vision_config=lambda c: c.vision_config if c.model_type == "clip" else c,
@@ -61,9 +77,13 @@ BACKBONES.register("clip", BackboneKind(
     mean=CLIP_MEAN, std=CLIP_STD, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
     lora_targets=(("q_proj", "v_proj"),),
     block_lists=("encoder.layers", "vision_model.encoder.layers"),
-    block_parts={"ln_1": ("layer_norm1",), "ln_2": ("layer_norm2",), "q": ("self_attn.q_proj",),
-                 "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",), "attn_out": ("self_attn.out_proj",),
-                 "mlp": ("mlp",), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}))
+    block_parts=_CLIP_BLOCK_PARTS, text_tower=ClipTextTower()))
+_VIT_BLOCK_PARTS = {"ln_1": ("layernorm_before",), "ln_2": ("layernorm_after",),
+                    "q": ("attention.q_proj", "attention.attention.query"),
+                    "k": ("attention.k_proj", "attention.attention.key"),
+                    "v": ("attention.v_proj", "attention.attention.value"),
+                    "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("mlp", "output.dense"),
+                    "fc1": ("mlp.fc1", "intermediate.dense"), "fc2": ("mlp.fc2", "output.dense")}
 BACKBONES.register("vit", BackboneKind(
     model_types=("vit",), model_class="ViTModel", vision_config=lambda c: c,
     features=lambda out: out.last_hidden_state[:, 0],
@@ -73,11 +93,43 @@ BACKBONES.register("vit", BackboneKind(
     # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
     model_kwargs={"add_pooling_layer": False},
     block_lists=("layers", "encoder.layer"),  # transformers 5, 4.x
-    block_parts={"ln_1": ("layernorm_before",), "ln_2": ("layernorm_after",),
-                 "q": ("attention.q_proj", "attention.attention.query"), "k": ("attention.k_proj", "attention.attention.key"),
+    block_parts=_VIT_BLOCK_PARTS))
+# DeiT: ViT's blocks; the feature is the CLS token, as DeiTForImageClassification's (the distillation token, a second
+# token before the patches, is left out; VPT assumes one)
+BACKBONES.register("deit", BackboneKind(
+    model_types=("deit",), model_class="DeiTModel", vision_config=lambda c: c,
+    features=lambda out: out.last_hidden_state[:, 0],
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3,
+    layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),
+    lora_targets=(("q_proj", "v_proj"), ("query", "value")), model_kwargs={"add_pooling_layer": False},
+    block_lists=("layers", "encoder.layer"), block_parts=_VIT_BLOCK_PARTS, excluded_methods=_NO_VPT))
+# SigLIP: the feature is the attention-pool head's output (SiglipModel.get_image_features), the embedding its text
+# tower is aligned with, so a text-initialised head starts as the zero-shot classifier. (SiglipForImageClassification
+# instead averages last_hidden_state and leaves the pool head unused; that mean is the feature of a checkpoint
+# without the head, vision_use_head false.) No CLS token, so no VPT.
+BACKBONES.register("siglip", BackboneKind(
+    model_types=("siglip", "siglip_vision_model"), model_class="SiglipVisionModel",
+    vision_config=lambda c: c.vision_config if c.model_type == "siglip" else c,
+    features=lambda out: out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1),
+    mean=[0.5] * 3, std=[0.5] * 3, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
+    lora_targets=(("q_proj", "v_proj"),), block_lists=("encoder.layers", "vision_model.encoder.layers"),
+    block_parts=_CLIP_BLOCK_PARTS, excluded_methods=_NO_VPT, text_tower=SiglipTextTower(),
+    eval_resize=1.0))  # its image processor resizes the whole image to the model's size, no crop margin
+# DINOv2: feature = [CLS, mean of the patch tokens] after the final LayerNorm (2 D), as its model card's linear
+# probe and Dinov2ForImageClassification. A block's residual branches are layer-scaled (h + ls2(mlp(norm2(h)))):
+# AdaptFormer and the sequential adapter act on the whole scaled branch (layer_scale2), not inside it. VPT's prompts
+# would enter the patch mean, so no VPT.
+BACKBONES.register("dinov2", BackboneKind(
+    model_types=("dinov2",), model_class="Dinov2Model", vision_config=lambda c: c,
+    features=lambda out: torch.cat([out.last_hidden_state[:, 0], out.last_hidden_state[:, 1:].mean(1)], dim=-1),
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3, layer_wiring=(("norm2", "layer_scale2"),),
+    lora_targets=(("q_proj", "v_proj"), ("query", "value")), block_lists=("encoder.layer",),
+    block_parts={"ln_1": ("norm1",), "ln_2": ("norm2",), "q": ("attention.q_proj", "attention.attention.query"),
+                 "k": ("attention.k_proj", "attention.attention.key"),
                  "v": ("attention.v_proj", "attention.attention.value"),
-                 "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("mlp", "output.dense"),
-                 "fc1": ("mlp.fc1", "intermediate.dense"), "fc2": ("mlp.fc2", "output.dense")}))
+                 "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("layer_scale2",),
+                 "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)},
+    excluded_methods=_NO_VPT, feature_multiple=2, processor_image_size=True))
 
 
 # CNNs: BatchNorm, no transformer blocks, so none of LIFT's block methods; trained in full, by BitFit (BN shifts)
@@ -92,10 +144,15 @@ BACKBONES.register("cifar_resnet", BackboneKind(
 BACKBONES.register("resnet", BackboneKind(
     model_types=("resnet",), model_class="ResNetModel", vision_config=lambda c: c,
     features=lambda out: out.pooler_output.flatten(1),  # [B, D, 1, 1] average pool
-    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], resample=3,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3,
     layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
     geometry=lambda c: {"hidden_size": c.hidden_sizes[-1], "num_layers": sum(c.depths), "image_size": 224,
                         "patch_size": 32}))
+
+
+def feature_dim(spec):
+    """Width of the feature the head sees (DINOv2: CLS and patch mean side by side, 2 hidden_size)."""
+    return spec.hidden_size * BACKBONES.get(spec.kind).feature_multiple
 
 
 def backbone_kind_of(model_type):
@@ -107,7 +164,7 @@ def backbone_kind_of(model_type):
 class BackboneSpec:
     """Everything the rest of the code needs to know about a backbone (saved with exports)."""
 
-    kind: str  # a BACKBONES name: "clip" | "vit"
+    kind: str  # a BACKBONES name: "clip", "siglip", "vit", "deit", "dinov2", "resnet", "cifar_resnet"
     name_or_path: str
     hidden_size: int
     num_layers: int
@@ -165,7 +222,8 @@ def load_backbone_config(model_name_or_path):
 
 
 def _preprocessing(model_name_or_path, kind):
-    """Mean, std and interpolation from the checkpoint's image processor; CLIP's or 0.5 when it has none."""
+    """Mean, std, interpolation and crop size (None if unknown) from the checkpoint's image processor; the kind's
+    defaults when it has none."""
     from transformers import AutoImageProcessor
 
     entry = BACKBONES.get(kind)
@@ -173,10 +231,12 @@ def _preprocessing(model_name_or_path, kind):
     try:
         processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)))
     except (OSError, ValueError):  # no preprocessor_config.json in the dir or repo
-        return default_mean, default_std, _RESAMPLE_NAMES[default_resample]
+        return default_mean, default_std, _RESAMPLE_NAMES[default_resample], None
     mean = [float(v) for v in (getattr(processor, "image_mean", None) or default_mean)]
     std = [float(v) for v in (getattr(processor, "image_std", None) or default_std)]
-    return mean, std, _interpolation_name(getattr(processor, "resample", None), default_resample)
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    crop = getattr(crop, "height", None) or (crop.get("height") if isinstance(crop, dict) else None)
+    return mean, std, _interpolation_name(getattr(processor, "resample", None), default_resample), crop
 
 
 def _interpolation_name(resample, default):
@@ -198,12 +258,18 @@ def load_backbone(model_name_or_path, from_scratch=False, seed=0):
             backbone = cls(vision_config, **kwargs)
     else:
         backbone = _from_pretrained(cls, model_name_or_path, kwargs)
-    mean, std, interpolation = _preprocessing(model_name_or_path, kind)
+    return backbone, backbone_spec(model_name_or_path, kind, vision_config)
+
+
+def backbone_spec(model_name_or_path, kind, vision_config):
+    """The BackboneSpec of a checkpoint: geometry from its vision config, preprocessing from its image processor."""
+    mean, std, interpolation, crop = _preprocessing(model_name_or_path, kind)
     geometry = {k: int(v) for k, v in BACKBONES.get(kind).spec_geometry(vision_config).items()}
-    spec = BackboneSpec(kind=kind, name_or_path=str(model_name_or_path), image_mean=mean, image_std=std,
+    if BACKBONES.get(kind).processor_image_size and crop:
+        geometry["image_size"] = int(crop)
+    return BackboneSpec(kind=kind, name_or_path=str(model_name_or_path), image_mean=mean, image_std=std,
                         interpolation=interpolation, **geometry,
                         eval_resize=int(geometry["image_size"] * BACKBONES.get(kind).eval_resize))
-    return backbone, spec
 
 
 @contextlib.contextmanager
@@ -238,7 +304,7 @@ def _from_pretrained(cls, model_name_or_path, kwargs):
 
 
 class LTModel(nn.Module):
-    """Backbone feature (CLIP: post-LN CLS before the projection; ViT: last_hidden_state[:, 0]) -> head."""
+    """Backbone feature (BACKBONES[kind].features: CLIP's post-LN CLS before the projection, ...) -> head."""
 
     def __init__(self, backbone, head, spec):
         super().__init__()
@@ -257,6 +323,10 @@ class LTModel(nn.Module):
     @property
     def num_classes(self):
         return self.head.weight.shape[0]
+
+    @property
+    def feature_dim(self):
+        return feature_dim(self.spec)
 
     def features(self, pixel_values):
         return BACKBONES.get(self.spec.kind).features(self.backbone(pixel_values=pixel_values))
@@ -277,7 +347,7 @@ def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_sca
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)
-    head = build_head(head_type, int(num_classes), spec.hidden_size, scale=head_scale, seed=seed)
+    head = build_head(head_type, int(num_classes), feature_dim(spec), scale=head_scale, seed=seed)
     return LTModel(backbone, head, spec)
 
 

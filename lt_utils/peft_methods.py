@@ -3,6 +3,7 @@ stores and how an export of it is rebuilt (checkpoint.build_from_meta), plus the
 
 A new method is one subclass of `Method` registered in METHODS (see README, "Extending").
 """
+import contextlib
 import math
 import re
 
@@ -140,10 +141,28 @@ def _wrap_lora(lt, r, lora_alpha, lora_dropout, target_modules, partial_layers=N
         bias="none",
         modules_to_save=["head"],
     )
-    model = get_peft_model(lt, config)
+    with _backbone_heads_hidden(lt):
+        model = get_peft_model(lt, config)
     if init == "lift":
         _lift_lora_init(model)
     return model
+
+
+@contextlib.contextmanager
+def _backbone_heads_hidden(lt):
+    """peft finds `modules_to_save=["head"]` by name suffix, so a backbone module also named `head` (SigLIP's
+    attention-pool head) would be trained and exported as a copy too: such modules are detached while peft wraps
+    the model (LoRA stays in the encoder), then put back in place."""
+    hidden = [(parent, list(parent._modules)) for key, parent in lt.backbone.named_modules()
+              if isinstance(parent._modules.get("head"), nn.Module)]
+    removed = [(parent, order, parent._modules.pop("head")) for parent, order in hidden]
+    try:
+        yield
+    finally:
+        for parent, order, module in removed:
+            children = {**parent._modules, "head": module}
+            parent._modules.clear()
+            parent._modules.update((name, children[name]) for name in order if name in children)
 
 
 def _lift_lora_init(model):
@@ -278,7 +297,8 @@ class LoraMethod(Method):
         """The export's peft adapter on `model`; `merge` folds it into plain weights (an LTModel)."""
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(export_dir))
+        with _backbone_heads_hidden(model):
+            model = PeftModel.from_pretrained(model, str(export_dir))
         return model.merge_and_unload() if merge else model
 
 
@@ -501,6 +521,12 @@ METHODS.register("ssf_mlp", ScaleShiftMethod("ssf_mlp", "SSF scale and shift aft
 METHODS.register("ssf_ln", ScaleShiftMethod("ssf_ln", "SSF scale and shift after the blocks' two LayerNorms"))
 
 
+def supported_methods(kind):
+    """The --method names that apply to a BACKBONES kind, in registration order."""
+    entry = BACKBONES.get(kind)
+    return [m for m in METHODS if (entry.methods is None or m in entry.methods) and m not in entry.excluded_methods]
+
+
 def apply_method(model, method, seed=0, **margs):
     """Set what trains (the head always does) and add the method's modules (AdaptFormer, VPT, SSF, peft LoRA, ...).
 
@@ -512,8 +538,8 @@ def apply_method(model, method, seed=0, **margs):
     entry = METHODS.get(method)
     if not isinstance(model, LTModel):
         raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
-    supported = BACKBONES.get(model.spec.kind).methods
-    if supported is not None and method not in supported:
+    supported = supported_methods(model.spec.kind)
+    if method not in supported:
         raise UserError(f"--method {method} does not apply to {model.spec.kind} backbones; choose one of "
                         f"{', '.join(supported)}")
     if margs.get("r") is not None:
@@ -533,8 +559,9 @@ def trainable_parameter_count(model):
 
 
 def head_parameter_count(model):
-    """Trainable parameters of the head (plain, or peft's modules_to_save copy)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and f".{n}".find(".head.") >= 0)
+    """Trainable parameters of the head (plain, or peft's modules_to_save copy); not a backbone's own `head`."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.requires_grad and n.removeprefix("base_model.model.").startswith("head."))
 
 
 def _is_bias(key):

@@ -124,3 +124,96 @@ def random_pixels(batch, image_size=32, seed=0):
     """Normalised-looking pixel values [B, 3, H, W]."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, image_size, image_size, generator=generator)
+
+
+# ---- SigLIP and DINOv2 ------------------------------------------------------------------------------------------
+SIGLIP_WORDS = ("a", "photo", "of", "the", "my", "itap", "toy", ".", "/", "-")
+
+
+def write_tiny_word_tokenizer(path, max_length=16):
+    """A word-level `tokenizers` tokenizer (tokenizer.json) that appends </s>, as SigLIP's does: pad 0, </s> 1, unk 2,
+    then lower-case words and letters (unknown words fall back to unk). Returns the vocab size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = ["<pad>", "</s>", "<unk>", *SIGLIP_WORDS, "cat", "maple", "tree", "aquarium", "fish", "ankle", "boot",
+             *letters]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=max_length).save_pretrained(path)
+    return len(vocab)
+
+
+def tiny_siglip_config(image_size=32, patch_size=8, hidden=32, layers=2, heads=2, vocab_size=64, max_length=16,
+                       vision_use_head=True):
+    from transformers import SiglipConfig
+
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden)
+    text = dict(common, vocab_size=vocab_size, max_position_embeddings=max_length, pad_token_id=0, bos_token_id=1,
+                eos_token_id=1, projection_size=hidden)
+    vision = dict(common, image_size=image_size, patch_size=patch_size, vision_use_head=vision_use_head)
+    return SiglipConfig(text_config=text, vision_config=vision)
+
+
+def make_tiny_siglip(path, image_size=32, patch_size=8, hidden=32, layers=2, heads=2, seed=0, weights=True):
+    """A tiny full SigLIP checkpoint (both towers, logit_scale / logit_bias), its tokenizer and a
+    SiglipImageProcessor; returns the path."""
+    from transformers import SiglipImageProcessor, SiglipModel
+
+    path = Path(path)
+    vocab_size = write_tiny_word_tokenizer(path)
+    config = tiny_siglip_config(image_size, patch_size, hidden, layers, heads, vocab_size)
+    if weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SiglipModel(config)
+            with torch.no_grad():  # a non-trivial scale and bias (SigLIP's init: log 10, -10)
+                model.logit_scale.fill_(2.3)
+                model.logit_bias.fill_(-3.0)
+            model.save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def make_tiny_dinov2(path, image_size=32, patch_size=8, hidden=32, layers=2, heads=2, seed=0, weights=True,
+                     config_image_size=None):
+    """A tiny Dinov2Model checkpoint and its processor (BitImageProcessor: ImageNet mean/std, bicubic, shorter side
+    to image_size * 8 / 7, centre crop image_size, as dinov2-base's 256 / 224); `config_image_size` sets the
+    position grid of the config (dinov2-base: 518) apart from the processor's crop. Returns the path."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=2,
+                          image_size=config_image_size or image_size, patch_size=patch_size, layerscale_value=0.5)
+    if weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            Dinov2Model(config).save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": image_size * 8 // 7}, crop_size={"height": image_size, "width": image_size},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3,
+                      do_convert_rgb=True).save_pretrained(path)
+    return path
+
+
+def siglip_base_config():
+    """google/siglip-base-patch16-224's vision tower shapes (D 768, L 12, MLP 3072, 224 px, patch 16)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**VIT_B16_SHAPES)
+
+
+def dinov2_base_config():
+    """facebook/dinov2-base's shapes (D 768, L 12, MLP ratio 4, patch 14, a 518-px position grid)."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=518,
+                        patch_size=14)

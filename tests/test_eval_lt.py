@@ -172,15 +172,15 @@ def clip_logits_by_hand(clip_dir, pixel_values, class_names, templates=("a photo
 
 def test_zero_shot_equals_clip_logits_per_image(clip_dir):
     from lt_utils.prompts import IMAGENET_TEMPLATES
-    from lt_utils.zeroshot import build_zero_shot_clip
+    from lt_utils.zeroshot import build_zero_shot
 
     pixels = random_pixels(4, image_size=32)
     names = ["maple_tree", "Ankle boot", "T-shirt/top"]
-    model = build_zero_shot_clip(clip_dir, names, "single")
+    model = build_zero_shot(clip_dir, names, "single")
     expected = clip_logits_by_hand(clip_dir, pixels, ["maple tree", "Ankle boot", "T-shirt/top"])
     with torch.no_grad():
         torch.testing.assert_close(model(pixels), expected, rtol=1e-5, atol=1e-5)
-    ensemble = build_zero_shot_clip(clip_dir, names[:2], "ensemble")
+    ensemble = build_zero_shot(clip_dir, names[:2], "ensemble")
     expected = clip_logits_by_hand(clip_dir, pixels, ["maple tree", "Ankle boot"], IMAGENET_TEMPLATES)
     with torch.no_grad():
         torch.testing.assert_close(ensemble(pixels), expected, rtol=1e-5, atol=1e-5)
