@@ -250,3 +250,19 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
     saved = json.loads((out / "best" / "eval_test" / "metrics.json").read_text())["metrics"]
     recorded = json.loads((out / "best" / "metrics.json").read_text())["test"]
     assert saved == recorded and saved["num_samples"] == 100
+
+
+@pytest.mark.parametrize("kind", ["siglip", "dinov2"])
+def test_presets_build_their_recipe_on_a_tiny_model(kind, idx_dir, siglip_dir, dinov2_dir, tmp_path, capsys):
+    """The shipped preset, its model and data swapped for tiny offline ones: AdaptFormer counted by hand."""
+    base = siglip_dir if kind == "siglip" else dinov2_dir
+    run_main(["--config", str(REPO / "configs" / f"{kind}_cifar100_lt.yaml"), "--dataset", "fashion_mnist_lt",
+              "--data_dir", str(idx_dir), "--imb", "10", "--max_per_class", "40", "--val_per_class", "5",
+              "--model_name_or_path", str(base), "--output_dir", str(tmp_path / "never"), "--num_workers", "0",
+              "--cache_dir", str(tmp_path / "hf_cache"), "--total_batch_size", "16", "--dry_run"])
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    feature = 32 if kind == "siglip" else 64
+    # LIFT's r = 2 (10 classes, 2 layers); per layer LN 2*32 + down 32*2+2 + up 2*32+32 + scale 1
+    assert counts["method"] == "adaptformer" and counts["backbone_kind"] == kind
+    assert counts["head"] == 10 * feature and counts["backbone"] == 2 * (64 + 66 + 96 + 1)
+    assert not (tmp_path / "never").exists()
