@@ -565,7 +565,8 @@ def head_parameter_count(model):
 
 
 def _is_bias(key):
-    return key.rsplit(".", 1)[-1] == "bias"
+    name = key.rsplit(".", 1)[-1]
+    return name == "bias" or name.endswith("_bias")  # nn.MultiheadAttention's in_proj_bias (SigLIP's pool head)
 
 
 def export_state_dict(state_dict, method, arch=None):

@@ -148,6 +148,9 @@ def test_siglip_lora_leaves_the_attention_pool_head_frozen(siglip_dir):
     assert not any("backbone.head.modules_to_save" in n for n, _ in model.named_modules())
     assert [n for n, _ in model.base_model.model.backbone.named_children()] == ["embeddings", "encoder",
                                                                                   "post_layernorm", "head"]
+    # bitfit_all: every bias of the backbone, the pool head's attention in_proj_bias too
+    biases = {n for n, p in apply_method(build_lt_model(siglip_dir, 3), "bitfit_all").named_parameters() if p.requires_grad}
+    assert {"backbone.head.attention.in_proj_bias", "backbone.head.mlp.fc2.bias", "head.weight"} <= biases
 
 
 def test_unsupported_methods_and_model_types_name_the_supported_set(siglip_dir, dinov2_dir, tmp_path):
@@ -227,7 +230,7 @@ RUNS = [("siglip", "lora", "text"), ("siglip", "head", "text"), ("dinov2", "lora
 
 @pytest.mark.parametrize("kind,method,head_init", RUNS, ids=[f"{k}-{m}" for k, m, _ in RUNS])
 def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_init, idx_dir, siglip_dir, dinov2_dir,
-                                                          tmp_path):
+                                                          tmp_path, monkeypatch):
     base = siglip_dir if kind == "siglip" else dinov2_dir
     out = tmp_path / "run"
     run_main(tiny_train_args(idx_dir, out, "--model_name_or_path", base, "--from_scratch", "false", "--method", method,
@@ -236,6 +239,14 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
     model, meta = load_export(out / "best")
     assert meta["backbone"]["kind"] == kind and meta["method"] == method
     assert (out / "best" / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).is_file()
+    # the same export by Hub id (a local folder stands in for the downloaded snapshot): the same logits
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: str(out / "best"))
+    from_hub, _ = load_export("you/tiny-lt")
+    pixels = random_pixels(3)
+    with torch.no_grad():
+        torch.testing.assert_close(from_hub(pixels), model(pixels), rtol=0, atol=0)
     if head_init == "text":  # the export's anchor is the text init, computed again by hand
         from safetensors.torch import load_file
 

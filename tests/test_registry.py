@@ -44,7 +44,7 @@ def test_cli_choices_are_the_registry_names():
     evaluation = eval_lt.get_args_parser()
     assert _choices(evaluation, "prompt_template") == PROMPT_MODES.names()
     assert _choices(evaluation, "tte") == ["none", *TTE_MODES.names()]
-    assert BACKBONES.names() == ["clip", "vit", "cifar_resnet", "resnet"]
+    assert BACKBONES.names() == ["clip", "vit", "deit", "siglip", "dinov2", "cifar_resnet", "resnet"]
 
 
 @pytest.mark.parametrize("registry,flag", [(METHODS, "--method"), (LOSSES, "loss"), (HEADS, "head type"),
