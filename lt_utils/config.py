@@ -239,11 +239,25 @@ def _opt(kind, help=""):
 # ------------------------------------------------------------------------------------------------ the table
 _DATA = {
     "dataset": Flag("path", "fashion_mnist_lt", "cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, "
-                    "inat2018, imagefolder_lt, a folder written by data_scripts/build_lt.py, or a split it pushed to "
-                    "the Hub (user/repo)"),
-    "dataset_config_name": Flag("str", None, "a named preset of the dataset builder, e.g. fashion_mnist_lt's "
-                                "quickstart (imb 100, n_max 600); each builder accepts its own",
-                                choices=_lazy(".data.loading", "builder_config_names"), nullable=True),
+                    "inat2018, imagefolder_lt, hf_lt (set by --dataset_name), a folder written by data_scripts/build_lt.py, "
+                    "or a split it pushed to the Hub (user/repo)"),
+    "dataset_config_name": Flag("str", None, "with --dataset_name: that dataset's `datasets` config; else a named preset "
+                                "of the builder, e.g. fashion_mnist_lt's quickstart (imb 100, n_max 600), each builder "
+                                "its own (checked against --dataset)", nullable=True),
+    "dataset_name": Flag("path", None, "any `datasets` image-classification dataset made long-tailed (builder hf_lt): a "
+                         "Hub id (e.g. food101) or a local save_to_disk / parquet / imagefolder folder", nullable=True),
+    "dataset_revision": _opt("str", "--dataset_name: the Hub revision (branch, tag or commit) to load"),
+    "train_split": Flag("str", "train", "--dataset_name: the split the LT rule draws from"),
+    "validation_split": _opt("str", "--dataset_name: a split to use as val (default: unused train images, "
+                             "--val_source)"),
+    "test_split": _opt("str", "--dataset_name: the reported test split (default: 'test' if it has one, else "
+                       "--test_per_class images per class held out of train)"),
+    "image_column_name": Flag("str", "image", "--dataset_name: the column of images"),
+    "label_column_name": Flag("str", "label", "--dataset_name: the column of labels (a ClassLabel, or ids / names with "
+                              "--class_names_file)"),
+    "max_train_samples": _pos("int", None, "--dataset_name: a seeded random subset (--imb_seed) of this many source "
+                              "train images, taken before the LT rule", nullable=True),
+    "trust_remote_code": Flag("bool", False, "--dataset_name: allow the dataset's own loading script to run"),
     "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1),
     "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub"),
     "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True),
@@ -487,7 +501,7 @@ def load_preset(path, parser):
 
 
 # preset keys naming something to read (outputs such as output_dir and cache_dir stay relative to the working dir)
-PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "data_dir", "train_list", "val_list", "test_list",
+PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list",
                       "class_names_file", "test_dir", "val_dir")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -526,10 +540,34 @@ def save_resolved_config(args, path):
 
 def check_cross_flags(args):
     """Constraints between flags (each flag alone is checked by the table)."""
+    resolve_dataset_flags(args)
     many, few = getattr(args, "many_threshold", None), getattr(args, "few_threshold", None)
     if many is not None and few is not None and few > many + 1:
         raise UserError(f"--few_threshold {few} is above --many_threshold {many} + 1, so a class could be both many and "
                         "few; lower --few_threshold or raise --many_threshold")
+
+
+HF_BUILDER = "hf_lt"
+
+
+def resolve_dataset_flags(args):
+    """--dataset_name selects the hf_lt builder (recorded as --dataset hf_lt); another --dataset with it names two
+    sources. Without it, --dataset_config_name is a builder preset, checked against every builder's names here."""
+    name = getattr(args, "dataset_name", None)
+    dataset = getattr(args, "dataset", None)
+    if name is not None:
+        if dataset not in (None, HF_BUILDER, FLAGS["dataset"].default):
+            raise UserError(f"--dataset {dataset} and --dataset_name {name} name two sources; pass one (--dataset_name "
+                            "alone builds the LT split from that `datasets` source)")
+        args.dataset = HF_BUILDER
+        return
+    config = getattr(args, "dataset_config_name", None)
+    if config is not None and dataset != HF_BUILDER:
+        from .data.loading import builder_config_names
+
+        if config not in builder_config_names():
+            raise UserError(f"--dataset_config_name {config} is not a valid choice; choose one of "
+                            f"{', '.join(builder_config_names())} (or name a `datasets` config with --dataset_name)")
 
 
 # data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
@@ -537,13 +575,29 @@ RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max
                        "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
                        "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
 
-DATA_FLAGS = ("dataset", "dataset_config_name", "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
+# the `datasets` source of hf_lt, recorded in LTInfo.hf_source
+HF_SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
+                   "test_split", "image_column_name", "label_column_name", "class_names_file", "max_train_samples",
+                   "trust_remote_code")
+
+
+def recorded_flags(info):
+    """The data flags an LTInfo (as a dict: lt_info.json) records: how to rebuild the same split."""
+    flags = {flag: info[key] for flag, key in RECORDED_DATA_FLAGS.items() if key in info}
+    hf = info.get("hf_source") or {}
+    flags.update({flag: hf[flag] for flag in HF_SOURCE_FLAGS if flag in hf})
+    return flags
+
+
+DATA_FLAGS = ("dataset", "dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
+              "test_split", "image_column_name", "label_column_name", "max_train_samples", "trust_remote_code",
+              "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
               "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir", "relabel_by_name",
               "many_threshold", "few_threshold", "cache_dir", "per_device_eval_batch_size", "num_workers",
               "max_eval_samples", "tte")
 
 # data flags naming files or folders read (never written): outputs must stay apart from them
-DATA_INPUT_FLAGS = ("dataset", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
+DATA_INPUT_FLAGS = ("dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
 
 
 def add_data_args(parser, **defaults):

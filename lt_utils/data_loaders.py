@@ -4,6 +4,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .config import HF_SOURCE_FLAGS
 from .data import capped_subset, load_lt_dataset
 from .errors import require
 from .peft_methods import METHODS
@@ -22,7 +23,9 @@ def load_data(args, accelerator):
             class_names_file=args.class_names_file, many_threshold=args.many_threshold,
             few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
             val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False),
-            config_name=getattr(args, "dataset_config_name", None))
+            config_name=getattr(args, "dataset_config_name", None),
+            **{flag: getattr(args, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")
+               and hasattr(args, flag)})
     return ds, record_saved_folder(info, args.dataset)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import resolve_export_dir, read_export_meta
-from .config import RECORDED_DATA_FLAGS
+from .config import HF_BUILDER, HF_SOURCE_FLAGS, RECORDED_DATA_FLAGS, recorded_flags
 from .data.builders import SPLITS
 from .data.info import INFO_FILENAME
 from .errors import UserError, require
@@ -21,7 +21,7 @@ from .runs import run_export
 logger = logging.getLogger("lt")
 DEFAULT_OUTPUT_ROOT = Path("eval_outputs")
 # the flags an export records (the split, and the local source files it was read from): used unless passed
-RECORDED_FLAGS = (*RECORDED_DATA_FLAGS, "data_dir")
+RECORDED_FLAGS = (*RECORDED_DATA_FLAGS, *HF_SOURCE_FLAGS, "data_dir")
 
 
 @dataclass
@@ -56,9 +56,12 @@ def passed_flags(parser, argv, dests):
 def data_args_for(args, recorded, passed):
     """The data flags of one evaluation: the user's where given, else the export's record, else the defaults."""
     values = vars(args).copy()
-    # another --dataset makes the recorded source files irrelevant
-    skip = set(passed) | ({"data_dir"} if "dataset" in passed else set())
+    # another --dataset (or --dataset_name) makes the recorded source irrelevant
+    other_source = {"dataset", "dataset_name"} & set(passed)
+    skip = set(passed) | ({"dataset", "data_dir", *HF_SOURCE_FLAGS} if other_source else set())
     values.update({k: v for k, v in recorded.items() if k not in skip})
+    if "dataset_name" in passed:
+        values["dataset"] = HF_BUILDER
     return argparse.Namespace(**values)
 
 
@@ -70,7 +73,7 @@ def recorded_data_flags(export_dir, meta):
     if info_path.is_file():
         info = read_json(info_path, "split record")
         require(isinstance(info, dict), f"{info_path} is not a mapping; re-export {export_dir}")
-        return {**{flag: info[key] for flag, key in RECORDED_DATA_FLAGS.items() if key in info}, **source}
+        return {**recorded_flags(info), **source}
     record = {**meta.get("dataset", {}), "many_threshold": meta.get("many_threshold"),
               "few_threshold": meta.get("few_threshold")}
     return {**{flag: record[key] for flag, key in RECORDED_DATA_FLAGS.items() if record.get(key) is not None}, **source}

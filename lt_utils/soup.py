@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RECORDED_DATA_FLAGS
+from .config import recorded_flags
 from .metrics import check_select_metric, selection_score
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, check_finite, read_export_meta,
                          read_tensors, resolve_export_dir, write_export)
@@ -406,9 +406,8 @@ def val_data_args(data_args, lt_info_path):
         return args
     require(Path(lt_info_path).is_file(), f"{lt_info_path} is missing; pass --dataset (and its flags) for the val split")
     info = read_json(lt_info_path, "split record")
-    for flag, key in RECORDED_DATA_FLAGS.items():
-        if isinstance(info, dict) and key in info:
-            setattr(args, flag, info[key])
+    for flag, value in (recorded_flags(info) if isinstance(info, dict) else {}).items():
+        setattr(args, flag, value)
     return args
 
 

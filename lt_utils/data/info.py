@@ -28,6 +28,9 @@ class LTInfo:
     split_sizes: dict = dataclasses.field(default_factory=dict)
     # sha256 of each split's source indices: two splits with equal hashes hold the same images
     index_hashes: dict = dataclasses.field(default_factory=dict)
+    # hf_lt: the `datasets` source (name, config, revision, splits, columns, --max_train_samples, its splits'
+    # fingerprints), so eval_lt.py and resume rebuild the same split
+    hf_source: dict = None
 
     @property
     def num_classes(self):
