@@ -84,7 +84,8 @@ TRAIN_FLAGS = [
     ("select_metric", "mean_acc", "not a valid choice"), ("seed", "-1", "out of range"), ("seed", "4294967296", "out of range"),
     ("report_to", "bogus", "not a valid choice"), ("output_dir", "", "empty path"),
     ("dataset_config_name", "quick", "not a valid choice"), ("torch_compile_mode", "fast", "not a valid choice"),
-    ("torch_compile_backend", "turbo", "not a valid choice"),
+    ("torch_compile_backend", "turbo", "not a valid choice"), ("max_train_samples", "0", "out of range"),
+    ("max_train_samples", "2.5", "not an integer"), ("trust_remote_code", "maybe", "not a boolean"),
 ]
 
 
@@ -113,7 +114,8 @@ PRESETS = [
     ("overwrite_output_dir: maybe", "not a boolean"), ("- a\n- b", "must be a mapping"), ("a: [b", "not valid yaml"),
     ("per_device_train_batch_size: true", "not an integer"), ("weight_decay: '1e-4x'", "not a number"),
     ("gradient_checkpointing: maybe", "not a boolean"), ("torch_compile_mode: fast", "--torch_compile_mode fast"),
-    ("dataset_config_name: [quickstart]", "list"),
+    ("dataset_config_name: [quickstart]", "list"), ("max_train_samples: 0", "out of range"),
+    ("dataset_name: [a, b]", "list"), ("trust_remote_code: perhaps", "not a boolean"),
 ]
 
 
@@ -326,7 +328,8 @@ def test_soup_existing_output_and_missing_ingredient(world, tmp_path, capsys):
 # -------------------------------------------------------------------------------------------- build_lt
 BUILD_FLAGS = [("imb", "nan"), ("imb", "inf"), ("imb", "0.5"), ("max_per_class", "0"), ("seed", "-1"),
                ("val_per_class", "-1"), ("test_per_class", "0"), ("test_per_class", "-1"), ("many_threshold", "-1"),
-               ("selection", "x"), ("val_source", "x"), ("relabel_by_name", "maybe"), ("dataset_config_name", "quick")]
+               ("selection", "x"), ("val_source", "x"), ("relabel_by_name", "maybe"), ("dataset_config_name", "quick"),
+               ("max_train_samples", "0"), ("max_train_samples", "-5"), ("trust_remote_code", "maybe")]
 
 
 @pytest.mark.parametrize("flag, value", BUILD_FLAGS, ids=[f"{f}={v}" for f, v in BUILD_FLAGS])
@@ -371,6 +374,80 @@ def test_build_without_val_images_saves_a_loadable_dataset(world, tmp_path):
     assert ds["val"].num_rows == 0 and ds["train"].num_rows == sum(info.train_counts) and ds["test"].num_rows == 3
 
 
+# ------------------------------------------------------------------- a `datasets` source (--dataset_name, hf_lt)
+@pytest.fixture(scope="module")
+def hf_src(world):
+    """A parquet source with columns img / fine_label / note, and an imagefolder whose labels are class-name strings."""
+    from helpers_hf import write_imagefolder, write_parquet
+
+    root = world["root"] / "hf"
+    return {"pq": write_parquet(root / "pq"), "imf": write_imagefolder(root / "imf"), "root": root}
+
+
+HF_CASES = {  # flags after --dataset_name SRC --image_column_name img --label_column_name fine_label: expected text
+    "image_column": (["--image_column_name", "picture"], "--image_column_name picture: split train of SRC has no column "
+                     "'picture'; its columns are img, fine_label, note"),
+    "label_column": (["--label_column_name", "fine"], "its columns are img, fine_label, note"),
+    "label_not_classlabel": (["--label_column_name", "note"], "holds string, not a ClassLabel, so it names no classes; "
+                             "pass --class_names_file"),
+    "image_not_image": (["--image_column_name", "note"], "holds string, not images"),
+    "test_split": (["--test_split", "dev"], "--test_split dev: SRC has no split 'dev'; its splits are test, train"),
+    "train_split": (["--train_split", "training"], "its splits are test, train"),
+    "validation_split": (["--validation_split", "valid"], "--validation_split valid"),
+    "two_roles": (["--validation_split", "test"], "serves two roles"),
+    "two_sources": (["--dataset", "cifar100"], "--dataset cifar100 and --dataset_name"),
+    "data_dir": (["--data_dir", "ROOT"], "--data_dir is not used with --dataset_name"),
+    "short_names_file": (["--class_names_file", "TWO"], "is outside 0..1"),
+    "missing_folder": (["--dataset_name", "ROOT/nope"], "could not load --dataset_name"),
+    "config_of_a_folder": (["--dataset_name", "ARROW", "--dataset_config_name", "full"], "has no configs"),
+}
+
+
+def _hf_argv(world, hf_src, flags):
+    two = hf_src["root"] / "two.txt"
+    if not two.exists():
+        two.write_text("apple\nbear\n")
+    arrow = hf_src["root"] / "arrow"
+    if not arrow.exists():
+        from helpers_hf import write_arrow
+
+        write_arrow(arrow)
+    sub = {"ROOT": str(world["root"]), "TWO": str(two), "ARROW": str(arrow)}
+    flags = [next((v + f[len(k):] for k, v in sub.items() if f.startswith(k)), f) for f in flags]
+    return ["--dataset_name", str(hf_src["pq"]), "--image_column_name", "img", "--label_column_name", "fine_label",
+            *flags]
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_build_refuses_bad_datasets_sources(world, hf_src, tmp_path, capsys, case):
+    flags, expect = HF_CASES[case]
+    argv = [*_hf_argv(world, hf_src, flags), "--output_dir", tmp_path / "ds", "--cache_dir", world["cache"]]
+    refused(world, "build", argv, expect.replace("SRC", str(hf_src["pq"])), capsys, [tmp_path])
+    assert not (tmp_path / "ds").exists()
+
+
+def test_hf_string_labels_outside_the_class_names_file(world, hf_src, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("apple\nbear\ncat\n")  # no dog
+    argv = ["--dataset_name", hf_src["imf"], "--label_column_name", "fine_label", "--class_names_file", names,
+            "--output_dir", tmp_path / "ds", "--cache_dir", world["cache"]]
+    refused(world, "build", argv, "label 'dog' is not in --class_names_file", capsys, [tmp_path])
+    argv = ["--dataset_name", hf_src["imf"], "--label_column_name", "fine_label", "--output_dir", tmp_path / "ds",
+            "--cache_dir", world["cache"]]
+    refused(world, "build", argv, "string, not a ClassLabel", capsys, [tmp_path])
+
+
+@pytest.mark.parametrize("case", ["image_column", "test_split", "label_not_classlabel", "two_sources"])
+def test_train_and_eval_refuse_bad_datasets_sources(world, hf_src, capsys, case):
+    flags, expect = HF_CASES[case]
+    expect = expect.replace("SRC", str(hf_src["pq"]))
+    # [4:]: without tiny_train_args' --dataset fashion_mnist_lt --data_dir IDX; --overwrite_output_dir: the existing
+    # run must survive a refusal that comes after the output checks
+    argv = tiny_train_args(world["idx"], world["run"], "--overwrite_output_dir", *_hf_argv(world, hf_src, flags))[4:]
+    refused(world, "train", argv, expect, capsys)
+    refused(world, "eval", [world["run"] / "final", *_hf_argv(world, hf_src, flags)], expect, capsys)
+
+
 # ---------------------------------------------------------------------------------------- real processes
 def test_real_processes_exit_2_with_one_line(world, tmp_path):
     """The same contract from the shell: exit status 2, one `error:` line, no traceback, nothing changed."""
@@ -382,6 +459,9 @@ def test_real_processes_exit_2_with_one_line(world, tmp_path):
         "soup": ["soup.py", str(run / "best"), str(final), "--output_dir", str(run), "--overwrite"],
         "build": ["data_scripts/build_lt.py", "--dataset", "imagefolder_lt", "--data_dir", str(world["images"]),
                   "--output_dir", str(world["images"]), "--overwrite"],
+        # a Hub id with the Hub unreachable (offline): the real datasets.load_dataset call, refused in one line
+        "build_hub_id": ["data_scripts/build_lt.py", "--dataset_name", "someone/not-on-this-machine", "--output_dir",
+                         str(world["root"] / "hub_ds")],
     }
     before = tree_digest(world["root"])
     env = {**os.environ, **QUIET_ENV}
@@ -412,7 +492,14 @@ def test_every_flag_of_the_four_clis_comes_from_the_table():
            "gradient_checkpointing"}
     assert new <= set(FLAGS)
     assert FLAGS["which"].choice_list() == ["best", "final"]
-    assert "quickstart" in FLAGS["dataset_config_name"].choice_list()
+    # --dataset_config_name is also a `datasets` config of --dataset_name, so its names are checked with the dataset
+    # (check_cross_flags), not by a fixed choice list
+    from lt_utils.data.loading import builder_config_names
+
+    assert FLAGS["dataset_config_name"].choice_list() is None and "quickstart" in builder_config_names()
+    new_hf = {"dataset_name", "dataset_revision", "train_split", "validation_split", "test_split", "image_column_name",
+              "label_column_name", "max_train_samples", "trust_remote_code"}
+    assert new_hf <= set(parsers["train"]._lt_flags) & set(parsers["eval"]._lt_flags) & set(parsers["build"]._lt_flags)
     assert "aot_eager" in FLAGS["torch_compile_backend"].choice_list()
 
 
