@@ -202,6 +202,8 @@ def eval_config(target, args, data_args, info, mixed_precision):
               "split_hash": info.index_hashes.get(args.split), "many_threshold": info.many_threshold,
               "few_threshold": info.few_threshold, "max_eval_samples": args.max_eval_samples,
               "mixed_precision": mixed_precision}
+    if data_args.dataset == HF_BUILDER:  # the `datasets` source the split was built from
+        config["dataset"]["hf_source"] = {flag: getattr(data_args, flag) for flag in HF_SOURCE_FLAGS}
     if target.zero_shot:
         config["prompt_template"] = args.prompt_template
     return config

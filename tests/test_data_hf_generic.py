@@ -7,11 +7,13 @@ image's pixels spell its index in its source split. ρ = 10 on n_max 30: floor(3
 (52 images); groups with many > 20, few < 5: many, medium, medium, few.
 """
 import json
+import shutil
 import sys
 
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from helpers_faults import cli_mains, reset_accelerate
 from helpers_hf import (CLASS_NAMES, PER_CLASS, first_n, held_indices, source_labels, write_arrow, write_imagefolder,
@@ -175,6 +177,34 @@ def test_build_lt_cli_saves_and_pushes_the_layout(sources, tmp_path, capsys):
     assert info2 == info and held_indices(again["train"]) == held_indices(ds["train"])
 
 
+def hf_train_flags(source, out, *extra):
+    return ["--dataset_name", str(source), "--image_column_name", "img", "--label_column_name", "fine_label",
+            "--imb", "10", "--val_per_class", "4", "--model_name_or_path", str(TINY_VIT), "--from_scratch", "true",
+            "--head_init", "random", "--method", "full", "--optimizer", "adamw", "--learning_rate", "0.001",
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
+            "--cache_dir", str(out.parent / "hf_cache"), "--output_dir", str(out), *map(str, extra)]
+
+
+def test_resume_rebuilds_the_same_split_and_refuses_another(sources, tmp_path, capsys):
+    """A run interrupted after step 1 (its step_1 state alone) resumes from the same flags to the weights of the
+    uninterrupted run; the same flags with another subset of the source (other training images) are refused."""
+    from safetensors.torch import load_file
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ("--max_train_steps", "2", "--checkpointing_steps", "1", "--eval_steps", "none")
+    MAINS["train"](hf_train_flags(sources["arrow"], full, *common))
+    part.mkdir()
+    shutil.copytree(full / "step_1", part / "step_1")
+    with pytest.raises(SystemExit) as exit_info:
+        MAINS["train"](hf_train_flags(sources["arrow"], part, *common, "--resume_from_checkpoint", "latest",
+                                      "--max_train_samples", "100"))
+    assert exit_info.value.code == 2 and "its train_images is" in capsys.readouterr().err
+    assert sorted(p.name for p in part.iterdir()) == ["step_1"]
+    MAINS["train"](hf_train_flags(sources["arrow"], part, *common, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_train_lt_on_a_dataset_name_exports_and_eval_lt_rebuilds_the_split(sources, tmp_path):
     """train_lt.py builds the split on the fly from --dataset_name; eval_lt.py re-evaluates the export from its
     lt_info.json alone (no data flag passed) and gets the numbers train_lt.py recorded."""
@@ -197,3 +227,7 @@ def test_train_lt_on_a_dataset_name_exports_and_eval_lt_rebuilds_the_split(sourc
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["metrics"] == results["final"]["test"] == evaluated[str(out / "final")]
     assert metrics["config"]["split_hash"] == info["index_hashes"]["test"]
+    assert metrics["config"]["dataset"]["dataset"] == "hf_lt"
+    assert {k: metrics["config"]["dataset"]["hf_source"][k] for k in ("dataset_name", "image_column_name",
+                                                                      "max_train_samples")} == \
+        {"dataset_name": str(sources["parquet"]), "image_column_name": "img", "max_train_samples": 100}
