@@ -70,8 +70,10 @@ def load_source(spec, cache_dir=None):
             raise UserError(f"{name} is not a loadable save_to_disk folder ({err.__class__.__name__}); save it again") from None
         return dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict({"train": dd})
     try:
+        # trust_remote_code only when asked: datasets >= 4 runs no loading scripts and logs an error for the flag
+        remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
         return datasets.load_dataset(str(name), spec.dataset_config_name, revision=spec.dataset_revision,
-                                     cache_dir=cache_dir, trust_remote_code=spec.trust_remote_code or None)
+                                     cache_dir=cache_dir, **remote)
     except Exception as err:  # offline, unknown repo or config, auth, not a dataset: for the user to fix
         detail = str(err).splitlines()[0][:300] if str(err) else ""
         raise UserError(f"could not load --dataset_name {name} ({err.__class__.__name__}: {detail}); pass a Hub dataset "
