@@ -426,6 +426,12 @@ def test_build_refuses_bad_datasets_sources(world, hf_src, tmp_path, capsys, cas
     assert not (tmp_path / "ds").exists()
 
 
+def test_build_output_apart_from_the_datasets_source(world, hf_src, capsys):
+    argv = [*_hf_argv(world, hf_src, []), "--cache_dir", world["cache"], "--output_dir", hf_src["pq"] / "data" / "lt"]
+    refused(world, "build", argv, "lies inside the input --dataset_name", capsys)
+    refused(world, "build", [*argv[:-1], hf_src["pq"], "--overwrite"], "is the input --dataset_name", capsys)
+
+
 def test_hf_string_labels_outside_the_class_names_file(world, hf_src, tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("apple\nbear\ncat\n")  # no dog
