@@ -426,6 +426,14 @@ def test_build_refuses_bad_datasets_sources(world, hf_src, tmp_path, capsys, cas
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("max_train_samples", "10"), ("test_split", "test"), ("label_column_name", "y")])
+def test_datasets_source_flags_without_a_dataset_name(world, tmp_path, capsys, flag, value):
+    argv = ["--dataset", "imagefolder_lt", "--data_dir", world["images"], "--output_dir", tmp_path / "ds",
+            "--cache_dir", world["cache"], f"--{flag}", value]
+    refused(world, "build", argv, f"--{flag} applies to a --dataset_name source, not to --dataset imagefolder_lt", capsys,
+            [tmp_path])
+
+
 def test_build_output_apart_from_the_datasets_source(world, hf_src, capsys):
     argv = [*_hf_argv(world, hf_src, []), "--cache_dir", world["cache"], "--output_dir", hf_src["pq"] / "data" / "lt"]
     refused(world, "build", argv, "lies inside the input --dataset_name", capsys)

@@ -102,6 +102,16 @@ def load_lt_dataset(
         return load_lt_from_disk(name)
     else:
         key = canonical_name(name)
+    if key != DatasetsLT.DATASET:  # flags of a `datasets` source: refused rather than ignored
+        hf_only = dict(dataset_revision=dataset_revision, validation_split=validation_split, test_split=test_split,
+                       max_train_samples=max_train_samples, trust_remote_code=trust_remote_code or None,
+                       train_split=None if train_split == "train" else train_split,
+                       image_column_name=None if image_column_name == "image" else image_column_name,
+                       label_column_name=None if label_column_name == "label" else label_column_name)
+        for flag, value in hf_only.items():
+            if value is not None:
+                raise UserError(f"--{flag} applies to a --dataset_name source, not to --dataset {name}; drop it "
+                                "or pass --dataset_name")
     builder_cls = BUILDERS[key]
     given = dict(imb=imb, max_per_class=max_per_class, seed=seed, selection=selection, val_per_class=val_per_class,
                  val_source=val_source, many_threshold=many_threshold, few_threshold=few_threshold,
