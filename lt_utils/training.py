@@ -3,6 +3,7 @@
 Data and loaders: data_loaders.py; export writing: exports.py."""
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -184,6 +185,13 @@ def setup_batchnorm(args, accelerator, model, lt_model):
         require(has_batchnorm(lt_model), f"--sync_bn: the {lt_model.spec.kind} backbone has no BatchNorm; drop --sync_bn")
         if accelerator.num_processes > 1:
             convert_sync_batchnorm(lt_model)  # in place: the LTModel root is no BatchNorm, keys are unchanged
+    elif accelerator.num_processes > 1 and has_batchnorm(lt_model) and not lt_model.backbone_eval:
+        # not an error: per-process statistics are what plain DDP does, but results then depend on the process count
+        if accelerator.is_main_process:
+            logging.getLogger("lt").warning(
+                f"BatchNorm trains on {accelerator.num_processes} processes without --sync_bn: each normalises over "
+                f"its own {args.per_device_train_batch_size} images, so results differ from one process with the "
+                "global batch; pass --sync_bn to normalise over the global batch")
     return model
 
 
