@@ -67,7 +67,7 @@ def main(argv=None):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
     lt_model = exporter.lt_model
     if args.dry_run:
-        return T.print_dry_run(model, lt_model)
+        return T.dry_run(args, accelerator, model, lt_model, len(train_ds))
     model = T.setup_batchnorm(args, accelerator, model, lt_model)
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)

@@ -286,7 +286,17 @@ _TRAIN = {
     "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head"),
     "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
                    choices=_registry(METHODS)),
-    "adapter_dim": _pos("int", None, "AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)", nullable=True),
+    "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
+                        nullable=True),
+    "partial_layers": _pos("int", None, "tune only the last k transformer blocks (LIFT's partial; any method but "
+                                        "full_all and head)", nullable=True),
+    "vpt_len": _pos("int", 10, "prompt tokens per prompted block (vpt_shallow, vpt_deep)"),
+    "mask_ratio": Flag("float", None, "--method mask: fraction of each Linear's entries trained (default: LIFT's "
+                                      "K / (12 L D), floored to a multiple of 0.001, at least 0.001)",
+                       low=0, low_open=True, high=1, nullable=True),
+    "mask_seed": _seed(0, "--method mask: seed of the entries chosen (LIFT: 0)"),
+    "lora_init": Flag("str", "peft", "LoRA A init: peft's U(+-1/sqrt(D)) or LIFT's U(+-1/sqrt(r)) (its A is (D, r))",
+                      choices=_lazy(".peft_methods", "LORA_INITS")),
     "lora_alpha": Flag("float", 1.0, low=0, low_open=True),
     "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True),
     "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+"),
@@ -307,7 +317,6 @@ _TRAIN = {
                         choices=["eval", "train"]),
     "sync_bn": Flag("switch", False, "synchronise BatchNorm statistics across processes (DDP): N processes then equal "
                     "one with the global batch"),
-    "dry_run": Flag("switch", False, "build the model, print its parameter counts as JSON, and exit"),
     "loss": Flag("str", "la", choices=_registry(LOSSES)),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
@@ -360,6 +369,8 @@ _TRAIN = {
     "output_dir": Flag("path", "outputs/run"),
     "overwrite_output_dir": Flag("switch", False, "allow a non-empty --output_dir without resuming"),
     "seed": _seed(0),
+    "dry_run": Flag("switch", False, "build the data and the model, print the run header and, as the last stdout line, "
+                                     "a JSON object of the trainable parameters (trainable, head, backbone); no training"),
     "checkpointing_steps": Flag("steps", None, "save a resume state every N optimizer steps, or 'epoch'", nullable=True),
     "resume_from_checkpoint": _opt("path", "'latest' or a step_* folder"),
     "with_tracking": Flag("switch", False),
@@ -609,8 +620,10 @@ def build_train_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="yaml preset (configs/*.yaml); CLI flags override it")
     add_data_args(parser)
-    add_group(parser, "model", ("model_name_or_path", "from_scratch", "init_from", "method", "adapter_dim", "lora_alpha",
-                                "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn", "head_type", "head_scale", "head_init",
+    add_group(parser, "model", ("model_name_or_path", "from_scratch", "init_from", "method", "adapter_dim",
+                                "partial_layers", "vpt_len", "mask_ratio", "mask_seed", "lora_init", "lora_alpha",
+                                "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn",
+                                "head_type", "head_scale", "head_init",
                                 "prompt_template"))
     add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "sampler", "balance_factor",
                                             "subset_seed", "subset_selection"))

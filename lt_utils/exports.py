@@ -55,6 +55,8 @@ class Exporter:
     def gather(self, accelerator, train_model):
         """Collective (every rank): the full state dict, gathered under ZeRO-3, reduced to what the export stores."""
         state_dict = accelerator.get_state_dict(train_model)
+        if state_dict is None:  # ZeRO-3 gathers the 16-bit weights onto the main process only
+            return None, {}
         if self.method.head_only and not isinstance(accelerator.unwrap_model(train_model), LTModel):  # the head alone (cached features)
             full = {k: v for k, v in self.lt_model.state_dict().items()}
             full.update({f"head.{k}": v for k, v in state_dict.items()})
@@ -64,7 +66,7 @@ class Exporter:
         if self.args.from_scratch:
             tensors = dict(state_dict)
         else:
-            tensors = export_state_dict(state_dict, self.args.method)
+            tensors = export_state_dict(state_dict, self.args.method, self.arch)
         for key in self.overrides or {}:
             tensors.setdefault(key, state_dict[key])
         return state_dict, tensors

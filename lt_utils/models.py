@@ -30,6 +30,10 @@ class BackboneKind:
     layer_wiring: tuple  # (second LayerNorm, MLP branch) attribute names of an encoder layer (AdaptFormer)
     lora_targets: tuple  # default LoRA targets: the first candidate whose names are Linear layers of the backbone
     model_kwargs: dict = dataclasses.field(default_factory=dict)
+    # transformer blocks (LIFT's methods): dotted paths of the block list (first present wins) and of each block's
+    # parts by role (peft_modules.block_part); a role maps to candidates, the first present in the block wins
+    block_lists: tuple = ()
+    block_parts: dict = dataclasses.field(default_factory=dict)
     # vision config -> hidden_size, num_layers, image_size, patch_size (default: the ViT attribute names)
     geometry: object = None
     methods: tuple = None  # the --method names that apply (None: all)
@@ -55,7 +59,11 @@ BACKBONES.register("clip", BackboneKind(
     vision_config=lambda c: c.vision_config if c.model_type == "clip" else c,
     features=lambda out: out.pooler_output,  # post-LayerNorm CLS, before the projection (LIFT)
     mean=CLIP_MEAN, std=CLIP_STD, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
-    lora_targets=(("q_proj", "v_proj"),)))
+    lora_targets=(("q_proj", "v_proj"),),
+    block_lists=("encoder.layers", "vision_model.encoder.layers"),
+    block_parts={"ln_1": ("layer_norm1",), "ln_2": ("layer_norm2",), "q": ("self_attn.q_proj",),
+                 "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",), "attn_out": ("self_attn.out_proj",),
+                 "mlp": ("mlp",), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}))
 BACKBONES.register("vit", BackboneKind(
     model_types=("vit",), model_class="ViTModel", vision_config=lambda c: c,
     features=lambda out: out.last_hidden_state[:, 0],
@@ -63,11 +71,18 @@ BACKBONES.register("vit", BackboneKind(
     layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),  # transformers 5, 4.x
     lora_targets=(("q_proj", "v_proj"), ("query", "value")),
     # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
-    model_kwargs={"add_pooling_layer": False}))
+    model_kwargs={"add_pooling_layer": False},
+    block_lists=("layers", "encoder.layer"),  # transformers 5, 4.x
+    block_parts={"ln_1": ("layernorm_before",), "ln_2": ("layernorm_after",),
+                 "q": ("attention.q_proj", "attention.attention.query"), "k": ("attention.k_proj", "attention.attention.key"),
+                 "v": ("attention.v_proj", "attention.attention.value"),
+                 "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("mlp", "output.dense"),
+                 "fc1": ("mlp.fc1", "intermediate.dense"), "fc2": ("mlp.fc2", "output.dense")}))
 
 
-# CNNs: BatchNorm, no LayerNorm blocks, so no AdaptFormer/LoRA; trained in full, by BitFit (BN shifts) or head-only
-_CNN_METHODS = ("full", "bitfit", "head")
+# CNNs: BatchNorm, no transformer blocks, so none of LIFT's block methods; trained in full, by BitFit (BN shifts)
+# or head-only
+_CNN_METHODS = ("full_all", "bitfit_all", "head")
 BACKBONES.register("cifar_resnet", BackboneKind(
     model_types=("cifar_resnet",), model_class="lt_utils.cifar_resnet.CifarResNetModel", vision_config=lambda c: c,
     features=lambda out: out.pooler_output,  # global average pool
@@ -229,7 +244,7 @@ class LTModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.adapters = None  # set by peft_methods.apply_method("adaptformer")
+        self.adapters = None  # the modules a method adds (AdaptFormer, VPT, SSF, ...): peft_methods.apply_method
         self.spec = spec
         self.backbone_eval = False  # keep the (frozen) backbone in eval mode while training (--backbone_bn eval)
 

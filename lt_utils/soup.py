@@ -148,7 +148,8 @@ _SAME_FIELDS = (
     ("base model", lambda m: m["base_model"]),
     ("from_scratch", lambda m: bool(m["from_scratch"])),
     ("backbone spec", lambda m: m["backbone"]),
-    ("adapters", lambda m: (m["arch"].get("adapters"), m["arch"].get("adapter_dim"))),
+    # the added modules and where they sit (method, r, tuned blocks, prompt length, mask ratio and seed)
+    ("adapters", lambda m: {k: v for k, v in m["arch"].items() if k != "lora"}),
     ("LoRA use (LoRA and non-LoRA exports do not mix)", lambda m: bool(m["arch"].get("lora"))),
     ("num_labels", lambda m: m["num_labels"]),
     ("id2label", lambda m: m["id2label"]),

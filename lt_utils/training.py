@@ -3,6 +3,7 @@
 Data and loaders: data_loaders.py; export writing: exports.py."""
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from .errors import UserError, require
 from .exports import Exporter, load_image_processor
 from .head_init import HEAD_INITS, set_head_weight
 from .models import enable_gradient_checkpointing
-from .peft_methods import METHODS, apply_method, empty_arch
+from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
@@ -184,17 +185,14 @@ def setup_batchnorm(args, accelerator, model, lt_model):
         require(has_batchnorm(lt_model), f"--sync_bn: the {lt_model.spec.kind} backbone has no BatchNorm; drop --sync_bn")
         if accelerator.num_processes > 1:
             convert_sync_batchnorm(lt_model)  # in place: the LTModel root is no BatchNorm, keys are unchanged
+    elif accelerator.num_processes > 1 and has_batchnorm(lt_model) and not lt_model.backbone_eval:
+        # not an error: per-process statistics are what plain DDP does, but results then depend on the process count
+        if accelerator.is_main_process:
+            logging.getLogger("lt").warning(
+                f"BatchNorm trains on {accelerator.num_processes} processes without --sync_bn: each normalises over "
+                f"its own {args.per_device_train_batch_size} images, so results differ from one process with the "
+                "global batch; pass --sync_bn to normalise over the global batch")
     return model
-
-
-def print_dry_run(model, lt_model):
-    """--dry_run: the parameter counts of the model as built, one JSON line; nothing is written."""
-    counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "total": sum(p.numel() for p in model.parameters()),
-              "head": sum(p.numel() for p in lt_model.head.parameters()),
-              "backbone": lt_model.spec.kind}
-    print(json.dumps(counts))
-    return counts
 
 
 def build_optimizer(model, args):
@@ -322,7 +320,13 @@ def resume_identity(args, info):
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
             "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
             "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from,
-            "head_features": args.head_features, "backbone_bn": args.backbone_bn}
+            "head_features": args.head_features, "backbone_bn": args.backbone_bn,
+            **{k: getattr(args, k) for k, default in METHOD_FLAG_DEFAULTS.items() if getattr(args, k) != default}}
+
+
+# flags that shape a method's modules, with their defaults: part of a resume's identity when set (so checkpoints
+# written before the flags existed still resume)
+METHOD_FLAG_DEFAULTS = {"partial_layers": None, "vpt_len": 10, "mask_ratio": None, "mask_seed": 0, "lora_init": "peft"}
 
 
 def non_finite_advice(args):
@@ -355,3 +359,21 @@ def describe_run(args, accelerator, plan, num_examples, trainable):
              f"  Processes = {accelerator.num_processes} ({accelerator.distributed_type.value}), "
              f"mixed precision = {accelerator.mixed_precision}"]
     return "\n".join(lines)
+
+
+def dry_run(args, accelerator, model, lt_model, num_examples):
+    """--dry_run: the run header, then (last line of stdout) a JSON object of the trainable parameter counts."""
+    import math
+
+    from .schedule import plan_steps
+
+    batches = math.ceil(num_examples / (args.per_device_train_batch_size * accelerator.num_processes))
+    plan = plan_steps(batches, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps,
+                      args.min_train_steps)
+    trainable, head = trainable_parameter_count(model), head_parameter_count(model)
+    counts = {"method": args.method, "trainable": trainable, "head": head, "backbone": trainable - head,
+              "backbone_kind": lt_model.spec.kind, "total": sum(p.numel() for p in model.parameters()), "total_steps": plan.total_steps}
+    if accelerator.is_main_process:
+        print(describe_run(args, accelerator, plan, num_examples, trainable).replace("Running training", "Dry run"))
+        print(json.dumps(counts), flush=True)
+    return counts

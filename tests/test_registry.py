@@ -33,7 +33,9 @@ def _choices(parser, dest):
 
 def test_cli_choices_are_the_registry_names():
     train = build_train_parser()
-    assert _choices(train, "method") == METHODS.names() == ["adaptformer", "lora", "full", "bitfit", "head"]
+    assert _choices(train, "method") == METHODS.names() == [
+        "adaptformer", "lora", "full", "bitfit", "head", "full_all", "bitfit_all", "ln", "vpt_shallow", "vpt_deep", "adapter", "mask",
+        "lora_mlp", "ssf_attn", "ssf_mlp", "ssf_ln"]
     assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax"]
     assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear"]
     assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "random"]
@@ -70,7 +72,8 @@ def test_unknown_method_on_the_command_line_lists_the_choices():
     proc = python_script("train_lt.py", "--method", "vpt", "--output_dir", "unused")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: --method vpt is not a valid choice; choose one of adaptformer, "
-                                                    "lora, full, bitfit, head")
+                                                    "lora, full, bitfit, head, full_all, bitfit_all, ln, vpt_shallow, vpt_deep, adapter, "
+                                                    "mask, lora_mlp, ssf_attn, ssf_mlp, ssf_ln")
 
 
 # ---- a new method is one registry entry ----------------------------------------------------------------------
@@ -174,7 +177,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     with pytest.raises(SystemExit) as exit_info:
         run_main(tiny_train_args(idx_dir, tmp_path / "again", "--method", "ln_test", "--init_from", out / "best"))
     assert exit_info.value.code == 2
-    assert "error: --init_from works with --method full/bitfit/head, not ln_test" in capsys.readouterr().err
+    assert "error: --init_from works with --method full/bitfit/head/full_all/bitfit_all/ln, not ln_test" in capsys.readouterr().err
 
 
 def load_export_metrics(export_dir):

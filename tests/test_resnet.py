@@ -52,7 +52,7 @@ def test_dry_run_builds_cifar_resnet34_for_100_classes(tmp_path, capsys):
     assert printed == counts
     assert printed["trainable"] == printed["total"] == resnet34_hand_count(100)
     assert printed["head"] == 512 * 100 + 100  # linear, with bias
-    assert printed["backbone"] == "cifar_resnet"
+    assert printed["backbone_kind"] == "cifar_resnet" and printed["backbone"] == printed["trainable"] - printed["head"]
     assert not out.exists()  # a dry run writes nothing
 
 
@@ -92,11 +92,11 @@ def test_transformers_resnet_is_a_backbone_kind(tmp_path):
     assert (lt.spec.kind, lt.spec.hidden_size, lt.spec.num_layers, lt.spec.image_size) == ("resnet", 16, 2, 224)
     lt.eval()
     assert lt(torch.randn(2, 3, 64, 64)).shape == (2, 5)
-    apply_method(lt, "bitfit")  # BatchNorm shifts + the head
+    apply_method(lt, "bitfit_all")  # BatchNorm shifts + the head
     bn_biases = sum(m.bias.numel() for m in lt.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert trainable_parameter_count(lt) == bn_biases + 5 * 16 + 5
     for method in ("adaptformer", "lora"):
-        with pytest.raises(UserError, match=f"--method {method} does not apply to resnet backbones; choose one of full, bitfit, head"):
+        with pytest.raises(UserError, match=f"--method {method} does not apply to resnet backbones; choose one of full_all, bitfit_all, head"):
             apply_method(build_lt_model(tmp_path / "resnet", 5), method)
 
 
@@ -106,7 +106,7 @@ def test_unsupported_method_is_a_one_line_error(tmp_path):
     result = python_script("train_lt.py", *tiny_train_args(idx, out, "--model_name_or_path", RESNET8, "--method", "lora"))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == ("error: --method lora does not apply to cifar_resnet backbones; "
-                                                      "choose one of full, bitfit, head")
+                                                      "choose one of full_all, bitfit_all, head")
     assert "Traceback" not in result.stderr
 
 
@@ -115,7 +115,7 @@ def test_ema_averages_running_statistics():
     from lt_utils.models import build_lt_model
     from lt_utils.peft_methods import apply_method
 
-    lt = apply_method(build_lt_model(RESNET8, 3, head_type="linear", from_scratch=True), "full")
+    lt = apply_method(build_lt_model(RESNET8, 3, head_type="linear", from_scratch=True), "full_all")
     ema = EMA(lt, 0.5)
     before = lt.backbone.bn1.running_mean.clone()
     lt.train()
@@ -189,3 +189,26 @@ def test_resume_restores_running_statistics_exactly(tmp_path):
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
     assert resumed["backbone.bn1.num_batches_tracked"].item() == 4
+
+
+@pytest.mark.parametrize("sync_bn,method,warned", [(False, "full_all", True), (True, "full_all", False),
+                                                   (False, "head", False)])
+def test_ddp_without_sync_bn_warns_once_where_batchnorm_trains(caplog, sync_bn, method, warned):
+    """Several processes, BatchNorm in train mode and no --sync_bn: a warning naming --sync_bn (on the main process
+    only); none with --sync_bn or with a frozen eval-mode backbone (head-only)."""
+    import argparse
+    import logging
+
+    from lt_utils.models import build_lt_model
+    from lt_utils.training import setup_batchnorm
+
+    lt = build_lt_model(RESNET8, 3, head_type="linear", from_scratch=True)
+    args = argparse.Namespace(method=method, backbone_bn="eval", sync_bn=sync_bn, per_device_train_batch_size=8)
+    for main_process in (True, False):
+        accelerator = argparse.Namespace(num_processes=2, is_main_process=main_process)
+        with caplog.at_level(logging.WARNING, logger="lt"):
+            setup_batchnorm(args, accelerator, lt, lt)
+    messages = [r.getMessage() for r in caplog.records if r.name == "lt"]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "without --sync_bn" in messages[0] and "its own 8 images" in messages[0]
