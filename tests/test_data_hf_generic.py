@@ -180,7 +180,7 @@ def test_build_lt_cli_saves_and_pushes_the_layout(sources, tmp_path, capsys):
 def hf_train_flags(source, out, *extra):
     return ["--dataset_name", str(source), "--image_column_name", "img", "--label_column_name", "fine_label",
             "--imb", "10", "--val_per_class", "4", "--model_name_or_path", str(TINY_VIT), "--from_scratch", "true",
-            "--head_init", "random", "--method", "full", "--optimizer", "adamw", "--learning_rate", "0.001",
+            "--head_init", "random", "--method", "full_all", "--optimizer", "adamw", "--learning_rate", "0.001",
             "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
             "--cache_dir", str(out.parent / "hf_cache"), "--output_dir", str(out), *map(str, extra)]
 
@@ -211,7 +211,7 @@ def test_train_lt_on_a_dataset_name_exports_and_eval_lt_rebuilds_the_split(sourc
     out = tmp_path / "run"
     flags = ["--dataset_name", str(sources["parquet"]), "--image_column_name", "img", "--label_column_name",
              "fine_label", "--imb", "10", "--val_per_class", "4", "--max_train_samples", "100",
-             "--model_name_or_path", str(TINY_VIT), "--from_scratch", "true", "--head_init", "random", "--method", "full",
+             "--model_name_or_path", str(TINY_VIT), "--from_scratch", "true", "--head_init", "random", "--method", "full_all",
              "--optimizer", "adamw", "--learning_rate", "0.001", "--per_device_train_batch_size", "16",
              "--per_device_eval_batch_size", "64", "--num_workers", "0", "--max_train_steps", "3",
              "--cache_dir", str(tmp_path / "hf_cache"), "--output_dir", str(out)]
