@@ -26,7 +26,7 @@ from lt_utils.config import build_train_parser, parse_args_with_config, save_res
 from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json
-from lt_utils.losses import build_loss
+from lt_utils.losses import LossOptions, build_loss
 from lt_utils.metrics import check_select_metric, scalar_metrics, selection_score
 from lt_utils.exports import Exporter, refresh_model_card
 from lt_utils.peft_methods import METHODS, trainable_parameter_count
@@ -60,7 +60,7 @@ def main(argv=None):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
     lt_model = exporter.lt_model
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
-    loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
+    loss_fn = build_loss(args.loss, train_counts, LossOptions.from_args(args))
     sampler = D.build_sampler(args, train_ds)
     if METHODS.get(args.method).head_only:  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)

@@ -129,6 +129,13 @@ def build_train_parser():
     g.add_argument("--loss", default="la", choices=LOSSES.names())
     g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")
+    # LIFT's defaults (utils/losses.py); LDAM's scale is --head_scale
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal: the focusing exponent gamma")
+    g.add_argument("--ldam_max_margin", type=float, default=0.5, help="ldam: margin of the rarest class (x --head_scale)")
+    g.add_argument("--cb_beta", type=float, default=0.9999, help="cb: beta of the effective number (1 - beta^n) / (1 - beta)")
+    g.add_argument("--grw_exponent", type=float, default=1.0, help="grw: class weights (n_c / N)^-exponent")
+    g.add_argument("--lade_lambda", type=float, default=0.1, help="lade: ReMINE regulariser lambda")
+    g.add_argument("--lade_weight", type=float, default=0.1, help="lade: weight of the LADER estimation loss")
     g.add_argument("--sampler", default="random", choices=["random", "class_balanced", "sqrt"])
     g.add_argument("--balance_factor", type=float, default=None,
                    help="LT-Soups ingredient: train on the subset with every class capped at n_min * b")

@@ -34,7 +34,7 @@ def _choices(parser, dest):
 def test_cli_choices_are_the_registry_names():
     train = build_train_parser()
     assert _choices(train, "method") == METHODS.names() == ["adaptformer", "lora", "full", "bitfit", "head"]
-    assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax"]
+    assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
     assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear"]
     assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "random"]
     assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble"]
@@ -62,8 +62,8 @@ def test_registry_refuses_a_second_entry_of_a_name():
         reg.register("a", 2)
     reg.unregister("a")
     assert reg.names() == ["b"] and reg.get("b") is len
-    with pytest.raises(UserError, match="unknown loss 'focal'; choose one of ce, la, balanced_softmax"):
-        build_loss("focal")
+    with pytest.raises(UserError, match="unknown loss 'focal2'; choose one of ce, la, balanced_softmax"):
+        build_loss("focal2")
 
 
 def test_unknown_method_on_the_command_line_lists_the_choices():
