@@ -54,7 +54,8 @@ def main(argv=None):
     ds = D.limit_eval_splits(ds, args.max_eval_samples)
     train_ds, train_counts = D.training_split(ds, info, args)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
-    head_init_loader = lambda spec: D.image_loader(ds["train"], D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
+    head_init_loader = lambda spec, shots=None: D.image_loader(D.k_shot(ds["train"], shots, args.seed),
+                                                               D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
     with T.plain_model_init(accelerator):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)

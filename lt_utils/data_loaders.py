@@ -1,6 +1,8 @@
 """Data for training and evaluation: the LT split, its transforms, seeded augmentation, samplers and loaders."""
 from pathlib import Path
 
+import numpy as np
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,6 +51,19 @@ def training_split(ds, info, args):
     require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
     return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed,
                          selection=args.subset_selection)
+
+
+def k_shot(train_ds, shots, seed):
+    """The train split, or up to `shots` seeded images per class of it (--head_init k_shot)."""
+    return train_ds if shots is None else train_ds.select(k_shot_indices(train_ds["label"], shots, seed))
+
+
+def k_shot_indices(labels, k, seed):
+    """Up to k images per class, drawn by a seeded permutation of each class (LIFT's 1/10/100-shot class means)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked)).tolist()
 
 
 def resolve_augment(args):

@@ -9,7 +9,7 @@ from transformers import BertConfig, CLIPModel, CLIPVisionModel, ViTModel
 
 from lt_utils.errors import UserError
 from lt_utils.head_init import class_mean_head_init, set_head_weight, text_head_init
-from lt_utils.heads import CosineHead, LinearHead, fingerprint, random_head_init
+from lt_utils.heads import HEADS, CosineHead, LayerNormedHead, L2NormedHead, LinearHead, fingerprint, random_head_init
 from lt_utils.models import CLIP_MEAN, BackboneSpec, build_lt_model, load_backbone
 from lt_utils.prompts import IMAGENET_TEMPLATES
 from tests.helpers_models import make_tiny_clip, make_tiny_vit, random_pixels, write_config_only
@@ -142,7 +142,25 @@ def test_cosine_and_linear_heads():
     torch.testing.assert_close(linear(x), x @ linear.weight.T)
 
 
+def test_l2_normed_and_layer_normed_heads():
+    x = torch.tensor([[3.0, 4.0, 5.0], [1.0, 0.0, -1.0]])
+    w = torch.tensor([[2.0, 0.0, 0.0], [0.0, -3.0, 4.0]])
+    l2, ln = L2NormedHead(2, 3), LayerNormedHead(2, 3)
+    for head in (l2, ln):
+        with torch.no_grad():
+            head.weight.copy_(w)
+        assert [n for n, _ in head.named_parameters()] == ["weight"]  # no scale, bias or LayerNorm affine
+    # rows w/|w| = [1, 0, 0] and [0, -0.6, 0.8]; features raw
+    torch.testing.assert_close(l2(x), torch.tensor([[3.0, -2.4 + 4.0], [1.0, -0.8]]))
+    # LayerNorm of [3, 4, 5] and [1, 0, -1]: (x - mean) / sqrt(var + 1e-12), biased var 2/3: [-a, 0, a], a = 1.2247
+    a = (1.5) ** 0.5
+    torch.testing.assert_close(ln(x), torch.tensor([[-a, 0.8 * a], [a, -0.8 * a]]))
+    torch.testing.assert_close(ln(x * 7 + 3), ln(x))  # invariant to feature scale and shift, unlike l2_normed
+
+
 def test_build_lt_model_head_types(clip_dir):
+    assert HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
+    assert isinstance(build_lt_model(clip_dir, 4, head_type="layer_normed").head, LayerNormedHead)
     assert isinstance(build_lt_model(clip_dir, 4, head_type="linear").head, LinearHead)
     model = build_lt_model(clip_dir, 4, head_scale=30.0, seed=5)
     assert model.head.scale == 30.0 and model.num_classes == 4
