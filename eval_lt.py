@@ -29,7 +29,7 @@ from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
 from lt_utils.models import BackboneSpec
-from lt_utils.prompts import PROMPT_MODES
+from lt_utils.prompts import PROMPT_MODES, check_prompt_args
 from lt_utils.reports import format_markdown_table
 
 logger = logging.getLogger("lt")
@@ -44,7 +44,10 @@ def get_args_parser():
     parser.add_argument("--split", default="test", help="train, val or test")
     parser.add_argument("--zero_shot", default=None, metavar="MODEL", help="add a zero-shot row for this CLIP id or dir")
     parser.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names(),
-                        help="zero-shot prompts: 'a photo of a {}.' or the 80 ImageNet templates averaged")
+                        help="zero-shot prompts: 'a photo of a {}.', the 80 ImageNet templates averaged, the bare class "
+                             "name, or --prompt_descriptor_file's descriptions")
+    parser.add_argument("--prompt_descriptor_file", default=None,
+                        help="--prompt_template descriptor: a JSON file {class name: [description, ...]}")
     parser.add_argument("--output_dir", default=None,
                         help="default: <export>/eval_<split>[_<tte>]; eval_outputs/<name>/... for Hub ids and zero-shot")
     parser.add_argument("--overwrite", action="store_true", help="replace existing evaluation outputs")
@@ -66,6 +69,7 @@ def main(argv=None):
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
+    check_prompt_args(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -116,7 +120,7 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         from lt_utils.zeroshot import build_zero_shot_clip
 
         model = build_zero_shot_clip(target.zero_shot, info.class_names, args.prompt_template,
-                                     device=accelerator.device)
+                                     device=accelerator.device, descriptor_file=args.prompt_descriptor_file)
         spec = model.spec
     else:
         model, meta = load_export(target.export_dir)

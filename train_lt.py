@@ -30,6 +30,7 @@ from lt_utils.losses import LossOptions, build_loss
 from lt_utils.metrics import check_select_metric, scalar_metrics, selection_score
 from lt_utils.exports import Exporter, refresh_model_card
 from lt_utils.peft_methods import METHODS, trainable_parameter_count
+from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
 from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
 
@@ -43,6 +44,7 @@ def main(argv=None):
     T.resolve_batch_size(args, accelerator.num_processes)
     check_select_metric(args.select_metric)
     check_schedule_flags(args)
+    check_prompt_args(args)
     args.augment = D.resolve_augment(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)

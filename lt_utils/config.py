@@ -121,7 +121,11 @@ def build_train_parser():
     g.add_argument("--head_type", default="cosine", choices=HEADS.names())
     g.add_argument("--head_scale", type=float, default=25.0, help="cosine head scale (LIFT 25, LT-Soups 30)")
     g.add_argument("--head_init", default="text", choices=HEAD_INITS.names())
-    g.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names())
+    g.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names(),
+                   help="text head init prompts: 'a photo of a {}.', CLIP's 80 templates, the bare class name, or "
+                        "--prompt_descriptor_file's descriptions")
+    g.add_argument("--prompt_descriptor_file", default=None,
+                   help="--prompt_template descriptor: a JSON file {class name: [description, ...]}")
     g = parser.add_argument_group("loss and sampling")
     g.add_argument("--augment", default=None, choices=["rrc_flip", "flip", "none"],
                    help="training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none (the "

@@ -187,6 +187,8 @@ def eval_config(target, args, data_args, info, mixed_precision):
               "mixed_precision": mixed_precision}
     if target.zero_shot:
         config["prompt_template"] = args.prompt_template
+        if args.prompt_descriptor_file:
+            config["prompt_descriptor_file"] = str(args.prompt_descriptor_file)
     return config
 
 

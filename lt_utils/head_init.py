@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from .errors import UserError, require
 from .heads import random_head_init
 from .models import load_backbone_config, unwrap_lt_model
-from .prompts import clean_class_name, prompt_templates
+from .prompts import class_prompts
 from .registry import Registry
 
 
@@ -18,10 +18,10 @@ def _default_device():
 
 
 @torch.no_grad()
-def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None):
+def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None, descriptor_file=None):
     """CLIP text features of the class prompts mapped into the vision feature space, rows unit-norm [C, hidden].
 
-    Per class: mean of the normalised projected text features over the templates, renormalised; then
+    Per class: mean of the normalised projected text features over its prompts, renormalised; then
     `@ visual_projection.weight` ([proj, hidden]) takes it to the pre-projection space LTModel.features
     lives in (LIFT's text_feat @ proj.T), and rows are normalised again.
     """
@@ -33,10 +33,9 @@ def text_head_init(model_name_or_path, class_names, prompts="single", batch_size
         raise UserError(
             f"text head init needs a full CLIP checkpoint (text tower); {name!r} has none: use --head_init class_mean"
         )
-    templates = prompt_templates(prompts)
-    names = [clean_class_name(c) for c in class_names]
-    if not names:
+    if not class_names:
         raise UserError("text head init needs at least one class name")
+    prompts_per_class = class_prompts(prompts, class_names, descriptor_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         clip = CLIPModel.from_pretrained(name, dtype=torch.float32)
@@ -46,16 +45,16 @@ def text_head_init(model_name_or_path, class_names, prompts="single", batch_size
         ) from err
     device = torch.device(device or _default_device())
     clip.to(device).eval()
-    text = _class_text_features(clip, tokenizer, names, templates, batch_size, device)
+    text = _class_text_features(clip, tokenizer, prompts_per_class, batch_size, device)
     weight = F.normalize(text @ clip.visual_projection.weight.float(), dim=-1)
     del clip  # the text tower is only needed here
     return weight.cpu()
 
 
-def _class_text_features(clip, tokenizer, names, templates, batch_size, device):
-    """[C, proj] normalised mean over templates of normalised text embeddings; batched over (class, template)."""
-    pairs = [(c, t.format(n)) for c, n in enumerate(names) for t in templates]
-    sums = torch.zeros(len(names), clip.text_projection.out_features, dtype=torch.float32, device=device)
+def _class_text_features(clip, tokenizer, prompts_per_class, batch_size, device):
+    """[C, proj] normalised mean, over each class's prompts, of normalised text embeddings; batched over all prompts."""
+    pairs = [(c, p) for c, prompts in enumerate(prompts_per_class) for p in prompts]
+    sums = torch.zeros(len(prompts_per_class), clip.text_projection.out_features, dtype=torch.float32, device=device)
     max_length = clip.config.text_config.max_position_embeddings
     for start in tqdm(range(0, len(pairs), batch_size), desc="text features", disable=len(pairs) <= batch_size):
         chunk = pairs[start : start + batch_size]
@@ -65,7 +64,8 @@ def _class_text_features(clip, tokenizer, names, templates, batch_size, device):
         pooled = clip.text_model(**tokens).pooler_output
         feats = F.normalize(clip.text_projection(pooled).float(), dim=-1)
         sums.index_add_(0, torch.tensor([c for c, _ in chunk], device=device), feats)
-    return F.normalize(sums / len(templates), dim=-1)
+    counts = torch.tensor([len(p) for p in prompts_per_class], dtype=torch.float32, device=device)
+    return F.normalize(sums / counts[:, None], dim=-1)
 
 
 @torch.no_grad()
@@ -181,7 +181,8 @@ HEAD_INITS = Registry("head init", flag="--head_init")
 def _text(args, info, lt_model, accelerator, train_loader_fn):
     require(lt_model.spec.kind == "clip" and not args.from_scratch,
             "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
-    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
+    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template,
+                          descriptor_file=args.prompt_descriptor_file)
 
 
 @HEAD_INITS.register("class_mean")

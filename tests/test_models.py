@@ -1,4 +1,5 @@
 """Backbone loading, features, spec, heads and head initialisations on tiny offline checkpoints."""
+import json
 import shutil
 
 import pytest
@@ -209,6 +210,32 @@ def test_text_head_init_deterministic_ensemble_differs(tmp_path, clip_dir):
     assert (ensemble - single).abs().max() > 1e-3
     underscored = text_head_init(clip_dir, ["maple_tree"], device="cpu")
     torch.testing.assert_close(underscored, single[1:2])
+
+
+def test_classname_and_descriptor_prompts_match_hand_computation(tmp_path, clip_dir):
+    weight = text_head_init(clip_dir, CLASSES, prompts="classname", device="cpu")
+    torch.testing.assert_close(weight, _hand_text_init(clip_dir, ["cat", "maple tree", "aquarium fish"], ["{}"]),
+                               atol=1e-5, rtol=1e-5)
+    # descriptor: each class's own descriptions (any number), averaged; keys by raw or cleaned class name
+    descriptions = {"cat": ["a small furry pet", "whiskers"], "maple tree": ["a tree with lobed leaves"],
+                    "aquarium fish": ["a colourful fish", "fins", "a tank"]}
+    path = tmp_path / "descriptors.json"
+    path.write_text(json.dumps(descriptions))
+    weight = text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    expected = torch.cat([_hand_text_init(clip_dir, [n], descriptions[n]) for n in descriptions])
+    torch.testing.assert_close(weight, expected, atol=1e-5, rtol=1e-5)
+    path.write_text(json.dumps({"cat": ["whiskers"]}))
+    with pytest.raises(UserError, match=r"no descriptions for classes \['maple_tree', 'aquarium fish'\]"):
+        text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    for bad in ('{"cat": []}', '["cat"]', '{"cat": "whiskers"}'):
+        path.write_text(bad)
+        with pytest.raises(UserError, match="must map each class name to a non-empty list"):
+            text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    path.write_text("{oops")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    with pytest.raises(UserError, match="needs --prompt_descriptor_file"):
+        text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu")
 
 
 def test_text_head_init_rejects_non_clip(tmp_path, clip_dir, vit_dir):

@@ -37,7 +37,7 @@ def test_cli_choices_are_the_registry_names():
     assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
     assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
     assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "1_shot", "10_shot", "100_shot", "linear_probe", "random"]
-    assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble"]
+    assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble", "classname", "descriptor"]
     assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip"]
     evaluation = eval_lt.get_args_parser()
     assert _choices(evaluation, "prompt_template") == PROMPT_MODES.names()
