@@ -77,7 +77,7 @@ def main(argv=None):
 
     # every input and output is checked before the first (long) evaluation starts
     targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template)
-    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite)
+    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, D.tte_tag(args), args.overwrite)
     accelerator.wait_for_everyone()
     loaded = {}
     data = [target_data(target, targets[0], args, passed, accelerator, loaded) for target in targets]
@@ -126,7 +126,7 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         model, meta = load_export(target.export_dir)
         spec = BackboneSpec.from_dict(meta["backbone"])
     model.to(accelerator.device)
-    loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
+    loader = D.image_loader(ds[args.split], D.test_transform(spec, args), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)
     with accelerator.autocast():

@@ -233,7 +233,7 @@ def save_checkpoint(ctx, step):
 def test_exports(ctx, test_ds, spec):
     """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
     a, args, results = ctx.accelerator, ctx.args, {}
-    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
+    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, args), args.per_device_eval_batch_size, args.num_workers))
     for name in ("best", "final"):
         export_dir = Path(args.output_dir) / name
         if not export_dir.is_dir():
@@ -244,7 +244,7 @@ def test_exports(ctx, test_ds, spec):
         with a.autocast():
             test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
         saved = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").is_file() else {}
-        results[name] = {**saved, "test": test, "tte": args.tte}
+        results[name] = {**saved, "test": test, "tte": D.tte_tag(args)}
         if a.is_main_process:
             atomic_write_json(export_dir / "metrics.json", results[name])
             refresh_model_card(export_dir, results[name])

@@ -99,6 +99,14 @@ def add_data_args(parser):
                    help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
     g.add_argument("--tte", default="none", choices=["none", *TTE_MODES.names()],
                    help="test-time ensembling for the test evaluation (LIFT: fivecrop)")
+    g.add_argument("--tte_views", type=int, default=1, help="--tte randaug: random resized crop + flip views per image "
+                                                            "(LIFT's randaug_times, default 1)")
+    g.add_argument("--tte_expand", type=int, default=None,
+                   help="--tte fivecrop/tencrop: pixels added to the shorter side before cropping (default 1.5 "
+                        "patches: 24 for /16 as LIFT, 21 for /14)")
+    g.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"],
+                   help="resize / crop interpolation (LIFT: bilinear, torchvision's default); default: the "
+                        "checkpoint's image processor (CLIP: bicubic); training records it with the export")
     return g
 
 

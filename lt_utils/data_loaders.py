@@ -91,11 +91,22 @@ def image_transforms(spec, augment="rrc_flip"):
     return train_tf, eval_tf
 
 
-def test_transform(spec, tte):
-    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    if tte == "none":
+def test_transform(spec, args):
+    """The test view (--tte with --tte_views / --tte_expand), in the spec's interpolation unless --interpolation."""
+    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std,
+                  interpolation=getattr(args, "interpolation", None) or spec.interpolation)
+    if args.tte == "none":
         return build_eval_transform(**common)
-    return build_tte_transform(tte, patch_size=spec.patch_size, **common)
+    return build_tte_transform(args.tte, patch_size=spec.patch_size, views=args.tte_views, expand=args.tte_expand,
+                               **common)
+
+
+def tte_tag(args):
+    """The test view as one name, for records and output dirs: none, fivecrop, fivecrop_expand32, randaug10, ..."""
+    if args.tte == "none":
+        return "none"
+    tag = args.tte + (str(args.tte_views) if args.tte == "randaug" else "")
+    return tag + (f"_expand{args.tte_expand}" if args.tte_expand is not None and args.tte in ("fivecrop", "tencrop") else "")
 
 
 class SeededAugment:

@@ -180,6 +180,8 @@ def warn_if_other_split(target, info, split):
 def eval_config(target, args, data_args, info, mixed_precision):
     """What defines the numbers (not where they were computed: the process count does not change them)."""
     config = {"model": target.zero_shot or target.name, "split": args.split, "tte": args.tte,
+              "tte_views": args.tte_views if args.tte == "randaug" else None,
+              "tte_expand": args.tte_expand, "interpolation": args.interpolation,
               "dataset": {flag: getattr(data_args, flag) for flag in RECORDED_DATA_FLAGS
                           if flag not in ("many_threshold", "few_threshold")},
               "split_hash": info.index_hashes.get(args.split), "many_threshold": info.many_threshold,

@@ -139,12 +139,12 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         # the backbone and head geometry come from the export, not from the flags
         args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
         args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
-        lt_model = build_from_meta(init_meta, export_dir, merge_lora=True)
+        lt_model = with_interpolation(build_from_meta(init_meta, export_dir, merge_lora=True), args)
         overrides = export_overrides(lt_model, init_meta, export_dir)
         arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
         head_init = overrides["head.weight"].clone()
     else:
-        lt_model = build_from_meta(model_meta(args, num_classes))
+        lt_model = with_interpolation(build_from_meta(model_meta(args, num_classes)), args)
         arch = empty_arch()
         head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
@@ -153,6 +153,13 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     model = apply_method(lt_model, args.method, **margs)
     exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
     return model, exporter
+
+
+def with_interpolation(lt_model, args):
+    """--interpolation replaces the processor's for every transform of the run; the export records it (eval_lt.py)."""
+    if getattr(args, "interpolation", None):
+        lt_model.spec.interpolation = args.interpolation
+    return lt_model
 
 
 def build_optimizer(model, args):

@@ -38,7 +38,7 @@ def test_cli_choices_are_the_registry_names():
     assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
     assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "1_shot", "10_shot", "100_shot", "linear_probe", "random"]
     assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble", "classname", "descriptor"]
-    assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip"]
+    assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip", "randaug"]
     evaluation = eval_lt.get_args_parser()
     assert _choices(evaluation, "prompt_template") == PROMPT_MODES.names()
     assert _choices(evaluation, "tte") == ["none", *TTE_MODES.names()]
