@@ -28,6 +28,7 @@ from lt_utils.config import add_data_args
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
+from lt_utils.metrics import with_split_groups
 from lt_utils.models import BackboneSpec
 from lt_utils.prompts import PROMPT_MODES, check_prompt_args
 from lt_utils.reports import format_markdown_table
@@ -130,7 +131,8 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
                             args.num_workers)
     loader = accelerator.prepare(loader)
     with accelerator.autocast():
-        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug)
+        metrics = with_split_groups(evaluate(model, loader, accelerator, info.groups, info.num_classes,
+                                             desc=target.slug), info)
     if accelerator.is_main_process:
         config = E.eval_config(target, args, data_args, info, accelerator.mixed_precision)
         E.write_outputs(target, config, metrics, info, args.overwrite)

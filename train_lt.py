@@ -27,7 +27,7 @@ from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_war
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json
 from lt_utils.losses import LossOptions, build_loss
-from lt_utils.metrics import check_select_metric, scalar_metrics, selection_score
+from lt_utils.metrics import check_select_metric, scalar_metrics, selection_score, with_split_groups
 from lt_utils.exports import Exporter, refresh_model_card
 from lt_utils.peft_methods import METHODS, trainable_parameter_count
 from lt_utils.prompts import check_prompt_args
@@ -242,7 +242,8 @@ def test_exports(ctx, test_ds, spec):
             model, _ = load_export(export_dir)
         model.to(a.device)
         with a.autocast():
-            test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
+            test = with_split_groups(evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names),
+                                              desc=f"test {name}"), ctx.info)
         saved = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").is_file() else {}
         results[name] = {**saved, "test": test, "tte": D.tte_tag(args)}
         if a.is_main_process:

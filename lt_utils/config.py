@@ -67,7 +67,8 @@ def str2bool(value):
 # data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
 RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max_per_class", "imb_seed": "seed",
                        "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
-                       "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
+                       "many_threshold": "many_threshold", "few_threshold": "few_threshold",
+                       "groups_from_imb": "groups_from_imb"}
 
 
 def add_data_args(parser):
@@ -92,6 +93,9 @@ def add_data_args(parser):
                    help="list datasets: class ids by sorted class name (LIFT's iNaturalist labels)")
     g.add_argument("--many_threshold", type=int, default=100)
     g.add_argument("--few_threshold", type=int, default=20)
+    g.add_argument("--groups_from_imb", type=float, default=None,
+                   help="many/medium/few from the counts of this rho's split of the same source (LIFT: 100 for "
+                        "CIFAR-100-LT rho 50 / 10); both groupings are reported where they differ")
     g.add_argument("--cache_dir", default=None, help="datasets cache (default: the HF cache)")
     g.add_argument("--per_device_eval_batch_size", type=int, default=256)
     g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="dataloader workers per process")

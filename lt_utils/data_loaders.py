@@ -22,7 +22,7 @@ def load_data(args, accelerator):
             class_names_file=args.class_names_file, many_threshold=args.many_threshold,
             few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
             val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False))
-    return ds, record_saved_folder(info, args.dataset)
+    return ds, record_saved_folder(info, args.dataset).with_groups_from_imb(getattr(args, "groups_from_imb", None))
 
 
 def record_saved_folder(info, dataset_arg):

@@ -382,7 +382,7 @@ def val_data_args(data_args, lt_info_path):
     require(Path(lt_info_path).is_file(), f"{lt_info_path} is missing; pass --dataset (and its flags) for the val split")
     info = json.loads(Path(lt_info_path).read_text())
     for flag, key in RECORDED_DATA_FLAGS.items():
-        setattr(args, flag, info[key])
+        setattr(args, flag, info.get(key, getattr(args, flag, None)))  # older lt_info.json lack newer keys
     return args
 
 
