@@ -33,10 +33,19 @@ def build_accelerator(args):
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
                         "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
+    check_fp16(accelerator)
     check_deepspeed_accumulation(accelerator, args)
     check_zero3_export(accelerator, args)
     fill_deepspeed_clipping(accelerator, args)
     return accelerator
+
+
+def check_fp16(accelerator):
+    """fp16 is LIFT's precision: autocast + a GradScaler (accelerate's, on GPU; DeepSpeed scales its own loss). On CPU
+    accelerate would silently train in fp32 instead: refuse."""
+    if accelerator.mixed_precision == "fp16" and accelerator.state.deepspeed_plugin is None and accelerator.scaler is None:
+        raise UserError(f"--mixed_precision fp16 needs a GPU (autocast + GradScaler); on {accelerator.device.type} "
+                        "accelerate would train in fp32: use --mixed_precision bf16 or no")
 
 
 def check_zero3_export(accelerator, args):

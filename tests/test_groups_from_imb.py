@@ -54,3 +54,16 @@ def test_groups_from_imb_refused_for_list_datasets_and_bad_ratios():
     with pytest.raises(UserError, match="must be >= 1"):
         cifar100_info(10).with_groups_from_imb(0.5)
     assert listed.with_groups_from_imb(None) is listed
+
+
+def test_lift_presets_set_lift_fidelity_flags():
+    from pathlib import Path
+
+    from lt_utils.config import build_train_parser, parse_args_with_config
+
+    presets = sorted(Path(__file__).resolve().parents[1].glob("configs/lift_*.yaml"))
+    assert len(presets) >= 5
+    for preset in presets:
+        args = parse_args_with_config(build_train_parser(), ["--config", str(preset)])
+        assert (args.interpolation, args.mixed_precision) == ("bilinear", "fp16"), preset.name
+        assert args.groups_from_imb == (100.0 if args.dataset == "cifar100_lt" else None), preset.name
