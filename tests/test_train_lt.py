@@ -2,6 +2,7 @@
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
 
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
                                cache_dir=tmp_path / "hf_cache")
-    loader = T.image_loader(ds["test"], T.test_transform(model.spec, "none"), 64, 0)
+    loader = T.image_loader(ds["test"], T.test_transform(model.spec, SimpleNamespace(tte="none")), 64, 0)
     again = evaluate(model, loader, Accelerator(cpu=True), info.groups, 10)
     assert again["accuracy"] == pytest.approx(results["final"]["test"]["accuracy"], abs=1e-9)
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
