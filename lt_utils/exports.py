@@ -7,6 +7,7 @@ from .checkpoint import write_export
 from .errors import UserError
 from .heads import fingerprint
 from .hub import model_card
+from .models import LTModel
 from .peft_methods import METHODS, export_state_dict
 
 
@@ -45,14 +46,18 @@ class Exporter:
             "train_counts": list(info.train_counts), "groups": list(info.groups),
             "group_counts": info.group_counts(), "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
             "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
-                        "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor},
+                        "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor,
+                        # the local source files (eval_lt.py reads the same ones by default)
+                        "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None},
             "has_weights_file": True, "run_name": Path(args.output_dir).name,
         }
 
     def gather(self, accelerator, train_model):
         """Collective (every rank): the full state dict, gathered under ZeRO-3, reduced to what the export stores."""
         state_dict = accelerator.get_state_dict(train_model)
-        if self.method.head_only:  # the trained module is the head alone
+        if state_dict is None:  # ZeRO-3 gathers the 16-bit weights onto the main process only
+            return None, {}
+        if self.method.head_only and not isinstance(accelerator.unwrap_model(train_model), LTModel):  # the head alone (cached features)
             full = {k: v for k, v in self.lt_model.state_dict().items()}
             full.update({f"head.{k}": v for k, v in state_dict.items()})
             state_dict = full
@@ -61,7 +66,7 @@ class Exporter:
         if self.args.from_scratch:
             tensors = dict(state_dict)
         else:
-            tensors = export_state_dict(state_dict, self.args.method)
+            tensors = export_state_dict(state_dict, self.args.method, self.arch)
         for key in self.overrides or {}:
             tensors.setdefault(key, state_dict[key])
         return state_dict, tensors
@@ -111,7 +116,7 @@ def load_image_processor(name_or_path):
 
 def refresh_model_card(export_dir, metrics):
     from .checkpoint import META_FILE
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, read_json
 
-    meta = json.loads((Path(export_dir) / META_FILE).read_text())
+    meta = read_json(Path(export_dir) / META_FILE, "export metadata")
     atomic_write_text(Path(export_dir) / "README.md", model_card(meta, metrics))

@@ -30,11 +30,27 @@ class BackboneKind:
     layer_wiring: tuple  # (second LayerNorm, MLP branch) attribute names of an encoder layer (AdaptFormer)
     lora_targets: tuple  # default LoRA targets: the first candidate whose names are Linear layers of the backbone
     model_kwargs: dict = dataclasses.field(default_factory=dict)
+    # transformer blocks (LIFT's methods): dotted paths of the block list (first present wins) and of each block's
+    # parts by role (peft_modules.block_part); a role maps to candidates, the first present in the block wins
+    block_lists: tuple = ()
+    block_parts: dict = dataclasses.field(default_factory=dict)
+    # vision config -> hidden_size, num_layers, image_size, patch_size (default: the ViT attribute names)
+    geometry: object = None
+    methods: tuple = None  # the --method names that apply (None: all)
+    eval_resize: float = 8 / 7  # the eval view: shorter side resized to image_size * this, then centre-cropped
 
     def load_class(self):
-        import transformers
+        import importlib
 
-        return getattr(transformers, self.model_class)
+        module, _, name = self.model_class.rpartition(".")
+        return getattr(importlib.import_module(module or "transformers"), name)
+
+    def spec_geometry(self, vision_config):
+        if self.geometry is not None:
+            return self.geometry(vision_config)
+        c = vision_config
+        return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "image_size": c.image_size,
+                "patch_size": c.patch_size}
 
 
 BACKBONES = Registry("backbone kind")
@@ -43,7 +59,11 @@ BACKBONES.register("clip", BackboneKind(
     vision_config=lambda c: c.vision_config if c.model_type == "clip" else c,
     features=lambda out: out.pooler_output,  # post-LayerNorm CLS, before the projection (LIFT)
     mean=CLIP_MEAN, std=CLIP_STD, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
-    lora_targets=(("q_proj", "v_proj"),)))
+    lora_targets=(("q_proj", "v_proj"),),
+    block_lists=("encoder.layers", "vision_model.encoder.layers"),
+    block_parts={"ln_1": ("layer_norm1",), "ln_2": ("layer_norm2",), "q": ("self_attn.q_proj",),
+                 "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",), "attn_out": ("self_attn.out_proj",),
+                 "mlp": ("mlp",), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}))
 BACKBONES.register("vit", BackboneKind(
     model_types=("vit",), model_class="ViTModel", vision_config=lambda c: c,
     features=lambda out: out.last_hidden_state[:, 0],
@@ -51,7 +71,31 @@ BACKBONES.register("vit", BackboneKind(
     layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),  # transformers 5, 4.x
     lora_targets=(("q_proj", "v_proj"), ("query", "value")),
     # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
-    model_kwargs={"add_pooling_layer": False}))
+    model_kwargs={"add_pooling_layer": False},
+    block_lists=("layers", "encoder.layer"),  # transformers 5, 4.x
+    block_parts={"ln_1": ("layernorm_before",), "ln_2": ("layernorm_after",),
+                 "q": ("attention.q_proj", "attention.attention.query"), "k": ("attention.k_proj", "attention.attention.key"),
+                 "v": ("attention.v_proj", "attention.attention.value"),
+                 "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("mlp", "output.dense"),
+                 "fc1": ("mlp.fc1", "intermediate.dense"), "fc2": ("mlp.fc2", "output.dense")}))
+
+
+# CNNs: BatchNorm, no transformer blocks, so none of LIFT's block methods; trained in full, by BitFit (BN shifts)
+# or head-only
+_CNN_METHODS = ("full_all", "bitfit_all", "head")
+BACKBONES.register("cifar_resnet", BackboneKind(
+    model_types=("cifar_resnet",), model_class="lt_utils.cifar_resnet.CifarResNetModel", vision_config=lambda c: c,
+    features=lambda out: out.pooler_output,  # global average pool
+    mean=[0.4914, 0.4822, 0.4465], std=[0.2023, 0.1994, 0.2010], resample=2,  # LOS's CIFAR normalisation
+    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
+    eval_resize=1.0))  # CIFAR papers evaluate the 32-px image itself, not a crop
+BACKBONES.register("resnet", BackboneKind(
+    model_types=("resnet",), model_class="ResNetModel", vision_config=lambda c: c,
+    features=lambda out: out.pooler_output.flatten(1),  # [B, D, 1, 1] average pool
+    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], resample=3,
+    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
+    geometry=lambda c: {"hidden_size": c.hidden_sizes[-1], "num_layers": sum(c.depths), "image_size": 224,
+                        "patch_size": 32}))
 
 
 def backbone_kind_of(model_type):
@@ -72,6 +116,7 @@ class BackboneSpec:
     image_mean: list
     image_std: list
     interpolation: str  # "bicubic" | "bilinear" (from the image processor's resample)
+    eval_resize: int = None  # shorter side of the eval view before the centre crop (None: image_size * 8 // 7)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -79,7 +124,8 @@ class BackboneSpec:
     @classmethod
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = set(d) - names, names - set(d)
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        unknown, missing = set(d) - names, names - set(d) - optional
         if unknown or missing:
             raise UserError(
                 f"backbone spec has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
@@ -101,6 +147,8 @@ def _is_local_path(name):
 def load_backbone_config(model_name_or_path):
     """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model."""
     from transformers import AutoConfig
+
+    from . import cifar_resnet  # noqa: F401  (registers model_type cifar_resnet with the auto classes)
 
     name = str(model_name_or_path)
     if _is_local_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
@@ -151,17 +199,10 @@ def load_backbone(model_name_or_path, from_scratch=False, seed=0):
     else:
         backbone = _from_pretrained(cls, model_name_or_path, kwargs)
     mean, std, interpolation = _preprocessing(model_name_or_path, kind)
-    spec = BackboneSpec(
-        kind=kind,
-        name_or_path=str(model_name_or_path),
-        hidden_size=int(vision_config.hidden_size),
-        num_layers=int(vision_config.num_hidden_layers),
-        image_size=int(vision_config.image_size),
-        patch_size=int(vision_config.patch_size),
-        image_mean=mean,
-        image_std=std,
-        interpolation=interpolation,
-    )
+    geometry = {k: int(v) for k, v in BACKBONES.get(kind).spec_geometry(vision_config).items()}
+    spec = BackboneSpec(kind=kind, name_or_path=str(model_name_or_path), image_mean=mean, image_std=std,
+                        interpolation=interpolation, **geometry,
+                        eval_resize=int(geometry["image_size"] * BACKBONES.get(kind).eval_resize))
     return backbone, spec
 
 
@@ -203,8 +244,15 @@ class LTModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.adapters = None  # set by peft_methods.apply_method("adaptformer")
+        self.adapters = None  # the modules a method adds (AdaptFormer, VPT, SSF, ...): peft_methods.apply_method
         self.spec = spec
+        self.backbone_eval = False  # keep the (frozen) backbone in eval mode while training (--backbone_bn eval)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.backbone_eval:
+            self.backbone.eval()  # BatchNorm uses and keeps its running statistics
+        return self
 
     @property
     def num_classes(self):

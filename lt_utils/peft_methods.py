@@ -3,12 +3,15 @@ stores and how an export of it is rebuilt (checkpoint.build_from_meta), plus the
 
 A new method is one subclass of `Method` registered in METHODS (see README, "Extending").
 """
+import math
 import re
 
 import torch
 from torch import nn
 
-from .errors import UserError
+from . import peft_modules as PM
+from .batchnorm import is_running_stat
+from .errors import UserError, require
 from .peft_modules import AdaptFormer, AdapterHooks
 from .models import BACKBONES, LTModel, unwrap_lt_model
 from .registry import Registry
@@ -40,16 +43,58 @@ def encoder_layers(backbone, kind=None):
     return layers
 
 
-def _attach_adaptformer(lt, r):
+def _attach_adaptformer(lt, r, partial_layers=None):
     layers = encoder_layers(lt.backbone, lt.spec.kind)
     if len(layers) != lt.spec.num_layers:
         raise RuntimeError(f"found {len(layers)} encoder layers, config says {lt.spec.num_layers}")
+    layers = layers[slice(*tuned_range(lt.spec.num_layers, partial_layers))]
     device = next(lt.backbone.parameters()).device
     lt.adapters = nn.ModuleList(AdaptFormer(lt.spec.hidden_size, r) for _ in layers).to(device)
+    lt.adapters.method = "adaptformer"
     for adapter, (_, norm, mlp) in zip(lt.adapters, layers):
         hooks = AdapterHooks(adapter)
         norm.register_forward_pre_hook(hooks.capture)
         mlp.register_forward_hook(hooks.add)
+
+
+def transformer_blocks(lt):
+    """(blocks in order, {role: dotted path}) of the backbone (BACKBONES[kind].block_lists / block_parts)."""
+    kind = BACKBONES.get(lt.spec.kind)
+    for path in kind.block_lists:
+        blocks = _get_path(lt.backbone, path)
+        if blocks is not None:
+            break
+    else:
+        raise UserError(f"the {lt.spec.kind} backbone has no transformer blocks; LIFT's methods need a ViT")
+    parts = {role: next((c for c in candidates if _get_path(blocks[0], c) is not None), candidates[0])
+             for role, candidates in kind.block_parts.items()}
+    return list(blocks), parts, path
+
+
+def _get_path(module, path):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def tuned_range(num_layers, partial_layers=None):
+    """(first, end) of the blocks a method tunes: all, or the last `partial_layers` (LIFT's `partial`)."""
+    if partial_layers is None:
+        return 0, num_layers
+    require(1 <= int(partial_layers) <= num_layers,
+            f"--partial_layers {partial_layers}: the backbone has {num_layers} blocks; pass 1..{num_layers}")
+    return num_layers - int(partial_layers), num_layers
+
+
+_BLOCK_KEY = re.compile(r"^backbone\.(?:.*\.)?layers?\.(\d+)\.")
+
+
+def block_index(key):
+    """The block an LTModel state-dict key belongs to (None outside the blocks)."""
+    match = _BLOCK_KEY.match(key)
+    return int(match.group(1)) if match else None
 
 
 def default_lora_targets(backbone, kind):
@@ -63,27 +108,59 @@ def _linear_leaf_names(backbone):
     return {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _wrap_lora(lt, r, lora_alpha, lora_dropout, target_modules):
+def _lora_pattern(lt, target_modules, partial_layers, mlp):
+    """peft's full-name regex: LoRA on the backbone only (never the head), in the tuned blocks."""
+    if mlp:  # the two Linears of each block's MLP, by path (a ViT 4.x leaf name "dense" is also attention's)
+        _, parts, _ = transformer_blocks(lt)
+        inner = "(" + "|".join(re.escape(parts[role]) for role in ("fc1", "fc2")) + ")"
+    else:
+        if isinstance(target_modules, str):
+            target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+        targets = list(target_modules or default_lora_targets(lt.backbone, lt.spec.kind))
+        unknown = sorted(set(targets) - _linear_leaf_names(lt.backbone))
+        if unknown:
+            choices = sorted(_linear_leaf_names(lt.backbone))
+            raise UserError(f"LoRA targets {unknown} are not Linear layers of the backbone; choose from {choices}")
+        inner = r"(.*\.)?(" + "|".join(re.escape(t) for t in targets) + ")"
+    if partial_layers is None and not mlp:
+        return r"backbone\..*\." + inner.removeprefix(r"(.*\.)?")
+    _, _, list_path = transformer_blocks(lt)
+    first, end = tuned_range(lt.spec.num_layers, partial_layers)
+    return rf"backbone\.{re.escape(list_path)}\.({'|'.join(map(str, range(first, end)))})\." + inner
+
+
+def _wrap_lora(lt, r, lora_alpha, lora_dropout, target_modules, partial_layers=None, mlp=False, init="peft"):
     from peft import LoraConfig, get_peft_model
 
-    if isinstance(target_modules, str):
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    targets = list(target_modules or default_lora_targets(lt.backbone, lt.spec.kind))
-    unknown = sorted(set(targets) - _linear_leaf_names(lt.backbone))
-    if unknown:
-        choices = sorted(_linear_leaf_names(lt.backbone))
-        raise UserError(f"LoRA targets {unknown} are not Linear layers of the backbone; choose from {choices}")
-    # A regex matches full module names, so the head (and a CLIP text tower, were one loaded) never gets LoRA.
-    pattern = r"backbone\..*\.(" + "|".join(re.escape(t) for t in targets) + r")"
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=pattern,
+        target_modules=_lora_pattern(lt, target_modules, partial_layers, mlp),
         bias="none",
         modules_to_save=["head"],
     )
-    return get_peft_model(lt, config)
+    model = get_peft_model(lt, config)
+    if init == "lift":
+        _lift_lora_init(model)
+    return model
+
+
+def _lift_lora_init(model):
+    """LIFT's LoRA init: its A is a (D, r) tensor, so Kaiming-uniform (a=sqrt(5)) draws U(+-1/sqrt(r)), where peft's
+    (r, D) nn.Linear weight draws U(+-1/sqrt(D)). Drawn as LIFT does (a (D, r) tensor, blocks in order, targets in
+    name order) and stored transposed; B stays zero."""
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    modules.sort(key=lambda nm: (block_index(nm[0].removeprefix("base_model.model.")) or 0, nm[0].rsplit(".", 1)[-1]))
+    with torch.no_grad():
+        for _, module in modules:
+            weight = module.lora_A["default"].weight
+            lift_a = torch.empty(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+            nn.init.kaiming_uniform_(lift_a, a=math.sqrt(5))
+            weight.copy_(lift_a.T)
+
+
+LORA_INITS = ("peft", "lift")
 
 
 def empty_arch():
@@ -95,22 +172,28 @@ class Method:
     """Everything one `--method` decides. Subclass, override what differs, register an instance in METHODS.
 
     Exports record `arch` (modules beyond backbone + head): `arch["adapters"]` names the method whose modules live
-    in the LTModel (rebuilt by its `rebuild`), `arch["lora"]` a peft adapter. checkpoint.build_from_meta uses them.
+    in the LTModel (rebuilt by its `rebuild`), `arch["lora"]` a peft adapter, `arch["partial_layers"]` the number of
+    last blocks tuned (absent: all). checkpoint.build_from_meta uses them.
     """
 
     trains = ""  # what trains, for --help and the README
-    soupable = True  # exports can be averaged tensor by tensor (LoRA: as exact deltas merged into the weights)
+    # exports can be averaged tensor by tensor: the trained tensors are weights (or re-parameterise them: SSF, masks;
+    # LoRA as exact deltas merged into the weights) or adapter weights of one seeded init; not prompts (tokens)
+    soupable = True
     init_from = False  # --init_from accepts it: it trains on top of an export's (LoRA-merged) weights
     head_only = False  # nothing before the head trains: train_lt.py trains the head alone on cached features
     peft = False  # exported with peft's save_pretrained (adapter_model.safetensors) instead of model.safetensors
+    partial = True  # --partial_layers applies (the method tunes blocks)
 
     def method_args(self, args, num_classes, num_layers):
         """The flags that shape this method's modules, as `apply` takes them."""
-        return {}
+        k = getattr(args, "partial_layers", None)
+        return {"partial_layers": k} if k is not None else {}
 
     def arch(self, margs):
         """The entries of the export's architecture record this method sets (see the class docstring)."""
-        return {}
+        k = margs.get("partial_layers")
+        return {"partial_layers": k} if k is not None else {}
 
     def rebuild(self, model, arch):
         """Re-create this method's modules on a fresh LTModel from an export's `arch` (its weights load afterwards)."""
@@ -143,23 +226,25 @@ class AdaptFormerMethod(Method):
     trains = "AdaptFormer bottlenecks beside each MLP (r from LIFT's rule, or --adapter_dim)"
 
     def method_args(self, args, num_classes, num_layers):
-        return {"r": _lift_rank(args, num_classes, num_layers)}
+        return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers)}
 
     def arch(self, margs):
-        return {"adapters": "adaptformer", "adapter_dim": margs["r"]}
+        return {**super().arch(margs), "adapters": "adaptformer", "adapter_dim": margs["r"]}
 
     def rebuild(self, model, arch):
-        return apply_method(model, "adaptformer", r=arch["adapter_dim"])
+        return apply_method(model, "adaptformer", r=arch["adapter_dim"], partial_layers=arch.get("partial_layers"))
 
-    def apply(self, model, r=None, **_):
+    def apply(self, model, r=None, partial_layers=None, **_):
         r = _rank(model, r)
         if model.adapters is not None:  # rebuilt from an AdaptFormer export: train those adapters further
+            require(model.adapters.method == "adaptformer",
+                    f"the model already has {model.adapters.method} modules; --method adaptformer cannot add its own")
             existing = model.adapters[0].down.out_features
             if existing != r:
                 raise UserError(f"the model already has AdaptFormer adapters of r={existing}, not {r}")
             model.adapters.requires_grad_(True)
         else:
-            _attach_adaptformer(model, r)
+            _attach_adaptformer(model, r, partial_layers)
         return model
 
     def exports(self, key):
@@ -169,16 +254,24 @@ class AdaptFormerMethod(Method):
 class LoraMethod(Method):
     trains = "peft LoRA on q_proj,v_proj (--lora_target_modules), r from LIFT's rule, alpha 1"
     peft = True
+    mlp = False
 
     def method_args(self, args, num_classes, num_layers):
-        return {"r": _lift_rank(args, num_classes, num_layers), "lora_alpha": args.lora_alpha,
-                "lora_dropout": args.lora_dropout, "lora_target_modules": args.lora_target_modules}
+        if self.mlp:
+            require(not args.lora_target_modules, "--method lora_mlp sets its targets (the MLP's two Linears); drop "
+                                                  "--lora_target_modules or use --method lora")
+        return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers),
+                "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+                "lora_target_modules": args.lora_target_modules, "lora_init": args.lora_init}
 
     def arch(self, margs):
-        return {"lora": {k: margs[k] for k in ("r", "lora_alpha", "lora_dropout", "lora_target_modules")}}
+        keys = ("r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init")
+        return {**super().arch(margs), "lora": {k: margs.get(k) for k in keys}}
 
-    def apply(self, model, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, **_):
-        return _wrap_lora(model, _rank(model, r), lora_alpha, lora_dropout, lora_target_modules)
+    def apply(self, model, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, partial_layers=None,
+              lora_init="peft", **_):
+        return _wrap_lora(model, _rank(model, r), lora_alpha, lora_dropout, lora_target_modules, partial_layers,
+                          self.mlp, lora_init or "peft")
 
     @staticmethod
     def load_adapter(model, export_dir, merge=False):
@@ -189,9 +282,55 @@ class LoraMethod(Method):
         return model.merge_and_unload() if merge else model
 
 
-class FullMethod(Method):
-    trains = "every weight (backbone, adapters of an --init_from export, head)"
+class LoraMlpMethod(LoraMethod):
+    trains = "peft LoRA on the two Linears of each MLP (fc1, fc2), r from LIFT's rule, alpha 1"
+    mlp = True
+
+
+def _is_layer_norm_key(key):
+    return "layer_norm" in key or "layernorm" in key
+
+
+class BlockMethod(Method):
+    """Tunes existing weights of the blocks (LIFT: embeddings, pre/post LayerNorm stay frozen)."""
+
     init_from = True
+
+    def select(self, name, module):
+        """Whether the parameter `name` (relative to its block) of `module` (its owner) trains."""
+        return True
+
+    def apply(self, model, partial_layers=None, **_):
+        blocks, _, _ = transformer_blocks(model)
+        for block in blocks[slice(*tuned_range(len(blocks), partial_layers))]:
+            for module_name, module in block.named_modules():
+                for name, param in module.named_parameters(recurse=False):
+                    param.requires_grad_(self.select(name, module))
+        if model.adapters is not None:  # rebuilt from an export with added modules: they are part of the blocks
+            model.adapters.requires_grad_(self.tunes_adapters)
+        return model
+
+    tunes_adapters = False
+
+    def exports(self, key):
+        return key.startswith("head.") or (block_index(key) is not None and self.exports_block_key(key))
+
+    def exports_block_key(self, key):
+        return True
+
+
+class FullBlocksMethod(BlockMethod):
+    trains = "every weight of the transformer blocks (LIFT's full fine-tuning; embeddings and pre/post LN frozen)"
+    tunes_adapters = True
+
+    def exports(self, key):
+        return super().exports(key) or key.startswith("adapters.")
+
+
+class FullAllMethod(Method):
+    trains = "every weight (embeddings, blocks, pre/post LN, adapters of an --init_from export, head; LT-Soups)"
+    init_from = True
+    partial = False
 
     def apply(self, model, **_):
         model.backbone.requires_grad_(True)
@@ -203,9 +342,20 @@ class FullMethod(Method):
         return True
 
 
-class BitFitMethod(Method):
-    trains = "the backbone's biases"
+class BitFitMethod(BlockMethod):
+    trains = "the biases of the transformer blocks (LIFT's BitFit)"
+
+    def select(self, name, module):
+        return name == "bias"
+
+    def exports_block_key(self, key):
+        return _is_bias(key)
+
+
+class BitFitAllMethod(Method):
+    trains = "every bias of the backbone (embeddings and pre/post LN too; BatchNorm shifts of a CNN)"
     init_from = True
+    partial = False
 
     def apply(self, model, **_):
         for name, param in model.backbone.named_parameters():
@@ -216,31 +366,161 @@ class BitFitMethod(Method):
         return key.startswith("head.") or (key.startswith("backbone.") and _is_bias(key))
 
 
+class LayerNormMethod(BlockMethod):
+    trains = "the LayerNorms of the transformer blocks (weights and biases)"
+
+    def select(self, name, module):
+        return isinstance(module, nn.LayerNorm)
+
+    def exports_block_key(self, key):
+        return _is_layer_norm_key(key)
+
+
 class HeadMethod(Method):
     trains = "the head only, on cached features (LOS / LT-Soups stage 2)"
     init_from = True
     head_only = True
+    partial = False
+
+
+class ModuleMethod(Method):
+    """Adds inference-time modules (peft_modules) to the tuned blocks, kept in `model.adapters`; they and the head
+    train. `arch_keys`: the method arguments its export records, so `rebuild` re-attaches the same modules."""
+
+    arch_keys = ()
+
+    def attach(self, model, blocks, parts, **margs):
+        raise NotImplementedError
+
+    def arch(self, margs):
+        return {**super().arch(margs), "adapters": self.name, "adapter_dim": margs.get("r"),
+                **{k: margs[k] for k in self.arch_keys}}
+
+    def rebuild(self, model, arch):
+        return apply_method(model, self.name, partial_layers=arch.get("partial_layers"),
+                            **{k: arch[k] for k in self.arch_keys},
+                            **({"r": arch["adapter_dim"]} if arch.get("adapter_dim") else {}))
+
+    def apply(self, model, partial_layers=None, **margs):
+        if model.adapters is not None:
+            require(model.adapters.method == self.name,
+                    f"the model already has {model.adapters.method} modules; --method "
+                    f"{self.name} cannot add its own")
+        else:
+            blocks, parts, _ = transformer_blocks(model)
+            model.adapters = self.attach(model, blocks[slice(*tuned_range(len(blocks), partial_layers))], parts, **margs)
+            model.adapters.method = self.name
+        model.adapters.requires_grad_(True)
+        return model
+
+    def exports(self, key):
+        return key.startswith(("head.", "adapters."))
+
+    @property
+    def name(self):
+        return next(n for n in METHODS if METHODS.get(n) is self)
+
+
+class PromptMethod(ModuleMethod):
+    soupable = False  # prompts are input tokens: an average of tokens is no average of the models' weights
+    arch_keys = ("vpt_len",)
+    deep = False
+
+    def method_args(self, args, num_classes, num_layers):
+        return {**super().method_args(args, num_classes, num_layers), "vpt_len": args.vpt_len}
+
+    def attach(self, model, blocks, parts, vpt_len=10, **_):
+        require(vpt_len >= 1, f"--vpt_len must be >= 1, got {vpt_len}")
+        spec = model.spec
+        seq_len = (spec.image_size // spec.patch_size) ** 2 + 1
+        return PM.attach_prompts(blocks, vpt_len, spec.hidden_size, spec.patch_size, seq_len, self.deep)
+
+
+class ShallowPromptMethod(PromptMethod):
+    trains = "VPT-shallow: --vpt_len (10) prompt tokens before the first tuned block"
+
+
+class DeepPromptMethod(PromptMethod):
+    trains = "VPT-deep: --vpt_len (10) new prompt tokens before every tuned block"
+    deep = True
+
+
+class AdapterMethod(ModuleMethod):
+    trains = "sequential bottleneck adapters after each MLP (r from LIFT's rule, or --adapter_dim)"
+
+    def method_args(self, args, num_classes, num_layers):
+        return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers)}
+
+    def attach(self, model, blocks, parts, r=None, **_):
+        return PM.attach_adapters(blocks, parts, model.spec.hidden_size, _rank(model, r))
+
+
+class ScaleShiftMethod(ModuleMethod):
+    def __init__(self, where, trains):
+        self.where, self.trains = where, trains
+
+    def attach(self, model, blocks, parts, **_):
+        return PM.attach_scale_shift(blocks, parts, self.where)
+
+
+class MaskMethod(ModuleMethod):
+    trains = ("sparse fine-tuning: random entries of every Linear of the blocks (LIFT's ratio K/(12 L D), floored "
+              "to 0.001, or --mask_ratio; --mask_seed)")
+    arch_keys = ("mask_ratio", "mask_seed")
+
+    def method_args(self, args, num_classes, num_layers):  # mask_ratio None: LIFT's rule, resolved from the model
+        return {**super().method_args(args, num_classes, num_layers), "mask_seed": args.mask_seed,
+                "mask_ratio": args.mask_ratio}
+
+    def attach(self, model, blocks, parts, mask_ratio=None, mask_seed=0, **_):
+        if mask_ratio is None:
+            mask_ratio = PM.lift_mask_ratio(model.num_classes, model.spec.num_layers, model.spec.hidden_size)
+        require(0 < mask_ratio <= 1, f"--mask_ratio must be in (0, 1], got {mask_ratio}")
+        try:
+            return PM.attach_masks(blocks, parts, mask_ratio, mask_seed)
+        except ValueError as err:
+            raise UserError(f"{err}; raise --mask_ratio") from None
 
 
 METHODS.register("adaptformer", AdaptFormerMethod())
 METHODS.register("lora", LoraMethod())
-METHODS.register("full", FullMethod())
+METHODS.register("full", FullBlocksMethod())
 METHODS.register("bitfit", BitFitMethod())
 METHODS.register("head", HeadMethod())
+METHODS.register("full_all", FullAllMethod())
+METHODS.register("bitfit_all", BitFitAllMethod())
+METHODS.register("ln", LayerNormMethod())
+METHODS.register("vpt_shallow", ShallowPromptMethod())
+METHODS.register("vpt_deep", DeepPromptMethod())
+METHODS.register("adapter", AdapterMethod())
+METHODS.register("mask", MaskMethod())
+METHODS.register("lora_mlp", LoraMlpMethod())
+METHODS.register("ssf_attn", ScaleShiftMethod("ssf_attn", "SSF scale and shift after the attention's q, k, v and "
+                                                           "output projections"))
+METHODS.register("ssf_mlp", ScaleShiftMethod("ssf_mlp", "SSF scale and shift after the MLP's two Linears"))
+METHODS.register("ssf_ln", ScaleShiftMethod("ssf_ln", "SSF scale and shift after the blocks' two LayerNorms"))
 
 
 def apply_method(model, method, seed=0, **margs):
-    """Set what trains (the head always does) and add the method's modules (AdaptFormer, peft LoRA).
+    """Set what trains (the head always does) and add the method's modules (AdaptFormer, VPT, SSF, peft LoRA, ...).
 
-    margs: the method's arguments (r, lora_alpha, ...; r None -> bottleneck_dim(K, L)). New modules are
-    initialised from `seed`, so repeated builds match. A model that already has adapters (rebuilt from an
-    AdaptFormer export) keeps them: they train under "adaptformer" and "full", and stay frozen otherwise.
+    margs: the method's arguments (r, lora_alpha, partial_layers, ...; r None -> bottleneck_dim(K, L)). New modules
+    are initialised from `seed`, so repeated builds match. A model that already has adapters (rebuilt from an
+    export with modules) keeps them: they train under their own method and "full"/"full_all", and stay frozen
+    otherwise.
     """
     entry = METHODS.get(method)
     if not isinstance(model, LTModel):
         raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
+    supported = BACKBONES.get(model.spec.kind).methods
+    if supported is not None and method not in supported:
+        raise UserError(f"--method {method} does not apply to {model.spec.kind} backbones; choose one of "
+                        f"{', '.join(supported)}")
     if margs.get("r") is not None:
         _rank(model, margs["r"])
+    if margs.get("partial_layers") is not None:
+        require(entry.partial, f"--partial_layers applies to methods that tune blocks, not --method {method}")
+        tuned_range(model.spec.num_layers, margs["partial_layers"])
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
@@ -252,16 +532,28 @@ def trainable_parameter_count(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def head_parameter_count(model):
+    """Trainable parameters of the head (plain, or peft's modules_to_save copy)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and f".{n}".find(".head.") >= 0)
+
+
 def _is_bias(key):
     return key.rsplit(".", 1)[-1] == "bias"
 
 
-def export_state_dict(state_dict, method):
-    """The tensors `method` changes, from a full LTModel state dict ("backbone.", "head.", "adapters." keys).
+def export_state_dict(state_dict, method, arch=None):
+    """The tensors `method` changes, from a full LTModel state dict ("backbone.", "head.", "adapters." keys); with
+    `arch["partial_layers"]`, backbone keys of the untuned blocks are left out.
 
     peft methods (LoRA) are exported with peft's save_pretrained instead.
     """
     entry = METHODS.get(method)
     if entry.peft:
         raise ValueError(f"export_state_dict does not handle {method!r}: peft methods are exported with save_pretrained")
-    return {k: v for k, v in state_dict.items() if entry.exports(k)}
+    first = 0
+    if arch and arch.get("partial_layers") and entry.partial:
+        num_blocks = 1 + max((block_index(k) for k in state_dict if block_index(k) is not None), default=-1)
+        first, _ = tuned_range(num_blocks, arch["partial_layers"])
+    # BatchNorm running statistics move whenever the backbone runs in train mode, whatever trains: always kept
+    return {k: v for k, v in state_dict.items()
+            if (entry.exports(k) and (block_index(k) is None or block_index(k) >= first)) or is_running_stat(k)}

@@ -41,7 +41,7 @@ def tiny_train_args(data_dir, output_dir, *extra):
     """Flags of a seconds-long train_lt.py run on the synthetic IDX data with the tiny ViT config."""
     return ["--dataset", "fashion_mnist_lt", "--data_dir", str(data_dir), "--imb", "10", "--max_per_class", "40",
             "--val_per_class", "5", "--model_name_or_path", str(TINY_VIT), "--from_scratch", "true",
-            "--head_init", "random", "--method", "full", "--optimizer", "adamw", "--learning_rate", "0.001",
+            "--head_init", "random", "--method", "full_all", "--optimizer", "adamw", "--learning_rate", "0.001",
             "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
             "--num_train_epochs", "2", "--output_dir", str(output_dir), "--cache_dir", str(Path(output_dir).parent / "hf_cache"),
             *map(str, extra)]

@@ -88,7 +88,7 @@ def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_proces
     from lt_utils.checkpoint import load_export
 
     model, meta = load_export(out / "final")
-    assert meta["method"] == "full"
+    assert meta["method"] == "full_all"
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
     # ZeRO-2 in fp32 is the same optimisation as DDP: same weights as the 1-process reference
@@ -159,3 +159,45 @@ def test_deepspeed_resume_ends_with_the_same_weights(idx_dir, tmp_path, one_proc
     assert again.returncode == 0, failure_report(again)
     assert "Resumed from" in again.stderr + again.stdout
     assert_same_weights(final_weights(resumed), one_process_reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,extra", [("mask", ["--mask_ratio", "0.05"]), ("vpt_deep", [])])
+def test_deepspeed_zero3_trains_added_modules_as_one_process(idx_dir, tmp_path, method, extra):
+    """Methods that add modules (masked entries read inside the Linear's forward, prompts in a block pre-hook) under
+    ZeRO-3, where every parameter is partitioned: 2 processes x 8 images end with the weights of 1 process x 8 x 2
+    accumulation steps."""
+    from helpers_models import make_tiny_clip
+
+    clip = make_tiny_clip(tmp_path / "clip", image_size=28, patch_size=4)
+
+    def args(out, accumulation):
+        flags = tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", str(accumulation), *extra)
+        for flag, value in (("--model_name_or_path", clip), ("--method", method), ("--from_scratch", "false")):
+            flags[flags.index(flag) + 1] = str(value)
+        return flags
+
+    reference = python_script("train_lt.py", *args(tmp_path / "ref", 2))
+    assert reference.returncode == 0, failure_report(reference)
+    result = torchrun(2, args(tmp_path / "z3", 1), env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
+    assert result.returncode == 0, failure_report(result)
+    weights, ref = final_weights(tmp_path / "z3"), final_weights(tmp_path / "ref")
+    assert {k.split(".")[0] for k in weights} == {"adapters", "head"}
+    assert_same_weights(weights, ref, atol=1e-5)
+    init = load_file(tmp_path / "z3" / "final" / "head_init.safetensors")["weight"]
+    assert not torch.allclose(weights["head.weight"], init)
+
+
+def test_two_processes_with_sync_bn_match_one_process_with_the_global_batch(idx_dir, tmp_path):
+    """BatchNorm: 2 processes x 8 with --sync_bn normalise over the global 16, as 1 process x 16 does (weights and
+    running statistics); without it each process would normalise over its own 8."""
+    resnet = ["--model_name_or_path", str(REPO / "configs" / "models" / "cifar_resnet8"), "--head_type", "linear"]
+    steps = [s if s != "8" else "16" for s in STEPS]  # the 1-process reference: batch 16, no accumulation
+    single = python_script("train_lt.py", *tiny_train_args(idx_dir, tmp_path / "one", *steps, *resnet))
+    assert single.returncode == 0, failure_report(single)
+    ddp = torchrun(2, tiny_train_args(idx_dir, tmp_path / "ddp", *STEPS, *resnet, "--sync_bn"),
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert ddp.returncode == 0, failure_report(ddp)
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
+    assert two["backbone.bn1.num_batches_tracked"].item() == 4
+    assert_same_weights(two, one, atol=2e-5)
+    assert not torch.allclose(two["backbone.bn1.running_mean"], torch.zeros(8))  # statistics were tracked

@@ -49,7 +49,8 @@ def test_parameter_counts_vit_b16(tmp_path, config_fn):
     assert head == 76_800 and counts["head"] == head
     assert counts["adaptformer"] - head == 101_436  # 12 * (2*768*4 + 4 + 3*768 + 1), r=4 from the rule
     assert counts["lora"] - head == 147_456  # 12 * 4*768*4 (q and v)
-    assert counts["full"] - head == sum(p.numel() for p in _meta_model(config_dir).backbone.parameters())
+    assert counts["full_all"] - head == sum(p.numel() for p in _meta_model(config_dir).backbone.parameters())
+    assert counts["full"] - head == 85_054_464  # LIFT: the 12 blocks only
 
 
 @pytest.mark.parametrize("k,r", [(100, 4), (365, 8), (1000, 32), (8142, 256), (10, 1), (48, 2), (47, 1)])
@@ -73,12 +74,14 @@ def test_requires_grad_per_method(clip_dir):
     head = {"head.weight"}
     model = apply_method(build_lt_model(clip_dir, 3), "head")
     assert _trainable(model) == head
-    model = apply_method(build_lt_model(clip_dir, 3), "full")
+    model = apply_method(build_lt_model(clip_dir, 3), "full_all")
     assert _trainable(model) == names(model)
+    model = apply_method(build_lt_model(clip_dir, 3), "full")  # LIFT: the blocks only
+    assert _trainable(model) == {n for n in names(model) if n.startswith("backbone.encoder.layers.")} | head
     model = apply_method(build_lt_model(clip_dir, 3), "bitfit")
-    biases = {n for n in names(model) if n.startswith("backbone.") and n.endswith(".bias")}
+    biases = {n for n in names(model) if n.startswith("backbone.encoder.layers.") and n.endswith(".bias")}
     assert "backbone.encoder.layers.0.self_attn.q_proj.bias" in biases
-    assert "backbone.post_layernorm.bias" in biases
+    assert "backbone.post_layernorm.bias" not in _trainable(model)  # LIFT: biases of the blocks
     assert _trainable(model) == biases | head
     model = apply_method(build_lt_model(clip_dir, 3), "adaptformer")
     assert _trainable(model) == {n for n in names(model) if n.startswith("adapters.")} | head
@@ -96,8 +99,10 @@ def test_methods_on_a_model_that_already_has_adapters(clip_dir):
 
     adapters = {n for n, _ in rebuilt().named_parameters() if n.startswith("adapters.")}
     assert _trainable(apply_method(rebuilt(), "head")) == {"head.weight"}
-    full = apply_method(rebuilt(), "full")
+    full = apply_method(rebuilt(), "full_all")
     assert adapters <= _trainable(full) and "backbone.post_layernorm.weight" in _trainable(full)
+    full = apply_method(rebuilt(), "full")
+    assert adapters <= _trainable(full) and "backbone.post_layernorm.weight" not in _trainable(full)
     assert not adapters & _trainable(apply_method(rebuilt(), "bitfit"))
     model = rebuilt()
     down = fingerprint(model.adapters[0].down.weight)
@@ -282,7 +287,8 @@ def test_unwrap_lt_model(clip_dir):
 
 def test_export_state_dict_filters(clip_dir):
     state = apply_method(build_lt_model(clip_dir, 3), "adaptformer", r=2).state_dict()
-    assert set(export_state_dict(state, "full")) == set(state)
+    assert set(export_state_dict(state, "full_all")) == set(state)
+    assert set(export_state_dict(state, "full")) == {k for k in state if k.startswith(("head.", "adapters.", "backbone.encoder.layers."))}
     assert set(export_state_dict(state, "head")) == {"head.weight"}
     assert set(export_state_dict(state, "adaptformer")) == {k for k in state if k.startswith(("adapters.", "head."))}
     bitfit = set(export_state_dict(state, "bitfit"))

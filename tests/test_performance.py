@@ -167,7 +167,8 @@ def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     expected = {"train": {"adaptformer/fp32: compiled / eager", "adaptformer: bf16 / fp32 (eager)",
                           "full: bf16 / fp32 (eager)"},
                 "loader": {"project / lift_style", "project / previous"}, "eval": {"fivecrop / one view (time)"},
-                "head": {"naive / cached over 3 epochs"}, "memory": {"checkpointed / plain (activation memory)"}}
+                "head": {"naive / cached over 3 epochs", "augmented / cached over 3 epochs"},
+                "memory": {"checkpointed / plain (activation memory)"}}
     for section, names in expected.items():
         ratios = data[section]["ratios"]
         assert names <= set(ratios), (section, sorted(ratios))

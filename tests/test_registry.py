@@ -28,12 +28,14 @@ from lt_utils.transforms import TTE_MODES  # noqa: E402
 
 
 def _choices(parser, dest):
-    return next(a.choices for a in parser._actions if a.dest == dest)
+    return parser._lt_flags[dest].choice_list()  # the flag table's choices, read from the registry when checked
 
 
 def test_cli_choices_are_the_registry_names():
     train = build_train_parser()
-    assert _choices(train, "method") == METHODS.names() == ["adaptformer", "lora", "full", "bitfit", "head"]
+    assert _choices(train, "method") == METHODS.names() == [
+        "adaptformer", "lora", "full", "bitfit", "head", "full_all", "bitfit_all", "ln", "vpt_shallow", "vpt_deep", "adapter", "mask",
+        "lora_mlp", "ssf_attn", "ssf_mlp", "ssf_ln"]
     assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
     assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
     assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "1_shot", "10_shot", "100_shot", "linear_probe", "random"]
@@ -42,7 +44,7 @@ def test_cli_choices_are_the_registry_names():
     evaluation = eval_lt.get_args_parser()
     assert _choices(evaluation, "prompt_template") == PROMPT_MODES.names()
     assert _choices(evaluation, "tte") == ["none", *TTE_MODES.names()]
-    assert BACKBONES.names() == ["clip", "vit"]
+    assert BACKBONES.names() == ["clip", "vit", "cifar_resnet", "resnet"]
 
 
 @pytest.mark.parametrize("registry,flag", [(METHODS, "--method"), (LOSSES, "loss"), (HEADS, "head type"),
@@ -69,7 +71,9 @@ def test_registry_refuses_a_second_entry_of_a_name():
 def test_unknown_method_on_the_command_line_lists_the_choices():
     proc = python_script("train_lt.py", "--method", "vpt", "--output_dir", "unused")
     assert proc.returncode == 2
-    assert "invalid choice: 'vpt'" in proc.stderr and "(choose from 'adaptformer', 'lora', 'full', 'bitfit', 'head')" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --method vpt is not a valid choice; choose one of adaptformer, "
+                                                    "lora, full, bitfit, head, full_all, bitfit_all, ln, vpt_shallow, vpt_deep, adapter, "
+                                                    "mask, lora_mlp, ssf_attn, ssf_mlp, ssf_ln")
 
 
 # ---- a new method is one registry entry ----------------------------------------------------------------------
@@ -173,7 +177,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     with pytest.raises(SystemExit) as exit_info:
         run_main(tiny_train_args(idx_dir, tmp_path / "again", "--method", "ln_test", "--init_from", out / "best"))
     assert exit_info.value.code == 2
-    assert "error: --init_from works with --method full/bitfit/head, not ln_test" in capsys.readouterr().err
+    assert "error: --init_from works with --method full/bitfit/head/full_all/bitfit_all/ln, not ln_test" in capsys.readouterr().err
 
 
 def load_export_metrics(export_dir):

@@ -44,7 +44,7 @@ def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
     # resume states hold only trainable tensors plus our counters; the config round-trips
     assert (out / "step_10" / "lt_resume.json").is_file() and (out / "step_20").is_dir()
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["learning_rate"] == 0.003 and saved["method"] == "full"
+    assert saved["learning_rate"] == 0.003 and saved["method"] == "full_all"
     assert [json.loads(line)["step"] for line in (out / "log.txt").read_text().splitlines()] == [10, 20]
     assert results["final"]["test"]["accuracy"] > 30  # the synthetic classes are easy: well above 10% chance
     assert "| final (test) |" in capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
     results = run_main(tiny_train_args(idx_dir, out, "--num_train_epochs", "1", "--eval_steps", "none"))
     assert not (out / "best").exists()  # no validation, no best
     model, meta = load_export(out / "final")
-    assert meta["method"] == "full" and meta["num_labels"] == 10
+    assert meta["method"] == "full_all" and meta["num_labels"] == 10
     from accelerate import Accelerator
     from lt_utils import data_loaders as T
     from lt_utils.data import load_lt_dataset
@@ -102,12 +102,12 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: cannot resume") and "method is 'full' but this run has 'bitfit'" in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot resume") and "method is 'full_all' but this run has 'bitfit'" in err
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--total_batch_size", "30", "--gradient_accumulation_steps", "4"], "not divisible"),
-    (["--select_metric", "mean_acc"], "--select_metric 'mean_acc' is not a validation metric"),
+    (["--select_metric", "mean_acc"], "--select_metric mean_acc is not a valid choice"),
     (["--method", "head", "--augment", "rrc_flip"], "--augment rrc_flip does not apply to --method head"),
     (["--dataset", "mnist_lt"], "mnist_lt"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
