@@ -116,7 +116,7 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
     (["--prompt_template", "descriptor"], "--prompt_template descriptor needs --prompt_descriptor_file"),
     (["--prompt_descriptor_file", "d.json"], "--prompt_descriptor_file needs --prompt_template descriptor"),
     (["--loss", "cb", "--label_smoothing", "0.1"], "--label_smoothing does not apply to --loss cb"),
-    (["--head_init", "linear_probe", "--groups_from_imb", "0.5"], "--groups_from_imb 0.5: the reference ratio must be >= 1"),
+    (["--head_init", "linear_probe", "--groups_from_imb", "0.5"], "--groups_from_imb 0.5 is out of range"),
 ])
 def test_bad_input_is_one_line_and_exit_2(idx_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
