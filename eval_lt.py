@@ -30,7 +30,9 @@ from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args,
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
+from lt_utils.metrics import with_split_groups
 from lt_utils.models import BackboneSpec
+from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
 
 logger = logging.getLogger("lt")
@@ -42,7 +44,8 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
-    add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "output_dir", "overwrite", "mixed_precision"),
+    add_flags(parser, ("which", "split", "zero_shot", "prompt_template",
+               "prompt_descriptor_file", "output_dir", "overwrite", "mixed_precision"),
               output_dir=None)
     add_compile_args(parser)
     group = add_data_args(parser)
@@ -62,6 +65,7 @@ def main(argv=None):
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
+    check_prompt_args(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_plugin=dynamo_plugin(args))
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -69,7 +73,7 @@ def main(argv=None):
 
     # every input and output is checked before the first (long) evaluation starts
     targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template, args.which)
-    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite,
+    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, D.tte_tag(args), args.overwrite,
                                       {f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     accelerator.wait_for_everyone()
     loaded = {}
@@ -113,7 +117,7 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         from lt_utils.zeroshot import build_zero_shot_clip
 
         model = build_zero_shot_clip(target.zero_shot, info.class_names, args.prompt_template,
-                                     device=accelerator.device)
+                                     device=accelerator.device, descriptor_file=args.prompt_descriptor_file)
         spec = model.spec
     else:
         model, meta = load_export(target.export_dir)
@@ -121,11 +125,12 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
     model.to(accelerator.device)
     if args.torch_compile:
         model = accelerator.prepare_model(model, evaluation_mode=True)
-    loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
+    loader = D.image_loader(ds[args.split], D.test_transform(spec, args), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)
     with accelerator.autocast():
-        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug)
+        metrics = with_split_groups(evaluate(model, loader, accelerator, info.groups, info.num_classes,
+                                             desc=target.slug), info)
     if accelerator.is_main_process:
         config = E.eval_config(target, args, data_args, info, accelerator.mixed_precision)
         E.write_outputs(target, config, metrics, info, args.overwrite)

@@ -372,7 +372,8 @@ def bench_eval(args, root, ds, accelerator):
     _, lt = build_model(path, "adaptformer", args.classes, args.seed, accelerator.device)
     lt.eval()
     test = ds["test"].select(range(min(args.eval_images, len(ds["test"]))))
-    loaders = {tte: accelerator.prepare(T.image_loader(test, T.test_transform(lt.spec, tte), args.eval_images, 0))
+    loaders = {tte: accelerator.prepare(T.image_loader(test, T.test_transform(lt.spec, argparse.Namespace(tte=tte, tte_views=1, tte_expand=None)),
+                                                          args.eval_images, 0))
                for tte in ("none", "fivecrop")}
     predict(lt, loaders["none"], accelerator)  # warm-up
 

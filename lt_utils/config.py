@@ -278,6 +278,16 @@ _DATA = {
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
                 choices=_registry(TTE_MODES, extra=("none",))),
+    "tte_views": _pos("int", 1, "--tte randaug: random resized crop + flip views per image (LIFT's randaug_times, "
+                      "default 1)"),
+    "tte_expand": _nonneg("int", None, "--tte fivecrop/tencrop: pixels added to the shorter side before cropping "
+                          "(default 1.5 patches: 24 for /16 as LIFT, 21 for /14)", nullable=True),
+    "interpolation": Flag("str", None, "resize / crop interpolation (LIFT: bilinear, torchvision's default); default: "
+                          "the checkpoint's image processor (CLIP: bicubic); training records it with the export",
+                          choices=["bilinear", "bicubic", "nearest"], nullable=True),
+    "groups_from_imb": Flag("float", None, "many/medium/few from the counts of this rho's split of the same source "
+                            "(LIFT: 100 for CIFAR-100-LT rho 50 / 10); both groupings are reported where they differ",
+                            low=1, nullable=True),
 }
 
 _TRAIN = {
@@ -303,8 +313,10 @@ _TRAIN = {
     "head_type": Flag("str", "cosine", choices=_registry(HEADS)),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True),
     "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
-    "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.' or the 80 ImageNet "
-                            "templates averaged", choices=_registry(PROMPT_MODES)),
+    "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
+                            "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
+                            choices=_registry(PROMPT_MODES)),
+    "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}"),
     "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded "
                     "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
                     "cached features trains on the eval view",
@@ -320,6 +332,14 @@ _TRAIN = {
     "loss": Flag("str", "la", choices=_registry(LOSSES)),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
+    # LIFT's defaults (utils/losses.py); LDAM's scale is --head_scale
+    "focal_gamma": Flag("float", 2.0, "focal: the focusing exponent gamma", low=0),
+    "ldam_max_margin": Flag("float", 0.5, "ldam: margin of the rarest class (x --head_scale)", low=0, low_open=True),
+    "cb_beta": Flag("float", 0.9999, "cb: beta of the effective number (1 - beta^n) / (1 - beta)", low=0, low_open=True,
+                    high=1, high_open=True),
+    "grw_exponent": Flag("float", 1.0, "grw: class weights (n_c / N)^-exponent", low=0),
+    "lade_lambda": Flag("float", 0.1, "lade: ReMINE regulariser lambda", low=0),
+    "lade_weight": Flag("float", 0.1, "lade: weight of the LADER estimation loss", low=0),
     "sampler": Flag("str", "random", choices=["random", "class_balanced", "sqrt"]),
     "balance_factor": Flag("float", None, "LT-Soups ingredient: train on the subset with every class capped at n_min * b",
                            low=1, nullable=True),
@@ -584,7 +604,8 @@ def resolve_dataset_flags(args):
 # data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
 RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max_per_class", "imb_seed": "seed",
                        "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
-                       "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
+                       "many_threshold": "many_threshold", "few_threshold": "few_threshold",
+                       "groups_from_imb": "groups_from_imb"}
 
 # the `datasets` source of hf_lt, recorded in LTInfo.hf_source
 HF_SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
@@ -604,8 +625,8 @@ DATA_FLAGS = ("dataset", "dataset_name", "dataset_config_name", "dataset_revisio
               "test_split", "image_column_name", "label_column_name", "max_train_samples", "trust_remote_code",
               "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
               "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir", "relabel_by_name",
-              "many_threshold", "few_threshold", "cache_dir", "per_device_eval_batch_size", "num_workers",
-              "max_eval_samples", "tte")
+              "many_threshold", "few_threshold", "groups_from_imb", "cache_dir", "per_device_eval_batch_size",
+              "num_workers", "max_eval_samples", "tte", "tte_views", "tte_expand", "interpolation")
 
 # data flags naming files or folders read (never written): outputs must stay apart from them
 DATA_INPUT_FLAGS = ("dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
@@ -624,8 +645,10 @@ def build_train_parser():
                                 "partial_layers", "vpt_len", "mask_ratio", "mask_seed", "lora_init", "lora_alpha",
                                 "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn",
                                 "head_type", "head_scale", "head_init",
-                                "prompt_template"))
-    add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "sampler", "balance_factor",
+                                "prompt_template", "prompt_descriptor_file"))
+    add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "focal_gamma",
+                                            "ldam_max_margin", "cb_beta", "grw_exponent", "lade_lambda", "lade_weight",
+                                            "sampler", "balance_factor",
                                             "subset_seed", "subset_selection"))
     add_group(parser, "optimisation", ("optimizer", "learning_rate", "weight_decay", "momentum", "lr_scheduler_type",
                                        "num_warmup_steps", "warmup_start_factor", "min_lr_ratio", "num_train_epochs", "max_train_steps",

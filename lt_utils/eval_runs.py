@@ -197,6 +197,8 @@ def warn_if_other_split(target, info, split):
 def eval_config(target, args, data_args, info, mixed_precision):
     """What defines the numbers (not where they were computed: the process count does not change them)."""
     config = {"model": target.zero_shot or target.name, "split": args.split, "tte": args.tte,
+              "tte_views": args.tte_views if args.tte == "randaug" else None,
+              "tte_expand": args.tte_expand, "interpolation": args.interpolation,
               "dataset": {flag: getattr(data_args, flag) for flag in RECORDED_DATA_FLAGS
                           if flag not in ("many_threshold", "few_threshold")},
               "split_hash": info.index_hashes.get(args.split), "many_threshold": info.many_threshold,
@@ -206,6 +208,8 @@ def eval_config(target, args, data_args, info, mixed_precision):
         config["dataset"]["hf_source"] = {flag: getattr(data_args, flag) for flag in HF_SOURCE_FLAGS}
     if target.zero_shot:
         config["prompt_template"] = args.prompt_template
+        if args.prompt_descriptor_file:
+            config["prompt_descriptor_file"] = str(args.prompt_descriptor_file)
     return config
 
 

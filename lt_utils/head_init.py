@@ -1,4 +1,5 @@
-"""Deterministic head initialisations (soups need identical head inits across runs): CLIP text features, class means."""
+"""Deterministic head initialisations (soups need identical head inits across runs): CLIP text features, class means
+(of all or of k seeded images per class), a class-balanced linear probe."""
 import os
 
 import torch
@@ -8,7 +9,7 @@ from tqdm.auto import tqdm
 from .errors import UserError, require
 from .heads import random_head_init
 from .models import load_backbone_config, unwrap_lt_model
-from .prompts import clean_class_name, prompt_templates
+from .prompts import class_prompts
 from .registry import Registry
 
 
@@ -17,10 +18,10 @@ def _default_device():
 
 
 @torch.no_grad()
-def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None):
+def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None, descriptor_file=None):
     """CLIP text features of the class prompts mapped into the vision feature space, rows unit-norm [C, hidden].
 
-    Per class: mean of the normalised projected text features over the templates, renormalised; then
+    Per class: mean of the normalised projected text features over its prompts, renormalised; then
     `@ visual_projection.weight` ([proj, hidden]) takes it to the pre-projection space LTModel.features
     lives in (LIFT's text_feat @ proj.T), and rows are normalised again.
     """
@@ -32,10 +33,9 @@ def text_head_init(model_name_or_path, class_names, prompts="single", batch_size
         raise UserError(
             f"text head init needs a full CLIP checkpoint (text tower); {name!r} has none: use --head_init class_mean"
         )
-    templates = prompt_templates(prompts)
-    names = [clean_class_name(c) for c in class_names]
-    if not names:
+    if not class_names:
         raise UserError("text head init needs at least one class name")
+    prompts_per_class = class_prompts(prompts, class_names, descriptor_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         clip = CLIPModel.from_pretrained(name, dtype=torch.float32)
@@ -45,16 +45,16 @@ def text_head_init(model_name_or_path, class_names, prompts="single", batch_size
         ) from err
     device = torch.device(device or _default_device())
     clip.to(device).eval()
-    text = _class_text_features(clip, tokenizer, names, templates, batch_size, device)
+    text = _class_text_features(clip, tokenizer, prompts_per_class, batch_size, device)
     weight = F.normalize(text @ clip.visual_projection.weight.float(), dim=-1)
     del clip  # the text tower is only needed here
     return weight.cpu()
 
 
-def _class_text_features(clip, tokenizer, names, templates, batch_size, device):
-    """[C, proj] normalised mean over templates of normalised text embeddings; batched over (class, template)."""
-    pairs = [(c, t.format(n)) for c, n in enumerate(names) for t in templates]
-    sums = torch.zeros(len(names), clip.text_projection.out_features, dtype=torch.float32, device=device)
+def _class_text_features(clip, tokenizer, prompts_per_class, batch_size, device):
+    """[C, proj] normalised mean, over each class's prompts, of normalised text embeddings; batched over all prompts."""
+    pairs = [(c, p) for c, prompts in enumerate(prompts_per_class) for p in prompts]
+    sums = torch.zeros(len(prompts_per_class), clip.text_projection.out_features, dtype=torch.float32, device=device)
     max_length = clip.config.text_config.max_position_embeddings
     for start in tqdm(range(0, len(pairs), batch_size), desc="text features", disable=len(pairs) <= batch_size):
         chunk = pairs[start : start + batch_size]
@@ -64,7 +64,8 @@ def _class_text_features(clip, tokenizer, names, templates, batch_size, device):
         pooled = clip.text_model(**tokens).pooler_output
         feats = F.normalize(clip.text_projection(pooled).float(), dim=-1)
         sums.index_add_(0, torch.tensor([c for c, _ in chunk], device=device), feats)
-    return F.normalize(sums / len(templates), dim=-1)
+    counts = torch.tensor([len(p) for p in prompts_per_class], dtype=torch.float32, device=device)
+    return F.normalize(sums / counts[:, None], dim=-1)
 
 
 @torch.no_grad()
@@ -103,6 +104,53 @@ def class_mean_head_init(model, dataloader, num_classes):
     return F.normalize(sums / counts[:, None], dim=-1).cpu()
 
 
+@torch.no_grad()
+def frozen_features(model, dataloader):
+    """(features [N, D] float32, labels [N]) of the frozen backbone over an unsharded loader, on CPU."""
+    lt = unwrap_lt_model(model)
+    device = next(lt.parameters()).device
+    was_training = lt.training
+    lt.eval()
+    feats, labels = [], []
+    try:
+        for batch in tqdm(dataloader, desc="features"):
+            feats.append(lt.features(batch["pixel_values"].to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch["labels"]).long().cpu())
+    finally:
+        lt.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def balanced_logistic_regression(features, labels, num_classes, c=1.0, max_iter=1000, device=None):
+    """(W [C, D], b [C]) minimising C * sum_i w_{y_i} CE(W x_i + b, y_i) + ||W||^2 / 2, w_c = N / (C n_c).
+
+    scikit-learn's LogisticRegression(penalty="l2", class_weight="balanced", multinomial, C=1) objective, which
+    LIFT fits on frozen features; solved with torch's L-BFGS (strong Wolfe line search) in float64, on `device`
+    (CPU or GPU), run to convergence (LIFT stops scikit-learn's L-BFGS at 100 iterations).
+    """
+    device = torch.device(device or _default_device())
+    x = features.to(device, torch.float64)
+    y = labels.to(device).long()
+    counts = torch.bincount(y, minlength=num_classes).double()
+    empty = (counts == 0).nonzero().flatten().tolist()
+    require(not empty, f"linear-probe head init: classes {empty[:10]} have no training images; use --head_init text")
+    sample_weight = (len(y) / (num_classes * counts))[y]
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():  # divided by N: the same minimiser, gradients of order 1
+        optimizer.zero_grad()
+        ce = F.cross_entropy(x @ weight.T + bias, y, reduction="none")
+        loss = (c * (sample_weight * ce).sum() + 0.5 * weight.pow(2).sum()) / len(y)
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
+
+
 def _head_modules(head):
     # peft's modules_to_save wraps the head: keep the trained copy and the original identical.
     if hasattr(head, "modules_to_save"):
@@ -133,13 +181,35 @@ HEAD_INITS = Registry("head init", flag="--head_init")
 def _text(args, info, lt_model, accelerator, train_loader_fn):
     require(lt_model.spec.kind == "clip" and not args.from_scratch,
             "--head_init text needs a pretrained CLIP checkpoint; use --head_init class_mean or random")
-    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
+    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template,
+                          descriptor_file=args.prompt_descriptor_file)
 
 
 @HEAD_INITS.register("class_mean")
 def _class_mean(args, info, lt_model, accelerator, train_loader_fn):
     lt_model.to(accelerator.device)
     return class_mean_head_init(lt_model, train_loader_fn(lt_model.spec), len(info.class_names)).cpu()
+
+
+def _k_shot_means(k):
+    def init(args, info, lt_model, accelerator, train_loader_fn):
+        lt_model.to(accelerator.device)
+        loader = train_loader_fn(lt_model.spec, shots=k)
+        return class_mean_head_init(lt_model, loader, len(info.class_names)).cpu()
+
+    return init
+
+
+for _k in (1, 10, 100):
+    HEAD_INITS.register(f"{_k}_shot", _k_shot_means(_k))
+
+
+@HEAD_INITS.register("linear_probe")
+def _linear_probe(args, info, lt_model, accelerator, train_loader_fn):
+    lt_model.to(accelerator.device)
+    features, labels = frozen_features(lt_model, train_loader_fn(lt_model.spec))
+    weight, _ = balanced_logistic_regression(features, labels, len(info.class_names), device=accelerator.device)
+    return F.normalize(weight, dim=-1).float().cpu()  # LIFT keeps the normalised rows, not the bias
 
 
 @HEAD_INITS.register("random")

@@ -35,10 +35,19 @@ def build_accelerator(args):
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
                         "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
+    check_fp16(accelerator)
     check_deepspeed_accumulation(accelerator, args)
     check_zero3_export(accelerator, args)
     fill_deepspeed_clipping(accelerator, args)
     return accelerator
+
+
+def check_fp16(accelerator):
+    """fp16 is LIFT's precision: autocast + a GradScaler (accelerate's, on GPU; DeepSpeed scales its own loss). On CPU
+    accelerate would silently train in fp32 instead: refuse."""
+    if accelerator.mixed_precision == "fp16" and accelerator.state.deepspeed_plugin is None and accelerator.scaler is None:
+        raise UserError(f"--mixed_precision fp16 needs a GPU (autocast + GradScaler); on {accelerator.device.type} "
+                        "accelerate would train in fp32: use --mixed_precision bf16 or no")
 
 
 def check_zero3_export(accelerator, args):
@@ -144,12 +153,12 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         # the backbone and head geometry come from the export, not from the flags
         args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
         args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
-        lt_model = build_from_meta(init_meta, export_dir, merge_lora=True)
+        lt_model = with_interpolation(build_from_meta(init_meta, export_dir, merge_lora=True), args)
         overrides = export_overrides(lt_model, init_meta, export_dir)
         arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
         head_init = overrides["head.weight"].clone()
     else:
-        lt_model = build_from_meta(model_meta(args, num_classes))
+        lt_model = with_interpolation(build_from_meta(model_meta(args, num_classes)), args)
         arch = empty_arch()
         head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
@@ -162,6 +171,13 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         enable_gradient_checkpointing(lt_model)
     exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
     return model, exporter
+
+
+def with_interpolation(lt_model, args):
+    """--interpolation replaces the processor's for every transform of the run; the export records it (eval_lt.py)."""
+    if getattr(args, "interpolation", None):
+        lt_model.spec.interpolation = args.interpolation
+    return lt_model
 
 
 def check_bn_flags(args, num_processes):

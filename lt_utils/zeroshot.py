@@ -13,7 +13,7 @@ from torch import nn
 from .errors import UserError
 from .head_init import _class_text_features
 from .models import BackboneSpec, _preprocessing, load_backbone_config
-from .prompts import clean_class_name, prompt_templates
+from .prompts import class_prompts
 
 
 class ZeroShotCLIP(nn.Module):
@@ -38,20 +38,20 @@ class ZeroShotCLIP(nn.Module):
 
 
 @torch.no_grad()
-def build_zero_shot_clip(model_name_or_path, class_names, prompts="single", device=None, batch_size=256):
+def build_zero_shot_clip(model_name_or_path, class_names, prompts="single", device=None, batch_size=256,
+                         descriptor_file=None):
     """A ZeroShotCLIP from a full CLIP checkpoint (Hub id or dir); the text tower is used once and dropped."""
     name = os.path.expanduser(str(model_name_or_path))
     _, config, vision_config = load_backbone_config(name)
     if config.model_type != "clip":
         raise UserError(f"--zero_shot needs a full CLIP checkpoint (image and text towers); {name!r} is a "
                         f"{config.model_type!r} model")
-    names = [clean_class_name(c) for c in class_names]
-    if not names:
+    if not class_names:
         raise UserError("zero-shot classification needs at least one class name")
     clip, tokenizer = _load_clip(name)
     device = torch.device(device or "cpu")
     clip.to(device).eval()
-    text = _class_text_features(clip, tokenizer, names, prompt_templates(prompts), batch_size, device)
+    text = _class_text_features(clip, tokenizer, class_prompts(prompts, class_names, descriptor_file), batch_size, device)
     model = ZeroShotCLIP(clip.vision_model, clip.visual_projection, text, clip.logit_scale.detach().exp().float(),
                          _clip_spec(name, vision_config))
     return model.eval()

@@ -112,6 +112,40 @@ def test_five_crop_tte_is_recorded_and_changes_the_numbers(run_dir, flags):
     assert saved["metrics"]["nll"] != pytest.approx(center_crop["nll"], abs=1e-9)
 
 
+def test_train_split_with_randaug_tte_is_seeded_and_recorded(run_dir, flags):
+    # LIFT's test_train: the training images through the test view (here LIFT's randaug TTE, 3 views)
+    common = [run_dir / "final", "--split", "train", "--tte", "randaug", "--tte_views", "3", "--interpolation",
+              "bilinear", *flags]
+    run_eval(*common)
+    out = run_dir / "final" / "eval_train_randaug3"
+    saved = read_metrics(out)
+    info = json.loads((run_dir / "final" / "lt_info.json").read_text())
+    assert saved["metrics"]["num_samples"] == sum(info["train_counts"]) == 159
+    assert saved["metrics"]["per_class_samples"] == info["train_counts"]
+    assert (saved["config"]["split"], saved["config"]["tte"], saved["config"]["tte_views"]) == ("train", "randaug", 3)
+    assert saved["config"]["interpolation"] == "bilinear"
+    run_eval(*common, "--overwrite")  # the random views are seeded: the same numbers again
+    assert read_metrics(out)["metrics"] == saved["metrics"]
+    run_eval(*common[:6], "1", *common[7:], "--overwrite")
+    assert read_metrics(run_dir / "final" / "eval_train_randaug1")["metrics"]["nll"] != saved["metrics"]["nll"]
+
+
+def test_groups_from_imb_reports_both_groupings(run_dir, flags, tmp_path):
+    from lt_utils.data.counts import lt_counts
+
+    # trained at rho 10 (counts 40 30 23 18 14 11 8 6 5 4); groups from the rho-100 counts 40 23 14 8 5 3 1 1 0 0
+    run_eval(run_dir / "final", "--groups_from_imb", "100", "--many_threshold", "25", "--few_threshold", "10", *flags,
+             "--output_dir", tmp_path / "ref")
+    saved = read_metrics(tmp_path / "ref")
+    assert lt_counts(40, 100, 10) == [40, 23, 14, 8, 5, 3, 1, 1, 0, 0]
+    m = saved["metrics"]
+    assert (m["many_classes"], m["medium_classes"], m["few_classes"]) == (1, 2, 7)
+    assert (m["split_groups"]["many_classes"], m["split_groups"]["medium_classes"], m["split_groups"]["few_classes"]) == (2, 4, 4)
+    assert saved["config"]["dataset"]["groups_from_imb"] == 100.0
+    groups = [row.split(",")[3] for row in (tmp_path / "ref" / "per_class.csv").read_text().splitlines()[1:]]
+    assert groups == ["many"] + ["medium"] * 2 + ["few"] * 7
+
+
 def test_data_flags_override_the_recorded_split(run_dir, flags, tmp_path):
     run_eval(run_dir / "final", "--split", "val", "--many_threshold", "25", "--few_threshold", "10", *flags,
              "--output_dir", tmp_path / "val")

@@ -36,11 +36,11 @@ def test_cli_choices_are_the_registry_names():
     assert _choices(train, "method") == METHODS.names() == [
         "adaptformer", "lora", "full", "bitfit", "head", "full_all", "bitfit_all", "ln", "vpt_shallow", "vpt_deep", "adapter", "mask",
         "lora_mlp", "ssf_attn", "ssf_mlp", "ssf_ln"]
-    assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax"]
-    assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear"]
-    assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "random"]
-    assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble"]
-    assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip"]
+    assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
+    assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
+    assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "1_shot", "10_shot", "100_shot", "linear_probe", "random"]
+    assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble", "classname", "descriptor"]
+    assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip", "randaug"]
     evaluation = eval_lt.get_args_parser()
     assert _choices(evaluation, "prompt_template") == PROMPT_MODES.names()
     assert _choices(evaluation, "tte") == ["none", *TTE_MODES.names()]
@@ -64,8 +64,8 @@ def test_registry_refuses_a_second_entry_of_a_name():
         reg.register("a", 2)
     reg.unregister("a")
     assert reg.names() == ["b"] and reg.get("b") is len
-    with pytest.raises(UserError, match="unknown loss 'focal'; choose one of ce, la, balanced_softmax"):
-        build_loss("focal")
+    with pytest.raises(UserError, match="unknown loss 'focal2'; choose one of ce, la, balanced_softmax"):
+        build_loss("focal2")
 
 
 def test_unknown_method_on_the_command_line_lists_the_choices():

@@ -64,7 +64,7 @@ TRAIN_FLAGS = [
     ("lora_dropout", "-0.1", "out of range"), ("head_type", "cos", "not a valid choice"), ("head_scale", "0", "out of range"),
     ("head_scale", "-25", "out of range"), ("head_scale", "inf", "not finite"), ("head_init", "txt", "not a valid choice"),
     ("prompt_template", "many", "not a valid choice"), ("augment", "rotate", "not a valid choice"),
-    ("loss", "focal", "not a valid choice"), ("tau", "-1", "out of range"), ("tau", "nan", "not finite"),
+    ("loss", "focall", "not a valid choice"), ("tau", "-1", "out of range"), ("tau", "nan", "not finite"),
     ("label_smoothing", "1.0", "out of range"), ("label_smoothing", "-0.1", "out of range"),
     ("sampler", "class_balance", "not a valid choice"), ("balance_factor", "0.5", "out of range"),
     ("balance_factor", "inf", "not finite"), ("subset_seed", "-1", "out of range"), ("optimizer", "lion", "not a valid choice"),
@@ -86,6 +86,13 @@ TRAIN_FLAGS = [
     ("dataset_config_name", "quick", "not a valid choice"), ("torch_compile_mode", "fast", "not a valid choice"),
     ("torch_compile_backend", "turbo", "not a valid choice"), ("max_train_samples", "0", "out of range"),
     ("max_train_samples", "2.5", "not an integer"), ("trust_remote_code", "maybe", "not a boolean"),
+    ("focal_gamma", "-1", "out of range"), ("focal_gamma", "nan", "not finite"), ("ldam_max_margin", "0", "out of range"),
+    ("cb_beta", "1", "out of range"), ("cb_beta", "0", "out of range"), ("cb_beta", "inf", "not finite"),
+    ("grw_exponent", "-0.5", "out of range"), ("lade_lambda", "-1", "out of range"), ("lade_weight", "nan", "not finite"),
+    ("tte_views", "0", "out of range"), ("tte_views", "1.5", "not an integer"), ("tte_expand", "-1", "out of range"),
+    ("interpolation", "lanczos", "not a valid choice"), ("groups_from_imb", "0.5", "out of range"),
+    ("groups_from_imb", "inf", "not finite"), ("prompt_template", "descriptors", "not a valid choice"),
+    ("prompt_descriptor_file", "", "empty path"),
 ]
 
 

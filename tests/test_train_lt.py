@@ -2,6 +2,7 @@
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
 
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
                                cache_dir=tmp_path / "hf_cache")
-    loader = T.image_loader(ds["test"], T.test_transform(model.spec, "none"), 64, 0)
+    loader = T.image_loader(ds["test"], T.test_transform(model.spec, SimpleNamespace(tte="none")), 64, 0)
     again = evaluate(model, loader, Accelerator(cpu=True), info.groups, 10)
     assert again["accuracy"] == pytest.approx(results["final"]["test"]["accuracy"], abs=1e-9)
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
@@ -111,6 +112,11 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
     (["--dataset", "mnist_lt"], "mnist_lt"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU (autocast + GradScaler); on cpu"),
+    (["--prompt_template", "descriptor"], "--prompt_template descriptor needs --prompt_descriptor_file"),
+    (["--prompt_descriptor_file", "d.json"], "--prompt_descriptor_file needs --prompt_template descriptor"),
+    (["--loss", "cb", "--label_smoothing", "0.1"], "--label_smoothing does not apply to --loss cb"),
+    (["--head_init", "linear_probe", "--groups_from_imb", "0.5"], "--groups_from_imb 0.5 is out of range"),
 ])
 def test_bad_input_is_one_line_and_exit_2(idx_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
