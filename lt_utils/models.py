@@ -8,6 +8,7 @@ from torch import nn
 
 from .errors import UserError
 from .heads import build_head
+from .modeling_lt import FEATURES, LTConfig, LTForImageClassification, LTModel
 from .registry import Registry
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -23,7 +24,7 @@ class BackboneKind:
     model_types: tuple  # config.model_type values this kind loads
     model_class: str  # transformers class of the vision tower
     vision_config: object  # full config -> the vision tower's config
-    features: object  # model output -> the [B, D] feature the head sees
+    features: str  # a modeling_lt.FEATURES name: model output -> the [B, D] feature the head sees
     mean: list  # preprocessing when the checkpoint has no image processor
     std: list
     resample: int  # PIL code
@@ -41,12 +42,12 @@ BACKBONES = Registry("backbone kind")
 BACKBONES.register("clip", BackboneKind(
     model_types=("clip", "clip_vision_model"), model_class="CLIPVisionModel",
     vision_config=lambda c: c.vision_config if c.model_type == "clip" else c,
-    features=lambda out: out.pooler_output,  # post-LayerNorm CLS, before the projection (LIFT)
+    features="pooler_output",  # post-LayerNorm CLS, before the projection (LIFT)
     mean=CLIP_MEAN, std=CLIP_STD, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
     lora_targets=(("q_proj", "v_proj"),)))
 BACKBONES.register("vit", BackboneKind(
     model_types=("vit",), model_class="ViTModel", vision_config=lambda c: c,
-    features=lambda out: out.last_hidden_state[:, 0],
+    features="cls_token",
     mean=[0.5] * 3, std=[0.5] * 3, resample=2,
     layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),  # transformers 5, 4.x
     lora_targets=(("q_proj", "v_proj"), ("query", "value")),
@@ -196,34 +197,13 @@ def _from_pretrained(cls, model_name_or_path, kwargs):
     return backbone
 
 
-class LTModel(nn.Module):
-    """Backbone feature (CLIP: post-LN CLS before the projection; ViT: last_hidden_state[:, 0]) -> head."""
-
-    def __init__(self, backbone, head, spec):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.adapters = None  # set by peft_methods.apply_method("adaptformer")
-        self.spec = spec
-
-    @property
-    def num_classes(self):
-        return self.head.weight.shape[0]
-
-    def features(self, pixel_values):
-        return BACKBONES.get(self.spec.kind).features(self.backbone(pixel_values=pixel_values))
-
-    def forward(self, pixel_values):
-        return self.head(self.features(pixel_values))
-
-
 def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0):
     """Backbone + a seeded random head; data-dependent head inits are applied by head_init.set_head_weight."""
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)
     head = build_head(head_type, int(num_classes), spec.hidden_size, scale=head_scale, seed=seed)
-    return LTModel(backbone, head, spec)
+    return LTModel(backbone, head, spec, feature=BACKBONES.get(spec.kind).features)
 
 
 def unwrap_lt_model(model):
@@ -240,3 +220,23 @@ def unwrap_lt_model(model):
         else:
             break
     raise TypeError(f"no LTModel inside {type(model).__name__}")
+
+
+def hf_config(lt_model, meta):
+    """The LTConfig of an LTModel: what the remote-code model (modeling_lt.py) rebuilds it from, labels included."""
+    kind = BACKBONES.get(lt_model.spec.kind)
+    if kind.features not in FEATURES:
+        raise UserError(f"backbone kind {lt_model.spec.kind!r} names feature {kind.features!r}, not one of "
+                        f"{sorted(FEATURES)}; add it to modeling_lt.FEATURES")
+    arch = {k: v for k, v in (meta.get("arch") or {}).items() if k != "lora"}  # LoRA is merged into the weights
+    return LTConfig(
+        backbone_class=type(lt_model.backbone).__name__, backbone_model_config=lt_model.backbone.config.to_dict(),
+        backbone_model_kwargs=dict(kind.model_kwargs), feature=kind.features, head_type=meta["head"]["type"],
+        head_scale=meta["head"]["scale"], arch=arch, layer_wiring=[list(w) for w in kind.layer_wiring],
+        num_labels=int(meta["num_labels"]), id2label={int(i): n for i, n in meta["id2label"].items()},
+        label2id={n: int(i) for n, i in meta["label2id"].items()})
+
+
+def hf_model(lt_model, meta):
+    """The LTForImageClassification around `lt_model` (its weights untouched), ready for save_pretrained."""
+    return LTForImageClassification(hf_config(lt_model, meta), lt_model=lt_model)

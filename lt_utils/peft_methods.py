@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .peft_modules import AdaptFormer, AdapterHooks
+from . import peft_modules
+from .peft_modules import AdaptFormer
 from .models import BACKBONES, LTModel, unwrap_lt_model
 from .registry import Registry
 
@@ -30,26 +31,14 @@ def bottleneck_dim(num_classes, num_layers):
 def encoder_layers(backbone, kind=None):
     """[(layer, second LayerNorm, MLP branch)] for each transformer block, in order (wiring: BACKBONES[kind])."""
     kinds = [kind] if kind else BACKBONES.names()
-    wiring = [w for k in kinds for w in BACKBONES.get(k).layer_wiring]
-    layers = []
-    for module in backbone.modules():
-        for norm_name, mlp_name in wiring:
-            if isinstance(getattr(module, norm_name, None), nn.LayerNorm) and hasattr(module, mlp_name):
-                layers.append((module, getattr(module, norm_name), getattr(module, mlp_name)))
-                break
-    return layers
+    return peft_modules.encoder_layers(backbone, [w for k in kinds for w in BACKBONES.get(k).layer_wiring])
 
 
 def _attach_adaptformer(lt, r):
     layers = encoder_layers(lt.backbone, lt.spec.kind)
     if len(layers) != lt.spec.num_layers:
         raise RuntimeError(f"found {len(layers)} encoder layers, config says {lt.spec.num_layers}")
-    device = next(lt.backbone.parameters()).device
-    lt.adapters = nn.ModuleList(AdaptFormer(lt.spec.hidden_size, r) for _ in layers).to(device)
-    for adapter, (_, norm, mlp) in zip(lt.adapters, layers):
-        hooks = AdapterHooks(adapter)
-        norm.register_forward_pre_hook(hooks.capture)
-        mlp.register_forward_hook(hooks.add)
+    peft_modules.MODULES["adaptformer"](lt, {"adapter_dim": r}, BACKBONES.get(lt.spec.kind).layer_wiring)
 
 
 def default_lora_targets(backbone, kind):

@@ -34,7 +34,7 @@ from .fileio import atomic_write_json
 
 MODES = ("uniform", "weighted", "progressive", "greedy")
 MANIFEST_FILE = "soup_manifest.json"
-COPIED_FILES = ("lt_info.json", "preprocessor_config.json")
+COPIED_FILES = ("lt_info.json",)  # the Hub-native files are written by write_export
 # peft's saved LoRA factor keys: "base_model.model.<module>.lora_A.weight" (adapter name stripped on save)
 _LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 _PEFT_PREFIX = "base_model.model."

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
 from .errors import UserError, require
-from .exports import Exporter, load_image_processor
+from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
 from .peft_methods import METHODS, apply_method, empty_arch
 
@@ -151,7 +151,7 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     margs = method.method_args(args, num_classes, lt_model.spec.num_layers)
     arch.update(method.arch(margs))
     model = apply_method(lt_model, args.method, **margs)
-    exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
+    exporter = Exporter(args, info, lt_model, arch, head_init, overrides)
     return model, exporter
 
 

@@ -1,7 +1,8 @@
 """Image transforms for training, evaluation and test-time ensembling (TTE), plus collate.
 
-Resizing runs on PIL images, as HF image processors do (CLIP's preprocessing is PIL bicubic);
-crops, flips and normalisation run on tensors. All transforms are picklable for DataLoader workers.
+Training resizes PIL images; the evaluation view resizes uint8 tensors (antialiased) and centre-crops with
+floored offsets, exactly as transformers' (torchvision) image processors do, so an export's
+preprocessor_config.json gives the same pixels. Crops, flips and normalisation run on tensors. All transforms are picklable for DataLoader workers.
 
 TTE (LIFT): resize the shorter side to `image_size + tte_expand(image_size, patch_size)`, take the
 four corner crops and the centre crop, run all views through the model as one batch and average
@@ -48,15 +49,31 @@ def build_train_transform(image_size, mean, std, interpolation="bicubic"):
 
 
 def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
-    """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise."""
+    """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise.
+
+    The pixels of transformers' image processor of an export (hub_files.image_processor), which is tested.
+    """
     return v2.Compose(
         [
             ToRGB(),
-            v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation)),
-            v2.CenterCrop(image_size),
-            *_to_normalized_tensor(mean, std),
+            v2.ToImage(),
+            v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
+            CenterCropFloor(image_size),
+            *_to_normalized_tensor(mean, std)[1:],
         ]
     )
+
+
+class CenterCropFloor:
+    """Centre crop with offsets (H - h) // 2, (W - w) // 2, as transformers' image processors (torchvision rounds)."""
+
+    def __init__(self, size):
+        self.size = int(size)
+
+    def __call__(self, image):
+        h, w = image.shape[-2:]
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return image[..., top:top + self.size, left:left + self.size]
 
 
 def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):

@@ -249,7 +249,7 @@ def test_bad_input_is_one_error_line_and_exit_2(run_dir, flags, tmp_path, capsys
         run = tmp_path / "no_such_export"
     elif case == "partial_dir":
         run = copy_export(run_dir, tmp_path, "partial")
-        (run / "model.safetensors").unlink()
+        (run / "lt_weights.safetensors").unlink()
     elif case == "unknown_split":
         extra = ["--split", "dev"]
     elif case == "zero_shot_without_dataset":

@@ -41,7 +41,7 @@ def base(tmp_path_factory):
 
 
 def _weights(path):
-    return load_file(str(Path(path) / "model.safetensors"))
+    return load_file(str(Path(path) / "lt_weights.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------ exact merges
@@ -58,8 +58,8 @@ def test_uniform_soup_equals_hand_average_exactly(base, tmp_path, capsys):
     saved = json.loads((out / "soup_manifest.json").read_text())
     assert saved["mode"] == "uniform" and saved["anchor_weight"] == 0.0
     assert saved["weights"] == pytest.approx([1 / 3] * 3)
-    assert saved["inputs"][1]["sha256"]["model.safetensors"] == sha256_file(base["full"][1] / "model.safetensors")
-    assert saved["output_sha256"] == sha256_file(out / "model.safetensors") == manifest["output_sha256"]
+    assert saved["inputs"][1]["sha256"]["lt_weights.safetensors"] == sha256_file(base["full"][1] / "lt_weights.safetensors")
+    assert saved["output_sha256"] == sha256_file(out / "lt_weights.safetensors") == manifest["output_sha256"]
     assert f"sha256 {saved['output_sha256']}" in capsys.readouterr().out
     # a normal export: loads, same head init, method "soup"
     model, meta = load_export(out)
@@ -132,13 +132,13 @@ def test_lora_delta_soup_equals_average_of_merged_models(base, tmp_path):
     make_soup(paths, out, progress=False)
     merged_models = [load_export(p, merge_lora=True)[0].state_dict() for p in paths]
     soup_model, meta = load_export(out)
-    assert meta["arch"]["lora"] is None and not (out / "adapter_model.safetensors").exists()
+    assert meta["arch"]["lora"] is None and not (out / "lt_adapter").exists()
     got = soup_model.state_dict()
     for key in got:
         want = (merged_models[0][key].double() + merged_models[1][key].double()) / 2
         torch.testing.assert_close(got[key].double(), want, rtol=0, atol=1e-6)
     # averaging A and B separately is not the same model: the check above would catch it
-    adapters = [load_file(str(p / "adapter_model.safetensors")) for p in paths]
+    adapters = [load_file(str(p / "lt_adapter" / "adapter_model.safetensors")) for p in paths]
     a_key = next(k for k in adapters[0] if k.endswith("q_proj.lora_A.weight"))
     target = a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
     mean_a = (adapters[0][a_key] + adapters[1][a_key]) / 2
@@ -246,7 +246,7 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
         soup.main([str(a), str(b), "--output_dir", str(existing)])
     assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
     soup.main([str(a), str(b), "--output_dir", str(existing), "--overwrite"])
-    assert (existing / "model.safetensors").is_file()
+    assert (existing / "lt_weights.safetensors").is_file()
     with pytest.raises(UserError, match="is the ingredient"):
         make_soup([a, b], a, overwrite=True, progress=False)
     with pytest.raises(UserError, match="listed twice"):
