@@ -48,6 +48,9 @@ def get_args_parser():
     parser.add_argument("--output_dir", default=None,
                         help="default: <export>/eval_<split>[_<tte>]; eval_outputs/<name>/... for Hub ids and zero-shot")
     parser.add_argument("--overwrite", action="store_true", help="replace existing evaluation outputs")
+    parser.add_argument("--save_predictions", action="store_true",
+                        help="also write predictions.csv: per image of the split, its label, prediction, probability, top-k")
+    parser.add_argument("--top_k", type=int, default=5, help="labels kept per image by --save_predictions")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                         help="default: from the accelerate config")
     group = add_data_args(parser)
@@ -66,6 +69,7 @@ def main(argv=None):
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
+    require(args.top_k >= 1, f"--top_k must be >= 1, got {args.top_k}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -125,11 +129,13 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
     loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)
+    top_k = args.top_k if args.save_predictions else 0
     with accelerator.autocast():
-        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug)
+        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug, top_k=top_k)
+    metrics, predictions = metrics if top_k else (metrics, None)
     if accelerator.is_main_process:
         config = E.eval_config(target, args, data_args, info, accelerator.mixed_precision)
-        E.write_outputs(target, config, metrics, info, args.overwrite)
+        E.write_outputs(target, config, metrics, info, args.overwrite, predictions)
         logger.info(f"{target.name}: {args.split} top-1 {metrics['accuracy']:.2f}, mean-class "
                     f"{metrics['mean_class_acc']:.2f} on {accelerator.num_processes} processes; "
                     f"outputs in {target.output_dir}")

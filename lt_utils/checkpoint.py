@@ -6,8 +6,8 @@
     config.json, model.safetensors, modeling_lt.py (+ the files it imports)   the whole model (LoRA merged) as
                            transformers remote code: AutoModelForImageClassification(..., trust_remote_code=True)
     preprocessor_config.json   the evaluation preprocessing (resize 8/7, centre crop, mean/std) for AutoImageProcessor
-    adapter_model.safetensors + adapter_config.json + head.safetensors   LoRA runs: a standard peft adapter of the
-                           plain base backbone, and the head to apply to its feature
+    adapter/               LoRA runs: a standard peft adapter of the plain base backbone (adapter_config.json,
+                           adapter_model.safetensors) and head.safetensors, the head to apply to its feature
     lt_model.json          base model, backbone spec, architecture (adapters / LoRA), head, labels, train counts, groups
     lt_weights.safetensors tensors that differ from the base, in LTModel key names (all of them for a from-scratch run)
     lt_adapter/            the peft LoRA adapter of the training wrapper, head included (LoRA runs only)

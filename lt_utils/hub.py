@@ -98,8 +98,8 @@ def model_card(meta, metrics):
         "## Use (transformers alone)", "", "```python", model_snippet(meta.get("hub_model_id") or "your-name/your-model"), "```", ""]
     if (meta.get("arch") or {}).get("lora"):
         lines += ["## The LoRA adapter (peft)", "",
-                  "The repo also holds a standard peft adapter of the base backbone and the classifier head "
-                  f"(`head.safetensors`, a {meta['head']['type']} head on the backbone's "
+                  "The repo also holds a standard peft adapter of the base backbone (`adapter/`) and the classifier head "
+                  f"(`adapter/head.safetensors`, a {meta['head']['type']} head on the backbone's "
                   f"{'pooled CLS' if meta['backbone']['kind'] == 'clip' else 'CLS'} feature):", "",
                   "```python", adapter_snippet(meta.get("hub_model_id") or "your-name/your-model", meta['base_model'], meta['head']['type'],
                                                meta['backbone']['kind']), "```", ""]
@@ -124,7 +124,7 @@ print(model.config.id2label[int(logits.argmax(-1))])"""
 
 def adapter_snippet(repo_id, base_model, head_type="cosine", kind="clip"):
     """The loading snippet of a pushed LoRA adapter: peft on the plain base model, then the saved head."""
-    feature = ("base.vision_model(**inputs).pooler_output  # CLIPModel or CLIPVisionModel: the pooled CLS"
+    feature = ("getattr(base, 'vision_model', base)(**inputs).pooler_output  # CLIP's pooled CLS, before the projection"
                if kind == "clip" else "base(**inputs).last_hidden_state[:, 0]  # the CLS token")
     logit = ("float(meta['scale']) * F.normalize(feature, dim=-1) @ F.normalize(head['weight'], dim=-1).T"
              if head_type == "cosine" else "F.linear(feature, head['weight'], head.get('bias'))")
@@ -138,8 +138,9 @@ from transformers import AutoImageProcessor, AutoModel
 
 repo = "{repo_id}"
 local = repo if os.path.isdir(repo) else snapshot_download(repo)   # a Hub id or a local folder
-base = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"), local).merge_and_unload().eval()
-with safe_open(os.path.join(local, "head.safetensors"), "pt") as f:   # the trained {head_type} head
+base = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"), local, subfolder="adapter")
+base = base.merge_and_unload().eval()
+with safe_open(os.path.join(local, "adapter", "head.safetensors"), "pt") as f:   # the trained {head_type} head
     head, meta = {{k: f.get_tensor(k) for k in f.keys()}}, f.metadata()
 inputs = AutoImageProcessor.from_pretrained(local)(Image.open("image.png"), return_tensors="pt")
 feature = {feature}

@@ -4,8 +4,10 @@
   code, the whole model with LoRA merged in (`AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True)`);
 * preprocessor_config.json: the evaluation preprocessing (shorter side to 8/7 of the resolution, centre crop, the
   interpolation, mean/std), pixel for pixel what transforms.build_eval_transform computes;
-* LoRA runs: adapter_config.json + adapter_model.safetensors, a standard peft adapter of the plain base backbone
-  (`PeftModel.from_pretrained(AutoModel.from_pretrained(base), d)`), and head.safetensors, the head for its feature.
+* LoRA runs: adapter/ (adapter_config.json + adapter_model.safetensors), a standard peft adapter of the plain base
+  backbone (`PeftModel.from_pretrained(AutoModel.from_pretrained(base), d, subfolder="adapter")`), and
+  adapter/head.safetensors, the head for its feature. A subfolder, because transformers loads a top-level
+  adapter_config.json onto the full model it finds beside it (where LoRA is already merged).
 """
 import json
 import re
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -31,9 +34,9 @@ def write_hub_files(export_dir, meta):
     hf_model(model, meta).save_pretrained(str(export_dir))
     image_processor(BackboneSpec.from_dict(meta["backbone"])).save_pretrained(str(export_dir))
     if (meta.get("arch") or {}).get("lora"):
-        write_plain_adapter(export_dir / LT_ADAPTER_DIR, export_dir, meta)
+        write_plain_adapter(export_dir / LT_ADAPTER_DIR, export_dir / ADAPTER_DIR, meta)
         head = {k.removeprefix("head."): v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith("head.")}
-        save_file(head, str(export_dir / HEAD_FILE), metadata={
+        save_file(head, str(export_dir / ADAPTER_DIR / HEAD_FILE), metadata={
             "format": "pt", "head_type": meta["head"]["type"], "scale": str(meta["head"]["scale"])})
 
 
@@ -48,19 +51,33 @@ def image_processor(spec):
         do_normalize=True, image_mean=list(spec.image_mean), image_std=list(spec.image_std), do_convert_rgb=True)
 
 
-def write_plain_adapter(lt_adapter_dir, export_dir, meta):
-    """The training adapter (keyed to the LTModel wrapper: base_model.model.backbone.<module>) re-keyed to the plain
-    backbone (base_model.model.<module>), targeting exactly the modules it trained, with base_model_name_or_path set.
-
-    The same module names exist in the base as AutoModel loads it (CLIPModel and CLIPVisionModel both name the
-    vision tower vision_model), so the adapter applies to either.
-    """
+def write_plain_adapter(lt_adapter_dir, adapter_dir, meta):
+    """The training adapter (keyed to the LTModel wrapper: base_model.model.backbone.<module>) re-keyed to the base
+    model as AutoModel loads it (base_model.model.<prefix><module>; a full CLIP checkpoint is a CLIPModel whose vision
+    tower is vision_model.), targeting exactly the modules it trained, with base_model_name_or_path set."""
     weights = load_file(str(Path(lt_adapter_dir) / "adapter_model.safetensors"))
-    plain = {_BACKBONE_PREFIX.replace("backbone.", "") + k.removeprefix(_BACKBONE_PREFIX): v
-             for k, v in weights.items() if k.startswith(_BACKBONE_PREFIX) and ".lora_" in k}
-    modules = sorted({re.sub(r"\.lora_[AB](\.[\w-]+)?\.weight$", "", k.removeprefix("base_model.model.")) for k in plain})
+    lora = {k.removeprefix(_BACKBONE_PREFIX): v for k, v in weights.items() if k.startswith(_BACKBONE_PREFIX) and ".lora_" in k}
+    modules = sorted({re.sub(r"\.lora_[AB](\.[\w-]+)?\.weight$", "", k) for k in lora})
+    prefix = _backbone_prefix(meta["base_model"], modules[0])
     config = json.loads((Path(lt_adapter_dir) / "adapter_config.json").read_text())
-    config.update(base_model_name_or_path=str(meta["base_model"]), target_modules=modules, modules_to_save=None,
-                  inference_mode=True)
-    save_file(plain, str(Path(export_dir) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (Path(export_dir) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    config.update(base_model_name_or_path=str(meta["base_model"]), target_modules=[prefix + m for m in modules],
+                  modules_to_save=None, inference_mode=True, auto_mapping=None)
+    Path(adapter_dir).mkdir()
+    save_file({"base_model.model." + prefix + k: v for k, v in lora.items()}, str(Path(adapter_dir) / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    (Path(adapter_dir) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _backbone_prefix(base_model, module):
+    """Where the backbone's `module` sits in AutoModel.from_pretrained(base_model), found on an empty (meta) copy."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from .models import _quiet_transformers
+
+    with torch.device("meta"), _quiet_transformers():
+        model = AutoModel.from_config(AutoConfig.from_pretrained(str(base_model)))
+    found = [name for name, _ in model.named_modules() if name == module or name.endswith("." + module)]
+    if len(found) != 1:  # e.g. a CLIPModel's text tower has the same names: the vision tower is the one wanted
+        found = [name for name in found if name.startswith("vision_model.")] or found[:1]
+    return found[0][: len(found[0]) - len(module)]
