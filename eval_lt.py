@@ -24,6 +24,7 @@ import logging
 from lt_utils import eval_runs as E
 from lt_utils import data_loaders as D
 from lt_utils.checkpoint import load_export
+from lt_utils.compile import add_compile_args, dynamo_plugin
 from lt_utils.config import add_data_args
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
@@ -53,6 +54,7 @@ def get_args_parser():
     parser.add_argument("--top_k", type=int, default=5, help="labels kept per image by --save_predictions")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                         help="default: from the accelerate config")
+    add_compile_args(parser)
     group = add_data_args(parser)
     group.description = ("default: the split each export was trained on (its lt_info.json); only the flags you pass "
                          "override it, e.g. --data_dir for local source files")
@@ -70,7 +72,7 @@ def main(argv=None):
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
     require(args.top_k >= 1, f"--top_k must be >= 1, got {args.top_k}")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_plugin=dynamo_plugin(args))
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
@@ -126,6 +128,8 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         model, meta = load_export(target.export_dir)
         spec = BackboneSpec.from_dict(meta["backbone"])
     model.to(accelerator.device)
+    if args.torch_compile:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)

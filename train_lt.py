@@ -22,6 +22,7 @@ from lt_utils import data_loaders as D
 from lt_utils import training as T
 from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
                                  resolve_resume_path, write_resume_identity)
+from lt_utils.compile import keep_eager_state_keys
 from lt_utils.config import build_train_parser, parse_args_with_config, save_resolved_config
 from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
 from lt_utils.errors import UserError, cli_entry
@@ -72,12 +73,13 @@ def main(argv=None):
         train_model, augment = lt_model.head, None
     else:
         augment = D.SeededAugment(train_tf, args.seed)
-        train_loader = D.image_loader(D.with_sample_ids(train_ds), augment, args.per_device_train_batch_size,
+        train_loader = D.image_loader(train_ds, augment, args.per_device_train_batch_size,
                                       args.num_workers, True, sampler)
         val_loader = D.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
         train_model = model
     optimizer = T.build_optimizer(train_model, args)
     train_model, optimizer, train_loader, val_loader = accelerator.prepare(train_model, optimizer, train_loader, val_loader)
+    train_model = keep_eager_state_keys(train_model)  # --torch_compile: resume states and exports keep eager names
 
     plan = plan_steps(len(train_loader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps,
                       args.min_train_steps)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .compile import plain_name
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json
 
@@ -66,7 +67,7 @@ def register_trainable_only_hooks(accelerator):
 
     def save_hook(models, weights, output_dir):
         for model, weight in zip(models, weights):
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            trainable = {plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
             for key in [k for k in weight if k not in trainable]:
                 del weight[key]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .compile import add_compile_args
 from .errors import UserError
 from .fileio import atomic_write_text
 from .head_init import HEAD_INITS
@@ -161,6 +162,10 @@ def build_train_parser():
                    help="EMA starts from the initial weights, or (torch AveragedModel, LT-Soups) is a copy of the "
                         "weights after the first optimizer step")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: from the accelerate config")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the backbone's activations in the backward pass (the HF models' own): less memory, "
+                        "about a third more compute")
+    add_compile_args(parser)
     g = parser.add_argument_group("evaluation, checkpoints, outputs")
     g.add_argument("--eval_steps", default="epoch", help="evaluate on val every N optimizer steps, or 'epoch', or 'none'")
     g.add_argument("--num_evals", type=int, default=None,

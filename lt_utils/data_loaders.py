@@ -8,7 +8,9 @@ from .data import capped_subset, load_lt_dataset
 from .errors import require
 from .peft_methods import METHODS
 from .samplers import ClassBalancedSampler
-from .transforms import ApplyTransform, build_eval_transform, build_train_transform, build_tte_transform, collate
+from .data.images import ImageSplit
+from .transforms import (NoAugment, RandomFlip, SeededAugment, build_eval_transform, build_train_transform,
+                         build_tte_transform, collate)
 
 
 def load_data(args, accelerator):
@@ -61,18 +63,16 @@ def resolve_augment(args):
 
 
 def image_transforms(spec, augment="rrc_flip"):
-    """(train, eval) transforms from the checkpoint's preprocessing.
+    """(train, eval) transforms from the checkpoint's preprocessing; train ones are called (image, generator).
 
     augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
     from scratch), none (the eval view).
     """
-    from torchvision.transforms import v2
-
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
     eval_tf = build_eval_transform(**common)
     train_tf = {"rrc_flip": lambda: build_train_transform(**common),
-                "flip": lambda: v2.Compose([v2.RandomHorizontalFlip(), eval_tf]),
-                "none": lambda: eval_tf}[augment]()
+                "flip": lambda: RandomFlip(eval_tf),
+                "none": lambda: NoAugment(eval_tf)}[augment]()
     return train_tf, eval_tf
 
 
@@ -83,35 +83,12 @@ def test_transform(spec, tte):
     return build_tte_transform(tte, patch_size=spec.patch_size, **common)
 
 
-class SeededAugment:
-    """Training augmentation drawn from (seed, epoch, sample id) instead of the global RNG.
-
-    The same image gets the same crop whatever the number of processes or workers, however far the dataloader
-    prefetches, and after a mid-epoch resume; so resumed and distributed runs reproduce single-process ones.
-    Set `.epoch` before each epoch (workers are re-created per epoch and pick it up).
-    """
-
-    def __init__(self, transform, seed):
-        self.transform, self.seed, self.epoch = transform, seed, 0
-
-    def __call__(self, batch):
-        pixel_values = []
-        for image, sample_id in zip(batch["image"], batch["sample_id"]):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + sample_id) % (2**62))
-                pixel_values.append(self.transform(image))
-        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch["label"]]}
-
-
-def with_sample_ids(dataset):
-    return dataset.add_column("sample_id", list(range(len(dataset))))
-
-
 def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
-    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a batch transform (SeededAugment)."""
-    batch_transform = transform if isinstance(transform, SeededAugment) else ApplyTransform(transform)
-    return DataLoader(dataset.with_transform(batch_transform), batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+    """A loader of {"pixel_values", "labels"}; `transform` is a per-image transform or a SeededAugment (training).
+    Workers stay alive across epochs (SeededAugment's epoch is shared with them)."""
+    split = ImageSplit(dataset, transform, seeded=isinstance(transform, SeededAugment))
+    return DataLoader(split, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0)
 
 
 def build_sampler(args, train_ds):

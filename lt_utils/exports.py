@@ -77,7 +77,7 @@ class Exporter:
         if self.method.peft:
             from peft import get_peft_model_state_dict
 
-            peft_model = accelerator.unwrap_model(train_model)
+            peft_model = accelerator.unwrap_model(train_model, keep_torch_compile=False)
             check_adapter_complete(get_peft_model_state_dict(peft_model, state_dict=state_dict), peft_model)
             peft_sd = state_dict  # save_pretrained selects the adapter (and head) from the full state dict itself
         info = self.info

@@ -197,6 +197,13 @@ def _from_pretrained(cls, model_name_or_path, kwargs):
     return backbone
 
 
+def enable_gradient_checkpointing(lt_model):
+    """The HF backbone's own activation checkpointing; non-reentrant, so frozen inputs (LoRA, adapters) still get
+    gradients, and AdaptFormer's layer hooks run again in the recomputation."""
+    lt_model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return lt_model
+
+
 def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0):
     """Backbone + a seeded random head; data-dependent head inits are applied by head_init.set_head_weight."""
     if int(num_classes) < 1:

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
+from .compile import dynamo_plugin
 from .errors import UserError, require
 from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
+from .models import enable_gradient_checkpointing
 from .peft_methods import METHODS, apply_method, empty_arch
 
 
@@ -25,6 +27,7 @@ def build_accelerator(args):
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_plugin=dynamo_plugin(args),
         **cpu_multiprocess_kwargs(),
     )
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
@@ -151,6 +154,10 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     margs = method.method_args(args, num_classes, lt_model.spec.num_layers)
     arch.update(method.arch(margs))
     model = apply_method(lt_model, args.method, **margs)
+    if args.gradient_checkpointing:
+        require(not method.head_only, f"--gradient_checkpointing does not apply to --method {args.method} (its backbone "
+                "runs once without gradients); drop it")
+        enable_gradient_checkpointing(lt_model)
     exporter = Exporter(args, info, lt_model, arch, head_init, overrides)
     return model, exporter
 

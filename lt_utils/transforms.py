@@ -1,13 +1,17 @@
 """Image transforms for training, evaluation and test-time ensembling (TTE), plus collate.
 
-Training resizes PIL images; the evaluation view resizes uint8 tensors (antialiased) and centre-crops with
-floored offsets, exactly as transformers' (torchvision) image processors do, so an export's
-preprocessor_config.json gives the same pixels. Crops, flips and normalisation run on tensors. All transforms are picklable for DataLoader workers.
+Everything runs on uint8 [3, H, W] tensors (a PIL image is converted first): crops are slices, and resizing is
+torchvision's antialiased tensor resize, whose bicubic kernel is PIL's (a = -0.5; within 2 grey levels of the
+PIL bicubic of CLIP's image processor). Training augmentation draws from a torch.Generator it is given
+(`SeededAugment` seeds one per sample), never from the global RNG. All transforms are picklable for DataLoader
+workers.
 
 TTE (LIFT): resize the shorter side to `image_size + tte_expand(image_size, patch_size)`, take the
 four corner crops and the centre crop, run all views through the model as one batch and average
 the *logits*. The 1.5-patch expand offsets the corner crops by a non-integer number of patches.
 """
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -37,29 +41,146 @@ def tte_expand(image_size, patch_size):
 
 
 def build_train_transform(image_size, mean, std, interpolation="bicubic"):
-    """RandomResizedCrop (scale 0.08-1) + horizontal flip + normalise: LIFT's only augmentation."""
-    return v2.Compose(
-        [
-            ToRGB(),
-            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=_interpolation(interpolation)),
-            v2.RandomHorizontalFlip(),
-            *_to_normalized_tensor(mean, std),
-        ]
-    )
+    """RandomResizedCrop (scale 0.08-1) + horizontal flip + normalise: LIFT's only augmentation.
+
+    Called as `transform(image, generator)`; the crop box and the flip are drawn from `generator`.
+    """
+    return RandomResizedCropFlip(image_size, mean, std, _interpolation(interpolation))
+
+
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop box rule (10 tries, then a centre crop of the clamped ratio) + a flip, drawn
+    from a given generator, on uint8. The crop is resized and flipped in uint8, then converted and normalised in one
+    pass: a 32 px CIFAR image is never a float image until it is 224 px."""
+
+    def __init__(self, size, mean, std, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.interpolation, self.scale = int(size), interpolation, scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.ratio = ratio
+        self.normalize = Normalize255(mean, std)
+        self.to_rgb = ToRGB()
+
+    def crop_box(self, height, width, generator):
+        area = height * width
+        for _ in range(10):
+            u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+            target_area = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(self.log_ratio[0] + u[1] * (self.log_ratio[1] - self.log_ratio[0]))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image, generator):
+        image = self.to_rgb(image)
+        top, left, h, w = self.crop_box(*image.shape[-2:], generator)
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        out = TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=self.interpolation,
+                              antialias=True)
+        return self.normalize(out.flip(-1) if flip else out)
+
+
+class RandomFlip:
+    """A deterministic view (e.g. the eval transform), mirrored with probability 1/2 drawn from the generator."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __call__(self, image, generator):
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        out = self.view(image)
+        return out.flip(-1) if flip else out
+
+
+class NoAugment:
+    """The deterministic view; takes (and ignores) the generator like the random training transforms."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __call__(self, image, generator):
+        return self.view(image)
+
+
+class Normalize255:
+    """uint8 [3, H, W] -> float32 (x / 255 - mean) / std, as one subtract and one divide on the float copy."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor([255.0 * m for m in mean]).view(3, 1, 1)
+        self.std = torch.tensor([255.0 * s for s in std]).view(3, 1, 1)
+
+    def __call__(self, image):
+        return image.to(torch.float32).sub_(self.mean).div_(self.std)
+
+
+def sample_seed(seed, epoch, sample_id):
+    """The seed of one sample's augmentation in one epoch."""
+    return ((int(seed) * 1_000_003 + int(epoch)) * 100_000_007 + int(sample_id)) % (2**62)
+
+
+class SeededAugment:
+    """Training augmentation drawn from (seed, epoch, sample id) instead of the global RNG.
+
+    Each sample gets its own torch.Generator seeded by `sample_seed`, so the same image gets the same crop whatever
+    the number of processes or workers, however far the loader prefetches, and after a mid-epoch resume; so resumed
+    and distributed runs reproduce single-process ones. The epoch lives in shared memory: set `.epoch` before
+    iterating, and persistent workers (kept alive across epochs) see it.
+    """
+
+    def __init__(self, transform, seed):
+        self.transform, self.seed = transform, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self):
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value):
+        self._epoch.fill_(int(value))
+
+    def __call__(self, image, sample_id):
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, sample_id))
+        return self.transform(image, generator)
 
 
 def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
     """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise.
 
-    The pixels of transformers' image processor of an export (hub_files.image_processor), which is tested.
+    The pixels of transformers' image processor of an export (hub_files.image_processor; tested), so the model loaded
+    from the Hub sees what eval_lt.py sees.
     """
     return v2.Compose(
         [
             ToRGB(),
-            v2.ToImage(),
             v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
             CenterCropFloor(image_size),
-            *_to_normalized_tensor(mean, std)[1:],
+            Normalize255(mean, std),
+        ]
+    )
+
+
+def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):
+    """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
+
+    fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
+    tencrop and flip append the horizontal flip of each view in the same order.
+    """
+    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size)
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.Resize(resize, interpolation=_interpolation(interpolation), antialias=True),
+            Normalize255(mean, std),
+            MultiView(crop, add_flips=add_flips),
         ]
     )
 
@@ -76,34 +197,19 @@ class CenterCropFloor:
         return image[..., top:top + self.size, left:left + self.size]
 
 
-def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):
-    """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
-
-    fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
-    tencrop and flip append the horizontal flip of each view in the same order.
-    """
-    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size)
-    return v2.Compose(
-        [
-            ToRGB(),
-            v2.Resize(resize, interpolation=_interpolation(interpolation)),
-            *_to_normalized_tensor(mean, std),
-            MultiView(crop, add_flips=add_flips),
-        ]
-    )
-
-
 class ToRGB:
-    """PIL (L/RGB/RGBA/P/...) or HWC uint8 array -> RGB PIL image."""
+    """PIL (L/RGB/RGBA/P/...), HWC uint8 array or [C, H, W] uint8 tensor -> RGB uint8 [3, H, W] tensor."""
 
     def __call__(self, image):
+        if isinstance(image, torch.Tensor):
+            return image if image.shape[0] == 3 else image[:1].expand(3, -1, -1)
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
             raise UserError(
                 f"expected a PIL image or uint8 array, got {type(image).__name__}; check --image_column_name"
             )
-        return image.convert("RGB")
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 class MultiView:
@@ -121,31 +227,6 @@ class MultiView:
         return torch.stack(views)
 
 
-class ApplyTransform:
-    """Batch transform for `datasets.Dataset.set_transform` / `with_transform`.
-
-    {"image": [...], "label": [...]} -> {"pixel_values": [tensors], "labels": [ints]}.
-    A class rather than a closure so DataLoader workers can pickle it.
-    """
-
-    def __init__(self, transform, image_column="image", label_column="label"):
-        self.transform = transform
-        self.image_column = image_column
-        self.label_column = label_column
-
-    def __call__(self, batch):
-        for column in (self.image_column, self.label_column):
-            if column not in batch:
-                raise UserError(
-                    f"column {column!r} not in the dataset (has {sorted(batch)}); "
-                    "set --image_column_name / --label_column_name"
-                )
-        return {
-            "pixel_values": [self.transform(image) for image in batch[self.image_column]],
-            "labels": [int(label) for label in batch[self.label_column]],
-        }
-
-
 def collate(batch):
     """List of {"pixel_values", "labels"} -> pixel_values [B, 3, H, W] (or [B, V, 3, H, W]) and labels [B]."""
     return {
@@ -158,12 +239,3 @@ def _interpolation(name):
     if name not in _INTERPOLATIONS:
         raise UserError(f"unknown interpolation {name!r}; choose one of {', '.join(_INTERPOLATIONS)}")
     return _INTERPOLATIONS[name]
-
-
-def _to_normalized_tensor(mean, std):
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-        v2.ToPureTensor(),
-    ]

@@ -11,12 +11,16 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from lt_utils.errors import UserError
 from lt_utils.engine import forward_views
+from lt_utils import data_loaders as T
+from lt_utils.data import images as data_images
+from lt_utils.data.images import ImageSplit
 from lt_utils.transforms import (
-    ApplyTransform,
+    SeededAugment,
     build_eval_transform,
     build_train_transform,
     build_tte_transform,
     collate,
+    sample_seed,
     tte_expand,
 )
 
@@ -106,33 +110,107 @@ def test_eval_transform_resizes_to_8_7_and_centre_crops():
 
 
 def test_train_transform_outputs_rgb_crops_from_any_mode():
-    torch.manual_seed(0)
     train = build_train_transform(SIZE, **IDENTITY)
+    g = torch.Generator().manual_seed(0)
     gray = Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8), mode="L")
-    out = train(gray)
+    out = train(gray, g)
     assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.float32
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # L -> RGB repeats the channel
     rgba = Image.new("RGBA", (50, 50), (10, 20, 30, 0))
-    assert torch.allclose(train(rgba)[:, 0, 0], torch.tensor([10, 20, 30]) / 255)
-    assert type(train(rgba)) is torch.Tensor  # plain tensor, not a tv_tensors subclass
+    assert torch.allclose(train(rgba, g)[:, 0, 0], torch.tensor([10, 20, 30]) / 255)
+    assert type(train(rgba, g)) is torch.Tensor  # plain tensor, not a tv_tensors subclass
 
 
-def test_apply_transform_with_datasets_and_collate():
-    images = [coordinate_image(38, 38), Image.new("L", (60, 45), 128), Image.new("RGBA", (40, 40))]
+def test_train_crop_follows_torchvision_random_resized_crop_rule():
+    crop = build_train_transform(SIZE, **IDENTITY)
+    g = torch.Generator().manual_seed(0)
+    boxes = [crop.crop_box(30, 40, g) for _ in range(2000)]
+    areas = np.array([h * w / 1200 for _, _, h, w in boxes])
+    ratios = np.array([w / h for _, _, h, w in boxes])
+    assert all(0 <= t and 0 <= l and t + h <= 30 and l + w <= 40 for t, l, h, w in boxes)
+    assert areas.min() >= 0.07 and areas.max() <= 1.0 and 0.3 < np.median(areas) < 0.6  # uniform in [0.08, 1], clipped
+    assert ratios.min() >= 0.7 and ratios.max() <= 1.4  # log-uniform in [3/4, 4/3], up to rounding
+    tops = {t for t, _, _, _ in boxes}
+    assert len(tops) > 10  # positions vary
+    # a strip too wide for any box: torchvision's fallback, the centre crop at the clamped ratio
+    from torchvision.transforms import RandomResizedCrop
+
+    expected = RandomResizedCrop.get_params(torch.zeros(3, 2, 100), [0.08, 1.0], [3 / 4, 4 / 3])
+    assert crop.crop_box(2, 100, torch.Generator().manual_seed(0)) == tuple(expected) == (0, 48, 2, 3)
+
+
+def test_seeded_augment_is_a_function_of_seed_epoch_and_sample():
+    augment = SeededAugment(build_train_transform(SIZE, **IDENTITY), seed=3)
+    image = coordinate_image(40, 40)
+    first = augment(image, 7)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(augment(image, 7), first)
+    assert not torch.equal(augment(image, 8), first)
+    augment.epoch = 1
+    assert not torch.equal(augment(image, 7), first)
+    assert sample_seed(3, 1, 7) != sample_seed(3, 0, 7)
+    assert pickle.loads(pickle.dumps(augment)).epoch == 1
+
+
+def image_dataset(images, labels):
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b", "c"])})
-    ds = Dataset.from_dict({"image": images, "label": [2, 0, 1]}, features=features)
-    transform = ApplyTransform(build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY))
-    ds.set_transform(pickle.loads(pickle.dumps(transform)))  # workers receive a pickled copy
-    batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate)))
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def test_image_split_with_datasets_and_collate():
+    images = [coordinate_image(38, 38), Image.new("L", (60, 45), 128), Image.new("RGBA", (40, 40))]
+    split = ImageSplit(image_dataset(images, [2, 0, 1]), build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY))
+    assert split.array is None  # mixed sizes and modes: decoded when read
+    batch = next(iter(DataLoader(pickle.loads(pickle.dumps(split)), batch_size=3, collate_fn=collate)))
     assert batch["pixel_values"].shape == (3, 5, 3, SIZE, SIZE)
     assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [2, 0, 1]
     assert [origin(v) for v in batch["pixel_values"][0]] == [(0, 0), (6, 0), (0, 6), (6, 6), (3, 3)]
 
 
-def test_apply_transform_names_missing_column():
-    transform = ApplyTransform(build_eval_transform(SIZE, **IDENTITY), image_column="img")
+def test_small_images_are_decoded_once_and_read_the_same(monkeypatch):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L") for _ in range(5)]
+    ds = image_dataset(images, [0, 1, 2, 0, 1])
+    eval_tf = build_eval_transform(SIZE, **IDENTITY)
+    split = ImageSplit(ds, eval_tf)
+    assert split.array.shape == (5, 28, 28, 1) and split.array.dtype == np.uint8
+    assert split.dataset is None  # nothing left to decode per epoch
+    assert data_images.decoded_array(ds) is split.array  # cached: the train split is decoded once per process
+    monkeypatch.setattr(data_images, "SMALL_IMAGE_PIXELS", 0)
+    monkeypatch.setattr(data_images, "_DECODED", {})
+    lazy = ImageSplit(ds, eval_tf)
+    assert lazy.array is None
+    for i in range(5):
+        assert torch.equal(split[i]["pixel_values"], lazy[i]["pixel_values"])
+        assert torch.equal(split[i]["pixel_values"], eval_tf(images[i]))
+
+
+def test_persistent_workers_see_each_epoch_and_match_the_main_process():
+    images = [coordinate_image(40, 40) for _ in range(6)]
+    ds = image_dataset(images, [0, 1, 2, 0, 1, 2])
+    spec = type("Spec", (), dict(image_size=SIZE, image_mean=[0.0] * 3, image_std=[1.0] * 3, interpolation="bicubic"))
+    train_tf, _ = T.image_transforms(spec, "rrc_flip")
+
+    def epochs(num_workers):
+        augment = SeededAugment(train_tf, seed=0)
+        loader = T.image_loader(ds, augment, 3, num_workers)
+        assert loader.persistent_workers == (num_workers > 0)
+        out = []
+        for epoch in range(3):
+            augment.epoch = epoch
+            out.append(torch.cat([b["pixel_values"] for b in loader]))
+        return out
+
+    in_process, workers = epochs(0), epochs(2)
+    for a, b in zip(in_process, workers):
+        assert torch.equal(a, b)
+    assert not torch.equal(in_process[0], in_process[1]) and not torch.equal(in_process[1], in_process[2])
+
+
+def test_image_split_names_missing_column():
     with pytest.raises(UserError, match="'img' not in the dataset"):
-        transform({"image": [Image.new("RGB", (8, 8))], "label": [0]})
+        ImageSplit(image_dataset([Image.new("RGB", (8, 8))], [0]), build_eval_transform(SIZE, **IDENTITY),
+                   image_column="img")
 
 
 def tiny_vit(tmp_path):
@@ -145,7 +223,7 @@ def tiny_vit(tmp_path):
     return ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
 
 
-def test_forward_views_runs_one_batch_and_averages_logits(tmp_path):
+def test_forward_views_runs_view_by_view_and_averages_logits(tmp_path):
     model = tiny_vit(tmp_path)
     calls = []
 
@@ -159,7 +237,7 @@ def test_forward_views_runs_one_batch_and_averages_logits(tmp_path):
         one_by_one = torch.stack(
             [torch.stack([model(pixel_values=v[None]).logits[0] for v in views]).mean(0) for views in pixel_values]
         )
-    assert calls == [(15, 3, SIZE, SIZE)]
+    assert calls == [(3, 3, SIZE, SIZE)] * 5  # one view at a time: a one-view batch's memory
     assert averaged.shape == (3, 7)
     assert torch.allclose(averaged, one_by_one, atol=1e-5)
 

@@ -1,0 +1,535 @@
+"""Throughput: training steps (per method, fp32/bf16, eager/compiled), the training loader against a LIFT-style one,
+five-crop evaluation, head-only caching, gradient checkpointing memory, achieved FLOP/s against a matmul peak.
+
+  python benchmarks/bench_throughput.py                    # CPU: CLIP ViT-B/16 widths at 224 px, 2 of its 12 layers
+  python benchmarks/bench_throughput.py --device cuda      # a GPU: all 12 layers, larger batches
+  python benchmarks/bench_throughput.py --quick            # seconds: a tiny CLIP, for smoke tests
+
+Every section measures a candidate and its baseline in the same run, alternating which goes first, and reports the
+ratio per repeat with its median and spread (min-max); absolute numbers on a shared machine drift, ratios much less.
+
+train     one optimizer step (forward, logit-adjusted loss, backward, SGD step) of the LTModel each `--method`
+          trains, random init, random 224 px batches; eager vs torch.compile with the kwargs of accelerate's
+          TorchDynamoPlugin (what `--torch_compile` runs); fp32 vs bf16 autocast. FLOPs per image counted once with
+          torch's FlopCounterMode; achieved FLOP/s against a square matmul timed in the same repeat.
+loader    images/s of one loader process (num_workers 0, one thread: the work of one DataLoader worker) over a
+          CIFAR-100-LT split of synthetic 32 px images: the project's `training.image_loader` + `SeededAugment`
+          (decoded once to uint8, per-sample generator) vs a LIFT-equivalent torchvision pipeline (in-memory uint8
+          arrays as torchvision's CIFAR100 holds them, PIL RandomResizedCrop(224) + flip + ToTensor + Normalize) vs the
+          project's previous path (PNG decode per read, PIL bicubic, fork_rng + manual_seed per sample).
+eval      `engine.predict` over the test split: one centre view vs five-crop TTE (`--tte fivecrop`), loader included.
+head      head-only training (--method head) over N epochs: cached features vs the frozen backbone every epoch
+          (bench_head_cache.py's two paths, on this backbone).
+memory    ViT-B/16 full fine-tuning at batch 32 (all 12 layers): activation memory with and without
+          --gradient_checkpointing. CUDA: max_memory_allocated above the weights. CPU: on the meta device (no compute),
+          bytes autograd saves in the forward (+ one layer's recomputation, for checkpointing).
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import REPO, clock, median, set_threads, write_results
+
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of predict / cache_features would bury the numbers
+
+METHODS = ("adaptformer", "lora", "bitfit", "full")
+SECTIONS = ("train", "loader", "eval", "head", "memory")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny CLIP at 32 px and few images: a smoke test, not numbers")
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats per section (ratios: median, min-max)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--layers", type=int, default=None, help="encoder layers (default: 12 on cuda, 2 on cpu)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--compile_methods", default=None, help="methods also timed compiled (default: all; on this CPU "
+                   "each compilation takes about a minute the first time, seconds once inductor's cache holds it)")
+    p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--train_batch", type=int, default=None, help="default 4 (cpu) / 64 (cuda)")
+    p.add_argument("--train_steps", type=int, default=None, help="timed steps per repeat (default 2 cpu / 20 cuda)")
+    p.add_argument("--loader_images", type=int, default=384, help="images per loader timing")
+    p.add_argument("--loader_batch", type=int, default=16)
+    p.add_argument("--eval_images", type=int, default=None, help="default 16 (cpu) / 512 (cuda)")
+    p.add_argument("--head_images", type=int, default=None, help="default 8 (cpu) / 1024 (cuda)")
+    p.add_argument("--head_epochs", type=int, default=10)
+    p.add_argument("--memory_batch", type=int, default=32)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default=None, help="results dir (default benchmarks/results)")
+    p.add_argument("--results_name", default="throughput")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    defaults = dict(layers=12 if cuda else 2, train_batch=64 if cuda else 4, train_steps=20 if cuda else 2,
+                    eval_images=512 if cuda else 16, head_images=1024 if cuda else 8, compile_methods=",".join(METHODS))
+    if args.quick:
+        defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4,
+                        compile_methods="adaptformer")
+        args.loader_images, args.loader_batch, args.memory_batch, args.head_epochs = 32, 8, 2, 3
+        args.compile_backend = "aot_eager" if args.compile_backend == "inductor" else args.compile_backend
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.sections = [s for s in args.sections.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.precisions = [p for p in args.precisions.split(",") if p]
+    args.compile_methods = [m for m in args.compile_methods.split(",") if m in args.methods]
+    unknown = sorted(set(args.sections) - set(SECTIONS)) + sorted(set(args.methods) - set(METHODS))
+    if unknown or not set(args.precisions) <= {"fp32", "bf16"}:
+        p.error(f"unknown sections/methods/precisions {unknown or args.precisions}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def spread(values):
+    return {"median": median(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_dir(args, root, layers=None):
+    """A config-only CLIP vision dir: ViT-B/16 shapes (or a tiny CLIP with --quick)."""
+    from helpers_models import VIT_B16_SHAPES, write_config_only
+    from transformers import CLIPVisionConfig
+
+    shapes = dict(VIT_B16_SHAPES, num_hidden_layers=layers or args.layers)
+    if args.quick:
+        shapes.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32, patch_size=8)
+    name = f"clip_L{shapes['num_hidden_layers']}_D{shapes['hidden_size']}"
+    path = Path(root) / name
+    if not path.is_dir():
+        write_config_only(path, CLIPVisionConfig(**shapes, projection_dim=512))
+    return path
+
+
+def build_model(path, method, classes, seed, device):
+    from lt_utils.models import build_lt_model
+    from lt_utils.peft_methods import apply_method
+
+    lt = build_lt_model(path, classes, head_type="cosine", from_scratch=True, seed=seed)
+    return apply_method(lt, method).to(device), lt
+
+
+def autocast(precision, device):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def matmul_flops(device, precision, quick):
+    """FLOP/s of a square matmul (the peak a ViT step can hope for on this device and dtype)."""
+    n = 256 if quick else (8192 if str(device).startswith("cuda") else 1024)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    reps, start = 0, clock()
+    while reps < 3 or clock() - start < 0.5:
+        a @ b
+        reps += 1
+    sync(device)
+    return 2 * n**3 * reps / (clock() - start)
+
+
+# ------------------------------------------------------------------------------------------------------- train
+class TrainStep:
+    """One method x precision x (eager | compiled) training step on a fixed random batch."""
+
+    def __init__(self, args, path, method, precision, compiled):
+        from lt_utils.compile import dynamo_plugin
+        from lt_utils.losses import build_loss
+
+        self.device, self.precision, self.compiled = args.device, precision, compiled
+        model, self.lt = build_model(path, method, args.classes, args.seed, args.device)
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        if compiled:  # the kwargs accelerate's TorchDynamoPlugin passes to torch.compile under --torch_compile
+            plugin = dynamo_plugin(argparse.Namespace(torch_compile=True, torch_compile_backend=args.compile_backend,
+                                                      torch_compile_mode=None))
+            model = torch.compile(model, **plugin.to_kwargs())
+        self.model = model.train()
+        counts = [max(1, int(500 * 0.01 ** (i / max(1, args.classes - 1)))) for i in range(args.classes)]
+        self.loss_fn = build_loss("la", counts).to(args.device)
+        g = torch.Generator().manual_seed(args.seed)
+        size = self.lt.spec.image_size
+        self.pixels = torch.randn(args.train_batch, 3, size, size, generator=g).to(args.device)
+        self.labels = torch.randint(0, args.classes, (args.train_batch,), generator=g).to(args.device)
+
+    def step(self):
+        with autocast(self.precision, self.device):
+            logits = self.model(self.pixels)
+        loss = self.loss_fn(logits.float(), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def seconds(self, steps):
+        sync(self.device)
+        start = clock()
+        for _ in range(steps):
+            loss = self.step()
+        loss.item()
+        sync(self.device)
+        return clock() - start
+
+    def flops_per_image(self):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.step()
+        return counter.get_total_flops() / len(self.labels)
+
+
+def bench_train(args, root):
+    path = model_dir(args, root)
+    configs = [(m, p, c) for m in args.methods for p in args.precisions
+               for c in ((False, True) if m in args.compile_methods else (False,))]
+    steps, warmup_s, flops = {}, {}, {}
+    for method, precision, compiled in configs:
+        key = f"{method}/{precision}/{'compiled' if compiled else 'eager'}"
+        step = TrainStep(args, path, method, precision, compiled)
+        start = clock()
+        step.seconds(2 if compiled else 1)  # compilation (and recompilation for the first optimizer state) / warm-up
+        warmup_s[key] = clock() - start
+        if not compiled and precision == args.precisions[0]:
+            flops[method] = step.flops_per_image()
+        steps[key] = step
+        print(f"  built {key}: warm-up {warmup_s[key]:.1f}s", flush=True)
+    runs = []
+    for repeat in range(args.repeats):
+        order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
+        run = {"images_per_s": {}, "matmul_flops": {}}
+        for precision in args.precisions:
+            run["matmul_flops"][precision] = matmul_flops(args.device, precision, args.quick)
+        for key in order:
+            run["images_per_s"][key] = args.train_batch * args.train_steps / steps[key].seconds(args.train_steps)
+        runs.append(run)
+        print(f"  train repeat {repeat + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in run["images_per_s"].items()),
+              flush=True)
+    ratios = {}
+    for method, precision, compiled in configs:
+        eager = f"{method}/{precision}/eager"
+        if compiled:
+            ratios[f"{method}/{precision}: compiled / eager"] = spread(
+                [r["images_per_s"][f"{method}/{precision}/compiled"] / r["images_per_s"][eager] for r in runs])
+        elif precision != "fp32" and "fp32" in args.precisions:
+            ratios[f"{method}: bf16 / fp32 (eager)"] = spread(
+                [r["images_per_s"][eager] / r["images_per_s"][f"{method}/fp32/eager"] for r in runs])
+    utilisation = {}
+    for key in steps:
+        method, precision, _ = key.split("/")
+        if method in flops:
+            utilisation[key] = spread([r["images_per_s"][key] * flops[method] / r["matmul_flops"][precision]
+                                       for r in runs])
+    return {"batch": args.train_batch, "steps": args.train_steps, "layers": args.layers, "warmup_s": warmup_s,
+            "flops_per_image": flops, "ratios": ratios, "fraction_of_matmul_peak": utilisation,
+            "images_per_s": {k: spread([r["images_per_s"][k] for r in runs]) for k in steps},
+            "matmul_flops": {p: spread([r["matmul_flops"][p] for r in runs]) for p in args.precisions}, "repeats": runs}
+
+
+# ------------------------------------------------------------------------------------------------------ loader
+def write_synthetic_cifar100(root, per_class_train, per_class_test, seed=0):
+    """The original cifar-100-python layout, filled with smooth synthetic 32 px images (compressible like photos)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    root = Path(root) / "cifar-100-python"
+    root.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.repeat(np.arange(100), per_class)
+        coarse = rng.integers(0, 256, (len(labels), 3, 4, 4)).astype(np.float32)
+        images = np.kron(coarse, np.ones((1, 1, 8, 8), np.float32)) + rng.normal(0, 8, (len(labels), 3, 32, 32))
+        data = np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), -1)
+        with open(root / split, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels.tolist()}, f)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class_{i}".encode() for i in range(100)]}, f)
+    return root.parent
+
+
+def load_cifar_lt(args, root):
+    from lt_utils.data import load_lt_dataset
+
+    per_class = 24 if args.quick else 120
+    data_dir = write_synthetic_cifar100(Path(root) / "cifar_src", per_class, 4 if args.quick else 10, args.seed)
+    return load_lt_dataset("cifar100_lt", imb=4 if args.quick else 100, data_dir=data_dir, max_per_class=per_class - 20,
+                           cache_dir=Path(root) / "hf_cache")
+
+
+class LiftStyleCifar(torch.utils.data.Dataset):
+    """torchvision CIFAR100's __getitem__: a uint8 array row -> PIL image -> transform (global RNG)."""
+
+    def __init__(self, array, labels, transform):
+        self.array, self.labels, self.transform = array, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.array[i])), int(self.labels[i])
+
+
+class PreviousSeededAugment:
+    """The project's previous training path: PNG decode on read, PIL resize, fork_rng + manual_seed per sample."""
+
+    def __init__(self, transform, seed):
+        self.transform, self.seed = transform, seed
+
+    def __call__(self, batch):
+        out = []
+        for image, sample_id in zip(batch["image"], batch["sample_id"]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 * 100_000_007 + sample_id) % (2**62))
+                out.append(self.transform(image))
+        return {"pixel_values": out, "labels": [int(label) for label in batch["label"]]}
+
+
+def previous_train_transform(size, mean, std):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Lambda(lambda im: im.convert("RGB")),
+                       v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std), v2.ToPureTensor()])
+
+
+def bench_loader(args, root, ds):
+    import torchvision.transforms as tv
+    from torch.utils.data import DataLoader
+
+    from lt_utils import data_loaders as T
+    from lt_utils.data import images as data_images
+    from lt_utils.models import CLIP_MEAN, CLIP_STD
+    from lt_utils.transforms import SeededAugment, collate
+
+    train = ds["train"]
+    size = 32 if args.quick else 224
+    spec = argparse.Namespace(image_size=size, image_mean=CLIP_MEAN, image_std=CLIP_STD, interpolation="bicubic")
+    data_images._DECODED.clear()
+    start = clock()
+    array = data_images.decoded_array(train)  # the one-time decode the project's loader does per process
+    decode_s = clock() - start
+    labels = np.asarray(train["label"])
+    lift_tf = tv.Compose([tv.RandomResizedCrop(size), tv.RandomHorizontalFlip(), tv.ToTensor(),
+                          tv.Normalize(CLIP_MEAN, CLIP_STD)])
+    augment = SeededAugment(T.image_transforms(spec)[0], args.seed)
+    loaders = {
+        "project": T.image_loader(train, augment, args.loader_batch, 0, shuffle=True),
+        "lift_style": DataLoader(LiftStyleCifar(array, labels, lift_tf), batch_size=args.loader_batch, shuffle=True),
+        "previous": DataLoader(train.add_column("sample_id", list(range(len(train)))).with_transform(
+            PreviousSeededAugment(previous_train_transform(size, CLIP_MEAN, CLIP_STD), args.seed)),
+            batch_size=args.loader_batch, shuffle=True, collate_fn=collate),
+    }
+
+    def images_per_s(name):
+        seen, start = 0, clock()
+        while seen < args.loader_images:
+            for batch in loaders[name]:
+                pixels = batch["pixel_values"] if isinstance(batch, dict) else batch[0]
+                seen += len(pixels)
+                if seen >= args.loader_images:
+                    break
+        return seen / (clock() - start)
+
+    for name in loaders:  # warm-up: first-touch and import costs
+        next(iter(loaders[name]))
+    runs = []
+    for repeat in range(args.repeats):
+        order = list(loaders) if repeat % 2 == 0 else list(reversed(loaders))
+        augment.epoch = repeat
+        runs.append({name: images_per_s(name) for name in order})
+        print(f"  loader repeat {repeat + 1}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in runs[-1].items()),
+              flush=True)
+    return {"train_images": len(train), "image_size": size, "batch": args.loader_batch,
+            "images_per_timing": args.loader_images,
+            "decode_once_s": decode_s, "decoded_bytes": int(array.nbytes),
+            "images_per_s": {k: spread([r[k] for r in runs]) for k in loaders},
+            "ratios": {"project / lift_style": spread([r["project"] / r["lift_style"] for r in runs]),
+                       "project / previous": spread([r["project"] / r["previous"] for r in runs])},
+            "repeats": runs}
+
+
+# -------------------------------------------------------------------------------------------------------- eval
+def bench_eval(args, root, ds, accelerator):
+    from lt_utils import data_loaders as T
+    from lt_utils.engine import predict
+
+    path = model_dir(args, root)
+    _, lt = build_model(path, "adaptformer", args.classes, args.seed, accelerator.device)
+    lt.eval()
+    test = ds["test"].select(range(min(args.eval_images, len(ds["test"]))))
+    loaders = {tte: accelerator.prepare(T.image_loader(test, T.test_transform(lt.spec, tte), args.eval_images, 0))
+               for tte in ("none", "fivecrop")}
+    predict(lt, loaders["none"], accelerator)  # warm-up
+
+    def seconds(tte):
+        sync(accelerator.device)
+        start = clock()
+        predict(lt, loaders[tte], accelerator)
+        sync(accelerator.device)
+        return clock() - start
+
+    runs = []
+    for repeat in range(args.repeats):
+        order = ("none", "fivecrop") if repeat % 2 == 0 else ("fivecrop", "none")
+        runs.append({tte: seconds(tte) for tte in order})
+        print(f"  eval repeat {repeat + 1}: one view {runs[-1]['none']:.2f}s, five-crop {runs[-1]['fivecrop']:.2f}s",
+              flush=True)
+    return {"images": len(test), "layers": args.layers,
+            "seconds": {k: spread([r[k] for r in runs]) for k in ("none", "fivecrop")},
+            "ratios": {"fivecrop / one view (time)": spread([r["fivecrop"] / r["none"] for r in runs])},
+            "repeats": runs}
+
+
+# -------------------------------------------------------------------------------------------------------- head
+def bench_head(args, root, ds, accelerator):
+    import bench_head_cache as H
+
+    from lt_utils import data_loaders as T
+    from lt_utils.heads import random_head_init
+    from lt_utils.losses import build_loss
+    from lt_utils.peft_methods import apply_method
+
+    path = model_dir(args, root)
+    _, lt = build_model(path, "head", args.classes, args.seed, accelerator.device)
+    apply_method(lt, "head")
+    head_init = random_head_init(args.classes, lt.spec.hidden_size, seed=args.seed)
+    train = ds["train"].shuffle(seed=args.seed).select(range(min(args.head_images, len(ds["train"]))))
+    eval_tf = T.image_transforms(lt.spec, augment="none")[1]
+    loss_fn = build_loss("la", [500] * args.classes).to(accelerator.device)
+    hargs = argparse.Namespace(per_device_eval_batch_size=64, per_device_train_batch_size=min(32, len(train)),
+                               learning_rate=1e-3, seed=args.seed)
+    runs = []
+    for repeat in range(args.repeats):
+        run = H.one_repeat(hargs, accelerator, lt, head_init, train, eval_tf, loss_fn, [args.head_epochs],
+                           naive_first=repeat % 2 == 0)[str(args.head_epochs)]
+        runs.append(run)
+        print(f"  head repeat {repeat + 1}: naive {run['naive_s']:.2f}s, cached {run['cached_s']:.2f}s", flush=True)
+    return {"images": len(train), "epochs": args.head_epochs, "layers": args.layers,
+            "ratios": {f"naive / cached over {args.head_epochs} epochs":
+                       spread([r["naive_s"] / r["cached_s"] for r in runs])},
+            "max_abs_head_diff": max(r["max_abs_head_diff"] for r in runs), "repeats": runs}
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+def activation_bytes(args, root, checkpointing):
+    """(activation bytes, how measured) of one full fine-tuning step of ViT-B/16 (12 layers) at --memory_batch."""
+    from lt_utils.models import enable_gradient_checkpointing
+
+    cuda = str(args.device).startswith("cuda")
+    path = model_dir(args, root, layers=12)
+    device = args.device if cuda else "meta"
+    model, lt = build_model(path, "full", args.classes, args.seed, "cpu" if device == "meta" else device)
+    model = model.to(device) if cuda else model.to_empty(device="meta")
+    if checkpointing:
+        enable_gradient_checkpointing(lt)
+    model.train()
+    size = lt.spec.image_size
+    pixels = torch.randn(args.memory_batch, 3, size, size, device=device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(pixels).float().sum().backward()
+        torch.cuda.synchronize()
+        how = "cuda max_memory_allocated above weights and batch (gradients included)"
+        return torch.cuda.max_memory_allocated() - base, how
+    saved = {"forward": 0}
+
+    def pack(tensor):
+        base = tensor._base if tensor._base is not None else tensor
+        if not (base.is_leaf and base.requires_grad):  # weights are not activations
+            saved["forward"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(pixels).float().sum()
+    out.backward()
+    return saved["forward"], "meta device: bytes saved for backward in the forward"
+
+
+def bench_memory(args, root):
+    runs = []
+    for repeat in range(args.repeats):
+        order = (False, True) if repeat % 2 == 0 else (True, False)
+        got = {ckpt: activation_bytes(args, root, ckpt) for ckpt in order}
+        plain, how = got[False]
+        ckpt = got[True][0]
+        if not str(args.device).startswith("cuda"):
+            # checkpointing recomputes one layer at a time in the backward: add one layer's worth of activations
+            ckpt += plain / 12
+        runs.append({"plain_bytes": plain, "checkpointed_bytes": ckpt})
+        print(f"  memory repeat {repeat + 1}: {plain / 2**20:.0f} MiB -> {ckpt / 2**20:.0f} MiB", flush=True)
+    return {"batch": args.memory_batch, "layers": 12, "method": "full", "measured_as": how,
+            "plain_mib": median([r["plain_bytes"] for r in runs]) / 2**20,
+            "checkpointed_mib": median([r["checkpointed_bytes"] for r in runs]) / 2**20,
+            "ratios": {"checkpointed / plain (activation memory)":
+                       spread([r["checkpointed_bytes"] / r["plain_bytes"] for r in runs])},
+            "repeats": runs}
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    args = parse_args(argv)
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    results, start = {}, clock()
+    with tempfile.TemporaryDirectory(prefix="bench_throughput_") as root:
+        accelerator = Accelerator(cpu=not str(args.device).startswith("cuda"),
+                                  dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        ds = None
+        if {"loader", "eval", "head"} & set(args.sections):
+            ds, _ = load_cifar_lt(args, root)
+        for section in args.sections:
+            print(f"[{section}]", flush=True)
+            t0 = clock()
+            if section == "train":
+                results["train"] = bench_train(args, root)
+            elif section == "loader":
+                results["loader"] = bench_loader(args, root, ds)
+            elif section == "eval":
+                results["eval"] = bench_eval(args, root, ds, accelerator)
+            elif section == "head":
+                results["head"] = bench_head(args, root, ds, accelerator)
+            elif section == "memory":
+                results["memory"] = bench_memory(args, root)
+            results[section]["section_seconds"] = clock() - t0
+    setup = {k: v for k, v in vars(args).items() if k not in ("out_dir",)}
+    path = write_results(args.results_name, {"setup": setup, "total_seconds": clock() - start, **results},
+                         out_dir=args.out_dir)
+    print(summary_table(results))
+    print(f"wrote {path} ({clock() - start:.0f}s)")
+    return results
+
+
+def summary_table(results):
+    lines = ["| section | ratio | median | min - max |", "|---|---|---:|---|"]
+    for section, payload in results.items():
+        for name, s in payload.get("ratios", {}).items():
+            lines.append(f"| {section} | {name} | {s['median']:.2f} | {s['min']:.2f} - {s['max']:.2f} |")
+    util = results.get("train", {}).get("fraction_of_matmul_peak", {})
+    for key, s in util.items():
+        lines.append(f"| train | {key}: achieved FLOP/s / matmul peak | {s['median']:.2f} | "
+                     f"{s['min']:.2f} - {s['max']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
