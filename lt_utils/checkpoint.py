@@ -88,14 +88,16 @@ def check_resume_identity(path, identity):
 
 
 # ------------------------------------------------------------------------------------------------------ exports
-def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
+def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None,
+                 hub_files=True):
     """Atomically write an export dir. Main process only; the collective gather happens before it
     (`lt_utils.exports.gather_export_tensors`).
 
     tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
     peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);
     extra_writers: callables f(tmp_dir) for lt_info, metrics and model card.
-    The Hub-native files (hub_files.write_hub_files) are written from the export itself, rebuilt by build_from_meta.
+    The Hub-native files (hub_files.write_hub_files) are written from the export itself, rebuilt by build_from_meta;
+    `hub_files=False` only for tensors that are not a model (tests of soup arithmetic on synthetic tensors).
     """
     from .hub_files import write_hub_files
 
@@ -106,7 +108,8 @@ def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_mo
         if peft_model is not None:
             peft_model.save_pretrained(str(tmp / LT_ADAPTER_DIR), state_dict=peft_state_dict)
         atomic_write_json(tmp / META_FILE, {"format": EXPORT_FORMAT, **meta})
-        write_hub_files(tmp, meta)
+        if hub_files:
+            write_hub_files(tmp, meta)
         for write in extra_writers:
             write(tmp)
 

@@ -148,7 +148,8 @@ logits = {logit}"""
 
 
 def push_export(export_dir, repo_id, token=None, commit_message="Upload long-tail classifier"):
-    """Create the repo if needed and upload the export dir (adapter only for PEFT runs: that is all the dir holds)."""
+    """Create the repo if needed and upload the export dir: the transformers model, its code and card (and a LoRA
+    run's peft adapter in adapter/)."""
     from huggingface_hub import create_repo, upload_folder
 
     try:

@@ -416,7 +416,7 @@ def soup_meta(first, output_dir, soup_info):
     return meta
 
 
-def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None):
+def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None, hub_files=True):
     """An export dir like train_lt.py's (loadable by load_export) plus soup_manifest.json; returns the weights' sha256."""
     from safetensors.torch import load_file
 
@@ -434,13 +434,13 @@ def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None):
             atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / MANIFEST_FILE, {**manifest, "output_sha256": sha256_file(tmp / WEIGHTS_FILE)})
 
-    write_export(output_dir, meta, tensors, head_init, extra_writers=[write_extras])
+    write_export(output_dir, meta, tensors, head_init, extra_writers=[write_extras], hub_files=hub_files)
     return json.loads((Path(output_dir) / MANIFEST_FILE).read_text())["output_sha256"]
 
 
 # ------------------------------------------------------------------------------------------------------- soup
 def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normalize=False, alpha=1.0,
-              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True):
+              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, hub_files=True):
     """Read, check, weigh and merge `inputs` (export dirs / Hub ids) into the export dir `output_dir`.
 
     scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
@@ -484,6 +484,6 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
                            for i, ing in enumerate(ingredients)]}
     state = PartialState()
     if state.is_main_process:
-        manifest["output_sha256"] = write_soup(output_dir, first, tensors, soup_info, manifest, metrics)
+        manifest["output_sha256"] = write_soup(output_dir, first, tensors, soup_info, manifest, metrics, hub_files)
     state.wait_for_everyone()
     return manifest

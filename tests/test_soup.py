@@ -72,14 +72,15 @@ def test_uniform_soup_equals_hand_average_exactly(base, tmp_path, capsys):
 def test_integer_tensors_copied_and_low_precision_kept(tmp_path, base):
     lt, vit, h0 = base["lt"], base["vit"], base["head_init"]
     halves = [torch.randn(6, 5, generator=torch.Generator().manual_seed(s)).half() for s in range(2)]
-    paths = [write_ingredient(tmp_path / f"i{s}", lt, vit, {"head.weight": halves[s], "backbone.ids": torch.arange(5)}, h0)
-             for s in range(2)]
+    paths = [write_ingredient(tmp_path / f"i{s}", lt, vit, {"head.weight": halves[s], "backbone.ids": torch.arange(5)}, h0,
+                              hub_files=False) for s in range(2)]
     ingredients = [read_ingredient(p) for p in paths]
     out = merge_tensors(ingredients, [0.0, 0.5, 0.5], progress=False)
     assert out["head.weight"].dtype == torch.float16
     assert torch.equal(out["head.weight"], ((halves[0].double() + halves[1].double()) / 2).half())
     assert torch.equal(out["backbone.ids"], torch.arange(5))
-    bad = write_ingredient(tmp_path / "bad", lt, vit, {"head.weight": halves[1], "backbone.ids": torch.arange(5) + 1}, h0)
+    bad = write_ingredient(tmp_path / "bad", lt, vit, {"head.weight": halves[1], "backbone.ids": torch.arange(5) + 1}, h0,
+                           hub_files=False)
     with pytest.raises(UserError, match="integer tensor that differs"):
         merge_tensors([ingredients[0], read_ingredient(bad)], [0.0, 0.5, 0.5], progress=False)
 
@@ -226,9 +227,10 @@ def test_incompatible_ingredients_are_refused(base, tmp_path, case, message):
     elif case == "head_init":
         other = _variant(tmp_path, base, "other", head_init=base["head_init"].flip(0))
     elif case == "shape":
-        other = _variant(tmp_path, base, "other", tensors={"head.weight": torch.zeros(C, 7)})
+        other = _variant(tmp_path, base, "other", tensors={"head.weight": torch.zeros(C, 7)}, hub_files=False)
     elif case == "keys":
-        other = _variant(tmp_path, base, "other", tensors={"head.weight": base["head_init"], "backbone.extra": torch.ones(2)})
+        other = _variant(tmp_path, base, "other", tensors={"head.weight": base["head_init"], "backbone.extra": torch.ones(2)},
+                         hub_files=False)
     elif case == "lora":
         other = write_lora_ingredient(tmp_path / "other", base["vit"], base["head_init"], seed=3)
     else:
@@ -280,7 +282,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS: imports do not count
     before = high_water_kib()
-    make_soup(sys.argv[3:], sys.argv[2], progress=False)
+    make_soup(sys.argv[3:], sys.argv[2], progress=False, hub_files=False)  # synthetic tensors: no model to write
     print(json.dumps({"before": before, "peak": high_water_kib()}))
 """)
 
@@ -293,7 +295,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_ingredients(base, tmp_path
         g = torch.Generator().manual_seed(i)
         tensors = {f"backbone.block{k}.weight": torch.randn(1024, 1024, generator=g) for k in range(8)}
         tensors["head.weight"] = h0
-        paths.append(write_ingredient(tmp_path / f"big{i}", base["lt"], base["vit"], tensors, h0))
+        paths.append(write_ingredient(tmp_path / f"big{i}", base["lt"], base["vit"], tensors, h0, hub_files=False))
     growth = {}
     for n in (2, 6):
         # glibc raises its mmap threshold after big frees and then keeps freed buffers in the heap, which adds
