@@ -9,6 +9,7 @@
   adapter/head.safetensors, the head for its feature. A subfolder, because transformers loads a top-level
   adapter_config.json onto the full model it finds beside it (where LoRA is already merged).
 """
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -30,14 +31,29 @@ def write_hub_files(export_dir, meta):
     from .models import BackboneSpec, hf_model
 
     export_dir = Path(export_dir)
-    model = build_from_meta(meta, export_dir, merge_lora=True).eval()
-    hf_model(model, meta).save_pretrained(str(export_dir))
+    with _without_zero3():
+        model = build_from_meta(meta, export_dir, merge_lora=True).eval()
+        hf_model(model, meta).save_pretrained(str(export_dir))
     image_processor(BackboneSpec.from_dict(meta["backbone"])).save_pretrained(str(export_dir))
     if (meta.get("arch") or {}).get("lora"):
         write_plain_adapter(export_dir / LT_ADAPTER_DIR, export_dir / ADAPTER_DIR, meta)
         head = {k.removeprefix("head."): v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith("head.")}
         save_file(head, str(export_dir / ADAPTER_DIR / HEAD_FILE), metadata={
             "format": "pt", "head_type": meta["head"]["type"], "scale": str(meta["head"]["scale"])})
+
+
+@contextlib.contextmanager
+def _without_zero3():
+    """Build and save a whole model on the main process alone, also inside a ZeRO-3 run: transformers would otherwise
+    construct it inside deepspeed.zero.Init (partitioned, and collective: the other ranks are not there)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None  # what unset_hf_deepspeed_config() does; restored below
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def image_processor(spec):

@@ -4,7 +4,6 @@ import dataclasses
 import os
 
 import torch
-from torch import nn
 
 from .errors import UserError
 from .heads import build_head
