@@ -32,6 +32,7 @@ from lt_utils.fileio import atomic_write_text
 from lt_utils.models import BackboneSpec
 from lt_utils.prompts import PROMPT_MODES
 from lt_utils.reports import format_markdown_table
+from lt_utils.runs import RUN_EXPORTS
 
 logger = logging.getLogger("lt")
 
@@ -42,6 +43,8 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
+    parser.add_argument("--which", default=None, choices=RUN_EXPORTS,
+                        help="the export a run dir stands for; default: best/, else final/")
     parser.add_argument("--split", default="test", help="train, val or test")
     parser.add_argument("--zero_shot", default=None, metavar="MODEL", help="add a zero-shot row for this CLIP id or dir")
     parser.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names(),
@@ -78,7 +81,7 @@ def main(argv=None):
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
 
     # every input and output is checked before the first (long) evaluation starts
-    targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template)
+    targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template, args.which)
     comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite)
     accelerator.wait_for_everyone()
     loaded = {}

@@ -1,5 +1,8 @@
-"""Merge fine-tuned export dirs (train_lt.py's final/ or best/, local or Hub ids) into a model soup export.
+"""Merge fine-tuned runs (train_lt.py's output dirs, or their final/ or best/ exports, local or Hub ids) into a model
+soup export.
 
+  # every run in ckpts/ (their best/ exports; --which final for final/), written to soups/uniform (printed)
+  python soup.py ckpts/*
   # uniform soup (default): 1/N each
   python soup.py runs/a/final runs/b/final runs/c/final --output_dir soups/uniform
   # explicit weights (must sum to 1, or add --normalize)
@@ -21,6 +24,7 @@ import argparse
 
 from lt_utils.config import add_data_args
 from lt_utils.errors import cli_entry
+from lt_utils.runs import RUN_EXPORTS, default_soup_dir, expand_ingredients
 from lt_utils.soup import MODES, build_val_scorer, make_soup
 
 
@@ -28,8 +32,14 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, "
                                                  "greedy; WiSE-FT with --alpha).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("ingredients", nargs="+", help="export dirs (final/, best/) or Hub ids, in order (progressive)")
-    parser.add_argument("--output_dir", required=True, help="the soup's export dir (refused if it exists)")
+    parser.add_argument("ingredients", nargs="+",
+                        help="run dirs, export dirs (final/, best/) or Hub ids, in order (progressive); files and "
+                             "folders without a run among them (logs, an earlier soup) are skipped with a note")
+    parser.add_argument("--which", default=None, choices=RUN_EXPORTS,
+                        help="the export a run dir stands for; default: best/, else final/")
+    parser.add_argument("--output_dir", default=None,
+                        help="the soup's export dir (refused if it exists); default: soups/<mode> in the working "
+                             "directory, with _2, _3, ... when taken")
     parser.add_argument("--mode", default=None, choices=MODES,
                         help="default: weighted if --weights is given, else uniform")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
@@ -52,18 +62,25 @@ def get_args_parser():
 
 @cli_entry
 def main(argv=None):
+    from accelerate import PartialState
+
     args = get_args_parser().parse_args(argv)
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
+    ingredients, notes = expand_ingredients(args.ingredients, args.which)
+    if PartialState().is_main_process:
+        for note in notes:
+            print(note)
+    output_dir = args.output_dir or str(default_soup_dir(mode, ingredients))
 
     def scorer_factory(first):
         return build_val_scorer(first.meta, first.path / "lt_info.json", args,
                                 batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
 
-    manifest = make_soup(args.ingredients, args.output_dir, mode=mode, lam=args.lam, weights=args.weights,
+    manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
                          scorer_factory=scorer_factory, select_metric=args.select_metric)
     if "output_sha256" in manifest:  # main process
-        print(f"soup written to {args.output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
+        print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
               + ", ".join(f"{w:.4g}" for w in manifest["weights"]))
         print(f"sha256 {manifest['output_sha256']}  model.safetensors")
         if args.push_to_hub:
@@ -71,7 +88,7 @@ def main(argv=None):
 
             from lt_utils.hub import push_export
 
-            repo = push_export(args.output_dir, args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+            repo = push_export(output_dir, args.hub_model_id or Path(output_dir).name, token=args.hub_token)
             print(f"pushed to https://huggingface.co/{repo}")
     return manifest
 

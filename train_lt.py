@@ -6,7 +6,8 @@
   accelerate launch train_lt.py --config configs/lift_cifar100_lt.yaml --gradient_accumulation_steps 4
   # several GPUs / DeepSpeed ZeRO-2 (ViT-L/14@336 full fine-tuning)
   accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_lt.py --dataset cifar100_lt --imb 100
-  accelerate launch --config_file accelerate_configs/ds_zero2.yaml train_lt.py --config configs/ltsoups_stage1_full.yaml \
+  accelerate launch --config_file accelerate_configs/ds_zero2.yaml --mixed_precision bf16 train_lt.py \
+      --config configs/ltsoups_stage1_full.yaml \
       --model_name_or_path openai/clip-vit-large-patch14-336
 """
 import dataclasses
@@ -23,7 +24,7 @@ from lt_utils import training as T
 from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
                                  resolve_resume_path, write_resume_identity)
 from lt_utils.compile import keep_eager_state_keys
-from lt_utils.config import build_train_parser, parse_args_with_config, save_resolved_config
+from lt_utils.config import build_train_parser, parse_args_with_config, public_flags, save_resolved_config
 from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json
@@ -100,7 +101,7 @@ def main(argv=None):
         save_resolved_config(args, Path(args.output_dir) / "config.yaml")
     if args.with_tracking:
         accelerator.init_trackers("train_lt", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                      for k, v in vars(args).items()})
+                                                      for k, v in public_flags(vars(args)).items()})
     logger.info(T.describe_run(args, accelerator, plan, len(train_ds), trainable_parameter_count(train_model)))
 
     ctx = Run(args=args, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
@@ -111,7 +112,9 @@ def main(argv=None):
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
                     disable=not accelerator.is_local_main_process)
     try:
-        with logging_redirect_tqdm(loggers=[logger]):  # log lines above the progress bar, not through it
+        # the root logger's handler is the one that prints (logger "lt" propagates to it): redirect that one, or each
+        # line would be printed twice, by tqdm's handler and by the root's
+        with logging_redirect_tqdm():
             run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment)
     except NonFiniteLoss as err:
         progress.close()
@@ -244,6 +247,8 @@ def test_exports(ctx, test_ds, spec):
             test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
         saved = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").is_file() else {}
         results[name] = {**saved, "test": test, "tte": args.tte}
+        a.log({f"test_{name}/{k}": v for k, v in scalar_metrics(test).items()},
+              step=ctx.state.completed_steps)
         if a.is_main_process:
             atomic_write_json(export_dir / "metrics.json", results[name])
             refresh_model_card(export_dir, results[name])

@@ -6,6 +6,10 @@ and save it (`--output_dir`) and/or push it (`--push_to_hub`).
     python data_scripts/build_lt.py --dataset fashion_mnist --imb 100 --max_per_class 600 --output_dir data/fmnist_lt100
     # CIFAR-100-LT, ρ=100, from the Hub or a local cifar-100-python/ (LIFT's image choice)
     python data_scripts/build_lt.py --dataset cifar100 --imb 100 --selection lift --output_dir data/cifar100_lt100
+    # the builder's named preset (the same split as the first line)
+    python data_scripts/build_lt.py --dataset fashion_mnist --dataset_config_name quickstart --output_dir data/fmnist_q
+    # push to the Hub; train on it with --dataset you/fmnist-lt100
+    python data_scripts/build_lt.py --dataset fashion_mnist --imb 100 --max_per_class 600 --push_to_hub you/fmnist-lt100
     # ImageNet-LT from the OLTR lists
     python data_scripts/build_lt.py --dataset imagenet_lt --data_dir /data/imagenet \\
         --train_list ImageNet_LT_train.txt --val_list ImageNet_LT_val.txt --test_list ImageNet_LT_test.txt \\
@@ -19,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_utils.data import DATASET_NAMES, load_lt_dataset, save_lt_to_disk  # noqa: E402
 from lt_utils.data.counts import SELECTION_MODES  # noqa: E402
-from lt_utils.data.info import INFO_FILENAME  # noqa: E402
+from lt_utils.data.hub import push_lt_dataset  # noqa: E402
 from lt_utils.data.loading import VAL_SOURCES  # noqa: E402
 from lt_utils.errors import UserError, cli_entry  # noqa: E402
 
@@ -31,6 +35,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Build a long-tailed dataset split.", add_help=False)
     g = p.add_argument_group("Dataset")
     g.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)} (or the short form, e.g. cifar100)")
+    g.add_argument("--dataset_config_name", default=None,
+                   help="a named preset of the builder (fashion_mnist_lt: quickstart = imb 100, n_max 600; imb100, imb50, imb10)")
     g.add_argument("--imb", type=float, default=100.0, help="imbalance ratio ρ = n_max / n_min (>= 1)")
     g.add_argument("--max_per_class", type=int, default=None, help="n_max; default: the source's per-class maximum")
     g.add_argument("--data_dir", default=None, help="local source; default: the Hub (fashion_mnist: Debian's IDX dir)")
@@ -99,13 +105,8 @@ def summary(ds, info):
 
 
 def push_to_hub(ds, info, repo):
-    from huggingface_hub import HfApi
-
     try:
-        ds.push_to_hub(repo)
-        HfApi().upload_file(
-            path_or_fileobj=info.to_json().encode(), path_in_repo=INFO_FILENAME, repo_id=repo, repo_type="dataset"
-        )
+        push_lt_dataset(ds, info, repo)
     except Exception as err:  # network, auth, repo name: all for the user to fix
         raise UserError(f"pushing the split to {repo} failed ({type(err).__name__}); check HF_TOKEN and the repo id, "
                         "then run again with --push_to_hub") from None
@@ -122,7 +123,7 @@ def main(argv=None):
         train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
         class_names_file=args.class_names_file, many_threshold=args.many_threshold,
         few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=args.test_dir, val_dir=args.val_dir,
-        test_per_class=args.test_per_class, relabel_by_name=args.relabel_by_name,
+        test_per_class=args.test_per_class, relabel_by_name=args.relabel_by_name, config_name=args.dataset_config_name,
     )
     print(summary(ds, info))
     if args.output_dir:

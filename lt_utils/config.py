@@ -3,7 +3,9 @@
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
-Unknown keys in a preset are an error, not silently ignored.
+Unknown keys in a preset are an error, not silently ignored. Relative input paths inside a preset are found next to
+the preset file, then in the repository (`resolve_preset_paths`); paths typed on the command line stay relative to
+the working directory.
 """
 import argparse
 import os
@@ -28,7 +30,7 @@ def parse_args_with_config(parser, argv=None):
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_preset(known.config, parser))
+        parser.set_defaults(**resolve_preset_paths(load_preset(known.config, parser), known.config))
     return parser.parse_args(argv)
 
 
@@ -49,9 +51,37 @@ def load_preset(path, parser):
     return preset
 
 
+# preset keys naming something to read (outputs such as output_dir and cache_dir stay relative to the working dir)
+PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "data_dir", "train_list", "val_list", "test_list",
+                      "class_names_file", "test_dir", "val_dir")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_preset_paths(preset, preset_path):
+    """Relative input paths of a preset, looked up next to the preset file, then at the repository root: the first
+    that exists is made absolute, so a preset works from any working directory. A value found in neither place (a
+    Hub id, a dataset name) is kept as written."""
+    resolved = dict(preset)
+    for key in PRESET_INPUT_PATHS:
+        value = preset.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        for root in (Path(preset_path).resolve().parent, REPO_ROOT):
+            if (root / value).exists():
+                resolved[key] = str(root / value)
+                break
+    return resolved
+
+
+def public_flags(values):
+    """Flags as they may be recorded (config.yaml, trackers, logs, cards): secrets (`*_token`) are blanked, so a
+    recorded config never carries a Hub token (re-used, it falls back to HF_TOKEN / huggingface-cli login)."""
+    return {k: (None if k.endswith("_token") else v) for k, v in dict(values).items()}
+
+
 def save_resolved_config(args, path):
-    """The exact flags a run used, re-usable as `--config`."""
-    values = {k: v for k, v in vars(args).items() if k != "config"}
+    """The exact flags a run used (secrets blanked), re-usable as `--config`."""
+    values = {k: v for k, v in public_flags(vars(args)).items() if k != "config"}
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=True))
 
 
@@ -75,7 +105,9 @@ def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="fashion_mnist_lt",
                    help="cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, inat2018, imagefolder_lt, "
-                        "or a folder written by data_scripts/build_lt.py")
+                        "a folder written by data_scripts/build_lt.py, or a split it pushed to the Hub (user/repo)")
+    g.add_argument("--dataset_config_name", default=None,
+                   help="a named preset of the dataset builder, e.g. fashion_mnist_lt's quickstart (imb 100, n_max 600)")
     g.add_argument("--imb", type=float, default=100.0, help="imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)")
     g.add_argument("--data_dir", default=None, help="local source files (CIFAR python dir, IDX dir, image root); default: the Hub")
     g.add_argument("--max_per_class", type=int, default=None, help="n_max of the LT split (default: the source's)")

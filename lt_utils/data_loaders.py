@@ -21,16 +21,21 @@ def load_data(args, accelerator):
             train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
             class_names_file=args.class_names_file, many_threshold=args.many_threshold,
             few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
-            val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False))
+            val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False),
+            config_name=getattr(args, "dataset_config_name", None))
     return ds, record_saved_folder(info, args.dataset)
 
 
 def record_saved_folder(info, dataset_arg):
-    """A split loaded from a build_lt.py folder is recorded by that folder, so eval_lt.py finds the same images."""
+    """A split loaded from a build_lt.py folder or Hub repo is recorded by that folder (or repo id), so eval_lt.py
+    finds the same images."""
     import dataclasses
 
+    from .data.hub import is_hub_dataset_id
     from .data.loading import is_saved_lt_dir
 
+    if is_hub_dataset_id(dataset_arg):
+        return dataclasses.replace(info, dataset=str(dataset_arg))
     return dataclasses.replace(info, dataset=str(Path(dataset_arg).resolve())) if is_saved_lt_dir(dataset_arg) else info
 
 

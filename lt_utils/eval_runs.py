@@ -9,13 +9,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import META_FILE, resolve_export_dir, read_export_meta
+from .checkpoint import resolve_export_dir, read_export_meta
 from .config import RECORDED_DATA_FLAGS
 from .data.builders import SPLITS
 from .data.info import INFO_FILENAME
 from .errors import UserError, require
 from .fileio import atomic_dir, atomic_write_json
 from .reports import plot_per_class_accuracy, write_per_class_csv
+from .runs import run_export
 
 logger = logging.getLogger("lt")
 DEFAULT_OUTPUT_ROOT = Path("eval_outputs")
@@ -70,22 +71,21 @@ def recorded_data_flags(export_dir, meta):
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def resolve_run(run):
-    """(local export dir, table name) of a RUN: an export dir, a run dir (its best/, else final/) or a Hub id."""
-    path = Path(run)
-    if path.is_dir() and not (path / META_FILE).is_file():
-        for sub in ("best", "final"):
-            if (path / sub / META_FILE).is_file():
-                logger.info(f"{run}: a run dir; evaluating its {sub}/ export")
-                return path / sub, str(path / sub)
+def resolve_run(run, which=None):
+    """(local export dir, table name) of a RUN: an export dir, a run dir (its best/, else final/; or `which`) or a
+    Hub id."""
+    export_dir = run_export(run, which)
+    if export_dir is not None and export_dir != Path(run):
+        logger.info(f"{run}: a run dir; evaluating its {export_dir.name}/ export")
+        return export_dir, str(export_dir)
     export_dir = resolve_export_dir(run)  # UserError for a missing path or an unreachable Hub id
     return export_dir, str(run)
 
 
-def build_targets(runs, zero_shot=None, prompt_template="single"):
+def build_targets(runs, zero_shot=None, prompt_template="single", which=None):
     targets = []
     for run in runs:
-        export_dir, name = resolve_run(run)
+        export_dir, name = resolve_run(run, which)
         meta = read_export_meta(export_dir)  # UserError for a non-export or partial dir
         slug = _slug("/".join(Path(name).parts[-2:]))  # e.g. run__best
         targets.append(Target(name=name, slug=slug, export_dir=export_dir, meta=meta, local=Path(run).exists(),

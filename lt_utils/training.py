@@ -231,5 +231,7 @@ def describe_run(args, accelerator, plan, num_examples, trainable):
              f"  Per-device batch size = {args.per_device_train_batch_size}",
              f"  Total batch size (per device x processes x accumulation) = {total_batch}",
              f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
-             f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}"]
+             f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}",
+             f"  Processes = {accelerator.num_processes} ({accelerator.distributed_type.value}), "
+             f"mixed precision = {accelerator.mixed_precision}"]
     return "\n".join(lines)

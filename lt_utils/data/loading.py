@@ -1,4 +1,5 @@
 """Entry points: build or load an LT split (`load_lt_dataset`), save / reload it with its LTInfo."""
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -10,6 +11,8 @@ from ..fileio import atomic_dir
 from . import sources
 from .builders import BUILDERS, SPLITS, LTConfig
 from .counts import SELECTION_MODES
+from .hub import (check_no_config_name, is_hub_dataset_id, is_hub_layout_dir, load_lt_from_hub,
+                  named_config_values)
 from .info import INFO_FILENAME, LTInfo
 
 DATASET_NAMES = tuple(BUILDERS)
@@ -53,12 +56,15 @@ def load_lt_dataset(
     name, imb=100.0, data_dir=None, max_per_class=None, seed=0, selection="rng", val_per_class=20,
     val_source="unused_train", train_list=None, val_list=None, test_list=None, class_names_file=None,
     many_threshold=100, few_threshold=20, cache_dir=None, test_dir=None, val_dir=None, test_per_class=50,
-    relabel_by_name=False,
+    relabel_by_name=False, config_name=None,
 ):
     """Build (or reuse from the `datasets` cache) an LT split; returns (DatasetDict train/val/test, LTInfo).
 
-    name: a builder (`DATASET_NAMES`, short forms like "cifar100" too) or a directory written by
-        `save_lt_to_disk` (then every other argument is ignored).
+    name: a builder (`DATASET_NAMES`, short forms like "cifar100" too), a directory written by `save_lt_to_disk`,
+        or a split pushed by `build_lt.py --push_to_hub` (its Hub id, or a local folder in that layout); for the
+        last two every other argument but `cache_dir` is ignored.
+    config_name: a named builder config (e.g. fashion_mnist_lt's "quickstart": imb 100, n_max 600) whose values
+        replace the defaults; an argument set to something else as well is refused.
     imb: ρ = n_max / n_min >= 1; class i keeps floor(n_max * ρ**(-i/(C-1))) images. Unused by the list datasets.
     data_dir: local source (CIFAR python dir, IDX dir, image root of the lists, folder-per-class);
         None -> the Hub (fashion_mnist: Debian's IDX dir when installed, else the Hub).
@@ -71,24 +77,35 @@ def load_lt_dataset(
     test_dir, val_dir, test_per_class: imagefolder_lt only (held-out test size per class without `test_dir`).
     relabel_by_name: list datasets; class ids = rank of the class name (LIFT's iNat order).
     """
-    if is_saved_lt_dir(name):
+    if is_saved_lt_dir(name) or is_hub_dataset_id(name):
+        check_no_config_name(config_name, name)
+        if is_hub_layout_dir(name) or is_hub_dataset_id(name):
+            return load_lt_from_hub(name, cache_dir=_abs(cache_dir))
         return load_lt_from_disk(name)
     key = canonical_name(name)
-    check_params(imb, max_per_class, val_per_class, val_source, selection, many_threshold, few_threshold)
+    builder_cls = BUILDERS[key]
+    given = dict(imb=imb, max_per_class=max_per_class, seed=seed, selection=selection, val_per_class=val_per_class,
+                 val_source=val_source, many_threshold=many_threshold, few_threshold=few_threshold,
+                 test_per_class=test_per_class)
+    if config_name is not None:
+        defaults = {k: p.default for k, p in inspect.signature(load_lt_dataset).parameters.items()}
+        given.update(named_config_values(builder_cls, config_name, given, defaults))
+    imb, max_per_class = given["imb"], given["max_per_class"]
+    check_params(imb, max_per_class, given["val_per_class"], given["val_source"], given["selection"],
+                 given["many_threshold"], given["few_threshold"])
     if key == "fashion_mnist_lt" and data_dir is None:
         data_dir = sources.default_fashion_mnist_dir()
-    builder_cls = BUILDERS[key]
     params = dict(
         imb=float(imb) if builder_cls.USES_IMB else 1.0, data_dir=_abs(data_dir), max_per_class=None if max_per_class is None else int(max_per_class),
-        seed=int(seed), selection=selection, val_per_class=int(val_per_class), val_source=val_source,
-        many_threshold=many_threshold, few_threshold=few_threshold, train_list=_abs(train_list),
-        val_list=_abs(val_list), test_list=_abs(test_list), class_names_file=_abs(class_names_file),
-        relabel_by_name=bool(relabel_by_name), test_dir=_abs(test_dir), val_dir=_abs(val_dir),
-        test_per_class=int(test_per_class),
+        seed=int(given["seed"]), selection=given["selection"], val_per_class=int(given["val_per_class"]),
+        val_source=given["val_source"], many_threshold=given["many_threshold"], few_threshold=given["few_threshold"],
+        train_list=_abs(train_list), val_list=_abs(val_list), test_list=_abs(test_list),
+        class_names_file=_abs(class_names_file), relabel_by_name=bool(relabel_by_name), test_dir=_abs(test_dir),
+        val_dir=_abs(val_dir), test_per_class=int(given["test_per_class"]),
     )
     files = builder_cls.source_files(LTConfig(name="probe", **params))
     params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
-    builder = builder_cls(cache_dir=_abs(cache_dir), name=builder_cls.config_name_for(imb), **params)
+    builder = builder_cls(cache_dir=_abs(cache_dir), name=config_name or builder_cls.config_name_for(imb), **params)
     try:
         builder.download_and_prepare()
     except datasets.exceptions.DatasetGenerationError as err:
