@@ -24,43 +24,30 @@ import logging
 from lt_utils import eval_runs as E
 from lt_utils import data_loaders as D
 from lt_utils.checkpoint import load_export
-from lt_utils.compile import add_compile_args, dynamo_plugin
-from lt_utils.config import add_data_args
+from lt_utils.compile import dynamo_plugin
+from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args, add_data_args, add_flags,
+                             check_cross_flags)
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
 from lt_utils.models import BackboneSpec
-from lt_utils.prompts import PROMPT_MODES
 from lt_utils.reports import format_markdown_table
-from lt_utils.runs import RUN_EXPORTS
 
 logger = logging.getLogger("lt")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Long-tail evaluation (many/medium/few) of export dirs, Hub ids or a zero-shot CLIP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
-    parser.add_argument("--which", default=None, choices=RUN_EXPORTS,
-                        help="the export a run dir stands for; default: best/, else final/")
-    parser.add_argument("--split", default="test", help="train, val or test")
-    parser.add_argument("--zero_shot", default=None, metavar="MODEL", help="add a zero-shot row for this CLIP id or dir")
-    parser.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names(),
-                        help="zero-shot prompts: 'a photo of a {}.' or the 80 ImageNet templates averaged")
-    parser.add_argument("--output_dir", default=None,
-                        help="default: <export>/eval_<split>[_<tte>]; eval_outputs/<name>/... for Hub ids and zero-shot")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing evaluation outputs")
-    parser.add_argument("--save_predictions", action="store_true",
-                        help="also write predictions.csv: per image of the split, its label, prediction, probability, top-k")
-    parser.add_argument("--top_k", type=int, default=5, help="labels kept per image by --save_predictions")
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                        help="default: from the accelerate config")
+    add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "output_dir", "overwrite", "save_predictions",
+                       "top_k", "mixed_precision"), output_dir=None)
     add_compile_args(parser)
     group = add_data_args(parser)
-    group.description = ("default: the split each export was trained on (its lt_info.json); only the flags you pass "
-                         "override it, e.g. --data_dir for local source files")
+    group.description = ("default: the split each export was trained on (its lt_info.json and --data_dir); only the "
+                         "flags you pass override it, e.g. --data_dir for other local source files")
     return parser
 
 
@@ -70,11 +57,11 @@ def main(argv=None):
 
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    passed = E.passed_flags(parser, argv, E.RECORDED_DATA_FLAGS)
+    check_cross_flags(args)
+    passed = E.passed_flags(parser, argv, E.RECORDED_FLAGS)
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
-    require(args.top_k >= 1, f"--top_k must be >= 1, got {args.top_k}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_plugin=dynamo_plugin(args))
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -82,7 +69,8 @@ def main(argv=None):
 
     # every input and output is checked before the first (long) evaluation starts
     targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template, args.which)
-    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite)
+    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite,
+                                      {f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     accelerator.wait_for_everyone()
     loaded = {}
     data = [target_data(target, targets[0], args, passed, accelerator, loaded) for target in targets]

@@ -8,18 +8,16 @@ Writes one CSV row per image: path, top-1 label, its probability, the top-k labe
 import argparse
 
 from lt_utils import inference as I
+from lt_utils.config import ArgumentParser, add_flags
 from lt_utils.errors import cli_entry
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Per-image predictions of an export or Hub model, as CSV.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Per-image predictions of an export or Hub model, as CSV.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", metavar="EXPORT_OR_HUB_ID", help="an export dir or a Hub model id")
     parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files, or folders (searched recursively)")
-    parser.add_argument("--output", required=True, help="the CSV to write")
-    parser.add_argument("--top_k", type=int, default=5, help="labels and probabilities kept per image")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_flags(parser, ("output", "top_k", "batch_size", "overwrite"))
     return parser
 
 
@@ -27,7 +25,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     paths = I.collect_images(args.images)
-    I.check_flags(args.output, paths, args.overwrite, args.top_k, args.batch_size)
+    I.check_flags(args.output, args.model, args.images, args.overwrite, args.top_k, args.batch_size)
     processor, model = I.load_classifier(args.model)
     rows = I.predict_images(processor, model, paths, batch_size=args.batch_size, top_k=args.top_k)
     I.write_csv(args.output, I.PREDICT_HEADER, rows)

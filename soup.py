@@ -22,41 +22,23 @@ soup_manifest.json: inputs and their sha256, weights (anchor included), mode and
 """
 import argparse
 
-from lt_utils.config import add_data_args
+from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
 from lt_utils.errors import cli_entry
-from lt_utils.runs import RUN_EXPORTS, default_soup_dir, expand_ingredients
-from lt_utils.soup import MODES, build_val_scorer, make_soup
+from lt_utils.runs import default_soup_dir, expand_ingredients
+from lt_utils.soup import build_val_scorer, make_soup
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, "
-                                                 "greedy; WiSE-FT with --alpha).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, greedy; "
+                                        "WiSE-FT with --alpha).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("ingredients", nargs="+",
                         help="run dirs, export dirs (final/, best/) or Hub ids, in order (progressive); files and "
                              "folders without a run among them (logs, an earlier soup) are skipped with a note")
-    parser.add_argument("--which", default=None, choices=RUN_EXPORTS,
-                        help="the export a run dir stands for; default: best/, else final/")
-    parser.add_argument("--output_dir", default=None,
-                        help="the soup's export dir (refused if it exists); default: soups/<mode> in the working "
-                             "directory, with _2, _3, ... when taken")
-    parser.add_argument("--mode", default=None, choices=MODES,
-                        help="default: weighted if --weights is given, else uniform")
-    parser.add_argument("--weights", type=float, nargs="+", default=None,
-                        help="one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)")
-    parser.add_argument("--normalize", action="store_true", help="divide --weights by their sum")
-    parser.add_argument("--lam", "--lambda", dest="lam", type=float, default=0.7,
-                        help="progressive: weight of each next ingredient, soup = (1-lam)*soup + lam*next")
-    parser.add_argument("--alpha", type=float, default=1.0,
-                        help="WiSE-FT: (1-alpha)*zero-shot + alpha*soup; 1 = the soup itself")
-    parser.add_argument("--select_metric", default="mean_class_acc", help="greedy: val metric to rank and keep by")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None, help="default: the --output_dir folder name")
-    parser.add_argument("--hub_token", default=None, help="prefer the HF_TOKEN environment variable")
-    group = add_data_args(parser)
+    add_flags(parser, ("which", "output_dir"), output_dir=None)
+    add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "select_metric", "overwrite", "push_to_hub",
+                       "hub_model_id", "hub_token"), aliases={"lam": ["--lambda"]})
+    group = add_data_args(parser, dataset=None, num_workers=0)
     group.description = "greedy only: the val split; default: the split the ingredients were trained on (lt_info.json)"
-    parser.set_defaults(dataset=None, num_workers=0)
     return parser
 
 
@@ -65,6 +47,7 @@ def main(argv=None):
     from accelerate import PartialState
 
     args = get_args_parser().parse_args(argv)
+    check_cross_flags(args)
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
     ingredients, notes = expand_ingredients(args.ingredients, args.which)
     if PartialState().is_main_process:
@@ -78,7 +61,8 @@ def main(argv=None):
 
     manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
-                         scorer_factory=scorer_factory, select_metric=args.select_metric)
+                         scorer_factory=scorer_factory, select_metric=args.select_metric,
+                         data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     if "output_sha256" in manifest:  # main process
         print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
               + ", ".join(f"{w:.4g}" for w in manifest["weights"]))

@@ -11,8 +11,8 @@
       --model_name_or_path openai/clip-vit-large-patch14-336
 """
 import dataclasses
-import json
 import logging
+import shutil
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -21,15 +21,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lt_utils import data_loaders as D
 from lt_utils import training as T
-from lt_utils.checkpoint import (checkpoint_dir, check_resume_identity, load_export, register_trainable_only_hooks,
-                                 resolve_resume_path, write_resume_identity)
+from lt_utils.checkpoint import (check_finite, checkpoint_dir, check_resume_identity, load_export,
+                                 register_trainable_only_hooks, resolve_resume_path, write_resume_identity)
 from lt_utils.compile import keep_eager_state_keys
-from lt_utils.config import build_train_parser, parse_args_with_config, public_flags, save_resolved_config
+from lt_utils.config import parse_train_args, public_flags, save_resolved_config
 from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
 from lt_utils.errors import UserError, cli_entry
-from lt_utils.fileio import atomic_write_json
+from lt_utils.fileio import atomic_write_json, read_json, replace_dir
 from lt_utils.losses import build_loss
-from lt_utils.metrics import check_select_metric, scalar_metrics, selection_score
+from lt_utils.metrics import scalar_metrics, selection_score
 from lt_utils.exports import Exporter, refresh_model_card
 from lt_utils.peft_methods import METHODS, trainable_parameter_count
 from lt_utils.reports import format_markdown_table
@@ -40,15 +40,20 @@ logger = logging.getLogger("lt")
 
 @cli_entry
 def main(argv=None):
-    args = parse_args_with_config(build_train_parser(), argv)
+    # everything is checked (flags, paths, data, model, resume state) before the output dir is touched
+    args = parse_train_args(argv)
+    T.check_run_paths(args)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if (done := T.finished_run(args)) is not None:  # a requeued finished run: nothing to do, nothing overwritten
+        print(f"{args.output_dir} already finished (all_results.json); nothing to do. To train again pass "
+              "--overwrite_output_dir without --resume_from_checkpoint, or another --output_dir")
+        return done
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
-    check_select_metric(args.select_metric)
     check_schedule_flags(args)
     args.augment = D.resolve_augment(args)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    T.prepare_output_dir(args, accelerator)
+    T.check_bn_flags(args, accelerator.num_processes)
     set_seed(args.seed)
 
     # data
@@ -61,10 +66,13 @@ def main(argv=None):
     with T.plain_model_init(accelerator):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
     lt_model = exporter.lt_model
+    if args.dry_run:
+        return T.print_dry_run(model, lt_model)
+    model = T.setup_batchnorm(args, accelerator, model, lt_model)
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
     loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
     sampler = D.build_sampler(args, train_ds)
-    if METHODS.get(args.method).head_only:  # LOS / LT-Soups stage 2: the frozen backbone runs once per split, the head trains on the cache
+    if D.head_on_cached_features(args):  # stage 2, fast: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)
         cache = lambda split, name: D.cache_features(lt_model, accelerator.prepare(
             D.image_loader(split, eval_tf, args.per_device_eval_batch_size, args.num_workers)), accelerator, f"features {name}")
@@ -72,7 +80,7 @@ def main(argv=None):
         train_loader = D.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
         val_loader = D.feature_loader(val_feats, args.per_device_eval_batch_size)
         train_model, augment = lt_model.head, None
-    else:
+    else:  # the model end to end (--method head --head_features augmented: the frozen backbone runs every step)
         augment = D.SeededAugment(train_tf, args.seed)
         train_loader = D.image_loader(train_ds, augment, args.per_device_train_batch_size,
                                       args.num_workers, True, sampler)
@@ -91,12 +99,14 @@ def main(argv=None):
         accelerator.register_for_checkpointing(ema)
     if accelerator.state.deepspeed_plugin is None:
         register_trainable_only_hooks(accelerator)
+    resumed_step = None
     if args.resume_from_checkpoint:
         path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
         check_resume_identity(path, T.resume_identity(args, info))
-        # trainable-only states load non-strictly; DeepSpeed writes complete ZeRO shards (and takes no `strict`)
-        accelerator.load_state(str(path), **({} if accelerator.state.deepspeed_plugin else {"strict": False}))
+        load_resume_state(accelerator, path, train_model)
+        state.last_good_checkpoint, resumed_step = str(path), state.completed_steps
         logger.info(f"Resumed from {path} at optimizer step {state.completed_steps}")
+    T.start_output_dir(args, accelerator, resumed_step)
     if accelerator.is_main_process:
         save_resolved_config(args, Path(args.output_dir) / "config.yaml")
     if args.with_tracking:
@@ -119,7 +129,8 @@ def main(argv=None):
     except NonFiniteLoss as err:
         progress.close()
         last = state.last_good_checkpoint or "none (set --checkpointing_steps)"
-        raise UserError(f"{err}; training stopped, last good checkpoint: {last}; lower --learning_rate or set --max_grad_norm") from None
+        raise UserError(f"{err}; training stopped, nothing exported, last good checkpoint: {last}; "
+                        f"{T.non_finite_advice(args)}") from None
     progress.close()
 
     with_ema(ctx, lambda: export(ctx, "final"))
@@ -157,6 +168,8 @@ class Run:
 def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment):
     """The epoch loop from wherever the state says (a resume starts mid-epoch, skipping the batches already seen)."""
     args, accelerator, state, plan = ctx.args, ctx.accelerator, ctx.state, ctx.plan
+    if state.completed_steps >= plan.total_steps:  # resumed at (or after) the last step: no step more
+        return
     for epoch in range(state.completed_steps // plan.steps_per_epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
         if augment is not None:
@@ -223,13 +236,30 @@ def save_checkpoint(ctx, step):
     """Resume state written to a temp name and renamed: an interrupted save never looks like a checkpoint."""
     a, final = ctx.accelerator, checkpoint_dir(ctx.args.output_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
+    if a.is_main_process and tmp.exists():  # left by a killed save
+        shutil.rmtree(tmp)
+    a.wait_for_everyone()
     a.save_state(str(tmp))
     a.wait_for_everyone()  # every rank writes its own RNG state (and ZeRO shard) into tmp: all must finish first
     if a.is_main_process:
         write_resume_identity(tmp, T.resume_identity(ctx.args, ctx.info))
-        tmp.rename(final)
+        replace_dir(tmp, final)  # a run resumed from an earlier step writes this step again
     a.wait_for_everyone()
     ctx.state.last_good_checkpoint = str(final)
+
+
+def load_resume_state(accelerator, path, train_model):
+    """accelerator.load_state, with unreadable or non-finite states refused in one line."""
+    try:
+        # trainable-only states load non-strictly; DeepSpeed writes complete ZeRO shards (and takes no `strict`)
+        accelerator.load_state(str(path), **({} if accelerator.state.deepspeed_plugin else {"strict": False}))
+    except UserError:
+        raise
+    except Exception as err:  # truncated, empty or garbage files of a checkpoint: the user picks another one
+        raise UserError(f"checkpoint {path} cannot be loaded ({err.__class__.__name__}); resume from an earlier step_* "
+                        "folder or delete this one") from None
+    check_finite({n: p for n, p in train_model.named_parameters() if p.requires_grad}, f"checkpoint {path}",
+                 "resume from an earlier step_* folder or delete this one")
 
 
 def test_exports(ctx, test_ds, spec):
@@ -245,7 +275,7 @@ def test_exports(ctx, test_ds, spec):
         model.to(a.device)
         with a.autocast():
             test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
-        saved = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").is_file() else {}
+        saved = read_json(export_dir / "metrics.json", "metrics") if (export_dir / "metrics.json").is_file() else {}
         results[name] = {**saved, "test": test, "tte": args.tte}
         a.log({f"test_{name}/{k}": v for k, v in scalar_metrics(test).items()},
               step=ctx.state.completed_steps)

@@ -15,59 +15,40 @@ and save it (`--output_dir`) and/or push it (`--push_to_hub`).
         --train_list ImageNet_LT_train.txt --val_list ImageNet_LT_val.txt --test_list ImageNet_LT_test.txt \\
         --class_names_file classnames.txt --output_dir data/imagenet_lt
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_utils.data import DATASET_NAMES, load_lt_dataset, save_lt_to_disk  # noqa: E402
-from lt_utils.data.counts import SELECTION_MODES  # noqa: E402
 from lt_utils.data.hub import push_lt_dataset  # noqa: E402
-from lt_utils.data.loading import VAL_SOURCES  # noqa: E402
-from lt_utils.errors import UserError, cli_entry  # noqa: E402
+from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_group, check_cross_flags  # noqa: E402
+from lt_utils.fileio import check_outputs_apart, check_writable_dir  # noqa: E402
+from lt_utils.errors import UserError, cli_entry, require  # noqa: E402
 
 BAR_WIDTH = 40
 MAX_BARS = 20
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Build a long-tailed dataset split.", add_help=False)
-    g = p.add_argument_group("Dataset")
-    g.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)} (or the short form, e.g. cifar100)")
-    g.add_argument("--dataset_config_name", default=None,
-                   help="a named preset of the builder (fashion_mnist_lt: quickstart = imb 100, n_max 600; imb100, imb50, imb10)")
-    g.add_argument("--imb", type=float, default=100.0, help="imbalance ratio ρ = n_max / n_min (>= 1)")
-    g.add_argument("--max_per_class", type=int, default=None, help="n_max; default: the source's per-class maximum")
-    g.add_argument("--data_dir", default=None, help="local source; default: the Hub (fashion_mnist: Debian's IDX dir)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--selection", choices=SELECTION_MODES, default="rng", help="which images fill each class")
-    g.add_argument("--val_per_class", type=int, default=20)
-    g.add_argument("--val_source", choices=VAL_SOURCES, default="unused_train")
-    g.add_argument("--cache_dir", default=None, help="`datasets` cache root")
-    g = p.add_argument_group("OLTR lists (imagenet_lt, places_lt, inat2018)")
-    g.add_argument("--train_list", default=None)
-    g.add_argument("--val_list", default=None)
-    g.add_argument("--test_list", default=None)
-    g.add_argument("--class_names_file", default=None)
-    g.add_argument("--relabel_by_name", action="store_true", help="class ids by sorted class name (LIFT's iNat order)")
-    g = p.add_argument_group("Image folder (imagefolder_lt)")
-    g.add_argument("--test_dir", default=None)
-    g.add_argument("--val_dir", default=None)
-    g.add_argument("--test_per_class", type=int, default=50, help="held-out test images per class without --test_dir")
-    g = p.add_argument_group("Groups")
-    g.add_argument("--many_threshold", type=int, default=100, help="many: more than this many train images")
-    g.add_argument("--few_threshold", type=int, default=20, help="few: fewer than this many train images")
-    g = p.add_argument_group("Output")
-    g.add_argument("--output_dir", default=None, help="save_to_disk target (written atomically)")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--push_to_hub", metavar="REPO", default=None, help="also push the split to this Hub dataset repo")
+    p = ArgumentParser(description="Build a long-tailed dataset split.")
+    add_group(p, "Dataset", ("dataset", "dataset_config_name", "imb", "max_per_class", "data_dir", "seed", "selection",
+                             "val_per_class", "val_source", "cache_dir"), dataset=None)
+    add_group(p, "OLTR lists (imagenet_lt, places_lt, inat2018)", ("train_list", "val_list", "test_list",
+                                                                   "class_names_file", "relabel_by_name"))
+    add_group(p, "Image folder (imagefolder_lt)", ("test_dir", "val_dir", "test_per_class"))
+    add_group(p, "Groups", ("many_threshold", "few_threshold"))
+    add_group(p, "Output", ("output_dir", "overwrite", "push_to_hub"), dest={"push_to_hub": "push_to_hub_repo"},
+              output_dir=None)
     return p
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(parents=[get_args_parser()])
-    return parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
+    check_cross_flags(args)
+    require(args.dataset is not None, f"--dataset is required; pass one of {', '.join(DATASET_NAMES)} (or the short "
+                                      "form, e.g. cifar100)")
+    return args
 
 
 def histogram(info):
@@ -115,8 +96,14 @@ def push_to_hub(ds, info, repo):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    if args.output_dir and os.path.exists(args.output_dir) and not args.overwrite:
-        raise UserError(f"{args.output_dir} already exists; choose another --output_dir or pass --overwrite")
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, "--cache_dir")
+    if args.output_dir:  # checked before the (long) build; the source is never written into or replaced
+        check_writable_dir(args.output_dir, "--output_dir")
+        check_outputs_apart({"--output_dir": args.output_dir},
+                            {f"--{flag}": getattr(args, flag, None) for flag in DATA_INPUT_FLAGS})
+        if os.path.exists(args.output_dir) and not args.overwrite:
+            raise UserError(f"{args.output_dir} already exists; choose another --output_dir or pass --overwrite")
     ds, info = load_lt_dataset(
         args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.seed,
         selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,

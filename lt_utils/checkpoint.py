@@ -15,7 +15,6 @@
     lt_info.json, metrics.json, README.md (model card)
   `soup.py` and `eval_lt.py` read export dirs only.
 """
-import json
 import re
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .compile import plain_name
 from .errors import UserError
-from .fileio import atomic_dir, atomic_write_json
+from .fileio import atomic_dir, atomic_write_json, read_json
 
 META_FILE = "lt_model.json"
 WEIGHTS_FILE = "lt_weights.safetensors"
@@ -34,6 +33,7 @@ ADAPTER_CONFIG = f"{LT_ADAPTER_DIR}/adapter_config.json"
 ADAPTER_WEIGHTS = f"{LT_ADAPTER_DIR}/adapter_model.safetensors"
 EXPORT_FORMAT = "lt-export-v2"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+META_KEYS = ("base_model", "from_scratch", "backbone", "arch", "head", "num_labels", "id2label")
 
 
 # ----------------------------------------------------------------------------------------------- resume states
@@ -46,7 +46,9 @@ def find_latest_checkpoint(output_dir):
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    # lt_resume.json is written last: a step_N without it (emptied, copied half) is not a checkpoint
+    steps = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name)) and (p / "lt_resume.json").is_file()]
     return max(steps)[1] if steps else None
 
 
@@ -54,7 +56,8 @@ def resolve_resume_path(resume_from_checkpoint, output_dir):
     if resume_from_checkpoint == "latest":
         path = find_latest_checkpoint(output_dir)
         if path is None:
-            raise UserError(f"--resume_from_checkpoint latest: no step_* checkpoint in {output_dir}; start without it")
+            raise UserError(f"--resume_from_checkpoint latest: no complete step_* checkpoint in {output_dir}; start "
+                            "without --resume_from_checkpoint")
         return path
     path = Path(resume_from_checkpoint)
     if not (path / "lt_resume.json").is_file():
@@ -63,12 +66,14 @@ def resolve_resume_path(resume_from_checkpoint, output_dir):
 
 
 def register_trainable_only_hooks(accelerator):
-    """Write only trainable tensors into resume states: a LoRA checkpoint would otherwise hold the whole backbone."""
+    """Write only trainable tensors (and BatchNorm running statistics, which move in train mode) into resume states:
+    a LoRA checkpoint would otherwise hold the whole backbone."""
+    from .batchnorm import is_running_stat
 
     def save_hook(models, weights, output_dir):
         for model, weight in zip(models, weights):
             trainable = {plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-            for key in [k for k in weight if k not in trainable]:
+            for key in [k for k in weight if k not in trainable and not is_running_stat(k)]:
                 del weight[key]
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -80,7 +85,9 @@ def write_resume_identity(path, identity):
 
 
 def check_resume_identity(path, identity):
-    saved = json.loads((Path(path) / "lt_resume.json").read_text())
+    saved = read_json(Path(path) / "lt_resume.json", "resume identity")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}/lt_resume.json is corrupted; resume from another step_* folder")
     for key, value in identity.items():
         if saved.get(key) != value:
             raise UserError(f"cannot resume from {path}: its {key} is {saved.get(key)!r} but this run has {value!r}; "
@@ -101,6 +108,9 @@ def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_mo
     """
     from .hub_files import write_hub_files
 
+    for part in (tensors, head_init, peft_state_dict or {}):  # never an export of NaN / inf weights
+        check_finite(part, f"refusing to export {export_dir}", "the run diverged: nothing was exported; lower "
+                     "--learning_rate or set --max_grad_norm, and resume from an earlier checkpoint")
     with atomic_dir(export_dir, overwrite=True) as tmp:
         if tensors:
             save_file(_contiguous(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -124,9 +134,13 @@ def read_export_meta(export_dir):
     meta_path = export_dir / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{export_dir} is not an export dir (no {META_FILE}); pass a final/ or best/ folder written by train_lt.py or soup.py")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{meta_path} has format {meta.get('format')!r}; this version reads {EXPORT_FORMAT}")
+    meta = read_json(meta_path, "export metadata")
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{meta_path} has format {found!r}; this version reads {EXPORT_FORMAT}; re-export it")
+    lacking = [key for key in META_KEYS if key not in meta]
+    if lacking:
+        raise UserError(f"{meta_path} lacks {', '.join(lacking)}; the export is corrupted, re-export it")
     needed = [HEAD_INIT_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if meta["arch"].get("lora") else [])
     if meta.get("has_weights_file"):
         needed.append(WEIGHTS_FILE)
@@ -169,9 +183,15 @@ def build_from_meta(meta, export_dir=None, merge_lora=False):
     if export_dir is None:
         return model
     if meta.get("has_weights_file"):
-        load_overrides(model, load_file(str(Path(export_dir) / WEIGHTS_FILE)), export_dir, complete=meta["from_scratch"])
+        load_overrides(model, read_tensors(Path(export_dir) / WEIGHTS_FILE), export_dir, complete=meta["from_scratch"])
+    read_tensors(Path(export_dir) / HEAD_INIT_FILE)  # checked: soups and WiSE-FT anchor on it
     if arch.get("lora"):
-        model = METHODS.get("lora").load_adapter(model, Path(export_dir) / LT_ADAPTER_DIR, merge=merge_lora)
+        read_tensors(Path(export_dir) / ADAPTER_WEIGHTS)  # readable and finite before peft loads it
+        try:
+            model = METHODS.get("lora").load_adapter(model, Path(export_dir) / LT_ADAPTER_DIR, merge=merge_lora)
+        except Exception as err:  # a malformed adapter_config.json or adapter
+            raise UserError(f"{export_dir}: the LoRA adapter cannot be loaded ({err.__class__.__name__}); re-export "
+                            "it") from None
     return model
 
 
@@ -208,11 +228,34 @@ def export_overrides(model, meta, export_dir):
     """The LTModel-namespace tensors an export holds on top of its base (LoRA merged in, head included), taken from
     `model`, that export loaded with merge_lora=True."""
     sd = model.state_dict()
-    keys = set(load_file(str(export_dir / WEIGHTS_FILE))) if meta.get("has_weights_file") else set()
+    keys = set(read_tensors(export_dir / WEIGHTS_FILE)) if meta.get("has_weights_file") else set()
     if meta["arch"].get("lora"):
-        keys |= {_lora_target_key(k) for k in load_file(str(export_dir / ADAPTER_WEIGHTS))}
+        keys |= {_lora_target_key(k) for k in read_tensors(export_dir / ADAPTER_WEIGHTS)}
     keys |= {k for k in sd if k.startswith("head.") or k.startswith("adapters.")}
     return {k: sd[k].clone() for k in keys if k in sd}
+
+
+def read_tensors(path):
+    """A safetensors file's tensors, refused in one line when truncated, garbage or holding NaN / inf."""
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; re-export it") from None
+    except Exception as err:  # SafetensorError, a header cut short, bytes that are no safetensors at all
+        raise UserError(f"{path} is not a readable safetensors file ({err.__class__.__name__}: "
+                        f"{str(err).splitlines()[0][:80] if str(err) else ''}); it is truncated or corrupted, "
+                        "re-export it") from None
+    check_finite(tensors, str(path), "the file is corrupted or the run diverged; re-export it or use another export")
+    return tensors
+
+
+def check_finite(tensors, source, fix):
+    """Refuse NaN / inf in floating tensors: they would give NaN predictions, soups and exports that look valid."""
+    for key, value in tensors.items():
+        value = value.detach() if hasattr(value, "detach") else value
+        if value.is_floating_point() and value.numel() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"{source}: {key} holds {bad} non-finite values (NaN/inf); {fix}")
 
 
 def _lora_target_key(adapter_key):

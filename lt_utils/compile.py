@@ -8,14 +8,11 @@ an eager checkpoint and vice versa; non-strict loading would silently skip renam
 COMPILE_PREFIX = "_orig_mod."
 
 
-def add_compile_args(parser):
-    g = parser.add_argument_group("compilation")
-    g.add_argument("--torch_compile", action="store_true",
-                   help="torch.compile the model (through accelerate's dynamo plugin); the first steps are slower")
-    g.add_argument("--torch_compile_backend", default="inductor", help="a torch.compile backend")
-    g.add_argument("--torch_compile_mode", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    return g
+def compile_backends():
+    """The torch.compile backends torch knows (the choices of --torch_compile_backend; read only when one is passed)."""
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
 
 
 def dynamo_plugin(args):
@@ -24,7 +21,8 @@ def dynamo_plugin(args):
 
     if not getattr(args, "torch_compile", False):
         return TorchDynamoPlugin(backend="no")
-    return TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+    return TorchDynamoPlugin(backend=getattr(args, "torch_compile_backend", None) or "inductor",
+                             mode=getattr(args, "torch_compile_mode", None))
 
 
 def plain_name(name):

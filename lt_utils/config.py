@@ -1,4 +1,10 @@
-"""Command-line flags (HF example vocabulary), yaml presets with CLI overrides, and the saved resolved config.
+"""Command-line flags (HF example vocabulary): ONE table of constraints, yaml presets, the saved resolved config.
+
+`FLAGS` holds every flag of the command lines (train_lt.py, eval_lt.py, soup.py, predict.py, data_scripts/build_lt.py)
+with its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
+names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line
+(argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
+be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
@@ -8,12 +14,13 @@ the preset file, then in the repository (`resolve_preset_paths`); paths typed on
 the working directory.
 """
 import argparse
+import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
-from .compile import add_compile_args
 from .errors import UserError
 from .fileio import atomic_write_text
 from .head_init import HEAD_INITS
@@ -23,9 +30,436 @@ from .peft_methods import METHODS
 from .prompts import PROMPT_MODES
 from .transforms import TTE_MODES
 
+UINT32 = 2**32  # numpy / torch seeds
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag's constraints. kind: int, float, bool (true/false value), switch (store_true), str, path, steps
+    (a positive int, 'epoch' or 'none'). low/high: bounds, open when low_open/high_open. choices: a list or a
+    callable returning one. nullable: None (yaml null) is a valid value. nargs: argparse's, for lists. secret: never
+    shown or recorded (`public_flags`, error messages)."""
+
+    kind: str
+    default: object = None
+    help: str = ""
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: object = None
+    nullable: bool = False
+    nargs: str = None
+    metavar: str = None
+    secret: bool = False
+
+    def choice_list(self):
+        return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
+
+    def range_text(self):
+        if self.low is None and self.high is None:
+            return ""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def coerce(self, name, raw, origin=""):
+        """The typed, checked value of `raw` (a command-line string or a yaml value); UserError if it is not valid."""
+        shown = "<hidden>" if self.secret else _show(raw)
+        where = f" (in {origin})" if origin else ""
+
+        def bad(problem, fix):
+            return UserError(f"--{name} {shown}{where} {problem}; {fix}")
+
+        if raw is None:
+            if self.nullable:
+                return None
+            raise bad("is not allowed", "give a value or leave the flag out")
+        if self.nargs and isinstance(raw, (list, tuple)):
+            if not raw and self.nargs == "+":
+                raise bad("is an empty list", "give at least one value")
+            return [self.coerce(name, item, origin) for item in raw]
+        if isinstance(raw, (list, tuple, dict)):
+            raise bad("is a list or mapping", "give a single value")
+        if isinstance(raw, str):
+            _check_encodable(name, raw, where, shown)
+        kind = self.kind
+        if kind in ("bool", "switch"):
+            value = _to_bool(raw)
+            if value is None:
+                raise bad("is not a boolean", "use true or false")
+            return value
+        if kind in ("str", "path"):
+            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+                raise bad("is not a string", "quote the value")
+            value = str(raw)
+            if kind == "path" and not value.strip():
+                raise bad("is an empty path", "pass a file or folder path")
+            self._check_choice(value, bad)
+            return value
+        if kind == "steps":
+            text = str(raw).strip().lower() if not isinstance(raw, bool) else ""
+            if text in ("epoch", "none"):
+                return text
+            value = _to_int(raw)
+            if value is None or value < 1:
+                raise bad("is not a positive number of steps", "pass N >= 1, 'epoch' or 'none'")
+            return value
+        if kind == "int":
+            value = _to_int(raw)
+            if value is None:
+                raise bad("is not an integer", "pass a whole number")
+        elif kind == "float":
+            value = _to_float(raw)
+            if value is None:
+                raise bad("is not a number", "pass a number")
+            if not math.isfinite(value):
+                raise bad("is not finite", f"pass a finite number {self.range_text()}".rstrip())
+        else:
+            raise AssertionError(f"unknown flag kind {kind}")
+        if not self._in_range(value):
+            raise bad(f"is out of range: must be {self.range_text()}", "pass a value in that range")
+        self._check_choice(value, bad)
+        return value
+
+    def _in_range(self, value):
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
+
+    def _check_choice(self, value, bad):
+        choices = self.choice_list()
+        if choices is not None and value not in choices:
+            raise bad("is not a valid choice", f"choose one of {', '.join(map(str, choices))}")
+
+
+def _show(raw):
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "backslashreplace").decode("utf-8") if raw else "''"
+    if isinstance(raw, bool):
+        return str(raw).lower()
+    return str(raw)
+
+
+def _check_encodable(name, value, where="", shown=None):
+    """Non-UTF-8 bytes (surrogate-escaped by Python) cannot be written to configs, cards or JSON: refuse them now."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"--{name} {shown or _show(value)}{where} contains bytes that are not UTF-8; rename the path "
+                        "or pass a UTF-8 value") from None
+
+
+def _to_bool(raw):
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    return None
+
+
+def _to_int(raw):
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            return None
+    return None  # floats (3.0 included) are not step counts or sizes
+
+
+def _to_float(raw):
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def str2bool(value):
+    parsed = _to_bool(value)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    return parsed
+
+
+def _lazy(module, attr, extra=()):
+    """choices read when checked, from the module that owns them (registries grow without touching this table)."""
+    def choices():
+        import importlib
+
+        names = getattr(importlib.import_module(module, __package__), attr)
+        return [*(names() if callable(names) else names), *extra]
+    return choices
+
+
+def _registry(registry, extra=()):
+    """choices = a registry's names, read when checked (methods registered later count too)."""
+    return lambda: [*extra, *registry.names()]
+
+
+def _report_targets():
+    from accelerate.utils import LoggerType
+
+    return ["all", *[t.value for t in LoggerType if t.value != "all"]]
+
+
+def _pos(kind, default=None, help="", nullable=False, **kw):
+    return Flag(kind, default, help, low=1, nullable=nullable, **kw)
+
+
+def _nonneg(kind, default=None, help="", nullable=False, **kw):
+    return Flag(kind, default, help, low=0, nullable=nullable, **kw)
+
+
+def _seed(default=0, help=""):
+    return Flag("int", default, help, low=0, high=UINT32, high_open=True)
+
+
+def _opt(kind, help=""):
+    return Flag(kind, None, help, nullable=True)
+
+
+# ------------------------------------------------------------------------------------------------ the table
+_DATA = {
+    "dataset": Flag("path", "fashion_mnist_lt", "cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, "
+                    "inat2018, imagefolder_lt, a folder written by data_scripts/build_lt.py, or a split it pushed to "
+                    "the Hub (user/repo)"),
+    "dataset_config_name": Flag("str", None, "a named preset of the dataset builder, e.g. fashion_mnist_lt's "
+                                "quickstart (imb 100, n_max 600); each builder accepts its own",
+                                choices=_lazy(".data.loading", "builder_config_names"), nullable=True),
+    "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1),
+    "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub"),
+    "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True),
+    "imb_seed": _seed(0, "seed of the images chosen per class"),
+    "selection": Flag("str", "rng", "which images fill each class", choices=_lazy(".data.counts", "SELECTION_MODES")),
+    "val_per_class": _nonneg("int", 20, "val images per class"),
+    "val_source": Flag("str", "unused_train", choices=_lazy(".data.loading", "VAL_SOURCES")),
+    "train_list": _opt("path"), "val_list": _opt("path"), "test_list": _opt("path"), "class_names_file": _opt("path"),
+    "test_dir": _opt("path", "imagefolder_lt: a separate folder-per-class test set"),
+    "val_dir": _opt("path", "imagefolder_lt: a separate folder-per-class val set"),
+    "relabel_by_name": Flag("bool", False, "list datasets: class ids by sorted class name (LIFT's iNaturalist labels)"),
+    "many_threshold": _nonneg("int", 100, "many: more than this many train images"),
+    "few_threshold": _nonneg("int", 20, "few: fewer than this many train images"),
+    "cache_dir": _opt("path", "datasets cache (default: the HF cache)"),
+    "per_device_eval_batch_size": _pos("int", 256),
+    "num_workers": _nonneg("int", min(4, os.cpu_count() or 1), "dataloader workers per process"),
+    "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
+                             "(not the papers' protocol)", nullable=True),
+    "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
+                choices=_registry(TTE_MODES, extra=("none",))),
+}
+
+_TRAIN = {
+    "model_name_or_path": Flag("path", "openai/clip-vit-base-patch16", "Hub id or local dir of a CLIP or ViT checkpoint"),
+    "from_scratch": Flag("bool", False, "build the backbone from its config with random weights"),
+    "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head"),
+    "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
+                   choices=_registry(METHODS)),
+    "adapter_dim": _pos("int", None, "AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)", nullable=True),
+    "lora_alpha": Flag("float", 1.0, low=0, low_open=True),
+    "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True),
+    "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+"),
+    "head_type": Flag("str", "cosine", choices=_registry(HEADS)),
+    "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True),
+    "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
+    "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.' or the 80 ImageNet "
+                            "templates averaged", choices=_registry(PROMPT_MODES)),
+    "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded "
+                    "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
+                    "cached features trains on the eval view",
+                    choices=["rrc_flip", "crop_flip", "flip", "none"], nullable=True),
+    "head_features": Flag("str", "cached", "--method head: features of the eval view computed once (fast), or "
+                          "augmented images through the frozen backbone every epoch (the papers' stage 2: LOS, LT-Soups)",
+                          choices=["cached", "augmented"]),
+    "backbone_bn": Flag("str", "eval", "--head_features augmented: the frozen backbone's BatchNorm uses its running "
+                        "statistics (eval) or batch statistics that keep updating them (train; LOS)",
+                        choices=["eval", "train"]),
+    "sync_bn": Flag("switch", False, "synchronise BatchNorm statistics across processes (DDP): N processes then equal "
+                    "one with the global batch"),
+    "dry_run": Flag("switch", False, "build the model, print its parameter counts as JSON, and exit"),
+    "loss": Flag("str", "la", choices=_registry(LOSSES)),
+    "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
+    "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
+    "sampler": Flag("str", "random", choices=["random", "class_balanced", "sqrt"]),
+    "balance_factor": Flag("float", None, "LT-Soups ingredient: train on the subset with every class capped at n_min * b",
+                           low=1, nullable=True),
+    "subset_seed": _seed(0, "seed of the --balance_factor subset"),
+    "subset_selection": Flag("str", "rng", "which images fill a --balance_factor subset: a seeded permutation per "
+                             "class (rng), or LT-Soups' exact draw (rng.choice over each class in the LT split's draw "
+                             "order)", choices=["rng", "lt_soups"]),
+    "optimizer": Flag("str", "sgd", choices=["sgd", "adamw"]),
+    "learning_rate": Flag("float", 0.01, low=0, low_open=True),
+    "weight_decay": Flag("float", 5e-4, low=0),
+    "momentum": Flag("float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1, high_open=True),
+    "lr_scheduler_type": Flag("str", "cosine", choices=_lazy(".schedule", "SCHEDULES")),
+    "num_warmup_steps": _nonneg("int", None, "default: 0 (SGD), max(20, 1%% of steps) (AdamW)", nullable=True),
+    "warmup_start_factor": Flag("float", None, "LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the "
+                                "lr at step --num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: "
+                                "(step+1)/warmup of the lr", low=0, high=1, nullable=True),
+    "min_lr_ratio": Flag("float", 0.0, "cosine floor as a fraction of the peak lr (LT-Soups 0.1)", low=0, high=1),
+    "num_train_epochs": _pos("int", 10),
+    "max_train_steps": _pos("int", None, "overrides --num_train_epochs", nullable=True),
+    "min_train_steps": _nonneg("int", None, "train at least this many steps (LT-Soups: 100, for its small balanced subsets)",
+                            nullable=True),
+    "per_device_train_batch_size": _pos("int", 128),
+    "gradient_accumulation_steps": _pos("int", 1),
+    "total_batch_size": _pos("int", None, "effective batch; sets the per-device batch from the accumulation steps and "
+                             "processes (LIFT: 128)", nullable=True),
+    "max_grad_norm": Flag("float", None, "clip the gradient norm to this (unset or 0: no clipping)", low=0,
+                          nullable=True),
+    "ema_decay": Flag("float", None, "evaluate and export an EMA of the weights (LT-Soups 0.99; 0: none)", low=0, high=1,
+                      high_open=True, nullable=True),
+    "ema_start": Flag("str", "initial", "EMA starts from the initial weights, or (torch AveragedModel, LT-Soups) is a "
+                      "copy of the weights after the first optimizer step", choices=["initial", "first_step"]),
+    "mixed_precision": Flag("str", None, "default: from the accelerate config", choices=["no", "fp16", "bf16"],
+                            nullable=True),
+    "gradient_checkpointing": Flag("switch", False, "recompute the backbone's activations in the backward pass (the "
+                                   "HF models' own): less memory, about a third more compute"),
+    "torch_compile": Flag("switch", False, "torch.compile the model (through accelerate's dynamo plugin); the first "
+                          "steps are slower"),
+    "torch_compile_backend": Flag("str", None, "a torch.compile backend (default: inductor)",
+                                  choices=_lazy(".compile", "compile_backends"), nullable=True),
+    "torch_compile_mode": Flag("str", None, "torch.compile's mode (default: torch's)", nullable=True,
+                               choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+    "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'"),
+    "num_evals": _pos("int", None, "instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per "
+                      "run)", nullable=True),
+    "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
+                          choices=_lazy(".metrics", "SELECTABLE")),
+    "output_dir": Flag("path", "outputs/run"),
+    "overwrite_output_dir": Flag("switch", False, "allow a non-empty --output_dir without resuming"),
+    "seed": _seed(0),
+    "checkpointing_steps": Flag("steps", None, "save a resume state every N optimizer steps, or 'epoch'", nullable=True),
+    "resume_from_checkpoint": _opt("path", "'latest' or a step_* folder"),
+    "with_tracking": Flag("switch", False),
+    "report_to": Flag("str", "tensorboard", choices=_report_targets),
+    "push_to_hub": Flag("switch", False),
+    "hub_model_id": _opt("str"),
+    "hub_token": Flag("str", None, "prefer the HF_TOKEN environment variable (never recorded or shown)", nullable=True,
+                      secret=True),
+}
+
+_OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
+    "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
+                  choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
+    "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
+    "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP id or dir", nullable=True, metavar="MODEL"),
+    "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
+    "save_predictions": Flag("switch", False, "also write predictions.csv: per image of the split, its label, "
+                             "prediction, probability, top-k"),
+    "top_k": _pos("int", 5, "labels and probabilities kept per image (predict.py, --save_predictions)"),
+    "output": Flag("path", None, "the CSV to write (required)", nullable=True),
+    "batch_size": _pos("int", 32, "images per forward pass"),
+    "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".soup", "MODES"),
+                 nullable=True),
+    "weights": Flag("float", None, "one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)",
+                    nullable=True, nargs="+"),
+    "normalize": Flag("switch", False, "divide --weights by their sum"),
+    "lam": Flag("float", 0.7, "progressive: weight of each next ingredient, soup = (1-lam)*soup + lam*next",
+                low=0, high=1, low_open=True),
+    "alpha": Flag("float", 1.0, "WiSE-FT: (1-alpha)*zero-shot + alpha*soup; 1 = the soup itself", low=0, high=1),
+    "test_per_class": _pos("int", 50, "held-out test images per class without --test_dir"),
+    "push_to_hub_repo": Flag("str", None, "also push the split to this Hub dataset repo", nullable=True, metavar="REPO"),
+}
+
+FLAGS = {**_DATA, **_TRAIN, **_OTHER}
+
+
+def flag_help(flag):
+    parts = [flag.help] if flag.help else []
+    choices = None
+    try:
+        choices = flag.choice_list()
+    except ImportError:  # a registry that cannot load must not break --help
+        pass
+    if choices:
+        parts.append("choices: " + ", ".join(map(str, choices)))
+    if flag.range_text():
+        parts.append(flag.range_text())
+    return "; ".join(parts) or None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors (one line, exit 2 through cli_entry), not usage dumps."""
+
+    def error(self, message):
+        # "argument --imb: --imb nan is not finite; ..." -> the table's own message
+        if message.startswith("argument ") and ": --" in message:
+            message = message.split(": ", 1)[1]
+        if message.startswith("unrecognized arguments"):
+            message += "; see --help for the flags"
+        elif "required" in message or "expected" in message or "invalid choice" in message:
+            message += "; see --help"
+        raise UserError(message)
+
+
+class _Type:
+    """argparse `type=` calling the table: CLI values get exactly the checks preset values get."""
+
+    def __init__(self, name, flag):
+        self.name, self.flag = name, flag
+        self.__name__ = flag.kind
+
+    def __call__(self, raw):
+        try:
+            return self.flag.coerce(self.name, raw)
+        except UserError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_flags(parser, names, dest=None, aliases=None, **defaults):
+    """Add the table's flags `names` to `parser` (or an argument group); `defaults` override the table's defaults.
+    `dest` maps a command-line name to a table entry of another name (build_lt.py's --push_to_hub REPO); `aliases`
+    gives extra option strings of a flag (soup.py's --lambda)."""
+    for name in names:
+        key = (dest or {}).get(name, name)
+        options = [f"--{name}", *(aliases or {}).get(name, ())]
+        flag = FLAGS[key]
+        if name in defaults:
+            flag = replace(flag, default=defaults[name])
+        kwargs = {"default": flag.default, "help": flag_help(flag)}
+        if flag.kind == "switch":
+            parser.add_argument(*options, dest=name, action="store_true", **kwargs)
+        else:
+            bool_kwargs = {"nargs": "?", "const": True} if flag.kind == "bool" else {"nargs": flag.nargs}
+            parser.add_argument(*options, dest=name, type=_Type(name, flag), metavar=flag.metavar, **bool_kwargs,
+                                **kwargs)
+        _table_of(parser)[name] = flag
+    return parser
+
+
+def _table_of(parser):
+    root = getattr(parser, "_lt_root", parser)  # argument groups register on their parser
+    if not hasattr(root, "_lt_flags"):
+        root._lt_flags = {}
+    return root._lt_flags
+
+
+def add_group(parser, title, names, description=None, **defaults):
+    group = parser.add_argument_group(title, description)
+    group._lt_root = parser
+    return add_flags(group, names, **defaults)
+
 
 def parse_args_with_config(parser, argv=None):
-    """timm's two-pass trick: read `--config FILE` first, make its keys the defaults, then parse the rest."""
+    """timm's two-pass trick: read `--config FILE` first, make its (checked) values the defaults, then parse the rest."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -35,20 +469,26 @@ def parse_args_with_config(parser, argv=None):
 
 
 def load_preset(path, parser):
+    """{dest: value} of a yaml preset, each value parsed and checked by the flag table exactly as on the command line."""
+    _check_encodable("config", str(path))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing yaml file to --config (see configs/)")
     try:
-        preset = yaml.safe_load(path.read_text()) or {}
+        preset = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8 yaml") from None
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid yaml ({err.__class__.__name__}); fix its syntax") from None
+    except OSError as err:
+        raise UserError(f"config file {path} cannot be read ({err.strerror}); check its permissions") from None
     if not isinstance(preset, dict):
-        raise UserError(f"config file {path} must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(preset) - known)
+        raise UserError(f"config file {path} must be a mapping of flag names to values; write one `flag: value` per line")
+    table = _table_of(parser)
+    unknown = sorted(str(k) for k in preset if k not in table)
     if unknown:
         raise UserError(f"config file {path} has unknown keys {unknown}; use the flag names of --help")
-    return preset
+    return {key: table[key].coerce(key, value, origin=str(path)) for key, value in preset.items()}
 
 
 # preset keys naming something to read (outputs such as output_dir and cache_dir stay relative to the working dir)
@@ -73,10 +513,14 @@ def resolve_preset_paths(preset, preset_path):
     return resolved
 
 
+SECRET_FLAGS = frozenset(name for name, flag in FLAGS.items() if flag.secret)
+
+
 def public_flags(values):
-    """Flags as they may be recorded (config.yaml, trackers, logs, cards): secrets (`*_token`) are blanked, so a
-    recorded config never carries a Hub token (re-used, it falls back to HF_TOKEN / huggingface-cli login)."""
-    return {k: (None if k.endswith("_token") else v) for k, v in dict(values).items()}
+    """Flags as they may be recorded (config.yaml, trackers, logs, cards): the table's secret flags (`--hub_token`) are
+    blanked, so a recorded config never carries a Hub token (re-used, it falls back to HF_TOKEN / huggingface-cli
+    login). Error messages hide them too (`Flag.coerce`)."""
+    return {k: (None if k in SECRET_FLAGS else v) for k, v in dict(values).items()}
 
 
 def save_resolved_config(args, path):
@@ -85,14 +529,12 @@ def save_resolved_config(args, path):
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=True))
 
 
-def str2bool(value):
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+def check_cross_flags(args):
+    """Constraints between flags (each flag alone is checked by the table)."""
+    many, few = getattr(args, "many_threshold", None), getattr(args, "few_threshold", None)
+    if many is not None and few is not None and few > many + 1:
+        raise UserError(f"--few_threshold {few} is above --many_threshold {many} + 1, so a class could be both many and "
+                        "few; lower --few_threshold or raise --many_threshold")
 
 
 # data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
@@ -100,117 +542,49 @@ RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max
                        "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
                        "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
 
+DATA_FLAGS = ("dataset", "dataset_config_name", "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
+              "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir", "relabel_by_name",
+              "many_threshold", "few_threshold", "cache_dir", "per_device_eval_batch_size", "num_workers",
+              "max_eval_samples", "tte")
 
-def add_data_args(parser):
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion_mnist_lt",
-                   help="cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, inat2018, imagefolder_lt, "
-                        "a folder written by data_scripts/build_lt.py, or a split it pushed to the Hub (user/repo)")
-    g.add_argument("--dataset_config_name", default=None,
-                   help="a named preset of the dataset builder, e.g. fashion_mnist_lt's quickstart (imb 100, n_max 600)")
-    g.add_argument("--imb", type=float, default=100.0, help="imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)")
-    g.add_argument("--data_dir", default=None, help="local source files (CIFAR python dir, IDX dir, image root); default: the Hub")
-    g.add_argument("--max_per_class", type=int, default=None, help="n_max of the LT split (default: the source's)")
-    g.add_argument("--imb_seed", type=int, default=0, help="seed of the images chosen per class")
-    g.add_argument("--selection", default="rng", choices=["rng", "lift", "first"])
-    g.add_argument("--val_per_class", type=int, default=20)
-    g.add_argument("--val_source", default="unused_train", choices=["unused_train", "test_slice"])
-    g.add_argument("--train_list", default=None)
-    g.add_argument("--val_list", default=None)
-    g.add_argument("--test_list", default=None)
-    g.add_argument("--class_names_file", default=None)
-    g.add_argument("--test_dir", default=None, help="imagefolder_lt: a separate folder-per-class test set")
-    g.add_argument("--val_dir", default=None, help="imagefolder_lt: a separate folder-per-class val set")
-    g.add_argument("--relabel_by_name", type=str2bool, default=False,
-                   help="list datasets: class ids by sorted class name (LIFT's iNaturalist labels)")
-    g.add_argument("--many_threshold", type=int, default=100)
-    g.add_argument("--few_threshold", type=int, default=20)
-    g.add_argument("--cache_dir", default=None, help="datasets cache (default: the HF cache)")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=256)
-    g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="dataloader workers per process")
-    g.add_argument("--max_eval_samples", type=int, default=None,
-                   help="debugging: evaluate on a seeded subset of this many val/test images (not the papers' protocol)")
-    g.add_argument("--tte", default="none", choices=["none", *TTE_MODES.names()],
-                   help="test-time ensembling for the test evaluation (LIFT: fivecrop)")
-    return g
+# data flags naming files or folders read (never written): outputs must stay apart from them
+DATA_INPUT_FLAGS = ("dataset", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
+
+
+def add_data_args(parser, **defaults):
+    return add_group(parser, "data", DATA_FLAGS, **defaults)
 
 
 def build_train_parser():
-    parser = argparse.ArgumentParser(
-        description="Fine-tune CLIP/ViT on long-tailed data (LIFT, LT-Soups, LOS recipes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Fine-tune CLIP/ViT on long-tailed data (LIFT, LT-Soups, LOS recipes).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="yaml preset (configs/*.yaml); CLI flags override it")
     add_data_args(parser)
-    g = parser.add_argument_group("model")
-    g.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Hub id or local dir of a CLIP or ViT checkpoint")
-    g.add_argument("--from_scratch", type=str2bool, default=False, help="build the backbone from its config with random weights")
-    g.add_argument("--init_from", default=None, help="start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head")
-    g.add_argument("--method", default="adaptformer", choices=METHODS.names(),
-                   help="; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS))
-    g.add_argument("--adapter_dim", type=int, default=None, help="AdaptFormer / LoRA rank r (default: LIFT's bottleneck rule)")
-    g.add_argument("--lora_alpha", type=float, default=1.0)
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_target_modules", nargs="+", default=None, help="default q_proj v_proj (CLIP) / query value (ViT)")
-    g.add_argument("--head_type", default="cosine", choices=HEADS.names())
-    g.add_argument("--head_scale", type=float, default=25.0, help="cosine head scale (LIFT 25, LT-Soups 30)")
-    g.add_argument("--head_init", default="text", choices=HEAD_INITS.names())
-    g.add_argument("--prompt_template", default="single", choices=PROMPT_MODES.names())
-    g = parser.add_argument_group("loss and sampling")
-    g.add_argument("--augment", default=None, choices=["rrc_flip", "flip", "none"],
-                   help="training augmentation: RandomResizedCrop + flip (LIFT; the default), flip only, or none (the "
-                        "eval view); --method head always trains on cached eval-view features")
-    g.add_argument("--loss", default="la", choices=LOSSES.names())
-    g.add_argument("--tau", type=float, default=1.0, help="logit-adjustment strength")
-    g.add_argument("--label_smoothing", type=float, default=0.0, help="LOS over-smoothing: 0.98")
-    g.add_argument("--sampler", default="random", choices=["random", "class_balanced", "sqrt"])
-    g.add_argument("--balance_factor", type=float, default=None,
-                   help="LT-Soups ingredient: train on the subset with every class capped at n_min * b")
-    g.add_argument("--subset_seed", type=int, default=0, help="seed of the --balance_factor subset")
-    g.add_argument("--subset_selection", default="rng", choices=["rng", "lt_soups"],
-                   help="which images fill a --balance_factor subset: a seeded permutation per class (rng), or "
-                        "LT-Soups' exact draw (rng.choice over each class in the LT split's draw order)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    g.add_argument("--learning_rate", type=float, default=0.01)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "cosine_epoch", "constant"])
-    g.add_argument("--num_warmup_steps", type=int, default=None, help="default: 0 (SGD), max(20, 1%% of steps) (AdamW)")
-    g.add_argument("--warmup_start_factor", type=float, default=None,
-                   help="LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the lr at step "
-                        "--num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: (step+1)/warmup of the lr")
-    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak lr (LT-Soups 0.1)")
-    g.add_argument("--num_train_epochs", type=int, default=10)
-    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    g.add_argument("--min_train_steps", type=int, default=None,
-                   help="train at least this many steps (LT-Soups: 100, for its small balanced subsets)")
-    g.add_argument("--per_device_train_batch_size", type=int, default=128)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--total_batch_size", type=int, default=None,
-                   help="effective batch; sets the per-device batch from the accumulation steps and processes (LIFT: 128)")
-    g.add_argument("--max_grad_norm", type=float, default=None)
-    g.add_argument("--ema_decay", type=float, default=None, help="evaluate and export an EMA of the weights (LT-Soups 0.99)")
-    g.add_argument("--ema_start", default="initial", choices=["initial", "first_step"],
-                   help="EMA starts from the initial weights, or (torch AveragedModel, LT-Soups) is a copy of the "
-                        "weights after the first optimizer step")
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: from the accelerate config")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute the backbone's activations in the backward pass (the HF models' own): less memory, "
-                        "about a third more compute")
+    add_group(parser, "model", ("model_name_or_path", "from_scratch", "init_from", "method", "adapter_dim", "lora_alpha",
+                                "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn", "head_type", "head_scale", "head_init",
+                                "prompt_template"))
+    add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "sampler", "balance_factor",
+                                            "subset_seed", "subset_selection"))
+    add_group(parser, "optimisation", ("optimizer", "learning_rate", "weight_decay", "momentum", "lr_scheduler_type",
+                                       "num_warmup_steps", "warmup_start_factor", "min_lr_ratio", "num_train_epochs", "max_train_steps",
+                                       "min_train_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                                       "total_batch_size", "max_grad_norm", "ema_decay", "ema_start", "mixed_precision",
+                                       "gradient_checkpointing"))
     add_compile_args(parser)
-    g = parser.add_argument_group("evaluation, checkpoints, outputs")
-    g.add_argument("--eval_steps", default="epoch", help="evaluate on val every N optimizer steps, or 'epoch', or 'none'")
-    g.add_argument("--num_evals", type=int, default=None,
-                   help="instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per run)")
-    g.add_argument("--select_metric", default="mean_class_acc", help="val metric that picks best/")
-    g.add_argument("--output_dir", default="outputs/run")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir without resuming")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpointing_steps", default=None, help="save a resume state every N optimizer steps, or 'epoch'")
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a step_* folder")
-    g.add_argument("--with_tracking", action="store_true")
-    g.add_argument("--report_to", default="tensorboard")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
-    g.add_argument("--hub_token", default=None, help="prefer the HF_TOKEN environment variable")
+    add_group(parser, "evaluation, checkpoints, outputs", (
+        "eval_steps", "num_evals", "select_metric", "output_dir", "overwrite_output_dir", "seed", "dry_run", "checkpointing_steps",
+        "resume_from_checkpoint", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token"))
     return parser
+
+
+COMPILE_FLAGS = ("torch_compile", "torch_compile_backend", "torch_compile_mode")
+
+
+def add_compile_args(parser):
+    return add_group(parser, "compilation", COMPILE_FLAGS)
+
+
+def parse_train_args(argv=None):
+    args = parse_args_with_config(build_train_parser(), argv)
+    check_cross_flags(args)
+    return args

@@ -9,7 +9,7 @@ from .errors import require
 from .peft_methods import METHODS
 from .samplers import ClassBalancedSampler
 from .data.images import ImageSplit
-from .transforms import (NoAugment, RandomFlip, SeededAugment, build_eval_transform, build_train_transform,
+from .transforms import (NoAugment, PaddedCropFlip, RandomFlip, SeededAugment, build_eval_transform, build_train_transform,
                          build_tte_transform, collate)
 
 
@@ -59,23 +59,28 @@ def training_split(ds, info, args):
 
 
 def resolve_augment(args):
-    """Head-only training trains on cached features of the eval view (the backbone runs once), so it cannot augment."""
-    if METHODS.get(args.method).head_only:
-        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head: its features "
-                "are computed once from the eval view; drop --augment")
+    """Head-only training on cached features of the eval view (the backbone runs once) cannot augment."""
+    if head_on_cached_features(args):
+        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head with cached "
+                "features (computed once from the eval view); drop --augment or pass --head_features augmented")
         return "none"
     return args.augment or "rrc_flip"
+
+
+def head_on_cached_features(args):
+    return METHODS.get(args.method).head_only and args.head_features == "cached"
 
 
 def image_transforms(spec, augment="rrc_flip"):
     """(train, eval) transforms from the checkpoint's preprocessing; train ones are called (image, generator).
 
-    augment: rrc_flip (LIFT: RandomResizedCrop + flip), flip (the eval view, randomly mirrored; small images trained
+    augment: rrc_flip (LIFT: RandomResizedCrop + flip), crop_flip (CIFAR papers, LOS: 4-px padded random crop + flip), flip (the eval view, randomly mirrored; small images trained
     from scratch), none (the eval view).
     """
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    eval_tf = build_eval_transform(**common)
+    eval_tf = build_eval_transform(**common, resize=getattr(spec, "eval_resize", None))
     train_tf = {"rrc_flip": lambda: build_train_transform(**common),
+                "crop_flip": lambda: PaddedCropFlip(**common, resize=getattr(spec, "eval_resize", None)),
                 "flip": lambda: RandomFlip(eval_tf),
                 "none": lambda: NoAugment(eval_tf)}[augment]()
     return train_tf, eval_tf
@@ -84,8 +89,8 @@ def image_transforms(spec, augment="rrc_flip"):
 def test_transform(spec, tte):
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
     if tte == "none":
-        return build_eval_transform(**common)
-    return build_tte_transform(tte, patch_size=spec.patch_size, **common)
+        return build_eval_transform(**common, resize=getattr(spec, "eval_resize", None))
+    return build_tte_transform(tte, patch_size=spec.patch_size, resize=getattr(spec, "eval_resize", None), **common)
 
 
 def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):

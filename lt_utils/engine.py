@@ -139,7 +139,8 @@ def linear_warmup_cosine(args, plan):
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (LT-Soups: decay 0.99), kept in float32.
+    """Exponential moving average of the trainable parameters (LT-Soups: decay 0.99), kept in float32; BatchNorm
+    running means and variances are averaged alike (timm's ModelEma), integer buffers (num_batches_tracked) copied.
 
     start "initial": the average starts from the weights before training. "first_step": torch `AveragedModel`
     semantics (LT-Soups): the first update copies the weights, later ones average.
@@ -149,27 +150,34 @@ class EMA:
         self.decay = decay
         self.copy_next = start == "first_step"
         # eager names, so a resume with or without --torch_compile finds them
-        self.shadow = {plain_name(n): p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {plain_name(n): t.detach().float().clone() for n, t in self._tracked(model)}
+
+    @staticmethod
+    def _tracked(model):
+        from .batchnorm import is_running_stat
+
+        yield from ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        yield from ((n, b) for n, b in model.named_buffers() if is_running_stat(n))
 
     @torch.no_grad()
     def update(self, model):
-        for name, param in model.named_parameters():
+        for name, tensor in self._tracked(model):
             name = plain_name(name)
             if name in self.shadow:
-                if self.copy_next:
-                    self.shadow[name].copy_(param.detach().float())
+                if self.copy_next or not tensor.is_floating_point():
+                    self.shadow[name].copy_(tensor.detach().float())
                 else:
-                    self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+                    self.shadow[name].lerp_(tensor.detach().float(), 1.0 - self.decay)
         self.copy_next = False
 
     @torch.no_grad()
     def swap(self, model):
-        """Exchange the model's trainable weights with the averaged ones (call twice to swap back)."""
-        for name, param in model.named_parameters():
+        """Exchange the model's tracked tensors with the averaged ones (call twice to swap back)."""
+        for name, tensor in self._tracked(model):
             name = plain_name(name)
             if name in self.shadow:
-                current = param.detach().float().clone()
-                param.copy_(self.shadow[name].to(param.dtype))
+                current = tensor.detach().float().clone()
+                tensor.copy_(self.shadow[name].to(tensor.dtype))
                 self.shadow[name] = current
 
     def state_dict(self):

@@ -14,13 +14,14 @@ from .config import RECORDED_DATA_FLAGS
 from .data.builders import SPLITS
 from .data.info import INFO_FILENAME
 from .errors import UserError, require
-from .fileio import atomic_dir, atomic_write_json
+from .fileio import atomic_dir, atomic_write_json, check_outputs_apart, check_writable_dir, read_json
 from .reports import plot_per_class_accuracy, write_per_class_csv
 from .runs import run_export
 
 logger = logging.getLogger("lt")
 DEFAULT_OUTPUT_ROOT = Path("eval_outputs")
-# data flag -> its key in lt_info.json: what identifies the LT split a model was trained on
+# the flags an export records (the split, and the local source files it was read from): used unless passed
+RECORDED_FLAGS = (*RECORDED_DATA_FLAGS, "data_dir")
 
 
 @dataclass
@@ -55,19 +56,24 @@ def passed_flags(parser, argv, dests):
 def data_args_for(args, recorded, passed):
     """The data flags of one evaluation: the user's where given, else the export's record, else the defaults."""
     values = vars(args).copy()
-    values.update({k: v for k, v in recorded.items() if k not in passed})
+    # another --dataset makes the recorded source files irrelevant
+    skip = set(passed) | ({"data_dir"} if "dataset" in passed else set())
+    values.update({k: v for k, v in recorded.items() if k not in skip})
     return argparse.Namespace(**values)
 
 
 def recorded_data_flags(export_dir, meta):
     """Data flags of the split the export was trained on: lt_info.json if present (all of them), else lt_model.json."""
     info_path = Path(export_dir) / INFO_FILENAME
+    data_dir = (meta.get("dataset") or {}).get("data_dir")
+    source = {"data_dir": data_dir} if data_dir else {}  # the local files it was trained on, not the default source
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        return {flag: info[key] for flag, key in RECORDED_DATA_FLAGS.items() if key in info}
+        info = read_json(info_path, "split record")
+        require(isinstance(info, dict), f"{info_path} is not a mapping; re-export {export_dir}")
+        return {**{flag: info[key] for flag, key in RECORDED_DATA_FLAGS.items() if key in info}, **source}
     record = {**meta.get("dataset", {}), "many_threshold": meta.get("many_threshold"),
               "few_threshold": meta.get("few_threshold")}
-    return {flag: record[key] for flag, key in RECORDED_DATA_FLAGS.items() if record.get(key) is not None}
+    return {**{flag: record[key] for flag, key in RECORDED_DATA_FLAGS.items() if record.get(key) is not None}, **source}
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -111,11 +117,12 @@ def eval_dir_name(split, tte):
     return f"eval_{split}" + ("" if tte == "none" else f"_{tte}")
 
 
-def assign_output_dirs(targets, output_dir, split, tte, overwrite):
+def assign_output_dirs(targets, output_dir, split, tte, overwrite, data_inputs=None):
     """Set each target's output dir: --output_dir (one target) or --output_dir/<slug>; by default beside a local
     export, else eval_outputs/<slug>/ (zero-shot and Hub ids: the Hub cache is never written into).
 
-    Returns the comparison.md path (several targets) or None. Refuses existing outputs before anything runs.
+    Returns the comparison.md path (several targets) or None. Refuses existing, unwritable outputs and an --output_dir
+    overlapping any input (an export, the zero-shot model, data files) before anything runs.
     """
     leaf = eval_dir_name(split, tte)
     for target in targets:
@@ -130,6 +137,12 @@ def assign_output_dirs(targets, output_dir, split, tte, overwrite):
         comparison = Path(output_dir) / "comparison.md" if output_dir else DEFAULT_OUTPUT_ROOT / f"comparison_{leaf}.md"
     paths = [t.output_dir for t in targets] + ([comparison] if comparison else [])
     require(len(set(paths)) == len(paths), f"two evaluations would write to {paths[0]}; give each run once")
+    inputs = {**{f"RUN {t.name}": t.export_dir for t in targets if t.local},
+              **{"--zero_shot": t.zero_shot for t in targets if t.zero_shot}, **(data_inputs or {})}
+    for target in targets:
+        check_writable_dir(target.output_dir, "output dir")
+    if output_dir is not None:  # the default, <export>/eval_<split>, is a new folder of the export's own evaluations
+        check_outputs_apart({"--output_dir": output_dir}, inputs)
     for path in paths:
         require(overwrite or not path.exists(), f"{path} already exists; pass --overwrite to replace it or --output_dir")
     return comparison
@@ -170,7 +183,8 @@ def warn_if_other_split(target, info, split):
     path = target.export_dir / INFO_FILENAME if target.export_dir is not None else None
     if path is None or not path.is_file():
         return
-    recorded = json.loads(path.read_text()).get("index_hashes", {}).get(split)
+    saved = read_json(path, "split record")
+    recorded = saved.get("index_hashes", {}).get(split) if isinstance(saved, dict) else None
     if recorded and recorded != info.index_hashes.get(split):
         logger.warning(f"{target.name}: the {split} split differs from the one recorded with the export "
                        "(other data flags or source files)")

@@ -7,6 +7,7 @@ from .checkpoint import write_export
 from .errors import UserError
 from .heads import fingerprint
 from .hub import model_card
+from .models import LTModel
 from .peft_methods import METHODS, export_state_dict
 
 
@@ -44,7 +45,9 @@ class Exporter:
             "train_counts": list(info.train_counts), "groups": list(info.groups),
             "group_counts": info.group_counts(), "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
             "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class,
-                        "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor},
+                        "seed": info.seed, "selection": info.selection, "balance_factor": args.balance_factor,
+                        # the local source files (eval_lt.py reads the same ones by default)
+                        "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None},
             "has_weights_file": True, "run_name": Path(args.output_dir).name,
             "hub_model_id": getattr(args, "hub_model_id", None),
         }
@@ -52,7 +55,7 @@ class Exporter:
     def gather(self, accelerator, train_model):
         """Collective (every rank): the full state dict, gathered under ZeRO-3, reduced to what the export stores."""
         state_dict = accelerator.get_state_dict(train_model)
-        if self.method.head_only:  # the trained module is the head alone
+        if self.method.head_only and not isinstance(accelerator.unwrap_model(train_model), LTModel):  # the head alone (cached features)
             full = {k: v for k, v in self.lt_model.state_dict().items()}
             full.update({f"head.{k}": v for k, v in state_dict.items()})
             state_dict = full
@@ -100,7 +103,7 @@ def check_adapter_complete(peft_sd, peft_model):
 
 def refresh_model_card(export_dir, metrics):
     from .checkpoint import META_FILE
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, read_json
 
-    meta = json.loads((Path(export_dir) / META_FILE).read_text())
+    meta = read_json(Path(export_dir) / META_FILE, "export metadata")
     atomic_write_text(Path(export_dir) / "README.md", model_card(meta, metrics))

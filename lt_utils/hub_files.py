@@ -2,8 +2,9 @@
 
 * config.json + model.safetensors + modeling_lt.py (and the files it imports): LTForImageClassification as remote
   code, the whole model with LoRA merged in (`AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True)`);
-* preprocessor_config.json: the evaluation preprocessing (shorter side to 8/7 of the resolution, centre crop, the
-  interpolation, mean/std), pixel for pixel what transforms.build_eval_transform computes;
+* preprocessor_config.json: the evaluation preprocessing (shorter side to the spec's eval_resize, by default 8/7 of
+  the resolution; centre crop, the interpolation, mean/std), pixel for pixel what transforms.build_eval_transform
+  computes;
 * LoRA runs: adapter/ (adapter_config.json + adapter_model.safetensors), a standard peft adapter of the plain base
   backbone (`PeftModel.from_pretrained(AutoModel.from_pretrained(base), d, subfolder="adapter")`), and
   adapter/head.safetensors, the head for its feature. A subfolder, because transformers loads a top-level
@@ -61,8 +62,9 @@ def image_processor(spec):
     from transformers import CLIPImageProcessor
 
     size = int(spec.image_size)
+    resize = int(spec.eval_resize or size * 8 // 7)
     return CLIPImageProcessor(
-        do_resize=True, size={"shortest_edge": size * 8 // 7}, resample=_RESAMPLE_CODES[spec.interpolation],
+        do_resize=True, size={"shortest_edge": resize}, resample=_RESAMPLE_CODES[spec.interpolation],
         do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=list(spec.image_mean), image_std=list(spec.image_std), do_convert_rgb=True)
 

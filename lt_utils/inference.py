@@ -2,10 +2,11 @@
 eval_lt.py --save_predictions (the images of an evaluated split)."""
 import csv
 import io
+import os
 from pathlib import Path
 
 from .errors import UserError, require
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_outputs_apart
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -26,15 +27,20 @@ def collect_images(inputs):
     return list(dict.fromkeys(found))
 
 
-def check_flags(output, inputs, overwrite, top_k, batch_size):
-    """Before anything loads: --output must not exist (unless --overwrite), must not be an input, its folder must
-    exist; --top_k and --batch_size at least 1."""
+def check_flags(output, model, inputs, overwrite, top_k, batch_size):
+    """Before anything loads: --output given, a .csv not existing (unless --overwrite), apart from the model dir and
+    every image or folder in `inputs`, in a writable folder; --top_k and --batch_size at least 1 (the flag table
+    checks them on the command line)."""
+    require(output is not None, "--output is required; pass the CSV to write, e.g. --output predictions.csv")
     require(top_k >= 1, f"--top_k must be >= 1, got {top_k}")
     require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
     output = Path(output)
     require(output.suffix.lower() == ".csv", f"--output {output} must be a .csv file")
     require(output.parent.is_dir(), f"the folder of --output {output} does not exist; create it first")
-    require(output.resolve() not in {Path(p).resolve() for p in inputs}, f"--output {output} is an input; write elsewhere")
+    require(os.access(output.parent, os.W_OK | os.X_OK), f"--output {output} cannot be written (its folder is not "
+            "writable); pass a writable path")
+    require(not output.is_dir(), f"--output {output} is a folder; pass a .csv file path")
+    check_outputs_apart({"--output": output}, {"the model": model, **{f"input {p}": p for p in inputs}})
     require(overwrite or not output.exists(), f"{output} already exists; pass --overwrite or another --output")
 
 

@@ -1,10 +1,10 @@
 """The model of every export: LTModel (backbone feature -> method modules -> head) and its transformers pair,
 LTConfig / LTForImageClassification, registered for the auto classes.
 
-Self-contained on purpose: torch, transformers and its sibling files (peft_modules.py, heads.py and what they import)
-only, imported relatively. `save_pretrained` copies this file and its relative imports beside the weights, so an
-export loads with `AutoModelForImageClassification.from_pretrained(export, trust_remote_code=True)` where lt_utils is
-not installed, and runs this very code. The project builds and loads the same LTModel (lt_utils.models,
+Self-contained on purpose: torch, transformers and its sibling files (peft_modules.py, heads.py, cifar_resnet.py and
+what they import) only, imported relatively. `save_pretrained` copies this file and its relative imports beside the
+weights, so an export loads with `AutoModelForImageClassification.from_pretrained(export, trust_remote_code=True)`
+where lt_utils is not installed, and runs this very code. The project builds and loads the same LTModel (lt_utils.models,
 checkpoint.build_from_meta): one definition of the model.
 """
 import torch.nn.functional as F
@@ -13,8 +13,12 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .cifar_resnet import CifarResNetModel
 from .heads import HEADS
 from .peft_modules import MODULES
+
+# backbone classes that are not transformers' own: LTConfig.backbone_class -> class (their file travels with this one)
+LOCAL_BACKBONES = {"CifarResNetModel": CifarResNetModel}
 
 # backbone output -> the [B, D] feature the head sees; a BackboneKind names one (models.BACKBONES)
 FEATURES = {
@@ -37,6 +41,13 @@ class LTModel(nn.Module):
         self.adapters = None
         self.spec = spec
         self.feature = feature
+        self.backbone_eval = False  # keep the (frozen) backbone in eval mode while training (--backbone_bn eval)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.backbone_eval:
+            self.backbone.eval()  # BatchNorm uses and keeps its running statistics
+        return self
 
     @property
     def num_classes(self):
@@ -70,7 +81,7 @@ class LTConfig(PretrainedConfig):
 
 def lt_model_from_config(config):
     """An LTModel with the architecture `config` describes (weights at their init; from_pretrained loads them)."""
-    backbone_cls = getattr(transformers, config.backbone_class)
+    backbone_cls = LOCAL_BACKBONES.get(config.backbone_class) or getattr(transformers, config.backbone_class)
     backbone_config = backbone_cls.config_class.from_dict(dict(config.backbone_model_config))
     backbone = backbone_cls(backbone_config, **config.backbone_model_kwargs)
     head = HEADS.get(config.head_type)(config.num_labels, _hidden_size(backbone_config), scale=config.head_scale)

@@ -30,11 +30,23 @@ class BackboneKind:
     layer_wiring: tuple  # (second LayerNorm, MLP branch) attribute names of an encoder layer (AdaptFormer)
     lora_targets: tuple  # default LoRA targets: the first candidate whose names are Linear layers of the backbone
     model_kwargs: dict = dataclasses.field(default_factory=dict)
+    # vision config -> hidden_size, num_layers, image_size, patch_size (default: the ViT attribute names)
+    geometry: object = None
+    methods: tuple = None  # the --method names that apply (None: all)
+    eval_resize: float = 8 / 7  # the eval view: shorter side resized to image_size * this, then centre-cropped
 
     def load_class(self):
-        import transformers
+        import importlib
 
-        return getattr(transformers, self.model_class)
+        module, _, name = self.model_class.rpartition(".")
+        return getattr(importlib.import_module(module or "transformers"), name)
+
+    def spec_geometry(self, vision_config):
+        if self.geometry is not None:
+            return self.geometry(vision_config)
+        c = vision_config
+        return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "image_size": c.image_size,
+                "patch_size": c.patch_size}
 
 
 BACKBONES = Registry("backbone kind")
@@ -52,6 +64,23 @@ BACKBONES.register("vit", BackboneKind(
     lora_targets=(("q_proj", "v_proj"), ("query", "value")),
     # HF ViT's pooler is a tanh dense layer LIFT does not use; the feature is last_hidden_state[:, 0].
     model_kwargs={"add_pooling_layer": False}))
+
+
+# CNNs: BatchNorm, no LayerNorm blocks, so no AdaptFormer/LoRA; trained in full, by BitFit (BN shifts) or head-only
+_CNN_METHODS = ("full", "bitfit", "head")
+BACKBONES.register("cifar_resnet", BackboneKind(
+    model_types=("cifar_resnet",), model_class="lt_utils.cifar_resnet.CifarResNetModel", vision_config=lambda c: c,
+    features="pooler_output",  # global average pool
+    mean=[0.4914, 0.4822, 0.4465], std=[0.2023, 0.1994, 0.2010], resample=2,  # LOS's CIFAR normalisation
+    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
+    eval_resize=1.0))  # CIFAR papers evaluate the 32-px image itself, not a crop
+BACKBONES.register("resnet", BackboneKind(
+    model_types=("resnet",), model_class="ResNetModel", vision_config=lambda c: c,
+    features="pooler_flat",  # [B, D, 1, 1] average pool
+    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], resample=3,
+    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
+    geometry=lambda c: {"hidden_size": c.hidden_sizes[-1], "num_layers": sum(c.depths), "image_size": 224,
+                        "patch_size": 32}))
 
 
 def backbone_kind_of(model_type):
@@ -72,6 +101,7 @@ class BackboneSpec:
     image_mean: list
     image_std: list
     interpolation: str  # "bicubic" | "bilinear" (from the image processor's resample)
+    eval_resize: int = None  # shorter side of the eval view before the centre crop (None: image_size * 8 // 7)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -79,7 +109,8 @@ class BackboneSpec:
     @classmethod
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = set(d) - names, names - set(d)
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        unknown, missing = set(d) - names, names - set(d) - optional
         if unknown or missing:
             raise UserError(
                 f"backbone spec has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
@@ -101,6 +132,8 @@ def _is_local_path(name):
 def load_backbone_config(model_name_or_path):
     """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model."""
     from transformers import AutoConfig
+
+    from . import cifar_resnet  # noqa: F401  (registers model_type cifar_resnet with the auto classes)
 
     name = str(model_name_or_path)
     if _is_local_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
@@ -151,17 +184,10 @@ def load_backbone(model_name_or_path, from_scratch=False, seed=0):
     else:
         backbone = _from_pretrained(cls, model_name_or_path, kwargs)
     mean, std, interpolation = _preprocessing(model_name_or_path, kind)
-    spec = BackboneSpec(
-        kind=kind,
-        name_or_path=str(model_name_or_path),
-        hidden_size=int(vision_config.hidden_size),
-        num_layers=int(vision_config.num_hidden_layers),
-        image_size=int(vision_config.image_size),
-        patch_size=int(vision_config.patch_size),
-        image_mean=mean,
-        image_std=std,
-        interpolation=interpolation,
-    )
+    geometry = {k: int(v) for k, v in BACKBONES.get(kind).spec_geometry(vision_config).items()}
+    spec = BackboneSpec(kind=kind, name_or_path=str(model_name_or_path), image_mean=mean, image_std=std,
+                        interpolation=interpolation, **geometry,
+                        eval_resize=int(geometry["image_size"] * BACKBONES.get(kind).eval_resize))
     return backbone, spec
 
 

@@ -8,6 +8,7 @@ import re
 import torch
 from torch import nn
 
+from .batchnorm import is_running_stat
 from .errors import UserError
 from . import peft_modules
 from .peft_modules import AdaptFormer
@@ -228,6 +229,10 @@ def apply_method(model, method, seed=0, **margs):
     entry = METHODS.get(method)
     if not isinstance(model, LTModel):
         raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
+    supported = BACKBONES.get(model.spec.kind).methods
+    if supported is not None and method not in supported:
+        raise UserError(f"--method {method} does not apply to {model.spec.kind} backbones; choose one of "
+                        f"{', '.join(supported)}")
     if margs.get("r") is not None:
         _rank(model, margs["r"])
     model.requires_grad_(False)
@@ -253,4 +258,5 @@ def export_state_dict(state_dict, method):
     entry = METHODS.get(method)
     if entry.peft:
         raise ValueError(f"export_state_dict does not handle {method!r}: peft methods are exported with save_pretrained")
-    return {k: v for k, v in state_dict.items() if entry.exports(k)}
+    # BatchNorm running statistics move whenever the backbone runs in train mode, whatever trains: always kept
+    return {k: v for k, v in state_dict.items() if entry.exports(k) or is_running_stat(k)}

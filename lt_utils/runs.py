@@ -33,10 +33,12 @@ def run_export(path, which=None):
 
 
 def _is_soup(export_dir):
+    """Whether an export's meta says soup; an unreadable or malformed meta is left to the ingredient's own checks."""
     try:
-        return json.loads((Path(export_dir) / META_FILE).read_text()).get("method") == "soup"
+        meta = json.loads((Path(export_dir) / META_FILE).read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return False
+    return isinstance(meta, dict) and meta.get("method") == "soup"
 
 
 def expand_ingredients(inputs, which=None):

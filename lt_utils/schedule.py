@@ -72,14 +72,10 @@ def set_lr(optimizer, lr):
 
 
 def check_schedule_flags(args):
-    """--num_evals (replacing --eval_steps, left at 'epoch') and --warmup_start_factor; checked before anything
-    is written."""
-    if args.warmup_start_factor is not None and not 0 <= args.warmup_start_factor <= 1:
-        raise UserError(f"--warmup_start_factor {args.warmup_start_factor}: must be in [0, 1] (LT-Soups: 1e-6)")
+    """--num_evals replaces --eval_steps (left at 'epoch'); checked before anything is written (each flag's range is
+    checked by the flag table)."""
     if args.num_evals is None:
         return
-    if args.num_evals < 1:
-        raise UserError(f"--num_evals must be a positive number of evaluations, got {args.num_evals}")
     if str(args.eval_steps) != "epoch":
         raise UserError(f"--num_evals {args.num_evals} and --eval_steps {args.eval_steps} both set the validation "
                         "schedule; pass one of them")

@@ -27,10 +27,10 @@ import torch
 
 from .config import RECORDED_DATA_FLAGS
 from .metrics import check_select_metric, selection_score
-from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, resolve_export_dir,
-                         read_export_meta, write_export)
+from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, check_finite, read_export_meta,
+                         read_tensors, resolve_export_dir, write_export)
 from .errors import UserError, require
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
 
 MODES = ("uniform", "weighted", "progressive", "greedy")
 MANIFEST_FILE = "soup_manifest.json"
@@ -80,6 +80,7 @@ def read_ingredient(source):
             require(key not in entries, f"{source}: {key} is both in {WEIGHTS_FILE} and in the LoRA adapter; re-export it")
             entries[key] = entry
     require(entries, f"{source} holds no tensors to merge (no {WEIGHTS_FILE}, no adapter); re-export it")
+    read_tensors(path / HEAD_INIT_FILE)  # readable and finite: a soup's anchor and card come from it
     return Ingredient(str(source), path, meta, entries)
 
 
@@ -95,8 +96,12 @@ def _check_soupable(meta, source):
 def _header(file_path):
     from safetensors import safe_open
 
-    with safe_open(str(file_path), framework="pt") as f:
-        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    try:
+        with safe_open(str(file_path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:  # truncated, empty or garbage bytes
+        raise UserError(f"{file_path} is not a readable safetensors file ({err.__class__.__name__}); it is truncated "
+                        "or corrupted, re-export it") from None
 
 
 def _file_entries(path, file_name):
@@ -105,7 +110,8 @@ def _file_entries(path, file_name):
 
 def _lora_entries(path):
     """LoRA targets as exact deltas, plus the adapter's plain tensors (the head saved as modules_to_save)."""
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    config = read_json(path / ADAPTER_CONFIG, "adapter config")
+    require(isinstance(config, dict), f"{path / ADAPTER_CONFIG} is not a mapping; re-export it")
     _check_lora_config(config, path)
     header = _header(path / ADAPTER_WEIGHTS)
     entries, factors = {}, {}
@@ -205,7 +211,7 @@ def soup_weights(mode, n, lam=0.7, weights=None, normalize=False):
 
 def _explicit_weights(weights, n, normalize):
     require(weights is not None and len(weights) == n,
-            f"--weights needs one value per ingredient: got {0 if weights is None else len(weights)} for {n}")
+            f"--weights needs one value per ingredient: got {0 if weights is None else len(weights)} for {n}; pass {n}")
     total = math.fsum(weights)
     if normalize:
         require(total > 0, f"--weights sum to {total:g}; --normalize needs a positive sum")
@@ -246,11 +252,25 @@ def ingredient_tensor(ing, key, base_state=None):
     from safetensors import safe_open
 
     entry = ing.entries[key]
-    with safe_open(str(ing.path / entry.file), framework="pt") as f:
-        if entry.lora_b is None:
-            return f.get_tensor(entry.key)
-        lora_a, lora_b = f.get_tensor(entry.key).double(), f.get_tensor(entry.lora_b).double()
+    path = ing.path / entry.file
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if entry.lora_b is None:
+                return _finite(f.get_tensor(entry.key), path, entry.key)
+            lora_a, lora_b = f.get_tensor(entry.key).double(), f.get_tensor(entry.lora_b).double()
+    except UserError:
+        raise
+    except Exception as err:  # bytes cut or changed after the header was read
+        raise UserError(f"{path}: {entry.key} cannot be read ({err.__class__.__name__}); the file is truncated or "
+                        "corrupted, re-export it") from None
+    _finite(lora_a, path, entry.key)
+    _finite(lora_b, path, entry.lora_b)
     return _base_tensor(base_state, key, ing.name).double() + entry.scaling * (lora_b @ lora_a)
+
+
+def _finite(tensor, path, key):
+    check_finite({key: tensor}, str(path), "the file is corrupted or its run diverged; leave this ingredient out")
+    return tensor
 
 
 def anchor_tensor(key, base_state, head_init):
@@ -271,7 +291,8 @@ def _base_tensor(base_state, key, source):
 def merge_tensors(ingredients, weights, base_state=None, head_init=None, progress=True):
     """{key: sum_j w_j * T_j[key]} over (anchor, ingredients), key by key in float64, cast to the first's dtype.
 
-    Integer tensors are copied from the first ingredient and must be equal in all of them.
+    BatchNorm running means and variances are averaged like weights; num_batches_tracked is the largest. Other
+    integer tensors are copied from the first ingredient and must be equal in all of them.
     """
     from tqdm.auto import tqdm
 
@@ -280,6 +301,9 @@ def merge_tensors(ingredients, weights, base_state=None, head_init=None, progres
     out = {}
     for key in tqdm(sorted(first.entries), desc="merge", disable=not progress):
         tensor = ingredient_tensor(first, key, base_state)
+        if key.endswith("num_batches_tracked"):  # BatchNorm's step counter: the soup has seen the most steps of any
+            out[key] = torch.stack([tensor] + [ingredient_tensor(ing, key) for ing, _ in rest]).max(dim=0).values
+            continue
         if not first.entries[key].is_float:
             for ing, _ in rest:
                 require(torch.equal(ingredient_tensor(ing, key), tensor),
@@ -309,7 +333,8 @@ def stored_val_score(ing, metric):
     path = ing.path / "metrics.json"
     if not path.is_file():
         return None
-    value = selection_score(json.loads(path.read_text()).get("val", {}), metric)
+    saved = read_json(path, "metrics")
+    value = selection_score(saved.get("val", {}) if isinstance(saved, dict) else {}, metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -380,9 +405,10 @@ def val_data_args(data_args, lt_info_path):
     if args.dataset is not None:
         return args
     require(Path(lt_info_path).is_file(), f"{lt_info_path} is missing; pass --dataset (and its flags) for the val split")
-    info = json.loads(Path(lt_info_path).read_text())
+    info = read_json(lt_info_path, "split record")
     for flag, key in RECORDED_DATA_FLAGS.items():
-        setattr(args, flag, info[key])
+        if isinstance(info, dict) and key in info:
+            setattr(args, flag, info[key])
     return args
 
 
@@ -400,11 +426,11 @@ def weight_file_hashes(ing):
     return {name: sha256_file(ing.path / name) for name in names if (ing.path / name).is_file()}
 
 
-def check_output_dir(output_dir, ingredients, overwrite):
+def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
     output_dir = Path(output_dir)
-    for ing in ingredients:
-        require(output_dir.resolve() != ing.path.resolve(),
-                f"--output_dir {output_dir} is the ingredient {ing.name}; write the soup elsewhere")
+    check_writable_dir(output_dir, "--output_dir")
+    check_outputs_apart({"--output_dir": output_dir},
+                        {**{f"ingredient {i + 1}": ing.path for i, ing in enumerate(ingredients)}, **(data_inputs or {})})
     require(overwrite or not output_dir.exists(), f"{output_dir} already exists; choose another --output_dir or pass --overwrite")
 
 
@@ -418,12 +444,10 @@ def soup_meta(first, output_dir, soup_info):
 
 def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None, hub_files=True):
     """An export dir like train_lt.py's (loadable by load_export) plus soup_manifest.json; returns the weights' sha256."""
-    from safetensors.torch import load_file
-
     from .hub import model_card
 
     meta = soup_meta(first, output_dir, soup_info)
-    head_init = load_file(str(first.path / HEAD_INIT_FILE))
+    head_init = read_tensors(first.path / HEAD_INIT_FILE)
 
     def write_extras(tmp):
         for name in COPIED_FILES:
@@ -440,7 +464,8 @@ def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None, hu
 
 # ------------------------------------------------------------------------------------------------------- soup
 def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normalize=False, alpha=1.0,
-              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, hub_files=True):
+              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None,
+              hub_files=True):
     """Read, check, weigh and merge `inputs` (export dirs / Hub ids) into the export dir `output_dir`.
 
     scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
@@ -449,15 +474,13 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     if mode == "greedy":
         check_select_metric(select_metric)
     from accelerate import PartialState
-    from safetensors.torch import load_file
-
     require(mode in MODES, f"unknown soup mode {mode!r}; use one of {', '.join(MODES)}")
     require(weights is None or mode == "weighted", f"--weights sets the weights itself; drop --mode {mode}")
     ingredients = [read_ingredient(p) for p in inputs]
-    check_output_dir(output_dir, ingredients, overwrite)
+    check_output_dir(output_dir, ingredients, overwrite, data_inputs)
     check_compatible(ingredients)
     first = ingredients[0]
-    head_init = load_file(str(first.path / HEAD_INIT_FILE))
+    head_init = read_tensors(first.path / HEAD_INIT_FILE)
     base_state = load_base_state(first.meta) if first.is_lora else None
     scores, greedy, scorer = [None] * len(ingredients), None, None
     if mode == "greedy":

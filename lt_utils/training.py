@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
 from .compile import dynamo_plugin
+from .config import DATA_INPUT_FLAGS, SECRET_FLAGS
 from .errors import UserError, require
 from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
@@ -162,6 +163,40 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
     return model, exporter
 
 
+def check_bn_flags(args, num_processes):
+    """--head_features / --backbone_bn / --sync_bn apply to some runs only; say so before anything runs."""
+    if args.head_features == "augmented":
+        require(METHODS.get(args.method).head_only,
+                f"--head_features augmented applies to --method head, not {args.method}; drop it")
+    else:
+        require(args.backbone_bn == "eval" or not METHODS.get(args.method).head_only,
+                "--backbone_bn train needs --head_features augmented (cached features are computed once in eval mode)")
+    require(args.backbone_bn == "eval" or args.head_features == "augmented",
+            "--backbone_bn applies to --method head --head_features augmented only; drop it")
+
+
+def setup_batchnorm(args, accelerator, model, lt_model):
+    """The frozen backbone's BatchNorm mode (--backbone_bn) and --sync_bn across processes."""
+    from .batchnorm import convert_sync_batchnorm, has_batchnorm
+
+    lt_model.backbone_eval = METHODS.get(args.method).head_only and args.backbone_bn == "eval"
+    if args.sync_bn:
+        require(has_batchnorm(lt_model), f"--sync_bn: the {lt_model.spec.kind} backbone has no BatchNorm; drop --sync_bn")
+        if accelerator.num_processes > 1:
+            convert_sync_batchnorm(lt_model)  # in place: the LTModel root is no BatchNorm, keys are unchanged
+    return model
+
+
+def print_dry_run(model, lt_model):
+    """--dry_run: the parameter counts of the model as built, one JSON line; nothing is written."""
+    counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "total": sum(p.numel() for p in model.parameters()),
+              "head": sum(p.numel() for p in lt_model.head.parameters()),
+              "backbone": lt_model.spec.kind}
+    print(json.dumps(counts))
+    return counts
+
+
 def build_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     require(params, f"--method {args.method} left nothing to train")
@@ -171,18 +206,92 @@ def build_optimizer(model, args):
 
 
 # ----------------------------------------------------------------------------------------- run bookkeeping
-def prepare_output_dir(args, accelerator):
-    """Refuse to mix a new run into a used output dir: nothing of an earlier run is overwritten by accident."""
+INPUT_PATH_FLAGS = (*DATA_INPUT_FLAGS, "init_from", "model_name_or_path")
+
+
+def check_run_paths(args):
+    """Before anything runs: the output dir is writable, apart from every input, and not an earlier run's unless
+    resumed or --overwrite_output_dir is given."""
+    from .fileio import check_outputs_apart, check_writable_dir
+
+    check_writable_dir(args.output_dir, "--output_dir")
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, "--cache_dir")
+    check_outputs_apart({"--output_dir": args.output_dir},
+                        {f"--{flag}": getattr(args, flag, None) for flag in INPUT_PATH_FLAGS})
     out = Path(args.output_dir)
-    used = out.is_dir() and any(p.name in ("final", "best", "log.txt") or p.name.startswith("step_") for p in out.iterdir())
-    if used and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+    if used_run_dir(out) and not args.resume_from_checkpoint and not args.overwrite_output_dir:
         raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
                         "--overwrite_output_dir to replace it, or another --output_dir")
+
+
+def used_run_dir(out):
+    return out.is_dir() and any(p.name in ("final", "best", "log.txt") or p.name.startswith("step_") for p in out.iterdir())
+
+
+# flags that do not change what a run trains (or are rewritten at start), not compared on a relaunch
+_RELAUNCH_FREE = {"config", "resume_from_checkpoint", "overwrite_output_dir", "with_tracking", "report_to", "push_to_hub",
+                  "hub_model_id", "num_workers", "gradient_checkpointing", "torch_compile", "torch_compile_backend",
+                  "torch_compile_mode", "per_device_eval_batch_size", "cache_dir", "augment",
+                  "per_device_train_batch_size", "model_name_or_path", "from_scratch", "head_type", "head_scale",
+                  "output_dir"}
+
+
+def finished_run(args):
+    """The results of a finished run being resumed (a requeued job): the relaunch is then a no-op. A relaunch with
+    other settings would overwrite final/ with another model: refused."""
+    out = Path(args.output_dir)
+    path = out / "all_results.json"
+    if not args.resume_from_checkpoint or not path.is_file():
+        return None
+    from .fileio import read_json
+
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        import yaml
+
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved = {}
+        for key, value in vars(args).items():
+            if key in _RELAUNCH_FREE or key in SECRET_FLAGS or key not in saved or saved[key] == value:
+                continue
+            raise UserError(f"cannot resume {out}, a finished run: its {key} is {saved[key]!r} but this run has "
+                            f"{value!r}; relaunch it with the same settings (a no-op) or start a new --output_dir")
+    return read_json(path, "results file")
+
+
+def start_output_dir(args, accelerator, resumed_step=None):
+    """After every check passed: make the output dir, clear the earlier run (--overwrite_output_dir), drop temp
+    folders of killed saves, and cut log.txt back to the resumed step (those validations run again)."""
+    out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if used and args.overwrite_output_dir and not args.resume_from_checkpoint:
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
             remove_previous_run(out)
+        import shutil
+
+        for tmp in out.glob(".step_*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if resumed_step is not None:
+            truncate_log(out / "log.txt", resumed_step)
     accelerator.wait_for_everyone()
+
+
+def truncate_log(path, step):
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by a kill
+    from .fileio import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 RUN_FILES = ("final", "best", "log.txt", "all_results.json", "config.yaml")
@@ -199,16 +308,11 @@ def remove_previous_run(out):
 
 def every_n_steps(value, plan, flag):
     """'epoch' -> steps per epoch; an integer string -> that many optimizer steps; None/'none' -> never."""
-    if value is None or str(value).lower() == "none":
+    if value is None or value == "none":
         return None
-    if str(value) == "epoch":
+    if value == "epoch":
         return plan.steps_per_epoch
-    try:
-        n = int(value)
-    except ValueError:
-        raise UserError(f"{flag} must be a number of steps, 'epoch' or 'none', got {value!r}") from None
-    require(n > 0, f"{flag} must be positive, got {n}")
-    return n
+    return int(value)  # checked by the flag table
 
 
 def resume_identity(args, info):
@@ -217,7 +321,23 @@ def resume_identity(args, info):
             "train_images": info.index_hashes.get("train"), "method": args.method,
             "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
             "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
-            "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from}
+            "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from,
+            "head_features": args.head_features, "backbone_bn": args.backbone_bn}
+
+
+def non_finite_advice(args):
+    """What may have made the loss non-finite: the flags of this run that scale the logits, the loss or the steps."""
+    causes = [f"--learning_rate {args.learning_rate:g}"]
+    if args.head_type == "cosine":
+        causes.append(f"--head_scale {args.head_scale:g}")
+    if args.loss == "la":
+        causes.append(f"--tau {args.tau:g}")
+    if args.max_grad_norm is not None:
+        causes.append(f"--max_grad_norm {args.max_grad_norm:g}")
+    if args.mixed_precision == "fp16":
+        causes.append("--mixed_precision fp16")
+    fix = "lower the one you raised" + ("" if args.max_grad_norm is not None else ", or set --max_grad_norm (e.g. 1.0)")
+    return f"check {', '.join(causes)}: {fix}"
 
 
 def log_jsonl(path, record):

@@ -21,11 +21,11 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import UserError
 from .registry import Registry
 
-# `--tte`: (image_size, patch_size) -> (shorter side to resize to, crop of the views, add the flipped views)
+# `--tte`: (image_size, patch_size, eval view's resize) -> (shorter side to resize to, crop of the views, add flips)
 TTE_MODES = Registry("TTE mode", flag="--tte")
-TTE_MODES.register("fivecrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
-TTE_MODES.register("tencrop", lambda size, patch: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
-TTE_MODES.register("flip", lambda size, patch: (size * 8 // 7, v2.CenterCrop(size), True))
+TTE_MODES.register("fivecrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
+TTE_MODES.register("tencrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
+TTE_MODES.register("flip", lambda size, patch, resize=None: (resize or size * 8 // 7, v2.CenterCrop(size), True))
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -38,6 +38,25 @@ def tte_expand(image_size, patch_size):
     """Pixels added before five-cropping: 1.5 patches, rounded half up (24 for /16, 21 for /14)."""
     del image_size  # the LIFT rule depends on the patch only; kept in the signature for callers
     return (3 * int(patch_size) + 1) // 2
+
+
+class PaddedCropFlip:
+    """The CIFAR papers' augmentation (LOS, LDAM): the eval view (uint8), zero-padded by 4 px, a random crop of the
+    original size and a horizontal flip, both drawn from the generator; then normalised (padding is black, as in
+    torchvision's RandomCrop(32, padding=4) on the PIL image). Called as `transform(image, generator)`."""
+
+    def __init__(self, image_size, mean, std, interpolation="bilinear", resize=None, padding=4):
+        self.size, self.padding = image_size, padding
+        self.view = v2.Compose([ToRGB(), v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation),
+                                                   antialias=True), CenterCropFloor(image_size)])
+        self.normalize = Normalize255(mean, std)
+
+    def __call__(self, image, generator):
+        image = TF.pad(self.view(image), [self.padding] * 4, fill=0)
+        top, left = (int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=generator))
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        out = image[..., top:top + self.size, left:left + self.size]
+        return self.normalize(out.flip(-1) if flip else out)
 
 
 def build_train_transform(image_size, mean, std, interpolation="bicubic"):
@@ -152,8 +171,8 @@ class SeededAugment:
         return self.transform(image, generator)
 
 
-def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
-    """Resize the shorter side to image_size * 8 // 7 (256 for 224), centre crop, normalise.
+def build_eval_transform(image_size, mean, std, interpolation="bicubic", resize=None):
+    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise.
 
     The pixels of transformers' image processor of an export (hub_files.image_processor; tested), so the model loaded
     from the Hub sees what eval_lt.py sees.
@@ -161,20 +180,20 @@ def build_eval_transform(image_size, mean, std, interpolation="bicubic"):
     return v2.Compose(
         [
             ToRGB(),
-            v2.Resize(image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
+            v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
             CenterCropFloor(image_size),
             Normalize255(mean, std),
         ]
     )
 
 
-def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic"):
+def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic", resize=None):
     """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
 
     fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
     tencrop and flip append the horizontal flip of each view in the same order.
     """
-    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size)
+    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size, resize)
     return v2.Compose(
         [
             ToRGB(),
@@ -198,18 +217,45 @@ class CenterCropFloor:
 
 
 class ToRGB:
-    """PIL (L/RGB/RGBA/P/...), HWC uint8 array or [C, H, W] uint8 tensor -> RGB uint8 [3, H, W] tensor."""
+    """PIL (L/RGB/RGBA/P/16-bit/float ...), HWC array or [C, H, W] tensor -> RGB uint8 [3, H, W] tensor; 16-bit and
+    float values are scaled to 8 bits (`to_uint8`), never clipped."""
 
     def __call__(self, image):
         if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8:
+                image = torch.from_numpy(to_uint8(image.numpy()))
             return image if image.shape[0] == 3 else image[:1].expand(3, -1, -1)
+        if is_high_depth(image):
+            image = np.asarray(image)
         if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
+            image = Image.fromarray(to_uint8(image))
         if not isinstance(image, Image.Image):
             raise UserError(
-                f"expected a PIL image or uint8 array, got {type(image).__name__}; check --image_column_name"
+                f"expected a PIL image or an array, got {type(image).__name__}; check --image_column_name"
             )
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def is_high_depth(image):
+    """A PIL image of 16-bit or 32-bit integer or float pixels (modes I;16*, I, F)."""
+    return isinstance(image, Image.Image) and (image.mode in ("I", "F") or image.mode.startswith("I;16"))
+
+
+def to_uint8(array):
+    """8-bit values of an image array: PIL's convert("RGB") clips 16-bit and float images (all white), so scale
+    them here. Integers: the full range of 16 bits (0..65535 -> 0..255); floats: [0, 1] (or [0, 255] when larger)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        top = 255 if array.dtype.itemsize == 1 else 65535
+        scaled = array.astype(np.float64) * (255.0 / top)
+    else:
+        values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = values * 255.0 if values.size == 0 or values.max() <= 1.0 else values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 class MultiView:

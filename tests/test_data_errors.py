@@ -34,7 +34,7 @@ def _cases(tmp):
     fm = ["--dataset", "fashion_mnist", "--data_dir", idx]
     lists = ["--dataset", "imagenet_lt", "--data_dir", root, "--test_list", test, "--class_names_file", names]
     return {
-        "imb_below_one": (fm + ["--imb", "0.5"], "imb=0.5"),
+        "imb_below_one": (fm + ["--imb", "0.5"], "--imb 0.5 is out of range: must be >= 1"),
         "empty_class": (fm + ["--imb", "100", "--max_per_class", "50"], "class 8 (Bag) would get 0"),
         "missing_root": (["--dataset", "cifar100", "--data_dir", tmp / "nope"], f"{tmp / 'nope'} does not exist"),
         "missing_file": (["--dataset", "cifar100", "--data_dir", cifar], "cifar-100-python/meta not found"),

@@ -159,3 +159,19 @@ def test_deepspeed_resume_ends_with_the_same_weights(idx_dir, tmp_path, one_proc
     assert again.returncode == 0, failure_report(again)
     assert "Resumed from" in again.stderr + again.stdout
     assert_same_weights(final_weights(resumed), one_process_reference, atol=1e-5)
+
+
+def test_two_processes_with_sync_bn_match_one_process_with_the_global_batch(idx_dir, tmp_path):
+    """BatchNorm: 2 processes x 8 with --sync_bn normalise over the global 16, as 1 process x 16 does (weights and
+    running statistics); without it each process would normalise over its own 8."""
+    resnet = ["--model_name_or_path", str(REPO / "configs" / "models" / "cifar_resnet8"), "--head_type", "linear"]
+    steps = [s if s != "8" else "16" for s in STEPS]  # the 1-process reference: batch 16, no accumulation
+    single = python_script("train_lt.py", *tiny_train_args(idx_dir, tmp_path / "one", *steps, *resnet))
+    assert single.returncode == 0, failure_report(single)
+    ddp = torchrun(2, tiny_train_args(idx_dir, tmp_path / "ddp", *STEPS, *resnet, "--sync_bn"),
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert ddp.returncode == 0, failure_report(ddp)
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
+    assert two["backbone.bn1.num_batches_tracked"].item() == 4
+    assert_same_weights(two, one, atol=2e-5)
+    assert not torch.allclose(two["backbone.bn1.running_mean"], torch.zeros(8))  # statistics were tracked

@@ -266,7 +266,7 @@ def relabel(export):
     ("label_mismatch", "label 3 is 'Gown' in the export but 'Dress' in fashion_mnist_lt"),
     ("missing_dir", "not found"),
     ("partial_dir", "missing lt_weights.safetensors"),
-    ("unknown_split", "unknown split 'dev'; choose one of train, val, test"),
+    ("unknown_split", "--split dev is not a valid choice; choose one of train, val, test"),
     ("zero_shot_without_dataset", "--zero_shot alone needs --dataset"),
     ("existing_output", "already exists; pass --overwrite"),
 ])

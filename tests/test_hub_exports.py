@@ -259,3 +259,120 @@ def test_predict_py_writes_one_row_per_image(setup, tmp_path):
     proc = subprocess.run(cmd[:3] + [str(tmp_path / "nope.png")] + cmd[4:], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- CNN backbones
+RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
+
+CNN_CLIENT = r'''
+import json, sys
+from pathlib import Path
+try:
+    import lt_utils
+    sys.exit("lt_utils is importable here")
+except ImportError:
+    pass
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+cfg = json.loads(Path(sys.argv[1]).read_text())
+images = [Image.open(p) for p in cfg["images"]]
+out = {}
+for name, export in cfg["exports"].items():
+    model = AutoModelForImageClassification.from_pretrained(export, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(export)
+    with torch.no_grad():
+        logits = model(**processor(images, return_tensors="pt")).logits
+    # every tensor of the project's export, BatchNorm running statistics included, as the remote model holds it
+    state = model.state_dict()
+    exported = load_file(str(Path(export) / "lt_weights.safetensors"))
+    out[name] = {"logits": logits.tolist(), "class": type(model).__name__, "module": type(model).__module__,
+                 "backbone": type(model.lt.backbone).__name__, "backbone_module": type(model.lt.backbone).__module__,
+                 "missing": sorted(k for k in exported if "lt." + k not in state),
+                 "differ": sorted(k for k in exported if "lt." + k in state and not torch.equal(state["lt." + k], exported[k])),
+                 "pipeline": pipeline("image-classification", model=export, trust_remote_code=True)(images, top_k=1)}
+Path(cfg["out"]).write_text(json.dumps(out))
+'''
+
+
+def trained_like(lt, seed):
+    """Every tensor of `lt` moved away from its init, BatchNorm running statistics and batch counts included (a
+    loader that skipped buffers would give other logits)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in lt.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = value + 7
+        elif key.endswith("running_var"):
+            out[key] = value * (0.5 + torch.rand(value.shape, generator=g))
+        else:
+            out[key] = value + 0.1 * torch.randn(value.shape, generator=g)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cnn_exports(tmp_path_factory):
+    """A from-scratch CIFAR ResNet-8 export (the project's own PreTrainedModel) and a transformers ResNetModel one,
+    linear heads, every weight and running statistic trained-like."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from lt_utils.models import build_lt_model
+
+    root = tmp_path_factory.mktemp("cnn")
+    info = fmnist_info()
+    cifar = build_lt_model(RESNET8, C, head_type="linear", from_scratch=True)
+    exports = {"cifar_resnet": write_ingredient(root / "cifar_resnet", cifar, RESNET8, trained_like(cifar, 1),
+                                                random_head_init(C, cifar.spec.hidden_size, seed=7), info=info,
+                                                head_type="linear", from_scratch=True)}
+    torch.manual_seed(0)
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).save_pretrained(
+        root / "tiny-resnet")
+    resnet = build_lt_model(root / "tiny-resnet", C, head_type="linear")
+    exports["resnet"] = write_ingredient(root / "resnet", resnet, root / "tiny-resnet", trained_like(resnet, 2),
+                                         random_head_init(C, resnet.spec.hidden_size, seed=8), info=info,
+                                         head_type="linear")
+    return exports
+
+
+def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
+    """CIFAR ResNet (its code saved beside modeling_lt.py) and transformers' ResNet exports load through
+    AutoModelForImageClassification(trust_remote_code=True) where lt_utils is not importable, with every exported
+    tensor (BatchNorm buffers too), and give eval_lt.py's logits within 1e-5."""
+    paths = setup["images"]
+    assert (cnn_exports["cifar_resnet"] / "cifar_resnet.py").is_file()
+    for name, export in cnn_exports.items():
+        _, meta = load_export(export)
+        assert meta["backbone"]["kind"] == name
+    cfg = {"images": [str(p) for p in paths], "exports": {k: str(v) for k, v in cnn_exports.items()},
+           "out": str(tmp_path / "out.json")}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "client.py").write_text(CNN_CLIENT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-I", "client.py", "cfg.json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    backbones = {"cifar_resnet": "CifarResNetModel", "resnet": "ResNetModel"}
+    for name, export in cnn_exports.items():
+        got, ref = out[name], eval_lt_logits(export, paths)
+        assert got["class"] == "LTForImageClassification" and got["module"].startswith("transformers_modules."), name
+        assert got["backbone"] == backbones[name]
+        assert got["missing"] == [] and got["differ"] == [], (name, got["missing"][:3], got["differ"][:3])
+        assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5, rtol=0), (name, got["logits"][0], ref[0])
+        assert [p[0]["label"] for p in got["pipeline"]] == [FMNIST[i] for i in ref.argmax(-1).tolist()], name
+    # the CIFAR ResNet ran the export's own copy of its code, not transformers' or this project's
+    assert out["cifar_resnet"]["backbone_module"].startswith("transformers_modules.")
+    # the running statistics matter: the same weights with fresh BatchNorm buffers give other logits
+    model, _ = load_export(cnn_exports["cifar_resnet"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+    transform = D.test_transform(model.spec, "none")
+    with torch.no_grad():
+        fresh = model(torch.stack([transform(Image.open(p)) for p in paths]))
+    assert not torch.allclose(fresh, eval_lt_logits(cnn_exports["cifar_resnet"], paths), atol=1e-3)
+    cfg = json.loads((cnn_exports["cifar_resnet"] / "preprocessor_config.json").read_text())
+    assert cfg["size"] == {"shortest_edge": 32} and cfg["crop_size"] == {"height": 32, "width": 32}  # CIFAR: no crop

@@ -249,7 +249,7 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
     assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
     soup.main([str(a), str(b), "--output_dir", str(existing), "--overwrite"])
     assert (existing / "lt_weights.safetensors").is_file()
-    with pytest.raises(UserError, match="is the ingredient"):
+    with pytest.raises(UserError, match="is the input ingredient 1"):
         make_soup([a, b], a, overwrite=True, progress=False)
     with pytest.raises(UserError, match="listed twice"):
         make_soup([a, a], tmp_path / "dup", progress=False)

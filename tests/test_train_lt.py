@@ -106,7 +106,7 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--total_batch_size", "30", "--gradient_accumulation_steps", "4"], "not divisible"),
-    (["--select_metric", "mean_acc"], "--select_metric 'mean_acc' is not a validation metric"),
+    (["--select_metric", "mean_acc"], "--select_metric mean_acc is not a valid choice"),
     (["--method", "head", "--augment", "rrc_flip"], "--augment rrc_flip does not apply to --method head"),
     (["--dataset", "mnist_lt"], "mnist_lt"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),

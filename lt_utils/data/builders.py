@@ -225,8 +225,8 @@ class ImageFolderLT(LTBuilder):
         for c, idx in enumerate(order):
             if len(idx) <= k:
                 raise UserError(
-                    f"class {c} ({class_names[c]}) has {len(idx)} images, not more than test_per_class={k}; "
-                    "lower --test_per_class or pass --test_dir"
+                    f"class {c} ({class_names[c]}) has {len(idx)} images, not more than the {k} held out per class "
+                    "for test; pass --test_dir (or, in build_lt.py, a lower --test_per_class)"
                 )
         return [idx[: len(idx) - k] for idx in order], ("train", flat_sorted([idx[len(idx) - k :] for idx in order]))
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..transforms import is_high_depth, to_uint8
 
 SMALL_IMAGE_PIXELS = 64 * 64  # decode up front at most this many pixels per image ...
 MAX_DECODED_BYTES = 2 << 30  # ... and this much memory per split
@@ -72,8 +73,12 @@ def decoded_array(dataset, image_column="image"):
 
 
 def to_hwc(image):
-    """A PIL image in L or RGB mode as an [H, W, C] uint8 array; None for other modes (converted when read)."""
-    if getattr(image, "mode", None) not in ("L", "RGB"):
+    """A PIL image in L or RGB mode, or a 16-bit / float grayscale one (scaled to 8 bits, not clipped: see
+    transforms.to_uint8), as an [H, W, C] uint8 array; None for other modes (converted when read)."""
+    if is_high_depth(image):
+        array = to_uint8(np.asarray(image))
+    elif getattr(image, "mode", None) in ("L", "RGB"):
+        array = np.asarray(image, dtype=np.uint8)
+    else:
         return None
-    array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array

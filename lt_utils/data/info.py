@@ -62,7 +62,13 @@ class LTInfo:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path} not found; point to a directory written by save_lt_to_disk / build_lt.py")
-        return cls.from_dict(json.loads(path.read_text()))
+        from ..fileio import read_json
+
+        saved = read_json(path, "split record")
+        try:
+            return cls.from_dict(saved)
+        except TypeError:  # not a mapping, or lacking the required fields
+            raise UserError(f"{path} is not a valid split record; build the dataset again") from None
 
     @classmethod
     def from_dataset(cls, ds):

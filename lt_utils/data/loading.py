@@ -17,6 +17,11 @@ from .info import INFO_FILENAME, LTInfo
 
 DATASET_NAMES = tuple(BUILDERS)
 VAL_SOURCES = ("unused_train", "test_slice")
+
+
+def builder_config_names():
+    """Every builder's named configs (--dataset_config_name); which apply to a --dataset is checked when it loads."""
+    return sorted({config.name for builder in BUILDERS.values() for config in builder.BUILDER_CONFIGS})
 _ALIASES = {"imagenet": "imagenet_lt", "places": "places_lt", "inat": "inat2018", "inat2018_lt": "inat2018"}
 
 
@@ -133,10 +138,23 @@ def embed_info(ds, info):
     return ds
 
 
+def check_savable(ds, info):
+    """A saved split must be loadable and usable: two classes or more, train and test images (`datasets` cannot load
+    an empty split back, so an empty val split is left out and rebuilt empty on load)."""
+    if len(info.class_names) < 2:
+        raise UserError(f"{info.dataset} has {len(info.class_names)} class; a classifier needs at least 2, add classes")
+    for split in ("train", "test"):
+        if ds[split].num_rows == 0:
+            raise UserError(f"the {split} split of {info.dataset} is empty, so the saved dataset could not be used; "
+                            "give each class more images (or a --test_dir / test list)")
+
+
 def save_lt_to_disk(ds, info, path, overwrite=False):
     """Write `ds.save_to_disk` plus lt_info.json, atomically; the info is also embedded in `ds`."""
+    check_savable(ds, info)
+    kept = datasets.DatasetDict({name: split for name, split in embed_info(ds, info).items() if split.num_rows})
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        embed_info(ds, info).save_to_disk(str(tmp))
+        kept.save_to_disk(str(tmp))
         info.save(Path(tmp) / INFO_FILENAME)
     return Path(path)
 
@@ -146,4 +164,15 @@ def load_lt_from_disk(path):
     if not is_saved_lt_dir(path):
         raise UserError(f"{path} holds no {INFO_FILENAME}; pass a directory written by save_lt_to_disk / build_lt.py")
     info = LTInfo.load(path / INFO_FILENAME)
-    return embed_info(datasets.load_from_disk(str(path)), info), info
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # missing or corrupted arrow / json files
+        raise UserError(f"{path} is not a loadable saved dataset ({err.__class__.__name__}); build it again with "
+                        "data_scripts/build_lt.py") from None
+    if not isinstance(ds, datasets.DatasetDict) or "train" not in ds:
+        raise UserError(f"{path} holds no train split; build it again with data_scripts/build_lt.py")
+    for split in SPLITS:  # an empty split is not saved (datasets cannot load it): rebuild it empty
+        if split not in ds:
+            features = ds["train"].features
+            ds[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features, split=split)
+    return embed_info(ds, info), info
