@@ -32,15 +32,15 @@ def check_flags(output, model, inputs, overwrite, top_k, batch_size):
     every image or folder in `inputs`, in a writable folder; --top_k and --batch_size at least 1 (the flag table
     checks them on the command line)."""
     require(output is not None, "--output is required; pass the CSV to write, e.g. --output predictions.csv")
-    require(top_k >= 1, f"--top_k must be >= 1, got {top_k}")
-    require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
+    require(top_k >= 1, f"--top_k must be >= 1, got {top_k}; pass 1 or more")
+    require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}; pass 1 or more")
     output = Path(output)
-    require(output.suffix.lower() == ".csv", f"--output {output} must be a .csv file")
+    require(output.suffix.lower() == ".csv", f"--output {output} must be a .csv file; pass e.g. --output predictions.csv")
     require(output.parent.is_dir(), f"the folder of --output {output} does not exist; create it first")
     require(os.access(output.parent, os.W_OK | os.X_OK), f"--output {output} cannot be written (its folder is not "
             "writable); pass a writable path")
     require(not output.is_dir(), f"--output {output} is a folder; pass a .csv file path")
-    check_outputs_apart({"--output": output}, {"the model": model, **{f"input {p}": p for p in inputs}})
+    check_outputs_apart({"--output": output}, {"the model": model, **{f"image {i + 1}": p for i, p in enumerate(inputs)}})
     require(overwrite or not output.exists(), f"{output} already exists; pass --overwrite or another --output")
 
 
