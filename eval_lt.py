@@ -44,9 +44,8 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
-    add_flags(parser, ("which", "split", "zero_shot", "prompt_template",
-               "prompt_descriptor_file", "output_dir", "overwrite", "mixed_precision"),
-              output_dir=None)
+    add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "prompt_descriptor_file", "output_dir",
+                       "overwrite", "save_predictions", "top_k", "mixed_precision"), output_dir=None)
     add_compile_args(parser)
     group = add_data_args(parser)
     group.description = ("default: the split each export was trained on (its lt_info.json and --data_dir); only the "
@@ -128,12 +127,14 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
     loader = D.image_loader(ds[args.split], D.test_transform(spec, args), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)
+    top_k = args.top_k if args.save_predictions else 0
     with accelerator.autocast():
-        metrics = with_split_groups(evaluate(model, loader, accelerator, info.groups, info.num_classes,
-                                             desc=target.slug), info)
+        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug, top_k=top_k)
+    metrics, predictions = metrics if top_k else (metrics, None)
+    metrics = with_split_groups(metrics, info)
     if accelerator.is_main_process:
         config = E.eval_config(target, args, data_args, info, accelerator.mixed_precision)
-        E.write_outputs(target, config, metrics, info, args.overwrite)
+        E.write_outputs(target, config, metrics, info, args.overwrite, predictions)
         logger.info(f"{target.name}: {args.split} top-1 {metrics['accuracy']:.2f}, mean-class "
                     f"{metrics['mean_class_acc']:.2f} on {accelerator.num_processes} processes; "
                     f"outputs in {target.output_dir}")

@@ -1,10 +1,10 @@
 """Command-line flags (HF example vocabulary): ONE table of constraints, yaml presets, the saved resolved config.
 
-`FLAGS` holds every flag of the four command lines (train_lt.py, eval_lt.py, soup.py, data_scripts/build_lt.py) with
-its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
-names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line (argparse's
-`type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must be
-finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
+`FLAGS` holds every flag of the command lines (train_lt.py, eval_lt.py, soup.py, predict.py, data_scripts/build_lt.py)
+with its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
+names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line
+(argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
+be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
@@ -401,12 +401,17 @@ _TRAIN = {
                       secret=True),
 }
 
-_OTHER = {  # eval_lt.py, soup.py, build_lt.py
+_OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
     "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP id or dir", nullable=True, metavar="MODEL"),
-    "overwrite": Flag("switch", False, "replace an existing --output_dir"),
+    "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
+    "save_predictions": Flag("switch", False, "also write predictions.csv: per image of the split, its label, "
+                             "prediction, probability, top-k"),
+    "top_k": _pos("int", 5, "labels and probabilities kept per image (predict.py, --save_predictions)"),
+    "output": Flag("path", None, "the CSV to write (required)", nullable=True),
+    "batch_size": _pos("int", 32, "images per forward pass"),
     "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".soup", "MODES"),
                  nullable=True),
     "weights": Flag("float", None, "one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)",

@@ -213,11 +213,16 @@ def eval_config(target, args, data_args, info, mixed_precision):
     return config
 
 
-def write_outputs(target, config, metrics, info, overwrite):
-    """metrics.json, per_class.csv and per_class_accuracy.png, appearing together in target.output_dir."""
+def write_outputs(target, config, metrics, info, overwrite, predictions=None):
+    """metrics.json, per_class.csv and per_class_accuracy.png (+ predictions.csv with --save_predictions), appearing
+    together in target.output_dir."""
+    from .inference import write_eval_predictions
+
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     with atomic_dir(target.output_dir, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / "metrics.json", {"config": config, "config_hash": digest, "metrics": metrics})
         write_per_class_csv(tmp / "per_class.csv", metrics, info.class_names, info.train_counts, info.groups)
         plot_per_class_accuracy(tmp / "per_class_accuracy.png", metrics, info.train_counts, info.groups,
                                 title=f"{target.name}: {config['split']}")
+        if predictions is not None:
+            write_eval_predictions(tmp / "predictions.csv", predictions, info.class_names)

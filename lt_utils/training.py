@@ -12,7 +12,7 @@ from .checkpoint import build_from_meta, export_overrides, read_export_meta, res
 from .compile import dynamo_plugin
 from .config import DATA_INPUT_FLAGS, SECRET_FLAGS
 from .errors import UserError, require
-from .exports import Exporter, load_image_processor
+from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
 from .models import enable_gradient_checkpointing
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
@@ -169,7 +169,7 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         require(not method.head_only, f"--gradient_checkpointing does not apply to --method {args.method} (its backbone "
                 "runs once without gradients); drop it")
         enable_gradient_checkpointing(lt_model)
-    exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
+    exporter = Exporter(args, info, lt_model, arch, head_init, overrides)
     return model, exporter
 
 

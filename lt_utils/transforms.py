@@ -84,7 +84,7 @@ class PaddedCropFlip:
     def __init__(self, image_size, mean, std, interpolation="bilinear", resize=None, padding=4):
         self.size, self.padding = image_size, padding
         self.view = v2.Compose([ToRGB(), v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation),
-                                                   antialias=True), v2.CenterCrop(image_size)])
+                                                   antialias=True), CenterCropFloor(image_size)])
         self.normalize = Normalize255(mean, std)
 
     def __call__(self, image, generator):
@@ -208,12 +208,16 @@ class SeededAugment:
 
 
 def build_eval_transform(image_size, mean, std, interpolation="bicubic", resize=None):
-    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise."""
+    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise.
+
+    The pixels of transformers' image processor of an export (hub_files.image_processor; tested), so the model loaded
+    from the Hub sees what eval_lt.py sees.
+    """
     return v2.Compose(
         [
             ToRGB(),
             v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
-            v2.CenterCrop(image_size),
+            CenterCropFloor(image_size),
             Normalize255(mean, std),
         ]
     )
@@ -247,6 +251,18 @@ class RandomViews:
         key = zlib.crc32(image.contiguous().numpy().tobytes(), zlib.crc32(str(tuple(image.shape)).encode()))
         generator = torch.Generator().manual_seed(self.seed * 4_294_967_311 + key)
         return torch.stack([self.transform(image, generator) for _ in range(self.views)])
+
+
+class CenterCropFloor:
+    """Centre crop with offsets (H - h) // 2, (W - w) // 2, as transformers' image processors (torchvision rounds)."""
+
+    def __init__(self, size):
+        self.size = int(size)
+
+    def __call__(self, image):
+        h, w = image.shape[-2:]
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return image[..., top:top + self.size, left:left + self.size]
 
 
 class ToRGB:

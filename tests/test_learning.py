@@ -95,8 +95,8 @@ def test_los_stage1_then_stage2_end_to_end(los_runs):
     assert set(stage1) == {"final"} and stage1["final"]["tte"] == "flip"  # the final epoch is reported, flip TTE
     meta = json.loads((root / "stage1" / "final" / "lt_model.json").read_text())
     assert (meta["backbone"]["kind"], meta["head"]["type"], meta["dataset"]["selection"]) == ("cifar_resnet", "linear", "first")
-    s1 = load_file(root / "stage1" / "final" / "model.safetensors")
-    s2 = load_file(root / "0.98" / "final" / "model.safetensors")
+    s1 = load_file(root / "stage1" / "final" / "lt_weights.safetensors")
+    s2 = load_file(root / "0.98" / "final" / "lt_weights.safetensors")
     assert torch.equal(s1["backbone.conv1.weight"], s2["backbone.conv1.weight"])  # the backbone is frozen
     assert not torch.equal(s1["backbone.bn1.running_mean"], s2["backbone.bn1.running_mean"])  # BN in train mode
     assert s2["backbone.bn1.num_batches_tracked"] > s1["backbone.bn1.num_batches_tracked"]

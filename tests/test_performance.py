@@ -137,7 +137,7 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     resume = ["--resume_from_checkpoint", "latest", "--torch_compile", "--torch_compile_backend", "aot_eager"]
     result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("final/model.safetensors", "step_4/model.safetensors"):
+    for name in ("final/lt_weights.safetensors", "step_4/model.safetensors"):
         a, b = load_file(eager / name), load_file(compiled / name)
         assert list(a) == list(b) and not any(COMPILE_PREFIX in k for k in b), name
         for key in a:

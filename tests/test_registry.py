@@ -139,7 +139,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
 
     # the export holds exactly the head and the LayerNorms; they trained, the rest is the base checkpoint
     base = build_from_meta(meta).state_dict()
-    stored = load_file(str(out / "best" / "model.safetensors"))
+    stored = load_file(str(out / "best" / "lt_weights.safetensors"))
     assert set(stored) == {k for k in base if k.startswith("head.") or _is_layer_norm_key(k)}
     assert any(_is_layer_norm_key(k) for k in stored)
     assert all(not torch.equal(stored[k], base[k]) for k in stored if k.endswith("layernorm_before.weight"))
@@ -160,7 +160,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     resumed.mkdir()
     shutil.copytree(out / "step_4", resumed / "step_4")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(out / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    a, b = load_file(out / "final" / "lt_weights.safetensors"), load_file(resumed / "final" / "lt_weights.safetensors")
     assert a.keys() == b.keys() == stored.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

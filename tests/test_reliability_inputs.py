@@ -1,5 +1,5 @@
-"""Hostile input to the four command lines (train_lt.py, eval_lt.py, soup.py, data_scripts/build_lt.py): bad flag
-values, bad preset values, outputs overlapping inputs, corrupted exports, checkpoints and files.
+"""Hostile input to the five command lines (train_lt.py, eval_lt.py, soup.py, predict.py, data_scripts/build_lt.py):
+bad flag values, bad preset values, outputs overlapping inputs, corrupted exports, checkpoints and files.
 
 Each case asserts: exit status 2, exactly one `error:` line naming the flag or file and the fix (after a `;`), no
 traceback, and every existing file byte-identical afterwards (the whole workspace hashed before and after). The
@@ -204,18 +204,18 @@ def _nan(path, value=math.nan):
 
 
 CORRUPTIONS = {
-    "weights_truncated": ("model.safetensors", _truncate, "not a readable safetensors file"),
-    "weights_garbage": ("model.safetensors", lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors file"),
-    "weights_empty": ("model.safetensors", lambda p: p.write_bytes(b""), "not a readable safetensors file"),
-    "weights_nan": ("model.safetensors", _nan, "non-finite"),
-    "weights_inf": ("model.safetensors", lambda p: _nan(p, math.inf), "non-finite"),
+    "weights_truncated": ("lt_weights.safetensors", _truncate, "not a readable safetensors file"),
+    "weights_garbage": ("lt_weights.safetensors", lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors file"),
+    "weights_empty": ("lt_weights.safetensors", lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    "weights_nan": ("lt_weights.safetensors", _nan, "non-finite"),
+    "weights_inf": ("lt_weights.safetensors", lambda p: _nan(p, math.inf), "non-finite"),
     "head_init_nan": ("head_init.safetensors", _nan, "non-finite"),
     "head_init_missing": ("head_init.safetensors", lambda p: p.unlink(), "missing head_init.safetensors"),
-    "weights_missing": ("model.safetensors", lambda p: p.unlink(), "missing model.safetensors"),
+    "weights_missing": ("lt_weights.safetensors", lambda p: p.unlink(), "missing lt_weights.safetensors"),
     "meta_garbage": ("lt_model.json", lambda p: p.write_bytes(b"{\x00garbage"), "corrupted"),
     "meta_empty": ("lt_model.json", lambda p: p.write_text(""), "corrupted"),
     "meta_list": ("lt_model.json", lambda p: p.write_text("[1, 2]"), "format"),
-    "meta_lacks_keys": ("lt_model.json", lambda p: p.write_text('{"format": "lt-export-v1"}'), "lacks"),
+    "meta_lacks_keys": ("lt_model.json", lambda p: p.write_text('{"format": "lt-export-v2"}'), "lacks"),
     "meta_old_format": ("lt_model.json", lambda p: p.write_text('{"format": "v0"}'), "format"),
 }
 
@@ -273,7 +273,7 @@ def test_resume_refuses_corrupted_checkpoints(world, tmp_path, capsys, case):
 EVAL_FLAGS = [("imb", "nan"), ("split", "dev"), ("tte", "five"), ("per_device_eval_batch_size", "0"), ("num_workers", "-1"),
               ("max_eval_samples", "0"), ("many_threshold", "-1"), ("mixed_precision", "fp8"), ("prompt_template", "x"),
               ("imb_seed", "-1"), ("val_per_class", "-1"), ("max_per_class", "0"), ("which", "last"),
-              ("torch_compile_mode", "fast"), ("dataset_config_name", "quick")]
+              ("torch_compile_mode", "fast"), ("dataset_config_name", "quick"), ("top_k", "0")]
 
 
 @pytest.mark.parametrize("flag, value", EVAL_FLAGS, ids=[f"{f}={v}" for f, v in EVAL_FLAGS])
@@ -330,6 +330,27 @@ def test_soup_existing_output_and_missing_ingredient(world, tmp_path, capsys):
             "already exists", capsys, [tmp_path])
     refused(world, "soup", [world["run"] / "best", tmp_path / "nope", "--output_dir", tmp_path / "s2"], "not found", capsys,
             [tmp_path])
+
+
+# ---------------------------------------------------------------------------------------------- predict
+@pytest.mark.parametrize("flags, expect", [
+    (["--top_k", "0"], "--top_k 0"), (["--batch_size", "-1"], "--batch_size -1"), (["--top_k", "x"], "--top_k x"),
+    ([], "--output is required"), (["--output", "OUT/preds.txt"], "must be a .csv"),
+    (["--output", "RUN/final/preds.csv"], "lies inside the input the model"),
+    (["--output", "IMAGES/preds.csv"], "lies inside the input image 1"), (["--output", "OUT/nope/preds.csv"], "does not exist"),
+], ids=["top_k", "batch_size", "top_k_text", "no_output", "not_csv", "inside_model", "inside_images", "no_folder"])
+def test_predict_flags_and_outputs(world, tmp_path, capsys, flags, expect):
+    sub = lambda s: s.replace("RUN", str(world["run"])).replace("IMAGES", str(world["images"])).replace(  # noqa: E731
+        "OUT", str(tmp_path))
+    refused(world, "predict", [world["run"] / "final", world["images"], *map(sub, flags)], expect, capsys, [tmp_path])
+
+
+def test_predict_existing_output_and_missing_image(world, tmp_path, capsys):
+    (tmp_path / "preds.csv").write_text("earlier")
+    refused(world, "predict", [world["run"] / "final", world["images"], "--output", tmp_path / "preds.csv"],
+            "already exists", capsys, [tmp_path])
+    refused(world, "predict", [world["run"] / "final", tmp_path / "nope.png", "--output", tmp_path / "p.csv"],
+            "does not exist", capsys, [tmp_path])
 
 
 # -------------------------------------------------------------------------------------------- build_lt
@@ -496,21 +517,24 @@ def test_real_processes_exit_2_with_one_line(world, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the flag table
-def test_every_flag_of_the_four_clis_comes_from_the_table():
+def test_every_flag_of_the_five_clis_comes_from_the_table():
     """A flag added with a bare add_argument would skip the checks (and presets could not set it)."""
     import eval_lt
+    import predict
     import soup
     from helpers_faults import load_build_lt
 
     from lt_utils.config import FLAGS, build_train_parser
 
     parsers = {"train": build_train_parser(), "eval": eval_lt.get_args_parser(), "soup": soup.get_args_parser(),
-               "build": load_build_lt().get_args_parser()}
+               "build": load_build_lt().get_args_parser(), "predict": predict.get_args_parser()}
     for cli, parser in parsers.items():
         options = {a.dest for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-        assert len(options) > 10 and options == set(parser._lt_flags), (cli, options ^ set(parser._lt_flags))
+        assert len(options) >= 4 and options == set(parser._lt_flags), (cli, options ^ set(parser._lt_flags))
+    assert {"save_predictions", "top_k"} <= set(parsers["eval"]._lt_flags)
+    assert set(parsers["predict"]._lt_flags) == {"output", "top_k", "batch_size", "overwrite"}
     new = {"which", "dataset_config_name", "torch_compile", "torch_compile_backend", "torch_compile_mode",
-           "gradient_checkpointing"}
+           "gradient_checkpointing", "save_predictions", "top_k", "output", "batch_size"}
     assert new <= set(FLAGS)
     assert FLAGS["which"].choice_list() == ["best", "final"]
     # --dataset_config_name is also a `datasets` config of --dataset_name, so its names are checked with the dataset

@@ -161,8 +161,8 @@ def test_soup_averages_running_statistics_and_keeps_the_most_batches(tmp_path):
                                  "--optimizer", "sgd", "--learning_rate", lr, "--max_train_steps", steps,
                                  "--eval_steps", "none"))
     make_soup([runs["a"] / "final", runs["b"] / "final"], tmp_path / "soup")
-    a, b = (load_file(runs[n] / "final" / "model.safetensors") for n in "ab")
-    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    a, b = (load_file(runs[n] / "final" / "lt_weights.safetensors") for n in "ab")
+    soup = load_file(tmp_path / "soup" / "lt_weights.safetensors")
     for key in ("backbone.bn1.running_mean", "backbone.stages.2.0.bn2.running_var", "backbone.conv1.weight"):
         assert not torch.equal(a[key], b[key])
         torch.testing.assert_close(soup[key], (a[key] + b[key]) / 2)
@@ -183,8 +183,8 @@ def test_resume_restores_running_statistics_exactly(tmp_path):
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "step_2", tmp_path / "resumed" / "step_2")
     run_main(tiny_train_args(idx, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest"))
-    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    full = load_file(tmp_path / "full" / "final" / "lt_weights.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final" / "lt_weights.safetensors")
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)

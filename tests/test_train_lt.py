@@ -34,7 +34,7 @@ def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
     results = run_main(tiny_train_args(idx_dir, out, "--checkpointing_steps", "10", "--learning_rate", "0.003"))
     for name in ("final", "best"):
         export = out / name
-        for f in ("lt_model.json", "model.safetensors", "head_init.safetensors", "metrics.json", "README.md", "lt_info.json"):
+        for f in ("lt_model.json", "lt_weights.safetensors", "model.safetensors", "config.json", "head_init.safetensors", "metrics.json", "README.md", "lt_info.json"):
             assert (export / f).is_file(), f"{name}/{f} missing"
         metrics = json.loads((export / "metrics.json").read_text())
         assert metrics["test"]["num_samples"] == 100
@@ -84,7 +84,7 @@ def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path, extra):
     resumed.mkdir()
     shutil.copytree(full / "step_3", resumed / "step_3")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    a, b = load_file(full / "final" / "lt_weights.safetensors"), load_file(resumed / "final" / "lt_weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -143,11 +143,11 @@ def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_pat
 def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1", "--eval_steps", "none"))
-    before = (out / "final" / "model.safetensors").read_bytes()
+    before = (out / "final" / "lt_weights.safetensors").read_bytes()
     with pytest.raises(SystemExit):
         run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1"))
     assert "already holds a run" in capsys.readouterr().err
-    assert (out / "final" / "model.safetensors").read_bytes() == before
+    assert (out / "final" / "lt_weights.safetensors").read_bytes() == before
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
@@ -172,5 +172,5 @@ def test_failed_push_keeps_the_exports_and_says_why(idx_dir, tmp_path):
     assert result.returncode == 2  # the Hub is unreachable here (HF_HUB_OFFLINE=1)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: pushing") and "someone/tiny-lt" in last and "Traceback" not in result.stderr
-    assert (out / "final" / "model.safetensors").is_file() and (out / "all_results.json").is_file()
+    assert (out / "final" / "lt_weights.safetensors").is_file() and (out / "all_results.json").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*"))  # TensorBoard logs were written
