@@ -30,7 +30,9 @@ from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args,
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
+from lt_utils.metrics import with_split_groups
 from lt_utils.models import BackboneSpec
+from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
 
 logger = logging.getLogger("lt")
@@ -42,8 +44,8 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
-    add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "output_dir", "overwrite", "mixed_precision"),
-              output_dir=None)
+    add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "prompt_descriptor_file", "output_dir",
+                       "overwrite", "save_predictions", "top_k", "mixed_precision"), output_dir=None)
     add_compile_args(parser)
     group = add_data_args(parser)
     group.description = ("default: the split each export was trained on (its lt_info.json and --data_dir); only the "
@@ -62,6 +64,7 @@ def main(argv=None):
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
+    check_prompt_args(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_plugin=dynamo_plugin(args))
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -69,7 +72,7 @@ def main(argv=None):
 
     # every input and output is checked before the first (long) evaluation starts
     targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template, args.which)
-    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, args.tte, args.overwrite,
+    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, D.tte_tag(args), args.overwrite,
                                       {f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     accelerator.wait_for_everyone()
     loaded = {}
@@ -113,7 +116,7 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
         from lt_utils.zeroshot import build_zero_shot
 
         model = build_zero_shot(target.zero_shot, info.class_names, args.prompt_template,
-                                     device=accelerator.device)
+                                device=accelerator.device, descriptor_file=args.prompt_descriptor_file)
         spec = model.spec
     else:
         model, meta = load_export(target.export_dir)
@@ -121,14 +124,17 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
     model.to(accelerator.device)
     if args.torch_compile:
         model = accelerator.prepare_model(model, evaluation_mode=True)
-    loader = D.image_loader(ds[args.split], D.test_transform(spec, args.tte), args.per_device_eval_batch_size,
+    loader = D.image_loader(ds[args.split], D.test_transform(spec, args), args.per_device_eval_batch_size,
                             args.num_workers)
     loader = accelerator.prepare(loader)
+    top_k = args.top_k if args.save_predictions else 0
     with accelerator.autocast():
-        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug)
+        metrics = evaluate(model, loader, accelerator, info.groups, info.num_classes, desc=target.slug, top_k=top_k)
+    metrics, predictions = metrics if top_k else (metrics, None)
+    metrics = with_split_groups(metrics, info)
     if accelerator.is_main_process:
         config = E.eval_config(target, args, data_args, info, accelerator.mixed_precision)
-        E.write_outputs(target, config, metrics, info, args.overwrite)
+        E.write_outputs(target, config, metrics, info, args.overwrite, predictions)
         logger.info(f"{target.name}: {args.split} top-1 {metrics['accuracy']:.2f}, mean-class "
                     f"{metrics['mean_class_acc']:.2f} on {accelerator.num_processes} processes; "
                     f"outputs in {target.output_dir}")

@@ -28,10 +28,11 @@ from lt_utils.config import parse_train_args, public_flags, save_resolved_config
 from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
 from lt_utils.errors import UserError, cli_entry
 from lt_utils.fileio import atomic_write_json, read_json, replace_dir
-from lt_utils.losses import build_loss
-from lt_utils.metrics import scalar_metrics, selection_score
+from lt_utils.losses import LossOptions, build_loss
+from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
 from lt_utils.exports import Exporter, refresh_model_card
 from lt_utils.peft_methods import METHODS, trainable_parameter_count
+from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
 from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
 
@@ -51,6 +52,7 @@ def main(argv=None):
     accelerator = T.build_accelerator(args)
     T.resolve_batch_size(args, accelerator.num_processes)
     check_schedule_flags(args)
+    check_prompt_args(args)
     args.augment = D.resolve_augment(args)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     T.check_bn_flags(args, accelerator.num_processes)
@@ -61,7 +63,8 @@ def main(argv=None):
     ds = D.limit_eval_splits(ds, args.max_eval_samples)
     train_ds, train_counts = D.training_split(ds, info, args)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
-    head_init_loader = lambda spec: D.image_loader(ds["train"], D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
+    head_init_loader = lambda spec, shots=None: D.image_loader(D.k_shot(ds["train"], shots, args.seed),
+                                                               D.image_transforms(spec)[1], args.per_device_eval_batch_size, 0)
     # model
     with T.plain_model_init(accelerator):
         model, exporter = T.build_training_model(args, info, accelerator, head_init_loader)
@@ -70,7 +73,7 @@ def main(argv=None):
         return T.dry_run(args, accelerator, model, lt_model, len(train_ds))
     model = T.setup_batchnorm(args, accelerator, model, lt_model)
     train_tf, eval_tf = D.image_transforms(lt_model.spec, args.augment)
-    loss_fn = build_loss(args.loss, train_counts, tau=args.tau, label_smoothing=args.label_smoothing)
+    loss_fn = build_loss(args.loss, train_counts, LossOptions.from_args(args))
     sampler = D.build_sampler(args, train_ds)
     if D.head_on_cached_features(args):  # stage 2, fast: the frozen backbone runs once per split, the head trains on the cache
         lt_model.to(accelerator.device)
@@ -265,7 +268,7 @@ def load_resume_state(accelerator, path, train_model):
 def test_exports(ctx, test_ds, spec):
     """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
     a, args, results = ctx.accelerator, ctx.args, {}
-    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, args.tte), args.per_device_eval_batch_size, args.num_workers))
+    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, args), args.per_device_eval_batch_size, args.num_workers))
     for name in ("best", "final"):
         export_dir = Path(args.output_dir) / name
         if not export_dir.is_dir():
@@ -274,9 +277,10 @@ def test_exports(ctx, test_ds, spec):
             model, _ = load_export(export_dir)
         model.to(a.device)
         with a.autocast():
-            test = evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names), desc=f"test {name}")
+            test = with_split_groups(evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names),
+                                              desc=f"test {name}"), ctx.info)
         saved = read_json(export_dir / "metrics.json", "metrics") if (export_dir / "metrics.json").is_file() else {}
-        results[name] = {**saved, "test": test, "tte": args.tte}
+        results[name] = {**saved, "test": test, "tte": D.tte_tag(args)}
         a.log({f"test_{name}/{k}": v for k, v in scalar_metrics(test).items()},
               step=ctx.state.completed_steps)
         if a.is_main_process:

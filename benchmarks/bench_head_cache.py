@@ -121,34 +121,41 @@ def run_cached(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks):
     return train_epochs(accelerator, HeadOnly(lt_model.head), loader, loss_fn, args.learning_rate, marks, start), cache_seconds
 
 
-def run_naive(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks):
+def run_naive(args, accelerator, lt_model, train_ds, transform, loss_fn, marks):
+    """The frozen backbone inside every step: over the eval view (naive), or over seeded augmented views (augmented,
+    `--head_features augmented`: the papers' stage 2)."""
     from lt_utils import data_loaders as T
 
     start = clock()
     torch.manual_seed(args.seed)
-    loader = T.image_loader(train_ds, eval_tf, args.per_device_train_batch_size, 0, shuffle=True)
+    loader = T.image_loader(train_ds, transform, args.per_device_train_batch_size, 0, shuffle=True)
     return train_epochs(accelerator, FrozenBackboneHead(lt_model), loader, loss_fn, args.learning_rate, marks, start)
 
 
-def one_repeat(args, accelerator, lt_model, head_init, train_ds, eval_tf, loss_fn, marks, naive_first):
-    """Both paths from the same head init; {"cache_seconds", "N": {times, head diff}} for each N in marks."""
+def one_repeat(args, accelerator, lt_model, head_init, train_ds, eval_tf, loss_fn, marks, naive_first, train_tf=None):
+    """The paths from the same head init; {"cache_seconds", "N": {times, head diff}} for each N in marks. With
+    `train_tf` (a SeededAugment) the augmented path is timed too."""
     from lt_utils.head_init import set_head_weight
 
     paths, cache_seconds = {}, None
     # alternate which path goes first, so a drift in machine load does not favour one of them
-    for name in ("naive", "cached") if naive_first else ("cached", "naive"):
+    names = ["naive", "cached"] + (["augmented"] if train_tf is not None else [])
+    for name in names if naive_first else names[::-1]:
         set_head_weight(lt_model, head_init)
         if name == "cached":
             paths[name], cache_seconds = run_cached(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks)
         else:
-            paths[name] = run_naive(args, accelerator, lt_model, train_ds, eval_tf, loss_fn, marks)
+            tf = eval_tf if name == "naive" else train_tf
+            paths[name] = run_naive(args, accelerator, lt_model, train_ds, tf, loss_fn, marks)
     out = {"cache_seconds": cache_seconds}
     for n in marks:
         (naive_s, naive_head), (cached_s, cached_head) = paths["naive"][n], paths["cached"][n]
-        out[str(n)] = {"naive_s": naive_s, "cached_s": cached_s,
+        if "augmented" in paths:
+            out.setdefault(str(n), {})["augmented_s"] = paths["augmented"][n][0]
+        out.setdefault(str(n), {}).update({"naive_s": naive_s, "cached_s": cached_s,
                        "max_abs_head_diff": (naive_head - cached_head).abs().max().item(),
                        # the size of what training changed, so a zero diff above is not a head that never moved
-                       "max_abs_head_update": (naive_head - head_init).abs().max().item()}
+                       "max_abs_head_update": (naive_head - head_init).abs().max().item()})
     return out
 
 

@@ -10,6 +10,8 @@ and save it (`--output_dir`) and/or push it (`--push_to_hub`).
     python data_scripts/build_lt.py --dataset fashion_mnist --dataset_config_name quickstart --output_dir data/fmnist_q
     # push to the Hub; train on it with --dataset you/fmnist-lt100
     python data_scripts/build_lt.py --dataset fashion_mnist --imb 100 --max_per_class 600 --push_to_hub you/fmnist-lt100
+    # any `datasets` image-classification dataset (a Hub id or a local folder), e.g. Food-101-LT at rho 100
+    python data_scripts/build_lt.py --dataset_name food101 --test_split validation --imb 100 --output_dir data/food101_lt
     # ImageNet-LT from the OLTR lists
     python data_scripts/build_lt.py --dataset imagenet_lt --data_dir /data/imagenet \\
         --train_list ImageNet_LT_train.txt --val_list ImageNet_LT_val.txt --test_list ImageNet_LT_test.txt \\
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_utils.data import DATASET_NAMES, load_lt_dataset, save_lt_to_disk  # noqa: E402
 from lt_utils.data.hub import push_lt_dataset  # noqa: E402
-from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_group, check_cross_flags  # noqa: E402
+from lt_utils.config import DATA_INPUT_FLAGS, HF_SOURCE_FLAGS, ArgumentParser, add_group, check_cross_flags  # noqa: E402
 from lt_utils.fileio import check_outputs_apart, check_writable_dir  # noqa: E402
 from lt_utils.errors import UserError, cli_entry, require  # noqa: E402
 
@@ -36,7 +38,10 @@ def get_args_parser():
                              "val_per_class", "val_source", "cache_dir"), dataset=None)
     add_group(p, "OLTR lists (imagenet_lt, places_lt, inat2018)", ("train_list", "val_list", "test_list",
                                                                    "class_names_file", "relabel_by_name"))
-    add_group(p, "Image folder (imagefolder_lt)", ("test_dir", "val_dir", "test_per_class"))
+    add_group(p, "Any `datasets` dataset (--dataset_name: a Hub id or a local folder)", (
+        "dataset_name", "dataset_revision", "train_split", "validation_split", "test_split", "image_column_name",
+        "label_column_name", "max_train_samples", "trust_remote_code"))
+    add_group(p, "Image folder (imagefolder_lt; held-out test of hf_lt)", ("test_dir", "val_dir", "test_per_class"))
     add_group(p, "Groups", ("many_threshold", "few_threshold"))
     add_group(p, "Output", ("output_dir", "overwrite", "push_to_hub"), dest={"push_to_hub": "push_to_hub_repo"},
               output_dir=None)
@@ -46,8 +51,8 @@ def get_args_parser():
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     check_cross_flags(args)
-    require(args.dataset is not None, f"--dataset is required; pass one of {', '.join(DATASET_NAMES)} (or the short "
-                                      "form, e.g. cifar100)")
+    require(args.dataset is not None, f"--dataset or --dataset_name is required; pass one of {', '.join(DATASET_NAMES)} "
+                                      "(or the short form, e.g. cifar100), or --dataset_name with a `datasets` dataset")
     return args
 
 
@@ -111,6 +116,7 @@ def main(argv=None):
         class_names_file=args.class_names_file, many_threshold=args.many_threshold,
         few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=args.test_dir, val_dir=args.val_dir,
         test_per_class=args.test_per_class, relabel_by_name=args.relabel_by_name, config_name=args.dataset_config_name,
+        **{flag: getattr(args, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")},
     )
     print(summary(ds, info))
     if args.output_dir:

@@ -2,12 +2,17 @@
 
 * Resume state: `accelerator.save_state` into OUTPUT_DIR/step_{n}; only trainable weights are written (frozen
   backbones are rebuilt from the base checkpoint), plus optimizer, RNG, dataloader position and `TrainState`.
-* Export dir (`final/`, `best/`, a soup): everything needed to rebuild the model from its base checkpoint:
+* Export dir (`final/`, `best/`, a soup): a Hub-native transformers model plus what rebuilds it from its base:
+    config.json, model.safetensors, modeling_lt.py (+ the files it imports)   the whole model (LoRA merged) as
+                           transformers remote code: AutoModelForImageClassification(..., trust_remote_code=True)
+    preprocessor_config.json   the evaluation preprocessing (resize 8/7, centre crop, mean/std) for AutoImageProcessor
+    adapter/               LoRA runs: a standard peft adapter of the plain base backbone (adapter_config.json,
+                           adapter_model.safetensors) and head.safetensors, the head to apply to its feature
     lt_model.json          base model, backbone spec, architecture (adapters / LoRA), head, labels, train counts, groups
-    model.safetensors      tensors that differ from the base, in LTModel key names (all of them for a from-scratch run)
-    adapter_model.safetensors + adapter_config.json   peft LoRA adapter incl. the head (LoRA runs only)
+    lt_weights.safetensors tensors that differ from the base, in LTModel key names (all of them for a from-scratch run)
+    lt_adapter/            the peft LoRA adapter of the training wrapper, head included (LoRA runs only)
     head_init.safetensors  the head as initialised: the zero-shot anchor of WiSE-FT / progressive soups
-    preprocessor_config.json, lt_info.json, metrics.json, README.md (model card)
+    lt_info.json, metrics.json, README.md (model card)
   `soup.py` and `eval_lt.py` read export dirs only.
 """
 import re
@@ -21,11 +26,12 @@ from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json, read_json
 
 META_FILE = "lt_model.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "lt_weights.safetensors"
 HEAD_INIT_FILE = "head_init.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXPORT_FORMAT = "lt-export-v1"
+LT_ADAPTER_DIR = "lt_adapter"
+ADAPTER_CONFIG = f"{LT_ADAPTER_DIR}/adapter_config.json"
+ADAPTER_WEIGHTS = f"{LT_ADAPTER_DIR}/adapter_model.safetensors"
+EXPORT_FORMAT = "lt-export-v2"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 META_KEYS = ("base_model", "from_scratch", "backbone", "arch", "head", "num_labels", "id2label")
 
@@ -89,14 +95,19 @@ def check_resume_identity(path, identity):
 
 
 # ------------------------------------------------------------------------------------------------------ exports
-def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None):
+def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None,
+                 hub_files=True):
     """Atomically write an export dir. Main process only; the collective gather happens before it
     (`lt_utils.exports.gather_export_tensors`).
 
     tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
     peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);
-    extra_writers: callables f(tmp_dir) for the processor config, lt_info, metrics and model card.
+    extra_writers: callables f(tmp_dir) for lt_info, metrics and model card.
+    The Hub-native files (hub_files.write_hub_files) are written from the export itself, rebuilt by build_from_meta;
+    `hub_files=False` only for tensors that are not a model (tests of soup arithmetic on synthetic tensors).
     """
+    from .hub_files import write_hub_files
+
     for part in (tensors, head_init, peft_state_dict or {}):  # never an export of NaN / inf weights
         check_finite(part, f"refusing to export {export_dir}", "the run diverged: nothing was exported; lower "
                      "--learning_rate or set --max_grad_norm, and resume from an earlier checkpoint")
@@ -105,8 +116,10 @@ def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_mo
             save_file(_contiguous(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         save_file(_contiguous(head_init), str(tmp / HEAD_INIT_FILE), metadata={"format": "pt"})
         if peft_model is not None:
-            peft_model.save_pretrained(str(tmp), state_dict=peft_state_dict)
+            peft_model.save_pretrained(str(tmp / LT_ADAPTER_DIR), state_dict=peft_state_dict)
         atomic_write_json(tmp / META_FILE, {"format": EXPORT_FORMAT, **meta})
+        if hub_files:
+            write_hub_files(tmp, meta)
         for write in extra_writers:
             write(tmp)
 
@@ -175,7 +188,7 @@ def build_from_meta(meta, export_dir=None, merge_lora=False):
     if arch.get("lora"):
         read_tensors(Path(export_dir) / ADAPTER_WEIGHTS)  # readable and finite before peft loads it
         try:
-            model = METHODS.get("lora").load_adapter(model, export_dir, merge=merge_lora)
+            model = METHODS.get("lora").load_adapter(model, Path(export_dir) / LT_ADAPTER_DIR, merge=merge_lora)
         except Exception as err:  # a malformed adapter_config.json or adapter
             raise UserError(f"{export_dir}: the LoRA adapter cannot be loaded ({err.__class__.__name__}); re-export "
                             "it") from None

@@ -1,10 +1,10 @@
 """Command-line flags (HF example vocabulary): ONE table of constraints, yaml presets, the saved resolved config.
 
-`FLAGS` holds every flag of the four command lines (train_lt.py, eval_lt.py, soup.py, data_scripts/build_lt.py) with
-its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
-names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line (argparse's
-`type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must be
-finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
+`FLAGS` holds every flag of the command lines (train_lt.py, eval_lt.py, soup.py, predict.py, data_scripts/build_lt.py)
+with its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
+names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line
+(argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
+be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
@@ -239,11 +239,25 @@ def _opt(kind, help=""):
 # ------------------------------------------------------------------------------------------------ the table
 _DATA = {
     "dataset": Flag("path", "fashion_mnist_lt", "cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, "
-                    "inat2018, imagefolder_lt, a folder written by data_scripts/build_lt.py, or a split it pushed to "
-                    "the Hub (user/repo)"),
-    "dataset_config_name": Flag("str", None, "a named preset of the dataset builder, e.g. fashion_mnist_lt's "
-                                "quickstart (imb 100, n_max 600); each builder accepts its own",
-                                choices=_lazy(".data.loading", "builder_config_names"), nullable=True),
+                    "inat2018, imagefolder_lt, hf_lt (set by --dataset_name), a folder written by data_scripts/build_lt.py, "
+                    "or a split it pushed to the Hub (user/repo)"),
+    "dataset_config_name": Flag("str", None, "with --dataset_name: that dataset's `datasets` config; else a named preset "
+                                "of the builder, e.g. fashion_mnist_lt's quickstart (imb 100, n_max 600), each builder "
+                                "its own (checked against --dataset)", nullable=True),
+    "dataset_name": Flag("path", None, "any `datasets` image-classification dataset made long-tailed (builder hf_lt): a "
+                         "Hub id (e.g. food101) or a local save_to_disk / parquet / imagefolder folder", nullable=True),
+    "dataset_revision": _opt("str", "--dataset_name: the Hub revision (branch, tag or commit) to load"),
+    "train_split": Flag("str", "train", "--dataset_name: the split the LT rule draws from"),
+    "validation_split": _opt("str", "--dataset_name: a split to use as val (default: unused train images, "
+                             "--val_source)"),
+    "test_split": _opt("str", "--dataset_name: the reported test split (default: 'test' if it has one, else "
+                       "--test_per_class images per class held out of train)"),
+    "image_column_name": Flag("str", "image", "--dataset_name: the column of images"),
+    "label_column_name": Flag("str", "label", "--dataset_name: the column of labels (a ClassLabel, or ids / names with "
+                              "--class_names_file)"),
+    "max_train_samples": _pos("int", None, "--dataset_name: a seeded random subset (--imb_seed) of this many source "
+                              "train images, taken before the LT rule", nullable=True),
+    "trust_remote_code": Flag("bool", False, "--dataset_name: allow the dataset's own loading script to run"),
     "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1),
     "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub"),
     "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True),
@@ -264,6 +278,16 @@ _DATA = {
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
                 choices=_registry(TTE_MODES, extra=("none",))),
+    "tte_views": _pos("int", 1, "--tte randaug: random resized crop + flip views per image (LIFT's randaug_times, "
+                      "default 1)"),
+    "tte_expand": _nonneg("int", None, "--tte fivecrop/tencrop: pixels added to the shorter side before cropping "
+                          "(default 1.5 patches: 24 for /16 as LIFT, 21 for /14)", nullable=True),
+    "interpolation": Flag("str", None, "resize / crop interpolation (LIFT: bilinear, torchvision's default); default: "
+                          "the checkpoint's image processor (CLIP: bicubic); training records it with the export",
+                          choices=["bilinear", "bicubic", "nearest"], nullable=True),
+    "groups_from_imb": Flag("float", None, "many/medium/few from the counts of this rho's split of the same source "
+                            "(LIFT: 100 for CIFAR-100-LT rho 50 / 10); both groupings are reported where they differ",
+                            low=1, nullable=True),
 }
 
 _TRAIN = {
@@ -289,8 +313,10 @@ _TRAIN = {
     "head_type": Flag("str", "cosine", choices=_registry(HEADS)),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True),
     "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
-    "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.' or the 80 ImageNet "
-                            "templates averaged", choices=_registry(PROMPT_MODES)),
+    "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
+                            "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
+                            choices=_registry(PROMPT_MODES)),
+    "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}"),
     "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded "
                     "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
                     "cached features trains on the eval view",
@@ -306,6 +332,14 @@ _TRAIN = {
     "loss": Flag("str", "la", choices=_registry(LOSSES)),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
+    # LIFT's defaults (utils/losses.py); LDAM's scale is --head_scale
+    "focal_gamma": Flag("float", 2.0, "focal: the focusing exponent gamma", low=0),
+    "ldam_max_margin": Flag("float", 0.5, "ldam: margin of the rarest class (x --head_scale)", low=0, low_open=True),
+    "cb_beta": Flag("float", 0.9999, "cb: beta of the effective number (1 - beta^n) / (1 - beta)", low=0, low_open=True,
+                    high=1, high_open=True),
+    "grw_exponent": Flag("float", 1.0, "grw: class weights (n_c / N)^-exponent", low=0),
+    "lade_lambda": Flag("float", 0.1, "lade: ReMINE regulariser lambda", low=0),
+    "lade_weight": Flag("float", 0.1, "lade: weight of the LADER estimation loss", low=0),
     "sampler": Flag("str", "random", choices=["random", "class_balanced", "sqrt"]),
     "balance_factor": Flag("float", None, "LT-Soups ingredient: train on the subset with every class capped at n_min * b",
                            low=1, nullable=True),
@@ -367,13 +401,18 @@ _TRAIN = {
                       secret=True),
 }
 
-_OTHER = {  # eval_lt.py, soup.py, build_lt.py
+_OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
     "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
                       "have the same argmax as its logits)", nullable=True, metavar="MODEL"),
-    "overwrite": Flag("switch", False, "replace an existing --output_dir"),
+    "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
+    "save_predictions": Flag("switch", False, "also write predictions.csv: per image of the split, its label, "
+                             "prediction, probability, top-k"),
+    "top_k": _pos("int", 5, "labels and probabilities kept per image (predict.py, --save_predictions)"),
+    "output": Flag("path", None, "the CSV to write (required)", nullable=True),
+    "batch_size": _pos("int", 32, "images per forward pass"),
     "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".soup", "MODES"),
                  nullable=True),
     "weights": Flag("float", None, "one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)",
@@ -499,7 +538,7 @@ def load_preset(path, parser):
 
 
 # preset keys naming something to read (outputs such as output_dir and cache_dir stay relative to the working dir)
-PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "data_dir", "train_list", "val_list", "test_list",
+PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list",
                       "class_names_file", "test_dir", "val_dir")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -538,24 +577,65 @@ def save_resolved_config(args, path):
 
 def check_cross_flags(args):
     """Constraints between flags (each flag alone is checked by the table)."""
+    resolve_dataset_flags(args)
     many, few = getattr(args, "many_threshold", None), getattr(args, "few_threshold", None)
     if many is not None and few is not None and few > many + 1:
         raise UserError(f"--few_threshold {few} is above --many_threshold {many} + 1, so a class could be both many and "
                         "few; lower --few_threshold or raise --many_threshold")
 
 
+HF_BUILDER = "hf_lt"
+
+
+def resolve_dataset_flags(args):
+    """--dataset_name selects the hf_lt builder (recorded as --dataset hf_lt); another --dataset with it names two
+    sources. Without it, --dataset_config_name is a builder preset, checked against every builder's names here."""
+    name = getattr(args, "dataset_name", None)
+    dataset = getattr(args, "dataset", None)
+    if name is not None:
+        if dataset not in (None, HF_BUILDER, FLAGS["dataset"].default):
+            raise UserError(f"--dataset {dataset} and --dataset_name {name} name two sources; pass one (--dataset_name "
+                            "alone builds the LT split from that `datasets` source)")
+        args.dataset = HF_BUILDER
+        return
+    config = getattr(args, "dataset_config_name", None)
+    if config is not None and dataset != HF_BUILDER:
+        from .data.loading import builder_config_names
+
+        if config not in builder_config_names():
+            raise UserError(f"--dataset_config_name {config} is not a valid choice; choose one of "
+                            f"{', '.join(builder_config_names())} (or name a `datasets` config with --dataset_name)")
+
+
 # data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
 RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max_per_class", "imb_seed": "seed",
                        "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
-                       "many_threshold": "many_threshold", "few_threshold": "few_threshold"}
+                       "many_threshold": "many_threshold", "few_threshold": "few_threshold",
+                       "groups_from_imb": "groups_from_imb"}
 
-DATA_FLAGS = ("dataset", "dataset_config_name", "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
+# the `datasets` source of hf_lt, recorded in LTInfo.hf_source
+HF_SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
+                   "test_split", "image_column_name", "label_column_name", "class_names_file", "max_train_samples",
+                   "trust_remote_code")
+
+
+def recorded_flags(info):
+    """The data flags an LTInfo (as a dict: lt_info.json) records: how to rebuild the same split."""
+    flags = {flag: info[key] for flag, key in RECORDED_DATA_FLAGS.items() if key in info}
+    hf = info.get("hf_source") or {}
+    flags.update({flag: hf[flag] for flag in HF_SOURCE_FLAGS if flag in hf})
+    return flags
+
+
+DATA_FLAGS = ("dataset", "dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
+              "test_split", "image_column_name", "label_column_name", "max_train_samples", "trust_remote_code",
+              "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
               "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir", "relabel_by_name",
-              "many_threshold", "few_threshold", "cache_dir", "per_device_eval_batch_size", "num_workers",
-              "max_eval_samples", "tte")
+              "many_threshold", "few_threshold", "groups_from_imb", "cache_dir", "per_device_eval_batch_size",
+              "num_workers", "max_eval_samples", "tte", "tte_views", "tte_expand", "interpolation")
 
 # data flags naming files or folders read (never written): outputs must stay apart from them
-DATA_INPUT_FLAGS = ("dataset", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
+DATA_INPUT_FLAGS = ("dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
 
 
 def add_data_args(parser, **defaults):
@@ -571,8 +651,10 @@ def build_train_parser():
                                 "partial_layers", "vpt_len", "mask_ratio", "mask_seed", "lora_init", "lora_alpha",
                                 "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn",
                                 "head_type", "head_scale", "head_init",
-                                "prompt_template"))
-    add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "sampler", "balance_factor",
+                                "prompt_template", "prompt_descriptor_file"))
+    add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "focal_gamma",
+                                            "ldam_max_margin", "cb_beta", "grw_exponent", "lade_lambda", "lade_weight",
+                                            "sampler", "balance_factor",
                                             "subset_seed", "subset_selection"))
     add_group(parser, "optimisation", ("optimizer", "learning_rate", "weight_decay", "momentum", "lr_scheduler_type",
                                        "num_warmup_steps", "warmup_start_factor", "min_lr_ratio", "num_train_epochs", "max_train_steps",

@@ -1,9 +1,12 @@
 """Data for training and evaluation: the LT split, its transforms, seeded augmentation, samplers and loaders."""
 from pathlib import Path
 
+import numpy as np
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .config import HF_SOURCE_FLAGS
 from .data import capped_subset, load_lt_dataset
 from .errors import require
 from .peft_methods import METHODS
@@ -22,8 +25,10 @@ def load_data(args, accelerator):
             class_names_file=args.class_names_file, many_threshold=args.many_threshold,
             few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
             val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False),
-            config_name=getattr(args, "dataset_config_name", None))
-    return ds, record_saved_folder(info, args.dataset)
+            config_name=getattr(args, "dataset_config_name", None),
+            **{flag: getattr(args, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")
+               and hasattr(args, flag)})
+    return ds, record_saved_folder(info, args.dataset).with_groups_from_imb(getattr(args, "groups_from_imb", None))
 
 
 def record_saved_folder(info, dataset_arg):
@@ -58,6 +63,19 @@ def training_split(ds, info, args):
                          selection=args.subset_selection)
 
 
+def k_shot(train_ds, shots, seed):
+    """The train split, or up to `shots` seeded images per class of it (--head_init k_shot)."""
+    return train_ds if shots is None else train_ds.select(k_shot_indices(train_ds["label"], shots, seed))
+
+
+def k_shot_indices(labels, k, seed):
+    """Up to k images per class, drawn by a seeded permutation of each class (LIFT's 1/10/100-shot class means)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked)).tolist()
+
+
 def resolve_augment(args):
     """Head-only training on cached features of the eval view (the backbone runs once) cannot augment."""
     if head_on_cached_features(args):
@@ -86,11 +104,23 @@ def image_transforms(spec, augment="rrc_flip"):
     return train_tf, eval_tf
 
 
-def test_transform(spec, tte):
-    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std, interpolation=spec.interpolation)
-    if tte == "none":
-        return build_eval_transform(**common, resize=getattr(spec, "eval_resize", None))
-    return build_tte_transform(tte, patch_size=spec.patch_size, resize=getattr(spec, "eval_resize", None), **common)
+def test_transform(spec, args):
+    """The test view (--tte with --tte_views / --tte_expand), in the spec's interpolation unless --interpolation."""
+    common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std,
+                  interpolation=getattr(args, "interpolation", None) or spec.interpolation)
+    resize = getattr(spec, "eval_resize", None)
+    if args.tte == "none":
+        return build_eval_transform(**common, resize=resize)
+    return build_tte_transform(args.tte, patch_size=spec.patch_size, views=args.tte_views, expand=args.tte_expand,
+                               resize=resize, **common)
+
+
+def tte_tag(args):
+    """The test view as one name, for records and output dirs: none, fivecrop, fivecrop_expand32, randaug10, ..."""
+    if args.tte == "none":
+        return "none"
+    tag = args.tte + (str(args.tte_views) if args.tte == "randaug" else "")
+    return tag + (f"_expand{args.tte_expand}" if args.tte_expand is not None and args.tte in ("fivecrop", "tencrop") else "")
 
 
 def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):

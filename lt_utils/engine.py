@@ -97,24 +97,31 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, sched
 
 
 @torch.no_grad()
-def predict(model, loader, accelerator, desc="eval"):
-    """Gathered (preds, labels, per-sample NLL) over a prepared loader, exactly once per sample on any number of processes."""
+def predict(model, loader, accelerator, desc="eval", top_k=0):
+    """Gathered (preds, labels, per-sample NLL) over a prepared loader, exactly once per sample on any number of
+    processes, in dataset order; with `top_k`, also the top-k softmax probabilities and classes ([N, k] each)."""
     model.eval()
-    preds, labels, nll = [], [], []
+    stores = [[] for _ in range(5 if top_k else 3)]
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
     for batch in bar:
         logits = forward_views(model, batch["pixel_values"]).float()
         sample_nll = F.cross_entropy(logits, batch["labels"], reduction="none")
-        gathered = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"], sample_nll))
-        for store, value in zip((preds, labels, nll), gathered):
+        values = (logits.argmax(dim=-1), batch["labels"], sample_nll)
+        if top_k:
+            values += tuple(logits.softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1))
+        for store, value in zip(stores, accelerator.gather_for_metrics(values)):
             store.append(value.cpu())
-    return torch.cat(preds), torch.cat(labels), torch.cat(nll)
+    return tuple(torch.cat(store) for store in stores)
 
 
-def evaluate(model, loader, accelerator, groups, num_classes, desc="eval"):
-    """Long-tail metrics (overall, mean-class, many/medium/few, ...) of `model` on a prepared loader."""
-    preds, labels, nll = predict(model, loader, accelerator, desc=desc)
-    return compute_lt_metrics(preds, labels, num_classes, groups, sample_nll=nll)
+def evaluate(model, loader, accelerator, groups, num_classes, desc="eval", top_k=0):
+    """Long-tail metrics (overall, mean-class, many/medium/few, ...) of `model` on a prepared loader; with `top_k`,
+    (metrics, per-image predictions {"labels", "top_probs", "top_classes"})."""
+    preds, labels, nll, *top = predict(model, loader, accelerator, desc=desc, top_k=top_k)
+    metrics = compute_lt_metrics(preds, labels, num_classes, groups, sample_nll=nll)
+    if not top_k:
+        return metrics
+    return metrics, {"labels": labels, "top_probs": top[0], "top_classes": top[1]}
 
 
 def linear_warmup_cosine(args, plan):

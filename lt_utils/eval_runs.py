@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import resolve_export_dir, read_export_meta
-from .config import RECORDED_DATA_FLAGS
+from .config import HF_BUILDER, HF_SOURCE_FLAGS, RECORDED_DATA_FLAGS, recorded_flags
 from .data.builders import SPLITS
 from .data.info import INFO_FILENAME
 from .errors import UserError, require
@@ -21,7 +21,7 @@ from .runs import run_export
 logger = logging.getLogger("lt")
 DEFAULT_OUTPUT_ROOT = Path("eval_outputs")
 # the flags an export records (the split, and the local source files it was read from): used unless passed
-RECORDED_FLAGS = (*RECORDED_DATA_FLAGS, "data_dir")
+RECORDED_FLAGS = (*RECORDED_DATA_FLAGS, *HF_SOURCE_FLAGS, "data_dir")
 
 
 @dataclass
@@ -56,9 +56,12 @@ def passed_flags(parser, argv, dests):
 def data_args_for(args, recorded, passed):
     """The data flags of one evaluation: the user's where given, else the export's record, else the defaults."""
     values = vars(args).copy()
-    # another --dataset makes the recorded source files irrelevant
-    skip = set(passed) | ({"data_dir"} if "dataset" in passed else set())
+    # another --dataset (or --dataset_name) makes the recorded source irrelevant
+    other_source = {"dataset", "dataset_name"} & set(passed)
+    skip = set(passed) | ({"dataset", "data_dir", *HF_SOURCE_FLAGS} if other_source else set())
     values.update({k: v for k, v in recorded.items() if k not in skip})
+    if "dataset_name" in passed:
+        values["dataset"] = HF_BUILDER
     return argparse.Namespace(**values)
 
 
@@ -70,7 +73,7 @@ def recorded_data_flags(export_dir, meta):
     if info_path.is_file():
         info = read_json(info_path, "split record")
         require(isinstance(info, dict), f"{info_path} is not a mapping; re-export {export_dir}")
-        return {**{flag: info[key] for flag, key in RECORDED_DATA_FLAGS.items() if key in info}, **source}
+        return {**recorded_flags(info), **source}
     record = {**meta.get("dataset", {}), "many_threshold": meta.get("many_threshold"),
               "few_threshold": meta.get("few_threshold")}
     return {**{flag: record[key] for flag, key in RECORDED_DATA_FLAGS.items() if record.get(key) is not None}, **source}
@@ -194,21 +197,32 @@ def warn_if_other_split(target, info, split):
 def eval_config(target, args, data_args, info, mixed_precision):
     """What defines the numbers (not where they were computed: the process count does not change them)."""
     config = {"model": target.zero_shot or target.name, "split": args.split, "tte": args.tte,
+              "tte_views": args.tte_views if args.tte == "randaug" else None,
+              "tte_expand": args.tte_expand, "interpolation": args.interpolation,
               "dataset": {flag: getattr(data_args, flag) for flag in RECORDED_DATA_FLAGS
                           if flag not in ("many_threshold", "few_threshold")},
               "split_hash": info.index_hashes.get(args.split), "many_threshold": info.many_threshold,
               "few_threshold": info.few_threshold, "max_eval_samples": args.max_eval_samples,
               "mixed_precision": mixed_precision}
+    if data_args.dataset == HF_BUILDER:  # the `datasets` source the split was built from
+        config["dataset"]["hf_source"] = {flag: getattr(data_args, flag) for flag in HF_SOURCE_FLAGS}
     if target.zero_shot:
         config["prompt_template"] = args.prompt_template
+        if args.prompt_descriptor_file:
+            config["prompt_descriptor_file"] = str(args.prompt_descriptor_file)
     return config
 
 
-def write_outputs(target, config, metrics, info, overwrite):
-    """metrics.json, per_class.csv and per_class_accuracy.png, appearing together in target.output_dir."""
+def write_outputs(target, config, metrics, info, overwrite, predictions=None):
+    """metrics.json, per_class.csv and per_class_accuracy.png (+ predictions.csv with --save_predictions), appearing
+    together in target.output_dir."""
+    from .inference import write_eval_predictions
+
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     with atomic_dir(target.output_dir, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / "metrics.json", {"config": config, "config_hash": digest, "metrics": metrics})
         write_per_class_csv(tmp / "per_class.csv", metrics, info.class_names, info.train_counts, info.groups)
         plot_per_class_accuracy(tmp / "per_class_accuracy.png", metrics, info.train_counts, info.groups,
                                 title=f"{target.name}: {config['split']}")
+        if predictions is not None:
+            write_eval_predictions(tmp / "predictions.csv", predictions, info.class_names)

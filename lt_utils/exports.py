@@ -26,7 +26,6 @@ class Exporter:
     arch: dict
     head_init: object
     overrides: dict = None
-    image_processor: object = None
 
     @property
     def method(self):
@@ -50,6 +49,7 @@ class Exporter:
                         # the local source files (eval_lt.py reads the same ones by default)
                         "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None},
             "has_weights_file": True, "run_name": Path(args.output_dir).name,
+            "hub_model_id": getattr(args, "hub_model_id", None),
         }
 
     def gather(self, accelerator, train_model):
@@ -85,13 +85,11 @@ class Exporter:
             peft_model = accelerator.unwrap_model(train_model, keep_torch_compile=False)
             check_adapter_complete(get_peft_model_state_dict(peft_model, state_dict=state_dict), peft_model)
             peft_sd = state_dict  # save_pretrained selects the adapter (and head) from the full state dict itself
-        info, processor = self.info, self.image_processor
+        info = self.info
         writers = [lambda d: info.save(Path(d) / "lt_info.json"),
                    lambda d: (Path(d) / "README.md").write_text(model_card(meta, metrics or {}))]
         if metrics is not None:
             writers.append(lambda d: (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2)))
-        if processor is not None:
-            writers.append(lambda d: processor.save_pretrained(str(d)))
         write_export(export_dir, meta, tensors, {"weight": self.head_init}, writers, peft_model=peft_model,
                      peft_state_dict=peft_sd)
 
@@ -103,15 +101,6 @@ def check_adapter_complete(peft_sd, peft_model):
     if saved < trainable:
         raise UserError(f"the adapter to export has {saved} values but {trainable} are trained; under DeepSpeed ZeRO-3 set "
                         "zero3_save_16bit_model: true in the accelerate config")
-
-
-def load_image_processor(name_or_path):
-    try:
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(name_or_path)
-    except Exception:  # a config-only dir has none; the spec in lt_model.json still records mean/std/size
-        return None
 
 
 def refresh_model_card(export_dir, metrics):

@@ -1,5 +1,5 @@
 """Deterministic head initialisations (soups need identical head inits across runs): CLIP / SigLIP text features,
-class means."""
+class means (of all or of k seeded images per class), a class-balanced linear probe."""
 import os
 
 import torch
@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from .errors import UserError, require
 from .heads import random_head_init
 from .models import BACKBONES, _first_line, feature_dim, load_backbone_config, unwrap_lt_model
-from .prompts import clean_class_name, prompt_templates
+from .prompts import class_prompts
 from .registry import Registry
 
 
@@ -41,24 +41,23 @@ def load_text_tower(model_name_or_path, use):
 
 
 @torch.no_grad()
-def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None):
+def text_head_init(model_name_or_path, class_names, prompts="single", batch_size=256, device=None, descriptor_file=None):
     """Text features of the class prompts mapped into the vision feature space, rows unit-norm [C, hidden].
 
-    Per class: mean of the normalised joint-space text embeddings over the templates, renormalised; then the
+    Per class: mean of the normalised joint-space text embeddings over its prompts, renormalised; then the
     backbone's text tower maps it to the space LTModel.features lives in (CLIP: `@ visual_projection.weight`, LIFT's
     text_feat @ proj.T; SigLIP: the same space), and rows are normalised again.
     """
-    templates = prompt_templates(prompts)
-    names = [clean_class_name(c) for c in class_names]
-    if not names:
+    if not class_names:
         raise UserError("text head init needs at least one class name")
+    prompts_per_class = class_prompts(prompts, class_names, descriptor_file)
     tower, model, tokenizer, _, vision_config = load_text_tower(model_name_or_path, "text head init")
     problem = tower.check(model, vision_config.hidden_size, str(model_name_or_path))
     if problem:
         raise UserError(f"text head init: {problem}; use --head_init class_mean")
     device = torch.device(device or _default_device())
     model.to(device)
-    text = tower.class_embeddings(model, tokenizer, names, templates, batch_size, device)
+    text = tower.class_embeddings(model, tokenizer, prompts_per_class, batch_size, device)
     weight = F.normalize(tower.to_feature_space(model, text), dim=-1)
     del model  # the text tower is only needed here
     return weight.cpu()
@@ -100,6 +99,53 @@ def class_mean_head_init(model, dataloader, num_classes):
     return F.normalize(sums / counts[:, None], dim=-1).cpu()
 
 
+@torch.no_grad()
+def frozen_features(model, dataloader):
+    """(features [N, D] float32, labels [N]) of the frozen backbone over an unsharded loader, on CPU."""
+    lt = unwrap_lt_model(model)
+    device = next(lt.parameters()).device
+    was_training = lt.training
+    lt.eval()
+    feats, labels = [], []
+    try:
+        for batch in tqdm(dataloader, desc="features"):
+            feats.append(lt.features(batch["pixel_values"].to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch["labels"]).long().cpu())
+    finally:
+        lt.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def balanced_logistic_regression(features, labels, num_classes, c=1.0, max_iter=1000, device=None):
+    """(W [C, D], b [C]) minimising C * sum_i w_{y_i} CE(W x_i + b, y_i) + ||W||^2 / 2, w_c = N / (C n_c).
+
+    scikit-learn's LogisticRegression(penalty="l2", class_weight="balanced", multinomial, C=1) objective, which
+    LIFT fits on frozen features; solved with torch's L-BFGS (strong Wolfe line search) in float64, on `device`
+    (CPU or GPU), run to convergence (LIFT stops scikit-learn's L-BFGS at 100 iterations).
+    """
+    device = torch.device(device or _default_device())
+    x = features.to(device, torch.float64)
+    y = labels.to(device).long()
+    counts = torch.bincount(y, minlength=num_classes).double()
+    empty = (counts == 0).nonzero().flatten().tolist()
+    require(not empty, f"linear-probe head init: classes {empty[:10]} have no training images; use --head_init text")
+    sample_weight = (len(y) / (num_classes * counts))[y]
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():  # divided by N: the same minimiser, gradients of order 1
+        optimizer.zero_grad()
+        ce = F.cross_entropy(x @ weight.T + bias, y, reduction="none")
+        loss = (c * (sample_weight * ce).sum() + 0.5 * weight.pow(2).sum()) / len(y)
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
+
+
 def _head_modules(head):
     # peft's modules_to_save wraps the head: keep the trained copy and the original identical.
     if hasattr(head, "modules_to_save"):
@@ -131,13 +177,35 @@ def _text(args, info, lt_model, accelerator, train_loader_fn):
     require(BACKBONES.get(lt_model.spec.kind).text_tower is not None and not args.from_scratch,
             "--head_init text needs a pretrained image-text checkpoint (CLIP, SigLIP); use --head_init class_mean or "
             "random")
-    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template)
+    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template,
+                          descriptor_file=args.prompt_descriptor_file)
 
 
 @HEAD_INITS.register("class_mean")
 def _class_mean(args, info, lt_model, accelerator, train_loader_fn):
     lt_model.to(accelerator.device)
     return class_mean_head_init(lt_model, train_loader_fn(lt_model.spec), len(info.class_names)).cpu()
+
+
+def _k_shot_means(k):
+    def init(args, info, lt_model, accelerator, train_loader_fn):
+        lt_model.to(accelerator.device)
+        loader = train_loader_fn(lt_model.spec, shots=k)
+        return class_mean_head_init(lt_model, loader, len(info.class_names)).cpu()
+
+    return init
+
+
+for _k in (1, 10, 100):
+    HEAD_INITS.register(f"{_k}_shot", _k_shot_means(_k))
+
+
+@HEAD_INITS.register("linear_probe")
+def _linear_probe(args, info, lt_model, accelerator, train_loader_fn):
+    lt_model.to(accelerator.device)
+    features, labels = frozen_features(lt_model, train_loader_fn(lt_model.spec))
+    weight, _ = balanced_logistic_regression(features, labels, len(info.class_names), device=accelerator.device)
+    return F.normalize(weight, dim=-1).float().cpu()  # LIFT keeps the normalised rows, not the bias
 
 
 @HEAD_INITS.register("random")

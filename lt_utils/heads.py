@@ -47,6 +47,27 @@ class LinearHead(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+@HEADS.register("l2_normed")
+class L2NormedHead(nn.Module):
+    """<x, w/|w|>: unit-norm class rows, raw features, no scale or bias (LIFT's L2NormedClassifier)."""
+
+    def __init__(self, num_classes, dim, scale=None, seed=0):
+        super().__init__()
+        self.weight = nn.Parameter(random_head_init(num_classes, dim, seed))
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=-1))
+
+
+@HEADS.register("layer_normed")
+class LayerNormedHead(L2NormedHead):
+    """<LayerNorm(x), w/|w|>, the LayerNorm without affine parameters, eps 1e-12 (LIFT's LayerNormedClassifier)."""
+
+    def forward(self, x):
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-12)
+        return F.linear(x, F.normalize(self.weight, dim=-1))
+
+
 def build_head(head_type, num_classes, dim, scale=25.0, seed=0):
     return HEADS.get(head_type)(num_classes, dim, scale=scale, seed=seed)
 

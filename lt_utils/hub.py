@@ -1,57 +1,172 @@
 """Model cards and Hub uploads of export dirs."""
+import re
 from pathlib import Path
 
 from .errors import UserError
+
+
+# LT builders -> the Hub dataset their images come from (the model card's `datasets`)
+SOURCE_DATASETS = {"cifar100_lt": "uoft-cs/cifar100", "cifar10_lt": "uoft-cs/cifar10",
+                   "fashion_mnist_lt": "zalando-datasets/fashion_mnist"}
+# model-index rows: (metrics.json key, metric type, name)
+CARD_METRICS = (("accuracy", "accuracy", "top-1 accuracy"), ("mean_class_acc", "mean_class_accuracy", "mean-class accuracy"),
+                ("many_acc", "many_shot_accuracy", "many-shot accuracy"),
+                ("medium_acc", "medium_shot_accuracy", "medium-shot accuracy"),
+                ("few_acc", "few_shot_accuracy", "few-shot accuracy"))
 
 
 def _pct(value):
     return "—" if value is None else f"{value:.2f}"
 
 
+def hub_id(name):
+    """`name` if it reads as a Hub id (user/repo, not an existing local path), else None."""
+    from .models import _is_local_path
+
+    name = str(name)
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not _is_local_path(name) else None
+
+
+def base_license(base_model):
+    """The base model's license from its model card (a local folder's README.md, or the Hub's), None when unknown."""
+    from huggingface_hub import ModelCard
+
+    path = Path(str(base_model)).expanduser() / "README.md"
+    try:
+        card = ModelCard.load(path) if path.is_file() else ModelCard.load(str(base_model))
+    except Exception:  # offline, no card, not a repo: unknown
+        return None
+    return card.data.to_dict().get("license")
+
+
+def card_data(meta, metrics):
+    """ModelCardData: model-index (top-1, mean-class, many / medium / few on the dataset split), base model, datasets,
+    license, and a note for what could not be given as a Hub id."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset = meta.get("dataset") or {}
+    builder = str(dataset.get("dataset"))
+    source = SOURCE_DATASETS.get(builder) or hub_id(builder)
+    name = f"{Path(builder).name} (imbalance ratio {dataset.get('imb')})" if dataset.get("imb") else Path(builder).name
+    results = []
+    for split in ("test", "val"):
+        m = metrics.get(split) if isinstance(metrics, dict) else None
+        if not (isinstance(m, dict) and "accuracy" in m):
+            continue
+        results += [EvalResult(task_type="image-classification", task_name="Long-tailed image classification",
+                               dataset_type=source or Path(builder).name, dataset_name=name, dataset_split=split,
+                               metric_type=metric_type, metric_name=metric_name, metric_value=round(float(m[key]), 4))
+                    for key, metric_type, metric_name in CARD_METRICS if m.get(key) is not None]
+    base = None if meta["from_scratch"] else hub_id(meta["base_model"])
+    data = ModelCardData(
+        model_name=meta.get("run_name", "long-tail classifier"), library_name="transformers",
+        pipeline_tag="image-classification", tags=["long-tail", "image-classification", "lt-hf", meta["method"]],
+        base_model=base, datasets=[source] if source else None,
+        license=base_license(meta["base_model"]) if base or not meta["from_scratch"] else None,
+        eval_results=results or None)
+    return data
+
+
 def model_card(meta, metrics):
-    """README.md of an export: what it is, how it was trained, many/medium/few results, how to load it."""
+    """README.md of an export: huggingface_hub metadata (model-index ...), results, and how to load it."""
+    from huggingface_hub import ModelCard
+
+    data = card_data(meta, metrics)
+    groups = meta.get("group_counts", {})
+    base_note = ""
+    if meta["from_scratch"]:
+        base_note = f"Trained from scratch (architecture of `{meta['base_model']}`)."
+    elif data.base_model is None:
+        base_note = (f"Base model: the local folder `{meta['base_model']}` (not a Hub id, so `base_model` is not set "
+                     "in the metadata).")
+    else:
+        base_note = f"Base model: [`{data.base_model}`](https://huggingface.co/{data.base_model})."
     lines = [
-        "---",
-        "library_name: " + ("peft" if meta["arch"].get("lora") else "transformers"),
-        "pipeline_tag: image-classification",
-        f"base_model: {meta['base_model']}" if not meta["from_scratch"] else "",
-        "tags: [long-tail, image-classification, lt-hf]",
-        "---",
-        f"# {meta.get('run_name', 'Long-tail classifier')}",
-        "",
-        f"Base model `{meta['base_model']}`{' (trained from scratch)' if meta['from_scratch'] else ''}, "
-        f"method `{meta['method']}`, {meta['head']['type']} head ({meta['head']['init']} init), "
-        f"{meta['num_labels']} classes, dataset `{meta['dataset'].get('dataset')}` (imbalance ratio {meta['dataset'].get('imb')}).",
-        "",
-        "| split | overall | mean-class | many | medium | few |",
-        "|---|---|---|---|---|---|",
-    ]
+        f"# {meta.get('run_name', 'Long-tail classifier')}", "",
+        f"{base_note} Method `{meta['method']}`, {meta['head']['type']} head ({meta['head']['init']} init), "
+        f"{meta['num_labels']} classes, dataset `{(meta.get('dataset') or {}).get('dataset')}` "
+        f"(imbalance ratio {(meta.get('dataset') or {}).get('imb')}). Trained with lt-hf.", "",
+        "| split | overall | mean-class | many | medium | few |", "|---|---|---|---|---|---|"]
     for split, m in metrics.items():
         if isinstance(m, dict) and "accuracy" in m:
             lines.append(f"| {split} | {_pct(m['accuracy'])} | {_pct(m['mean_class_acc'])} | {_pct(m['many_acc'])} | "
                          f"{_pct(m['medium_acc'])} | {_pct(m['few_acc'])} |")
-    groups = meta.get("group_counts", {})
     lines += [
-        "",
-        f"Groups by training count: many > {meta['many_threshold']} ({groups.get('many', '?')} classes), "
+        "", f"Groups by training count: many > {meta['many_threshold']} ({groups.get('many', '?')} classes), "
         f"medium {meta['few_threshold']}–{meta['many_threshold']} ({groups.get('medium', '?')}), "
-        f"few < {meta['few_threshold']} ({groups.get('few', '?')}). Accuracies in %; an empty group is shown as —.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from lt_utils.checkpoint import load_export",
-        "model, meta = load_export(\"<this repo id or folder>\")   # model(pixel_values) -> logits",
-        "```",
-        "",
-        "or evaluate it: `python eval_lt.py <this repo id or folder> --dataset ...`.",
-        "",
-    ]
-    return "\n".join(line for line in lines if line is not None)
+        f"few < {meta['few_threshold']} ({groups.get('few', '?')}). Accuracies in %; an empty group is shown as —.", "",
+        "## Use (transformers alone)", "", "```python", model_snippet(meta.get("hub_model_id") or "your-name/your-model"), "```", ""]
+    if (meta.get("arch") or {}).get("lora"):
+        lines += ["## The LoRA adapter (peft)", "",
+                  "The repo also holds a standard peft adapter of the base backbone (`adapter/`) and the classifier head "
+                  f"(`adapter/head.safetensors`, a {meta['head']['type']} head on the backbone's "
+                  f"{_SNIPPET_FEATURES[_feature_name(meta['backbone']['kind'])][1]} feature):", "",
+                  "```python", adapter_snippet(meta.get("hub_model_id") or "your-name/your-model", meta['base_model'], meta['head']['type'],
+                                               meta['backbone']['kind']), "```", ""]
+    content = "---\n" + data.to_yaml() + "\n---\n" + "\n".join(lines)
+    return str(ModelCard(content))
+
+
+def model_snippet(repo_id):
+    """The loading snippet of a pushed model (README's Hub section and every model card; the tests run it)."""
+    return f"""from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+from PIL import Image
+
+classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+print(classifier(Image.open("image.png"), top_k=3))          # [{{"label": ..., "score": ...}}, ...]
+
+# or the model itself: the logits of eval_lt.py
+processor = AutoImageProcessor.from_pretrained("{repo_id}")
+model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+logits = model(**processor(Image.open("image.png"), return_tensors="pt")).logits
+print(model.config.id2label[int(logits.argmax(-1))])"""
+
+
+# a modeling_lt.FEATURES name -> (how the snippet computes it from AutoModel(base), what the model card calls it)
+_SNIPPET_FEATURES = {
+    "pooler_output": ("getattr(base, 'vision_model', base)(**inputs).pooler_output  # the pooled CLS, before the "
+                      "projection", "pooled CLS"),
+    "pooler_or_token_mean": ("getattr(base, 'vision_model', base)(**inputs).pooler_output  # the attention-pooled "
+                             "embedding", "attention-pooled"),
+    "cls_token": ("base(**inputs).last_hidden_state[:, 0]  # the CLS token", "CLS"),
+    "cls_patch_mean": ("(lambda h: torch.cat([h[:, 0], h[:, 1:].mean(1)], -1))(base(**inputs).last_hidden_state)"
+                       "  # [CLS, patch mean]", "[CLS, patch-mean]"),
+}
+
+
+def _feature_name(kind):
+    from .models import BACKBONES
+
+    return BACKBONES.get(kind).features
+
+
+def adapter_snippet(repo_id, base_model, head_type="cosine", kind="clip"):
+    """The loading snippet of a pushed LoRA adapter: peft on the plain base model, then the saved head."""
+    feature = _SNIPPET_FEATURES[_feature_name(kind)][0]
+    logit = ("float(meta['scale']) * F.normalize(feature, dim=-1) @ F.normalize(head['weight'], dim=-1).T"
+             if head_type == "cosine" else "F.linear(feature, head['weight'], head.get('bias'))")
+    return f"""import os
+{"import torch" + chr(10) if "torch." in feature else ""}import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoImageProcessor, AutoModel
+
+repo = "{repo_id}"
+local = repo if os.path.isdir(repo) else snapshot_download(repo)   # a Hub id or a local folder
+base = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"), local, subfolder="adapter")
+base = base.merge_and_unload().eval()
+with safe_open(os.path.join(local, "adapter", "head.safetensors"), "pt") as f:   # the trained {head_type} head
+    head, meta = {{k: f.get_tensor(k) for k in f.keys()}}, f.metadata()
+inputs = AutoImageProcessor.from_pretrained(local)(Image.open("image.png"), return_tensors="pt")
+feature = {feature}
+logits = {logit}"""
 
 
 def push_export(export_dir, repo_id, token=None, commit_message="Upload long-tail classifier"):
-    """Create the repo if needed and upload the export dir (adapter only for PEFT runs: that is all the dir holds)."""
+    """Create the repo if needed and upload the export dir: the transformers model, its code and card (and a LoRA
+    run's peft adapter in adapter/)."""
     from huggingface_hub import create_repo, upload_folder
 
     try:

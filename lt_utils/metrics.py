@@ -72,6 +72,15 @@ def compute_lt_metrics(logits_or_preds, labels, num_classes, groups, prefix="", 
     return {prefix + key: value for key, value in out.items()}
 
 
+def with_split_groups(metrics, info):
+    """Under --groups_from_imb, add the many/medium/few accuracies of the split's own groups as `split_groups`."""
+    own = info.split_groups
+    if list(own) == list(info.groups):
+        return metrics
+    acc = torch.tensor([math.nan if a is None else a for a in metrics["per_class_acc"]], dtype=torch.float64)
+    return {**metrics, "split_groups": _group_metrics(acc, ~acc.isnan(), _group_array(own, len(own)))}
+
+
 def scalar_metrics(metrics):
     """The scalar entries only (no per-class lists, no None): for trackers and log lines."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -5,10 +5,10 @@ import dataclasses
 import os
 
 import torch
-from torch import nn
 
 from .errors import UserError
 from .heads import build_head
+from .modeling_lt import FEATURE_WIDTHS, FEATURES, LTConfig, LTForImageClassification, LTModel
 from .registry import Registry
 from .text_towers import ClipTextTower, SiglipTextTower
 
@@ -27,7 +27,7 @@ class BackboneKind:
     model_types: tuple  # config.model_type values this kind loads
     model_class: str  # transformers class of the vision tower
     vision_config: object  # full config -> the vision tower's config
-    features: object  # model output -> the [B, D] feature the head sees
+    features: str  # a modeling_lt.FEATURES name: model output -> the [B, D] feature the head sees
     mean: list  # preprocessing when the checkpoint has no image processor
     std: list
     resample: int  # PIL code
@@ -43,7 +43,6 @@ class BackboneKind:
     methods: tuple = None  # the --method names that apply (None: all)
     excluded_methods: tuple = ()  # ... but these
     eval_resize: float = 8 / 7  # the eval view: shorter side resized to image_size * this, then centre-cropped
-    feature_multiple: int = 1  # the feature LTModel's head sees is this many times hidden_size wide
     # image_size from the image processor's crop (DINOv2: its config holds the 518-px position grid it interpolates
     # from; its processor feeds 224-px crops); the config's when the checkpoint has no processor
     processor_image_size: bool = False
@@ -73,7 +72,7 @@ _NO_VPT = ("vpt_shallow", "vpt_deep")
 BACKBONES.register("clip", BackboneKind(
     model_types=("clip", "clip_vision_model"), model_class="CLIPVisionModel",
     vision_config=lambda c: c.vision_config if c.model_type == "clip" else c,
-    features=lambda out: out.pooler_output,  # post-LayerNorm CLS, before the projection (LIFT)
+    features="pooler_output",  # post-LayerNorm CLS, before the projection (LIFT)
     mean=CLIP_MEAN, std=CLIP_STD, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
     lora_targets=(("q_proj", "v_proj"),),
     block_lists=("encoder.layers", "vision_model.encoder.layers"),
@@ -86,7 +85,7 @@ _VIT_BLOCK_PARTS = {"ln_1": ("layernorm_before",), "ln_2": ("layernorm_after",),
                     "fc1": ("mlp.fc1", "intermediate.dense"), "fc2": ("mlp.fc2", "output.dense")}
 BACKBONES.register("vit", BackboneKind(
     model_types=("vit",), model_class="ViTModel", vision_config=lambda c: c,
-    features=lambda out: out.last_hidden_state[:, 0],
+    features="cls_token",
     mean=[0.5] * 3, std=[0.5] * 3, resample=2,
     layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),  # transformers 5, 4.x
     lora_targets=(("q_proj", "v_proj"), ("query", "value")),
@@ -98,7 +97,7 @@ BACKBONES.register("vit", BackboneKind(
 # token before the patches, is left out; VPT assumes one)
 BACKBONES.register("deit", BackboneKind(
     model_types=("deit",), model_class="DeiTModel", vision_config=lambda c: c,
-    features=lambda out: out.last_hidden_state[:, 0],
+    features="cls_token",
     mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3,
     layer_wiring=(("layernorm_after", "mlp"), ("layernorm_after", "output")),
     lora_targets=(("q_proj", "v_proj"), ("query", "value")), model_kwargs={"add_pooling_layer": False},
@@ -110,7 +109,7 @@ BACKBONES.register("deit", BackboneKind(
 BACKBONES.register("siglip", BackboneKind(
     model_types=("siglip", "siglip_vision_model"), model_class="SiglipVisionModel",
     vision_config=lambda c: c.vision_config if c.model_type == "siglip" else c,
-    features=lambda out: out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1),
+    features="pooler_or_token_mean",
     mean=[0.5] * 3, std=[0.5] * 3, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
     lora_targets=(("q_proj", "v_proj"),), block_lists=("encoder.layers", "vision_model.encoder.layers"),
     block_parts=_CLIP_BLOCK_PARTS, excluded_methods=_NO_VPT, text_tower=SiglipTextTower(),
@@ -121,7 +120,7 @@ BACKBONES.register("siglip", BackboneKind(
 # would enter the patch mean, so no VPT.
 BACKBONES.register("dinov2", BackboneKind(
     model_types=("dinov2",), model_class="Dinov2Model", vision_config=lambda c: c,
-    features=lambda out: torch.cat([out.last_hidden_state[:, 0], out.last_hidden_state[:, 1:].mean(1)], dim=-1),
+    features="cls_patch_mean",
     mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3, layer_wiring=(("norm2", "layer_scale2"),),
     lora_targets=(("q_proj", "v_proj"), ("query", "value")), block_lists=("encoder.layer",),
     block_parts={"ln_1": ("norm1",), "ln_2": ("norm2",), "q": ("attention.q_proj", "attention.attention.query"),
@@ -129,7 +128,7 @@ BACKBONES.register("dinov2", BackboneKind(
                  "v": ("attention.v_proj", "attention.attention.value"),
                  "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("layer_scale2",),
                  "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)},
-    excluded_methods=_NO_VPT, feature_multiple=2, processor_image_size=True))
+    excluded_methods=_NO_VPT, processor_image_size=True))
 
 
 # CNNs: BatchNorm, no transformer blocks, so none of LIFT's block methods; trained in full, by BitFit (BN shifts)
@@ -137,13 +136,13 @@ BACKBONES.register("dinov2", BackboneKind(
 _CNN_METHODS = ("full_all", "bitfit_all", "head")
 BACKBONES.register("cifar_resnet", BackboneKind(
     model_types=("cifar_resnet",), model_class="lt_utils.cifar_resnet.CifarResNetModel", vision_config=lambda c: c,
-    features=lambda out: out.pooler_output,  # global average pool
+    features="pooler_output",  # global average pool
     mean=[0.4914, 0.4822, 0.4465], std=[0.2023, 0.1994, 0.2010], resample=2,  # LOS's CIFAR normalisation
     layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
     eval_resize=1.0))  # CIFAR papers evaluate the 32-px image itself, not a crop
 BACKBONES.register("resnet", BackboneKind(
     model_types=("resnet",), model_class="ResNetModel", vision_config=lambda c: c,
-    features=lambda out: out.pooler_output.flatten(1),  # [B, D, 1, 1] average pool
+    features="pooler_flat",  # [B, D, 1, 1] average pool
     mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3,
     layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
     geometry=lambda c: {"hidden_size": c.hidden_sizes[-1], "num_layers": sum(c.depths), "image_size": 224,
@@ -152,7 +151,7 @@ BACKBONES.register("resnet", BackboneKind(
 
 def feature_dim(spec):
     """Width of the feature the head sees (DINOv2: CLS and patch mean side by side, 2 hidden_size)."""
-    return spec.hidden_size * BACKBONES.get(spec.kind).feature_multiple
+    return spec.hidden_size * FEATURE_WIDTHS.get(BACKBONES.get(spec.kind).features, 1)
 
 
 def backbone_kind_of(model_type):
@@ -303,38 +302,6 @@ def _from_pretrained(cls, model_name_or_path, kwargs):
     return backbone
 
 
-class LTModel(nn.Module):
-    """Backbone feature (BACKBONES[kind].features: CLIP's post-LN CLS before the projection, ...) -> head."""
-
-    def __init__(self, backbone, head, spec):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.adapters = None  # the modules a method adds (AdaptFormer, VPT, SSF, ...): peft_methods.apply_method
-        self.spec = spec
-        self.backbone_eval = False  # keep the (frozen) backbone in eval mode while training (--backbone_bn eval)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if mode and self.backbone_eval:
-            self.backbone.eval()  # BatchNorm uses and keeps its running statistics
-        return self
-
-    @property
-    def num_classes(self):
-        return self.head.weight.shape[0]
-
-    @property
-    def feature_dim(self):
-        return feature_dim(self.spec)
-
-    def features(self, pixel_values):
-        return BACKBONES.get(self.spec.kind).features(self.backbone(pixel_values=pixel_values))
-
-    def forward(self, pixel_values):
-        return self.head(self.features(pixel_values))
-
-
 def enable_gradient_checkpointing(lt_model):
     """The HF backbone's own activation checkpointing; non-reentrant, so frozen inputs (LoRA, adapters) still get
     gradients, and AdaptFormer's layer hooks run again in the recomputation."""
@@ -348,7 +315,7 @@ def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_sca
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)
     head = build_head(head_type, int(num_classes), feature_dim(spec), scale=head_scale, seed=seed)
-    return LTModel(backbone, head, spec)
+    return LTModel(backbone, head, spec, feature=BACKBONES.get(spec.kind).features)
 
 
 def unwrap_lt_model(model):
@@ -365,3 +332,24 @@ def unwrap_lt_model(model):
         else:
             break
     raise TypeError(f"no LTModel inside {type(model).__name__}")
+
+
+def hf_config(lt_model, meta):
+    """The LTConfig of an LTModel: what the remote-code model (modeling_lt.py) rebuilds it from, labels included."""
+    kind = BACKBONES.get(lt_model.spec.kind)
+    if kind.features not in FEATURES:
+        raise UserError(f"backbone kind {lt_model.spec.kind!r} names feature {kind.features!r}, not one of "
+                        f"{sorted(FEATURES)}; add it to modeling_lt.FEATURES")
+    arch = {k: v for k, v in (meta.get("arch") or {}).items() if k != "lora"}  # LoRA is merged into the weights
+    return LTConfig(
+        backbone_class=type(lt_model.backbone).__name__, backbone_model_config=lt_model.backbone.config.to_dict(),
+        backbone_model_kwargs=dict(kind.model_kwargs), feature=kind.features, head_type=meta["head"]["type"],
+        head_scale=meta["head"]["scale"], arch=arch, layer_wiring=[list(w) for w in kind.layer_wiring],
+        block_lists=list(kind.block_lists), block_parts={r: list(c) for r, c in kind.block_parts.items()},
+        num_labels=int(meta["num_labels"]), id2label={int(i): n for i, n in meta["id2label"].items()},
+        label2id={n: int(i) for n, i in meta["label2id"].items()})
+
+
+def hf_model(lt_model, meta):
+    """The LTForImageClassification around `lt_model` (its weights untouched), ready for save_pretrained."""
+    return LTForImageClassification(hf_config(lt_model, meta), lt_model=lt_model)

@@ -13,7 +13,7 @@ from torch import nn
 from . import peft_modules as PM
 from .batchnorm import is_running_stat
 from .errors import UserError, require
-from .peft_modules import AdaptFormer, AdapterHooks
+from .peft_modules import AdaptFormer
 from .models import BACKBONES, LTModel, unwrap_lt_model
 from .registry import Registry
 
@@ -34,50 +34,24 @@ def bottleneck_dim(num_classes, num_layers):
 def encoder_layers(backbone, kind=None):
     """[(layer, second LayerNorm, MLP branch)] for each transformer block, in order (wiring: BACKBONES[kind])."""
     kinds = [kind] if kind else BACKBONES.names()
-    wiring = [w for k in kinds for w in BACKBONES.get(k).layer_wiring]
-    layers = []
-    for module in backbone.modules():
-        for norm_name, mlp_name in wiring:
-            if isinstance(getattr(module, norm_name, None), nn.LayerNorm) and hasattr(module, mlp_name):
-                layers.append((module, getattr(module, norm_name), getattr(module, mlp_name)))
-                break
-    return layers
+    return PM.encoder_layers(backbone, [w for k in kinds for w in BACKBONES.get(k).layer_wiring])
 
 
 def _attach_adaptformer(lt, r, partial_layers=None):
     layers = encoder_layers(lt.backbone, lt.spec.kind)
     if len(layers) != lt.spec.num_layers:
         raise RuntimeError(f"found {len(layers)} encoder layers, config says {lt.spec.num_layers}")
-    layers = layers[slice(*tuned_range(lt.spec.num_layers, partial_layers))]
-    device = next(lt.backbone.parameters()).device
-    lt.adapters = nn.ModuleList(AdaptFormer(lt.spec.hidden_size, r) for _ in layers).to(device)
+    lt.adapters = PM.MODULES["adaptformer"](lt, {"adapter_dim": r, "partial_layers": partial_layers},
+                                            BACKBONES.get(lt.spec.kind))
     lt.adapters.method = "adaptformer"
-    for adapter, (_, norm, mlp) in zip(lt.adapters, layers):
-        hooks = AdapterHooks(adapter)
-        norm.register_forward_pre_hook(hooks.capture)
-        mlp.register_forward_hook(hooks.add)
 
 
 def transformer_blocks(lt):
-    """(blocks in order, {role: dotted path}) of the backbone (BACKBONES[kind].block_lists / block_parts)."""
-    kind = BACKBONES.get(lt.spec.kind)
-    for path in kind.block_lists:
-        blocks = _get_path(lt.backbone, path)
-        if blocks is not None:
-            break
-    else:
-        raise UserError(f"the {lt.spec.kind} backbone has no transformer blocks; LIFT's methods need a ViT")
-    parts = {role: next((c for c in candidates if _get_path(blocks[0], c) is not None), candidates[0])
-             for role, candidates in kind.block_parts.items()}
-    return list(blocks), parts, path
-
-
-def _get_path(module, path):
-    for name in path.split("."):
-        module = getattr(module, name, None)
-        if module is None:
-            return None
-    return module
+    """(blocks in order, {role: dotted path}, block list path) of the backbone (BACKBONES[kind] wiring)."""
+    try:
+        return PM.find_blocks(lt.backbone, BACKBONES.get(lt.spec.kind))
+    except ValueError:
+        raise UserError(f"the {lt.spec.kind} backbone has no transformer blocks; LIFT's methods need a ViT") from None
 
 
 def tuned_range(num_layers, partial_layers=None):
@@ -409,8 +383,9 @@ class ModuleMethod(Method):
 
     arch_keys = ()
 
-    def attach(self, model, blocks, parts, **margs):
-        raise NotImplementedError
+    def resolve(self, model, **margs):
+        """The method arguments with defaults filled in and checked (the attach function takes them as `arch`)."""
+        return margs
 
     def arch(self, margs):
         return {**super().arch(margs), "adapters": self.name, "adapter_dim": margs.get("r"),
@@ -427,8 +402,12 @@ class ModuleMethod(Method):
                     f"the model already has {model.adapters.method} modules; --method "
                     f"{self.name} cannot add its own")
         else:
-            blocks, parts, _ = transformer_blocks(model)
-            model.adapters = self.attach(model, blocks[slice(*tuned_range(len(blocks), partial_layers))], parts, **margs)
+            transformer_blocks(model)  # a one-line error for a backbone without blocks
+            arch = self.arch({**self.resolve(model, **margs), "partial_layers": partial_layers})
+            try:  # the modules' one definition, shared with the remote-code model of exports
+                model.adapters = PM.MODULES[self.name](model, arch, BACKBONES.get(model.spec.kind))
+            except ValueError as err:
+                raise UserError(f"--method {self.name}: {err}") from None
             model.adapters.method = self.name
         model.adapters.requires_grad_(True)
         return model
@@ -449,11 +428,9 @@ class PromptMethod(ModuleMethod):
     def method_args(self, args, num_classes, num_layers):
         return {**super().method_args(args, num_classes, num_layers), "vpt_len": args.vpt_len}
 
-    def attach(self, model, blocks, parts, vpt_len=10, **_):
+    def resolve(self, model, vpt_len=10, **margs):
         require(vpt_len >= 1, f"--vpt_len must be >= 1, got {vpt_len}")
-        spec = model.spec
-        seq_len = (spec.image_size // spec.patch_size) ** 2 + 1
-        return PM.attach_prompts(blocks, vpt_len, spec.hidden_size, spec.patch_size, seq_len, self.deep)
+        return {**margs, "vpt_len": vpt_len}
 
 
 class ShallowPromptMethod(PromptMethod):
@@ -471,16 +448,13 @@ class AdapterMethod(ModuleMethod):
     def method_args(self, args, num_classes, num_layers):
         return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers)}
 
-    def attach(self, model, blocks, parts, r=None, **_):
-        return PM.attach_adapters(blocks, parts, model.spec.hidden_size, _rank(model, r))
+    def resolve(self, model, r=None, **margs):
+        return {**margs, "r": _rank(model, r)}
 
 
 class ScaleShiftMethod(ModuleMethod):
-    def __init__(self, where, trains):
-        self.where, self.trains = where, trains
-
-    def attach(self, model, blocks, parts, **_):
-        return PM.attach_scale_shift(blocks, parts, self.where)
+    def __init__(self, trains):
+        self.trains = trains
 
 
 class MaskMethod(ModuleMethod):
@@ -492,14 +466,9 @@ class MaskMethod(ModuleMethod):
         return {**super().method_args(args, num_classes, num_layers), "mask_seed": args.mask_seed,
                 "mask_ratio": args.mask_ratio}
 
-    def attach(self, model, blocks, parts, mask_ratio=None, mask_seed=0, **_):
-        if mask_ratio is None:
-            mask_ratio = PM.lift_mask_ratio(model.num_classes, model.spec.num_layers, model.spec.hidden_size)
-        require(0 < mask_ratio <= 1, f"--mask_ratio must be in (0, 1], got {mask_ratio}")
-        try:
-            return PM.attach_masks(blocks, parts, mask_ratio, mask_seed)
-        except ValueError as err:
-            raise UserError(f"{err}; raise --mask_ratio") from None
+    def resolve(self, model, mask_ratio=None, mask_seed=0, **margs):  # ratio None: LIFT's rule, in the attach
+        require(mask_ratio is None or 0 < mask_ratio <= 1, f"--mask_ratio must be in (0, 1], got {mask_ratio}")
+        return {**margs, "mask_ratio": mask_ratio, "mask_seed": mask_seed}
 
 
 METHODS.register("adaptformer", AdaptFormerMethod())
@@ -515,10 +484,10 @@ METHODS.register("vpt_deep", DeepPromptMethod())
 METHODS.register("adapter", AdapterMethod())
 METHODS.register("mask", MaskMethod())
 METHODS.register("lora_mlp", LoraMlpMethod())
-METHODS.register("ssf_attn", ScaleShiftMethod("ssf_attn", "SSF scale and shift after the attention's q, k, v and "
-                                                           "output projections"))
-METHODS.register("ssf_mlp", ScaleShiftMethod("ssf_mlp", "SSF scale and shift after the MLP's two Linears"))
-METHODS.register("ssf_ln", ScaleShiftMethod("ssf_ln", "SSF scale and shift after the blocks' two LayerNorms"))
+METHODS.register("ssf_attn", ScaleShiftMethod("SSF scale and shift after the attention's q, k, v and output "
+                                              "projections"))
+METHODS.register("ssf_mlp", ScaleShiftMethod("SSF scale and shift after the MLP's two Linears"))
+METHODS.register("ssf_ln", ScaleShiftMethod("SSF scale and shift after the blocks' two LayerNorms"))
 
 
 def supported_methods(kind):

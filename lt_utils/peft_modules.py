@@ -9,6 +9,33 @@ import math
 import torch
 from torch import nn
 
+# arch["adapters"] name -> attach(lt_model, arch, layer_wiring): re-creates a method's inference modules on an LTModel
+# (sets lt_model.adapters and hooks them into the backbone). The remote-code model (modeling_lt.py) calls it with the
+# record its config holds, so a new method's modules plug in by registering here.
+MODULES = {}
+
+
+def register_modules(name):
+    def add(attach):
+        if name in MODULES:
+            raise ValueError(f"modules {name!r} are already registered")
+        MODULES[name] = attach
+        return attach
+
+    return add
+
+
+def encoder_layers(backbone, layer_wiring):
+    """[(layer, second LayerNorm, MLP branch)] for each transformer block, in order; layer_wiring: candidate
+    (LayerNorm, MLP) attribute-name pairs, the first present in a block wins."""
+    layers = []
+    for module in backbone.modules():
+        for norm_name, mlp_name in layer_wiring:
+            if isinstance(getattr(module, norm_name, None), nn.LayerNorm) and hasattr(module, mlp_name):
+                layers.append((module, getattr(module, norm_name), getattr(module, mlp_name)))
+                break
+    return layers
+
 
 class AdaptFormer(nn.Module):
     """Parallel bottleneck beside an MLP: s * Up(ReLU(Down(LN(h)))); Up starts at zero, so it starts as a no-op."""
@@ -58,18 +85,19 @@ def block_part(block, parts, role):
 
 
 class VisualPrompts(nn.Module):
-    """VPT: `length` learned tokens appended to the sequence before a block; tokens appended by an earlier block
-    are dropped first (the sequence is cut to `seq_len`, CLS + patches). Init U(+-sqrt(6 / (3 p^2 + D)))."""
+    """VPT: `length` learned tokens appended to the sequence before a block; with `drop_previous` the tokens the
+    previous block's prompts appended are dropped first (VPT-deep). Init U(+-sqrt(6 / (3 p^2 + D)))."""
 
-    def __init__(self, length, dim, patch_size, seq_len):
+    def __init__(self, length, dim, patch_size, drop_previous=False):
         super().__init__()
-        self.seq_len = int(seq_len)
+        self.drop_previous = bool(drop_previous)
         self.prompt = nn.Parameter(torch.empty(length, dim))
         bound = math.sqrt(6.0 / float(3 * patch_size * patch_size + dim))
         nn.init.uniform_(self.prompt, -bound, bound)
 
     def forward(self, x):
-        x = x[:, : self.seq_len, :]
+        if self.drop_previous:
+            x = x[:, : x.shape[1] - self.prompt.shape[0], :]
         return torch.cat([x, self.prompt.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
 
 
@@ -216,18 +244,18 @@ def attach_masks(blocks, parts, ratio, seed):
             linears += group
             indices += [(w.to(m.weight.device), b.to(m.weight.device)) for m, (w, b) in zip(group, drawn)]
     if sum(len(w) + len(b) for w, b in indices) == 0:
-        raise ValueError(f"a mask ratio of {ratio} selects no entry of these blocks")
+        raise ValueError(f"a mask ratio of {ratio} selects no entry of these blocks; raise --mask_ratio")
     entries = MaskedEntries(linears, indices)
     for i, linear in enumerate(linears):
         linear.forward = MaskedForward(linear, entries, i)
     return entries
 
 
-def attach_prompts(blocks, length, dim, patch_size, seq_len, deep):
+def attach_prompts(blocks, length, dim, patch_size, deep):
     """VPT prompts before the first block (shallow) or before every block (deep)."""
     out = nn.ModuleList()
-    for block in blocks if deep else blocks[:1]:
-        prompts = VisualPrompts(length, dim, patch_size, seq_len).to(_device(block))
+    for i, block in enumerate(blocks if deep else blocks[:1]):
+        prompts = VisualPrompts(length, dim, patch_size, drop_previous=i > 0).to(_device(block))
         block.register_forward_pre_hook(PromptHook(prompts), with_kwargs=True)
         out.append(prompts)
     return out
@@ -273,3 +301,97 @@ def _out_features(module):
 
 def _device(module):
     return next(module.parameters()).device
+
+
+# ---- where modules go: blocks by role, the last k blocks ----------------------------------------------------
+def find_blocks(backbone, wiring):
+    """(blocks in order, {role: dotted path}, dotted path of the block list) of a backbone. `wiring`: anything with
+    `block_lists` (candidate dotted paths of the block list, first present wins) and `block_parts` (role ->
+    candidate paths inside a block): the project's BACKBONES entry when training, the export's LTConfig when loaded."""
+    for path in wiring.block_lists:
+        blocks = _get_path(backbone, path)
+        if blocks is not None:
+            break
+    else:
+        raise ValueError("the backbone has no transformer blocks; LIFT's block methods need a ViT")
+    parts = {role: next((c for c in candidates if _get_path(blocks[0], c) is not None), candidates[0])
+             for role, candidates in wiring.block_parts.items()}
+    return list(blocks), parts, path
+
+
+def _get_path(module, path):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def last_blocks(items, partial_layers):
+    """The tuned ones: all, or the last `partial_layers` (LIFT's `partial`; validated by the caller)."""
+    return list(items) if partial_layers is None else list(items)[len(items) - int(partial_layers):]
+
+
+def _tuned_blocks(lt_model, arch, wiring):
+    blocks, parts, _ = find_blocks(lt_model.backbone, wiring)
+    return last_blocks(blocks, arch.get("partial_layers")), parts, len(blocks)
+
+
+def _patch_size(backbone):
+    size = getattr(backbone.config, "patch_size", 16)
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+# ---- one attach function per method: training (peft_methods) and the remote-code model both call these --------
+@register_modules("adaptformer")
+def attach_adaptformer(lt_model, arch, wiring):
+    """One AdaptFormer of r = arch["adapter_dim"] beside each tuned block's MLP (hooks: AdapterHooks)."""
+    layers = last_blocks(encoder_layers(lt_model.backbone, wiring.layer_wiring), arch.get("partial_layers"))
+    dim = layers[0][1].normalized_shape[0]
+    adapters = nn.ModuleList(AdaptFormer(dim, int(arch["adapter_dim"])) for _ in layers).to(_device(lt_model.backbone))
+    for adapter, (_, norm, mlp) in zip(adapters, layers):
+        hooks = AdapterHooks(adapter)
+        norm.register_forward_pre_hook(hooks.capture)
+        mlp.register_forward_hook(hooks.add)
+    return adapters
+
+
+def _prompts(deep):
+    def attach(lt_model, arch, wiring):
+        blocks, parts, _ = _tuned_blocks(lt_model, arch, wiring)
+        dim = block_part(blocks[0], parts, "ln_1").normalized_shape[0]
+        return attach_prompts(blocks, int(arch["vpt_len"]), dim, _patch_size(lt_model.backbone), deep)
+    return attach
+
+
+register_modules("vpt_shallow")(_prompts(deep=False))
+register_modules("vpt_deep")(_prompts(deep=True))
+
+
+@register_modules("adapter")
+def attach_sequential_adapters(lt_model, arch, wiring):
+    blocks, parts, _ = _tuned_blocks(lt_model, arch, wiring)
+    dim = block_part(blocks[0], parts, "ln_1").normalized_shape[0]
+    return attach_adapters(blocks, parts, dim, int(arch["adapter_dim"]))
+
+
+def _scale_shift(where):
+    def attach(lt_model, arch, wiring):
+        blocks, parts, _ = _tuned_blocks(lt_model, arch, wiring)
+        return attach_scale_shift(blocks, parts, where)
+    return attach
+
+
+for _where in SSF_PLACES:
+    register_modules(_where)(_scale_shift(_where))
+
+
+@register_modules("mask")
+def attach_sparse_masks(lt_model, arch, wiring):
+    """Masked entries drawn from arch["mask_seed"]; arch["mask_ratio"] None is LIFT's rule K / (12 L D)."""
+    blocks, parts, num_blocks = _tuned_blocks(lt_model, arch, wiring)
+    ratio = arch.get("mask_ratio")
+    if ratio is None:
+        dim = block_part(blocks[0], parts, "ln_1").normalized_shape[0]
+        ratio = lift_mask_ratio(lt_model.head.weight.shape[0], num_blocks, dim)
+    return attach_masks(blocks, parts, ratio, arch.get("mask_seed", 0))

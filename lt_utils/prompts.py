@@ -1,5 +1,10 @@
-"""Prompt templates for CLIP text-feature head initialisation."""
-from .errors import UserError
+"""Class prompts for CLIP text features (the text head init and zero-shot CLIP): a class's text feature is the mean of
+its prompts' normalised features. Modes (LIFT's): single ("a photo of a {}."), ensemble (CLIP's 80 ImageNet
+templates), classname (the bare name), descriptor (a user JSON file of descriptions per class)."""
+import json
+from pathlib import Path
+
+from .errors import UserError, require
 from .registry import Registry
 
 SINGLE_TEMPLATE = "a photo of a {}."
@@ -88,10 +93,61 @@ IMAGENET_TEMPLATES = (
     "a tattoo of the {}.",
 )
 
-# `--prompt_template`: the "{}" templates of each mode (averaged per class)
+# `--prompt_template`: f(class_names, descriptor_file) -> each class's prompts (a list of strings per class)
 PROMPT_MODES = Registry("prompt mode")
-PROMPT_MODES.register("single", (SINGLE_TEMPLATE,))
-PROMPT_MODES.register("ensemble", IMAGENET_TEMPLATES)
+
+
+def templated(templates):
+    """A mode that fills each "{}" template with the (cleaned) class name."""
+    return lambda class_names, descriptor_file=None: [[t.format(clean_class_name(c)) for t in templates]
+                                                      for c in class_names]
+
+
+PROMPT_MODES.register("single", templated((SINGLE_TEMPLATE,)))
+PROMPT_MODES.register("ensemble", templated(IMAGENET_TEMPLATES))
+PROMPT_MODES.register("classname", templated(("{}",)))
+
+
+@PROMPT_MODES.register("descriptor")
+def _descriptor_prompts(class_names, descriptor_file=None):
+    """The descriptions the file gives for each class, used as they are (LIFT: utils/descriptors_imagenet.json)."""
+    descriptors = load_descriptors(descriptor_file)
+    rows, missing = [], []
+    for name in class_names:
+        texts = descriptors.get(name, descriptors.get(clean_class_name(name)))
+        if texts is None:
+            missing.append(name)
+            continue
+        rows.append([clean_class_name(t) for t in texts])
+    require(not missing, f"--prompt_descriptor_file {descriptor_file} has no descriptions for classes "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; add them (keyed by class name)")
+    return rows
+
+
+def load_descriptors(path):
+    """{class name: [description, ...]} from a JSON file, checked."""
+    require(path, "--prompt_template descriptor needs --prompt_descriptor_file FILE.json ({class: [descriptions]})")
+    path = Path(path)
+    require(path.is_file(), f"--prompt_descriptor_file {path} not found; pass a JSON file {{class: [descriptions]}}")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--prompt_descriptor_file {path} is not valid JSON ({err.__class__.__name__}); fix it") from None
+    bad = [k for k, v in data.items() if not (isinstance(v, list) and v and all(isinstance(t, str) and t.strip() for t in v))] \
+        if isinstance(data, dict) else None
+    require(bad == [], f"--prompt_descriptor_file {path} must map each class name to a non-empty list of "
+                       f"non-empty strings{'; bad: ' + str(bad[:3]) if bad else ''}")
+    return data
+
+
+def check_prompt_args(args):
+    """Before anything is written: a descriptor file is read now, and given only with --prompt_template descriptor."""
+    descriptor_file = getattr(args, "prompt_descriptor_file", None)
+    if args.prompt_template == "descriptor":
+        load_descriptors(descriptor_file)
+    else:
+        require(descriptor_file is None,
+                f"--prompt_descriptor_file needs --prompt_template descriptor (got {args.prompt_template}); drop one")
 
 
 def clean_class_name(name):
@@ -99,12 +155,12 @@ def clean_class_name(name):
     return " ".join(str(name).replace("_", " ").split())
 
 
-def prompt_templates(prompts):
-    """Templates for a mode name ("single" | "ensemble") or an explicit sequence of "{}" templates."""
+def class_prompts(prompts, class_names, descriptor_file=None):
+    """Each class's prompts, for a mode name or an explicit sequence of "{}" templates."""
     if isinstance(prompts, str):
-        return PROMPT_MODES.get(prompts)
+        return PROMPT_MODES.get(prompts)(list(class_names), descriptor_file)
     templates = tuple(prompts)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         raise UserError(f"prompt templates must be non-empty and each contain '{{}}'; got {bad or 'none'}")
-    return templates
+    return templated(templates)(list(class_names))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RECORDED_DATA_FLAGS
+from .config import recorded_flags
 from .metrics import check_select_metric, selection_score
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, check_finite, read_export_meta,
                          read_tensors, resolve_export_dir, write_export)
@@ -34,7 +34,7 @@ from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, 
 
 MODES = ("uniform", "weighted", "progressive", "greedy")
 MANIFEST_FILE = "soup_manifest.json"
-COPIED_FILES = ("lt_info.json", "preprocessor_config.json")
+COPIED_FILES = ("lt_info.json",)  # the Hub-native files are written by write_export
 # peft's saved LoRA factor keys: "base_model.model.<module>.lora_A.weight" (adapter name stripped on save)
 _LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 _PEFT_PREFIX = "base_model.model."
@@ -407,9 +407,8 @@ def val_data_args(data_args, lt_info_path):
         return args
     require(Path(lt_info_path).is_file(), f"{lt_info_path} is missing; pass --dataset (and its flags) for the val split")
     info = read_json(lt_info_path, "split record")
-    for flag, key in RECORDED_DATA_FLAGS.items():
-        if isinstance(info, dict) and key in info:
-            setattr(args, flag, info[key])
+    for flag, value in (recorded_flags(info) if isinstance(info, dict) else {}).items():
+        setattr(args, flag, value)
     return args
 
 
@@ -443,7 +442,7 @@ def soup_meta(first, output_dir, soup_info):
     return meta
 
 
-def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None):
+def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None, hub_files=True):
     """An export dir like train_lt.py's (loadable by load_export) plus soup_manifest.json; returns the weights' sha256."""
     from .hub import model_card
 
@@ -459,13 +458,14 @@ def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None):
             atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / MANIFEST_FILE, {**manifest, "output_sha256": sha256_file(tmp / WEIGHTS_FILE)})
 
-    write_export(output_dir, meta, tensors, head_init, extra_writers=[write_extras])
+    write_export(output_dir, meta, tensors, head_init, extra_writers=[write_extras], hub_files=hub_files)
     return json.loads((Path(output_dir) / MANIFEST_FILE).read_text())["output_sha256"]
 
 
 # ------------------------------------------------------------------------------------------------------- soup
 def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normalize=False, alpha=1.0,
-              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None):
+              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None,
+              hub_files=True):
     """Read, check, weigh and merge `inputs` (export dirs / Hub ids) into the export dir `output_dir`.
 
     scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
@@ -507,6 +507,6 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
                            for i, ing in enumerate(ingredients)]}
     state = PartialState()
     if state.is_main_process:
-        manifest["output_sha256"] = write_soup(output_dir, first, tensors, soup_info, manifest, metrics)
+        manifest["output_sha256"] = write_soup(output_dir, first, tensors, soup_info, manifest, metrics, hub_files)
     state.wait_for_everyone()
     return manifest

@@ -45,10 +45,10 @@ class TextTower:
         return None
 
     @torch.no_grad()
-    def class_embeddings(self, model, tokenizer, names, templates, batch_size, device):
-        """[C, joint] normalised mean over templates of the normalised prompt embeddings; batched over (class,
-        template) pairs."""
-        pairs = [(c, t.format(n)) for c, n in enumerate(names) for t in templates]
+    def class_embeddings(self, model, tokenizer, prompts_per_class, batch_size, device):
+        """[C, joint] normalised mean, over each class's prompts, of the normalised prompt embeddings; batched over
+        all prompts."""
+        pairs = [(c, p) for c, prompts in enumerate(prompts_per_class) for p in prompts]
         sums = None
         for start in tqdm(range(0, len(pairs), batch_size), desc="text features", disable=len(pairs) <= batch_size):
             chunk = pairs[start : start + batch_size]
@@ -57,9 +57,10 @@ class TextTower:
             tokens = {k: v.to(device) for k, v in tokens.items() if k in self.inputs}
             feats = F.normalize(self.text_embeds(model, tokens).float(), dim=-1)
             if sums is None:
-                sums = torch.zeros(len(names), feats.shape[-1], dtype=torch.float32, device=device)
+                sums = torch.zeros(len(prompts_per_class), feats.shape[-1], dtype=torch.float32, device=device)
             sums.index_add_(0, torch.tensor([c for c, _ in chunk], device=device), feats)
-        return F.normalize(sums / len(templates), dim=-1)
+        counts = torch.tensor([len(p) for p in prompts_per_class], dtype=torch.float32, device=device)
+        return F.normalize(sums / counts[:, None], dim=-1)
 
 
 class ClipTextTower(TextTower):

@@ -3,6 +3,7 @@
 Data and loaders: data_loaders.py; export writing: exports.py."""
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from .checkpoint import build_from_meta, export_overrides, read_export_meta, res
 from .compile import dynamo_plugin
 from .config import DATA_INPUT_FLAGS, SECRET_FLAGS
 from .errors import UserError, require
-from .exports import Exporter, load_image_processor
+from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
 from .models import enable_gradient_checkpointing
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
@@ -34,10 +35,19 @@ def build_accelerator(args):
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
                         "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
+    check_fp16(accelerator)
     check_deepspeed_accumulation(accelerator, args)
     check_zero3_export(accelerator, args)
     fill_deepspeed_clipping(accelerator, args)
     return accelerator
+
+
+def check_fp16(accelerator):
+    """fp16 is LIFT's precision: autocast + a GradScaler (accelerate's, on GPU; DeepSpeed scales its own loss). On CPU
+    accelerate would silently train in fp32 instead: refuse."""
+    if accelerator.mixed_precision == "fp16" and accelerator.state.deepspeed_plugin is None and accelerator.scaler is None:
+        raise UserError(f"--mixed_precision fp16 needs a GPU (autocast + GradScaler); on {accelerator.device.type} "
+                        "accelerate would train in fp32: use --mixed_precision bf16 or no")
 
 
 def check_zero3_export(accelerator, args):
@@ -143,12 +153,12 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         # the backbone and head geometry come from the export, not from the flags
         args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
         args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
-        lt_model = build_from_meta(init_meta, export_dir, merge_lora=True)
+        lt_model = with_interpolation(build_from_meta(init_meta, export_dir, merge_lora=True), args)
         overrides = export_overrides(lt_model, init_meta, export_dir)
         arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
         head_init = overrides["head.weight"].clone()
     else:
-        lt_model = build_from_meta(model_meta(args, num_classes))
+        lt_model = with_interpolation(build_from_meta(model_meta(args, num_classes)), args)
         arch = empty_arch()
         head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
@@ -159,8 +169,15 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         require(not method.head_only, f"--gradient_checkpointing does not apply to --method {args.method} (its backbone "
                 "runs once without gradients); drop it")
         enable_gradient_checkpointing(lt_model)
-    exporter = Exporter(args, info, lt_model, arch, head_init, overrides, load_image_processor(args.model_name_or_path))
+    exporter = Exporter(args, info, lt_model, arch, head_init, overrides)
     return model, exporter
+
+
+def with_interpolation(lt_model, args):
+    """--interpolation replaces the processor's for every transform of the run; the export records it (eval_lt.py)."""
+    if getattr(args, "interpolation", None):
+        lt_model.spec.interpolation = args.interpolation
+    return lt_model
 
 
 def check_bn_flags(args, num_processes):
@@ -184,6 +201,13 @@ def setup_batchnorm(args, accelerator, model, lt_model):
         require(has_batchnorm(lt_model), f"--sync_bn: the {lt_model.spec.kind} backbone has no BatchNorm; drop --sync_bn")
         if accelerator.num_processes > 1:
             convert_sync_batchnorm(lt_model)  # in place: the LTModel root is no BatchNorm, keys are unchanged
+    elif accelerator.num_processes > 1 and has_batchnorm(lt_model) and not lt_model.backbone_eval:
+        # not an error: per-process statistics are what plain DDP does, but results then depend on the process count
+        if accelerator.is_main_process:
+            logging.getLogger("lt").warning(
+                f"BatchNorm trains on {accelerator.num_processes} processes without --sync_bn: each normalises over "
+                f"its own {args.per_device_train_batch_size} images, so results differ from one process with the "
+                "global batch; pass --sync_bn to normalise over the global batch")
     return model
 
 

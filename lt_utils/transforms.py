@@ -10,7 +10,9 @@ TTE (LIFT): resize the shorter side to `image_size + tte_expand(image_size, patc
 four corner crops and the centre crop, run all views through the model as one batch and average
 the *logits*. The 1.5-patch expand offsets the corner crops by a non-integer number of patches.
 """
+import dataclasses
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -21,11 +23,45 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import UserError
 from .registry import Registry
 
-# `--tte`: (image_size, patch_size, eval view's resize) -> (shorter side to resize to, crop of the views, add flips)
+# `--tte`: f(TTEViews) -> a transform of one image to its [V, 3, H, W] views (logits are averaged over V)
 TTE_MODES = Registry("TTE mode", flag="--tte")
-TTE_MODES.register("fivecrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), False))
-TTE_MODES.register("tencrop", lambda size, patch, resize=None: (size + tte_expand(size, patch), v2.FiveCrop(size), True))
-TTE_MODES.register("flip", lambda size, patch, resize=None: (resize or size * 8 // 7, v2.CenterCrop(size), True))
+
+
+@dataclasses.dataclass
+class TTEViews:
+    image_size: int
+    patch_size: int
+    mean: list
+    std: list
+    interpolation: str = "bicubic"
+    views: int = 1  # randaug: how many random views (LIFT's randaug_times, default 1)
+    expand: int = None  # five-crop margin in pixels; None: 1.5 patches (LIFT: 24 for /16)
+    seed: int = 0  # randaug: views are drawn from (seed, image content), the same on any number of processes
+    resize: int = None  # the eval view's shorter side (None: image_size * 8 // 7); flip resizes like the eval view
+
+    @property
+    def margin(self):
+        return tte_expand(self.image_size, self.patch_size) if self.expand is None else int(self.expand)
+
+
+def _resized_views(resize, crop, add_flips):
+    def build(v):
+        return v2.Compose([ToRGB(), v2.Resize(resize(v), interpolation=_interpolation(v.interpolation), antialias=True),
+                           Normalize255(v.mean, v.std), MultiView(crop(v), add_flips=add_flips)])
+
+    return build
+
+
+TTE_MODES.register("fivecrop", _resized_views(lambda v: v.image_size + v.margin, lambda v: v2.FiveCrop(v.image_size), False))
+TTE_MODES.register("tencrop", _resized_views(lambda v: v.image_size + v.margin, lambda v: v2.FiveCrop(v.image_size), True))
+TTE_MODES.register("flip", _resized_views(lambda v: v.resize or v.image_size * 8 // 7, lambda v: v2.CenterCrop(v.image_size), True))
+
+
+@TTE_MODES.register("randaug")
+def _random_views(v):
+    """LIFT's randaug TTE: `views` independent RandomResizedCrop (scale 0.08-1) + flip views of the original image."""
+    return RandomViews(build_train_transform(v.image_size, v.mean, v.std, v.interpolation), v.views, v.seed)
+
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -48,7 +84,7 @@ class PaddedCropFlip:
     def __init__(self, image_size, mean, std, interpolation="bilinear", resize=None, padding=4):
         self.size, self.padding = image_size, padding
         self.view = v2.Compose([ToRGB(), v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation),
-                                                   antialias=True), v2.CenterCrop(image_size)])
+                                                   antialias=True), CenterCropFloor(image_size)])
         self.normalize = Normalize255(mean, std)
 
     def __call__(self, image, generator):
@@ -172,32 +208,61 @@ class SeededAugment:
 
 
 def build_eval_transform(image_size, mean, std, interpolation="bicubic", resize=None):
-    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise."""
+    """Resize the shorter side to `resize` (default image_size * 8 // 7: 256 for 224), centre crop, normalise.
+
+    The pixels of transformers' image processor of an export (hub_files.image_processor; tested), so the model loaded
+    from the Hub sees what eval_lt.py sees.
+    """
     return v2.Compose(
         [
             ToRGB(),
             v2.Resize(resize or image_size * 8 // 7, interpolation=_interpolation(interpolation), antialias=True),
-            v2.CenterCrop(image_size),
+            CenterCropFloor(image_size),
             Normalize255(mean, std),
         ]
     )
 
 
-def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic", resize=None):
-    """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2.
+def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic", views=1, expand=None, seed=0,
+                        resize=None):
+    """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2, randaug V=views.
 
     fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
     tencrop and flip append the horizontal flip of each view in the same order.
     """
-    resize, crop, add_flips = TTE_MODES.get(mode)(image_size, patch_size, resize)
-    return v2.Compose(
-        [
-            ToRGB(),
-            v2.Resize(resize, interpolation=_interpolation(interpolation), antialias=True),
-            Normalize255(mean, std),
-            MultiView(crop, add_flips=add_flips),
-        ]
-    )
+    if int(views) < 1:
+        raise UserError(f"--tte_views must be >= 1, got {views}")
+    if expand is not None and int(expand) < 0:
+        raise UserError(f"--tte_expand must be >= 0 pixels, got {expand}")
+    return TTE_MODES.get(mode)(TTEViews(image_size, patch_size, mean, std, interpolation, int(views), expand, seed,
+                                               resize))
+
+
+class RandomViews:
+    """`views` draws of a random transform f(image, generator) of one image, from a generator seeded by (seed, the
+    image's pixels): the same views whatever the order, the batch or the number of processes."""
+
+    def __init__(self, transform, views, seed=0):
+        self.transform, self.views, self.seed = transform, views, seed
+        self.to_rgb = ToRGB()
+
+    def __call__(self, image):
+        image = self.to_rgb(image)
+        key = zlib.crc32(image.contiguous().numpy().tobytes(), zlib.crc32(str(tuple(image.shape)).encode()))
+        generator = torch.Generator().manual_seed(self.seed * 4_294_967_311 + key)
+        return torch.stack([self.transform(image, generator) for _ in range(self.views)])
+
+
+class CenterCropFloor:
+    """Centre crop with offsets (H - h) // 2, (W - w) // 2, as transformers' image processors (torchvision rounds)."""
+
+    def __init__(self, size):
+        self.size = int(size)
+
+    def __call__(self, image):
+        h, w = image.shape[-2:]
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return image[..., top:top + self.size, left:left + self.size]
 
 
 class ToRGB:

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import UserError
 from .head_init import load_text_tower
 from .models import backbone_spec
-from .prompts import clean_class_name, prompt_templates
+from .prompts import class_prompts
 
 
 class ZeroShotModel(nn.Module):
@@ -40,16 +40,16 @@ class ZeroShotModel(nn.Module):
 
 
 @torch.no_grad()
-def build_zero_shot(model_name_or_path, class_names, prompts="single", device=None, batch_size=256):
+def build_zero_shot(model_name_or_path, class_names, prompts="single", device=None, batch_size=256,
+                    descriptor_file=None):
     """A ZeroShotModel from a full CLIP or SigLIP checkpoint (Hub id or dir); the text tower is used once and dropped."""
-    names = [clean_class_name(c) for c in class_names]
-    if not names:
+    if not class_names:
         raise UserError("zero-shot classification needs at least one class name")
-    templates = prompt_templates(prompts)
+    prompts_per_class = class_prompts(prompts, class_names, descriptor_file)
     tower, model, tokenizer, kind, vision_config = load_text_tower(model_name_or_path, "--zero_shot")
     device = torch.device(device or "cpu")
     model.to(device)
-    text = tower.class_embeddings(model, tokenizer, names, templates, batch_size, device)
+    text = tower.class_embeddings(model, tokenizer, prompts_per_class, batch_size, device)
     model.text_model = None  # only the image side is needed from here on
     spec = backbone_spec(model_name_or_path, kind, vision_config)
     zero_shot = ZeroShotModel(model, tower, text, model.logit_scale.detach().exp().float().reshape(()),

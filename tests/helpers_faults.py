@@ -51,6 +51,7 @@ def load_build_lt():
 
 def cli_mains():
     import eval_lt
+    import predict
     import soup
     import train_lt
 
@@ -63,7 +64,7 @@ def cli_mains():
         return run
 
     return {"train": fresh(train_lt.main), "eval": fresh(eval_lt.main), "soup": fresh(soup.main),
-            "build": fresh(build_lt.main)}
+            "build": fresh(build_lt.main), "predict": predict.main}
 
 
 def one_error_line(err):

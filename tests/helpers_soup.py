@@ -48,11 +48,12 @@ def make_meta(base_dir, lt_model, head_init, method="full", arch=None, info=None
 
 
 def write_ingredient(path, lt_model, base_dir, tensors, head_init, method="full", arch=None, info=None, metrics=None,
-                     **meta_kwargs):
-    """A plain (full / BitFit / head / AdaptFormer) export holding `tensors` in LTModel key names."""
+                     hub_files=True, **meta_kwargs):
+    """A plain (full / BitFit / head / AdaptFormer) export holding `tensors` in LTModel key names (hub_files=False:
+    synthetic tensors that are no model, for soup arithmetic)."""
     info = info or tiny_info(lt_model.num_classes)
     meta = make_meta(base_dir, lt_model, head_init, method, arch, info, output_dir=str(path), **meta_kwargs)
-    write_export(path, meta, tensors, {"weight": head_init}, _writers(info, metrics))
+    write_export(path, meta, tensors, {"weight": head_init}, _writers(info, metrics), hub_files=hub_files)
     return Path(path)
 
 

@@ -238,7 +238,7 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
                              "--learning_rate", "0.01"))
     model, meta = load_export(out / "best")
     assert meta["backbone"]["kind"] == kind and meta["method"] == method
-    assert (out / "best" / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).is_file()
+    assert (out / "best" / ("lt_adapter/adapter_model.safetensors" if method == "lora" else "lt_weights.safetensors")).is_file()
     # the same export by Hub id (a local folder stands in for the downloaded snapshot): the same logits
     import huggingface_hub
 
@@ -261,6 +261,54 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
     saved = json.loads((out / "best" / "eval_test" / "metrics.json").read_text())["metrics"]
     recorded = json.loads((out / "best" / "metrics.json").read_text())["test"]
     assert saved == recorded and saved["num_samples"] == 100
+    if method == "lora":  # the Hub-native files, with transformers / peft alone: the README snippets
+        hub_snippets_give_the_logits(out / "best", base, kind, model, tmp_path)
+
+
+CLIENT = r'''
+import json, sys
+from pathlib import Path
+try:
+    import lt_utils
+    sys.exit("lt_utils is importable here")
+except ImportError:
+    pass
+cfg = json.loads(Path(sys.argv[1]).read_text())
+out = {}
+for key in ("model_snippet", "adapter_snippet"):
+    scope = {}
+    exec(cfg[key], scope)
+    out[key] = scope["logits"].tolist()
+Path(cfg["out"]).write_text(json.dumps(out))
+'''
+
+
+def hub_snippets_give_the_logits(export, base, kind, model, tmp_path):
+    """The model card's snippets (remote-code model; peft adapter on the plain base + the saved head), ids replaced
+    by local folders, in a process where lt_utils cannot be imported: the project's logits."""
+    import subprocess
+
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from lt_utils.hub import adapter_snippet, model_snippet
+
+    Image.fromarray((torch.arange(40 * 36 * 3) % 251).reshape(40, 36, 3).numpy().astype("uint8")).save(tmp_path / "image.png")
+    codes = {"model_snippet": model_snippet("you/lt"), "adapter_snippet": adapter_snippet("you/lt", "base/model", "cosine", kind)}
+    codes = {k: c.replace("base/model", str(base)).replace("you/lt", str(export)) for k, c in codes.items()}
+    (tmp_path / "cfg.json").write_text(json.dumps({**codes, "out": str(tmp_path / "out.json")}))
+    (tmp_path / "client.py").write_text(CLIENT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-I", "client.py", "cfg.json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    pixels = AutoImageProcessor.from_pretrained(export)(Image.open(tmp_path / "image.png"), return_tensors="pt")
+    with torch.no_grad():
+        ref = model(pixels["pixel_values"])
+    for key in ("model_snippet", "adapter_snippet"):
+        torch.testing.assert_close(torch.tensor(got[key]), ref, atol=1e-5, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("kind", ["siglip", "dinov2"])

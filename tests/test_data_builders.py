@@ -226,7 +226,7 @@ def test_save_and_load_round_trip(cifar100_dir, tmp_path):
 
 def test_dataset_names():
     assert set(DATASET_NAMES) == {"cifar100_lt", "cifar10_lt", "fashion_mnist_lt", "imagenet_lt", "places_lt",
-                                  "inat2018", "imagefolder_lt"}
+                                  "inat2018", "imagefolder_lt", "hf_lt"}
     with pytest.raises(UserError, match="unknown dataset 'mnist'"):
         load_lt_dataset("mnist")
 

@@ -46,7 +46,7 @@ def deepspeed_env(config=REPO / "accelerate_configs" / "ds_zero2.json"):
 
 
 def final_weights(out):
-    return load_file(out / "final" / "model.safetensors")
+    return load_file(out / "final" / "lt_weights.safetensors")
 
 
 def assert_same_weights(a, b, atol):
@@ -123,7 +123,7 @@ def test_deepspeed_zero3_lora_export_is_complete(idx_dir, tmp_path):
         args[args.index(flag) + 1] = str(value)
     result = torchrun(2, args, env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
     assert result.returncode == 0, failure_report(result)
-    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    adapter = load_file(out / "final" / "lt_adapter" / "adapter_model.safetensors")
     lora = {k: v for k, v in adapter.items() if "lora_" in k}
     # r = 2 (bottleneck rule: 10 classes, 2 layers), q_proj and v_proj of 2 layers, hidden 32; cosine head 10 x 32
     assert sum(v.numel() for v in lora.values()) == 2 * 2 * (2 * 32 + 32 * 2)

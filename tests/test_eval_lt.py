@@ -112,6 +112,69 @@ def test_five_crop_tte_is_recorded_and_changes_the_numbers(run_dir, flags):
     assert saved["metrics"]["nll"] != pytest.approx(center_crop["nll"], abs=1e-9)
 
 
+def test_train_split_with_randaug_tte_is_seeded_and_recorded(run_dir, flags):
+    # LIFT's test_train: the training images through the test view (here LIFT's randaug TTE, 3 views)
+    common = [run_dir / "final", "--split", "train", "--tte", "randaug", "--tte_views", "3", "--interpolation",
+              "bilinear", *flags]
+    run_eval(*common)
+    out = run_dir / "final" / "eval_train_randaug3"
+    saved = read_metrics(out)
+    info = json.loads((run_dir / "final" / "lt_info.json").read_text())
+    assert saved["metrics"]["num_samples"] == sum(info["train_counts"]) == 159
+    assert saved["metrics"]["per_class_samples"] == info["train_counts"]
+    assert (saved["config"]["split"], saved["config"]["tte"], saved["config"]["tte_views"]) == ("train", "randaug", 3)
+    assert saved["config"]["interpolation"] == "bilinear"
+    run_eval(*common, "--overwrite")  # the random views are seeded: the same numbers again
+    assert read_metrics(out)["metrics"] == saved["metrics"]
+    run_eval(*common[:6], "1", *common[7:], "--overwrite")
+    assert read_metrics(run_dir / "final" / "eval_train_randaug1")["metrics"]["nll"] != saved["metrics"]["nll"]
+
+
+def test_groups_from_imb_reports_both_groupings(run_dir, flags, tmp_path):
+    from lt_utils.data.counts import lt_counts
+
+    # trained at rho 10 (counts 40 30 23 18 14 11 8 6 5 4); groups from the rho-100 counts 40 23 14 8 5 3 1 1 0 0
+    run_eval(run_dir / "final", "--groups_from_imb", "100", "--many_threshold", "25", "--few_threshold", "10", *flags,
+             "--output_dir", tmp_path / "ref")
+    saved = read_metrics(tmp_path / "ref")
+    assert lt_counts(40, 100, 10) == [40, 23, 14, 8, 5, 3, 1, 1, 0, 0]
+    m = saved["metrics"]
+    assert (m["many_classes"], m["medium_classes"], m["few_classes"]) == (1, 2, 7)
+    assert (m["split_groups"]["many_classes"], m["split_groups"]["medium_classes"], m["split_groups"]["few_classes"]) == (2, 4, 4)
+    assert saved["config"]["dataset"]["groups_from_imb"] == 100.0
+    groups = [row.split(",")[3] for row in (tmp_path / "ref" / "per_class.csv").read_text().splitlines()[1:]]
+    assert groups == ["many"] + ["medium"] * 2 + ["few"] * 7
+
+
+def test_save_predictions_match_the_transformers_model(run_dir, flags, idx_dir, tmp_path):
+    """--save_predictions: one row per test image in dataset order; its numbers are those of the train_lt.py export
+    loaded with transformers' auto classes (remote code) on the same images, and they add up to the metrics."""
+    import csv
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from lt_utils.data import load_lt_dataset
+
+    run_eval(run_dir / "final", "--save_predictions", "--top_k", "3", *flags, "--output_dir", tmp_path / "p")
+    rows = list(csv.DictReader((tmp_path / "p" / "predictions.csv").open()))
+    metrics = read_metrics(tmp_path / "p")["metrics"]
+    assert len(rows) == metrics["num_samples"] == 100 and [int(r["index"]) for r in rows] == list(range(100))
+    assert 100 * sum(int(r["correct"]) for r in rows) / 100 == pytest.approx(metrics["accuracy"])
+    ds, _ = load_lt_dataset("fashion_mnist_lt", data_dir=str(idx_dir), imb=10, max_per_class=40, val_per_class=5,
+                            cache_dir=str(run_dir.parent / "hf_cache"))
+    test = ds["test"]
+    assert [r["label"] for r in rows] == [FASHION_NAMES[y] for y in test["label"]]
+    processor = AutoImageProcessor.from_pretrained(run_dir / "final")
+    model = AutoModelForImageClassification.from_pretrained(run_dir / "final", trust_remote_code=True).eval()
+    with torch.no_grad():
+        probs = model(**processor(list(test["image"]), return_tensors="pt")).logits.softmax(-1)
+    top = probs.topk(3, dim=-1)
+    for row, values, classes in zip(rows, top.values.tolist(), top.indices.tolist()):
+        assert row["top_k_labels"].split("|") == [FASHION_NAMES[c] for c in classes]
+        assert [float(v) for v in row["top_k_scores"].split("|")] == pytest.approx(values, abs=1e-5)
+        assert row["prediction"] == FASHION_NAMES[classes[0]]
+
+
 def test_data_flags_override_the_recorded_split(run_dir, flags, tmp_path):
     run_eval(run_dir / "final", "--split", "val", "--many_threshold", "25", "--few_threshold", "10", *flags,
              "--output_dir", tmp_path / "val")
@@ -236,7 +299,7 @@ def relabel(export):
 @pytest.mark.parametrize("case, message", [
     ("label_mismatch", "label 3 is 'Gown' in the export but 'Dress' in fashion_mnist_lt"),
     ("missing_dir", "not found"),
-    ("partial_dir", "missing model.safetensors"),
+    ("partial_dir", "missing lt_weights.safetensors"),
     ("unknown_split", "--split dev is not a valid choice; choose one of train, val, test"),
     ("zero_shot_without_dataset", "--zero_shot alone needs --dataset"),
     ("existing_output", "already exists; pass --overwrite"),
@@ -249,7 +312,7 @@ def test_bad_input_is_one_error_line_and_exit_2(run_dir, flags, tmp_path, capsys
         run = tmp_path / "no_such_export"
     elif case == "partial_dir":
         run = copy_export(run_dir, tmp_path, "partial")
-        (run / "model.safetensors").unlink()
+        (run / "lt_weights.safetensors").unlink()
     elif case == "unknown_split":
         extra = ["--split", "dev"]
     elif case == "zero_shot_without_dataset":

@@ -1,6 +1,8 @@
-"""Losses against hand-computed values: CE, label smoothing / LOS over-smoothing, logit adjustment, balanced softmax."""
+"""Losses against hand-computed values: CE, label smoothing / LOS over-smoothing, logit adjustment, balanced softmax,
+and LIFT's focal, LDAM, CB, GRW and LADE against their published formulas in NumPy (float64) on random logits."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,13 +81,107 @@ def test_bf16_logits_computed_in_fp32():
 
 
 def test_bad_inputs():
-    assert LOSSES.names() == ["ce", "la", "balanced_softmax"]
-    with pytest.raises(UserError, match="unknown loss 'focal'"):
-        build_loss("focal")
-    for name in ("la", "balanced_softmax"):
+    assert LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
+    with pytest.raises(UserError, match="unknown loss 'ldam2'; choose one of ce, la, balanced_softmax, focal"):
+        build_loss("ldam2")
+    for name in ("la", "balanced_softmax", "ldam", "cb", "grw", "lade"):
         with pytest.raises(UserError, match="train counts"):
             build_loss(name)
     with pytest.raises(UserError, match="positive train count"):
         build_loss("la", train_counts=[3, 0, 1])
     with pytest.raises(UserError, match="label_smoothing"):
         build_loss("ce", label_smoothing=1.5)
+    with pytest.raises(UserError, match="--label_smoothing does not apply to --loss cb"):
+        build_loss("cb", COUNTS, label_smoothing=0.1)
+    with pytest.raises(UserError, match="--cb_beta must be in"):
+        build_loss("cb", COUNTS, cb_beta=1.0)
+    with pytest.raises(UserError, match="--focal_gamma must be >= 0"):
+        build_loss("focal", focal_gamma=-1)
+
+
+# ------------------------------------------------------------------ LIFT's menu against the published formulas
+C, N = 7, 64
+RNG = np.random.default_rng(0)
+Z = RNG.normal(scale=3.0, size=(N, C))
+Y = np.concatenate([np.arange(C - 1), RNG.integers(0, C - 1, size=N - C + 1)])  # class C-1 absent from the batch
+COUNTS_C = np.array([500, 230, 100, 47, 20, 9, 4])
+
+
+def _np_log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _np_ce_terms(z, y):
+    return -_np_log_softmax(z)[np.arange(len(y)), y]
+
+
+def _ours(name, **options):
+    loss = build_loss(name, COUNTS_C.tolist(), **options)
+    return loss(torch.tensor(Z, dtype=torch.float32), torch.tensor(Y)).item()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5])
+def test_focal_equals_formula(gamma):
+    # Lin et al.: FL = -(1 - p_t)^gamma log p_t, averaged; gamma 0 is CE
+    p_t = np.exp(_np_log_softmax(Z)[np.arange(N), Y])
+    expected = np.mean(-((1 - p_t) ** gamma) * np.log(p_t))
+    assert _ours("focal", focal_gamma=gamma) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_m,scale", [(0.5, 30.0), (0.3, 25.0)])
+def test_ldam_equals_formula(max_m, scale):
+    # Cao et al.: Delta_c = K / n_c^(1/4), K so that max Delta = max_m; CE(s * (x_y - Delta_y)) with s*x the logits
+    delta = COUNTS_C ** -0.25
+    delta = delta * max_m / delta.max()
+    z = Z.copy()
+    z[np.arange(N), Y] -= scale * delta[Y]
+    expected = _np_ce_terms(z, Y).mean()
+    assert _ours("ldam", ldam_max_margin=max_m, scale=scale) == pytest.approx(expected, rel=1e-5)
+    assert delta[-1] == pytest.approx(max_m) and delta[0] < delta[-1]
+
+
+def _weighted_ce(weights):
+    terms = _np_ce_terms(Z, Y)
+    return float((weights[Y] * terms).sum() / weights[Y].sum())
+
+
+@pytest.mark.parametrize("beta", [0.9999, 0.99, 0.0])
+def test_class_balanced_equals_formula(beta):
+    # Cui et al.: weight 1 / E_n with E_n = (1 - beta^n) / (1 - beta); beta 0 is CE
+    effective = (1 - beta ** COUNTS_C.astype(float)) / (1 - beta)
+    assert _ours("cb", cb_beta=beta) == pytest.approx(_weighted_ce(1 / effective), rel=1e-5)
+    if beta == 0.0:
+        assert _ours("cb", cb_beta=beta) == pytest.approx(_np_ce_terms(Z, Y).mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_grw_equals_formula(exponent):
+    # generalised re-weighting: weight (n_c / N)^-p; p = 1 is inverse frequency
+    ratio = COUNTS_C / COUNTS_C.sum()
+    assert _ours("grw", grw_exponent=exponent) == pytest.approx(_weighted_ce(ratio ** -exponent), rel=1e-5)
+
+
+@pytest.mark.parametrize("lam,alpha", [(0.1, 0.1), (0.5, 1.0)])
+def test_lade_equals_formula(lam, alpha):
+    # Hong et al.: L = CE(z + log p_s) + alpha * L_LADER, L_LADER = -sum_y p_s(y) [ mean_{x|y} z_y(x)
+    #   - log mean_x exp(z_y(x) - log p_s(y) + log p_t(y)) - lam * (that log)^2 ], p_t = 1/C, per class, in the batch
+    prior = COUNTS_C / COUNTS_C.sum()
+    ce = _np_ce_terms(Z + np.log(prior), Y).mean()
+    lader = 0.0
+    for y in range(C):
+        in_class = Z[Y == y, y]
+        first = in_class.mean() if len(in_class) else 0.0
+        shifted = Z[:, y] - np.log(prior[y]) + np.log(1.0 / C)
+        second = np.log(np.mean(np.exp(shifted)))
+        lader -= prior[y] * (first - second - lam * second ** 2)
+    assert _ours("lade", lade_lambda=lam, lade_weight=alpha) == pytest.approx(ce + alpha * lader, rel=1e-5)
+
+
+def test_menu_losses_run_on_the_logits_device_and_dtype():
+    # LIFT's LDAM is CUDA-only; here every prior is a buffer that moves with .to(...), and half logits are upcast
+    for name in ("focal", "ldam", "cb", "grw", "lade"):
+        loss = build_loss(name, COUNTS_C.tolist()).to(torch.float64)
+        assert all(b.dtype == torch.float64 for b in loss.buffers())
+        value = build_loss(name, COUNTS_C.tolist())(torch.tensor(Z).bfloat16(), torch.tensor(Y))
+        assert value.dtype == torch.float32 and torch.isfinite(value)

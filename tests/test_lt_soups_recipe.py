@@ -41,7 +41,7 @@ def common_flags(setup):
 
 
 def _weights(path):
-    return load_file(str(Path(path) / "model.safetensors"))
+    return load_file(str(Path(path) / "lt_weights.safetensors"))
 
 
 def test_recipe_soups_then_retrains_only_the_head(setup):

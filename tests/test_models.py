@@ -1,4 +1,5 @@
 """Backbone loading, features, spec, heads and head initialisations on tiny offline checkpoints."""
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import BertConfig, CLIPModel, CLIPVisionModel, ViTModel
 
 from lt_utils.errors import UserError
 from lt_utils.head_init import class_mean_head_init, set_head_weight, text_head_init
-from lt_utils.heads import CosineHead, LinearHead, fingerprint, random_head_init
+from lt_utils.heads import HEADS, CosineHead, LayerNormedHead, L2NormedHead, LinearHead, fingerprint, random_head_init
 from lt_utils.models import CLIP_MEAN, BackboneSpec, build_lt_model, load_backbone
 from lt_utils.prompts import IMAGENET_TEMPLATES
 from tests.helpers_models import make_tiny_clip, make_tiny_vit, random_pixels, write_config_only
@@ -142,7 +143,25 @@ def test_cosine_and_linear_heads():
     torch.testing.assert_close(linear(x), x @ linear.weight.T)
 
 
+def test_l2_normed_and_layer_normed_heads():
+    x = torch.tensor([[3.0, 4.0, 5.0], [1.0, 0.0, -1.0]])
+    w = torch.tensor([[2.0, 0.0, 0.0], [0.0, -3.0, 4.0]])
+    l2, ln = L2NormedHead(2, 3), LayerNormedHead(2, 3)
+    for head in (l2, ln):
+        with torch.no_grad():
+            head.weight.copy_(w)
+        assert [n for n, _ in head.named_parameters()] == ["weight"]  # no scale, bias or LayerNorm affine
+    # rows w/|w| = [1, 0, 0] and [0, -0.6, 0.8]; features raw
+    torch.testing.assert_close(l2(x), torch.tensor([[3.0, -2.4 + 4.0], [1.0, -0.8]]))
+    # LayerNorm of [3, 4, 5] and [1, 0, -1]: (x - mean) / sqrt(var + 1e-12), biased var 2/3: [-a, 0, a], a = 1.2247
+    a = (1.5) ** 0.5
+    torch.testing.assert_close(ln(x), torch.tensor([[-a, 0.8 * a], [a, -0.8 * a]]))
+    torch.testing.assert_close(ln(x * 7 + 3), ln(x))  # invariant to feature scale and shift, unlike l2_normed
+
+
 def test_build_lt_model_head_types(clip_dir):
+    assert HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
+    assert isinstance(build_lt_model(clip_dir, 4, head_type="layer_normed").head, LayerNormedHead)
     assert isinstance(build_lt_model(clip_dir, 4, head_type="linear").head, LinearHead)
     model = build_lt_model(clip_dir, 4, head_scale=30.0, seed=5)
     assert model.head.scale == 30.0 and model.num_classes == 4
@@ -191,6 +210,32 @@ def test_text_head_init_deterministic_ensemble_differs(tmp_path, clip_dir):
     assert (ensemble - single).abs().max() > 1e-3
     underscored = text_head_init(clip_dir, ["maple_tree"], device="cpu")
     torch.testing.assert_close(underscored, single[1:2])
+
+
+def test_classname_and_descriptor_prompts_match_hand_computation(tmp_path, clip_dir):
+    weight = text_head_init(clip_dir, CLASSES, prompts="classname", device="cpu")
+    torch.testing.assert_close(weight, _hand_text_init(clip_dir, ["cat", "maple tree", "aquarium fish"], ["{}"]),
+                               atol=1e-5, rtol=1e-5)
+    # descriptor: each class's own descriptions (any number), averaged; keys by raw or cleaned class name
+    descriptions = {"cat": ["a small furry pet", "whiskers"], "maple tree": ["a tree with lobed leaves"],
+                    "aquarium fish": ["a colourful fish", "fins", "a tank"]}
+    path = tmp_path / "descriptors.json"
+    path.write_text(json.dumps(descriptions))
+    weight = text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    expected = torch.cat([_hand_text_init(clip_dir, [n], descriptions[n]) for n in descriptions])
+    torch.testing.assert_close(weight, expected, atol=1e-5, rtol=1e-5)
+    path.write_text(json.dumps({"cat": ["whiskers"]}))
+    with pytest.raises(UserError, match=r"no descriptions for classes \['maple_tree', 'aquarium fish'\]"):
+        text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    for bad in ('{"cat": []}', '["cat"]', '{"cat": "whiskers"}'):
+        path.write_text(bad)
+        with pytest.raises(UserError, match="must map each class name to a non-empty list"):
+            text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    path.write_text("{oops")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu", descriptor_file=path)
+    with pytest.raises(UserError, match="needs --prompt_descriptor_file"):
+        text_head_init(clip_dir, CLASSES, prompts="descriptor", device="cpu")
 
 
 def test_text_head_init_rejects_non_clip(tmp_path, clip_dir, vit_dir):

@@ -137,7 +137,7 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     resume = ["--resume_from_checkpoint", "latest", "--torch_compile", "--torch_compile_backend", "aot_eager"]
     result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("final/model.safetensors", "step_4/model.safetensors"):
+    for name in ("final/lt_weights.safetensors", "step_4/model.safetensors"):
         a, b = load_file(eager / name), load_file(compiled / name)
         assert list(a) == list(b) and not any(COMPILE_PREFIX in k for k in b), name
         for key in a:
@@ -167,7 +167,8 @@ def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     expected = {"train": {"adaptformer/fp32: compiled / eager", "adaptformer: bf16 / fp32 (eager)",
                           "full: bf16 / fp32 (eager)"},
                 "loader": {"project / lift_style", "project / previous"}, "eval": {"fivecrop / one view (time)"},
-                "head": {"naive / cached over 3 epochs"}, "memory": {"checkpointed / plain (activation memory)"}}
+                "head": {"naive / cached over 3 epochs", "augmented / cached over 3 epochs"},
+                "memory": {"checkpointed / plain (activation memory)"}}
     for section, names in expected.items():
         ratios = data[section]["ratios"]
         assert names <= set(ratios), (section, sorted(ratios))

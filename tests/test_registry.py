@@ -36,11 +36,11 @@ def test_cli_choices_are_the_registry_names():
     assert _choices(train, "method") == METHODS.names() == [
         "adaptformer", "lora", "full", "bitfit", "head", "full_all", "bitfit_all", "ln", "vpt_shallow", "vpt_deep", "adapter", "mask",
         "lora_mlp", "ssf_attn", "ssf_mlp", "ssf_ln"]
-    assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax"]
-    assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear"]
-    assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "random"]
-    assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble"]
-    assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip"]
+    assert _choices(train, "loss") == LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
+    assert _choices(train, "head_type") == HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
+    assert _choices(train, "head_init") == HEAD_INITS.names() == ["text", "class_mean", "1_shot", "10_shot", "100_shot", "linear_probe", "random"]
+    assert _choices(train, "prompt_template") == PROMPT_MODES.names() == ["single", "ensemble", "classname", "descriptor"]
+    assert _choices(train, "tte") == ["none", *TTE_MODES.names()] == ["none", "fivecrop", "tencrop", "flip", "randaug"]
     evaluation = eval_lt.get_args_parser()
     assert _choices(evaluation, "prompt_template") == PROMPT_MODES.names()
     assert _choices(evaluation, "tte") == ["none", *TTE_MODES.names()]
@@ -64,8 +64,8 @@ def test_registry_refuses_a_second_entry_of_a_name():
         reg.register("a", 2)
     reg.unregister("a")
     assert reg.names() == ["b"] and reg.get("b") is len
-    with pytest.raises(UserError, match="unknown loss 'focal'; choose one of ce, la, balanced_softmax"):
-        build_loss("focal")
+    with pytest.raises(UserError, match="unknown loss 'focal2'; choose one of ce, la, balanced_softmax"):
+        build_loss("focal2")
 
 
 def test_unknown_method_on_the_command_line_lists_the_choices():
@@ -139,7 +139,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
 
     # the export holds exactly the head and the LayerNorms; they trained, the rest is the base checkpoint
     base = build_from_meta(meta).state_dict()
-    stored = load_file(str(out / "best" / "model.safetensors"))
+    stored = load_file(str(out / "best" / "lt_weights.safetensors"))
     assert set(stored) == {k for k in base if k.startswith("head.") or _is_layer_norm_key(k)}
     assert any(_is_layer_norm_key(k) for k in stored)
     assert all(not torch.equal(stored[k], base[k]) for k in stored if k.endswith("layernorm_before.weight"))
@@ -160,7 +160,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     resumed.mkdir()
     shutil.copytree(out / "step_4", resumed / "step_4")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(out / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    a, b = load_file(out / "final" / "lt_weights.safetensors"), load_file(resumed / "final" / "lt_weights.safetensors")
     assert a.keys() == b.keys() == stored.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

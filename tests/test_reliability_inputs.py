@@ -1,5 +1,5 @@
-"""Hostile input to the four command lines (train_lt.py, eval_lt.py, soup.py, data_scripts/build_lt.py): bad flag
-values, bad preset values, outputs overlapping inputs, corrupted exports, checkpoints and files.
+"""Hostile input to the five command lines (train_lt.py, eval_lt.py, soup.py, predict.py, data_scripts/build_lt.py):
+bad flag values, bad preset values, outputs overlapping inputs, corrupted exports, checkpoints and files.
 
 Each case asserts: exit status 2, exactly one `error:` line naming the flag or file and the fix (after a `;`), no
 traceback, and every existing file byte-identical afterwards (the whole workspace hashed before and after). The
@@ -64,7 +64,7 @@ TRAIN_FLAGS = [
     ("lora_dropout", "-0.1", "out of range"), ("head_type", "cos", "not a valid choice"), ("head_scale", "0", "out of range"),
     ("head_scale", "-25", "out of range"), ("head_scale", "inf", "not finite"), ("head_init", "txt", "not a valid choice"),
     ("prompt_template", "many", "not a valid choice"), ("augment", "rotate", "not a valid choice"),
-    ("loss", "focal", "not a valid choice"), ("tau", "-1", "out of range"), ("tau", "nan", "not finite"),
+    ("loss", "focall", "not a valid choice"), ("tau", "-1", "out of range"), ("tau", "nan", "not finite"),
     ("label_smoothing", "1.0", "out of range"), ("label_smoothing", "-0.1", "out of range"),
     ("sampler", "class_balance", "not a valid choice"), ("balance_factor", "0.5", "out of range"),
     ("balance_factor", "inf", "not finite"), ("subset_seed", "-1", "out of range"), ("optimizer", "lion", "not a valid choice"),
@@ -84,7 +84,15 @@ TRAIN_FLAGS = [
     ("select_metric", "mean_acc", "not a valid choice"), ("seed", "-1", "out of range"), ("seed", "4294967296", "out of range"),
     ("report_to", "bogus", "not a valid choice"), ("output_dir", "", "empty path"),
     ("dataset_config_name", "quick", "not a valid choice"), ("torch_compile_mode", "fast", "not a valid choice"),
-    ("torch_compile_backend", "turbo", "not a valid choice"),
+    ("torch_compile_backend", "turbo", "not a valid choice"), ("max_train_samples", "0", "out of range"),
+    ("max_train_samples", "2.5", "not an integer"), ("trust_remote_code", "maybe", "not a boolean"),
+    ("focal_gamma", "-1", "out of range"), ("focal_gamma", "nan", "not finite"), ("ldam_max_margin", "0", "out of range"),
+    ("cb_beta", "1", "out of range"), ("cb_beta", "0", "out of range"), ("cb_beta", "inf", "not finite"),
+    ("grw_exponent", "-0.5", "out of range"), ("lade_lambda", "-1", "out of range"), ("lade_weight", "nan", "not finite"),
+    ("tte_views", "0", "out of range"), ("tte_views", "1.5", "not an integer"), ("tte_expand", "-1", "out of range"),
+    ("interpolation", "lanczos", "not a valid choice"), ("groups_from_imb", "0.5", "out of range"),
+    ("groups_from_imb", "inf", "not finite"), ("prompt_template", "descriptors", "not a valid choice"),
+    ("prompt_descriptor_file", "", "empty path"),
 ]
 
 
@@ -113,7 +121,8 @@ PRESETS = [
     ("overwrite_output_dir: maybe", "not a boolean"), ("- a\n- b", "must be a mapping"), ("a: [b", "not valid yaml"),
     ("per_device_train_batch_size: true", "not an integer"), ("weight_decay: '1e-4x'", "not a number"),
     ("gradient_checkpointing: maybe", "not a boolean"), ("torch_compile_mode: fast", "--torch_compile_mode fast"),
-    ("dataset_config_name: [quickstart]", "list"),
+    ("dataset_config_name: [quickstart]", "list"), ("max_train_samples: 0", "out of range"),
+    ("dataset_name: [a, b]", "list"), ("trust_remote_code: perhaps", "not a boolean"),
 ]
 
 
@@ -195,18 +204,18 @@ def _nan(path, value=math.nan):
 
 
 CORRUPTIONS = {
-    "weights_truncated": ("model.safetensors", _truncate, "not a readable safetensors file"),
-    "weights_garbage": ("model.safetensors", lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors file"),
-    "weights_empty": ("model.safetensors", lambda p: p.write_bytes(b""), "not a readable safetensors file"),
-    "weights_nan": ("model.safetensors", _nan, "non-finite"),
-    "weights_inf": ("model.safetensors", lambda p: _nan(p, math.inf), "non-finite"),
+    "weights_truncated": ("lt_weights.safetensors", _truncate, "not a readable safetensors file"),
+    "weights_garbage": ("lt_weights.safetensors", lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors file"),
+    "weights_empty": ("lt_weights.safetensors", lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    "weights_nan": ("lt_weights.safetensors", _nan, "non-finite"),
+    "weights_inf": ("lt_weights.safetensors", lambda p: _nan(p, math.inf), "non-finite"),
     "head_init_nan": ("head_init.safetensors", _nan, "non-finite"),
     "head_init_missing": ("head_init.safetensors", lambda p: p.unlink(), "missing head_init.safetensors"),
-    "weights_missing": ("model.safetensors", lambda p: p.unlink(), "missing model.safetensors"),
+    "weights_missing": ("lt_weights.safetensors", lambda p: p.unlink(), "missing lt_weights.safetensors"),
     "meta_garbage": ("lt_model.json", lambda p: p.write_bytes(b"{\x00garbage"), "corrupted"),
     "meta_empty": ("lt_model.json", lambda p: p.write_text(""), "corrupted"),
     "meta_list": ("lt_model.json", lambda p: p.write_text("[1, 2]"), "format"),
-    "meta_lacks_keys": ("lt_model.json", lambda p: p.write_text('{"format": "lt-export-v1"}'), "lacks"),
+    "meta_lacks_keys": ("lt_model.json", lambda p: p.write_text('{"format": "lt-export-v2"}'), "lacks"),
     "meta_old_format": ("lt_model.json", lambda p: p.write_text('{"format": "v0"}'), "format"),
 }
 
@@ -264,7 +273,7 @@ def test_resume_refuses_corrupted_checkpoints(world, tmp_path, capsys, case):
 EVAL_FLAGS = [("imb", "nan"), ("split", "dev"), ("tte", "five"), ("per_device_eval_batch_size", "0"), ("num_workers", "-1"),
               ("max_eval_samples", "0"), ("many_threshold", "-1"), ("mixed_precision", "fp8"), ("prompt_template", "x"),
               ("imb_seed", "-1"), ("val_per_class", "-1"), ("max_per_class", "0"), ("which", "last"),
-              ("torch_compile_mode", "fast"), ("dataset_config_name", "quick")]
+              ("torch_compile_mode", "fast"), ("dataset_config_name", "quick"), ("top_k", "0")]
 
 
 @pytest.mark.parametrize("flag, value", EVAL_FLAGS, ids=[f"{f}={v}" for f, v in EVAL_FLAGS])
@@ -323,10 +332,32 @@ def test_soup_existing_output_and_missing_ingredient(world, tmp_path, capsys):
             [tmp_path])
 
 
+# ---------------------------------------------------------------------------------------------- predict
+@pytest.mark.parametrize("flags, expect", [
+    (["--top_k", "0"], "--top_k 0"), (["--batch_size", "-1"], "--batch_size -1"), (["--top_k", "x"], "--top_k x"),
+    ([], "--output is required"), (["--output", "OUT/preds.txt"], "must be a .csv"),
+    (["--output", "RUN/final/preds.csv"], "lies inside the input the model"),
+    (["--output", "IMAGES/preds.csv"], "lies inside the input image 1"), (["--output", "OUT/nope/preds.csv"], "does not exist"),
+], ids=["top_k", "batch_size", "top_k_text", "no_output", "not_csv", "inside_model", "inside_images", "no_folder"])
+def test_predict_flags_and_outputs(world, tmp_path, capsys, flags, expect):
+    sub = lambda s: s.replace("RUN", str(world["run"])).replace("IMAGES", str(world["images"])).replace(  # noqa: E731
+        "OUT", str(tmp_path))
+    refused(world, "predict", [world["run"] / "final", world["images"], *map(sub, flags)], expect, capsys, [tmp_path])
+
+
+def test_predict_existing_output_and_missing_image(world, tmp_path, capsys):
+    (tmp_path / "preds.csv").write_text("earlier")
+    refused(world, "predict", [world["run"] / "final", world["images"], "--output", tmp_path / "preds.csv"],
+            "already exists", capsys, [tmp_path])
+    refused(world, "predict", [world["run"] / "final", tmp_path / "nope.png", "--output", tmp_path / "p.csv"],
+            "does not exist", capsys, [tmp_path])
+
+
 # -------------------------------------------------------------------------------------------- build_lt
 BUILD_FLAGS = [("imb", "nan"), ("imb", "inf"), ("imb", "0.5"), ("max_per_class", "0"), ("seed", "-1"),
                ("val_per_class", "-1"), ("test_per_class", "0"), ("test_per_class", "-1"), ("many_threshold", "-1"),
-               ("selection", "x"), ("val_source", "x"), ("relabel_by_name", "maybe"), ("dataset_config_name", "quick")]
+               ("selection", "x"), ("val_source", "x"), ("relabel_by_name", "maybe"), ("dataset_config_name", "quick"),
+               ("max_train_samples", "0"), ("max_train_samples", "-5"), ("trust_remote_code", "maybe")]
 
 
 @pytest.mark.parametrize("flag, value", BUILD_FLAGS, ids=[f"{f}={v}" for f, v in BUILD_FLAGS])
@@ -371,6 +402,94 @@ def test_build_without_val_images_saves_a_loadable_dataset(world, tmp_path):
     assert ds["val"].num_rows == 0 and ds["train"].num_rows == sum(info.train_counts) and ds["test"].num_rows == 3
 
 
+# ------------------------------------------------------------------- a `datasets` source (--dataset_name, hf_lt)
+@pytest.fixture(scope="module")
+def hf_src(world):
+    """A parquet source with columns img / fine_label / note, and an imagefolder whose labels are class-name strings."""
+    from helpers_hf import write_imagefolder, write_parquet
+
+    root = world["root"] / "hf"
+    return {"pq": write_parquet(root / "pq"), "imf": write_imagefolder(root / "imf"), "root": root}
+
+
+HF_CASES = {  # flags after --dataset_name SRC --image_column_name img --label_column_name fine_label: expected text
+    "image_column": (["--image_column_name", "picture"], "--image_column_name picture: split train of SRC has no column "
+                     "'picture'; its columns are img, fine_label, note"),
+    "label_column": (["--label_column_name", "fine"], "its columns are img, fine_label, note"),
+    "label_not_classlabel": (["--label_column_name", "note"], "holds string, not a ClassLabel, so it names no classes; "
+                             "pass --class_names_file"),
+    "image_not_image": (["--image_column_name", "note"], "holds string, not images"),
+    "test_split": (["--test_split", "dev"], "--test_split dev: SRC has no split 'dev'; its splits are test, train"),
+    "train_split": (["--train_split", "training"], "its splits are test, train"),
+    "validation_split": (["--validation_split", "valid"], "--validation_split valid"),
+    "two_roles": (["--validation_split", "test"], "serves two roles"),
+    "two_sources": (["--dataset", "cifar100"], "--dataset cifar100 and --dataset_name"),
+    "data_dir": (["--data_dir", "ROOT"], "--data_dir is not used with --dataset_name"),
+    "short_names_file": (["--class_names_file", "TWO"], "is outside 0..1"),
+    "missing_folder": (["--dataset_name", "ROOT/nope"], "could not load --dataset_name"),
+    "config_of_a_folder": (["--dataset_name", "ARROW", "--dataset_config_name", "full"], "has no configs"),
+}
+
+
+def _hf_argv(world, hf_src, flags):
+    two = hf_src["root"] / "two.txt"
+    if not two.exists():
+        two.write_text("apple\nbear\n")
+    arrow = hf_src["root"] / "arrow"
+    if not arrow.exists():
+        from helpers_hf import write_arrow
+
+        write_arrow(arrow)
+    sub = {"ROOT": str(world["root"]), "TWO": str(two), "ARROW": str(arrow)}
+    flags = [next((v + f[len(k):] for k, v in sub.items() if f.startswith(k)), f) for f in flags]
+    return ["--dataset_name", str(hf_src["pq"]), "--image_column_name", "img", "--label_column_name", "fine_label",
+            *flags]
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_build_refuses_bad_datasets_sources(world, hf_src, tmp_path, capsys, case):
+    flags, expect = HF_CASES[case]
+    argv = [*_hf_argv(world, hf_src, flags), "--output_dir", tmp_path / "ds", "--cache_dir", world["cache"]]
+    refused(world, "build", argv, expect.replace("SRC", str(hf_src["pq"])), capsys, [tmp_path])
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("max_train_samples", "10"), ("test_split", "test"), ("label_column_name", "y")])
+def test_datasets_source_flags_without_a_dataset_name(world, tmp_path, capsys, flag, value):
+    argv = ["--dataset", "imagefolder_lt", "--data_dir", world["images"], "--output_dir", tmp_path / "ds",
+            "--cache_dir", world["cache"], f"--{flag}", value]
+    refused(world, "build", argv, f"--{flag} applies to a --dataset_name source, not to --dataset imagefolder_lt", capsys,
+            [tmp_path])
+
+
+def test_build_output_apart_from_the_datasets_source(world, hf_src, capsys):
+    argv = [*_hf_argv(world, hf_src, []), "--cache_dir", world["cache"], "--output_dir", hf_src["pq"] / "data" / "lt"]
+    refused(world, "build", argv, "lies inside the input --dataset_name", capsys)
+    refused(world, "build", [*argv[:-1], hf_src["pq"], "--overwrite"], "is the input --dataset_name", capsys)
+
+
+def test_hf_string_labels_outside_the_class_names_file(world, hf_src, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("apple\nbear\ncat\n")  # no dog
+    argv = ["--dataset_name", hf_src["imf"], "--label_column_name", "fine_label", "--class_names_file", names,
+            "--output_dir", tmp_path / "ds", "--cache_dir", world["cache"]]
+    refused(world, "build", argv, "label 'dog' is not in --class_names_file", capsys, [tmp_path])
+    argv = ["--dataset_name", hf_src["imf"], "--label_column_name", "fine_label", "--output_dir", tmp_path / "ds",
+            "--cache_dir", world["cache"]]
+    refused(world, "build", argv, "string, not a ClassLabel", capsys, [tmp_path])
+
+
+@pytest.mark.parametrize("case", ["image_column", "test_split", "label_not_classlabel", "two_sources"])
+def test_train_and_eval_refuse_bad_datasets_sources(world, hf_src, capsys, case):
+    flags, expect = HF_CASES[case]
+    expect = expect.replace("SRC", str(hf_src["pq"]))
+    # [4:]: without tiny_train_args' --dataset fashion_mnist_lt --data_dir IDX; --overwrite_output_dir: the existing
+    # run must survive a refusal that comes after the output checks
+    argv = tiny_train_args(world["idx"], world["run"], "--overwrite_output_dir", *_hf_argv(world, hf_src, flags))[4:]
+    refused(world, "train", argv, expect, capsys)
+    refused(world, "eval", [world["run"] / "final", *_hf_argv(world, hf_src, flags)], expect, capsys)
+
+
 # ---------------------------------------------------------------------------------------- real processes
 def test_real_processes_exit_2_with_one_line(world, tmp_path):
     """The same contract from the shell: exit status 2, one `error:` line, no traceback, nothing changed."""
@@ -382,6 +501,9 @@ def test_real_processes_exit_2_with_one_line(world, tmp_path):
         "soup": ["soup.py", str(run / "best"), str(final), "--output_dir", str(run), "--overwrite"],
         "build": ["data_scripts/build_lt.py", "--dataset", "imagefolder_lt", "--data_dir", str(world["images"]),
                   "--output_dir", str(world["images"]), "--overwrite"],
+        # a Hub id with the Hub unreachable (offline): the real datasets.load_dataset call, refused in one line
+        "build_hub_id": ["data_scripts/build_lt.py", "--dataset_name", "someone/not-on-this-machine", "--output_dir",
+                         str(world["root"] / "hub_ds")],
     }
     before = tree_digest(world["root"])
     env = {**os.environ, **QUIET_ENV}
@@ -395,24 +517,34 @@ def test_real_processes_exit_2_with_one_line(world, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the flag table
-def test_every_flag_of_the_four_clis_comes_from_the_table():
+def test_every_flag_of_the_five_clis_comes_from_the_table():
     """A flag added with a bare add_argument would skip the checks (and presets could not set it)."""
     import eval_lt
+    import predict
     import soup
     from helpers_faults import load_build_lt
 
     from lt_utils.config import FLAGS, build_train_parser
 
     parsers = {"train": build_train_parser(), "eval": eval_lt.get_args_parser(), "soup": soup.get_args_parser(),
-               "build": load_build_lt().get_args_parser()}
+               "build": load_build_lt().get_args_parser(), "predict": predict.get_args_parser()}
     for cli, parser in parsers.items():
         options = {a.dest for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-        assert len(options) > 10 and options == set(parser._lt_flags), (cli, options ^ set(parser._lt_flags))
+        assert len(options) >= 4 and options == set(parser._lt_flags), (cli, options ^ set(parser._lt_flags))
+    assert {"save_predictions", "top_k"} <= set(parsers["eval"]._lt_flags)
+    assert set(parsers["predict"]._lt_flags) == {"output", "top_k", "batch_size", "overwrite"}
     new = {"which", "dataset_config_name", "torch_compile", "torch_compile_backend", "torch_compile_mode",
-           "gradient_checkpointing"}
+           "gradient_checkpointing", "save_predictions", "top_k", "output", "batch_size"}
     assert new <= set(FLAGS)
     assert FLAGS["which"].choice_list() == ["best", "final"]
-    assert "quickstart" in FLAGS["dataset_config_name"].choice_list()
+    # --dataset_config_name is also a `datasets` config of --dataset_name, so its names are checked with the dataset
+    # (check_cross_flags), not by a fixed choice list
+    from lt_utils.data.loading import builder_config_names
+
+    assert FLAGS["dataset_config_name"].choice_list() is None and "quickstart" in builder_config_names()
+    new_hf = {"dataset_name", "dataset_revision", "train_split", "validation_split", "test_split", "image_column_name",
+              "label_column_name", "max_train_samples", "trust_remote_code"}
+    assert new_hf <= set(parsers["train"]._lt_flags) & set(parsers["eval"]._lt_flags) & set(parsers["build"]._lt_flags)
     assert "aot_eager" in FLAGS["torch_compile_backend"].choice_list()
 
 

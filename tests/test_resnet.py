@@ -161,8 +161,8 @@ def test_soup_averages_running_statistics_and_keeps_the_most_batches(tmp_path):
                                  "--optimizer", "sgd", "--learning_rate", lr, "--max_train_steps", steps,
                                  "--eval_steps", "none"))
     make_soup([runs["a"] / "final", runs["b"] / "final"], tmp_path / "soup")
-    a, b = (load_file(runs[n] / "final" / "model.safetensors") for n in "ab")
-    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    a, b = (load_file(runs[n] / "final" / "lt_weights.safetensors") for n in "ab")
+    soup = load_file(tmp_path / "soup" / "lt_weights.safetensors")
     for key in ("backbone.bn1.running_mean", "backbone.stages.2.0.bn2.running_var", "backbone.conv1.weight"):
         assert not torch.equal(a[key], b[key])
         torch.testing.assert_close(soup[key], (a[key] + b[key]) / 2)
@@ -183,9 +183,32 @@ def test_resume_restores_running_statistics_exactly(tmp_path):
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "step_2", tmp_path / "resumed" / "step_2")
     run_main(tiny_train_args(idx, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest"))
-    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    full = load_file(tmp_path / "full" / "final" / "lt_weights.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final" / "lt_weights.safetensors")
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
     assert resumed["backbone.bn1.num_batches_tracked"].item() == 4
+
+
+@pytest.mark.parametrize("sync_bn,method,warned", [(False, "full_all", True), (True, "full_all", False),
+                                                   (False, "head", False)])
+def test_ddp_without_sync_bn_warns_once_where_batchnorm_trains(caplog, sync_bn, method, warned):
+    """Several processes, BatchNorm in train mode and no --sync_bn: a warning naming --sync_bn (on the main process
+    only); none with --sync_bn or with a frozen eval-mode backbone (head-only)."""
+    import argparse
+    import logging
+
+    from lt_utils.models import build_lt_model
+    from lt_utils.training import setup_batchnorm
+
+    lt = build_lt_model(RESNET8, 3, head_type="linear", from_scratch=True)
+    args = argparse.Namespace(method=method, backbone_bn="eval", sync_bn=sync_bn, per_device_train_batch_size=8)
+    for main_process in (True, False):
+        accelerator = argparse.Namespace(num_processes=2, is_main_process=main_process)
+        with caplog.at_level(logging.WARNING, logger="lt"):
+            setup_batchnorm(args, accelerator, lt, lt)
+    messages = [r.getMessage() for r in caplog.records if r.name == "lt"]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "without --sync_bn" in messages[0] and "its own 8 images" in messages[0]

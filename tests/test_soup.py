@@ -41,7 +41,7 @@ def base(tmp_path_factory):
 
 
 def _weights(path):
-    return load_file(str(Path(path) / "model.safetensors"))
+    return load_file(str(Path(path) / "lt_weights.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------ exact merges
@@ -58,8 +58,8 @@ def test_uniform_soup_equals_hand_average_exactly(base, tmp_path, capsys):
     saved = json.loads((out / "soup_manifest.json").read_text())
     assert saved["mode"] == "uniform" and saved["anchor_weight"] == 0.0
     assert saved["weights"] == pytest.approx([1 / 3] * 3)
-    assert saved["inputs"][1]["sha256"]["model.safetensors"] == sha256_file(base["full"][1] / "model.safetensors")
-    assert saved["output_sha256"] == sha256_file(out / "model.safetensors") == manifest["output_sha256"]
+    assert saved["inputs"][1]["sha256"]["lt_weights.safetensors"] == sha256_file(base["full"][1] / "lt_weights.safetensors")
+    assert saved["output_sha256"] == sha256_file(out / "lt_weights.safetensors") == manifest["output_sha256"]
     assert f"sha256 {saved['output_sha256']}" in capsys.readouterr().out
     # a normal export: loads, same head init, method "soup"
     model, meta = load_export(out)
@@ -72,14 +72,15 @@ def test_uniform_soup_equals_hand_average_exactly(base, tmp_path, capsys):
 def test_integer_tensors_copied_and_low_precision_kept(tmp_path, base):
     lt, vit, h0 = base["lt"], base["vit"], base["head_init"]
     halves = [torch.randn(6, 5, generator=torch.Generator().manual_seed(s)).half() for s in range(2)]
-    paths = [write_ingredient(tmp_path / f"i{s}", lt, vit, {"head.weight": halves[s], "backbone.ids": torch.arange(5)}, h0)
-             for s in range(2)]
+    paths = [write_ingredient(tmp_path / f"i{s}", lt, vit, {"head.weight": halves[s], "backbone.ids": torch.arange(5)}, h0,
+                              hub_files=False) for s in range(2)]
     ingredients = [read_ingredient(p) for p in paths]
     out = merge_tensors(ingredients, [0.0, 0.5, 0.5], progress=False)
     assert out["head.weight"].dtype == torch.float16
     assert torch.equal(out["head.weight"], ((halves[0].double() + halves[1].double()) / 2).half())
     assert torch.equal(out["backbone.ids"], torch.arange(5))
-    bad = write_ingredient(tmp_path / "bad", lt, vit, {"head.weight": halves[1], "backbone.ids": torch.arange(5) + 1}, h0)
+    bad = write_ingredient(tmp_path / "bad", lt, vit, {"head.weight": halves[1], "backbone.ids": torch.arange(5) + 1}, h0,
+                           hub_files=False)
     with pytest.raises(UserError, match="integer tensor that differs"):
         merge_tensors([ingredients[0], read_ingredient(bad)], [0.0, 0.5, 0.5], progress=False)
 
@@ -132,13 +133,13 @@ def test_lora_delta_soup_equals_average_of_merged_models(base, tmp_path):
     make_soup(paths, out, progress=False)
     merged_models = [load_export(p, merge_lora=True)[0].state_dict() for p in paths]
     soup_model, meta = load_export(out)
-    assert meta["arch"]["lora"] is None and not (out / "adapter_model.safetensors").exists()
+    assert meta["arch"]["lora"] is None and not (out / "lt_adapter").exists()
     got = soup_model.state_dict()
     for key in got:
         want = (merged_models[0][key].double() + merged_models[1][key].double()) / 2
         torch.testing.assert_close(got[key].double(), want, rtol=0, atol=1e-6)
     # averaging A and B separately is not the same model: the check above would catch it
-    adapters = [load_file(str(p / "adapter_model.safetensors")) for p in paths]
+    adapters = [load_file(str(p / "lt_adapter" / "adapter_model.safetensors")) for p in paths]
     a_key = next(k for k in adapters[0] if k.endswith("q_proj.lora_A.weight"))
     target = a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
     mean_a = (adapters[0][a_key] + adapters[1][a_key]) / 2
@@ -226,9 +227,10 @@ def test_incompatible_ingredients_are_refused(base, tmp_path, case, message):
     elif case == "head_init":
         other = _variant(tmp_path, base, "other", head_init=base["head_init"].flip(0))
     elif case == "shape":
-        other = _variant(tmp_path, base, "other", tensors={"head.weight": torch.zeros(C, 7)})
+        other = _variant(tmp_path, base, "other", tensors={"head.weight": torch.zeros(C, 7)}, hub_files=False)
     elif case == "keys":
-        other = _variant(tmp_path, base, "other", tensors={"head.weight": base["head_init"], "backbone.extra": torch.ones(2)})
+        other = _variant(tmp_path, base, "other", tensors={"head.weight": base["head_init"], "backbone.extra": torch.ones(2)},
+                         hub_files=False)
     elif case == "lora":
         other = write_lora_ingredient(tmp_path / "other", base["vit"], base["head_init"], seed=3)
     else:
@@ -246,7 +248,7 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
         soup.main([str(a), str(b), "--output_dir", str(existing)])
     assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
     soup.main([str(a), str(b), "--output_dir", str(existing), "--overwrite"])
-    assert (existing / "model.safetensors").is_file()
+    assert (existing / "lt_weights.safetensors").is_file()
     with pytest.raises(UserError, match="is the input ingredient 1"):
         make_soup([a, b], a, overwrite=True, progress=False)
     with pytest.raises(UserError, match="listed twice"):
@@ -280,7 +282,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS: imports do not count
     before = high_water_kib()
-    make_soup(sys.argv[3:], sys.argv[2], progress=False)
+    make_soup(sys.argv[3:], sys.argv[2], progress=False, hub_files=False)  # synthetic tensors: no model to write
     print(json.dumps({"before": before, "peak": high_water_kib()}))
 """)
 
@@ -293,7 +295,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_ingredients(base, tmp_path
         g = torch.Generator().manual_seed(i)
         tensors = {f"backbone.block{k}.weight": torch.randn(1024, 1024, generator=g) for k in range(8)}
         tensors["head.weight"] = h0
-        paths.append(write_ingredient(tmp_path / f"big{i}", base["lt"], base["vit"], tensors, h0))
+        paths.append(write_ingredient(tmp_path / f"big{i}", base["lt"], base["vit"], tensors, h0, hub_files=False))
     growth = {}
     for n in (2, 6):
         # glibc raises its mmap threshold after big frees and then keeps freed buffers in the heap, which adds

@@ -2,6 +2,7 @@
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
     results = run_main(tiny_train_args(idx_dir, out, "--checkpointing_steps", "10", "--learning_rate", "0.003"))
     for name in ("final", "best"):
         export = out / name
-        for f in ("lt_model.json", "model.safetensors", "head_init.safetensors", "metrics.json", "README.md", "lt_info.json"):
+        for f in ("lt_model.json", "lt_weights.safetensors", "model.safetensors", "config.json", "head_init.safetensors", "metrics.json", "README.md", "lt_info.json"):
             assert (export / f).is_file(), f"{name}/{f} missing"
         metrics = json.loads((export / "metrics.json").read_text())
         assert metrics["test"]["num_samples"] == 100
@@ -62,7 +63,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
 
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
                                cache_dir=tmp_path / "hf_cache")
-    loader = T.image_loader(ds["test"], T.test_transform(model.spec, "none"), 64, 0)
+    loader = T.image_loader(ds["test"], T.test_transform(model.spec, SimpleNamespace(tte="none")), 64, 0)
     again = evaluate(model, loader, Accelerator(cpu=True), info.groups, 10)
     assert again["accuracy"] == pytest.approx(results["final"]["test"]["accuracy"], abs=1e-9)
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
@@ -83,7 +84,7 @@ def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path, extra):
     resumed.mkdir()
     shutil.copytree(full / "step_3", resumed / "step_3")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    a, b = load_file(full / "final" / "lt_weights.safetensors"), load_file(resumed / "final" / "lt_weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -111,6 +112,11 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
     (["--dataset", "mnist_lt"], "mnist_lt"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU (autocast + GradScaler); on cpu"),
+    (["--prompt_template", "descriptor"], "--prompt_template descriptor needs --prompt_descriptor_file"),
+    (["--prompt_descriptor_file", "d.json"], "--prompt_descriptor_file needs --prompt_template descriptor"),
+    (["--loss", "cb", "--label_smoothing", "0.1"], "--label_smoothing does not apply to --loss cb"),
+    (["--head_init", "linear_probe", "--groups_from_imb", "0.5"], "--groups_from_imb 0.5 is out of range"),
 ])
 def test_bad_input_is_one_line_and_exit_2(idx_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
@@ -137,11 +143,11 @@ def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_pat
 def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1", "--eval_steps", "none"))
-    before = (out / "final" / "model.safetensors").read_bytes()
+    before = (out / "final" / "lt_weights.safetensors").read_bytes()
     with pytest.raises(SystemExit):
         run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1"))
     assert "already holds a run" in capsys.readouterr().err
-    assert (out / "final" / "model.safetensors").read_bytes() == before
+    assert (out / "final" / "lt_weights.safetensors").read_bytes() == before
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
@@ -166,5 +172,5 @@ def test_failed_push_keeps_the_exports_and_says_why(idx_dir, tmp_path):
     assert result.returncode == 2  # the Hub is unreachable here (HF_HUB_OFFLINE=1)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: pushing") and "someone/tiny-lt" in last and "Traceback" not in result.stderr
-    assert (out / "final" / "model.safetensors").is_file() and (out / "all_results.json").is_file()
+    assert (out / "final" / "lt_weights.safetensors").is_file() and (out / "all_results.json").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*"))  # TensorBoard logs were written

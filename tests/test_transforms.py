@@ -98,6 +98,38 @@ def test_flip_mode_is_the_eval_view_and_its_mirror():
     assert torch.equal(views[1], eval_view.flip(-1))
 
 
+def test_tte_expand_flag_sets_the_five_crop_margin():
+    image = coordinate_image(SIZE + 10, SIZE + 10)  # expand 10: the resize is the identity, corners 10 px apart
+    views = build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY, expand=10)(image)
+    assert [origin(v) for v in views] == [(0, 0), (10, 0), (0, 10), (10, 10), (5, 5)]
+    ten = build_tte_transform("tencrop", SIZE, PATCH, **IDENTITY, expand=10)(image)
+    assert torch.equal(ten[:5], views)
+    with pytest.raises(UserError, match="--tte_expand must be >= 0"):
+        build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY, expand=-1)
+
+
+def test_randaug_views_are_seeded_random_resized_crops_and_flips():
+    image = coordinate_image(40, 40)
+    tte = build_tte_transform("randaug", SIZE, PATCH, **IDENTITY, views=6)
+    views = tte(image)
+    assert views.shape == (6, 3, SIZE, SIZE)
+    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 6  # six different draws
+    torch.manual_seed(123)  # the global RNG plays no part, and is left as it was
+    state = torch.get_rng_state()
+    again = pickle.loads(pickle.dumps(tte))(image)  # a worker's copy, later, elsewhere
+    assert torch.equal(again, views) and torch.equal(torch.get_rng_state(), state)
+    other = tte(coordinate_image(40, 40, step=5))
+    assert not torch.equal(other, views)  # another image, other crops
+    # each view is a crop of the image (scaled) or its mirror: pixel x coordinates move monotonically along a row
+    xs = views[:, 0, SIZE // 2] * 255 / STEP
+    steps = xs[:, 1:] - xs[:, :-1]
+    assert all((row >= -1e-3).all() or (row <= 1e-3).all() for row in steps)
+    assert any((row < -1e-3).any() for row in steps) and any((row > 1e-3).any() for row in steps)  # both orientations
+    assert build_tte_transform("randaug", SIZE, PATCH, **IDENTITY)(image).shape == (1, 3, SIZE, SIZE)  # LIFT's 1
+    with pytest.raises(UserError, match="--tte_views must be >= 1"):
+        build_tte_transform("randaug", SIZE, PATCH, **IDENTITY, views=0)
+
+
 def test_eval_transform_resizes_to_8_7_and_centre_crops():
     image = coordinate_image(SIZE * 8 // 7, SIZE * 8 // 7)  # 36 x 36: resize is the identity
     view = build_eval_transform(SIZE, **IDENTITY)(image)

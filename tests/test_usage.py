@@ -75,7 +75,7 @@ def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
     first = cwd / "soups" / "uniform"
     if not first.exists():  # this test alone: make the first soup
         assert run_in(cwd, REPO / "soup.py", "ckpts/a", "ckpts/b", env=env).returncode == 0
-    before = sha256_file(first / "model.safetensors")
+    before = sha256_file(first / "lt_weights.safetensors")
     shutil.copytree(first, cwd / "ckpts" / "old_soup")  # an earlier soup the glob matches
     try:
         res = run_in(cwd, REPO / "soup.py", "ckpts/a", "ckpts/b", "ckpts/old_soup", "--which", "final", env=env)
@@ -86,7 +86,7 @@ def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
     assert "soup written to soups/uniform_2:" in res.stdout
     manifest = json.loads((cwd / "soups" / "uniform_2" / "soup_manifest.json").read_text())
     assert manifest["ingredients"] == ["ckpts/a/final", "ckpts/b/final"]
-    assert sha256_file(first / "model.safetensors") == before
+    assert sha256_file(first / "lt_weights.safetensors") == before
 
 
 def test_soup_of_no_run_is_one_line_error(user_dir):

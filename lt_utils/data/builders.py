@@ -43,6 +43,18 @@ class LTConfig(datasets.BuilderConfig):
     val_dir: Optional[str] = None
     test_per_class: int = 50
     source_fingerprint: str = ""
+    # hf_lt: the `datasets` source (hf_source.HFSpec's fields; its dataset_name is source_name here, as the builder's
+    # own dataset_name is taken)
+    source_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    dataset_revision: Optional[str] = None
+    train_split: str = "train"
+    validation_split: Optional[str] = None
+    test_split: Optional[str] = None
+    image_column_name: str = "image"
+    label_column_name: str = "label"
+    max_train_samples: Optional[int] = None
+    trust_remote_code: bool = False
 
 
 def features_for(class_names):
@@ -139,6 +151,17 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
     def carve_test(self, order, class_names):
         raise UserError(f"{self.DATASET} needs a test split in its source")
 
+    def hold_out_test(self, order, class_names):
+        """A balanced test set: the last `test_per_class` images of each class's drawn order, taken before the LT draw."""
+        k = self.config.test_per_class
+        for c, idx in enumerate(order):
+            if len(idx) <= k:
+                raise UserError(
+                    f"class {c} ({class_names[c]}) has {len(idx)} images, not more than the {k} held out per class "
+                    "for test; pass a test split (--test_dir, --test_split) or a lower --test_per_class"
+                )
+        return [idx[: len(idx) - k] for idx in order], ("train", flat_sorted([idx[len(idx) - k :] for idx in order]))
+
     def lt_info(self, source, plan, counts, n_max):
         cfg = self.config
         return LTInfo(
@@ -220,15 +243,7 @@ class ImageFolderLT(LTBuilder):
         cfg = self.config
         return sources.read_image_folder(cfg.data_dir, cfg.test_dir, cfg.val_dir)
 
-    def carve_test(self, order, class_names):
-        k = self.config.test_per_class
-        for c, idx in enumerate(order):
-            if len(idx) <= k:
-                raise UserError(
-                    f"class {c} ({class_names[c]}) has {len(idx)} images, not more than the {k} held out per class "
-                    "for test; pass --test_dir (or, in build_lt.py, a lower --test_per_class)"
-                )
-        return [idx[: len(idx) - k] for idx in order], ("train", flat_sorted([idx[len(idx) - k :] for idx in order]))
+    carve_test = LTBuilder.hold_out_test
 
 
 class ListLTBuilder(LTBuilder):
@@ -284,4 +299,40 @@ class INat2018(ListLTBuilder):
     DATASET = "inat2018"
 
 
-BUILDERS = {b.DATASET: b for b in (Cifar100LT, Cifar10LT, FashionMnistLT, ImageNetLT, PlacesLT, INat2018, ImageFolderLT)}
+class DatasetsLT(LTBuilder):
+    """Any `datasets` image-classification dataset (`--dataset_name`: a Hub id or a local folder; hf_source.py): the
+    LT rule on its train split (`--max_train_samples` first), val = its `--validation_split` or unused train images,
+    test = its `--test_split` ("test" by default) or, when it has none, `test_per_class` images per class held out."""
+
+    DATASET = "hf_lt"
+    SPEC_FIELDS = ("dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
+                   "test_split", "image_column_name", "label_column_name", "class_names_file", "max_train_samples",
+                   "trust_remote_code")
+
+    @classmethod
+    def spec(cls, config):
+        from .hf_source import HFSpec
+
+        if config.source_name is None:
+            raise UserError("hf_lt needs --dataset_name (a Hub dataset id or a local dataset folder)")
+        return HFSpec(config.source_name, **{f: getattr(config, f) for f in cls.SPEC_FIELDS[1:]})
+
+    def read_source(self):
+        from .hf_source import read_hf_source
+
+        source, self.fingerprints = read_hf_source(self.spec(self.config), self.config.seed, self._cache_dir_root)
+        return source
+
+    carve_test = LTBuilder.hold_out_test
+
+    def lt_info(self, source, plan, counts, n_max):
+        info = super().lt_info(source, plan, counts, n_max)
+        info.hf_source = {**dataclasses.asdict(self.spec(self.config)), "fingerprints": dict(self.fingerprints)}
+        # the same indices of another source (a new Hub revision, an edited folder) are other images
+        info.index_hashes = {s: index_hash(f"{src}@{self.fingerprints[src]}", idx)
+                             for s, (src, idx) in plan.items()}
+        return info
+
+
+BUILDERS = {b.DATASET: b for b in (Cifar100LT, Cifar10LT, FashionMnistLT, ImageNetLT, PlacesLT, INat2018, ImageFolderLT,
+                                   DatasetsLT)}

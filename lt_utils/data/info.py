@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fileio import atomic_write_json
-from .counts import GROUPS, assign_groups
+from .counts import GROUPS, assign_groups, lt_counts
 
 INFO_FILENAME = "lt_info.json"
 
@@ -28,6 +28,11 @@ class LTInfo:
     split_sizes: dict = dataclasses.field(default_factory=dict)
     # sha256 of each split's source indices: two splits with equal hashes hold the same images
     index_hashes: dict = dataclasses.field(default_factory=dict)
+    # hf_lt: the `datasets` source (name, config, revision, splits, columns, --max_train_samples, its splits'
+    # fingerprints), so eval_lt.py and resume rebuild the same split
+    hf_source: dict = None
+    # groups from the counts of the same source at this rho (LIFT: rho 100 for every CIFAR-100-LT); None: own counts
+    groups_from_imb: float = None
 
     @property
     def num_classes(self):
@@ -40,8 +45,32 @@ class LTInfo:
         return {g: sum(1 for x in self.groups if x == g) for g in GROUPS}
 
     def with_thresholds(self, many_threshold, few_threshold):
-        groups = assign_groups(self.train_counts, many_threshold, few_threshold)
+        groups = assign_groups(self.group_counts_source(), many_threshold, few_threshold)
         return dataclasses.replace(self, many_threshold=many_threshold, few_threshold=few_threshold, groups=groups)
+
+    def with_groups_from_imb(self, imb):
+        """Groups taken from the counts the same rule gives at ratio `imb` (LIFT: CIFAR-100-LT rho 50 / 10 are
+        reported with the rho = 100 split's 35 / 35 / 30 groups)."""
+        if imb is None:
+            return self
+        if self.imb is None:
+            raise UserError(f"--groups_from_imb needs a dataset split by the rho rule (cifar100_lt, cifar10_lt, "
+                            f"fashion_mnist_lt, imagefolder_lt); {self.dataset} comes from lists: drop the flag")
+        if float(imb) < 1:
+            raise UserError(f"--groups_from_imb {imb:g}: the reference ratio must be >= 1, e.g. 100")
+        info = dataclasses.replace(self, groups_from_imb=float(imb))
+        return info.with_thresholds(self.many_threshold, self.few_threshold)
+
+    def group_counts_source(self):
+        """The counts the groups come from: the split's own, or the reference split's (class 0 keeps n_max)."""
+        if self.groups_from_imb is None:
+            return list(self.train_counts)
+        return lt_counts(self.train_counts[0], self.groups_from_imb, len(self.train_counts))
+
+    @property
+    def split_groups(self):
+        """The groups of the split's own counts (differs from `groups` under --groups_from_imb)."""
+        return assign_groups(self.train_counts, self.many_threshold, self.few_threshold)
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -9,8 +9,9 @@ import datasets
 from ..errors import UserError
 from ..fileio import atomic_dir
 from . import sources
-from .builders import BUILDERS, SPLITS, LTConfig
+from .builders import BUILDERS, SPLITS, DatasetsLT, LTConfig
 from .counts import SELECTION_MODES
+from .hf_source import spec_fingerprint
 from .hub import (check_no_config_name, is_hub_dataset_id, is_hub_layout_dir, load_lt_from_hub,
                   named_config_values)
 from .info import INFO_FILENAME, LTInfo
@@ -61,7 +62,9 @@ def load_lt_dataset(
     name, imb=100.0, data_dir=None, max_per_class=None, seed=0, selection="rng", val_per_class=20,
     val_source="unused_train", train_list=None, val_list=None, test_list=None, class_names_file=None,
     many_threshold=100, few_threshold=20, cache_dir=None, test_dir=None, val_dir=None, test_per_class=50,
-    relabel_by_name=False, config_name=None,
+    relabel_by_name=False, config_name=None, dataset_name=None, dataset_revision=None, train_split="train",
+    validation_split=None, test_split=None, image_column_name="image", label_column_name="label",
+    max_train_samples=None, trust_remote_code=False,
 ):
     """Build (or reuse from the `datasets` cache) an LT split; returns (DatasetDict train/val/test, LTInfo).
 
@@ -81,18 +84,45 @@ def load_lt_dataset(
         A val list / `val_dir` takes precedence.
     test_dir, val_dir, test_per_class: imagefolder_lt only (held-out test size per class without `test_dir`).
     relabel_by_name: list datasets; class ids = rank of the class name (LIFT's iNat order).
+    dataset_name (builder "hf_lt", `name` may then be None): any `datasets` image-classification dataset, a Hub id or a
+        local folder (save_to_disk, parquet / arrow shards, imagefolder); `config_name` is then its `datasets` config,
+        `dataset_revision` its Hub revision. train_split / validation_split / test_split: its split names (validation
+        None: unused train images per `val_source`; test None: its "test" split, else `test_per_class` held out).
+        image_column_name / label_column_name: its columns (the label a ClassLabel, or ids / names with
+        `class_names_file`). max_train_samples: a seeded (`seed`) random subset of its train split, before the LT rule.
     """
-    if is_saved_lt_dir(name) or is_hub_dataset_id(name):
+    if dataset_name is not None or name == DatasetsLT.DATASET:
+        check_hf_args(name, dataset_name, dict(data_dir=data_dir, train_list=train_list, val_list=val_list,
+                                               test_list=test_list, test_dir=test_dir, val_dir=val_dir))
+        key = DatasetsLT.DATASET
+    elif is_saved_lt_dir(name) or is_hub_dataset_id(name):
         check_no_config_name(config_name, name)
         if is_hub_layout_dir(name) or is_hub_dataset_id(name):
             return load_lt_from_hub(name, cache_dir=_abs(cache_dir))
         return load_lt_from_disk(name)
-    key = canonical_name(name)
+    else:
+        key = canonical_name(name)
+    if key != DatasetsLT.DATASET:  # flags of a `datasets` source: refused rather than ignored
+        hf_only = dict(dataset_revision=dataset_revision, validation_split=validation_split, test_split=test_split,
+                       max_train_samples=max_train_samples, trust_remote_code=trust_remote_code or None,
+                       train_split=None if train_split == "train" else train_split,
+                       image_column_name=None if image_column_name == "image" else image_column_name,
+                       label_column_name=None if label_column_name == "label" else label_column_name)
+        for flag, value in hf_only.items():
+            if value is not None:
+                raise UserError(f"--{flag} applies to a --dataset_name source, not to --dataset {name}; drop it "
+                                "or pass --dataset_name")
     builder_cls = BUILDERS[key]
     given = dict(imb=imb, max_per_class=max_per_class, seed=seed, selection=selection, val_per_class=val_per_class,
                  val_source=val_source, many_threshold=many_threshold, few_threshold=few_threshold,
                  test_per_class=test_per_class)
-    if config_name is not None:
+    hf = {}
+    if key == DatasetsLT.DATASET:
+        hf = dict(source_name=_local_or_id(dataset_name), dataset_config_name=config_name,
+                  dataset_revision=dataset_revision, train_split=train_split, validation_split=validation_split,
+                  test_split=test_split, image_column_name=image_column_name, label_column_name=label_column_name,
+                  max_train_samples=max_train_samples, trust_remote_code=bool(trust_remote_code))
+    elif config_name is not None:
         defaults = {k: p.default for k, p in inspect.signature(load_lt_dataset).parameters.items()}
         given.update(named_config_values(builder_cls, config_name, given, defaults))
     imb, max_per_class = given["imb"], given["max_per_class"]
@@ -108,8 +138,14 @@ def load_lt_dataset(
         class_names_file=_abs(class_names_file), relabel_by_name=bool(relabel_by_name), test_dir=_abs(test_dir),
         val_dir=_abs(val_dir), test_per_class=int(given["test_per_class"]),
     )
-    files = builder_cls.source_files(LTConfig(name="probe", **params))
-    params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
+    params.update(hf)
+    if hf:
+        params["source_fingerprint"], _ = spec_fingerprint(DatasetsLT.spec(LTConfig(name="probe", **params)),
+                                                           params["seed"], _abs(cache_dir))
+        config_name = None  # the source's config, not a builder preset
+    else:
+        files = builder_cls.source_files(LTConfig(name="probe", **params))
+        params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
     builder = builder_cls(cache_dir=_abs(cache_dir), name=config_name or builder_cls.config_name_for(imb), **params)
     try:
         builder.download_and_prepare()
@@ -121,6 +157,24 @@ def load_lt_dataset(
     if ds["val"].num_rows == 0:
         warnings.warn(f"{key}: the val split is empty; pass a val list, --val_dir or --val_source test_slice")
     return ds, LTInfo.from_dataset(ds["train"])
+
+
+def check_hf_args(name, dataset_name, others):
+    """--dataset_name selects hf_lt; flags of the other builders are refused rather than ignored."""
+    if name not in (None, DatasetsLT.DATASET):
+        raise UserError(f"--dataset {name} and --dataset_name {dataset_name} name two sources; pass one (--dataset_name "
+                        "alone builds the LT split from that `datasets` source)")
+    if dataset_name is None:
+        raise UserError("hf_lt needs --dataset_name (a Hub dataset id or a local dataset folder)")
+    for flag, value in others.items():
+        if value is not None:
+            raise UserError(f"--{flag} is not used with --dataset_name; drop it (the local folder itself is "
+                            "--dataset_name, its splits are --train_split / --validation_split / --test_split)")
+
+
+def _local_or_id(name):
+    """A local folder is recorded absolute (the cache and eval must find it from any directory); a Hub id as given."""
+    return _abs(name) if name is not None and os.path.exists(os.path.expanduser(str(name))) else name
 
 
 def _as_split(builder, split):

@@ -172,15 +172,11 @@ def read_cifar_local(data_dir, num_classes):
 
 
 def read_hub(repo, image_col, label_col, cache_dir=None):
-    import datasets
+    """A built-in dataset's Hub copy: the generic `datasets` reader with the repo's column names."""
+    from .hf_source import HFSpec, read_hf_source
 
-    dd = datasets.load_dataset(repo, cache_dir=cache_dir)
-    names = dd["train"].features[label_col].names
-    splits = {
-        s: SourceSplit(np.asarray(dd[s][label_col], dtype=np.int64), HubImages(dd[s], image_col))
-        for s in ("train", "test")
-    }
-    return Source(list(names), splits, f"hub:{repo}")
+    spec = HFSpec(repo, test_split="test", image_column_name=image_col, label_column_name=label_col)
+    return dataclasses.replace(read_hf_source(spec, cache_dir=cache_dir)[0], description=f"hub:{repo}")
 
 
 def read_cifar(data_dir, num_classes, cache_dir=None):
