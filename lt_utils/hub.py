@@ -124,7 +124,7 @@ print(model.config.id2label[int(logits.argmax(-1))])"""
 
 # a modeling_lt.FEATURES name -> (how the snippet computes it from AutoModel(base), what the model card calls it)
 _SNIPPET_FEATURES = {
-    "pooler_output": ("getattr(base, 'vision_model', base)(**inputs).pooler_output  # the pooled CLS, before the "
+    "pooler_output": ("getattr(base, 'vision_model', base)(**inputs).pooler_output  # CLIP's pooled CLS, before the "
                       "projection", "pooled CLS"),
     "pooler_or_token_mean": ("getattr(base, 'vision_model', base)(**inputs).pooler_output  # the attention-pooled "
                              "embedding", "attention-pooled"),

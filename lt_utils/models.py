@@ -113,7 +113,7 @@ BACKBONES.register("siglip", BackboneKind(
     mean=[0.5] * 3, std=[0.5] * 3, resample=3, layer_wiring=(("layer_norm2", "mlp"),),
     lora_targets=(("q_proj", "v_proj"),), block_lists=("encoder.layers", "vision_model.encoder.layers"),
     block_parts=_CLIP_BLOCK_PARTS, excluded_methods=_NO_VPT, text_tower=SiglipTextTower(),
-    eval_resize=1.0))  # its image processor resizes the whole image to the model's size, no crop margin
+    eval_resize=1.0))  # no crop margin: its image processor resizes the whole image to the model's size
 # DINOv2: feature = [CLS, mean of the patch tokens] after the final LayerNorm (2 D), as its model card's linear
 # probe and Dinov2ForImageClassification. A block's residual branches are layer-scaled (h + ls2(mlp(norm2(h)))):
 # AdaptFormer and the sequential adapter act on the whole scaled branch (layer_scale2), not inside it. VPT's prompts
