@@ -170,27 +170,36 @@ class MaskedEntries(nn.Module):
     """Sparse fine-tuning of several Linears: the entries at each one's flat weight / bias indices (ascending) are
     trained copies that replace the frozen ones in its forward. All copies live in ONE parameter `values` (Linear by
     Linear, weights then biases): a Linear may get no entry at all, and DeepSpeed ZeRO-3 cannot partition an empty
-    parameter. The indices are derived from the seed, so they are buffers, not stored."""
+    parameter. The indices are derived from the seed, so they are not stored, and they are plain CPU tensors rather
+    than buffers: transformers' from_pretrained builds models on the meta device and would leave a non-persistent
+    buffer unfilled. Each device gets its own copy on first use."""
 
     def __init__(self, linears, indices):
         super().__init__()
         chunks, self.spans = [], []
         start = 0
-        for i, (linear, (w_idx, b_idx)) in enumerate(zip(linears, indices)):
-            self.register_buffer(f"weight_index_{i}", w_idx, persistent=False)
-            self.register_buffer(f"bias_index_{i}", b_idx, persistent=False)
-            chunks += [linear.weight.detach().reshape(-1)[w_idx], linear.bias.detach()[b_idx]]
+        self._indices = [(w.cpu(), b.cpu()) for w, b in indices]
+        self._on_device = {}
+        for linear, (w_idx, b_idx) in zip(linears, self._indices):
+            if linear.weight.is_meta:  # transformers' from_pretrained builds on the meta device, then loads `values`
+                chunks += [torch.empty(len(w_idx) + len(b_idx), device="meta")]
+            else:
+                chunks += [linear.weight.detach().reshape(-1)[w_idx.to(linear.weight.device)],
+                           linear.bias.detach()[b_idx.to(linear.weight.device)]]
             self.spans.append((start, start + len(w_idx), start + len(w_idx) + len(b_idx)))
             start = self.spans[-1][2]
         self.values = nn.Parameter(torch.cat(chunks).clone())
 
-    def indices(self, i):
-        return getattr(self, f"weight_index_{i}"), getattr(self, f"bias_index_{i}")
+    def indices(self, i, device="cpu"):
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = [(w.to(device), b.to(device)) for w, b in self._indices]
+        return self._on_device[device][i]
 
     def forward(self, linear, i):
         """(weight, bias) of Linear `i` with its trained entries in place. Called as a module so that DeepSpeed
         ZeRO-3 gathers `values` (it gathers a module's parameters around its forward)."""
-        w_idx, b_idx = self.indices(i)
+        w_idx, b_idx = self.indices(i, linear.weight.device)
         start, mid, end = self.spans[i]
         values = self.values.to(linear.weight.dtype)
         weight = linear.weight.reshape(-1).index_put((w_idx,), values[start:mid]).view_as(linear.weight)
@@ -214,7 +223,8 @@ def lift_mask_indices(shapes, ratio, generator):
     fan_in = shapes[0][1]
     rows = sum(out for out, _ in shapes)
     n = rows * (fan_in + 1)
-    chosen = torch.randperm(n, generator=generator)[: int(n * ratio)].sort().values
+    # on the CPU explicitly: the indices are data, also when the model is built on the meta device
+    chosen = torch.randperm(n, generator=generator, device="cpu")[: int(n * ratio)].sort().values
     row, col = chosen // (fan_in + 1), chosen % (fan_in + 1)
     result, start = [], 0
     for out, _ in shapes:
@@ -242,7 +252,7 @@ def attach_masks(blocks, parts, ratio, seed):
             group = [block_part(block, parts, role) for role in roles]
             drawn = lift_mask_indices([tuple(m.weight.shape) for m in group], ratio, generator)
             linears += group
-            indices += [(w.to(m.weight.device), b.to(m.weight.device)) for m, (w, b) in zip(group, drawn)]
+            indices += drawn
     if sum(len(w) + len(b) for w, b in indices) == 0:
         raise ValueError(f"a mask ratio of {ratio} selects no entry of these blocks; raise --mask_ratio")
     entries = MaskedEntries(linears, indices)

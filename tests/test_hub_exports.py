@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from lt_utils.checkpoint import load_export
 from lt_utils.heads import random_head_init
 from lt_utils.hub import adapter_snippet, model_card, model_snippet
 from lt_utils.models import BackboneSpec
-from lt_utils.peft_methods import apply_method, export_state_dict
+from lt_utils.peft_methods import METHODS, apply_method, export_state_dict
 from lt_utils.soup import make_soup
 from tests.helpers_models import make_tiny_clip
 from tests.helpers_soup import (DEBIAN_FMNIST, _read_idx, perturbed, tiny_info, tiny_lt_model, write_ingredient,
@@ -68,6 +69,17 @@ def setup(tmp_path_factory):
     exports["adaptformer"] = write_ingredient(
         root / "adaptformer", af, base, perturbed(af_state, export_state_dict(af_state, "adaptformer"), seed=6, scale=0.5),
         head_init, method="adaptformer", arch={"adapters": "adaptformer", "adapter_dim": 2, "lora": None}, info=info)
+    # LIFT's module methods: their modules re-created by the remote code from the config's arch and block wiring
+    for seed, (method, margs) in enumerate((("vpt_deep", {"vpt_len": 3, "partial_layers": 1}),
+                                            ("vpt_shallow", {"vpt_len": 2}), ("adapter", {"r": 2}),
+                                            ("mask", {"mask_ratio": 0.05, "mask_seed": 3}),
+                                            ("ssf_attn", {}), ("ssf_ln", {"partial_layers": 1})), start=10):
+        model = apply_method(tiny_lt_model(base, C), method, **margs)
+        arch = {**METHODS.get(method).arch(margs), "lora": None}
+        st = model.state_dict()
+        exports[method] = write_ingredient(root / method, model, base,
+                                           perturbed(st, export_state_dict(st, method, arch), seed=seed, scale=0.5),
+                                           head_init, method=method, arch=arch, info=info)
     make_soup([exports["full"], exports["full2"]], root / "soup", progress=False)
     exports["soup"] = root / "soup"
     del exports["full2"]
@@ -77,7 +89,7 @@ def setup(tmp_path_factory):
 def eval_lt_logits(export_dir, paths):
     """Logits as eval_lt.py computes them: load_export, the export's test transform (no TTE), forward."""
     model, meta = load_export(export_dir)
-    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), "none")
+    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), SimpleNamespace(tte="none"))
     with torch.no_grad():
         return model(torch.stack([transform(Image.open(p)) for p in paths])).float()
 
@@ -199,7 +211,7 @@ def test_preprocessor_config_reproduces_the_eval_transform(setup):
     export = setup["exports"]["full"]
     processor = AutoImageProcessor.from_pretrained(export)
     _, meta = load_export(export)
-    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), "none")
+    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), SimpleNamespace(tte="none"))
     rng = np.random.default_rng(0)
     images = [Image.open(p) for p in setup["images"]]  # real 28x28 grayscale
     images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 37), (300, 225), (33, 64))]
@@ -370,7 +382,7 @@ def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
-    transform = D.test_transform(model.spec, "none")
+    transform = D.test_transform(model.spec, SimpleNamespace(tte="none"))
     with torch.no_grad():
         fresh = model(torch.stack([transform(Image.open(p)) for p in paths]))
     assert not torch.allclose(fresh, eval_lt_logits(cnn_exports["cifar_resnet"], paths), atol=1e-3)

@@ -186,7 +186,10 @@ def run_main(argv):
 
 
 def _weights(export_dir):
-    name = "adapter_model.safetensors" if (export_dir / "adapter_model.safetensors").is_file() else "model.safetensors"
+    """What the project stores of a method: its peft adapter (LoRA) or the tensors it trains."""
+    from lt_utils.checkpoint import ADAPTER_WEIGHTS, WEIGHTS_FILE
+
+    name = ADAPTER_WEIGHTS if (export_dir / ADAPTER_WEIGHTS).is_file() else WEIGHTS_FILE
     return load_file(str(export_dir / name))
 
 
