@@ -47,6 +47,9 @@ class BackboneKind:
     # from; its processor feeds 224-px crops); the config's when the checkpoint has no processor
     processor_image_size: bool = False
     text_tower: object = None  # text_towers.TextTower of image-text models: --head_init text and --zero_shot
+    # backbone parameters the forward never uses (DINOv2's masked-image-modelling token): never trained, else DDP
+    # waits for their gradients
+    unused_parameters: tuple = ()
 
     def load_class(self):
         import importlib
@@ -128,7 +131,7 @@ BACKBONES.register("dinov2", BackboneKind(
                  "v": ("attention.v_proj", "attention.attention.value"),
                  "attn_out": ("attention.o_proj", "attention.output.dense"), "mlp": ("layer_scale2",),
                  "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)},
-    excluded_methods=_NO_VPT, processor_image_size=True))
+    excluded_methods=_NO_VPT, processor_image_size=True, unused_parameters=("embeddings.mask_token",)))
 
 
 # CNNs: BatchNorm, no transformer blocks, so none of LIFT's block methods; trained in full, by BitFit (BN shifts)

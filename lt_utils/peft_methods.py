@@ -520,7 +520,12 @@ def apply_method(model, method, seed=0, **margs):
     model.head.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return entry.apply(model, **margs)
+        model = entry.apply(model, **margs)
+    params = dict(unwrap_lt_model(model).backbone.named_parameters())
+    for name in BACKBONES.get(unwrap_lt_model(model).spec.kind).unused_parameters:
+        if name in params:
+            params[name].requires_grad_(False)
+    return model
 
 
 def trainable_parameter_count(model):

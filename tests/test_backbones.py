@@ -140,6 +140,15 @@ def test_base_shape_counts_by_hand(base_dirs, kind, feature, method):
     assert trainable_parameter_count(model) - head == BASE_COUNTS[method] == {"lora": 147_456, "adaptformer": 101_436}[method]
 
 
+def test_dinov2_full_all_trains_every_used_weight(dinov2_dir):
+    """Its mask token (masked-image modelling only) gets no gradient: trained, DDP would wait for it."""
+    model = apply_method(build_lt_model(dinov2_dir, 3), "full_all").train()
+    torch.nn.functional.cross_entropy(model(random_pixels(2)), torch.tensor([0, 2])).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.embeddings.mask_token" not in trainable and "backbone.embeddings.cls_token" in trainable
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+
+
 def test_siglip_lora_leaves_the_attention_pool_head_frozen(siglip_dir):
     """peft finds modules_to_save by name suffix; SigLIP's own `head` must not be copied, trained or exported."""
     model = apply_method(build_lt_model(siglip_dir, 3), "lora", r=2)
