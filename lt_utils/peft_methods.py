@@ -491,9 +491,10 @@ METHODS.register("ssf_ln", ScaleShiftMethod("SSF scale and shift after the block
 
 
 def supported_methods(kind):
-    """The --method names that apply to a BACKBONES kind, in registration order."""
+    """The --method names that apply to a BACKBONES kind."""
     entry = BACKBONES.get(kind)
-    return [m for m in METHODS if (entry.methods is None or m in entry.methods) and m not in entry.excluded_methods]
+    names = METHODS.names() if entry.methods is None else entry.methods  # a whitelist keeps its own order
+    return [m for m in names if m in METHODS and m not in entry.excluded_methods]
 
 
 def apply_method(model, method, seed=0, **margs):

@@ -180,7 +180,7 @@ def test_train_paths(world, capsys, case):
 
 
 @pytest.mark.parametrize("flags, expect", [
-    (["--head_init", "text"], "--head_init text needs a pretrained CLIP"),
+    (["--head_init", "text"], "--head_init text needs a pretrained image-text checkpoint (CLIP, SigLIP)"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
     (["--method", "head", "--init_from", "/nonexistent/export"], "/nonexistent/export not found"),
 ], ids=["head_init_text_vit", "missing_model", "missing_init_from"])
