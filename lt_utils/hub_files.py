@@ -32,15 +32,16 @@ def write_hub_files(export_dir, meta):
     from .models import BackboneSpec, hf_model
 
     export_dir = Path(export_dir)
-    with _without_zero3():
+    with _without_zero3():  # every model built here (also the meta copy in write_plain_adapter) is built whole
         model = build_from_meta(meta, export_dir, merge_lora=True).eval()
         hf_model(model, meta).save_pretrained(str(export_dir))
-    image_processor(BackboneSpec.from_dict(meta["backbone"])).save_pretrained(str(export_dir))
-    if (meta.get("arch") or {}).get("lora"):
-        write_plain_adapter(export_dir / LT_ADAPTER_DIR, export_dir / ADAPTER_DIR, meta)
-        head = {k.removeprefix("head."): v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith("head.")}
-        save_file(head, str(export_dir / ADAPTER_DIR / HEAD_FILE), metadata={
-            "format": "pt", "head_type": meta["head"]["type"], "scale": str(meta["head"]["scale"])})
+        image_processor(BackboneSpec.from_dict(meta["backbone"])).save_pretrained(str(export_dir))
+        if (meta.get("arch") or {}).get("lora"):
+            write_plain_adapter(export_dir / LT_ADAPTER_DIR, export_dir / ADAPTER_DIR, meta)
+            head = {k.removeprefix("head."): v.detach().contiguous() for k, v in model.state_dict().items()
+                    if k.startswith("head.")}
+            save_file(head, str(export_dir / ADAPTER_DIR / HEAD_FILE), metadata={
+                "format": "pt", "head_type": meta["head"]["type"], "scale": str(meta["head"]["scale"])})
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from helpers_train import REPO
+from helpers_train import REPO, reset_accelerate
 
 sys.path.insert(0, str(REPO))
 
@@ -33,13 +33,6 @@ def tree_digest(*roots, skip=("hf_cache",)):
                 with open(path, "rb") as f:
                     digest[path] = hashlib.sha256(f.read()).hexdigest()
     return digest
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def load_build_lt():

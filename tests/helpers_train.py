@@ -59,3 +59,19 @@ def run_script(args, env=None, timeout=600):
 
 def python_script(name, *args, **kwargs):
     return run_script([sys.executable, name, *map(str, args)], **kwargs)
+
+
+def reset_accelerate():
+    """Forget accelerate's process-wide state, so one test process can run several entry-script mains."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_main(argv):
+    """train_lt.main(argv) in this process, with accelerate's state reset first."""
+    import train_lt
+
+    reset_accelerate()
+    return train_lt.main(argv)

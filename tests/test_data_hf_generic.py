@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers_faults import cli_mains, reset_accelerate
-from helpers_hf import (CLASS_NAMES, PER_CLASS, first_n, held_indices, source_labels, write_arrow, write_imagefolder,
+from helpers_hf import (CLASS_NAMES, first_n, held_indices, source_labels, write_arrow, write_imagefolder,
                         write_parquet)
 from helpers_train import REPO, TINY_VIT
 

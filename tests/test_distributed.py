@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_train import REPO, python_script, run_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, run_script, tiny_train_args
 
 # 159 training images; 4 optimizer steps of 16 images never reach the trailing partial batch, so every step
 # sees exactly the same 16 images whether they come as 2 processes x 8 or 1 process x 8 x 2 accumulation steps.
@@ -16,11 +16,6 @@ from helpers_train import REPO, python_script, run_script, tiny_train_args, writ
 # full-size updates, so two exact-in-math runs would not agree to 1e-5.
 STEPS = ["--max_train_steps", "4", "--eval_steps", "none", "--per_device_train_batch_size", "8",
          "--optimizer", "sgd", "--learning_rate", "0.05"]
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
 
 
 def failure_report(result):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_models import make_tiny_clip, random_pixels
-from helpers_train import REPO, run_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, reset_accelerate, run_script, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 import eval_lt  # noqa: E402
@@ -19,18 +19,6 @@ from lt_utils.eval_runs import (DEFAULT_OUTPUT_ROOT, Target, assign_output_dirs,
                                 recorded_data_flags)
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
 
 
 @pytest.fixture(scope="module")

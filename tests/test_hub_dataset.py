@@ -8,17 +8,12 @@ import datasets
 import numpy as np
 import pytest
 
-from helpers_train import REPO, write_synthetic_idx
+from helpers_train import REPO
 from lt_utils.data import load_lt_dataset, save_lt_to_disk
 from lt_utils.data.counts import lt_counts
 from lt_utils.errors import UserError
 
 SPLIT = dict(imb=10, max_per_class=40, val_per_class=5)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("hubds_idx"))
 
 
 class FakeHub:

@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers_train import REPO, run_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, run_script, tiny_train_args
 
 CONFIGS = REPO / "accelerate_configs"
 SECRET = "hf_SECRETtoken0123456789"
 STEPS = ["--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "8"]
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("launch_idx"))
 
 
 def launch(config, out, idx_dir, *extra, launch_flags=()):

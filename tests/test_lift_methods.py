@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_models import random_pixels, vit_b16_clip_config, vit_b16_vit_config, write_config_only
-from helpers_train import REPO, python_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
-import train_lt  # noqa: E402
 from lt_utils import peft_modules as PM  # noqa: E402
 from lt_utils.checkpoint import build_from_meta, load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
@@ -172,19 +171,6 @@ def test_lora_init_lift_draws_a_from_u_one_over_sqrt_r(clip_dir):
 
 
 # ---- each method end to end --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
-
-
-def run_main(argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return train_lt.main(argv)
-
-
 def _weights(export_dir):
     """What the project stores of a method: its peft adapter (LoRA) or the tensors it trains."""
     from lt_utils.checkpoint import ADAPTER_WEIGHTS, WEIGHTS_FILE

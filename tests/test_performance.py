@@ -8,17 +8,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers_train import REPO, python_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils.compile import COMPILE_PREFIX, keep_eager_state_keys  # noqa: E402
 from lt_utils.models import build_lt_model, enable_gradient_checkpointing  # noqa: E402
 from lt_utils.peft_methods import apply_method  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
 
 
 def method_model(model_dir, method, layers_seed=0):

@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers_train import REPO, python_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 import eval_lt  # noqa: E402
-import train_lt  # noqa: E402
 from lt_utils.checkpoint import build_from_meta, load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
@@ -104,19 +103,6 @@ def ln_method():
         yield entry
     finally:
         METHODS.unregister("ln_test")
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
-
-
-def run_main(argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return train_lt.main(argv)
 
 
 def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identically_and_resumes(

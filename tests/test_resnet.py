@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from helpers_data import write_cifar100
-from helpers_train import REPO, python_script, run_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, run_main, tiny_train_args, write_synthetic_idx
 
 RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 RESNET34 = REPO / "configs" / "models" / "cifar_resnet34"
-
-
-def run_main(argv):
-    import train_lt
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return train_lt.main(argv)
 
 
 def resnet34_hand_count(num_classes):

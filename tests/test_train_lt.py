@@ -9,24 +9,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_train import REPO, python_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
-import train_lt  # noqa: E402
 from lt_utils.checkpoint import load_export  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
-
-
-def run_main(argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return train_lt.main(argv)
 
 
 def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
