@@ -11,10 +11,9 @@ import torch.nn.functional as F
 
 from helpers_models import (dinov2_base_config, make_tiny_dinov2, make_tiny_siglip, make_tiny_vit, random_pixels,
                             siglip_base_config, write_config_only)
-from helpers_train import REPO, python_script, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
-import train_lt  # noqa: E402
 from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
 from lt_utils.head_init import text_head_init  # noqa: E402
@@ -34,11 +33,6 @@ def siglip_dir(tmp_path_factory):
 def dinov2_dir(tmp_path_factory):
     # a 56-px position grid in the config, 32-px crops from the processor (dinov2-base: 518 / 224)
     return make_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny-dinov2", config_image_size=56)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    return write_synthetic_idx(tmp_path_factory.mktemp("synthetic_idx"))
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -225,14 +219,6 @@ def test_siglip_zero_shot_is_its_sigmoid_logits(siglip_dir):
 
 
 # ------------------------------------------------------------------------------------------- end to end
-def run_main(argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return train_lt.main(argv)
-
-
 RUNS = [("siglip", "lora", "text"), ("siglip", "head", "text"), ("dinov2", "lora", "class_mean"),
         ("dinov2", "head", "random"), ("dinov2", "adaptformer", "random")]
 
