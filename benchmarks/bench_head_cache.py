@@ -150,12 +150,12 @@ def one_repeat(args, accelerator, lt_model, head_init, train_ds, eval_tf, loss_f
     out = {"cache_seconds": cache_seconds}
     for n in marks:
         (naive_s, naive_head), (cached_s, cached_head) = paths["naive"][n], paths["cached"][n]
-        if "augmented" in paths:
-            out.setdefault(str(n), {})["augmented_s"] = paths["augmented"][n][0]
-        out.setdefault(str(n), {}).update({"naive_s": naive_s, "cached_s": cached_s,
+        out[str(n)] = {"naive_s": naive_s, "cached_s": cached_s,
                        "max_abs_head_diff": (naive_head - cached_head).abs().max().item(),
                        # the size of what training changed, so a zero diff above is not a head that never moved
-                       "max_abs_head_update": (naive_head - head_init).abs().max().item()})
+                       "max_abs_head_update": (naive_head - head_init).abs().max().item()}
+        if "augmented" in paths:
+            out[str(n)]["augmented_s"] = paths["augmented"][n][0]
     return out
 
 

@@ -296,7 +296,7 @@ class BlockMethod(Method):
 
     def apply(self, model, partial_layers=None, **_):
         blocks, _, _ = transformer_blocks(model)
-        for block in blocks[slice(*tuned_range(len(blocks), partial_layers))]:
+        for block in PM.last_blocks(blocks, partial_layers):  # validated by apply_method
             for module_name, module in block.named_modules():
                 for name, param in module.named_parameters(recurse=False):
                     param.requires_grad_(self.select(name, module))

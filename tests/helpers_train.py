@@ -1,5 +1,6 @@
 """Small learnable data in Fashion-MNIST's IDX format, and helpers to run the entry scripts in tests."""
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -59,6 +60,34 @@ def run_script(args, env=None, timeout=600):
 
 def python_script(name, *args, **kwargs):
     return run_script([sys.executable, name, *map(str, args)], **kwargs)
+
+
+# what every client run without this project starts with: proof that lt_utils cannot be imported, then its config
+_CLIENT_PREAMBLE = r'''
+import json, sys
+from pathlib import Path
+try:
+    import lt_utils
+    sys.exit("lt_utils is importable here")
+except ImportError:
+    pass
+cfg = json.loads(Path(sys.argv[1]).read_text())
+'''
+
+
+def run_without_project(body, cfg, tmp_path):
+    """`body` as a user's script (transformers / peft only): a fresh offline interpreter that cannot import lt_utils
+    (-I: no PYTHONPATH, no user site, no script-dir magic; cwd is not the repo), `cfg` as its `cfg`; returns the JSON
+    it writes to cfg["out"]."""
+    cfg = {**cfg, "out": str(tmp_path / "out.json")}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "client.py").write_text(_CLIENT_PREAMBLE + body)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-I", "client.py", "cfg.json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((tmp_path / "out.json").read_text())
 
 
 def reset_accelerate():

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_models import (dinov2_base_config, make_tiny_dinov2, make_tiny_siglip, make_tiny_vit, random_pixels,
+from helpers_models import (dinov2_base_config, make_tiny_dinov2, make_tiny_siglip, random_pixels,
                             siglip_base_config, write_config_only)
-from helpers_train import REPO, python_script, run_main, tiny_train_args
+from helpers_train import REPO, python_script, run_main, run_without_project, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
 from lt_utils.head_init import text_head_init  # noqa: E402
-from lt_utils.models import BACKBONES, build_lt_model, load_backbone_config  # noqa: E402
+from lt_utils.models import build_lt_model, load_backbone_config  # noqa: E402
 from lt_utils.peft_methods import (apply_method, head_parameter_count, supported_methods,  # noqa: E402
                                    trainable_parameter_count)
 
@@ -36,6 +36,17 @@ def dinov2_dir(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------- features
+def features_and_classifier_input(reference, model, batch):
+    """Our LTModel's features of random pixels, and what `reference` (a transformers *ForImageClassification)
+    feeds its classifier on the same pixels."""
+    captured = []
+    reference.eval().classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    pixels = random_pixels(batch)
+    with torch.no_grad():
+        reference(pixel_values=pixels)
+        return model.eval().features(pixels), captured[0]
+
+
 def test_siglip_feature_is_siglipmodels_image_embedding(siglip_dir):
     from transformers import SiglipModel
 
@@ -56,26 +67,18 @@ def test_siglip_without_pool_head_uses_siglipforimageclassifications_feature(tmp
     config = tiny_siglip_config(vision_use_head=False)
     torch.manual_seed(0)
     SiglipForImageClassification(config).save_pretrained(tmp_path / "cls")
-    reference = SiglipForImageClassification.from_pretrained(tmp_path / "cls").eval()
-    captured = []
-    reference.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    model, pixels = build_lt_model(tmp_path / "cls", 2).eval(), random_pixels(3)
-    with torch.no_grad():
-        reference(pixel_values=pixels)
-        torch.testing.assert_close(model.features(pixels), captured[0], rtol=0, atol=1e-6)
+    features, classifier_input = features_and_classifier_input(
+        SiglipForImageClassification.from_pretrained(tmp_path / "cls"), build_lt_model(tmp_path / "cls", 2), 3)
+    torch.testing.assert_close(features, classifier_input, rtol=0, atol=1e-6)
 
 
 def test_dinov2_feature_is_dinov2forimageclassifications_linear_input(dinov2_dir):
     from transformers import Dinov2ForImageClassification
 
-    reference = Dinov2ForImageClassification.from_pretrained(dinov2_dir, num_labels=3).eval()
-    captured = []
-    reference.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    model, pixels = build_lt_model(dinov2_dir, 3).eval(), random_pixels(2)
-    with torch.no_grad():
-        reference(pixel_values=pixels)
-        features = model.features(pixels)
-    torch.testing.assert_close(features, captured[0], rtol=0, atol=1e-6)
+    model = build_lt_model(dinov2_dir, 3)
+    features, classifier_input = features_and_classifier_input(
+        Dinov2ForImageClassification.from_pretrained(dinov2_dir, num_labels=3), model, 2)
+    torch.testing.assert_close(features, classifier_input, rtol=0, atol=1e-6)
     assert features.shape == (2, 64) and model.head.weight.shape == (3, 64)  # [CLS, patch mean]: 2 D
 
 
@@ -98,13 +101,10 @@ def test_deit_trains_like_vit_with_the_cls_feature(tmp_path):
                         patch_size=8)
     torch.manual_seed(0)
     DeiTForImageClassification(config).save_pretrained(tmp_path / "deit")
-    reference = DeiTForImageClassification.from_pretrained(tmp_path / "deit").eval()
-    captured = []
-    reference.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    model, pixels = build_lt_model(tmp_path / "deit", 2).eval(), random_pixels(2)
-    with torch.no_grad():
-        reference(pixel_values=pixels)
-        torch.testing.assert_close(model.features(pixels), captured[0], rtol=0, atol=1e-6)
+    model = build_lt_model(tmp_path / "deit", 2)
+    features, classifier_input = features_and_classifier_input(
+        DeiTForImageClassification.from_pretrained(tmp_path / "deit"), model, 2)
+    torch.testing.assert_close(features, classifier_input, rtol=0, atol=1e-6)
     assert trainable_parameter_count(apply_method(model, "lora", r=2)) == 2 * 2 * (32 * 2 + 2 * 32) + 2 * 32
 
 
@@ -261,14 +261,6 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
 
 
 CLIENT = r'''
-import json, sys
-from pathlib import Path
-try:
-    import lt_utils
-    sys.exit("lt_utils is importable here")
-except ImportError:
-    pass
-cfg = json.loads(Path(sys.argv[1]).read_text())
 out = {}
 for key in ("model_snippet", "adapter_snippet"):
     scope = {}
@@ -281,8 +273,6 @@ Path(cfg["out"]).write_text(json.dumps(out))
 def hub_snippets_give_the_logits(export, base, kind, model, tmp_path):
     """The model card's snippets (remote-code model; peft adapter on the plain base + the saved head), ids replaced
     by local folders, in a process where lt_utils cannot be imported: the project's logits."""
-    import subprocess
-
     from PIL import Image
     from transformers import AutoImageProcessor
 
@@ -291,14 +281,7 @@ def hub_snippets_give_the_logits(export, base, kind, model, tmp_path):
     Image.fromarray((torch.arange(40 * 36 * 3) % 251).reshape(40, 36, 3).numpy().astype("uint8")).save(tmp_path / "image.png")
     codes = {"model_snippet": model_snippet("you/lt"), "adapter_snippet": adapter_snippet("you/lt", "base/model", "cosine", kind)}
     codes = {k: c.replace("base/model", str(base)).replace("you/lt", str(export)) for k, c in codes.items()}
-    (tmp_path / "cfg.json").write_text(json.dumps({**codes, "out": str(tmp_path / "out.json")}))
-    (tmp_path / "client.py").write_text(CLIENT)
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-I", "client.py", "cfg.json"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads((tmp_path / "out.json").read_text())
+    got = run_without_project(CLIENT, codes, tmp_path)
     pixels = AutoImageProcessor.from_pretrained(export)(Image.open(tmp_path / "image.png"), return_tensors="pt")
     with torch.no_grad():
         ref = model(pixels["pixel_values"])

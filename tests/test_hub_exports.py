@@ -22,6 +22,7 @@ from lt_utils.soup import make_soup
 from tests.helpers_models import make_tiny_clip
 from tests.helpers_soup import (DEBIAN_FMNIST, _read_idx, perturbed, tiny_info, tiny_lt_model, write_ingredient,
                                 write_lora_ingredient)
+from tests.helpers_train import run_without_project
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -95,18 +96,11 @@ def eval_lt_logits(export_dir, paths):
 
 
 CLIENT = r'''
-import json, sys, warnings, logging
-from pathlib import Path
-try:
-    import lt_utils
-    sys.exit("lt_utils is importable here")
-except ImportError:
-    pass
+import logging, warnings
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
-cfg = json.loads(Path(sys.argv[1]).read_text())
 images = [Image.open(p) for p in cfg["images"]]
 out = {"sys_path_has_repo": any(Path(p).resolve() == Path(cfg["repo"]) for p in sys.path if p)}
 for name, export in cfg["exports"].items():
@@ -170,17 +164,8 @@ def test_exports_load_with_transformers_and_peft_alone(setup, tmp_path):
     for hub_id, path in local.items():
         model_code, adapter_code = model_code.replace(hub_id, path), adapter_code.replace(hub_id, path)
     cfg = {"images": [str(p) for p in paths], "exports": {k: str(v) for k, v in exports.items()},
-           "base": str(setup["base"]), "repo": str(REPO), "out": str(tmp_path / "out.json"),
-           "model_snippet": model_code, "adapter_snippet": adapter_code}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "client.py").write_text(CLIENT)
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    # -I: no PYTHONPATH, no user site, no script dir magic; cwd is not the repo
-    proc = subprocess.run([sys.executable, "-I", "client.py", "cfg.json"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+           "base": str(setup["base"]), "repo": str(REPO), "model_snippet": model_code, "adapter_snippet": adapter_code}
+    out = run_without_project(CLIENT, cfg, tmp_path)
     assert out["sys_path_has_repo"] is False
     for name, export in exports.items():
         ref = eval_lt_logits(export, paths)
@@ -277,19 +262,11 @@ def test_predict_py_writes_one_row_per_image(setup, tmp_path):
 RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 
 CNN_CLIENT = r'''
-import json, sys
-from pathlib import Path
-try:
-    import lt_utils
-    sys.exit("lt_utils is importable here")
-except ImportError:
-    pass
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-cfg = json.loads(Path(sys.argv[1]).read_text())
 images = [Image.open(p) for p in cfg["images"]]
 out = {}
 for name, export in cfg["exports"].items():
@@ -357,16 +334,8 @@ def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
     for name, export in cnn_exports.items():
         _, meta = load_export(export)
         assert meta["backbone"]["kind"] == name
-    cfg = {"images": [str(p) for p in paths], "exports": {k: str(v) for k, v in cnn_exports.items()},
-           "out": str(tmp_path / "out.json")}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "client.py").write_text(CNN_CLIENT)
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-I", "client.py", "cfg.json"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    cfg = {"images": [str(p) for p in paths], "exports": {k: str(v) for k, v in cnn_exports.items()}}
+    out = run_without_project(CNN_CLIENT, cfg, tmp_path)
     backbones = {"cifar_resnet": "CifarResNetModel", "resnet": "ResNetModel"}
     for name, export in cnn_exports.items():
         got, ref = out[name], eval_lt_logits(export, paths)
