@@ -31,7 +31,7 @@ from lt_utils.fileio import atomic_write_json, read_json, replace_dir
 from lt_utils.losses import LossOptions, build_loss
 from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
 from lt_utils.exports import Exporter, refresh_model_card
-from lt_utils.peft_methods import METHODS, trainable_parameter_count
+from lt_utils.peft_methods import trainable_parameter_count
 from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
 from lt_utils.schedule import check_schedule_flags, eval_interval, plan_steps
@@ -82,11 +82,14 @@ def main(argv=None):
         train_feats, val_feats = cache(train_ds, "train"), cache(ds["val"], "val")
         train_loader = D.feature_loader(train_feats, args.per_device_train_batch_size, shuffle=True, sampler=sampler)
         val_loader = D.feature_loader(val_feats, args.per_device_eval_batch_size)
-        train_model, augment = lt_model.head, None
+        train_model, augment, batch_transform = lt_model.head, None, None
     else:  # the model end to end (--method head --head_features augmented: the frozen backbone runs every step)
+        train_tf, batch_transform = D.on_device_augment(args, train_tf)
         augment = D.SeededAugment(train_tf, args.seed)
         train_loader = D.image_loader(train_ds, augment, args.per_device_train_batch_size,
                                       args.num_workers, True, sampler)
+        if batch_transform is not None:
+            D.check_on_device_augment(train_loader)
         val_loader = D.image_loader(ds["val"], eval_tf, args.per_device_eval_batch_size, args.num_workers)
         train_model = model
     optimizer = T.build_optimizer(train_model, args)
@@ -119,7 +122,7 @@ def main(argv=None):
 
     ctx = Run(args=args, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
               val_loader=val_loader, ema=ema, state=state, plan=plan,
-              eval_every=eval_every(args, plan) if len(ds["val"]) else None,
+              batch_transform=batch_transform, eval_every=eval_every(args, plan) if len(ds["val"]) else None,
               ckpt_every=T.every_n_steps(args.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(args, plan)
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
@@ -164,6 +167,7 @@ class Run:
     ema: object  # engine.EMA or None
     state: TrainState
     plan: object  # schedule.StepPlan
+    batch_transform: object = None  # --augment_on_device: finishes each training batch on the accelerator
     eval_every: int = None
     ckpt_every: int = None
 
@@ -181,6 +185,7 @@ def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augmen
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         loss = train_one_epoch(ctx.train_model, loader, optimizer, loss_fn, accelerator, state, schedule,
                                max_grad_norm=args.max_grad_norm, ema=ctx.ema, progress=progress,
+                               batch_transform=ctx.batch_transform,
                                on_step=lambda step: on_step(ctx, step))
         accelerator.log({"train/epoch_loss": loss, "train/epoch": epoch + 1}, step=state.completed_steps)
         if state.completed_steps >= plan.total_steps:

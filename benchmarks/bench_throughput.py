@@ -13,10 +13,11 @@ train     one optimizer step (forward, logit-adjusted loss, backward, SGD step) 
           TorchDynamoPlugin (what `--torch_compile` runs); fp32 vs bf16 autocast. FLOPs per image counted once with
           torch's FlopCounterMode; achieved FLOP/s against a square matmul timed in the same repeat.
 loader    images/s of one loader process (num_workers 0, one thread: the work of one DataLoader worker) over a
-          CIFAR-100-LT split of synthetic 32 px images: the project's `training.image_loader` + `SeededAugment`
+          CIFAR-100-LT split of synthetic 32 px images: the project's `data_loaders.image_loader` + `SeededAugment`
           (decoded once to uint8, per-sample generator) vs a LIFT-equivalent torchvision pipeline (in-memory uint8
           arrays as torchvision's CIFAR100 holds them, PIL RandomResizedCrop(224) + flip + ToTensor + Normalize) vs the
-          project's previous path (PNG decode per read, PIL bicubic, fork_rng + manual_seed per sample).
+          project's previous path (PNG decode per read, PIL bicubic, fork_rng + manual_seed per sample); and
+          --augment_on_device: the loader drawing boxes only, and that loader plus the crop/resize on --device.
 eval      `engine.predict` over the test split: one centre view vs five-crop TTE (`--tte fivecrop`), loader included.
 head      head-only training (--method head) over N epochs: cached features vs the frozen backbone every epoch
           (bench_head_cache.py's two paths, on this backbone).
@@ -40,6 +41,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of predict / cache_f
 
 METHODS = ("adaptformer", "lora", "bitfit", "full")
 SECTIONS = ("train", "loader", "eval", "head", "memory")
+# library kernels torch.compile calls rather than generates (matched in profiler op names; "other" is the rest)
+OP_KINDS = {"gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "Gemm"),
+            "attention": ("scaled_dot_product", "attention", "flash", "fmha"),
+            "convolution": ("convolution", "conv2d", "cudnn", "Conv")}
 
 
 def parse_args(argv=None):
@@ -56,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--compile_methods", default=None, help="methods also timed compiled (default: all; on this CPU "
                    "each compilation takes about a minute the first time, seconds once inductor's cache holds it)")
     p.add_argument("--compile_backend", default="inductor")
-    p.add_argument("--train_batch", type=int, default=None, help="default 4 (cpu) / 64 (cuda)")
+    p.add_argument("--train_batch", type=int, default=None, help="default 16 (cpu, the shape LIFT-side comparisons used) / 64 (cuda)")
     p.add_argument("--train_steps", type=int, default=None, help="timed steps per repeat (default 2 cpu / 20 cuda)")
     p.add_argument("--loader_images", type=int, default=384, help="images per loader timing")
     p.add_argument("--loader_batch", type=int, default=16)
@@ -70,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--results_name", default="throughput")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    defaults = dict(layers=12 if cuda else 2, train_batch=64 if cuda else 4, train_steps=20 if cuda else 2,
+    defaults = dict(layers=12 if cuda else 2, train_batch=64 if cuda else 16, train_steps=20 if cuda else 2,
                     eval_images=512 if cuda else 16, head_images=1024 if cuda else 8, compile_methods=",".join(METHODS))
     if args.quick:
         defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4,
@@ -183,6 +188,23 @@ class TrainStep:
         sync(self.device)
         return clock() - start
 
+    def op_shares(self):
+        """Self time of one profiled step by op kind: the share of GEMMs, attention and convolutions bounds what
+        compilation can gain (it fuses the element-wise rest; these kernels stay library calls)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = str(self.device).startswith("cuda")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            self.seconds(1)
+        shares = {kind: 0.0 for kind in (*OP_KINDS, "other")}
+        for event in prof.key_averages():
+            t = event.self_device_time_total if cuda else event.self_cpu_time_total
+            kind = next((k for k, names in OP_KINDS.items() if any(n in event.key for n in names)), "other")
+            shares[kind] += t
+        total = sum(shares.values())
+        return {kind: t / total for kind, t in shares.items()}
+
     def flops_per_image(self):
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -196,7 +218,7 @@ def bench_train(args, root):
     path = model_dir(args, root)
     configs = [(m, p, c) for m in args.methods for p in args.precisions
                for c in ((False, True) if m in args.compile_methods else (False,))]
-    steps, warmup_s, flops = {}, {}, {}
+    steps, warmup_s, flops, shares = {}, {}, {}, {}
     for method, precision, compiled in configs:
         key = f"{method}/{precision}/{'compiled' if compiled else 'eager'}"
         step = TrainStep(args, path, method, precision, compiled)
@@ -205,6 +227,8 @@ def bench_train(args, root):
         warmup_s[key] = clock() - start
         if not compiled and precision == args.precisions[0]:
             flops[method] = step.flops_per_image()
+        if not compiled:
+            shares[key] = step.op_shares()
         steps[key] = step
         print(f"  built {key}: warm-up {warmup_s[key]:.1f}s", flush=True)
     runs = []
@@ -233,8 +257,10 @@ def bench_train(args, root):
         if method in flops:
             utilisation[key] = spread([r["images_per_s"][key] * flops[method] / r["matmul_flops"][precision]
                                        for r in runs])
+    # Amdahl: if compilation made every op but the library kernels free, compiled / eager would be 1 / their share
+    bound = {key.rsplit("/", 1)[0]: 1.0 / (s["gemm"] + s["attention"] + s["convolution"]) for key, s in shares.items()}
     return {"batch": args.train_batch, "steps": args.train_steps, "layers": args.layers, "warmup_s": warmup_s,
-            "flops_per_image": flops, "ratios": ratios, "fraction_of_matmul_peak": utilisation,
+            "flops_per_image": flops, "ratios": ratios, "eager_op_shares": shares, "compile_bound": bound, "fraction_of_matmul_peak": utilisation,
             "images_per_s": {k: spread([r["images_per_s"][k] for r in runs]) for k in steps},
             "matmul_flops": {p: spread([r["matmul_flops"][p] for r in runs]) for p in args.precisions}, "repeats": runs}
 
@@ -326,9 +352,15 @@ def bench_loader(args, root, ds):
     labels = np.asarray(train["label"])
     lift_tf = tv.Compose([tv.RandomResizedCrop(size), tv.RandomHorizontalFlip(), tv.ToTensor(),
                           tv.Normalize(CLIP_MEAN, CLIP_STD)])
-    augment = SeededAugment(T.image_transforms(spec)[0], args.seed)
+    train_tf = T.image_transforms(spec)[0]
+    augment = SeededAugment(train_tf, args.seed)
+    boxes_tf, on_device = T.on_device_augment(argparse.Namespace(augment_on_device=True), train_tf)
+    boxes = SeededAugment(boxes_tf, args.seed)
     loaders = {
         "project": T.image_loader(train, augment, args.loader_batch, 0, shuffle=True),
+        # --augment_on_device: the loader draws boxes only; "+ device step" also crops and resizes on args.device
+        "on_device_loader": T.image_loader(train, boxes, args.loader_batch, 0, shuffle=True),
+        "on_device_loader + device step": T.image_loader(train, boxes, args.loader_batch, 0, shuffle=True),
         "lift_style": DataLoader(LiftStyleCifar(array, labels, lift_tf), batch_size=args.loader_batch, shuffle=True),
         "previous": DataLoader(train.add_column("sample_id", list(range(len(train)))).with_transform(
             PreviousSeededAugment(previous_train_transform(size, CLIP_MEAN, CLIP_STD), args.seed)),
@@ -340,6 +372,9 @@ def bench_loader(args, root, ds):
         while seen < args.loader_images:
             for batch in loaders[name]:
                 pixels = batch["pixel_values"] if isinstance(batch, dict) else batch[0]
+                if name.endswith("device step"):
+                    pixels = on_device({k: v.to(args.device) for k, v in batch.items()})
+                    sync(args.device)
                 seen += len(pixels)
                 if seen >= args.loader_images:
                     break
@@ -350,7 +385,7 @@ def bench_loader(args, root, ds):
     runs = []
     for repeat in range(args.repeats):
         order = list(loaders) if repeat % 2 == 0 else list(reversed(loaders))
-        augment.epoch = repeat
+        augment.epoch = boxes.epoch = repeat
         runs.append({name: images_per_s(name) for name in order})
         print(f"  loader repeat {repeat + 1}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in runs[-1].items()),
               flush=True)
@@ -359,7 +394,10 @@ def bench_loader(args, root, ds):
             "decode_once_s": decode_s, "decoded_bytes": int(array.nbytes),
             "images_per_s": {k: spread([r[k] for r in runs]) for k in loaders},
             "ratios": {"project / lift_style": spread([r["project"] / r["lift_style"] for r in runs]),
-                       "project / previous": spread([r["project"] / r["previous"] for r in runs])},
+                       "project / previous": spread([r["project"] / r["previous"] for r in runs]),
+                       "on_device_loader / lift_style": spread([r["on_device_loader"] / r["lift_style"] for r in runs]),
+                       "on_device_loader + device step / project": spread(
+                           [r["on_device_loader + device step"] / r["project"] for r in runs])},
             "repeats": runs}
 
 
@@ -531,6 +569,8 @@ def summary_table(results):
     for section, payload in results.items():
         for name, s in payload.get("ratios", {}).items():
             lines.append(f"| {section} | {name} | {s['median']:.2f} | {s['min']:.2f} - {s['max']:.2f} |")
+    for key, bound in results.get("train", {}).get("compile_bound", {}).items():
+        lines.append(f"| train | {key}: compiled / eager bound (1 / GEMM+attention+conv share of eager) | {bound:.2f} | |")
     util = results.get("train", {}).get("fraction_of_matmul_peak", {})
     for key, s in util.items():
         lines.append(f"| train | {key}: achieved FLOP/s / matmul peak | {s['median']:.2f} | "

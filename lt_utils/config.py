@@ -321,6 +321,9 @@ _TRAIN = {
                     "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
                     "cached features trains on the eval view",
                     choices=["rrc_flip", "crop_flip", "flip", "none"], nullable=True),
+    "augment_on_device": Flag("switch", False, "--augment rrc_flip on small images of one size (CIFAR, "
+                              "Fashion-MNIST): the loader draws each crop box, the accelerator crops, resizes, flips and "
+                              "normalises the batch (the same boxes, so the same seeded determinism)"),
     "head_features": Flag("str", "cached", "--method head: features of the eval view computed once (fast), or "
                           "augmented images through the frozen backbone every epoch (the papers' stage 2: LOS, LT-Soups)",
                           choices=["cached", "augmented"]),
@@ -652,7 +655,7 @@ def build_train_parser():
                                 "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn",
                                 "head_type", "head_scale", "head_init",
                                 "prompt_template", "prompt_descriptor_file"))
-    add_group(parser, "loss and sampling", ("augment", "loss", "tau", "label_smoothing", "focal_gamma",
+    add_group(parser, "loss and sampling", ("augment", "augment_on_device", "loss", "tau", "label_smoothing", "focal_gamma",
                                             "ldam_max_margin", "cb_beta", "grw_exponent", "lade_lambda", "lade_weight",
                                             "sampler", "balance_factor",
                                             "subset_seed", "subset_selection"))

@@ -11,9 +11,9 @@ from .data import capped_subset, load_lt_dataset
 from .errors import require
 from .peft_methods import METHODS
 from .samplers import ClassBalancedSampler
-from .data.images import ImageSplit
-from .transforms import (NoAugment, PaddedCropFlip, RandomFlip, SeededAugment, build_eval_transform, build_train_transform,
-                         build_tte_transform, collate)
+from .data.images import SMALL_IMAGE_PIXELS, ImageSplit
+from .transforms import (CropBoxes, DeviceResizedCropFlip, NoAugment, PaddedCropFlip, RandomFlip,
+                         SeededAugment, build_eval_transform, build_train_transform, build_tte_transform, collate)
 
 
 def load_data(args, accelerator):
@@ -78,11 +78,36 @@ def k_shot_indices(labels, k, seed):
 
 def resolve_augment(args):
     """Head-only training on cached features of the eval view (the backbone runs once) cannot augment."""
+    on_device = getattr(args, "augment_on_device", False)
     if head_on_cached_features(args):
-        require(args.augment in (None, "none"), f"--augment {args.augment} does not apply to --method head with cached "
-                "features (computed once from the eval view); drop --augment or pass --head_features augmented")
+        for flag, given in (("--augment " + str(args.augment), args.augment not in (None, "none")),
+                            ("--augment_on_device", on_device)):
+            require(not given, f"{flag} does not apply to --method head with cached features (computed once from the "
+                    f"eval view); drop {flag.split()[0]} or pass --head_features augmented")
         return "none"
-    return args.augment or "rrc_flip"
+    augment = args.augment or "rrc_flip"
+    require(not on_device or augment == "rrc_flip", f"--augment_on_device resizes RandomResizedCrop views on the "
+            f"accelerator (--augment rrc_flip), not --augment {augment}; drop --augment_on_device or use --augment rrc_flip")
+    return augment
+
+
+def on_device_augment(args, train_tf):
+    """--augment_on_device: (the loader's per-sample transform, the batch transform for the accelerator), or
+    (train_tf, None) without the flag. The boxes are drawn on the loader side from the same per-sample generators,
+    so seeded determinism (resume, any number of processes or workers) is unchanged."""
+    if not getattr(args, "augment_on_device", False):
+        return train_tf, None
+    return CropBoxes(train_tf), DeviceResizedCropFlip(train_tf)  # resolve_augment allowed rrc_flip only
+
+
+def check_on_device_augment(loader):
+    """Device augmentation batches the images at their own size: they must all have one (small images: CIFAR,
+    Fashion-MNIST), which is what the loader's one-time decode holds."""
+    split = loader.dataset
+    require(split.array is not None, "--augment_on_device needs a split of small images of one size (decoded once "
+            f"into memory, at most {SMALL_IMAGE_PIXELS} pixels each, such as CIFAR or Fashion-MNIST); these are decoded "
+            "per read (larger or mixed sizes): drop --augment_on_device")
+    return loader
 
 
 def head_on_cached_features(args):

@@ -58,11 +58,12 @@ def loss_is_finite_everywhere(loss, accelerator):
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, schedule, *, max_grad_norm=None,
-                    ema=None, on_step=None, progress=None):
+                    ema=None, on_step=None, progress=None, batch_transform=None):
     """One pass over `loader`; returns the mean training loss of the optimizer steps it made.
 
     `schedule(step) -> lr` is set before every optimizer step; `on_step(step)` runs after each one (evaluation,
-    checkpointing) and may return True to stop early.
+    checkpointing) and may return True to stop early. `batch_transform(batch) -> pixel_values` finishes the
+    augmentation on the batch's device (--augment_on_device).
     """
     model.train()
     total_loss, losses_seen = 0.0, 0
@@ -70,7 +71,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, sched
         with accelerator.accumulate(model):
             # before backward: under DeepSpeed the optimizer step happens inside accelerator.backward
             set_lr(optimizer, schedule(state.completed_steps))
-            logits = model(batch["pixel_values"])
+            logits = model(batch["pixel_values"] if batch_transform is None else batch_transform(batch))
             loss = loss_fn(logits.float(), batch["labels"])
             if not loss_is_finite_everywhere(loss, accelerator):
                 raise NonFiniteLoss(state.completed_steps + 1, loss.item())

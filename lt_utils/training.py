@@ -246,7 +246,7 @@ def used_run_dir(out):
 # flags that do not change what a run trains (or are rewritten at start), not compared on a relaunch
 _RELAUNCH_FREE = {"config", "resume_from_checkpoint", "overwrite_output_dir", "with_tracking", "report_to", "push_to_hub",
                   "hub_model_id", "num_workers", "gradient_checkpointing", "torch_compile", "torch_compile_backend",
-                  "torch_compile_mode", "per_device_eval_batch_size", "cache_dir", "augment",
+                  "torch_compile_mode", "per_device_eval_batch_size", "cache_dir", "augment", "augment_on_device",
                   "per_device_train_batch_size", "model_name_or_path", "from_scratch", "head_type", "head_scale",
                   "output_dir"}
 

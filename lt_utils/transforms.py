@@ -134,13 +134,52 @@ class RandomResizedCropFlip:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image, generator):
-        image = self.to_rgb(image)
+    def draw(self, image, generator):
+        """One sample's (top, left, height, width, flip): the crop box, then the flip."""
         top, left, h, w = self.crop_box(*image.shape[-2:], generator)
-        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        return top, left, h, w, bool(torch.rand(1, generator=generator) < 0.5)
+
+    def resize_flip(self, image, top, left, h, w, flip):
         out = TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=self.interpolation,
                               antialias=True)
-        return self.normalize(out.flip(-1) if flip else out)
+        return out.flip(-1) if flip else out
+
+    def __call__(self, image, generator):
+        image = self.to_rgb(image)
+        return self.normalize(self.resize_flip(image, *self.draw(image, generator)))
+
+
+class CropBoxes:
+    """--augment_on_device, loader side: the RGB uint8 image at its own size and the (top, left, height, width,
+    flip) that `RandomResizedCropFlip` draws from the generator; `DeviceResizedCropFlip` finishes the batch."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, generator):
+        image = self.transform.to_rgb(image)
+        return {"pixel_values": image, "crop_boxes": torch.tensor(self.transform.draw(image, generator))}
+
+
+class DeviceResizedCropFlip:
+    """--augment_on_device, accelerator side: crops, resizes, flips and normalises a batch of small uint8 images
+    where the batch lives, with the boxes the loader drew. On CPU the pixels equal `RandomResizedCropFlip`'s bit
+    for bit (the same torchvision kernels); on a GPU torchvision resizes uint8 in float32 and rounds, within one
+    grey level of its CPU kernel. The loader's work per image shrinks to drawing the box (no 224 px resize, and a
+    32 px uint8 image crosses to the device instead of a 224 px float one)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self._stats = {}
+
+    def __call__(self, batch):
+        images = batch["pixel_values"]
+        views = [self.transform.resize_flip(image, *box) for image, box in zip(images, batch["crop_boxes"].tolist())]
+        if images.device not in self._stats:
+            norm = self.transform.normalize
+            self._stats[images.device] = (norm.mean.to(images.device), norm.std.to(images.device))
+        mean, std = self._stats[images.device]
+        return torch.stack(views).to(torch.float32).sub_(mean).div_(std)
 
 
 class RandomFlip:
@@ -323,11 +362,11 @@ class MultiView:
 
 
 def collate(batch):
-    """List of {"pixel_values", "labels"} -> pixel_values [B, 3, H, W] (or [B, V, 3, H, W]) and labels [B]."""
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in batch]),
-        "labels": torch.tensor([example["labels"] for example in batch], dtype=torch.long),
-    }
+    """List of {"pixel_values", "labels"[, "crop_boxes"]} -> pixel_values [B, 3, H, W] (or [B, V, 3, H, W]),
+    labels [B] (and crop_boxes [B, 5] under --augment_on_device)."""
+    out = {key: torch.stack([example[key] for example in batch]) for key in batch[0] if key != "labels"}
+    out["labels"] = torch.tensor([example["labels"] for example in batch], dtype=torch.long)
+    return out
 
 
 def _interpolation(name):

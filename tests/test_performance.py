@@ -151,6 +151,36 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     assert evaluated["accuracy"] == eager_test["accuracy"] and evaluated["per_class_acc"] == eager_test["per_class_acc"]
 
 
+def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir, tmp_path):
+    """--augment_on_device through the CLI: the same boxes finished on the batch's device give the weights of the
+    loader-side augmentation (bit for bit on CPU), and a run resumed with it (two loader workers) ends there too."""
+    flags = ["--augment", "rrc_flip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "none"]
+    plain, device = tmp_path / "plain", tmp_path / "device"
+    for out, extra in ((plain, []), (device, ["--augment_on_device"])):
+        result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, *flags, *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(plain / "step_2", resumed / "step_2")
+    result = python_script("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
+                                                           "--resume_from_checkpoint", "latest", "--num_workers", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_file(plain / "final" / "lt_weights.safetensors")
+    start = load_file(plain / "step_2" / "model.safetensors")
+    assert any(not torch.equal(start[k], load_file(plain / "step_4" / "model.safetensors")[k]) for k in start)
+    for out in (device, resumed):
+        weights = load_file(out / "final" / "lt_weights.safetensors")
+        assert list(weights) == list(expected)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), out.name
+    assert yaml_flag(device / "config.yaml", "augment_on_device") is True
+
+
+def yaml_flag(path, name):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[name]
+
+
 def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     """The benchmark script end to end with tiny settings: the JSON has every section, ratio and repeat (no timing
     assertions: numbers from a smoke run mean nothing)."""
@@ -161,7 +191,8 @@ def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     assert data["benchmark"] == "throughput" and data["setup"]["quick"] is True and data["machine"]["cpu_count"] >= 1
     expected = {"train": {"adaptformer/fp32: compiled / eager", "adaptformer: bf16 / fp32 (eager)",
                           "full: bf16 / fp32 (eager)"},
-                "loader": {"project / lift_style", "project / previous"}, "eval": {"fivecrop / one view (time)"},
+                "loader": {"project / lift_style", "project / previous", "on_device_loader / lift_style",
+                           "on_device_loader + device step / project"}, "eval": {"fivecrop / one view (time)"},
                 "head": {"naive / cached over 3 epochs", "augmented / cached over 3 epochs"},
                 "memory": {"checkpointed / plain (activation memory)"}}
     for section, names in expected.items():
@@ -180,3 +211,7 @@ def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     assert data["memory"]["checkpointed_mib"] < data["memory"]["plain_mib"]
     assert data["loader"]["decoded_bytes"] == data["loader"]["train_images"] * 32 * 32 * 3
     assert data["head"]["max_abs_head_diff"] < 1e-5  # both head-only paths train the same head
+    assert all(1 < bound < 100 for bound in train["compile_bound"].values())  # 1 / (GEMM + attention + conv share)
+    shares = train["eager_op_shares"]["full/fp32/eager"]
+    assert set(shares) == {"gemm", "attention", "convolution", "other"} and abs(sum(shares.values()) - 1) < 1e-9
+    assert shares["gemm"] > 0 and shares["convolution"] > 0  # the matcher finds the linears and the patch embedding

@@ -183,7 +183,10 @@ def test_train_paths(world, capsys, case):
     (["--head_init", "text"], "--head_init text needs a pretrained image-text checkpoint (CLIP, SigLIP)"),
     (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model"),
     (["--method", "head", "--init_from", "/nonexistent/export"], "/nonexistent/export not found"),
-], ids=["head_init_text_vit", "missing_model", "missing_init_from"])
+    (["--augment_on_device", "--augment", "crop_flip"], "--augment_on_device resizes RandomResizedCrop views"),
+    (["--augment_on_device", "--method", "head"], "--augment_on_device does not apply to --method head with cached"),
+], ids=["head_init_text_vit", "missing_model", "missing_init_from", "augment_on_device_crop_flip",
+        "augment_on_device_cached_head"])
 def test_overwrite_output_dir_validates_before_deleting(world, capsys, flags, expect):
     """--overwrite_output_dir once removed the earlier run before a flag error found seconds later."""
     refused(world, "train", tiny_train_args(world["idx"], world["run"], "--overwrite_output_dir", *flags), expect, capsys)

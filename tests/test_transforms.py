@@ -287,3 +287,61 @@ def test_bad_mode_and_interpolation_are_user_errors():
         build_tte_transform("sixcrop", SIZE, PATCH, **IDENTITY)
     with pytest.raises(UserError, match="unknown interpolation 'lanczos'"):
         build_eval_transform(SIZE, **IDENTITY, interpolation="lanczos")
+
+
+class _Spec:  # the preprocessing fields image_transforms reads (CLIP's mean and std: not an identity normalisation)
+    image_size, interpolation = SIZE, "bicubic"
+    image_mean, image_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.mark.parametrize("mode, size", [("L", 28), ("RGB", 24)])
+def test_augment_on_device_gives_the_loader_pixels_bit_for_bit(mode, size):
+    """--augment_on_device: the loader yields uint8 images at their own size and the drawn boxes; the batch transform
+    gives the pixels of the loader-side RandomResizedCropFlip exactly (CPU), every epoch, with or without workers."""
+    rng = np.random.default_rng(1)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode) for _ in range(12)]
+    ds = image_dataset(images, [i % 3 for i in range(12)])
+    train_tf, _ = T.image_transforms(_Spec, "rrc_flip")
+    flags = type("Args", (), dict(augment_on_device=True, augment="rrc_flip"))
+    boxes_tf, on_device = T.on_device_augment(flags, train_tf)
+
+    def epochs(transform, num_workers, finish=None):
+        augment = SeededAugment(transform, seed=5)
+        loader = T.check_on_device_augment(T.image_loader(ds, augment, 5, num_workers)) if finish else \
+            T.image_loader(ds, augment, 5, num_workers)
+        out = []
+        for epoch in range(2):
+            augment.epoch = epoch
+            for batch in loader:
+                if finish:
+                    assert batch["pixel_values"].dtype == torch.uint8
+                    assert batch["pixel_values"].shape[1:] == (3, size, size)
+                    assert batch["crop_boxes"].shape == (len(batch["labels"]), 5)
+                out.append(finish(batch) if finish else batch["pixel_values"])
+        return torch.cat(out)
+
+    expected = epochs(train_tf, 0)
+    assert expected.shape == (24, 3, SIZE, SIZE) and expected.dtype == torch.float32
+    for num_workers in (0, 2):
+        assert torch.equal(epochs(boxes_tf, num_workers, on_device), expected)
+    boxes = torch.cat([b["crop_boxes"] for b in T.image_loader(ds, SeededAugment(boxes_tf, seed=5), 12, 0)])
+    assert 0 < boxes[:, 4].sum() < 12 and len(set(map(tuple, boxes[:, 2:4].tolist()))) > 1  # flips and sizes vary
+
+
+def test_augment_on_device_refuses_other_augmentations_and_images_decoded_per_read(monkeypatch):
+    flags = dict(augment_on_device=True, augment="crop_flip", method="full", head_features="cached")
+    with pytest.raises(UserError, match="not --augment crop_flip; drop --augment_on_device or use --augment rrc_flip"):
+        T.resolve_augment(type("Args", (), flags))
+    assert T.resolve_augment(type("Args", (), {**flags, "augment": None})) == "rrc_flip"
+    with pytest.raises(UserError, match="--augment_on_device does not apply to --method head with cached features"):
+        T.resolve_augment(type("Args", (), {**flags, "augment": None, "method": "head"}))
+    train_tf, _ = T.image_transforms(_Spec, "rrc_flip")
+    flags = type("Args", (), dict(augment_on_device=False, augment="rrc_flip"))
+    assert T.on_device_augment(flags, train_tf) == (train_tf, None)
+    monkeypatch.setattr(data_images, "SMALL_IMAGE_PIXELS", 0)  # as for ImageNet-size images
+    monkeypatch.setattr(data_images, "_DECODED", {})
+    ds = image_dataset([Image.new("RGB", (40, 40))] * 3, [0, 1, 2])
+    loader = T.image_loader(ds, SeededAugment(T.on_device_augment(flags, train_tf)[0], 0), 3, 0)
+    with pytest.raises(UserError, match="needs a split of small images of one size"):
+        T.check_on_device_augment(loader)

@@ -45,8 +45,9 @@ class ImageSplit(Dataset):
 
     def __getitem__(self, index):
         image = self.image(index)
-        pixel_values = self.transform(image, int(index)) if self.seeded else self.transform(image)
-        return {"pixel_values": pixel_values, "labels": int(self.labels[index])}
+        out = self.transform(image, int(index)) if self.seeded else self.transform(image)
+        # a transform returns pixel_values, or a dict of them and more (--augment_on_device: the crop boxes)
+        return {**(out if isinstance(out, dict) else {"pixel_values": out}), "labels": int(self.labels[index])}
 
 
 def decoded_array(dataset, image_column="image"):
