@@ -22,8 +22,10 @@ eval      `engine.predict` over the test split: one centre view vs five-crop TTE
 head      head-only training (--method head) over N epochs: cached features vs the frozen backbone every epoch
           (bench_head_cache.py's two paths, on this backbone).
 memory    ViT-B/16 full fine-tuning at batch 32 (all 12 layers): activation memory with and without
-          --gradient_checkpointing. CUDA: max_memory_allocated above the weights. CPU: on the meta device (no compute),
-          bytes autograd saves in the forward (+ one layer's recomputation, for checkpointing).
+          --gradient_checkpointing. CUDA: max_memory_allocated above the weights. CPU: under FakeTensorMode (no
+          compute), bytes autograd saves in the forward (+ one layer's recomputation, for checkpointing).
+budget    ViT-L/14@336: AdaptFormer at batch 128 and full fine-tuning under ZeRO-2, activations counted as in
+          `memory` plus weights and optimizer states: GiB per GPU with and without checkpointing.
 """
 import argparse
 import os
@@ -40,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of predict / cache_features would bury the numbers
 
 METHODS = ("adaptformer", "lora", "bitfit", "full")
-SECTIONS = ("train", "loader", "eval", "head", "memory")
+SECTIONS = ("train", "loader", "eval", "head", "memory", "budget")
 # library kernels torch.compile calls rather than generates (matched in profiler op names; "other" is the rest)
 OP_KINDS = {"gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "Gemm"),
             "attention": ("scaled_dot_product", "attention", "flash", "fmha"),
@@ -69,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--head_images", type=int, default=None, help="default 8 (cpu) / 1024 (cuda)")
     p.add_argument("--head_epochs", type=int, default=10)
     p.add_argument("--memory_batch", type=int, default=32)
+    p.add_argument("--budget_peft_batch", type=int, default=128, help="budget: AdaptFormer batch (LIFT: 128)")
+    p.add_argument("--budget_full_batch", type=int, default=16, help="budget: full fine-tuning batch per GPU")
+    p.add_argument("--budget_gpus", type=int, default=8, help="budget: GPUs sharing ZeRO-2's states")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=None, help="results dir (default benchmarks/results)")
@@ -81,6 +86,7 @@ def parse_args(argv=None):
         defaults.update(layers=2, train_batch=2, train_steps=1, eval_images=4, head_images=4,
                         compile_methods="adaptformer")
         args.loader_images, args.loader_batch, args.memory_batch, args.head_epochs = 32, 8, 2, 3
+        args.budget_peft_batch, args.budget_full_batch = 2, 2
         args.compile_backend = "aot_eager" if args.compile_backend == "inductor" else args.compile_backend
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -471,21 +477,28 @@ def bench_head(args, root, ds, accelerator):
 
 
 # ------------------------------------------------------------------------------------------------------ memory
-def activation_bytes(args, root, checkpointing):
-    """(activation bytes, how measured) of one full fine-tuning step of ViT-B/16 (12 layers) at --memory_batch."""
+def activation_bytes(args, root, checkpointing, shapes=None, method="full", batch=None, half=False):
+    """(activation bytes, how measured) of one training step at `batch` (default --memory_batch) of a CLIP vision
+    model of `shapes` (default ViT-B/16, 12 layers) trained with `method`. CUDA: max_memory_allocated above the
+    weights. CPU: the bytes autograd saves for the backward in the forward, counted under FakeTensorMode (CPU
+    kernels' shapes, no compute; the meta device would take SDPA's math path and count T x T attention maps that no
+    real kernel keeps); `half`: a 16-bit model (the lower end of what autocast saves)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from lt_utils.models import enable_gradient_checkpointing
 
     cuda = str(args.device).startswith("cuda")
-    path = model_dir(args, root, layers=12)
-    device = args.device if cuda else "meta"
-    model, lt = build_model(path, "full", args.classes, args.seed, "cpu" if device == "meta" else device)
-    model = model.to(device) if cuda else model.to_empty(device="meta")
+    path = model_dir(args, root, layers=12) if shapes is None else config_dir(root, shapes)
+    model, lt = build_model(path, method, args.classes, args.seed, args.device if cuda else "cpu")
+    if half:
+        model.half()
     if checkpointing:
         enable_gradient_checkpointing(lt)
     model.train()
-    size = lt.spec.image_size
-    pixels = torch.randn(args.memory_batch, 3, size, size, device=device)
+    size, batch = lt.spec.image_size, batch or args.memory_batch
+    dtype = torch.float16 if half else torch.float32
     if cuda:
+        pixels = torch.randn(batch, 3, size, size, device=args.device, dtype=dtype)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -501,10 +514,21 @@ def activation_bytes(args, root, checkpointing):
             saved["forward"] += tensor.numel() * tensor.element_size()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(pixels).float().sum()
-    out.backward()
-    return saved["forward"], "meta device: bytes saved for backward in the forward"
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        pixels = torch.randn(batch, 3, size, size, dtype=dtype)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(pixels)
+    return saved["forward"], "FakeTensorMode (CPU kernels): bytes saved for backward in the forward"
+
+
+def config_dir(root, shapes):
+    from helpers_models import write_config_only
+    from transformers import CLIPVisionConfig
+
+    path = Path(root) / ("clip_" + "_".join(f"{k}{v}" for k, v in sorted(shapes.items())))
+    if not path.is_dir():
+        write_config_only(path, CLIPVisionConfig(**shapes))
+    return path
 
 
 def bench_memory(args, root):
@@ -525,6 +549,43 @@ def bench_memory(args, root):
             "ratios": {"checkpointed / plain (activation memory)":
                        spread([r["checkpointed_bytes"] / r["plain_bytes"] for r in runs])},
             "repeats": runs}
+
+
+VIT_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768)
+
+
+def bench_budget(args, root):
+    """Does ViT-L/14@336 (LIFT's largest CLIP) train on one 20 GB GPU? Activations counted as in `memory` (one
+    repeat: the count is deterministic), plus weights and optimizer states by formula. AdaptFormer at LIFT's batch
+    128 (SGD); full fine-tuning at --budget_full_batch per GPU under ZeRO-2 on --budget_gpus GPUs (AdamW)."""
+    shapes = dict(VIT_L14_336)
+    if args.quick:
+        shapes.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                      patch_size=8)
+    layers, gib = shapes["num_hidden_layers"], 2**30
+    rows = {}
+    for method, batch in (("adaptformer", args.budget_peft_batch), ("full", args.budget_full_batch)):
+        model, _ = build_model(config_dir(root, shapes), method, args.classes, args.seed, "cpu")
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        del model
+        for half in (False, True):
+            plain = activation_bytes(args, root, False, shapes, method, batch, half)[0]
+            kept = activation_bytes(args, root, True, shapes, method, batch, half)[0]
+            # weights + trainable parameters' gradients and optimizer states (bytes per parameter)
+            if method == "full":  # ZeRO-2, mixed-precision AdamW: 16-bit weights, 16-bit grads, fp32 master + m + v sharded
+                static = 2 * total + (2 + 12) * total / args.budget_gpus
+            else:  # one GPU: weights as trained (fp32 under autocast, or 16-bit), fp32 trainable + grad + SGD momentum
+                static = (2 if half else 4) * total + 12 * trainable
+            ckpt = kept + plain / layers  # + one layer recomputed at a time in the backward
+            rows[f"{method}/batch {batch}/{'16-bit' if half else 'fp32'}"] = {
+                "parameters": total, "trainable": trainable, "activations_gib": plain / gib,
+                "activations_checkpointed_gib": ckpt / gib, "static_gib": static / gib,
+                "total_gib": (static + plain) / gib, "total_checkpointed_gib": (static + ckpt) / gib}
+            print(f"  budget {method} batch {batch} {'16-bit' if half else 'fp32'}: activations {plain / gib:.1f} GiB "
+                  f"-> {ckpt / gib:.1f} GiB checkpointed, + {static / gib:.1f} GiB weights/states", flush=True)
+    return {"shapes": shapes, "gpus_zero2": args.budget_gpus, "rows": rows}
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -555,6 +616,8 @@ def main(argv=None):
                 results["head"] = bench_head(args, root, ds, accelerator)
             elif section == "memory":
                 results["memory"] = bench_memory(args, root)
+            elif section == "budget":
+                results["budget"] = bench_budget(args, root)
             results[section]["section_seconds"] = clock() - t0
     setup = {k: v for k, v in vars(args).items() if k not in ("out_dir",)}
     path = write_results(args.results_name, {"setup": setup, "total_seconds": clock() - start, **results},
@@ -569,6 +632,9 @@ def summary_table(results):
     for section, payload in results.items():
         for name, s in payload.get("ratios", {}).items():
             lines.append(f"| {section} | {name} | {s['median']:.2f} | {s['min']:.2f} - {s['max']:.2f} |")
+    for key, row in results.get("budget", {}).get("rows", {}).items():
+        lines.append(f"| budget | ViT-L/14@336 {key}: GiB per GPU, checkpointed (plain) | "
+                     f"{row['total_checkpointed_gib']:.1f} | ({row['total_gib']:.1f}) |")
     for key, bound in results.get("train", {}).get("compile_bound", {}).items():
         lines.append(f"| train | {key}: compiled / eager bound (1 / GEMM+attention+conv share of eager) | {bound:.2f} | |")
     util = results.get("train", {}).get("fraction_of_matmul_peak", {})

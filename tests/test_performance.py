@@ -209,6 +209,13 @@ def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     assert train["flops_per_image"]["full"] > train["flops_per_image"]["bitfit"]  # weight gradients cost FLOPs
     assert 0 < train["fraction_of_matmul_peak"]["full/fp32/eager"]["median"] < 10
     assert data["memory"]["checkpointed_mib"] < data["memory"]["plain_mib"]
+    budget = data["budget"]["rows"]
+    assert set(budget) == {f"{m}/batch 2/{p}" for m in ("adaptformer", "full") for p in ("fp32", "16-bit")}
+    for row in budget.values():
+        assert 0 < row["activations_checkpointed_gib"] < row["activations_gib"] and row["static_gib"] > 0
+    # a 16-bit model saves the same tensors at two bytes each (the attention's log-sum-exp stays fp32)
+    half, full = (budget[f"adaptformer/batch 2/{p}"]["activations_gib"] for p in ("16-bit", "fp32"))
+    assert 0.5 <= half / full < 0.6
     assert data["loader"]["decoded_bytes"] == data["loader"]["train_images"] * 32 * 32 * 3
     assert data["head"]["max_abs_head_diff"] < 1e-5  # both head-only paths train the same head
     assert all(1 < bound < 100 for bound in train["compile_bound"].values())  # 1 / (GEMM + attention + conv share)
