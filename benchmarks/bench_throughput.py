@@ -571,14 +571,19 @@ def bench_budget(args, root):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         del model
         for half in (False, True):
-            plain = activation_bytes(args, root, False, shapes, method, batch, half)[0]
+            try:
+                plain = activation_bytes(args, root, False, shapes, method, batch, half)[0]
+            except torch.cuda.OutOfMemoryError:  # on a GPU the plain run may not fit: that is the finding
+                plain = float("nan")
+                torch.cuda.empty_cache()
             kept = activation_bytes(args, root, True, shapes, method, batch, half)[0]
             # weights + trainable parameters' gradients and optimizer states (bytes per parameter)
             if method == "full":  # ZeRO-2, mixed-precision AdamW: 16-bit weights, 16-bit grads, fp32 master + m + v sharded
                 static = 2 * total + (2 + 12) * total / args.budget_gpus
             else:  # one GPU: weights as trained (fp32 under autocast, or 16-bit), fp32 trainable + grad + SGD momentum
                 static = (2 if half else 4) * total + 12 * trainable
-            ckpt = kept + plain / layers  # + one layer recomputed at a time in the backward
+            # counted on CPU: + one layer recomputed at a time in the backward (a GPU's peak includes it)
+            ckpt = kept if str(args.device).startswith("cuda") else kept + plain / layers
             rows[f"{method}/batch {batch}/{'16-bit' if half else 'fp32'}"] = {
                 "parameters": total, "trainable": trainable, "activations_gib": plain / gib,
                 "activations_checkpointed_gib": ckpt / gib, "static_gib": static / gib,

@@ -60,9 +60,12 @@ def one_process_reference(idx_dir, tmp_path_factory):
     return final_weights(out)
 
 
-def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, one_process_reference):
+@pytest.mark.parametrize("augment", [[], ["--augment_on_device"]], ids=["loader_augment", "augment_on_device"])
+def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, one_process_reference, augment):
+    """DDP on 2 processes = 1 process with accumulation; also when each process finishes its batches' crops on its
+    own device (--augment_on_device: the boxes come from the same per-sample generators)."""
     out = tmp_path / "ddp"
-    result = torchrun(2, tiny_train_args(idx_dir, out, *STEPS))
+    result = torchrun(2, tiny_train_args(idx_dir, out, *STEPS, *augment))
     assert result.returncode == 0, failure_report(result)
     assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
     weights = final_weights(out)
