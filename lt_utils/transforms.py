@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -164,22 +165,42 @@ class CropBoxes:
 class DeviceResizedCropFlip:
     """--augment_on_device, accelerator side: crops, resizes, flips and normalises a batch of small uint8 images
     where the batch lives, with the boxes the loader drew. On CPU the pixels equal `RandomResizedCropFlip`'s bit
-    for bit (the same torchvision kernels); on a GPU torchvision resizes uint8 in float32 and rounds, within one
-    grey level of its CPU kernel. The loader's work per image shrinks to drawing the box (no 224 px resize, and a
-    32 px uint8 image crosses to the device instead of a 224 px float one)."""
+    for bit (the same torchvision kernel); on other devices the resize is `resize_in_pil_order`, within 2 grey
+    levels of that kernel. The loader's work per image shrinks to drawing the box (no 224 px resize, and a 32 px
+    uint8 image crosses to the device instead of a 224 px float one)."""
 
     def __init__(self, transform):
         self.transform = transform
         self._stats = {}
 
+    def resize_flip(self, image, top, left, h, w, flip):
+        if image.device.type == "cpu":
+            return self.transform.resize_flip(image, top, left, h, w, flip)
+        out = resize_in_pil_order(image[:, top:top + h, left:left + w], self.transform.size, self.transform.interpolation)
+        return out.flip(-1) if flip else out
+
     def __call__(self, batch):
         images = batch["pixel_values"]
-        views = [self.transform.resize_flip(image, *box) for image, box in zip(images, batch["crop_boxes"].tolist())]
+        views = [self.resize_flip(image, *box) for image, box in zip(images, batch["crop_boxes"].tolist())]
         if images.device not in self._stats:
             norm = self.transform.normalize
             self._stats[images.device] = (norm.mean.to(images.device), norm.std.to(images.device))
         mean, std = self._stats[images.device]
         return torch.stack(views).to(torch.float32).sub_(mean).div_(std)
+
+
+def resize_in_pil_order(image, size, interpolation):
+    """uint8 [3, h, w] -> uint8 [3, size, size] the way torchvision's CPU uint8 kernel (and PIL) resize: a horizontal
+    pass rounded to uint8, then a vertical one, antialiased. On CUDA torchvision resizes uint8 in one float pass,
+    whose bicubic overshoot is never clipped between passes: up to ~28 grey levels from the CPU kernel on
+    high-contrast images. This stays within 2 (float32 weights vs the kernel's fixed point)."""
+    if interpolation == v2.InterpolationMode.NEAREST:  # no filter, nothing to round: the same on every device
+        return TF.resize(image, [size, size], interpolation=interpolation)
+    x = image[None].to(torch.float32)
+    for shape in ((x.shape[-2], size), (size, size)):
+        x = F.interpolate(x, size=shape, mode=interpolation.value, align_corners=False, antialias=True)
+        x = x.clamp_(0, 255).round_()
+    return x[0].to(torch.uint8)
 
 
 class RandomFlip:

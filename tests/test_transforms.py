@@ -345,3 +345,40 @@ def test_augment_on_device_refuses_other_augmentations_and_images_decoded_per_re
     loader = T.image_loader(ds, SeededAugment(T.on_device_augment(flags, train_tf)[0], 0), 3, 0)
     with pytest.raises(UserError, match="needs a split of small images of one size"):
         T.check_on_device_augment(loader)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_resize_in_pil_order_is_the_cpu_uint8_kernel_within_two_grey_levels(interpolation):
+    """Off CPU, --augment_on_device resizes with resize_in_pil_order: torchvision's own uint8 resize there is one
+    float pass, which for bicubic lands far from the CPU kernel (and PIL) on high-contrast crops."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
+
+    from lt_utils.transforms import resize_in_pil_order
+
+    mode = InterpolationMode(interpolation)
+    g = torch.Generator().manual_seed(0)
+    worst, differing, total, one_pass_worst = 0, 0, 0, 0
+    for i in range(60):
+        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)  # noise: the worst case
+        h, w = (int(v) for v in torch.randint(3, 33, (2,), generator=g))
+        size = 24 if i % 4 == 0 else 224  # down- and upsampling
+        crop = image[:, :h, :w]
+        kernel = TF.resize(crop, [size, size], interpolation=mode, antialias=True).int()
+        ours = resize_in_pil_order(crop, size, mode)
+        assert ours.dtype == torch.uint8 and ours.shape == (3, size, size)
+        diff = (ours.int() - kernel).abs()
+        worst, differing, total = max(worst, int(diff.max())), differing + int((diff > 0).sum()), total + diff.numel()
+        one_pass = TF.resize(crop.float(), [size, size], interpolation=mode, antialias=True).clamp(0, 255).round()
+        one_pass_worst = max(one_pass_worst, int((one_pass.int() - kernel).abs().max()))
+    assert worst <= 2 and differing / total < 0.02, (worst, differing / total)
+    if interpolation == "bicubic":
+        assert one_pass_worst > 10  # what torchvision's CUDA path would have given
+
+
+def test_device_augment_off_cpu_takes_the_pil_order_resize():
+    train_tf, _ = T.image_transforms(_Spec, "rrc_flip")
+    _, on_device = T.on_device_augment(type("Args", (), dict(augment_on_device=True)), train_tf)
+    batch = {"pixel_values": torch.empty(3, 3, 28, 28, dtype=torch.uint8, device="meta"),
+             "crop_boxes": torch.tensor([[0, 0, 28, 28, 0], [2, 3, 10, 12, 1], [5, 0, 20, 9, 0]])}
+    out = on_device(batch)
+    assert out.device.type == "meta" and out.shape == (3, 3, SIZE, SIZE) and out.dtype == torch.float32
