@@ -113,17 +113,12 @@ def sync(device):
 
 def model_dir(args, root, layers=None):
     """A config-only CLIP vision dir: ViT-B/16 shapes (or a tiny CLIP with --quick)."""
-    from helpers_models import VIT_B16_SHAPES, write_config_only
-    from transformers import CLIPVisionConfig
+    from helpers_models import VIT_B16_SHAPES
 
-    shapes = dict(VIT_B16_SHAPES, num_hidden_layers=layers or args.layers)
+    shapes = dict(VIT_B16_SHAPES, num_hidden_layers=layers or args.layers, projection_dim=512)
     if args.quick:
         shapes.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32, patch_size=8)
-    name = f"clip_L{shapes['num_hidden_layers']}_D{shapes['hidden_size']}"
-    path = Path(root) / name
-    if not path.is_dir():
-        write_config_only(path, CLIPVisionConfig(**shapes, projection_dim=512))
-    return path
+    return config_dir(root, shapes)
 
 
 def build_model(path, method, classes, seed, device):
@@ -522,6 +517,7 @@ def activation_bytes(args, root, checkpointing, shapes=None, method="full", batc
 
 
 def config_dir(root, shapes):
+    """A config-only CLIP vision dir of `shapes` (CLIPVisionConfig keyword arguments), written once per run."""
     from helpers_models import write_config_only
     from transformers import CLIPVisionConfig
 

@@ -80,10 +80,10 @@ def resolve_augment(args):
     """Head-only training on cached features of the eval view (the backbone runs once) cannot augment."""
     on_device = getattr(args, "augment_on_device", False)
     if head_on_cached_features(args):
-        for flag, given in (("--augment " + str(args.augment), args.augment not in (None, "none")),
-                            ("--augment_on_device", on_device)):
-            require(not given, f"{flag} does not apply to --method head with cached features (computed once from the "
-                    f"eval view); drop {flag.split()[0]} or pass --head_features augmented")
+        cached = "does not apply to --method head with cached features (computed once from the eval view)"
+        require(args.augment in (None, "none"),
+                f"--augment {args.augment} {cached}; drop --augment or pass --head_features augmented")
+        require(not on_device, f"--augment_on_device {cached}; drop --augment_on_device or pass --head_features augmented")
         return "none"
     augment = args.augment or "rrc_flip"
     require(not on_device or augment == "rrc_flip", f"--augment_on_device resizes RandomResizedCrop views on the "

@@ -171,7 +171,6 @@ class DeviceResizedCropFlip:
 
     def __init__(self, transform):
         self.transform = transform
-        self._stats = {}
 
     def resize_flip(self, image, top, left, h, w, flip):
         if image.device.type == "cpu":
@@ -182,11 +181,7 @@ class DeviceResizedCropFlip:
     def __call__(self, batch):
         images = batch["pixel_values"]
         views = [self.resize_flip(image, *box) for image, box in zip(images, batch["crop_boxes"].tolist())]
-        if images.device not in self._stats:
-            norm = self.transform.normalize
-            self._stats[images.device] = (norm.mean.to(images.device), norm.std.to(images.device))
-        mean, std = self._stats[images.device]
-        return torch.stack(views).to(torch.float32).sub_(mean).div_(std)
+        return self.transform.normalize(torch.stack(views))
 
 
 def resize_in_pil_order(image, size, interpolation):
@@ -226,14 +221,16 @@ class NoAugment:
 
 
 class Normalize255:
-    """uint8 [3, H, W] -> float32 (x / 255 - mean) / std, as one subtract and one divide on the float copy."""
+    """uint8 [3, H, W] (or a [B, 3, H, W] batch, on any device) -> float32 (x / 255 - mean) / std, as one subtract
+    and one divide on the float copy."""
 
     def __init__(self, mean, std):
         self.mean = torch.tensor([255.0 * m for m in mean]).view(3, 1, 1)
         self.std = torch.tensor([255.0 * s for s in std]).view(3, 1, 1)
 
     def __call__(self, image):
-        return image.to(torch.float32).sub_(self.mean).div_(self.std)
+        # .to() returns the same tensor on the CPU loader path; --augment_on_device batches live on the accelerator
+        return image.to(torch.float32).sub_(self.mean.to(image.device)).div_(self.std.to(image.device))
 
 
 def sample_seed(seed, epoch, sample_id):

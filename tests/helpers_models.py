@@ -56,6 +56,17 @@ def tiny_clip_config(image_size=32, patch_size=8, hidden=32, layers=2, heads=2, 
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
+def save_model_or_config(path, config, build, seed=0, weights=True):
+    """`build(config)` initialised from `seed` (the global RNG untouched) and saved, or the config alone when not
+    `weights` (a checkpoint loaded with from_scratch)."""
+    if not weights:
+        config.save_pretrained(path)
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        build(config).save_pretrained(path)
+
+
 def make_tiny_clip(
     path, image_size=32, patch_size=8, hidden=32, layers=2, heads=2, projection_dim=16, seed=0, weights=True
 ):
@@ -65,12 +76,7 @@ def make_tiny_clip(
     path = Path(path)
     vocab_size = write_tiny_clip_tokenizer(path)
     config = tiny_clip_config(image_size, patch_size, hidden, layers, heads, projection_dim, vocab_size)
-    if weights:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            CLIPModel(config).save_pretrained(path)
-    else:
-        config.save_pretrained(path)
+    save_model_or_config(path, config, CLIPModel, seed, weights)
     size = {"shortest_edge": image_size}
     CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
@@ -85,12 +91,7 @@ def make_tiny_vit(path, image_size=32, patch_size=8, hidden=32, layers=2, heads=
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
         image_size=image_size, patch_size=patch_size,
     )
-    if weights:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    else:
-        config.save_pretrained(path)
+    save_model_or_config(path, config, lambda c: ViTModel(c, add_pooling_layer=False), seed, weights)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
@@ -160,24 +161,25 @@ def tiny_siglip_config(image_size=32, patch_size=8, hidden=32, layers=2, heads=2
     return SiglipConfig(text_config=text, vision_config=vision)
 
 
+def _siglip_with_scale_and_bias(config):
+    from transformers import SiglipModel
+
+    model = SiglipModel(config)
+    with torch.no_grad():  # a non-trivial scale and bias (SigLIP's init: log 10, -10)
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-3.0)
+    return model
+
+
 def make_tiny_siglip(path, image_size=32, patch_size=8, hidden=32, layers=2, heads=2, seed=0, weights=True):
     """A tiny full SigLIP checkpoint (both towers, logit_scale / logit_bias), its tokenizer and a
     SiglipImageProcessor; returns the path."""
-    from transformers import SiglipImageProcessor, SiglipModel
+    from transformers import SiglipImageProcessor
 
     path = Path(path)
     vocab_size = write_tiny_word_tokenizer(path)
     config = tiny_siglip_config(image_size, patch_size, hidden, layers, heads, vocab_size)
-    if weights:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = SiglipModel(config)
-            with torch.no_grad():  # a non-trivial scale and bias (SigLIP's init: log 10, -10)
-                model.logit_scale.fill_(2.3)
-                model.logit_bias.fill_(-3.0)
-            model.save_pretrained(path)
-    else:
-        config.save_pretrained(path)
+    save_model_or_config(path, config, _siglip_with_scale_and_bias, seed, weights)
     SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
@@ -192,12 +194,7 @@ def make_tiny_dinov2(path, image_size=32, patch_size=8, hidden=32, layers=2, hea
     path = Path(path)
     config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=2,
                           image_size=config_image_size or image_size, patch_size=patch_size, layerscale_value=0.5)
-    if weights:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            Dinov2Model(config).save_pretrained(path)
-    else:
-        config.save_pretrained(path)
+    save_model_or_config(path, config, Dinov2Model, seed, weights)
     BitImageProcessor(size={"shortest_edge": image_size * 8 // 7}, crop_size={"height": image_size, "width": image_size},
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3,
                       do_convert_rgb=True).save_pretrained(path)

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 
 from helpers_train import REPO, python_script, tiny_train_args
@@ -172,13 +173,7 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
         weights = load_file(out / "final" / "lt_weights.safetensors")
         assert list(weights) == list(expected)
         assert all(torch.equal(weights[k], expected[k]) for k in expected), out.name
-    assert yaml_flag(device / "config.yaml", "augment_on_device") is True
-
-
-def yaml_flag(path, name):
-    import yaml
-
-    return yaml.safe_load(path.read_text())[name]
+    assert yaml.safe_load((device / "config.yaml").read_text())["augment_on_device"] is True
 
 
 def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
