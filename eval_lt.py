@@ -31,7 +31,6 @@ from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
 from lt_utils.metrics import with_split_groups
-from lt_utils.models import BackboneSpec
 from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
 
@@ -48,7 +47,7 @@ def get_args_parser():
                        "overwrite", "save_predictions", "top_k", "mixed_precision"), output_dir=None)
     add_compile_args(parser)
     group = add_data_args(parser)
-    group.description = ("default: the split each export was trained on (its lt_info.json and --data_dir); only the "
+    group.description = ("default: the split each export was trained on (its config.json records it, and its --data_dir); only the "
                          "flags you pass override it, e.g. --data_dir for other local source files")
     return parser
 
@@ -119,8 +118,8 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
                                 device=accelerator.device, descriptor_file=args.prompt_descriptor_file)
         spec = model.spec
     else:
-        model, meta = load_export(target.export_dir)
-        spec = BackboneSpec.from_dict(meta["backbone"])
+        model, _ = load_export(target.export_dir)
+        spec = model.spec
     model.to(accelerator.device)
     if args.torch_compile:
         model = accelerator.prepare_model(model, evaluation_mode=True)

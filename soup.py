@@ -16,8 +16,8 @@ soup export.
   # then LT-Soups stage 2: re-train the head on the full data from the soup
   python train_lt.py --method head --init_from soups/lt --loss la --output_dir runs/stage2 ...
 
-LoRA exports are merged as exact deltas into plain weights; AdaptFormer, BitFit and full fine-tuning exports are
-averaged tensor by tensor. The output is a normal export (eval_lt.py, load_export, train_lt.py --init_from) with
+Every export holds its whole model (LoRA merged in), so exports of one base, architecture, labels and head init are
+averaged tensor by tensor; only a non-zero anchor weight (progressive, --alpha < 1) reads the base model. The output is a normal export (eval_lt.py, load_export, train_lt.py --init_from) with
 soup_manifest.json: inputs and their sha256, weights (anchor included), mode and the greedy steps.
 """
 import argparse
@@ -38,7 +38,8 @@ def get_args_parser():
     add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "select_metric", "overwrite", "push_to_hub",
                        "hub_model_id", "hub_token"), aliases={"lam": ["--lambda"]})
     group = add_data_args(parser, dataset=None, num_workers=0)
-    group.description = "greedy only: the val split; default: the split the ingredients were trained on (lt_info.json)"
+    group.description = ("greedy only: the val split; default: the split the first ingredient was trained on (its "
+                         "config.json records it, and its --data_dir)")
     return parser
 
 
@@ -56,8 +57,7 @@ def main(argv=None):
     output_dir = args.output_dir or str(default_soup_dir(mode, ingredients))
 
     def scorer_factory(first):
-        return build_val_scorer(first.meta, first.path / "lt_info.json", args,
-                                batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
+        return build_val_scorer(first, args, batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
 
     manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
@@ -66,7 +66,8 @@ def main(argv=None):
     if "output_sha256" in manifest:  # main process
         print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
               + ", ".join(f"{w:.4g}" for w in manifest["weights"]))
-        print(f"sha256 {manifest['output_sha256']}  model.safetensors")
+        for name, digest in manifest["output_sha256"].items():
+            print(f"sha256 {digest}  {name}")
         if args.push_to_hub:
             from pathlib import Path
 

@@ -1,20 +1,22 @@
-"""Resume states and export dirs, kept apart (hf_stack.md §1.2).
+"""Resume states and export dirs, kept apart.
 
 * Resume state: `accelerator.save_state` into OUTPUT_DIR/step_{n}; only trainable weights are written (frozen
   backbones are rebuilt from the base checkpoint), plus optimizer, RNG, dataloader position and `TrainState`.
-* Export dir (`final/`, `best/`, a soup): a Hub-native transformers model plus what rebuilds it from its base:
-    config.json, model.safetensors, modeling_lt.py (+ the files it imports)   the whole model (LoRA merged) as
-                           transformers remote code: AutoModelForImageClassification(..., trust_remote_code=True)
-    preprocessor_config.json   the evaluation preprocessing (resize 8/7, centre crop, mean/std) for AutoImageProcessor
-    adapter/               LoRA runs: a standard peft adapter of the plain base backbone (adapter_config.json,
-                           adapter_model.safetensors) and head.safetensors, the head to apply to its feature
-    lt_model.json          base model, backbone spec, architecture (adapters / LoRA), head, labels, train counts, groups
-    lt_weights.safetensors tensors that differ from the base, in LTModel key names (all of them for a from-scratch run)
-    lt_adapter/            the peft LoRA adapter of the training wrapper, head included (LoRA runs only)
+* Export dir (`final/`, `best/`, a soup): exactly a transformers model, its one record being config.json:
+    config.json            the LTConfig: backbone class and config, method modules, head, labels, preprocessing,
+                           where the weights started, the LT split (counts, groups), the run, a soup's recipe
+    model.safetensors      every tensor of the model, once (LoRA merged in; sharded with an index when large)
+    modeling_lt.py (+ the files it imports)   the model's code, for AutoModelForImageClassification with
+                           trust_remote_code=True where this project is not installed
+    preprocessor_config.json   the evaluation preprocessing (resize, centre crop, mean/std) for AutoImageProcessor
     head_init.safetensors  the head as initialised: the zero-shot anchor of WiSE-FT / progressive soups
-    lt_info.json, metrics.json, README.md (model card)
-  `soup.py` and `eval_lt.py` read export dirs only.
+    adapter/               LoRA runs: a standard peft adapter of the plain base model (adapter_config.json naming
+                           the base, adapter_model.safetensors) and head.safetensors, the head to apply to its feature
+    metrics.json, README.md (model card)
+  Every loader of the project (eval_lt.py, soup.py, predict.py, --init_from) reads an export with `from_pretrained`
+  of that folder (`load_export`); none needs the base checkpoint.
 """
+import json
 import re
 from pathlib import Path
 
@@ -24,16 +26,16 @@ from safetensors.torch import load_file, save_file
 from .compile import plain_name
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json, read_json
+from .modeling_lt import LTConfig
 
-META_FILE = "lt_model.json"
-WEIGHTS_FILE = "lt_weights.safetensors"
 HEAD_INIT_FILE = "head_init.safetensors"
-LT_ADAPTER_DIR = "lt_adapter"
-ADAPTER_CONFIG = f"{LT_ADAPTER_DIR}/adapter_config.json"
-ADAPTER_WEIGHTS = f"{LT_ADAPTER_DIR}/adapter_model.safetensors"
-EXPORT_FORMAT = "lt-export-v2"
+EXPORT_FORMAT = LTConfig.export_format
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+OLD_LAYOUT_FILE = "lt_model.json"  # the record of exports written by earlier versions
+CONVERT_COMMAND = "python scripts/convert_export.py"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
-META_KEYS = ("base_model", "from_scratch", "backbone", "arch", "head", "num_labels", "id2label")
 
 
 # ----------------------------------------------------------------------------------------------- resume states
@@ -95,31 +97,25 @@ def check_resume_identity(path, identity):
 
 
 # ------------------------------------------------------------------------------------------------------ exports
-def write_export(export_dir, meta, tensors, head_init, extra_writers=(), peft_model=None, peft_state_dict=None,
-                 hub_files=True):
-    """Atomically write an export dir. Main process only; the collective gather happens before it
-    (`lt_utils.exports.gather_export_tensors`).
+def write_export(export_dir, config, state_dict, head_init, extra_writers=(), adapter=None):
+    """Atomically write an export dir (main process only; the collective gather happens before it).
 
-    tensors: LTModel-namespace tensors that differ from the base; head_init: {"weight": ...[, "bias": ...]};
-    peft_model: a PeftModel whose adapter (with its `peft_state_dict`) is saved beside them (LoRA runs);
-    extra_writers: callables f(tmp_dir) for lt_info, metrics and model card.
-    The Hub-native files (hub_files.write_hub_files) are written from the export itself, rebuilt by build_from_meta;
-    `hub_files=False` only for tensors that are not a model (tests of soup arithmetic on synthetic tensors).
+    config: the export's LTConfig; state_dict: every tensor of its LTModel (LTModel key names); head_init: the head
+    as initialised ({"weight": ...}); adapter: callable f(tmp_dir) writing a LoRA run's plain peft adapter/;
+    extra_writers: callables f(tmp_dir) for metrics and model card.
     """
-    from .hub_files import write_hub_files
+    from .hub_files import image_processor, save_model
+    from .models import BackboneSpec
 
-    for part in (tensors, head_init, peft_state_dict or {}):  # never an export of NaN / inf weights
-        check_finite(part, f"refusing to export {export_dir}", "the run diverged: nothing was exported; lower "
+    for part, what in ((state_dict, "weights"), (head_init, "head init")):  # never an export of NaN / inf weights
+        check_finite(part, f"refusing to export {export_dir} ({what})", "the run diverged: nothing was exported; lower "
                      "--learning_rate or set --max_grad_norm, and resume from an earlier checkpoint")
     with atomic_dir(export_dir, overwrite=True) as tmp:
-        if tensors:
-            save_file(_contiguous(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_model(tmp, config, state_dict)
+        image_processor(BackboneSpec.from_dict(config.backbone_spec)).save_pretrained(str(tmp))
         save_file(_contiguous(head_init), str(tmp / HEAD_INIT_FILE), metadata={"format": "pt"})
-        if peft_model is not None:
-            peft_model.save_pretrained(str(tmp / LT_ADAPTER_DIR), state_dict=peft_state_dict)
-        atomic_write_json(tmp / META_FILE, {"format": EXPORT_FORMAT, **meta})
-        if hub_files:
-            write_hub_files(tmp, meta)
+        if adapter is not None:
+            adapter(tmp)
         for write in extra_writers:
             write(tmp)
 
@@ -128,30 +124,105 @@ def _contiguous(tensors):
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def read_export_meta(export_dir):
-    """lt_model.json of an export dir (local path or Hub id), validated; missing/partial dirs are user errors."""
+def is_export_dir(path):
+    """A folder holding an export's config.json (this layout) or an earlier layout's record (refused when read)."""
+    path = Path(path)
+    if (path / OLD_LAYOUT_FILE).is_file():
+        return True
+    try:
+        return json.loads((path / CONFIG_FILE).read_bytes()).get("model_type") == LTConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_export_config(export_dir):
+    """The LTConfig of an export dir (local path or Hub id), its records checked; UserError for anything else."""
     export_dir = resolve_export_dir(export_dir)
-    meta_path = export_dir / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"{export_dir} is not an export dir (no {META_FILE}); pass a final/ or best/ folder written by train_lt.py or soup.py")
-    meta = read_json(meta_path, "export metadata")
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise UserError(f"{meta_path} has format {found!r}; this version reads {EXPORT_FORMAT}; re-export it")
-    lacking = [key for key in META_KEYS if key not in meta]
-    if lacking:
-        raise UserError(f"{meta_path} lacks {', '.join(lacking)}; the export is corrupted, re-export it")
-    needed = [HEAD_INIT_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if meta["arch"].get("lora") else [])
-    if meta.get("has_weights_file"):
-        needed.append(WEIGHTS_FILE)
-    missing = [name for name in needed if not (export_dir / name).is_file()]
+    path = export_dir / CONFIG_FILE
+    if (export_dir / OLD_LAYOUT_FILE).is_file():
+        raise UserError(f"{export_dir} is an export of an earlier version (lt_model.json); convert it once with "
+                        f"{CONVERT_COMMAND} {export_dir} NEW_DIR and use NEW_DIR")
+    if not path.is_file():
+        raise UserError(f"{export_dir} is not an export dir (no {CONFIG_FILE}); pass a final/ or best/ folder written "
+                        "by train_lt.py or soup.py")
+    record = read_json(path, "export config")
+    if not isinstance(record, dict) or record.get("model_type") != LTConfig.model_type:
+        found = record.get("model_type") if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{path} is a {found!r} model, not an lt-hf export; pass a final/ or best/ folder written by "
+                        "train_lt.py or soup.py")
+    if record.get("lt_format") != EXPORT_FORMAT:
+        raise UserError(f"{path} has format {record.get('lt_format')!r}; this version reads {EXPORT_FORMAT}; "
+                        "re-export it")
+    try:
+        config = LTConfig.from_dict(record)
+    except Exception as err:  # a record edited into something transformers cannot build a config from
+        raise UserError(f"{path} is not a valid export config ({err.__class__.__name__}); re-export it") from None
+    _check_record(config, path)
+    return config
+
+
+_RECORD_TYPES = {"backbone_spec": dict, "lt_info": dict, "head_init": dict, "arch": dict, "run": dict,
+                 "backbone_model_config": dict, "id2label": dict}
+
+
+def _check_record(config, path):
+    """The fields the project reads back, present, of their type, and finite where numeric."""
+    from .models import BackboneSpec
+
+    for name, kind in _RECORD_TYPES.items():
+        if not isinstance(getattr(config, name, None), kind):
+            raise UserError(f"{path}: {name} is missing or not a {kind.__name__}; the export is corrupted, re-export it")
+    scale = config.head_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
+        raise UserError(f"{path}: head_scale is {scale!r}, not a positive finite number; the export is corrupted, "
+                        "re-export it")
+    if len(config.id2label) != config.num_labels or not config.num_labels:
+        raise UserError(f"{path}: {len(config.id2label)} labels for num_labels {config.num_labels}; re-export it")
+    BackboneSpec.from_dict(config.backbone_spec)  # unknown or missing keys: one line
+
+
+def weight_files(export_dir):
+    """The export's safetensors weight files: model.safetensors, or the shards its index names."""
+    export_dir = Path(export_dir)
+    if (export_dir / WEIGHTS_INDEX).is_file():
+        index = read_json(export_dir / WEIGHTS_INDEX, "weight index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{export_dir / WEIGHTS_INDEX} has no weight_map; re-export it")
+        names = sorted(set(map(str, weight_map.values())))
+        if any("/" in n or n.startswith(".") for n in names):
+            raise UserError(f"{export_dir / WEIGHTS_INDEX} names files outside the export; re-export it")
+        files = [export_dir / name for name in names]
+    else:
+        files = [export_dir / WEIGHTS_FILE]
+    missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise UserError(f"export dir {export_dir} is incomplete: missing {', '.join(missing)}; re-export it")
-    return meta
+    return files
+
+
+def weight_keys(config):
+    """{key in the export's weight files: LTModel key}. transformers saves some backbones under their checkpoints'
+    original names (ViT's encoder.layer.N.attention.attention.query, ...) and renames them when loading; readers of
+    the files themselves (soups) map them back with this. Found on a meta-device copy of the model."""
+    from transformers.modeling_utils import revert_weight_conversion
+
+    from .hub_files import without_zero3
+    from .modeling_lt import LTForImageClassification
+
+    with without_zero3(), torch.device("meta"):
+        shell = LTForImageClassification(config)
+    state = shell.state_dict()
+    names = {id(v): k for k, v in state.items()}
+    mapping = {k: names.get(id(v)) for k, v in revert_weight_conversion(shell, dict(state)).items()}
+    if None in mapping.values() or len(set(mapping.values())) != len(state):
+        raise UserError(f"the {config.backbone_class} weights are saved transformed (not renamed), so they cannot be "
+                        "merged file by file; load the exports with load_export instead")
+    return {k: v.removeprefix(f"{LTForImageClassification.base_model_prefix}.") for k, v in mapping.items()}
 
 
 def resolve_export_dir(path_or_repo):
-    path = Path(path_or_repo)
+    path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
@@ -165,74 +236,69 @@ def resolve_export_dir(path_or_repo):
     raise UserError(f"export dir {path_or_repo} not found; pass a local final/ or best/ folder or a Hub model id")
 
 
-def build_from_meta(meta, export_dir=None, merge_lora=False):
-    """THE rebuild of a model from export metadata (training, resume, --init_from, eval_lt.py and soup.py use it).
+def load_export(export_dir):
+    """(LTModel in eval mode, record) of an export dir or Hub id, through `from_pretrained` of that folder alone.
 
-    meta needs base_model, num_labels, head {type, scale}, from_scratch, seed and arch. Without `export_dir`: the
-    base model with the architecture's modules at their seeded init; with it: the export's tensors (and peft
-    adapter; folded into plain weights with `merge_lora`) loaded on top.
-    """
-    from .models import build_lt_model
-    from .peft_methods import METHODS
+    Refused in one line: another layout, a record that is not this project's, weight files that are missing,
+    truncated, of other keys or shapes, or hold NaN / inf."""
+    from .modeling_lt import LTForImageClassification
+    from .models import BackboneSpec, _quiet_transformers
 
-    model = build_lt_model(meta["base_model"], meta["num_labels"], head_type=meta["head"]["type"],
-                           head_scale=meta["head"]["scale"], from_scratch=meta["from_scratch"], seed=meta.get("seed", 0))
-    arch = meta.get("arch") or {}
-    if arch.get("adapters"):
-        model = METHODS.get(arch["adapters"]).rebuild(model, arch)
-    if export_dir is None:
-        return model
-    if meta.get("has_weights_file"):
-        load_overrides(model, read_tensors(Path(export_dir) / WEIGHTS_FILE), export_dir, complete=meta["from_scratch"])
-    read_tensors(Path(export_dir) / HEAD_INIT_FILE)  # checked: soups and WiSE-FT anchor on it
-    if arch.get("lora"):
-        read_tensors(Path(export_dir) / ADAPTER_WEIGHTS)  # readable and finite before peft loads it
-        try:
-            model = METHODS.get("lora").load_adapter(model, Path(export_dir) / LT_ADAPTER_DIR, merge=merge_lora)
-        except Exception as err:  # a malformed adapter_config.json or adapter
-            raise UserError(f"{export_dir}: the LoRA adapter cannot be loaded ({err.__class__.__name__}); re-export "
-                            "it") from None
-    return model
-
-
-def load_export(export_dir, merge_lora=False):
-    """(model in eval mode, meta) of an export dir or Hub id. With `merge_lora`, LoRA is folded into plain weights."""
     export_dir = resolve_export_dir(export_dir)
-    meta = read_export_meta(export_dir)
-    model = build_from_meta(meta, export_dir, merge_lora=merge_lora)
+    config = read_export_config(export_dir)
+    for path in weight_files(export_dir):
+        read_tensors(path)  # complete and finite, before transformers sees it (its errors are not one line)
+    head_init = read_tensors(export_dir / HEAD_INIT_FILE)
+    try:
+        with _quiet_transformers():
+            hf_model, info = LTForImageClassification.from_pretrained(
+                str(export_dir), config=config, dtype=torch.float32, output_loading_info=True)
+    except Exception as err:  # weights that do not fit the recorded architecture, or a record that builds nothing
+        raise UserError(f"{export_dir}: the model cannot be built from its config.json and weights "
+                        f"({err.__class__.__name__}: {_first_line(err)}); re-export it") from None
+    wrong = sorted(info.get("missing_keys") or []) + sorted(info.get("unexpected_keys") or []) + \
+        [str(k) for k in info.get("mismatched_keys") or []]
+    if wrong:
+        raise UserError(f"{export_dir}: its weights do not match its config.json ({len(wrong)} tensors, e.g. "
+                        f"{wrong[0]}); re-export it")
+    model = hf_model.lt
+    model.spec = BackboneSpec.from_dict(config.backbone_spec)
+    if head_init.get("weight") is None or tuple(head_init["weight"].shape) != tuple(model.head.weight.shape):
+        raise UserError(f"{export_dir / HEAD_INIT_FILE} does not fit the head {tuple(model.head.weight.shape)}; "
+                        "re-export it")
     model.eval()
-    return model, meta
+    return model, export_record(config, export_dir)
 
 
-def load_overrides(model, tensors, source, complete=False):
-    """Load export tensors into `model`, refusing unknown keys or shapes (and, if `complete`, missing keys)."""
-    own = model.state_dict()
-    unknown = sorted(k for k in tensors if k not in own)
-    if unknown:
-        raise UserError(f"{source}: {len(unknown)} tensors do not belong to this model (e.g. {unknown[0]}); "
-                        "the export and its base model do not match")
-    bad_shape = [k for k, v in tensors.items() if v.shape != own[k].shape]
-    if bad_shape:
-        raise UserError(f"{source}: shape of {bad_shape[0]} is {tuple(tensors[bad_shape[0]].shape)}, "
-                        f"the model has {tuple(own[bad_shape[0]].shape)}; the export and its base model do not match")
-    if complete:
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise UserError(f"{source}: the from-scratch export lacks {len(missing)} tensors (e.g. {missing[0]}); re-export it")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            own[key].copy_(value)
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else ""
 
 
-def export_overrides(model, meta, export_dir):
-    """The LTModel-namespace tensors an export holds on top of its base (LoRA merged in, head included), taken from
-    `model`, that export loaded with merge_lora=True."""
-    sd = model.state_dict()
-    keys = set(read_tensors(export_dir / WEIGHTS_FILE)) if meta.get("has_weights_file") else set()
-    if meta["arch"].get("lora"):
-        keys |= {_lora_target_key(k) for k in read_tensors(export_dir / ADAPTER_WEIGHTS)}
-    keys |= {k for k in sd if k.startswith("head.") or k.startswith("adapters.")}
-    return {k: sd[k].clone() for k in keys if k in sd}
+def export_record(config, export_dir=None):
+    """The export's record as one dict, derived from its LTConfig (nothing here is stored a second time)."""
+    from .data.counts import GROUPS
+    from .data.info import LTInfo
+
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    info = LTInfo.from_dict({**config.lt_info, "class_names": labels})
+    groups = list(info.groups)
+    run = dict(config.run)
+    return {
+        "format": config.lt_format, "base_model": config.base_model, "from_scratch": bool(config.from_scratch),
+        "seed": config.seed, "backbone": dict(config.backbone_spec), "arch": dict(config.arch), "method": config.method,
+        "head": {"type": config.head_type, "scale": config.head_scale, **config.head_init},
+        "num_labels": config.num_labels, "id2label": {str(i): n for i, n in enumerate(labels)},
+        "label2id": {n: i for i, n in enumerate(labels)}, "lt_info": info,
+        "train_counts": list(info.train_counts), "groups": groups,
+        "group_counts": {g: groups.count(g) for g in GROUPS},
+        "many_threshold": info.many_threshold, "few_threshold": info.few_threshold,
+        "dataset": {"dataset": info.dataset, "imb": info.imb, "max_per_class": info.max_per_class, "seed": info.seed,
+                    "selection": info.selection, "balance_factor": run.get("balance_factor"),
+                    "data_dir": run.get("data_dir")},
+        "run_name": run.get("run_name"), "hub_model_id": run.get("hub_model_id"), "soup": config.soup,
+        "adapter": export_dir is not None and (Path(export_dir) / "adapter").is_dir(),
+    }
 
 
 def read_tensors(path):
@@ -256,9 +322,3 @@ def check_finite(tensors, source, fix):
         if value.is_floating_point() and value.numel() and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             raise UserError(f"{source}: {key} holds {bad} non-finite values (NaN/inf); {fix}")
-
-
-def _lora_target_key(adapter_key):
-    """peft's saved key of a LoRA factor or saved module -> the LTModel weight it changes."""
-    key = adapter_key.removeprefix("base_model.model.")
-    return re.sub(r"\.lora_[AB](\.default)?\.weight$", ".weight", key)

@@ -9,12 +9,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import resolve_export_dir, read_export_meta
+from .checkpoint import export_record, read_export_config, resolve_export_dir
 from .config import HF_BUILDER, HF_SOURCE_FLAGS, RECORDED_DATA_FLAGS, recorded_flags
 from .data.builders import SPLITS
-from .data.info import INFO_FILENAME
 from .errors import UserError, require
-from .fileio import atomic_dir, atomic_write_json, check_outputs_apart, check_writable_dir, read_json
+from .fileio import atomic_dir, atomic_write_json, check_outputs_apart, check_writable_dir
 from .reports import plot_per_class_accuracy, write_per_class_csv
 from .runs import run_export
 
@@ -65,18 +64,11 @@ def data_args_for(args, recorded, passed):
     return argparse.Namespace(**values)
 
 
-def recorded_data_flags(export_dir, meta):
-    """Data flags of the split the export was trained on: lt_info.json if present (all of them), else lt_model.json."""
-    info_path = Path(export_dir) / INFO_FILENAME
-    data_dir = (meta.get("dataset") or {}).get("data_dir")
+def recorded_data_flags(meta):
+    """Data flags of the split the export was trained on (its config.json's LT split and source files)."""
+    data_dir = meta["dataset"].get("data_dir")
     source = {"data_dir": data_dir} if data_dir else {}  # the local files it was trained on, not the default source
-    if info_path.is_file():
-        info = read_json(info_path, "split record")
-        require(isinstance(info, dict), f"{info_path} is not a mapping; re-export {export_dir}")
-        return {**recorded_flags(info), **source}
-    record = {**meta.get("dataset", {}), "many_threshold": meta.get("many_threshold"),
-              "few_threshold": meta.get("few_threshold")}
-    return {**{flag: record[key] for flag, key in RECORDED_DATA_FLAGS.items() if record.get(key) is not None}, **source}
+    return {**recorded_flags(meta["lt_info"].to_dict()), **source}
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -95,10 +87,10 @@ def build_targets(runs, zero_shot=None, prompt_template="single", which=None):
     targets = []
     for run in runs:
         export_dir, name = resolve_run(run, which)
-        meta = read_export_meta(export_dir)  # UserError for a non-export or partial dir
+        meta = export_record(read_export_config(export_dir), export_dir)  # UserError for a non-export dir
         slug = _slug("/".join(Path(name).parts[-2:]))  # e.g. run__best
         targets.append(Target(name=name, slug=slug, export_dir=export_dir, meta=meta, local=Path(run).exists(),
-                              recorded=recorded_data_flags(export_dir, meta)))
+                              recorded=recorded_data_flags(meta)))
     if zero_shot:
         name = f"zero-shot {zero_shot} ({prompt_template})"
         model = str(zero_shot).rstrip("/").split("/")[-1]
@@ -182,12 +174,10 @@ def check_labels(meta, class_names, source, dataset):
 
 
 def warn_if_other_split(target, info, split):
-    """An export evaluated on a split other than the one its lt_info.json records: allowed, but said."""
-    path = target.export_dir / INFO_FILENAME if target.export_dir is not None else None
-    if path is None or not path.is_file():
+    """An export evaluated on a split other than the one its config.json records: allowed, but said."""
+    if target.meta is None:
         return
-    saved = read_json(path, "split record")
-    recorded = saved.get("index_hashes", {}).get(split) if isinstance(saved, dict) else None
+    recorded = (target.meta["lt_info"].index_hashes or {}).get(split)
     if recorded and recorded != info.index_hashes.get(split):
         logger.warning(f"{target.name}: the {split} split differs from the one recorded with the export "
                        "(other data flags or source files)")

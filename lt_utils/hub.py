@@ -96,7 +96,7 @@ def model_card(meta, metrics):
         f"medium {meta['few_threshold']}–{meta['many_threshold']} ({groups.get('medium', '?')}), "
         f"few < {meta['few_threshold']} ({groups.get('few', '?')}). Accuracies in %; an empty group is shown as —.", "",
         "## Use (transformers alone)", "", "```python", model_snippet(meta.get("hub_model_id") or "your-name/your-model"), "```", ""]
-    if (meta.get("arch") or {}).get("lora"):
+    if meta.get("adapter"):
         lines += ["## The LoRA adapter (peft)", "",
                   "The repo also holds a standard peft adapter of the base backbone (`adapter/`) and the classifier head "
                   f"(`adapter/head.safetensors`, a {meta['head']['type']} head on the backbone's "

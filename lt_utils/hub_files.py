@@ -11,11 +11,10 @@
   adapter_config.json onto the full model it finds beside it (where LoRA is already merged).
 """
 import contextlib
-import json
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
@@ -26,26 +25,23 @@ _RESAMPLE_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 _BACKBONE_PREFIX = "base_model.model.backbone."
 
 
-def write_hub_files(export_dir, meta):
-    """Write the files above into `export_dir`, which already holds the project's export (lt_model.json, weights)."""
-    from .checkpoint import LT_ADAPTER_DIR, build_from_meta
-    from .models import BackboneSpec, hf_model
+def save_model(folder, config, state_dict):
+    """model.safetensors (sharded when large) + config.json + the model's code, by transformers' save_pretrained, of
+    the LTModel `config` describes holding `state_dict` (LTModel key names). The model is built on the meta device
+    and takes the given tensors as they are: no second copy of the weights, whatever their size."""
+    import torch
 
-    export_dir = Path(export_dir)
-    with _without_zero3():  # every model built here (also the meta copy in write_plain_adapter) is built whole
-        model = build_from_meta(meta, export_dir, merge_lora=True).eval()
-        hf_model(model, meta).save_pretrained(str(export_dir))
-        image_processor(BackboneSpec.from_dict(meta["backbone"])).save_pretrained(str(export_dir))
-        if (meta.get("arch") or {}).get("lora"):
-            write_plain_adapter(export_dir / LT_ADAPTER_DIR, export_dir / ADAPTER_DIR, meta)
-            head = {k.removeprefix("head."): v.detach().contiguous() for k, v in model.state_dict().items()
-                    if k.startswith("head.")}
-            save_file(head, str(export_dir / ADAPTER_DIR / HEAD_FILE), metadata={
-                "format": "pt", "head_type": meta["head"]["type"], "scale": str(meta["head"]["scale"])})
+    from .modeling_lt import LTForImageClassification
+
+    with without_zero3(), torch.device("meta"):
+        model = LTForImageClassification(config)  # post_init's weight init runs here, on nothing
+    model.lt.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, strict=True,
+                             assign=True)
+    model.save_pretrained(str(folder))
 
 
 @contextlib.contextmanager
-def _without_zero3():
+def without_zero3():
     """Build and save a whole model on the main process alone, also inside a ZeRO-3 run: transformers would otherwise
     construct it inside deepspeed.zero.Init (partitioned, and collective: the other ranks are not there)."""
     from transformers.integrations import deepspeed as hf_deepspeed
@@ -70,21 +66,31 @@ def image_processor(spec):
         do_normalize=True, image_mean=list(spec.image_mean), image_std=list(spec.image_std), do_convert_rgb=True)
 
 
-def write_plain_adapter(lt_adapter_dir, adapter_dir, meta):
-    """The training adapter (keyed to the LTModel wrapper: base_model.model.backbone.<module>) re-keyed to the base
-    model as AutoModel loads it (base_model.model.<prefix><module>; a full CLIP checkpoint is a CLIPModel whose vision
-    tower is vision_model.), targeting exactly the modules it trained, with base_model_name_or_path set."""
-    weights = load_file(str(Path(lt_adapter_dir) / "adapter_model.safetensors"))
-    lora = {k.removeprefix(_BACKBONE_PREFIX): v for k, v in weights.items() if k.startswith(_BACKBONE_PREFIX) and ".lora_" in k}
-    modules = sorted({re.sub(r"\.lora_[AB](\.[\w-]+)?\.weight$", "", k) for k in lora})
-    prefix = _backbone_prefix(meta["base_model"], modules[0])
-    config = json.loads((Path(lt_adapter_dir) / "adapter_config.json").read_text())
-    config.update(base_model_name_or_path=str(meta["base_model"]), target_modules=[prefix + m for m in modules],
-                  modules_to_save=None, inference_mode=True, auto_mapping=None)
-    Path(adapter_dir).mkdir()
-    save_file({"base_model.model." + prefix + k: v for k, v in lora.items()}, str(Path(adapter_dir) / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
-    (Path(adapter_dir) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+def plain_adapter_writer(lora_state, lora_config, base_model, head, head_type, head_scale):
+    """f(export_dir) writing adapter/: the trained LoRA factors (LTModel module names: backbone.<module>.lora_A.weight)
+    keyed to the base model as AutoModel loads it (base_model.model.<prefix><module>; a full CLIP checkpoint is a
+    CLIPModel whose vision tower is vision_model.), targeting exactly the modules it trained, with
+    base_model_name_or_path set; plus head.safetensors, the head to apply to the backbone's feature."""
+    import copy
+
+    lora = {k.removeprefix("backbone."): v for k, v in lora_state.items() if k.startswith("backbone.")}
+    modules = sorted({re.sub(r"\.lora_[AB]\.weight$", "", k) for k in lora})
+    prefix = _backbone_prefix(base_model, modules[0])
+    config = copy.deepcopy(lora_config)
+    config.base_model_name_or_path = str(base_model)
+    config.target_modules = [prefix + m for m in modules]
+    config.modules_to_save, config.inference_mode, config.auto_mapping = None, True, None
+
+    def write(export_dir):
+        adapter_dir = Path(export_dir) / ADAPTER_DIR
+        adapter_dir.mkdir()
+        save_file({"base_model.model." + prefix + k: v.detach().contiguous() for k, v in lora.items()},
+                  str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config.save_pretrained(str(adapter_dir))
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, str(adapter_dir / HEAD_FILE),
+                  metadata={"format": "pt", "head_type": head_type, "scale": str(head_scale)})
+
+    return write
 
 
 def _backbone_prefix(base_model, module):

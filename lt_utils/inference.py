@@ -45,16 +45,30 @@ def check_flags(output, model, inputs, overwrite, top_k, batch_size):
 
 
 def load_classifier(model_id):
-    """(image processor, model in eval mode) of an export dir or Hub id, through transformers' auto classes."""
+    """(image processor, model in eval mode) of an export dir or Hub id, through transformers' auto classes. An
+    lt-hf export's record and weight files are checked first (complete, finite): transformers would load NaN
+    weights, and report a truncated file in many lines."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    from .checkpoint import is_export_dir, read_export_config, read_tensors, resolve_export_dir, weight_files
+
+    local = resolve_export_dir(model_id) if Path(str(model_id)).exists() else None
+    if local is not None and is_export_dir(local):
+        read_export_config(local)
+        for path in weight_files(local):
+            read_tensors(path)
     try:
         processor = AutoImageProcessor.from_pretrained(str(model_id))
         model = AutoModelForImageClassification.from_pretrained(str(model_id), trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load an image classifier from {model_id} ({str(err).strip().splitlines()[0]}); "
+    except Exception as err:  # transformers' errors for a folder or repo that holds no loadable classifier
+        raise UserError(f"cannot load an image classifier from {model_id} ({_first_line(err)}); "
                         "pass an export dir (final/, best/, a soup) or a Hub model id") from None
     return processor, model.eval()
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else err.__class__.__name__
 
 
 def predict_images(processor, model, paths, batch_size=32, top_k=5, progress=True):

@@ -70,14 +70,21 @@ class LTModel(nn.Module):
 
 
 class LTConfig(PretrainedConfig):
-    """What rebuilds an LTModel without its base checkpoint: the backbone's transformers class and config, the
-    feature, the head and the method modules (`arch`; `layer_wiring`, `block_lists`, `block_parts` say where they go); labels as transformers' id2label."""
+    """The one record of an export: what rebuilds its LTModel (the backbone's transformers class and config, the
+    feature, the head, the method's modules in `arch`; `layer_wiring`, `block_lists`, `block_parts` say where they
+    go), labels as transformers' id2label, and what the project reads back: `backbone_spec` (geometry and
+    preprocessing), `base_model` / `from_scratch` / `seed` (where the weights started), `method`, `head_init` (how
+    the head started and its fingerprint), `lt_info` (the long-tailed split: counts, groups, how it was drawn; the
+    class names are id2label), `run` (training data folder, subset, run name, Hub id) and `soup` (how a soup was
+    merged)."""
 
     model_type = "lt_classifier"
+    export_format = "lt-export-v3"
 
     def __init__(self, backbone_class="CLIPVisionModel", backbone_model_config=None, backbone_model_kwargs=None,
                  feature="pooler_output", head_type="cosine", head_scale=25.0, arch=None, layer_wiring=None,
-                 block_lists=None, block_parts=None, **kwargs):
+                 block_lists=None, block_parts=None, backbone_spec=None, base_model=None, from_scratch=False, seed=0,
+                 method=None, head_init=None, lt_info=None, run=None, soup=None, lt_format=None, **kwargs):
         self.backbone_class = backbone_class
         self.backbone_model_config = backbone_model_config or {}
         self.backbone_model_kwargs = backbone_model_kwargs or {}
@@ -89,6 +96,16 @@ class LTConfig(PretrainedConfig):
         self.layer_wiring = [list(w) for w in (layer_wiring or [])]
         self.block_lists = list(block_lists or [])
         self.block_parts = {role: list(c) for role, c in (block_parts or {}).items()}
+        self.backbone_spec = backbone_spec
+        self.base_model = base_model
+        self.from_scratch = bool(from_scratch)
+        self.seed = seed
+        self.method = method
+        self.head_init = head_init or {}
+        self.lt_info = lt_info
+        self.run = run or {}
+        self.soup = soup
+        self.lt_format = lt_format or self.export_format
         super().__init__(**kwargs)
 
 
@@ -102,6 +119,7 @@ def lt_model_from_config(config):
     model = LTModel(backbone, head, feature=config.feature)
     if config.arch.get("adapters"):
         model.adapters = MODULES[config.arch["adapters"]](model, config.arch, config)
+        model.adapters.method = config.arch["adapters"]
     return model
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .errors import UserError
 from .heads import build_head
-from .modeling_lt import FEATURE_WIDTHS, FEATURES, LTConfig, LTForImageClassification, LTModel
+from .modeling_lt import FEATURE_WIDTHS, FEATURES, LTConfig, LTModel
 from .registry import Registry
 from .text_towers import ClipTextTower, SiglipTextTower
 
@@ -337,22 +337,21 @@ def unwrap_lt_model(model):
     raise TypeError(f"no LTModel inside {type(model).__name__}")
 
 
-def hf_config(lt_model, meta):
-    """The LTConfig of an LTModel: what the remote-code model (modeling_lt.py) rebuilds it from, labels included."""
+def lt_config(lt_model, class_names, head_type, head_scale, arch, head_init, lt_info, base_model, from_scratch, seed, method, run,
+              soup=None):
+    """The LTConfig of an LTModel: everything that rebuilds it (`modeling_lt.lt_model_from_config`) and the record the
+    project reads back. lt_info: the split's LTInfo as a dict (its class names are the labels, stored once)."""
     kind = BACKBONES.get(lt_model.spec.kind)
     if kind.features not in FEATURES:
         raise UserError(f"backbone kind {lt_model.spec.kind!r} names feature {kind.features!r}, not one of "
                         f"{sorted(FEATURES)}; add it to modeling_lt.FEATURES")
-    arch = {k: v for k, v in (meta.get("arch") or {}).items() if k != "lora"}  # LoRA is merged into the weights
     return LTConfig(
         backbone_class=type(lt_model.backbone).__name__, backbone_model_config=lt_model.backbone.config.to_dict(),
-        backbone_model_kwargs=dict(kind.model_kwargs), feature=kind.features, head_type=meta["head"]["type"],
-        head_scale=meta["head"]["scale"], arch=arch, layer_wiring=[list(w) for w in kind.layer_wiring],
+        backbone_model_kwargs=dict(kind.model_kwargs), feature=kind.features, head_type=head_type,
+        head_scale=float(head_scale), arch=dict(arch), layer_wiring=[list(w) for w in kind.layer_wiring],
         block_lists=list(kind.block_lists), block_parts={r: list(c) for r, c in kind.block_parts.items()},
-        num_labels=int(meta["num_labels"]), id2label={int(i): n for i, n in meta["id2label"].items()},
-        label2id={n: int(i) for n, i in meta["label2id"].items()})
-
-
-def hf_model(lt_model, meta):
-    """The LTForImageClassification around `lt_model` (its weights untouched), ready for save_pretrained."""
-    return LTForImageClassification(hf_config(lt_model, meta), lt_model=lt_model)
+        num_labels=len(class_names), id2label=dict(enumerate(class_names)),
+        label2id={n: i for i, n in enumerate(class_names)}, backbone_spec=lt_model.spec.to_dict(),
+        base_model=str(base_model), from_scratch=bool(from_scratch), seed=int(seed), method=method,
+        head_init=dict(head_init), lt_info={k: v for k, v in dict(lt_info).items() if k != "class_names"},
+        run=dict(run), soup=soup)

@@ -1,5 +1,5 @@
-"""Fine-tuning methods (`--method`): one METHODS entry each owns what trains, the modules it adds, what its export
-stores and how an export of it is rebuilt (checkpoint.build_from_meta), plus the AdaptFormer and LoRA modules.
+"""Fine-tuning methods (`--method`): one METHODS entry each owns what trains and the modules it adds (their one
+definition is peft_modules.MODULES, which also rebuilds them from an export's config), plus LoRA through peft.
 
 A new method is one subclass of `Method` registered in METHODS (see README, "Extending").
 """
@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from . import peft_modules as PM
-from .batchnorm import is_running_stat
 from .errors import UserError, require
 from .peft_modules import AdaptFormer
 from .models import BACKBONES, LTModel, unwrap_lt_model
@@ -19,7 +18,7 @@ from .registry import Registry
 
 __all__ = [
     "METHODS", "AdaptFormer", "Method", "apply_method", "bottleneck_dim", "empty_arch", "encoder_layers",
-    "export_state_dict", "trainable_parameter_count", "unwrap_lt_model",
+    "merge_lora_state_dict", "trainable_parameter_count", "unwrap_lt_model",
 ]
 
 
@@ -157,16 +156,17 @@ LORA_INITS = ("peft", "lift")
 
 
 def empty_arch():
-    """The architecture record of a plain LTModel (backbone + head): no adapters, no LoRA."""
-    return {"adapters": None, "adapter_dim": None, "lora": None}
+    """The architecture record of a plain LTModel (backbone + head): no added modules."""
+    return {"adapters": None, "adapter_dim": None}
 
 
 class Method:
     """Everything one `--method` decides. Subclass, override what differs, register an instance in METHODS.
 
-    Exports record `arch` (modules beyond backbone + head): `arch["adapters"]` names the method whose modules live
-    in the LTModel (rebuilt by its `rebuild`), `arch["lora"]` a peft adapter, `arch["partial_layers"]` the number of
-    last blocks tuned (absent: all). checkpoint.build_from_meta uses them.
+    Exports record `arch` (modules beyond backbone + head) in their config: `arch["adapters"]` names the method
+    whose modules live in the LTModel (peft_modules.MODULES rebuilds them), `arch["partial_layers"]` the number of
+    last blocks tuned (absent: all). LoRA is merged into the exported weights; its settings are the plain peft
+    adapter's adapter_config.json.
     """
 
     trains = ""  # what trains, for --help and the README
@@ -188,17 +188,9 @@ class Method:
         k = margs.get("partial_layers")
         return {"partial_layers": k} if k is not None else {}
 
-    def rebuild(self, model, arch):
-        """Re-create this method's modules on a fresh LTModel from an export's `arch` (its weights load afterwards)."""
-        return model
-
     def apply(self, model, **margs):
         """Mark what trains (all starts frozen but the head) and add modules; returns the model to train."""
         return model
-
-    def exports(self, key):
-        """Whether an export stores this LTModel state-dict key; the head always trains, so it always is."""
-        return key.startswith("head.")
 
 
 METHODS = Registry("method", flag="--method")
@@ -224,9 +216,6 @@ class AdaptFormerMethod(Method):
     def arch(self, margs):
         return {**super().arch(margs), "adapters": "adaptformer", "adapter_dim": margs["r"]}
 
-    def rebuild(self, model, arch):
-        return apply_method(model, "adaptformer", r=arch["adapter_dim"], partial_layers=arch.get("partial_layers"))
-
     def apply(self, model, r=None, partial_layers=None, **_):
         r = _rank(model, r)
         if model.adapters is not None:  # rebuilt from an AdaptFormer export: train those adapters further
@@ -239,9 +228,6 @@ class AdaptFormerMethod(Method):
         else:
             _attach_adaptformer(model, r, partial_layers)
         return model
-
-    def exports(self, key):
-        return key.startswith(("head.", "adapters."))
 
 
 class LoraMethod(Method):
@@ -257,32 +243,15 @@ class LoraMethod(Method):
                 "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                 "lora_target_modules": args.lora_target_modules, "lora_init": args.lora_init}
 
-    def arch(self, margs):
-        keys = ("r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init")
-        return {**super().arch(margs), "lora": {k: margs.get(k) for k in keys}}
-
     def apply(self, model, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, partial_layers=None,
               lora_init="peft", **_):
         return _wrap_lora(model, _rank(model, r), lora_alpha, lora_dropout, lora_target_modules, partial_layers,
                           self.mlp, lora_init or "peft")
 
-    @staticmethod
-    def load_adapter(model, export_dir, merge=False):
-        """The export's peft adapter on `model`; `merge` folds it into plain weights (an LTModel)."""
-        from peft import PeftModel
-
-        with _backbone_heads_hidden(model):
-            model = PeftModel.from_pretrained(model, str(export_dir))
-        return model.merge_and_unload() if merge else model
-
 
 class LoraMlpMethod(LoraMethod):
     trains = "peft LoRA on the two Linears of each MLP (fc1, fc2), r from LIFT's rule, alpha 1"
     mlp = True
-
-
-def _is_layer_norm_key(key):
-    return "layer_norm" in key or "layernorm" in key
 
 
 class BlockMethod(Method):
@@ -306,19 +275,10 @@ class BlockMethod(Method):
 
     tunes_adapters = False
 
-    def exports(self, key):
-        return key.startswith("head.") or (block_index(key) is not None and self.exports_block_key(key))
-
-    def exports_block_key(self, key):
-        return True
-
 
 class FullBlocksMethod(BlockMethod):
     trains = "every weight of the transformer blocks (LIFT's full fine-tuning; embeddings and pre/post LN frozen)"
     tunes_adapters = True
-
-    def exports(self, key):
-        return super().exports(key) or key.startswith("adapters.")
 
 
 class FullAllMethod(Method):
@@ -332,18 +292,12 @@ class FullAllMethod(Method):
             model.adapters.requires_grad_(True)
         return model
 
-    def exports(self, key):
-        return True
-
 
 class BitFitMethod(BlockMethod):
     trains = "the biases of the transformer blocks (LIFT's BitFit)"
 
     def select(self, name, module):
         return name == "bias"
-
-    def exports_block_key(self, key):
-        return _is_bias(key)
 
 
 class BitFitAllMethod(Method):
@@ -356,18 +310,12 @@ class BitFitAllMethod(Method):
             param.requires_grad_(_is_bias(name))
         return model
 
-    def exports(self, key):
-        return key.startswith("head.") or (key.startswith("backbone.") and _is_bias(key))
-
 
 class LayerNormMethod(BlockMethod):
     trains = "the LayerNorms of the transformer blocks (weights and biases)"
 
     def select(self, name, module):
         return isinstance(module, nn.LayerNorm)
-
-    def exports_block_key(self, key):
-        return _is_layer_norm_key(key)
 
 
 class HeadMethod(Method):
@@ -379,7 +327,7 @@ class HeadMethod(Method):
 
 class ModuleMethod(Method):
     """Adds inference-time modules (peft_modules) to the tuned blocks, kept in `model.adapters`; they and the head
-    train. `arch_keys`: the method arguments its export records, so `rebuild` re-attaches the same modules."""
+    train. `arch_keys`: the method arguments its export records, so peft_modules.MODULES re-attaches the same modules."""
 
     arch_keys = ()
 
@@ -390,11 +338,6 @@ class ModuleMethod(Method):
     def arch(self, margs):
         return {**super().arch(margs), "adapters": self.name, "adapter_dim": margs.get("r"),
                 **{k: margs[k] for k in self.arch_keys}}
-
-    def rebuild(self, model, arch):
-        return apply_method(model, self.name, partial_layers=arch.get("partial_layers"),
-                            **{k: arch[k] for k in self.arch_keys},
-                            **({"r": arch["adapter_dim"]} if arch.get("adapter_dim") else {}))
 
     def apply(self, model, partial_layers=None, **margs):
         if model.adapters is not None:
@@ -411,9 +354,6 @@ class ModuleMethod(Method):
             model.adapters.method = self.name
         model.adapters.requires_grad_(True)
         return model
-
-    def exports(self, key):
-        return key.startswith(("head.", "adapters."))
 
     @property
     def name(self):
@@ -544,19 +484,30 @@ def _is_bias(key):
     return name == "bias" or name.endswith("_bias")  # nn.MultiheadAttention's in_proj_bias (SigLIP's pool head)
 
 
-def export_state_dict(state_dict, method, arch=None):
-    """The tensors `method` changes, from a full LTModel state dict ("backbone.", "head.", "adapters." keys); with
-    `arch["partial_layers"]`, backbone keys of the untuned blocks are left out.
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.default\.weight$")
 
-    peft methods (LoRA) are exported with peft's save_pretrained instead.
-    """
-    entry = METHODS.get(method)
-    if entry.peft:
-        raise ValueError(f"export_state_dict does not handle {method!r}: peft methods are exported with save_pretrained")
-    first = 0
-    if arch and arch.get("partial_layers") and entry.partial:
-        num_blocks = 1 + max((block_index(k) for k in state_dict if block_index(k) is not None), default=-1)
-        first, _ = tuned_range(num_blocks, arch["partial_layers"])
-    # BatchNorm running statistics move whenever the backbone runs in train mode, whatever trains: always kept
-    return {k: v for k, v in state_dict.items()
-            if (entry.exports(k) and (block_index(k) is None or block_index(k) >= first)) or is_running_stat(k)}
+
+def merge_lora_state_dict(state_dict, lora_config):
+    """(LTModel state dict with LoRA merged in, LoRA factors) of a peft LoRA model's state dict.
+
+    Each target's weight is base + (B @ A) * scaling, computed as peft's merge does (in float32 for 16-bit weights,
+    then cast back); the head is peft's trained copy (modules_to_save). The factors keep LTModel module names:
+    backbone.<module>.lora_A.weight."""
+    scaling = lora_config.lora_alpha / (math.sqrt(lora_config.r) if lora_config.use_rslora else lora_config.r)
+    plain, factors, lora = {}, {}, {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(_PEFT_PREFIX)
+        match = _LORA_KEY.match(key)
+        if match:
+            factors.setdefault(match["module"], {})[match["ab"]] = value
+            lora[f"{match['module']}.lora_{match['ab']}.weight"] = value
+        elif ".original_module." in key:
+            continue  # the head as it was before training; modules_to_save holds the trained copy
+        else:
+            plain[key.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")] = value
+    for module, ab in factors.items():
+        weight = plain[f"{module}.weight"]
+        delta = ab["B"].float() @ ab["A"].float() * scaling
+        plain[f"{module}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return plain, lora

@@ -4,15 +4,11 @@ import json
 import logging
 from pathlib import Path
 
-from .checkpoint import META_FILE
+from .checkpoint import CONFIG_FILE, is_export_dir
 from .errors import UserError, require
 
 logger = logging.getLogger("lt")
 RUN_EXPORTS = ("best", "final")  # the default order: best/ when validation kept one, else final/
-
-
-def is_export_dir(path):
-    return (Path(path) / META_FILE).is_file()
 
 
 def run_export(path, which=None):
@@ -33,9 +29,9 @@ def run_export(path, which=None):
 
 
 def _is_soup(export_dir):
-    """Whether an export's meta says soup; an unreadable or malformed meta is left to the ingredient's own checks."""
+    """Whether an export's config says soup; an unreadable or malformed one is left to the ingredient's own checks."""
     try:
-        meta = json.loads((Path(export_dir) / META_FILE).read_bytes().decode("utf-8"))
+        meta = json.loads((Path(export_dir) / CONFIG_FILE).read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("method") == "soup"

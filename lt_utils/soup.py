@@ -11,84 +11,77 @@ zero-shot model the ingredients were fine-tuned from: the base weights plus `hea
                 strictly improves; the kept ones are averaged uniformly
   alpha < 1     WiSE-FT on top of any mode: (1-alpha)*anchor + alpha*soup
 
-LoRA ingredients are merged as exact deltas, base W + sum_i w_i * scale_i * B_i @ A_i (never A and B averaged
-apart), and the soup is a plain export (no adapter). Tensors are read one at a time with `safe_open` and summed
-in float64, so peak memory is about the output plus, when the anchor or LoRA needs it, the base model, whatever N.
+Every export holds its whole model (LoRA merged into the weights), so any exports of one base, architecture, label
+set and head init merge tensor by tensor; the soup is a plain export (no adapter). Only an anchor weight needs the
+base model itself (its pretrained weights). Tensors are read one at a time with `safe_open` and summed in float64,
+so peak memory is about the output plus, when the anchor needs it, the base model, whatever N.
 """
+import copy
 import dataclasses
 import hashlib
 import json
 import math
-import re
-import shutil
 from pathlib import Path
 
 import torch
 
+from .checkpoint import (HEAD_INIT_FILE, check_finite, export_record, read_export_config, read_tensors,
+                         resolve_export_dir, weight_files, weight_keys, write_export)
 from .config import recorded_flags
-from .metrics import check_select_metric, selection_score
-from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_INIT_FILE, WEIGHTS_FILE, check_finite, read_export_meta,
-                         read_tensors, resolve_export_dir, write_export)
 from .errors import UserError, require
 from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
+from .metrics import check_select_metric, selection_score
 
 MODES = ("uniform", "weighted", "progressive", "greedy")
 MANIFEST_FILE = "soup_manifest.json"
-COPIED_FILES = ("lt_info.json",)  # the Hub-native files are written by write_export
-# peft's saved LoRA factor keys: "base_model.model.<module>.lora_A.weight" (adapter name stripped on save)
-_LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
-_PEFT_PREFIX = "base_model.model."
 
 
 # ------------------------------------------------------------------------------------------------ ingredients
 @dataclasses.dataclass
 class Entry:
-    """Where one LTModel tensor of an ingredient lives. A LoRA target is base + scaling * B @ A."""
+    """Where one LTModel tensor of an ingredient lives."""
 
     shape: tuple
-    dtype: str  # safetensors dtype name ("F32", "BF16", "I64"); None for a LoRA target (the base's dtype)
+    dtype: str  # safetensors dtype name ("F32", "BF16", "I64")
     file: str
-    key: str  # key in `file` (a LoRA target: its lora_A key)
-    lora_b: str = None
-    scaling: float = None
+    key: str  # key in `file`
 
     @property
     def is_float(self):
-        return self.dtype is None or self.dtype.startswith(("F", "BF"))
+        return self.dtype.startswith(("F", "BF"))
 
 
 @dataclasses.dataclass
 class Ingredient:
     name: str  # as given by the user (a path or a Hub id)
     path: Path  # local export dir
-    meta: dict
+    config: object  # its LTConfig
     entries: dict  # LTModel key -> Entry
 
     @property
-    def is_lora(self):
-        return bool(self.meta["arch"].get("lora"))
+    def meta(self):
+        return export_record(self.config, self.path)
 
 
 def read_ingredient(source):
     """An export dir (local or Hub id) and where each of its tensors lives; reads safetensors headers only."""
     path = resolve_export_dir(source)
-    meta = read_export_meta(path)
-    _check_soupable(meta, source)
-    entries = _file_entries(path, WEIGHTS_FILE) if meta.get("has_weights_file") else {}
-    if meta["arch"].get("lora"):
-        for key, entry in _lora_entries(path).items():
-            require(key not in entries, f"{source}: {key} is both in {WEIGHTS_FILE} and in the LoRA adapter; re-export it")
-            entries[key] = entry
-    require(entries, f"{source} holds no tensors to merge (no {WEIGHTS_FILE}, no adapter); re-export it")
+    config = read_export_config(path)
+    _check_soupable(config.method, source)
+    names, entries = weight_keys(config), {}
+    for file in weight_files(path):
+        for key, (shape, dtype) in _header(file).items():
+            require(key in names, f"{file}: {key} is not a tensor of the model its config.json describes; re-export "
+                                  f"{source}")
+            entries[names[key]] = Entry(shape, dtype, file.name, key)
     read_tensors(path / HEAD_INIT_FILE)  # readable and finite: a soup's anchor and card come from it
-    return Ingredient(str(source), path, meta, entries)
+    return Ingredient(str(source), path, config, entries)
 
 
-def _check_soupable(meta, source):
+def _check_soupable(method, source):
     """A method whose exports are not linear in their tensors cannot be averaged (a soup of soups can)."""
     from .peft_methods import METHODS
 
-    method = meta.get("method")
     require(method not in METHODS or METHODS.get(method).soupable,
             f"{source} was trained with --method {method}, whose exports cannot be averaged; leave it out of the soup")
 
@@ -104,59 +97,19 @@ def _header(file_path):
                         "or corrupted, re-export it") from None
 
 
-def _file_entries(path, file_name):
-    return {k: Entry(shape, dtype, file_name, k) for k, (shape, dtype) in _header(path / file_name).items()}
-
-
-def _lora_entries(path):
-    """LoRA targets as exact deltas, plus the adapter's plain tensors (the head saved as modules_to_save)."""
-    config = read_json(path / ADAPTER_CONFIG, "adapter config")
-    require(isinstance(config, dict), f"{path / ADAPTER_CONFIG} is not a mapping; re-export it")
-    _check_lora_config(config, path)
-    header = _header(path / ADAPTER_WEIGHTS)
-    entries, factors = {}, {}
-    for key, (shape, dtype) in header.items():
-        match = _LORA_FACTOR.match(key)
-        if match:
-            factors.setdefault(match["module"], {})[match["ab"]] = key
-        elif ".lora_" in key:
-            raise UserError(f"{path}: adapter tensor {key} is not a plain LoRA factor; only LoRA A/B adapters can be souped")
-        else:
-            entries[key.removeprefix(_PEFT_PREFIX)] = Entry(shape, dtype, ADAPTER_WEIGHTS, key)
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    for module, ab in factors.items():
-        require(set(ab) == {"A", "B"}, f"{path}: LoRA module {module} lacks its lora_{'B' if 'A' in ab else 'A'}; re-export it")
-        (r_a, fan_in), (fan_out, r_b) = header[ab["A"]][0], header[ab["B"]][0]
-        require(r_a == r_b == rank, f"{path}: LoRA module {module} has rank {r_a}/{r_b}, adapter_config.json says {rank}")
-        entries[module + ".weight"] = Entry((fan_out, fan_in), None, ADAPTER_WEIGHTS, ab["A"], ab["B"], scaling)
-    return entries
-
-
-def _check_lora_config(config, path):
-    """Only plain LoRA has an exact delta scaling * B @ A with one (r, alpha) per adapter."""
-    unsupported = {"use_dora": config.get("use_dora"), "rank_pattern": config.get("rank_pattern"),
-                   "alpha_pattern": config.get("alpha_pattern"), "fan_in_fan_out": config.get("fan_in_fan_out"),
-                   "lora_bias": config.get("lora_bias")}
-    used = [name for name, value in unsupported.items() if value]
-    require(config.get("peft_type", "LORA") == "LORA" and not used,
-            f"{path}: the adapter uses {used or config.get('peft_type')}; soups merge plain LoRA adapters only")
-
-
 # ----------------------------------------------------------------------------------------------- compatibility
 _SAME_FIELDS = (
-    ("base model", lambda m: m["base_model"]),
-    ("from_scratch", lambda m: bool(m["from_scratch"])),
-    ("backbone spec", lambda m: m["backbone"]),
+    ("base model", lambda c: c.base_model),
+    ("from_scratch", lambda c: bool(c.from_scratch)),
+    ("backbone spec", lambda c: c.backbone_spec),
     # the added modules and where they sit (method, r, tuned blocks, prompt length, mask ratio and seed)
-    ("adapters", lambda m: {k: v for k, v in m["arch"].items() if k != "lora"}),
-    ("LoRA use (LoRA and non-LoRA exports do not mix)", lambda m: bool(m["arch"].get("lora"))),
-    ("num_labels", lambda m: m["num_labels"]),
-    ("id2label", lambda m: m["id2label"]),
-    ("head type/scale", lambda m: (m["head"]["type"], m["head"]["scale"])),
-    ("head init", lambda m: m["head"]["init_fingerprint"]),
+    ("adapters", lambda c: c.arch),
+    ("num_labels", lambda c: c.num_labels),
+    ("id2label", lambda c: c.id2label),
+    ("head type/scale", lambda c: (c.head_type, c.head_scale)),
+    ("head init", lambda c: c.head_init.get("init_fingerprint")),
     # a from-scratch backbone is the seeded random init: another seed is another starting point
-    ("from-scratch seed", lambda m: m.get("seed") if m["from_scratch"] else None),
+    ("from-scratch seed", lambda c: c.seed if c.from_scratch else None),
 )
 
 
@@ -168,7 +121,7 @@ def check_compatible(ingredients):
     first = ingredients[0]
     for other in ingredients[1:]:
         for field, get in _SAME_FIELDS:
-            a, b = get(first.meta), get(other.meta)
+            a, b = get(first.config), get(other.config)
             require(a == b, f"cannot soup {first.name} with {other.name}: their {field} differ "
                             f"({_short(a)} vs {_short(b)}); soup runs fine-tuned from the same model, labels and head init")
         _check_same_tensors(first, other)
@@ -228,17 +181,28 @@ def with_alpha(weights, alpha):
 
 
 # ------------------------------------------------------------------------------------------------------ merge
-def load_base_state(meta):
-    """The pretrained (or seeded from-scratch) LTModel weights the ingredients started from."""
-    from .checkpoint import build_from_meta
+def load_base_state(config):
+    """The weights the ingredients started from: a from-scratch run's seeded init, rebuilt from the config alone, or
+    the pretrained base model the record names (the one input of a soup that is not an export)."""
+    from .models import build_lt_model
+    from .modeling_lt import lt_model_from_config
 
-    return build_from_meta(meta).state_dict()
+    if config.from_scratch:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # as models.load_backbone seeds a from-scratch backbone
+            return lt_model_from_config(config).state_dict()
+    try:
+        model = build_lt_model(config.base_model, config.num_labels, head_type=config.head_type,
+                               head_scale=config.head_scale)
+    except UserError as err:
+        raise UserError(f"the zero-shot anchor (progressive soups, --alpha < 1) mixes in the base model's weights, but "
+                        f"the base {config.base_model} cannot be loaded: {err}") from None
+    return model.state_dict()
 
 
 def needs_base(ingredients, weights):
-    """LoRA targets are base + delta; a non-zero anchor needs the base for every non-head tensor."""
-    uses_anchor = weights[0] != 0 and any(not k.startswith("head.") for k in ingredients[0].entries)
-    return ingredients[0].is_lora or uses_anchor
+    """A non-zero anchor needs the base for every non-head tensor."""
+    return weights[0] != 0 and any(not k.startswith("head.") for k in ingredients[0].entries)
 
 
 def check_anchor_defined(ingredients, weights):
@@ -248,25 +212,20 @@ def check_anchor_defined(ingredients, weights):
             "not stored); use --mode uniform, weighted or greedy without --alpha")
 
 
-def ingredient_tensor(ing, key, base_state=None):
-    """One tensor of an ingredient in LTModel terms (a LoRA target: base + scaling * B @ A, in float64)."""
+def ingredient_tensor(ing, key):
+    """One tensor of an ingredient, in LTModel key names."""
     from safetensors import safe_open
 
     entry = ing.entries[key]
     path = ing.path / entry.file
     try:
         with safe_open(str(path), framework="pt") as f:
-            if entry.lora_b is None:
-                return _finite(f.get_tensor(entry.key), path, entry.key)
-            lora_a, lora_b = f.get_tensor(entry.key).double(), f.get_tensor(entry.lora_b).double()
+            return _finite(f.get_tensor(entry.key), path, entry.key)
     except UserError:
         raise
     except Exception as err:  # bytes cut or changed after the header was read
         raise UserError(f"{path}: {entry.key} cannot be read ({err.__class__.__name__}); the file is truncated or "
                         "corrupted, re-export it") from None
-    _finite(lora_a, path, entry.key)
-    _finite(lora_b, path, entry.lora_b)
-    return _base_tensor(base_state, key, ing.name).double() + entry.scaling * (lora_b @ lora_a)
 
 
 def _finite(tensor, path, key):
@@ -301,7 +260,7 @@ def merge_tensors(ingredients, weights, base_state=None, head_init=None, progres
     first, rest = ingredients[0], list(zip(ingredients[1:], weights[2:]))
     out = {}
     for key in tqdm(sorted(first.entries), desc="merge", disable=not progress):
-        tensor = ingredient_tensor(first, key, base_state)
+        tensor = ingredient_tensor(first, key)
         if key.endswith("num_batches_tracked"):  # BatchNorm's step counter: the soup has seen the most steps of any
             out[key] = torch.stack([tensor] + [ingredient_tensor(ing, key) for ing, _ in rest]).max(dim=0).values
             continue
@@ -311,12 +270,12 @@ def merge_tensors(ingredients, weights, base_state=None, head_init=None, progres
                         f"{key} is an integer tensor that differs between {first.name} and {ing.name}; they cannot be souped")
             out[key] = tensor
             continue
-        dtype = base_state[key].dtype if first.entries[key].lora_b else tensor.dtype
+        dtype = tensor.dtype
         acc = _scaled(tensor, weights[1])
         del tensor
         for ing, w in rest:
             if w:
-                acc.add_(_scaled(ingredient_tensor(ing, key, base_state), w))
+                acc.add_(_scaled(ingredient_tensor(ing, key), w))
         if weights[0]:
             acc.add_(_scaled(anchor_tensor(key, base_state, head_init), weights[0]))
         out[key] = acc.to(dtype)
@@ -374,40 +333,42 @@ def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None):
     return kept, scores, steps
 
 
-def build_val_scorer(meta, lt_info_path, data_args, batch_size=256, num_workers=0):
+def build_val_scorer(first, data_args, batch_size=256, num_workers=0):
     """tensors -> val metrics of the model they define; the val split is the ingredients' own unless overridden."""
     from accelerate import Accelerator
 
-    from .checkpoint import build_from_meta, load_overrides
+    from .checkpoint import load_export
     from .engine import evaluate
     from .data_loaders import image_loader, image_transforms, load_data
 
     accelerator = Accelerator()
-    ds, info = load_data(val_data_args(data_args, lt_info_path), accelerator)
+    model, meta = load_export(first.path)
+    ds, info = load_data(val_data_args(data_args, meta), accelerator)
     require(list(info.class_names) == [meta["id2label"][str(i)] for i in range(meta["num_labels"])],
             f"the val data ({info.dataset}) has other classes than the ingredients; pass their --dataset")
     require(len(ds["val"]) > 0, f"the val split of {info.dataset} is empty; greedy soups need one (--val_per_class)")
-    model = build_from_meta(meta)
     loader = accelerator.prepare(image_loader(ds["val"], image_transforms(model.spec)[1], batch_size, num_workers))
     model.to(accelerator.device)
 
     def scorer(tensors):
-        load_overrides(model, tensors, "the candidate soup")  # every candidate sets the same keys
+        model.load_state_dict(tensors)  # every candidate holds every tensor of the model (strict)
         return evaluate(model, loader, accelerator, info.groups, info.num_classes, desc="val")
 
     return scorer
 
 
-def val_data_args(data_args, lt_info_path):
-    """Data flags for the val split: the user's when --dataset is given, else the split recorded in lt_info.json."""
+def val_data_args(data_args, meta):
+    """Data flags for the val split: the user's when --dataset is given, else the split the first ingredient records
+    (its LT split and the local source files it was trained on)."""
     import argparse
 
     args = argparse.Namespace(**vars(data_args))
     if args.dataset is not None:
         return args
-    require(Path(lt_info_path).is_file(), f"{lt_info_path} is missing; pass --dataset (and its flags) for the val split")
-    info = read_json(lt_info_path, "split record")
-    for flag, value in (recorded_flags(info) if isinstance(info, dict) else {}).items():
+    recorded = recorded_flags(meta["lt_info"].to_dict())
+    if meta["dataset"].get("data_dir"):
+        recorded["data_dir"] = meta["dataset"]["data_dir"]
+    for flag, value in recorded.items():
         setattr(args, flag, value)
     return args
 
@@ -422,8 +383,8 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def weight_file_hashes(ing):
-    names = (WEIGHTS_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_INIT_FILE)
-    return {name: sha256_file(ing.path / name) for name in names if (ing.path / name).is_file()}
+    files = [*weight_files(ing.path), ing.path / HEAD_INIT_FILE]
+    return {f.name: sha256_file(f) for f in files}
 
 
 def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
@@ -434,38 +395,35 @@ def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
     require(overwrite or not output_dir.exists(), f"{output_dir} already exists; choose another --output_dir or pass --overwrite")
 
 
-def soup_meta(first, output_dir, soup_info):
-    meta = {k: v for k, v in first.meta.items() if k != "format"}
-    meta.update(method="soup", has_weights_file=True, run_name=Path(output_dir).name, soup=soup_info,
-                arch={**first.meta["arch"], "lora": None},  # LoRA deltas are merged into plain weights
-                dataset={**first.meta["dataset"], "balance_factor": None})
-    return meta
+def soup_config(first, output_dir, soup_info):
+    """The first ingredient's config (same architecture, labels, split, head init by the checks) as a soup's."""
+    config = copy.deepcopy(first.config)
+    config.method, config.soup = "soup", soup_info
+    config.run = {**config.run, "run_name": Path(output_dir).name, "balance_factor": None, "hub_model_id": None}
+    return config
 
 
-def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None, hub_files=True):
+def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None):
     """An export dir like train_lt.py's (loadable by load_export) plus soup_manifest.json; returns the weights' sha256."""
     from .hub import model_card
 
-    meta = soup_meta(first, output_dir, soup_info)
+    config = soup_config(first, output_dir, soup_info)
     head_init = read_tensors(first.path / HEAD_INIT_FILE)
 
     def write_extras(tmp):
-        for name in COPIED_FILES:
-            if (first.path / name).is_file():
-                shutil.copyfile(first.path / name, tmp / name)
-        (tmp / "README.md").write_text(model_card(meta, metrics or {}))
+        (tmp / "README.md").write_text(model_card(export_record(config), metrics or {}))
         if metrics:
             atomic_write_json(tmp / "metrics.json", metrics)
-        atomic_write_json(tmp / MANIFEST_FILE, {**manifest, "output_sha256": sha256_file(tmp / WEIGHTS_FILE)})
+        digest = {f.name: sha256_file(f) for f in weight_files(tmp)}
+        atomic_write_json(tmp / MANIFEST_FILE, {**manifest, "output_sha256": digest})
 
-    write_export(output_dir, meta, tensors, head_init, extra_writers=[write_extras], hub_files=hub_files)
+    write_export(output_dir, config, tensors, head_init, extra_writers=[write_extras])
     return json.loads((Path(output_dir) / MANIFEST_FILE).read_text())["output_sha256"]
 
 
 # ------------------------------------------------------------------------------------------------------- soup
 def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normalize=False, alpha=1.0,
-              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None,
-              hub_files=True):
+              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None):
     """Read, check, weigh and merge `inputs` (export dirs / Hub ids) into the export dir `output_dir`.
 
     scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
@@ -481,7 +439,7 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     check_compatible(ingredients)
     first = ingredients[0]
     head_init = read_tensors(first.path / HEAD_INIT_FILE)
-    base_state = load_base_state(first.meta) if first.is_lora else None
+    base_state = None
     scores, greedy, scorer = [None] * len(ingredients), None, None
     if mode == "greedy":
         require(scorer_factory is not None, "greedy soups need val data to score candidates")
@@ -494,7 +452,7 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     mix = with_alpha(mix, alpha)
     check_anchor_defined(ingredients, mix)
     if base_state is None and needs_base(ingredients, mix):
-        base_state = load_base_state(first.meta)
+        base_state = load_base_state(first.config)
     used = [i for i, w in enumerate(mix[1:]) if w != 0] or [0]  # zero-weight ingredients are not read
     tensors = merge_tensors([ingredients[i] for i in used], [mix[0]] + [mix[1 + i] for i in used],
                             base_state, head_init, progress=progress)
@@ -507,6 +465,6 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
                            for i, ing in enumerate(ingredients)]}
     state = PartialState()
     if state.is_main_process:
-        manifest["output_sha256"] = write_soup(output_dir, first, tensors, soup_info, manifest, metrics, hub_files)
+        manifest["output_sha256"] = write_soup(output_dir, first, tensors, soup_info, manifest, metrics)
     state.wait_for_everyone()
     return manifest

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_from_meta, export_overrides, read_export_meta, resolve_export_dir
+from .checkpoint import load_export
 from .compile import dynamo_plugin
 from .config import DATA_INPUT_FLAGS, SECRET_FLAGS
 from .errors import UserError, require
 from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
-from .models import enable_gradient_checkpointing
+from .heads import fingerprint
+from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
 
 
@@ -131,34 +132,27 @@ def resolve_batch_size(args, num_processes):
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def model_meta(args, num_classes):
-    """The part of an export's metadata that defines the model, from the flags: what build_from_meta reads."""
-    return {"base_model": args.model_name_or_path, "num_labels": num_classes, "from_scratch": bool(args.from_scratch),
-            "seed": args.seed, "head": {"type": args.head_type, "scale": args.head_scale}, "arch": empty_arch()}
-
-
 def build_training_model(args, info, accelerator, head_init_loader_fn):
-    """(model to train, Exporter holding the LTModel inside it, its architecture, head init and init overrides)."""
+    """(model to train, Exporter holding the LTModel inside it and the exports' config)."""
     num_classes = len(info.class_names)
     method = METHODS.get(args.method)
-    overrides = None
     if args.init_from:
         allowed = [name for name in METHODS if METHODS.get(name).init_from]
         require(method.init_from,
                 f"--init_from works with --method {'/'.join(allowed)}, not {args.method}; train a fresh run instead")
-        export_dir = resolve_export_dir(args.init_from)  # a Hub id becomes its local snapshot, once
-        init_meta = read_export_meta(export_dir)
-        require(init_meta["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
+        lt_model, init = load_export(args.init_from)  # the whole model from its folder (LoRA merged), a Hub id too
+        require(init["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
                 f"--init_from {args.init_from} was trained on other classes than --dataset {args.dataset}; use a matching export")
         # the backbone and head geometry come from the export, not from the flags
-        args.model_name_or_path, args.from_scratch = init_meta["base_model"], init_meta["from_scratch"]
-        args.head_type, args.head_scale = init_meta["head"]["type"], init_meta["head"]["scale"]
-        lt_model = with_interpolation(build_from_meta(init_meta, export_dir, merge_lora=True), args)
-        overrides = export_overrides(lt_model, init_meta, export_dir)
-        arch = {**init_meta["arch"], "lora": None}  # LoRA of the init export is merged into its weights
-        head_init = overrides["head.weight"].clone()
+        args.model_name_or_path, args.from_scratch = init["base_model"], init["from_scratch"]
+        args.head_type, args.head_scale = init["head"]["type"], init["head"]["scale"]
+        lt_model = with_interpolation(lt_model, args)
+        arch = dict(init["arch"])
+        head_init = lt_model.head.weight.detach().clone()
     else:
-        lt_model = with_interpolation(build_from_meta(model_meta(args, num_classes)), args)
+        lt_model = with_interpolation(build_lt_model(args.model_name_or_path, num_classes, head_type=args.head_type,
+                                                     head_scale=args.head_scale, from_scratch=args.from_scratch,
+                                                     seed=args.seed), args)
         arch = empty_arch()
         head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
@@ -169,8 +163,17 @@ def build_training_model(args, info, accelerator, head_init_loader_fn):
         require(not method.head_only, f"--gradient_checkpointing does not apply to --method {args.method} (its backbone "
                 "runs once without gradients); drop it")
         enable_gradient_checkpointing(lt_model)
-    exporter = Exporter(args, info, lt_model, arch, head_init, overrides)
-    return model, exporter
+    config = lt_config(
+        lt_model, info.class_names, args.head_type, args.head_scale, arch,
+        head_init={"init": "from " + str(args.init_from) if args.init_from else args.head_init,
+                   "init_fingerprint": fingerprint(head_init)},
+        lt_info=info.to_dict(), base_model=args.model_name_or_path, from_scratch=args.from_scratch, seed=args.seed,
+        method=args.method, run={"balance_factor": args.balance_factor, "run_name": Path(args.output_dir).name,
+                                 "hub_model_id": getattr(args, "hub_model_id", None),
+                                 # the local source files (eval_lt.py reads the same ones by default)
+                                 "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None})
+    lora_config = model.peft_config["default"] if method.peft else None
+    return model, Exporter(config, lt_model, head_init, args.method, lora_config)
 
 
 def with_interpolation(lt_model, args):

@@ -1,4 +1,4 @@
-"""Soup ingredients for tests: export dirs written with the real `write_export` and `Exporter.meta`.
+"""Soup ingredients for tests: export dirs written with the real `Exporter.write` and `lt_config`.
 
     base = make_tiny_vit(tmp / "vit")
     lt = tiny_lt_model(base, num_labels=4)                    # the pretrained LTModel the ingredients start from
@@ -9,23 +9,21 @@
 """
 import gzip
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from lt_utils.checkpoint import write_export
 from lt_utils.data import LTInfo
-from lt_utils.fileio import atomic_write_json
-from lt_utils.head_init import set_head_weight
-from lt_utils.models import build_lt_model
-from lt_utils.peft_methods import apply_method
 from lt_utils.exports import Exporter
+from lt_utils.head_init import set_head_weight
+from lt_utils.heads import fingerprint
+from lt_utils.models import build_lt_model, lt_config
+from lt_utils.peft_methods import apply_method, merge_lora_state_dict
 
 from tests.helpers_data import idx_bytes
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FULL_ARCH = {"adapters": None, "adapter_dim": None, "lora": None}
+FULL_ARCH = {"adapters": None, "adapter_dim": None}
 
 
 def tiny_info(num_labels=4, dataset="fashion_mnist_lt"):
@@ -39,29 +37,26 @@ def tiny_lt_model(base_dir, num_labels=4, head_type="cosine"):
     return build_lt_model(base_dir, num_labels, head_type=head_type)
 
 
-def make_meta(base_dir, lt_model, head_init, method="full", arch=None, info=None, seed=0, balance_factor=None,
-              output_dir="run/final", head_type="cosine", from_scratch=False):
-    args = SimpleNamespace(model_name_or_path=str(base_dir), from_scratch=from_scratch, seed=seed, method=method,
-                           head_type=head_type, head_scale=25.0, head_init="class_mean", init_from=None,
-                           balance_factor=balance_factor, output_dir=output_dir)
-    return Exporter(args, info or tiny_info(lt_model.num_classes), lt_model, arch or dict(FULL_ARCH), head_init).meta()
+def make_exporter(base_dir, lt_model, head_init, method="full", arch=None, info=None, seed=0, balance_factor=None,
+                  output_dir="run/final", head_type="cosine", from_scratch=False, lora_config=None):
+    """The Exporter train_lt.py would build for `lt_model` trained by `method` from `base_dir`."""
+    info = info or tiny_info(lt_model.num_classes)
+    config = lt_config(lt_model, info.class_names, head_type, 25.0, arch or dict(FULL_ARCH),
+                       head_init={"init": "class_mean", "init_fingerprint": fingerprint(head_init)},
+                       lt_info=info.to_dict(), base_model=str(base_dir), from_scratch=from_scratch, seed=seed,
+                       method=method, run={"balance_factor": balance_factor, "run_name": Path(output_dir).name,
+                                           "hub_model_id": None, "data_dir": None})
+    return Exporter(config, lt_model, head_init, method, lora_config)
 
 
 def write_ingredient(path, lt_model, base_dir, tensors, head_init, method="full", arch=None, info=None, metrics=None,
-                     hub_files=True, **meta_kwargs):
-    """A plain (full / BitFit / head / AdaptFormer) export holding `tensors` in LTModel key names (hub_files=False:
-    synthetic tensors that are no model, for soup arithmetic)."""
-    info = info or tiny_info(lt_model.num_classes)
-    meta = make_meta(base_dir, lt_model, head_init, method, arch, info, output_dir=str(path), **meta_kwargs)
-    write_export(path, meta, tensors, {"weight": head_init}, _writers(info, metrics), hub_files=hub_files)
+                     **kwargs):
+    """An export of `lt_model` with `tensors` (LTModel key names) set on top of its weights (full / BitFit / head /
+    AdaptFormer runs: the tensors they train)."""
+    state = {**lt_model.state_dict(), **tensors}
+    make_exporter(base_dir, lt_model, head_init, method, arch, info, output_dir=str(path), **kwargs).write(
+        path, state, metrics=metrics)
     return Path(path)
-
-
-def _writers(info, metrics):
-    writers = [lambda d: info.save(Path(d) / "lt_info.json")]
-    if metrics is not None:
-        writers.append(lambda d: atomic_write_json(Path(d) / "metrics.json", metrics))
-    return writers
 
 
 def perturbed(state, keys, seed, scale=0.1):
@@ -70,8 +65,8 @@ def perturbed(state, keys, seed, scale=0.1):
     return {k: state[k] + scale * torch.randn(state[k].shape, generator=g) for k in keys}
 
 
-def write_lora_ingredient(path, base_dir, head_init, seed, num_labels=4, r=4, lora_alpha=2.0, info=None):
-    """A LoRA export (peft adapter + head as modules_to_save) with seeded random non-zero A, B and head."""
+def lora_model(base_dir, head_init, seed, num_labels=4, r=4, lora_alpha=2.0):
+    """A peft LoRA model (head as modules_to_save) with seeded random non-zero A, B and head."""
     lt = tiny_lt_model(base_dir, num_labels)
     set_head_weight(lt, head_init)
     model = apply_method(lt, "lora", r=r, lora_alpha=lora_alpha)
@@ -80,14 +75,15 @@ def write_lora_ingredient(path, base_dir, head_init, seed, num_labels=4, r=4, lo
         for name, param in model.named_parameters():
             if param.requires_grad:  # lora_A, lora_B and the trainable head copy
                 param.add_(0.2 * torch.randn(param.shape, generator=g))
-    arch = {"adapters": None, "adapter_dim": None,
-            "lora": {"r": r, "lora_alpha": lora_alpha, "lora_dropout": 0.0, "lora_target_modules": None}}
-    info = info or tiny_info(num_labels)
-    meta = make_meta(base_dir, lt, head_init, "lora", arch, info, output_dir=str(path))
-    meta["has_weights_file"] = False
-    # peft's save_pretrained(state_dict=...) takes the full model state dict and extracts the adapter itself
-    write_export(path, meta, {}, {"weight": head_init}, _writers(info, None), peft_model=model,
-                 peft_state_dict=model.state_dict())
+    return lt, model
+
+
+def write_lora_ingredient(path, base_dir, head_init, seed, num_labels=4, r=4, lora_alpha=2.0, info=None):
+    """A LoRA export, written as train_lt.py writes one: LoRA merged into model.safetensors, the plain adapter/."""
+    lt, model = lora_model(base_dir, head_init, seed, num_labels, r, lora_alpha)
+    lora_config = model.peft_config["default"]
+    exporter = make_exporter(base_dir, lt, head_init, "lora", info=info, output_dir=str(path), lora_config=lora_config)
+    exporter.write(path, *merge_lora_state_dict(model.state_dict(), lora_config))
     return Path(path)
 
 

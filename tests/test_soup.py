@@ -1,4 +1,4 @@
-"""soup.py / lt_utils.soup: exact merges, weights per mode, LoRA deltas, greedy, refusals, bounded memory."""
+"""soup.py / lt_utils.soup: exact merges, weights per mode, LoRA exports, greedy, refusals, bounded memory."""
 import json
 import os
 import subprocess
@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import soup
-from lt_utils.checkpoint import load_export, read_export_meta
+from lt_utils.checkpoint import load_export, read_export_config, weight_keys
 from lt_utils.data import load_lt_dataset
 from lt_utils.errors import UserError
 from lt_utils.heads import random_head_init
-from lt_utils.soup import (greedy_select, make_soup, merge_tensors, read_ingredient, sha256_file, soup_weights,
+from lt_utils.peft_methods import apply_method
+from lt_utils.soup import (Entry, Ingredient, greedy_select, make_soup, merge_tensors, sha256_file, soup_weights,
                            with_alpha)
 from tests.helpers_models import make_tiny_vit
 from tests.helpers_soup import (perturbed, small_fashion_mnist, tiny_info, tiny_lt_model, write_ingredient,
@@ -41,7 +42,9 @@ def base(tmp_path_factory):
 
 
 def _weights(path):
-    return load_file(str(Path(path) / "lt_weights.safetensors"))
+    """An export's tensors in LTModel key names, as its files hold them (read_ingredient's key map)."""
+    names = weight_keys(read_export_config(path))
+    return {names[k]: v for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
 
 
 # ------------------------------------------------------------------------------------------------ exact merges
@@ -58,31 +61,38 @@ def test_uniform_soup_equals_hand_average_exactly(base, tmp_path, capsys):
     saved = json.loads((out / "soup_manifest.json").read_text())
     assert saved["mode"] == "uniform" and saved["anchor_weight"] == 0.0
     assert saved["weights"] == pytest.approx([1 / 3] * 3)
-    assert saved["inputs"][1]["sha256"]["lt_weights.safetensors"] == sha256_file(base["full"][1] / "lt_weights.safetensors")
-    assert saved["output_sha256"] == sha256_file(out / "lt_weights.safetensors") == manifest["output_sha256"]
-    assert f"sha256 {saved['output_sha256']}" in capsys.readouterr().out
+    assert saved["inputs"][1]["sha256"]["model.safetensors"] == sha256_file(base["full"][1] / "model.safetensors")
+    digest = sha256_file(out / "model.safetensors")
+    assert saved["output_sha256"] == {"model.safetensors": digest} == manifest["output_sha256"]
+    assert f"sha256 {digest}  model.safetensors" in capsys.readouterr().out
     # a normal export: loads, same head init, method "soup"
     model, meta = load_export(out)
     assert meta["method"] == "soup" and meta["soup"]["ingredients"] == [str(p) for p in base["full"]]
     assert torch.equal(model.state_dict()["head.weight"], merged["head.weight"])
     assert torch.equal(load_file(str(out / "head_init.safetensors"))["weight"], base["head_init"])
-    assert (out / "README.md").is_file() and (out / "lt_info.json").is_file()
+    assert (out / "README.md").is_file() and meta["train_counts"] == tiny_info(C).train_counts
 
 
-def test_integer_tensors_copied_and_low_precision_kept(tmp_path, base):
-    lt, vit, h0 = base["lt"], base["vit"], base["head_init"]
+def _file_ingredient(path, tensors):
+    """An ingredient over a safetensors file of arbitrary tensors: merge_tensors' arithmetic alone."""
+    path.mkdir()
+    save_file(tensors, str(path / "t.safetensors"))
+    entries = {k: Entry(tuple(v.shape), {torch.float16: "F16", torch.int64: "I64"}[v.dtype], "t.safetensors", k)
+               for k, v in tensors.items()}
+    return Ingredient(str(path), path, None, entries)
+
+
+def test_integer_tensors_copied_and_low_precision_kept(tmp_path):
     halves = [torch.randn(6, 5, generator=torch.Generator().manual_seed(s)).half() for s in range(2)]
-    paths = [write_ingredient(tmp_path / f"i{s}", lt, vit, {"head.weight": halves[s], "backbone.ids": torch.arange(5)}, h0,
-                              hub_files=False) for s in range(2)]
-    ingredients = [read_ingredient(p) for p in paths]
+    ingredients = [_file_ingredient(tmp_path / f"i{s}", {"head.weight": halves[s], "backbone.ids": torch.arange(5)})
+                   for s in range(2)]
     out = merge_tensors(ingredients, [0.0, 0.5, 0.5], progress=False)
     assert out["head.weight"].dtype == torch.float16
     assert torch.equal(out["head.weight"], ((halves[0].double() + halves[1].double()) / 2).half())
     assert torch.equal(out["backbone.ids"], torch.arange(5))
-    bad = write_ingredient(tmp_path / "bad", lt, vit, {"head.weight": halves[1], "backbone.ids": torch.arange(5) + 1}, h0,
-                           hub_files=False)
+    bad = _file_ingredient(tmp_path / "bad", {"head.weight": halves[1], "backbone.ids": torch.arange(5) + 1})
     with pytest.raises(UserError, match="integer tensor that differs"):
-        merge_tensors([ingredients[0], read_ingredient(bad)], [0.0, 0.5, 0.5], progress=False)
+        merge_tensors([ingredients[0], bad], [0.0, 0.5, 0.5], progress=False)
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -126,26 +136,29 @@ def test_progressive_and_wiseft_tensors_include_the_zero_shot_anchor(base, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
-def test_lora_delta_soup_equals_average_of_merged_models(base, tmp_path):
+def test_lora_exports_hold_the_exact_merge_and_soup_as_their_average(base, tmp_path):
     h0 = base["head_init"]
     paths = [write_lora_ingredient(tmp_path / f"lora{s}", base["vit"], h0, seed=s) for s in (1, 2)]
+    weights = [_weights(p) for p in paths]
+    # each export's weight is base + (B @ A) * lora_alpha / r, from its own plain peft adapter (scaling 2 / 4)
+    adapters = [load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in paths]
+    a_key = next(k for k in adapters[0] if k.endswith("q_proj.lora_A.weight"))
+    b_key = a_key.replace("lora_A", "lora_B")
+    target = "backbone." + a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+    for w, adapter in zip(weights, adapters):
+        want = base["state"][target] + (adapter[b_key] @ adapter[a_key]) * 0.5
+        assert torch.equal(w[target], want)
     out = tmp_path / "lora_soup"
     make_soup(paths, out, progress=False)
-    merged_models = [load_export(p, merge_lora=True)[0].state_dict() for p in paths]
     soup_model, meta = load_export(out)
-    assert meta["arch"]["lora"] is None and not (out / "lt_adapter").exists()
+    assert meta["method"] == "soup" and not (out / "adapter").exists()  # a plain export: LoRA merged
     got = soup_model.state_dict()
     for key in got:
-        want = (merged_models[0][key].double() + merged_models[1][key].double()) / 2
-        torch.testing.assert_close(got[key].double(), want, rtol=0, atol=1e-6)
+        assert torch.equal(got[key], ((weights[0][key].double() + weights[1][key].double()) / 2).float()), key
     # averaging A and B separately is not the same model: the check above would catch it
-    adapters = [load_file(str(p / "lt_adapter" / "adapter_model.safetensors")) for p in paths]
-    a_key = next(k for k in adapters[0] if k.endswith("q_proj.lora_A.weight"))
-    target = a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
     mean_a = (adapters[0][a_key] + adapters[1][a_key]) / 2
-    b_key = a_key.replace("lora_A", "lora_B")
     mean_b = (adapters[0][b_key] + adapters[1][b_key]) / 2
-    naive = base["state"][target] + 0.5 * mean_b @ mean_a  # scaling lora_alpha / r = 2 / 4
+    naive = base["state"][target] + 0.5 * mean_b @ mean_a
     assert (naive - got[target]).abs().max() > 1e-3
 
 
@@ -213,7 +226,7 @@ def _variant(tmp_path, base, name, tensors=None, head_init=None, info=None, **me
 
 @pytest.mark.parametrize("case, message", [
     ("base", "base model differ"), ("labels", "id2label differ"), ("head_init", "head init differ"),
-    ("shape", "has shape"), ("keys", "tensors"), ("lora", "LoRA"), ("head_type", "head type/scale differ"),
+    ("shape", "has shape"), ("keys", "tensors"), ("head_type", "head type/scale differ"),
 ])
 def test_incompatible_ingredients_are_refused(base, tmp_path, case, message):
     first = _variant(tmp_path, base, "first")
@@ -226,15 +239,18 @@ def test_incompatible_ingredients_are_refused(base, tmp_path, case, message):
         other = _variant(tmp_path, base, "other", info=info)
     elif case == "head_init":
         other = _variant(tmp_path, base, "other", head_init=base["head_init"].flip(0))
-    elif case == "shape":
-        other = _variant(tmp_path, base, "other", tensors={"head.weight": torch.zeros(C, 7)}, hub_files=False)
-    elif case == "keys":
-        other = _variant(tmp_path, base, "other", tensors={"head.weight": base["head_init"], "backbone.extra": torch.ones(2)},
-                         hub_files=False)
-    elif case == "lora":
-        other = write_lora_ingredient(tmp_path / "other", base["vit"], base["head_init"], seed=3)
+    elif case in ("shape", "keys"):  # weight files edited after export: the record no longer describes them
+        other = _variant(tmp_path, base, "other")
+        weights = load_file(str(other / "model.safetensors"))
+        if case == "shape":
+            weights["lt.head.weight"] = torch.zeros(C, 7)  # the head is the project's own module: saved as named
+        else:
+            weights["lt.backbone.extra"] = torch.ones(2)
+        save_file(weights, str(other / "model.safetensors"))
     else:
-        other = _variant(tmp_path, base, "other", head_type="linear")
+        linear = tiny_lt_model(base["vit"], C, head_type="linear")
+        other = write_ingredient(tmp_path / "other", linear, base["vit"], {"head.weight": base["head_init"] * 2},
+                                 base["head_init"], head_type="linear")
     with pytest.raises(UserError, match=message):
         make_soup([first, other], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -248,7 +264,7 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
         soup.main([str(a), str(b), "--output_dir", str(existing)])
     assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
     soup.main([str(a), str(b), "--output_dir", str(existing), "--overwrite"])
-    assert (existing / "lt_weights.safetensors").is_file()
+    assert (existing / "model.safetensors").is_file()
     with pytest.raises(UserError, match="is the input ingredient 1"):
         make_soup([a, b], a, overwrite=True, progress=False)
     with pytest.raises(UserError, match="listed twice"):
@@ -260,15 +276,17 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
 
 
 def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
-    keys = {"head.weight": base["head_init"], "adapters.0.up.weight": torch.ones(32, 2)}
-    arch = {"adapters": "adaptformer", "adapter_dim": 2, "lora": None}
-    paths = [_variant(tmp_path, base, f"af{i}", tensors={k: v * (i + 1) for k, v in keys.items()}, method="adaptformer",
-                      arch=arch) for i in range(2)]
+    af = apply_method(tiny_lt_model(base["vit"], C), "adaptformer", r=2)
+    up = next(k for k in af.state_dict() if k.startswith("adapters.") and k.endswith("up.weight"))
+    keys = {"head.weight": base["head_init"], up: torch.ones(af.state_dict()[up].shape)}
+    arch = {"adapters": "adaptformer", "adapter_dim": 2}
+    paths = [write_ingredient(tmp_path / f"af{i}", af, base["vit"], {k: v * (i + 1) for k, v in keys.items()},
+                              base["head_init"], method="adaptformer", arch=arch) for i in range(2)]
     with pytest.raises(UserError, match="AdaptFormer"):
         make_soup(paths, tmp_path / "prog", mode="progressive", progress=False)
     make_soup(paths, tmp_path / "uni", progress=False)
-    assert torch.equal(_weights(tmp_path / "uni")["adapters.0.up.weight"], torch.full((32, 2), 1.5))
-    assert read_export_meta(tmp_path / "uni")["arch"]["adapters"] == "adaptformer"
+    assert torch.equal(_weights(tmp_path / "uni")[up], torch.full(keys[up].shape, 1.5))
+    assert load_export(tmp_path / "uni")[1]["arch"]["adapters"] == "adaptformer"
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -276,26 +294,26 @@ _PEAK_SCRIPT = textwrap.dedent("""
     import json, re, sys
     sys.path.insert(0, sys.argv[1])
     from lt_utils.soup import make_soup
+    # what the writing side imports (the data package brings `datasets`): imports are not the merge's memory
+    import lt_utils.data, lt_utils.hub, lt_utils.hub_files, lt_utils.models, transformers.modeling_utils  # noqa
 
     def high_water_kib():
         return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1])
 
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS: imports do not count
     before = high_water_kib()
-    make_soup(sys.argv[3:], sys.argv[2], progress=False, hub_files=False)  # synthetic tensors: no model to write
+    make_soup(sys.argv[3:], sys.argv[2], progress=False)
     print(json.dumps({"before": before, "peak": high_water_kib()}))
 """)
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_ingredients(base, tmp_path):
-    """8 tensors of 4 MB per ingredient (32 MB models): the peak RSS above the post-import level is flat from 2 to 6."""
-    h0 = base["head_init"]
-    paths = []
-    for i in range(6):
-        g = torch.Generator().manual_seed(i)
-        tensors = {f"backbone.block{k}.weight": torch.randn(1024, 1024, generator=g) for k in range(8)}
-        tensors["head.weight"] = h0
-        paths.append(write_ingredient(tmp_path / f"big{i}", base["lt"], base["vit"], tensors, h0, hub_files=False))
+    """ViTs of about 20 MB: the peak RSS above the post-import level is flat from 2 to 6 ingredients."""
+    vit = make_tiny_vit(tmp_path / "vit", hidden=256, layers=10, heads=4)
+    lt = tiny_lt_model(vit, C)
+    state = lt.state_dict()
+    h0 = random_head_init(C, 256, seed=7)
+    paths = [write_ingredient(tmp_path / f"big{i}", lt, vit, perturbed(state, state, seed=i), h0) for i in range(6)]
     growth = {}
     for n in (2, 6):
         # glibc raises its mmap threshold after big frees and then keeps freed buffers in the heap, which adds
@@ -306,6 +324,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_ingredients(base, tmp_path
         assert run.returncode == 0, run.stderr[-2000:]
         rss = json.loads(run.stdout.strip().splitlines()[-1])
         growth[n] = (rss["peak"] - rss["before"]) / 1024
-    model_mb = 32
+    model_mb = (paths[0] / "model.safetensors").stat().st_size / 2**20
+    assert model_mb > 16  # big enough that loading every ingredient would show
     assert growth[6] - growth[2] < model_mb, growth  # loading every ingredient would add 4 x 32 MB
     assert growth[6] < 4 * model_mb, growth  # the output, its serialised copy, a few per-tensor buffers
