@@ -44,6 +44,11 @@ def main(argv=None):
     # everything is checked (flags, paths, data, model, resume state) before the output dir is touched
     args = parse_train_args(argv)
     T.check_run_paths(args)
+    if args.push_to_hub:
+        from lt_utils.hub import check_adapter_push
+        from lt_utils.peft_methods import METHODS
+
+        check_adapter_push(args.hub_push, METHODS.get(args.method).peft, args.model_name_or_path)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if (done := T.finished_run(args)) is not None:  # a requeued finished run: nothing to do, nothing overwritten
         print(f"{args.output_dir} already finished (all_results.json); nothing to do. To train again pass "
@@ -148,7 +153,7 @@ def main(argv=None):
         from lt_utils.hub import push_export
 
         repo = push_export(Path(args.output_dir) / ("best" if "best" in results else "final"),
-                           args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+                           args.hub_model_id or Path(args.output_dir).name, token=args.hub_token, what=args.hub_push)
         logger.info(f"Pushed to https://huggingface.co/{repo}")
     accelerator.end_training()
     return results

@@ -125,14 +125,21 @@ def _contiguous(tensors):
 
 
 def is_export_dir(path):
-    """A folder holding an export's config.json (this layout) or an earlier layout's record (refused when read)."""
+    """A folder holding a model record (config.json, or an earlier layout's), whatever its files hold: reading it says
+    what is wrong with them, rather than the folder being passed over."""
     path = Path(path)
-    if (path / OLD_LAYOUT_FILE).is_file():
-        return True
-    try:
-        return json.loads((path / CONFIG_FILE).read_bytes()).get("model_type") == LTConfig.model_type
-    except (OSError, ValueError, AttributeError):
+    return (path / OLD_LAYOUT_FILE).is_file() or (path / CONFIG_FILE).is_file()
+
+
+def is_project_export(path):
+    """An export dir whose config.json does not name another model type (those are other transformers models)."""
+    if not is_export_dir(path):
         return False
+    try:
+        record = json.loads((Path(path) / CONFIG_FILE).read_bytes())
+    except (OSError, ValueError):
+        return True  # unreadable: read_export_config reports it
+    return not isinstance(record, dict) or record.get("model_type") in (None, LTConfig.model_type)
 
 
 def read_export_config(export_dir):
@@ -176,8 +183,11 @@ def _check_record(config, path):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
         raise UserError(f"{path}: head_scale is {scale!r}, not a positive finite number; the export is corrupted, "
                         "re-export it")
-    if len(config.id2label) != config.num_labels or not config.num_labels:
-        raise UserError(f"{path}: {len(config.id2label)} labels for num_labels {config.num_labels}; re-export it")
+    counts = config.lt_info.get("train_counts")
+    if not config.num_labels or sorted(config.id2label) != list(range(config.num_labels)) or \
+            not isinstance(counts, list) or len(counts) != config.num_labels:
+        raise UserError(f"{path}: {config.num_labels} labels for {len(counts or [])} per-class train counts; the export "
+                        "is corrupted, re-export it")
     BackboneSpec.from_dict(config.backbone_spec)  # unknown or missing keys: one line
 
 

@@ -400,6 +400,9 @@ _TRAIN = {
     "report_to": Flag("str", "tensorboard", choices=_report_targets),
     "push_to_hub": Flag("switch", False),
     "hub_model_id": _opt("str"),
+    "hub_push": Flag("str", "model", "--push_to_hub: the whole model (a LoRA run's plain peft adapter beside it, in "
+                     "adapter/), or a LoRA run's peft adapter alone (small; loads with PeftModel.from_pretrained onto "
+                     "its base, which must then be a Hub id)", choices=["model", "adapter"]),
     "hub_token": Flag("str", None, "prefer the HF_TOKEN environment variable (never recorded or shown)", nullable=True,
                       secret=True),
 }
@@ -667,7 +670,7 @@ def build_train_parser():
     add_compile_args(parser)
     add_group(parser, "evaluation, checkpoints, outputs", (
         "eval_steps", "num_evals", "select_metric", "output_dir", "overwrite_output_dir", "seed", "dry_run", "checkpointing_steps",
-        "resume_from_checkpoint", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token"))
+        "resume_from_checkpoint", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_push", "hub_token"))
     return parser
 
 

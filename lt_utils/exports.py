@@ -81,3 +81,63 @@ def refresh_model_card(export_dir, metrics):
 
     record = export_record(read_export_config(export_dir), export_dir)
     atomic_write_text(Path(export_dir) / "README.md", model_card(record, metrics))
+
+
+def convert_old_export(old_dir, new_dir):
+    """Rewrite an export of the earlier layout (lt_model.json + lt_weights.safetensors + a second full copy in
+    model.safetensors) as this layout, into `new_dir` (the old folder is only read). Its model.safetensors already
+    held the whole model with LoRA merged: the new export holds those tensors, under the one config.json."""
+    import shutil
+
+    from .checkpoint import (CONFIG_FILE, HEAD_INIT_FILE, OLD_LAYOUT_FILE, load_export, read_tensors, weight_files)
+    from .errors import require
+    from .fileio import check_outputs_apart, read_json
+    from .hub_files import ADAPTER_DIR
+    from .modeling_lt import LTConfig
+
+    old_dir, new_dir = Path(old_dir), Path(new_dir)
+    require((old_dir / OLD_LAYOUT_FILE).is_file(), f"{old_dir} has no {OLD_LAYOUT_FILE}: it is not an export of the "
+                                                  "earlier layout (a current export needs no conversion)")
+    check_outputs_apart({"NEW_DIR": new_dir}, {"OLD_DIR": old_dir})
+    require(not new_dir.exists(), f"{new_dir} already exists; pass a new folder")
+    meta = read_json(old_dir / OLD_LAYOUT_FILE, "export metadata")
+    hub = read_json(old_dir / CONFIG_FILE, "export config")
+    info_path = old_dir / "lt_info.json"
+    info = read_json(info_path, "split record") if info_path.is_file() else {
+        "dataset": meta["dataset"]["dataset"], "train_counts": meta["train_counts"], "groups": meta["groups"],
+        **{k: meta["dataset"][k] for k in ("imb", "max_per_class", "seed", "selection")},
+        "many_threshold": meta["many_threshold"], "few_threshold": meta["few_threshold"]}
+    require(isinstance(meta, dict) and isinstance(hub, dict) and isinstance(info, dict),
+            f"{old_dir}: its records are not mappings; re-export it with this version")
+    try:
+        config = LTConfig.from_dict({
+            **{k: v for k, v in hub.items() if k not in ("auto_map", "transformers_version")},
+            "arch": {k: v for k, v in meta["arch"].items() if k != "lora"}, "backbone_spec": meta["backbone"],
+            "base_model": meta["base_model"], "from_scratch": meta["from_scratch"], "seed": meta.get("seed", 0),
+            "method": meta["method"], "head_init": {k: meta["head"][k] for k in ("init", "init_fingerprint")},
+            "lt_info": {k: v for k, v in info.items() if k != "class_names"}, "soup": meta.get("soup"),
+            "run": {"balance_factor": meta["dataset"].get("balance_factor"), "data_dir": meta["dataset"].get("data_dir"),
+                    "run_name": meta.get("run_name"), "hub_model_id": meta.get("hub_model_id")},
+            "lt_format": LTConfig.export_format})
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{old_dir}: its records lack {err}; re-export it with this version") from None
+    for path in weight_files(old_dir):
+        read_tensors(path)
+    staging = new_dir.with_name(f".{new_dir.name}.staging")  # a loadable folder: the old weights under the new record
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        for path in [*weight_files(old_dir), old_dir / HEAD_INIT_FILE, old_dir / "preprocessor_config.json"]:
+            shutil.copyfile(path, staging / path.name)
+        config.save_pretrained(str(staging))
+        model, record = load_export(staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    metrics = read_json(old_dir / "metrics.json", "metrics") if (old_dir / "metrics.json").is_file() else None
+    extra = [lambda d: (Path(d) / "README.md").write_text(model_card(record, metrics or {}))]
+    if metrics is not None:
+        extra.append(lambda d: (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2)))
+    if (old_dir / ADAPTER_DIR).is_dir():
+        extra.append(lambda d: shutil.copytree(old_dir / ADAPTER_DIR, Path(d) / ADAPTER_DIR))
+    write_export(new_dir, config, model.state_dict(), read_tensors(old_dir / HEAD_INIT_FILE), extra_writers=extra)
+    return new_dir

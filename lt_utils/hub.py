@@ -164,16 +164,30 @@ feature = {feature}
 logits = {logit}"""
 
 
-def push_export(export_dir, repo_id, token=None, commit_message="Upload long-tail classifier"):
+def push_export(export_dir, repo_id, token=None, what="model", commit_message="Upload long-tail classifier"):
     """Create the repo if needed and upload the export dir: the transformers model, its code and card (and a LoRA
-    run's peft adapter in adapter/)."""
+    run's peft adapter in adapter/); with what="adapter", that plain peft adapter alone, at the repo's root."""
     from huggingface_hub import create_repo, upload_folder
 
+    folder = Path(export_dir) / ("adapter" if what == "adapter" else "")
     try:
         repo = create_repo(repo_id, exist_ok=True, token=token)
-        upload_folder(repo_id=repo.repo_id, folder_path=str(Path(export_dir)), commit_message=commit_message,
-                      token=token, ignore_patterns=["step_*", ".*"])
+        upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message=commit_message,
+                      token=token, ignore_patterns=["step_*", ".*", "eval_*"])
     except Exception as err:  # network, auth, name: the user can fix all of these
-        raise UserError(f"pushing {export_dir} to the Hub as {repo_id} failed ({err.__class__.__name__}: {err}); "
+        raise UserError(f"pushing {folder} to the Hub as {repo_id} failed ({err.__class__.__name__}: {err}); "
                         "check HF_TOKEN and the repo id, then push again with huggingface-cli upload") from None
     return repo.repo_id
+
+
+def check_adapter_push(what, method_is_peft, base_model):
+    """--hub_push adapter, before any compute: only a LoRA run has a plain adapter, and the adapter names its base by
+    the id a Hub user can load (a local folder is no such id)."""
+    if what != "adapter":
+        return
+    if not method_is_peft:
+        raise UserError("--hub_push adapter pushes a LoRA run's peft adapter, and this method has none; use "
+                        "--hub_push model")
+    if hub_id(base_model) is None:
+        raise UserError(f"--hub_push adapter: the adapter would name its base by the local folder {base_model}, which "
+                        "Hub users cannot load; train from the base's Hub id, or push the whole model (--hub_push model)")

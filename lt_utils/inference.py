@@ -50,19 +50,24 @@ def load_classifier(model_id):
     weights, and report a truncated file in many lines."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from .checkpoint import is_export_dir, read_export_config, read_tensors, resolve_export_dir, weight_files
+    from .checkpoint import is_project_export, read_export_config, read_tensors, resolve_export_dir, weight_files
 
     local = resolve_export_dir(model_id) if Path(str(model_id)).exists() else None
-    if local is not None and is_export_dir(local):
+    if local is not None and is_project_export(local):
         read_export_config(local)
         for path in weight_files(local):
             read_tensors(path)
     try:
         processor = AutoImageProcessor.from_pretrained(str(model_id))
-        model = AutoModelForImageClassification.from_pretrained(str(model_id), trust_remote_code=True)
+        model, info = AutoModelForImageClassification.from_pretrained(str(model_id), trust_remote_code=True,
+                                                                      output_loading_info=True)
     except Exception as err:  # transformers' errors for a folder or repo that holds no loadable classifier
         raise UserError(f"cannot load an image classifier from {model_id} ({_first_line(err)}); "
                         "pass an export dir (final/, best/, a soup) or a Hub model id") from None
+    # transformers fills weights its files lack with a random init (a warning): such predictions mean nothing
+    missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    require(not missing, f"cannot load an image classifier from {model_id}: its files lack {len(missing)} of the "
+                         f"model's weights (e.g. {missing[0] if missing else ''}); pass a complete export or Hub model")
     return processor, model.eval()
 
 

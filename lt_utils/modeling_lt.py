@@ -4,8 +4,8 @@ LTConfig / LTForImageClassification, registered for the auto classes.
 Self-contained on purpose: torch, transformers and its sibling files (peft_modules.py, heads.py, cifar_resnet.py and
 what they import) only, imported relatively. `save_pretrained` copies this file and its relative imports beside the
 weights, so an export loads with `AutoModelForImageClassification.from_pretrained(export, trust_remote_code=True)`
-where lt_utils is not installed, and runs this very code. The project builds and loads the same LTModel (lt_utils.models,
-checkpoint.build_from_meta): one definition of the model.
+where lt_utils is not installed, and runs this very code. The project builds the same LTModel (lt_utils.models) and
+loads every export with LTForImageClassification.from_pretrained (checkpoint.load_export): one definition of the model.
 """
 import torch
 import torch.nn.functional as F

@@ -104,3 +104,19 @@ def run_main(argv):
 
     reset_accelerate()
     return train_lt.main(argv)
+
+
+def export_tensors(export_dir):
+    """An export's model.safetensors in LTModel key names (transformers saves some backbones under their checkpoints'
+    original names; the export's own key map renames them back)."""
+    from safetensors.torch import load_file
+
+    from lt_utils.checkpoint import read_export_config, weight_keys
+
+    names = weight_keys(read_export_config(export_dir))
+    return {names[k]: v for k, v in load_file(str(Path(export_dir) / "model.safetensors")).items()}
+
+
+def export_config(export_dir):
+    """An export's config.json as a dict (the LTConfig record)."""
+    return json.loads((Path(export_dir) / "config.json").read_text())

@@ -207,7 +207,7 @@ def test_resume_rebuilds_the_same_split_and_refuses_another(sources, tmp_path, c
 
 def test_train_lt_on_a_dataset_name_exports_and_eval_lt_rebuilds_the_split(sources, tmp_path):
     """train_lt.py builds the split on the fly from --dataset_name; eval_lt.py re-evaluates the export from its
-    lt_info.json alone (no data flag passed) and gets the numbers train_lt.py recorded."""
+    config.json alone (no data flag passed) and gets the numbers train_lt.py recorded."""
     out = tmp_path / "run"
     flags = ["--dataset_name", str(sources["parquet"]), "--image_column_name", "img", "--label_column_name",
              "fine_label", "--imb", "10", "--val_per_class", "4", "--max_train_samples", "100",
@@ -219,7 +219,7 @@ def test_train_lt_on_a_dataset_name_exports_and_eval_lt_rebuilds_the_split(sourc
     results = MAINS["train"](flags)
     config = (out / "config.yaml").read_text()
     assert "dataset: hf_lt" in config and "image_column_name: img" in config and "max_train_samples: 100" in config
-    info = json.loads((out / "final" / "lt_info.json").read_text())
+    info = json.loads((out / "final" / "config.json").read_text())["lt_info"]
     assert info["hf_source"]["dataset_name"] == str(sources["parquet"]) and info["hf_source"]["max_train_samples"] == 100
     reset_accelerate()
     evaluated = MAINS["eval"]([str(out / "final"), "--cache_dir", str(tmp_path / "hf_cache"), "--num_workers", "0",

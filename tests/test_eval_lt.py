@@ -15,6 +15,7 @@ from helpers_train import REPO, reset_accelerate, run_script, tiny_train_args
 sys.path.insert(0, str(REPO))
 import eval_lt  # noqa: E402
 import train_lt  # noqa: E402
+from lt_utils.data.info import LTInfo  # noqa: E402
 from lt_utils.eval_runs import (DEFAULT_OUTPUT_ROOT, Target, assign_output_dirs, data_args_for, passed_flags,  # noqa: E402
                                 recorded_data_flags)
 
@@ -68,7 +69,7 @@ def test_reevaluation_gives_the_numbers_train_lt_recorded(run_dir, flags, capsys
     assert saved["config"]["split"] == "test" and saved["config"]["tte"] == "none"
     rows = (out / "per_class.csv").read_text().splitlines()
     assert rows[0] == "class_id,class_name,train_count,group,test_samples,accuracy"
-    info = json.loads((run_dir / "best" / "lt_info.json").read_text())
+    info = json.loads((run_dir / "best" / "config.json").read_text())["lt_info"]
     assert [int(r.split(",")[2]) for r in rows[1:]] == info["train_counts"]
     assert [r.split(",")[1] for r in rows[1:]] == FASHION_NAMES
     assert (out / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -107,7 +108,7 @@ def test_train_split_with_randaug_tte_is_seeded_and_recorded(run_dir, flags):
     run_eval(*common)
     out = run_dir / "final" / "eval_train_randaug3"
     saved = read_metrics(out)
-    info = json.loads((run_dir / "final" / "lt_info.json").read_text())
+    info = json.loads((run_dir / "final" / "config.json").read_text())["lt_info"]
     assert saved["metrics"]["num_samples"] == sum(info["train_counts"]) == 159
     assert saved["metrics"]["per_class_samples"] == info["train_counts"]
     assert (saved["config"]["split"], saved["config"]["tte"], saved["config"]["tte_views"]) == ("train", "randaug", 3)
@@ -184,11 +185,14 @@ def test_passed_flags_are_only_the_ones_on_the_command_line(tmp_path):
     assert args.dataset == "fashion_mnist_lt" and args.max_per_class is None
     merged = data_args_for(args, {"dataset": "cifar100_lt", "imb": 10.0, "max_per_class": 500}, passed)
     assert (merged.dataset, merged.imb, merged.max_per_class) == ("cifar100_lt", 100.0, 500)
-    # without lt_info.json the record comes from lt_model.json
-    meta = {"dataset": {"dataset": "cifar10_lt", "imb": 50.0, "max_per_class": None, "seed": 3, "selection": "lift"},
-            "many_threshold": 100, "few_threshold": 20}
-    assert recorded_data_flags(tmp_path, meta) == {"dataset": "cifar10_lt", "imb": 50.0, "imb_seed": 3,
-                                                   "selection": "lift", "many_threshold": 100, "few_threshold": 20}
+    # the record: the export's LT split (config.json's lt_info) and the source files it was read from
+    info = LTInfo(dataset="cifar10_lt", class_names=["a"], train_counts=[5], groups=["few"], imb=50.0, seed=3,
+                  selection="lift")
+    meta = {"lt_info": info, "dataset": {"data_dir": "/data/cifar"}}
+    assert recorded_data_flags(meta) == {
+        "dataset": "cifar10_lt", "imb": 50.0, "max_per_class": None, "imb_seed": 3, "selection": "lift",
+        "val_per_class": 20, "val_source": "unused_train", "many_threshold": 100, "few_threshold": 20,
+        "groups_from_imb": None, "data_dir": "/data/cifar"}
 
 
 def test_output_dirs_never_go_into_the_hub_cache(tmp_path):
@@ -278,16 +282,16 @@ def copy_export(run_dir, tmp_path, name):
 
 
 def relabel(export):
-    meta = json.loads((export / "lt_model.json").read_text())
-    meta["id2label"]["3"] = "Gown"
-    (export / "lt_model.json").write_text(json.dumps(meta))
+    config = json.loads((export / "config.json").read_text())
+    config["id2label"]["3"] = "Gown"
+    (export / "config.json").write_text(json.dumps(config))
     return export
 
 
 @pytest.mark.parametrize("case, message", [
     ("label_mismatch", "label 3 is 'Gown' in the export but 'Dress' in fashion_mnist_lt"),
     ("missing_dir", "not found"),
-    ("partial_dir", "missing lt_weights.safetensors"),
+    ("partial_dir", "missing model.safetensors"),
     ("unknown_split", "--split dev is not a valid choice; choose one of train, val, test"),
     ("zero_shot_without_dataset", "--zero_shot alone needs --dataset"),
     ("existing_output", "already exists; pass --overwrite"),
@@ -300,7 +304,7 @@ def test_bad_input_is_one_error_line_and_exit_2(run_dir, flags, tmp_path, capsys
         run = tmp_path / "no_such_export"
     elif case == "partial_dir":
         run = copy_export(run_dir, tmp_path, "partial")
-        (run / "lt_weights.safetensors").unlink()
+        (run / "model.safetensors").unlink()
     elif case == "unknown_split":
         extra = ["--split", "dev"]
     elif case == "zero_shot_without_dataset":

@@ -89,14 +89,15 @@ def los_runs(tmp_path_factory):
 
 
 def test_los_stage1_then_stage2_end_to_end(los_runs):
-    from safetensors.torch import load_file
+    from helpers_train import export_tensors
 
     root, stage1, stage2 = los_runs
     assert set(stage1) == {"final"} and stage1["final"]["tte"] == "flip"  # the final epoch is reported, flip TTE
-    meta = json.loads((root / "stage1" / "final" / "lt_model.json").read_text())
-    assert (meta["backbone"]["kind"], meta["head"]["type"], meta["dataset"]["selection"]) == ("cifar_resnet", "linear", "first")
-    s1 = load_file(root / "stage1" / "final" / "lt_weights.safetensors")
-    s2 = load_file(root / "0.98" / "final" / "lt_weights.safetensors")
+    config = json.loads((root / "stage1" / "final" / "config.json").read_text())
+    assert (config["backbone_spec"]["kind"], config["head_type"], config["lt_info"]["selection"]) == \
+        ("cifar_resnet", "linear", "first")
+    s1 = export_tensors(root / "stage1" / "final")
+    s2 = export_tensors(root / "0.98" / "final")
     assert torch.equal(s1["backbone.conv1.weight"], s2["backbone.conv1.weight"])  # the backbone is frozen
     assert not torch.equal(s1["backbone.bn1.running_mean"], s2["backbone.bn1.running_mean"])  # BN in train mode
     assert s2["backbone.bn1.num_batches_tracked"] > s1["backbone.bn1.num_batches_tracked"]

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 import soup
 import train_lt
-from lt_utils.checkpoint import load_export
+from lt_utils.checkpoint import load_export, read_export_config
 from lt_utils.soup import load_base_state
 from tests.helpers_models import make_tiny_clip, random_pixels
 from tests.helpers_soup import small_fashion_mnist
+from tests.helpers_train import export_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def common_flags(setup):
 
 
 def _weights(path):
-    return load_file(str(Path(path) / "lt_weights.safetensors"))
+    return export_tensors(path)
 
 
 def test_recipe_soups_then_retrains_only_the_head(setup):
@@ -58,8 +59,7 @@ def test_recipe_soups_then_retrains_only_the_head(setup):
 
     # the soup is 0.09 * zero-shot + 0.21 * mean(factor 1 branches) + 0.7 * mean(factor 2 branches)
     branches = [[_weights(root / f"k{k}_b{b}" / "final") for b in (0, 1)] for k in (0, 1)]
-    meta = json.loads((root / "soup" / "lt_model.json").read_text())
-    anchor = load_base_state(meta)
+    anchor = load_base_state(read_export_config(root / "soup"))
     anchor["head.weight"] = load_file(str(root / "soup" / "head_init.safetensors"))["weight"]
     merged = _weights(root / "soup")
     assert set(merged) == set(branches[0][0]) and "backbone.encoder.layers.0.mlp.fc1.weight" in merged
@@ -97,7 +97,7 @@ def test_lt_soups_script_runs_the_recipe(setup):
     manifest = json.loads((out / "soup" / "soup_manifest.json").read_text())
     assert manifest["mode"] == "progressive" and manifest["weights"] == pytest.approx([0.21, 0.7])
     assert manifest["ingredients"] == [str(out / "stage1" / f"k{k}_branch0" / "best") for k in (0, 2)]
-    assert (out / "stage2" / "final" / "lt_model.json").is_file()
+    assert json.loads((out / "stage2" / "final" / "config.json").read_text())["method"] == "head"
     counts = [int(30 * 0.1 ** (i / 9)) for i in range(10)]  # rho 10, n_max 30: n_min 3
     for position, k in enumerate((0, 2)):
         run_dir = out / "stage1" / f"k{k}_branch0"
@@ -105,7 +105,7 @@ def test_lt_soups_script_runs_the_recipe(setup):
         assert (config["subset_selection"], config["subset_seed"], config["balance_factor"]) == ("lt_soups", position, 2 ** k)
         assert (config["warmup_start_factor"], config["ema_start"], config["num_evals"]) == (1e-6, "first_step", 5)
         assert f"Num examples = {sum(min(n, 3 * 2 ** k) for n in counts)}" in run.stderr
-        info = json.loads((run_dir / "final" / "lt_info.json").read_text())
+        info = json.loads((run_dir / "final" / "config.json").read_text())["lt_info"]
         assert info["val_source"] == "test_slice" and info["split_sizes"]["val"] == 10 and info["split_sizes"]["test"] == 20
         assert [json.loads(line)["step"] for line in (run_dir / "log.txt").read_text().splitlines()] == [2, 4, 6, 8, 10]
     again = subprocess.run(["bash", "scripts/lt_soups.sh", "stage1"], cwd=REPO, env=env, capture_output=True, text=True)

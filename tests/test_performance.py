@@ -133,7 +133,7 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     resume = ["--resume_from_checkpoint", "latest", "--torch_compile", "--torch_compile_backend", "aot_eager"]
     result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("final/lt_weights.safetensors", "step_4/model.safetensors"):
+    for name in ("final/model.safetensors", "step_4/model.safetensors"):
         a, b = load_file(eager / name), load_file(compiled / name)
         assert list(a) == list(b) and not any(COMPILE_PREFIX in k for k in b), name
         for key in a:
@@ -166,11 +166,11 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
     result = python_script("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
                                                            "--resume_from_checkpoint", "latest", "--num_workers", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = load_file(plain / "final" / "lt_weights.safetensors")
+    expected = load_file(plain / "final" / "model.safetensors")
     start = load_file(plain / "step_2" / "model.safetensors")
     assert any(not torch.equal(start[k], load_file(plain / "step_4" / "model.safetensors")[k]) for k in start)
     for out in (device, resumed):
-        weights = load_file(out / "final" / "lt_weights.safetensors")
+        weights = load_file(out / "final" / "model.safetensors")
         assert list(weights) == list(expected)
         assert all(torch.equal(weights[k], expected[k]) for k in expected), out.name
     assert yaml.safe_load((device / "config.yaml").read_text())["augment_on_device"] is True

@@ -1,19 +1,18 @@
 """One registry per axis: the CLI's choices are the registries' names, unknown names list the valid ones, and a new
-fine-tuning method is one registry entry (a LayerNorm-tuning method defined here trains, exports, reloads through
-checkpoint.build_from_meta, evaluates identically, resumes exactly and soups)."""
+fine-tuning method is one registry entry (a LayerNorm-tuning method defined here trains, exports, reloads with
+from_pretrained of its export, evaluates identically, resumes exactly and soups)."""
 import shutil
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from helpers_train import REPO, python_script, run_main, tiny_train_args
+from helpers_train import REPO, export_tensors, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 import eval_lt  # noqa: E402
-from lt_utils.checkpoint import build_from_meta, load_export  # noqa: E402
+from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
 from lt_utils.head_init import HEAD_INITS  # noqa: E402
@@ -91,9 +90,6 @@ class LayerNormTuning(Method):
                 module.requires_grad_(True)
         return model
 
-    def exports(self, key):
-        return key.startswith("head.") or _is_layer_norm_key(key)
-
 
 @pytest.fixture
 def ln_method():
@@ -121,16 +117,19 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
              "--learning_rate", "0.01", "--checkpointing_steps", "4"]
     run_main(tiny_train_args(idx_dir, out, *flags))
     model, meta = load_export(out / "best")
-    assert meta["method"] == "ln_test" and meta["arch"] == {"adapters": None, "adapter_dim": None, "lora": None}
+    assert meta["method"] == "ln_test" and meta["arch"] == {"adapters": None, "adapter_dim": None}
 
-    # the export holds exactly the head and the LayerNorms; they trained, the rest is the base checkpoint
-    base = build_from_meta(meta).state_dict()
-    stored = load_file(str(out / "best" / "lt_weights.safetensors"))
-    assert set(stored) == {k for k in base if k.startswith("head.") or _is_layer_norm_key(k)}
-    assert any(_is_layer_norm_key(k) for k in stored)
-    assert all(not torch.equal(stored[k], base[k]) for k in stored if k.endswith("layernorm_before.weight"))
+    # the export holds the whole model once; the head and the LayerNorms trained, the rest is the base checkpoint
+    from lt_utils.models import build_lt_model
+
+    base = build_lt_model(vit_dir, 10).state_dict()
+    stored = export_tensors(out / "best")
+    assert set(stored) == set(base)
+    trained = {k for k in base if k.startswith("head.") or _is_layer_norm_key(k)}
+    assert any(_is_layer_norm_key(k) for k in trained)
+    assert all(not torch.equal(stored[k], base[k]) for k in trained if k.endswith("layernorm_before.weight"))
     reloaded = model.state_dict()
-    assert all(torch.equal(reloaded[k], base[k]) for k in base if k not in stored)
+    assert all(torch.equal(reloaded[k], base[k]) and torch.equal(stored[k], base[k]) for k in base if k not in trained)
 
     # the reloaded model gives the val metrics measured on the model in memory during training
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
@@ -146,7 +145,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     resumed.mkdir()
     shutil.copytree(out / "step_4", resumed / "step_4")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(out / "final" / "lt_weights.safetensors"), load_file(resumed / "final" / "lt_weights.safetensors")
+    a, b = export_tensors(out / "final"), export_tensors(resumed / "final")
     assert a.keys() == b.keys() == stored.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

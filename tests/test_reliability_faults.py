@@ -63,7 +63,7 @@ def requeue(world, out, scenario):
 
 def assert_same_run(out, ref):
     for export in ("final", "best"):
-        for name in ("lt_weights.safetensors", "model.safetensors", "head_init.safetensors"):
+        for name in ("model.safetensors", "head_init.safetensors"):
             assert (out / export / name).read_bytes() == (ref / export / name).read_bytes(), f"{export}/{name} differs"
     assert json.loads((out / "all_results.json").read_text()) == json.loads((ref / "all_results.json").read_text())
     assert (out / "log.txt").read_text() == (ref / "log.txt").read_text()  # no validation logged twice
@@ -137,10 +137,10 @@ def test_soup_killed_at_random_writes_is_whole_or_absent(world, tmp_path):
         outcome, _, _ = run_forked("soup", ([*ingredients, "--output_dir", str(out)]), kill_at=k)
         assert outcome == "killed"
         if out.exists():  # a soup that appeared is the complete one
-            assert (out / "lt_weights.safetensors").read_bytes() == (ref / "lt_weights.safetensors").read_bytes()
+            assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
         outcome, code, _ = run_forked("soup", ([*ingredients, "--output_dir", str(out), "--overwrite"]))
         assert (outcome, code) == ("exit", 0)
-        assert (out / "lt_weights.safetensors").read_bytes() == (ref / "lt_weights.safetensors").read_bytes()
+        assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
         assert sorted(p.name for p in out.parent.iterdir()) == ["soup"]  # the killed writer's temp folder is gone
 
 

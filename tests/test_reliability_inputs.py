@@ -5,6 +5,7 @@ Each case asserts: exit status 2, exactly one `error:` line naming the flag or f
 traceback, and every existing file byte-identical afterwards (the whole workspace hashed before and after). The
 commands run in-process through their `main(argv)`; `test_real_processes_*` runs a few as real processes.
 """
+import json
 import math
 import os
 import shutil
@@ -206,20 +207,34 @@ def _nan(path, value=math.nan):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def _edit_config(**changes):
+    def edit(path):
+        config = json.loads(path.read_text())
+        config.update(changes)
+        path.write_text(json.dumps(config))
+    return edit
+
+
 CORRUPTIONS = {
-    "weights_truncated": ("lt_weights.safetensors", _truncate, "not a readable safetensors file"),
-    "weights_garbage": ("lt_weights.safetensors", lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors file"),
-    "weights_empty": ("lt_weights.safetensors", lambda p: p.write_bytes(b""), "not a readable safetensors file"),
-    "weights_nan": ("lt_weights.safetensors", _nan, "non-finite"),
-    "weights_inf": ("lt_weights.safetensors", lambda p: _nan(p, math.inf), "non-finite"),
+    "weights_truncated": ("model.safetensors", _truncate, "not a readable safetensors file"),
+    "weights_garbage": ("model.safetensors", lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors file"),
+    "weights_empty": ("model.safetensors", lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    "weights_nan": ("model.safetensors", _nan, "non-finite"),
+    "weights_inf": ("model.safetensors", lambda p: _nan(p, math.inf), "non-finite"),
     "head_init_nan": ("head_init.safetensors", _nan, "non-finite"),
-    "head_init_missing": ("head_init.safetensors", lambda p: p.unlink(), "missing head_init.safetensors"),
-    "weights_missing": ("lt_weights.safetensors", lambda p: p.unlink(), "missing lt_weights.safetensors"),
-    "meta_garbage": ("lt_model.json", lambda p: p.write_bytes(b"{\x00garbage"), "corrupted"),
-    "meta_empty": ("lt_model.json", lambda p: p.write_text(""), "corrupted"),
-    "meta_list": ("lt_model.json", lambda p: p.write_text("[1, 2]"), "format"),
-    "meta_lacks_keys": ("lt_model.json", lambda p: p.write_text('{"format": "lt-export-v2"}'), "lacks"),
-    "meta_old_format": ("lt_model.json", lambda p: p.write_text('{"format": "v0"}'), "format"),
+    "head_init_missing": ("head_init.safetensors", lambda p: p.unlink(), "head_init.safetensors not found"),
+    "weights_missing": ("model.safetensors", lambda p: p.unlink(), "missing model.safetensors"),
+    "config_garbage": ("config.json", lambda p: p.write_bytes(b"{\x00garbage"), "corrupted"),
+    "config_empty": ("config.json", lambda p: p.write_text(""), "corrupted"),
+    "config_list": ("config.json", lambda p: p.write_text("[1, 2]"), "not an lt-hf export"),
+    "config_other_model": ("config.json", _edit_config(model_type="vit"), "not an lt-hf export"),
+    "config_old_format": ("config.json", _edit_config(lt_format="v0"), "format"),
+    "config_lacks_record": ("config.json", _edit_config(lt_info=None), "lt_info is missing"),
+    "head_scale_zero": ("config.json", _edit_config(head_scale=0), "head_scale is 0"),
+    "head_scale_nan": ("config.json", lambda p: p.write_text(p.read_text().replace('"head_scale": 25.0',
+                                                                                '"head_scale": NaN')), "head_scale is nan"),
+    "labels_cut": ("config.json", _edit_config(id2label={"0": "a"}), "1 labels for 10 per-class train counts"),
+    "old_layout": ("lt_model.json", lambda p: p.write_text('{"format": "lt-export-v2"}'), "convert_export.py"),
 }
 
 
@@ -244,7 +259,18 @@ def test_soup_refuses_corrupted_ingredients(world, tmp_path, capsys, case):
     assert not (tmp_path / "soup").exists()
 
 
-@pytest.mark.parametrize("case", ["weights_nan", "weights_truncated", "meta_garbage", "head_init_missing"])
+# predict.py needs no head init; a config renamed to another model type still names this model's code (auto_map), so
+# transformers loads it correctly
+@pytest.mark.parametrize("case", [c for c in CORRUPTIONS if not c.startswith("head_") and c != "config_other_model"])
+def test_predict_refuses_corrupted_exports(world, tmp_path, capsys, case):
+    """predict.py loads with transformers alone, after the same checks of the record and the weight files."""
+    export, expect = corrupted_export(world, tmp_path, case)
+    refused(world, "predict", [export, world["images"], "--output", tmp_path / "p.csv"], expect, capsys, [tmp_path])
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["weights_nan", "weights_truncated", "config_garbage", "head_init_missing",
+                                  "head_scale_nan", "old_layout"])
 def test_init_from_refuses_corrupted_exports(world, tmp_path, capsys, case):
     export, expect = corrupted_export(world, tmp_path, case)
     argv = tiny_train_args(world["idx"], tmp_path / "stage2", "--method", "head", "--init_from", export)
@@ -615,11 +641,8 @@ def test_16_bit_images_are_scaled_in_the_uint8_data_path(side):
 
 def test_eval_reads_the_data_dir_the_export_was_trained_on(world, tmp_path):
     """Once only a warning: an export trained with --data_dir X was evaluated on Debian's Fashion-MNIST."""
-    import json
-
-    from lt_utils.checkpoint import read_export_meta
-
-    assert read_export_meta(world["run"] / "final")["dataset"]["data_dir"] == str(world["idx"].resolve())
+    assert json.loads((world["run"] / "final" / "config.json").read_text())["run"]["data_dir"] == \
+        str(world["idx"].resolve())
     results = MAINS["eval"]([str(world["run"] / "final"), "--output_dir", str(tmp_path / "ev"),
                              "--cache_dir", str(world["cache"])])
     (metrics,) = results.values()

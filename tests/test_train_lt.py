@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_train import REPO, python_script, run_main, tiny_train_args
+from helpers_train import REPO, export_config, export_tensors, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils.checkpoint import load_export  # noqa: E402
@@ -20,8 +20,17 @@ def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
     results = run_main(tiny_train_args(idx_dir, out, "--checkpointing_steps", "10", "--learning_rate", "0.003"))
     for name in ("final", "best"):
         export = out / name
-        for f in ("lt_model.json", "lt_weights.safetensors", "model.safetensors", "config.json", "head_init.safetensors", "metrics.json", "README.md", "lt_info.json"):
+        for f in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_lt.py",
+                  "head_init.safetensors", "metrics.json", "README.md"):
             assert (export / f).is_file(), f"{name}/{f} missing"
+        # one record: no second copy of the weights or of the metadata
+        assert sorted(p.name for p in export.glob("*.safetensors")) == ["head_init.safetensors", "model.safetensors"]
+        assert not list(export.glob("*.json.*")) and not (export / "lt_model.json").exists()
+        config = export_config(export)
+        assert config["model_type"] == "lt_classifier" and config["method"] == "full_all"
+        counts = config["lt_info"]["train_counts"]  # imb 10, n_max 40: 40 -> 4; the labels are stored once
+        assert (len(counts), counts[0], counts[-1]) == (10, 40, 4) and "class_names" not in config["lt_info"]
+        assert len(config["id2label"]) == 10
         metrics = json.loads((export / "metrics.json").read_text())
         assert metrics["test"]["num_samples"] == 100
         assert metrics["test"]["many_acc"] is None  # no class has > 100 training images here
@@ -70,12 +79,12 @@ def test_resume_mid_epoch_ends_with_the_same_weights(idx_dir, tmp_path, extra):
     resumed.mkdir()
     shutil.copytree(full / "step_3", resumed / "step_3")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(full / "final" / "lt_weights.safetensors"), load_file(resumed / "final" / "lt_weights.safetensors")
+    a, b = export_tensors(full / "final"), export_tensors(resumed / "final")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     start = load_file(full / "step_3" / "model.safetensors")
-    assert any(not torch.equal(start[k], a[k]) for k in start)  # training did move after the checkpoint
+    assert any(not torch.equal(start[k], a[k]) for k in start if k in a)  # training did move after the checkpoint
 
 
 def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
@@ -122,18 +131,18 @@ def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_pat
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none", "--method", "bitfit",
                              "--overwrite_output_dir"))
     assert not (out / "best").exists() and not (out / "step_2").exists() and not (out / "step_4").exists()
-    assert json.loads((out / "final" / "lt_model.json").read_text())["method"] == "bitfit"
+    assert export_config(out / "final")["method"] == "bitfit"
     assert list(json.loads((out / "all_results.json").read_text())) == ["final"]
 
 
 def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1", "--eval_steps", "none"))
-    before = (out / "final" / "lt_weights.safetensors").read_bytes()
+    before = (out / "final" / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit):
         run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "1"))
     assert "already holds a run" in capsys.readouterr().err
-    assert (out / "final" / "lt_weights.safetensors").read_bytes() == before
+    assert (out / "final" / "model.safetensors").read_bytes() == before
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
@@ -158,5 +167,5 @@ def test_failed_push_keeps_the_exports_and_says_why(idx_dir, tmp_path):
     assert result.returncode == 2  # the Hub is unreachable here (HF_HUB_OFFLINE=1)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: pushing") and "someone/tiny-lt" in last and "Traceback" not in result.stderr
-    assert (out / "final" / "lt_weights.safetensors").is_file() and (out / "all_results.json").is_file()
+    assert (out / "final" / "model.safetensors").is_file() and (out / "all_results.json").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*"))  # TensorBoard logs were written

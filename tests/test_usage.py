@@ -44,7 +44,7 @@ def test_quickstart_from_another_directory_then_soup_and_eval(user_dir):
     for name in ("a", "b"):  # outputs where the user said (relative to the working dir), the model from the repo
         config = (cwd / "ckpts" / name / "config.yaml").read_text()
         assert f"model_name_or_path: {TINY_VIT}" in config and f"output_dir: ckpts/{name}" in config
-        assert (cwd / "ckpts" / name / "best" / "lt_model.json").is_file()
+        assert (cwd / "ckpts" / name / "best" / "config.json").is_file()
     (cwd / "ckpts" / "train.log").write_text("a log the glob also matches\n")
     glob = sorted(str(p.relative_to(cwd)) for p in (cwd / "ckpts").iterdir())
     assert glob == ["ckpts/a", "ckpts/b", "ckpts/train.log"]
@@ -75,7 +75,7 @@ def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
     first = cwd / "soups" / "uniform"
     if not first.exists():  # this test alone: make the first soup
         assert run_in(cwd, REPO / "soup.py", "ckpts/a", "ckpts/b", env=env).returncode == 0
-    before = sha256_file(first / "lt_weights.safetensors")
+    before = sha256_file(first / "model.safetensors")
     shutil.copytree(first, cwd / "ckpts" / "old_soup")  # an earlier soup the glob matches
     try:
         res = run_in(cwd, REPO / "soup.py", "ckpts/a", "ckpts/b", "ckpts/old_soup", "--which", "final", env=env)
@@ -86,7 +86,7 @@ def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
     assert "soup written to soups/uniform_2:" in res.stdout
     manifest = json.loads((cwd / "soups" / "uniform_2" / "soup_manifest.json").read_text())
     assert manifest["ingredients"] == ["ckpts/a/final", "ckpts/b/final"]
-    assert sha256_file(first / "lt_weights.safetensors") == before
+    assert sha256_file(first / "model.safetensors") == before
 
 
 def test_soup_of_no_run_is_one_line_error(user_dir):
@@ -102,7 +102,7 @@ def test_soup_of_no_run_is_one_line_error(user_dir):
 # ------------------------------------------------------------------------------------------ rules, in-process
 def _export(path, method="full"):
     path.mkdir(parents=True)
-    (path / "lt_model.json").write_text(json.dumps({"method": method}))
+    (path / "config.json").write_text(json.dumps({"model_type": "lt_classifier", "method": method}))
     return path
 
 
