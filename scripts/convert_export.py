@@ -12,12 +12,16 @@ from lt_utils.config import ArgumentParser  # noqa: E402
 from lt_utils.errors import cli_entry  # noqa: E402
 
 
-@cli_entry
-def main(argv=None):
+def get_args_parser():
     parser = ArgumentParser(description="Convert an export of the earlier layout to this version's.")
     parser.add_argument("old_dir", metavar="OLD_DIR", help="the export to convert (read only)")
     parser.add_argument("new_dir", metavar="NEW_DIR", help="a new folder for the converted export")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_entry
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     from lt_utils.exports import convert_old_export
 
     out = convert_old_export(args.old_dir, args.new_dir)
