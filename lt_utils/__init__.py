@@ -1,3 +1,21 @@
-"""Long-tail image classification with foundation models on the Hugging Face stack."""
+"""Long-tail image classification with foundation models on the Hugging Face stack.
+
+Layers, bottom to top. A module imports from its own group or from a lower level, never from a higher level or from
+another group of its level; imports inside functions count too. tests/test_layers.py reads this table.
+
+    0 base     __init__ errors registry fileio
+    1 helpers  batchnorm compile schedule samplers transforms prompts losses metrics lt_metric reports inference
+    2 data     data data.*
+    2 models   heads peft_modules cifar_resnet text_towers modeling_lt models peft_methods head_init zeroshot
+    3 saving   checkpoint hub_files hub exports runs
+    4 config   config
+    5 run      data_loaders engine training eval_runs
+    6 soup     soup
+    7 scripts  train_lt.py soup.py eval_lt.py predict.py data_scripts/build_lt.py
+
+helpers know neither data nor models; data and models do not know each other; saving writes and reads checkpoints
+and exports of models; config checks flags against every registry below it; run trains and evaluates; soup averages
+runs; the scripts (outside this package) are the command lines.
+"""
 
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """Step arithmetic and the learning rate as a pure function of the optimizer step.
 
 No scheduler object is prepared: the lr is set on every optimizer step from `lr_at(step)`, so resuming
-needs only the step counter and the schedule is the same on 1 or N processes (hf_stack.md §9).
+needs only the step counter and the schedule is the same on 1 or N processes (an accelerate-prepared scheduler
+steps once per process on every optimizer step).
 """
 import math
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Zero-shot image-text classifier (LIFT's baseline, lt_methods.md §10), shaped like LTModel so `engine.evaluate`
+"""Zero-shot image-text classifier (the baseline LIFT compares against), shaped like LTModel so `engine.evaluate`
 runs it.
 
 logits = logit_scale.exp() * cos(image embedding, text feature of the class) + logit_bias, where a class's text

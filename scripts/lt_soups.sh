@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LT-Soups end to end (lt_methods.md §14): stage-1 ingredients, one independent job per (balance factor, branch);
+# LT-Soups end to end: stage-1 ingredients, one independent job per (balance factor, branch);
 # per factor the uniform soup of its branches; the progressive soup over factors (b = 1 first, the most imbalanced
 # last, soup = (1-LAM)*soup + LAM*next); stage 2 re-trains the head on the full LT data from the soup.
 #

@@ -9,7 +9,7 @@ from lt_utils.data.counts import class_order, group_of_count
 from lt_utils.data.sources import ArrayImages, Source, SourceSplit
 from lt_utils.errors import UserError
 
-# lt_methods.md §2, head to tail
+# the CIFAR-100-LT (rho 100) train counts every LT paper uses, written out: head to tail
 CIFAR100_R100 = [
     500, 477, 455, 434, 415, 396, 378, 361, 344, 328, 314, 299, 286, 273, 260, 248, 237, 226, 216, 206, 197, 188,
     179, 171, 163, 156, 149, 142, 135, 129, 123, 118, 112, 107, 102, 98, 93, 89, 85, 81, 77, 74, 70, 67, 64, 61, 58,

@@ -1,6 +1,7 @@
 """Losses against hand-computed values: CE, label smoothing / LOS over-smoothing, logit adjustment, balanced softmax,
 and LIFT's focal, LDAM, CB, GRW and LADE against their published formulas in NumPy (float64) on random logits."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -81,8 +82,8 @@ def test_bf16_logits_computed_in_fp32():
 
 
 def test_bad_inputs():
-    assert LOSSES.names() == ["ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"]
-    with pytest.raises(UserError, match="unknown loss 'ldam2'; choose one of ce, la, balanced_softmax, focal"):
+    assert {"ce", "la", "balanced_softmax", "focal", "ldam", "cb", "grw", "lade"} <= set(LOSSES.names())
+    with pytest.raises(UserError, match=re.escape(f"unknown loss 'ldam2'; choose one of {', '.join(LOSSES.names())}")):
         build_loss("ldam2")
     for name in ("la", "balanced_softmax", "ldam", "cb", "grw", "lade"):
         with pytest.raises(UserError, match="train counts"):

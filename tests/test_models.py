@@ -160,7 +160,7 @@ def test_l2_normed_and_layer_normed_heads():
 
 
 def test_build_lt_model_head_types(clip_dir):
-    assert HEADS.names() == ["cosine", "linear", "l2_normed", "layer_normed"]
+    assert {"cosine", "linear", "l2_normed", "layer_normed"} <= set(HEADS.names())
     assert isinstance(build_lt_model(clip_dir, 4, head_type="layer_normed").head, LayerNormedHead)
     assert isinstance(build_lt_model(clip_dir, 4, head_type="linear").head, LinearHead)
     model = build_lt_model(clip_dir, 4, head_scale=30.0, seed=5)

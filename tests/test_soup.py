@@ -98,7 +98,8 @@ def test_integer_tensors_copied_and_low_precision_kept(tmp_path):
 # --------------------------------------------------------------------------------------------------- weights
 def test_progressive_weights_match_lt_soups_table():
     w = soup_weights("progressive", 7, lam=0.7)
-    table = [0.0002, 0.0005, 0.0017, 0.0057, 0.019, 0.063, 0.21, 0.70]  # lt_methods.md §14, anchor first
+    # LT-Soups' weights as printed there (rounded), anchor first: 0.3**7, then 0.7 * 0.3**k for k = 6 down to 0
+    table = [0.0002, 0.0005, 0.0017, 0.0057, 0.019, 0.063, 0.21, 0.70]
     for got, want in zip(w, table):
         assert abs(got - want) <= 0.5 * 10 ** -(len(str(want)) - 2), (got, want)
     assert w[0] == pytest.approx(0.3 ** 7) and sum(w) == pytest.approx(1.0, abs=1e-12)

@@ -17,6 +17,7 @@ from . import sources
 from .counts import (
     assign_groups, check_no_empty_class, class_order, flat_sorted, indices_by_class, lt_counts, take_lt,
 )
+from .hf_source import HFSpec, read_hf_source
 from .info import LTInfo
 
 SPLITS = ("train", "val", "test")
@@ -311,15 +312,11 @@ class DatasetsLT(LTBuilder):
 
     @classmethod
     def spec(cls, config):
-        from .hf_source import HFSpec
-
         if config.source_name is None:
             raise UserError("hf_lt needs --dataset_name (a Hub dataset id or a local dataset folder)")
         return HFSpec(config.source_name, **{f: getattr(config, f) for f in cls.SPEC_FIELDS[1:]})
 
     def read_source(self):
-        from .hf_source import read_hf_source
-
         source, self.fingerprints = read_hf_source(self.spec(self.config), self.config.seed, self._cache_dir_root)
         return source
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .sources import HubImages, Source, SourceSplit, check_label_range, read_class_names
+from .source_base import HubImages, Source, SourceSplit, check_label_range, read_class_names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import UserError, require
 from ..fileio import atomic_dir
 from .builders import SPLITS
-from .info import INFO_FILENAME, LTInfo
+from .info import INFO_FILENAME, LTInfo, embed_info
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -97,8 +97,6 @@ def load_lt_from_hub(source, cache_dir=None):
                         "written by build_lt.py, or a Hub dataset pushed with build_lt.py --push_to_hub") from None
     info = LTInfo.load(info_path)
     check_matches_info(ds, info, source)
-    from .loading import embed_info
-
     return embed_info(ds, info), info
 
 

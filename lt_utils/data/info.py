@@ -106,3 +106,10 @@ class LTInfo:
             return cls.from_dict(json.loads(ds.info.description))
         except (TypeError, ValueError) as err:
             raise UserError("this dataset carries no LT info; build it with lt_utils.data.load_lt_dataset") from err
+
+
+def embed_info(ds, info):
+    """Store the LTInfo in every split's `info.description`, so `LTInfo.from_dataset` recovers it."""
+    for split in ds.values():
+        split.info.description = info.to_json()
+    return ds

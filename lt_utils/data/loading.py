@@ -14,7 +14,7 @@ from .counts import SELECTION_MODES
 from .hf_source import spec_fingerprint
 from .hub import (check_no_config_name, is_hub_dataset_id, is_hub_layout_dir, load_lt_from_hub,
                   named_config_values)
-from .info import INFO_FILENAME, LTInfo
+from .info import INFO_FILENAME, LTInfo, embed_info
 
 DATASET_NAMES = tuple(BUILDERS)
 VAL_SOURCES = ("unused_train", "test_slice")
@@ -183,13 +183,6 @@ def _as_split(builder, split):
         empty = {name: [] for name in builder.info.features}
         return datasets.Dataset.from_dict(empty, features=builder.info.features, info=builder.info.copy(), split=split)
     return builder.as_dataset(split=split)
-
-
-def embed_info(ds, info):
-    """Store the LTInfo in every split's `info.description`, so `LTInfo.from_dataset` recovers it."""
-    for split in ds.values():
-        split.info.description = info.to_json()
-    return ds
 
 
 def check_savable(ds, info):

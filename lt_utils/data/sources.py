@@ -1,94 +1,28 @@
 """Readers for the raw sources of the LT builders: CIFAR pickles, IDX files, OLTR txt lists, image folders, the Hub.
 
-Each reader returns a `Source`: class names plus, per source split, the labels in source order and an
-image reader that yields encoded image bytes for a list of indices. Nothing here decides the LT split.
+Each reader returns a `Source` (source_base.py); the Hub copies of the built-ins are read by hf_source.py's generic
+reader. Nothing here decides the LT split.
 """
 import dataclasses
 import gzip
 import hashlib
-import io
-import json
 import os
 import pickle
 import re
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 
 from ..errors import UserError
+from .hf_source import HFSpec, read_hf_source
+from .source_base import (ArrayImages, FileImages, Source, SourceSplit, check_label_range, read_class_names,
+                          require_file)
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-# ---------------------------------------------------------------- containers
-
-
-class ArrayImages:
-    """Decoded uint8 images in memory (CIFAR, IDX); encoded to PNG as they are written."""
-
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def iter_bytes(self, indices):
-        for i in indices:
-            buf = io.BytesIO()
-            PIL.Image.fromarray(self.arrays[i]).save(buf, format="PNG")
-            yield buf.getvalue()
-
-
-class FileImages:
-    """Image files on disk; their original bytes are stored (no re-encoding), verified by PIL first."""
-
-    def __init__(self, paths, origin):
-        self.paths = paths
-        self.origin = origin  # the list or folder they came from, for error messages
-
-    def iter_bytes(self, indices):
-        for i in indices:
-            yield read_verified_image(self.paths[i], self.origin)
-
-
-class HubImages:
-    """An image column of a Hub dataset, read without decoding."""
-
-    def __init__(self, dataset, column):
-        import datasets
-
-        self.dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        self.column = column
-
-    def iter_bytes(self, indices):
-        for row in self.dataset.select(indices):
-            image = row[self.column]
-            yield image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
-
-
-@dataclasses.dataclass
-class SourceSplit:
-    labels: np.ndarray  # int64, source order
-    images: object  # ArrayImages | FileImages | HubImages
-
-
-@dataclasses.dataclass
-class Source:
-    class_names: list
-    splits: dict  # "train" / "test" / optionally "val" -> SourceSplit
-    description: str
-
-
-def read_verified_image(path, origin):
-    try:
-        data = Path(path).read_bytes()
-        with PIL.Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path} (from {origin}) is not a readable image ({err}); fix the file or drop it from the list")
-    return data
 
 
 def fingerprint(paths, *extra):
@@ -104,13 +38,6 @@ def require_dir(path, what):
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{what} {path} does not exist or is not a directory; pass the right --data_dir")
-    return path
-
-
-def require_file(path, what):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} not found; check the path")
     return path
 
 
@@ -173,8 +100,6 @@ def read_cifar_local(data_dir, num_classes):
 
 def read_hub(repo, image_col, label_col, cache_dir=None):
     """A built-in dataset's Hub copy: the generic `datasets` reader with the repo's column names."""
-    from .hf_source import HFSpec, read_hf_source
-
     spec = HFSpec(repo, test_split="test", image_column_name=image_col, label_column_name=label_col)
     return dataclasses.replace(read_hf_source(spec, cache_dir=cache_dir)[0], description=f"hub:{repo}")
 
@@ -243,15 +168,6 @@ def read_fashion_mnist(data_dir, cache_dir=None):
     return Source(list(FASHION_MNIST_CLASSES), splits, f"local:{root}")
 
 
-def check_label_range(labels, num_classes, origin):
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        raise UserError(
-            f"{origin}: label {labels[bad[0]]} at entry {bad[0]} is outside 0..{num_classes - 1}; "
-            "fix the labels or the class-names file"
-        )
-
-
 # ---------------------------------------------------------------- OLTR txt lists
 
 
@@ -270,42 +186,6 @@ def parse_list(path):
     if not rel:
         raise UserError(f"{path} lists no images; expected lines 'relative/path label'")
     return rel, np.asarray(labels, dtype=np.int64)
-
-
-def _clean_name(name):
-    # Places365 categories look like "/a/airfield" or "/b/bus_station/indoor"
-    return re.sub(r"^/[a-z]/", "", name.strip())
-
-
-def read_class_names(path):
-    """Class names in label order from a text or JSON file.
-
-    Text: one class per line, in label order; "wnid name" (ImageNet classnames.txt) keeps the name,
-    "name index" (Places365 categories) is placed at its index. JSON: a list of names, a {id: name}
-    dict, or iNat's categories.json (a list of {"id", "name", ...}).
-    """
-    path = require_file(path, "class-names file")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            return [data[k] for k in sorted(data, key=int)]
-        if data and isinstance(data[0], dict):
-            return [c["name"] for c in sorted(data, key=lambda c: int(c["id"]))]
-        return [str(x) for x in data]
-    by_index, plain = {}, []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) >= 2 and re.fullmatch(r"\d+", parts[-1]):
-            by_index[int(parts[-1])] = _clean_name(" ".join(parts[:-1]))
-        elif len(parts) >= 2 and re.fullmatch(r"n\d{8}", parts[0]):
-            plain.append(" ".join(parts[1:]))
-        else:
-            plain.append(_clean_name(line))
-    if by_index:
-        return [by_index[i] for i in sorted(by_index)]
-    return plain
 
 
 def names_from_paths(rel_paths, labels, num_classes):
