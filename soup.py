@@ -13,30 +13,43 @@ soup export.
   accelerate launch soup.py runs/*/best --mode greedy --output_dir soups/greedy
   # WiSE-FT: interpolate any soup toward the zero-shot model (base weights + head init)
   python soup.py runs/a/final --alpha 0.5 --output_dir soups/wiseft
+  # merge task vectors (fine-tuned minus zero-shot) instead of averaging weights; the mode still sets the weights
+  python soup.py runs/a/final runs/b/final runs/c/final --merge_method ties --density 0.2 --output_dir soups/ties
+  python soup.py runs/a/final runs/b/final --merge_method dare_linear --density 0.3 --merge_seed 1 --output_dir soups/dare
+  python soup.py runs/a/final runs/b/final --merge_method task_arithmetic --scaling 1.5 --output_dir soups/ta
   # then LT-Soups stage 2: re-train the head on the full data from the soup
   python train_lt.py --method head --init_from soups/lt --loss la --output_dir runs/stage2 ...
 
 Every export holds its whole model (LoRA merged in), so exports of one base, architecture, labels and head init are
-averaged tensor by tensor; only a non-zero anchor weight (progressive, --alpha < 1) reads the base model. The output is a normal export (eval_lt.py, load_export, train_lt.py --init_from) with
-soup_manifest.json: inputs and their sha256, weights (anchor included), mode and the greedy steps.
+averaged tensor by tensor; only an anchor weight (progressive, --alpha < 1) or a task-vector merge method reads the
+base model. The output is a normal export (eval_lt.py, load_export, train_lt.py --init_from) with soup_manifest.json:
+inputs and their sha256, weights (anchor included), mode, merge method and its parameters, and the greedy steps.
 """
 import argparse
 
 from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
 from lt_utils.errors import cli_entry
 from lt_utils.runs import default_soup_dir, expand_ingredients
+from lt_utils.merge import MERGE_METHODS
 from lt_utils.soup import build_val_scorer, make_soup
+
+
+def merge_param_flags():
+    """Every parameter of a registered merge method (each a flag of the table), in registration order."""
+    return list(dict.fromkeys(p for name in MERGE_METHODS for p in MERGE_METHODS.get(name).defaults))
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, greedy; "
-                                        "WiSE-FT with --alpha).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                        "WiSE-FT with --alpha; task arithmetic, TIES, DARE with --merge_method).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("ingredients", nargs="+",
                         help="run dirs, export dirs (final/, best/) or Hub ids, in order (progressive); files and "
                              "folders without a run among them (logs, an earlier soup) are skipped with a note")
     add_flags(parser, ("which", "output_dir"), output_dir=None)
-    add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "select_metric", "overwrite", "push_to_hub",
-                       "hub_model_id", "hub_token"), aliases={"lam": ["--lambda"]})
+    add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "merge_method", *merge_param_flags(),
+                       "select_metric", "overwrite", "push_to_hub", "hub_model_id", "hub_token"),
+              aliases={"lam": ["--lambda"]})
     group = add_data_args(parser, dataset=None, num_workers=0)
     group.description = ("greedy only: the val split; default: the split the first ingredient was trained on (its "
                          "config.json records it, and its --data_dir)")
@@ -54,7 +67,8 @@ def main(argv=None):
     if PartialState().is_main_process:
         for note in notes:
             print(note)
-    output_dir = args.output_dir or str(default_soup_dir(mode, ingredients))
+    name = mode if args.merge_method == "average" else f"{mode}_{args.merge_method}"
+    output_dir = args.output_dir or str(default_soup_dir(name, ingredients))
 
     def scorer_factory(first):
         return build_val_scorer(first, args, batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
@@ -62,10 +76,13 @@ def main(argv=None):
     manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
                          scorer_factory=scorer_factory, select_metric=args.select_metric,
-                         data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
+                         data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS},
+                         merge_method=args.merge_method, merge_flags={f: getattr(args, f) for f in merge_param_flags()})
     if "output_sha256" in manifest:  # main process
+        merge = ", ".join(f"{k} {v}" for k, v in manifest["merge"].items() if k != "method")
         print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
-              + ", ".join(f"{w:.4g}" for w in manifest["weights"]))
+              + ", ".join(f"{w:.4g}" for w in manifest["weights"])
+              + f"; merged by {manifest['merge']['method']}" + (f" ({merge})" if merge else ""))
         for name, digest in manifest["output_sha256"].items():
             print(f"sha256 {digest}  {name}")
         if args.push_to_hub:

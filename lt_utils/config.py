@@ -26,6 +26,7 @@ from .fileio import atomic_write_text
 from .head_init import HEAD_INITS
 from .heads import HEADS
 from .losses import LOSSES
+from .merge import MERGE_METHODS
 from .peft_methods import METHODS
 from .prompts import PROMPT_MODES
 from .transforms import TTE_MODES
@@ -427,6 +428,25 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "lam": Flag("float", 0.7, "progressive: weight of each next ingredient, soup = (1-lam)*soup + lam*next",
                 low=0, high=1, low_open=True),
     "alpha": Flag("float", 1.0, "WiSE-FT: (1-alpha)*zero-shot + alpha*soup; 1 = the soup itself", low=0, high=1),
+    # soup.py --merge_method: each method's parameters default to None here, so a flag the method does not take is
+    # refused rather than ignored; the methods' own defaults are in lt_utils/merge.py
+    "merge_method": Flag("str", "average", "how the weighted ingredients combine, tensor by tensor (--mode picks them "
+                         "and their weights): average (the soup itself), or their task vectors (fine-tuned minus "
+                         "zero-shot, so the base model is loaded): task_arithmetic, ties (trim, elect sign, disjoint "
+                         "mean), dare_linear / dare_ties (random drop and rescale, then linear / ties)",
+                         choices=_registry(MERGE_METHODS)),
+    "scaling": Flag("float", None, "task vector methods: lambda, soup = zero-shot + lambda * merged task vector "
+                    "(default 1: with weights summing to 1, task_arithmetic is then the weighted soup; TIES-merging's "
+                    "value; task arithmetic tunes it on val, > 1 extrapolates)", low=0, low_open=True, nullable=True),
+    "density": Flag("float", None, "ties, dare_*: fraction of each task vector's entries kept, per tensor: ties keeps "
+                    "the largest (default 0.2, TIES-merging's top 20%%), dare_* a random draw rescaled by 1/density "
+                    "(default 0.1, DARE's drop rate 0.9)", low=0, high=1, low_open=True, nullable=True),
+    "majority_sign_method": Flag("str", None, "ties, dare_ties: the sign elected per entry is that of the sum of the kept "
+                                 "values (total, the default) or of the most kept values (frequency)",
+                                 choices=_lazy(".merge", "SIGN_METHODS"), nullable=True),
+    "merge_seed": Flag("int", None, "dare_*: seed of the dropped entries (default 0); each tensor of each ingredient "
+                       "draws from its own stream, so the same seed and ingredient list give the same soup",
+                       low=0, high=UINT32, high_open=True, nullable=True),
     "test_per_class": _pos("int", 50, "held-out test images per class without --test_dir"),
     "push_to_hub_repo": Flag("str", None, "also push the split to this Hub dataset repo", nullable=True, metavar="REPO"),
 }

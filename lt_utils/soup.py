@@ -11,11 +11,16 @@ zero-shot model the ingredients were fine-tuned from: the base weights plus `hea
                 strictly improves; the kept ones are averaged uniformly
   alpha < 1     WiSE-FT on top of any mode: (1-alpha)*anchor + alpha*soup
 
+The mode decides the weights; `merge_method` (lt_utils.merge) how the weighted tensors combine: averaged (default,
+the soups above), or as task vectors from the anchor (task arithmetic, TIES, DARE).
+
 Every export holds its whole model (LoRA merged into the weights), so any exports of one base, architecture, label
-set and head init merge tensor by tensor; the soup is a plain export (no adapter). Only an anchor weight needs the
-base model itself (its pretrained weights). Tensors are read one at a time with `safe_open` and summed in float64,
-so peak memory is about the output plus, when the anchor needs it, the base model, whatever N.
+set and head init merge tensor by tensor; the soup is a plain export (no adapter). Only an anchor weight or task
+vectors need the base model itself (its pretrained weights). Tensors are read one at a time with `safe_open` and
+summed in float64, so peak memory is about the output plus, when the anchor needs it, the base model, whatever N
+(ties and dare_ties also hold one key's tensor of every ingredient).
 """
+import collections.abc
 import copy
 import dataclasses
 import hashlib
@@ -27,13 +32,16 @@ import torch
 
 from .checkpoint import (HEAD_INIT_FILE, check_finite, export_record, read_export_config, read_tensors,
                          resolve_export_dir, weight_files, weight_keys, write_export)
-from .config import recorded_flags
+from .config import FLAGS, recorded_flags
 from .errors import UserError, require
 from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
+from .merge import MERGE_METHODS, KeyInputs, check_merge_weights, merge_params
 from .metrics import check_select_metric, selection_score
 
 MODES = ("uniform", "weighted", "progressive", "greedy")
 MANIFEST_FILE = "soup_manifest.json"
+# BatchNorm statistics are measured, not trained: a trimmed or dropped variance is no variance, so they are averaged
+BN_STATS = ("running_mean", "running_var")
 
 
 # ------------------------------------------------------------------------------------------------ ingredients
@@ -200,13 +208,17 @@ def load_base_state(config):
     return model.state_dict()
 
 
-def needs_base(ingredients, weights):
-    """A non-zero anchor needs the base for every non-head tensor."""
-    return weights[0] != 0 and any(not k.startswith("head.") for k in ingredients[0].entries)
+def needs_base(ingredients, weights, merge_method="average"):
+    """A non-zero anchor or task vectors need the base for every non-head tensor."""
+    anchored = weights[0] != 0 or MERGE_METHODS.get(merge_method).task_vectors
+    return anchored and any(not k.startswith("head.") for k in ingredients[0].entries)
 
 
-def check_anchor_defined(ingredients, weights):
+def check_anchor_defined(ingredients, weights, merge_method="average"):
     adapters = [k for k in ingredients[0].entries if k.startswith("adapters.")]
+    require(not (adapters and MERGE_METHODS.get(merge_method).task_vectors),
+            f"--merge_method {merge_method} merges task vectors from the zero-shot anchor, which AdaptFormer adapters "
+            "lack (their init is not stored); use --merge_method average")
     require(weights[0] == 0 or not adapters,
             "progressive soups and --alpha need the zero-shot anchor, which AdaptFormer adapters lack (their init is "
             "not stored); use --mode uniform, weighted or greedy without --alpha")
@@ -248,15 +260,19 @@ def _base_tensor(base_state, key, source):
     return base_state[key]
 
 
-def merge_tensors(ingredients, weights, base_state=None, head_init=None, progress=True):
-    """{key: sum_j w_j * T_j[key]} over (anchor, ingredients), key by key in float64, cast to the first's dtype.
+def merge_tensors(ingredients, weights, base_state=None, head_init=None, progress=True, merge_method="average",
+                  params=None, ids=None):
+    """{key: merged tensor} over (anchor, ingredients) with weights [w_0, w_1 .. w_N], key by key in float64, cast to
+    the first's dtype. Float tensors combine by `merge_method` with `params` (default: sum_j w_j * T_j); `ids`: the
+    ingredients' stable ids (positions in the user's list; DARE's seeds).
 
-    BatchNorm running means and variances are averaged like weights; num_batches_tracked is the largest. Other
-    integer tensors are copied from the first ingredient and must be equal in all of them.
+    BatchNorm running means and variances are averaged like weights whatever the method; num_batches_tracked is the
+    largest. Other integer tensors are copied from the first ingredient and must be equal in all of them.
     """
     from tqdm.auto import tqdm
 
     require(len(weights) == len(ingredients) + 1, "weights must be [anchor, one per ingredient]")
+    method, average = MERGE_METHODS.get(merge_method), MERGE_METHODS.get("average")
     first, rest = ingredients[0], list(zip(ingredients[1:], weights[2:]))
     out = {}
     for key in tqdm(sorted(first.entries), desc="merge", disable=not progress):
@@ -271,20 +287,33 @@ def merge_tensors(ingredients, weights, base_state=None, head_init=None, progres
             out[key] = tensor
             continue
         dtype = tensor.dtype
-        acc = _scaled(tensor, weights[1])
+        chosen = average if key.endswith(BN_STATS) else method
+        anchor = anchor_tensor(key, base_state, head_init) if weights[0] or chosen.task_vectors else None
+        inputs = KeyInputs(key, _KeyTensors(ingredients, key, tensor), weights[1:], weights[0], anchor, ids)
         del tensor
-        for ing, w in rest:
-            if w:
-                acc.add_(_scaled(ingredient_tensor(ing, key), w))
-        if weights[0]:
-            acc.add_(_scaled(anchor_tensor(key, base_state, head_init), weights[0]))
-        out[key] = acc.to(dtype)
+        out[key] = chosen.merge(inputs, **((params or {}) if chosen is method else {})).to(dtype)
     return out
 
 
-def _scaled(tensor, weight):
-    # a float64 copy times w, then a plain add: add_(alpha=w) may fuse (FMA) and round differently from w * t + acc
-    return tensor.to(torch.float64, copy=True).mul_(weight)
+class _KeyTensors(collections.abc.Sequence):
+    """One key's ingredient tensors, each read from its file when a merge method asks for it (the first is read)."""
+
+    def __init__(self, ingredients, key, first):
+        self._ingredients, self._key, self._first = ingredients, key, first
+
+    def __len__(self):
+        return len(self._ingredients)
+
+    def __getitem__(self, i):
+        if i == 0:
+            return self._first
+        return ingredient_tensor(self._ingredients[i], self._key)
+
+
+def _merge_params(merge_method, merge_flags):
+    """The method's parameters, each checked by the flag table as on the command line (callers of make_soup too)."""
+    params = merge_params(merge_method, merge_flags)
+    return {flag: FLAGS[flag].coerce(flag, value) if flag in FLAGS else value for flag, value in params.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- greedy
@@ -315,11 +344,13 @@ def greedy_select(order, evaluate):
     return kept, steps
 
 
-def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None):
-    """Rank by stored val score (evaluating those without one), then greedy_select with real val evaluations."""
+def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None, merge_method="average", params=None):
+    """Rank by stored val score (evaluating those without one), then greedy_select with real val evaluations of the
+    candidate soups, merged by `merge_method`."""
     def score_of(subset):
         tensors = merge_tensors([ingredients[i] for i in subset], [0.0] + [1.0 / len(subset)] * len(subset),
-                                base_state, head_init, progress=False)
+                                base_state, head_init, progress=False, merge_method=merge_method, params=params,
+                                ids=subset)
         value = selection_score(scorer(tensors), metric)  # higher is better (NLLs negated)
         require(value is not None, f"the val split gives no {metric}; choose another --select_metric")
         return float(value)
@@ -423,10 +454,12 @@ def write_soup(output_dir, first, tensors, soup_info, manifest, metrics=None):
 
 # ------------------------------------------------------------------------------------------------------- soup
 def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normalize=False, alpha=1.0,
-              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None):
+              overwrite=False, scorer_factory=None, select_metric="mean_class_acc", progress=True, data_inputs=None,
+              merge_method="average", merge_flags=None):
     """Read, check, weigh and merge `inputs` (export dirs / Hub ids) into the export dir `output_dir`.
 
     scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
+    merge_method: how tensors combine (lt_utils.merge); merge_flags: its flags by name (None = its default).
     Returns the manifest (as written to soup_manifest.json, plus "output_sha256" on the main process).
     """
     if mode == "greedy":
@@ -434,32 +467,37 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     from accelerate import PartialState
     require(mode in MODES, f"unknown soup mode {mode!r}; use one of {', '.join(MODES)}")
     require(weights is None or mode == "weighted", f"--weights sets the weights itself; drop --mode {mode}")
+    params = _merge_params(merge_method, merge_flags or {})
+    check_merge_weights(merge_method, weights or [])  # the only weights that can be negative; before any reading
     ingredients = [read_ingredient(p) for p in inputs]
     check_output_dir(output_dir, ingredients, overwrite, data_inputs)
     check_compatible(ingredients)
+    check_anchor_defined(ingredients, [0.0], merge_method)
     first = ingredients[0]
     head_init = read_tensors(first.path / HEAD_INIT_FILE)
-    base_state = None
+    base_state = load_base_state(first.config) if needs_base(ingredients, [0.0], merge_method) else None
     scores, greedy, scorer = [None] * len(ingredients), None, None
     if mode == "greedy":
         require(scorer_factory is not None, "greedy soups need val data to score candidates")
         scorer = scorer_factory(first)
-        kept, scores, steps = run_greedy(ingredients, scorer, select_metric, base_state, head_init)
+        kept, scores, steps = run_greedy(ingredients, scorer, select_metric, base_state, head_init, merge_method, params)
         mix = [0.0] + [1.0 / len(kept) if i in kept else 0.0 for i in range(len(ingredients))]
         greedy = {"metric": select_metric, "ranking_scores": scores, "steps": steps}
     else:
         mix = soup_weights(mode, len(ingredients), lam, weights, normalize)
     mix = with_alpha(mix, alpha)
-    check_anchor_defined(ingredients, mix)
-    if base_state is None and needs_base(ingredients, mix):
+    check_anchor_defined(ingredients, mix, merge_method)
+    if base_state is None and needs_base(ingredients, mix, merge_method):
         base_state = load_base_state(first.config)
     used = [i for i, w in enumerate(mix[1:]) if w != 0] or [0]  # zero-weight ingredients are not read
     tensors = merge_tensors([ingredients[i] for i in used], [mix[0]] + [mix[1 + i] for i in used],
-                            base_state, head_init, progress=progress)
+                            base_state, head_init, progress=progress, merge_method=merge_method, params=params,
+                            ids=used)
     del base_state
     metrics = {"val": scorer(tensors)} if scorer else None  # the final soup's full val metrics, for the model card
     soup_info = {"mode": mode, "lam": lam if mode == "progressive" else None, "alpha": alpha,
-                 "anchor_weight": mix[0], "ingredients": [ing.name for ing in ingredients], "weights": mix[1:]}
+                 "anchor_weight": mix[0], "ingredients": [ing.name for ing in ingredients], "weights": mix[1:],
+                 "merge": {"method": merge_method, **params}}
     manifest = {**soup_info, "normalize": bool(normalize), "greedy": greedy,
                 "inputs": [{"path": ing.name, "weight": mix[1 + i], "val_score": scores[i], "sha256": weight_file_hashes(ing)}
                            for i, ing in enumerate(ingredients)]}

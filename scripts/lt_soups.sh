@@ -8,10 +8,13 @@
 #   bash scripts/lt_soups.sh stage1 5                         # only job 5 (factor index 5 // BRANCHES, branch 5 % BRANCHES)
 #   bash scripts/lt_soups.sh soup && bash scripts/lt_soups.sh stage2
 #   LAUNCH=python DATASET=fashion_mnist_lt MODEL=path/to/clip bash scripts/lt_soups.sh   # CPU, no accelerate launcher
+#   SOUP_ARGS="--merge_method ties --density 0.2" bash scripts/lt_soups.sh soup   # TIES-merge the progressive soup
 #
 # Steps: all (default) | stage1 [JOB_INDEX] | soup | stage2 | jobs (print the number of stage-1 jobs).
 # Flags after `--` go to every train_lt.py call (e.g. --data_dir, --max_train_steps). Finished jobs (an export
 # in their output dir) are skipped, so a re-run resumes the recipe. A Slurm array version: scripts/lt_soups_slurm.sh.
+# SOUP_ARGS: extra soup.py flags for the progressive soup (e.g. a --merge_method and its flags); BRANCH_SOUP_ARGS: for
+# the per-factor branch soups. Both are split on whitespace; default none (LT-Soups' plain averages).
 set -euo pipefail
 
 DATASET=${DATASET:-cifar100_lt}
@@ -23,6 +26,8 @@ LAM=${LAM:-0.7}
 SEED=${SEED:-0}
 OUT=${OUT:-outputs/lt_soups}
 LAUNCH=${LAUNCH:-"accelerate launch"}
+read -r -a soup_args <<< "${SOUP_ARGS:-}"
+read -r -a branch_soup_args <<< "${BRANCH_SOUP_ARGS:-}"
 # LT-Soups' own settings per dataset (its exact subsets, split, warm-up, EMA and 5 validations per run)
 preset=ltsoups; [[ $DATASET == cifar10_lt ]] && preset=ltsoups_cifar10
 STAGE1_CONFIG=${STAGE1_CONFIG:-configs/${preset}_stage1_full.yaml}
@@ -68,10 +73,10 @@ soup() {
         local branches=()
         for ((b = 0; b < BRANCHES; b++)); do branches+=("$(export_of "$(run_dir "$k" "$b")")"); done
         if ((BRANCHES == 1)); then per_factor+=("${branches[0]}"); continue; fi
-        $PYTHON soup.py "${branches[@]}" --output_dir "$OUT/soups/k$k" --overwrite
+        $PYTHON soup.py "${branches[@]}" --output_dir "$OUT/soups/k$k" --overwrite "${branch_soup_args[@]}"
         per_factor+=("$OUT/soups/k$k")
     done
-    $PYTHON soup.py "${per_factor[@]}" --mode progressive --lam "$LAM" --output_dir "$OUT/soup" --overwrite
+    $PYTHON soup.py "${per_factor[@]}" --mode progressive --lam "$LAM" --output_dir "$OUT/soup" --overwrite "${soup_args[@]}"
 }
 
 stage2() {
