@@ -420,7 +420,7 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "top_k": _pos("int", 5, "labels and probabilities kept per image (predict.py, --save_predictions)"),
     "output": Flag("path", None, "the CSV to write (required)", nullable=True),
     "batch_size": _pos("int", 32, "images per forward pass"),
-    "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".soup", "MODES"),
+    "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".merge", "MODES"),
                  nullable=True),
     "weights": Flag("float", None, "one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)",
                     nullable=True, nargs="+"),

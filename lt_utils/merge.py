@@ -38,6 +38,9 @@ from typing import Sequence
 import torch
 
 from .errors import UserError
+
+# soup modes: which ingredients, with which weights (lt_utils.soup.soup_weights); the merge method combines them
+MODES = ("uniform", "weighted", "progressive", "greedy")
 from .registry import Registry
 
 SIGN_METHODS = ("total", "frequency")

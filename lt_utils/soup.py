@@ -35,10 +35,9 @@ from .checkpoint import (HEAD_INIT_FILE, check_finite, export_record, read_expor
 from .config import FLAGS, recorded_flags
 from .errors import UserError, require
 from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
-from .merge import MERGE_METHODS, KeyInputs, check_merge_weights, merge_params
+from .merge import MERGE_METHODS, MODES, KeyInputs, check_merge_weights, merge_params
 from .metrics import check_select_metric, selection_score
 
-MODES = ("uniform", "weighted", "progressive", "greedy")
 MANIFEST_FILE = "soup_manifest.json"
 # BatchNorm statistics are measured, not trained: a trimmed or dropped variance is no variance, so they are averaged
 BN_STATS = ("running_mean", "running_var")

@@ -106,7 +106,8 @@ def plain_model_init(accelerator):
 
 
 def check_deepspeed_accumulation(accelerator, args):
-    """accelerate silently takes DeepSpeed's accumulation when the two disagree; refuse instead (hf_stack §14.3)."""
+    """accelerate silently takes DeepSpeed's accumulation when the two disagree, so the run would not be the one
+    asked for: refuse instead."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
