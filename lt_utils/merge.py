@@ -69,7 +69,7 @@ def merge_method(name, task_vectors=True, elects_sign=False):
 
 @dataclasses.dataclass
 class KeyInputs:
-    """One key's inputs. `tensors[i]` is ingredient i's tensor in its stored dtype (float64 for a LoRA target), read
+    """One key's inputs. `tensors[i]` is ingredient i's tensor in its stored dtype, read
     when asked for, so a method that streams holds one at a time."""
 
     key: str

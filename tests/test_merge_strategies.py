@@ -1,5 +1,9 @@
 """soup.py --merge_method: task arithmetic, TIES and DARE on real exports (full fine-tuning and LoRA) against hand
-computations and peft's merge_utils; the default average bitwise as before; flag refusals; BatchNorm statistics."""
+computations and peft's merge_utils; the default average bitwise as before; flag refusals; BatchNorm statistics.
+
+Every export holds its whole model (a LoRA run's factors merged into the weights), so an ingredient's tensors are
+its model.safetensors (read in LTModel key names by `export_tensors`) and its task vector is those minus the
+zero-shot anchor: the base model's weights (`load_base_state` of its config) + head_init.safetensors."""
 import hashlib
 import json
 import math
@@ -14,57 +18,56 @@ from peft.utils import merge_utils
 from safetensors.torch import load_file
 
 import soup
-from lt_utils.checkpoint import read_export_meta
+from lt_utils.checkpoint import load_export, read_export_config
 from lt_utils.errors import UserError
 from lt_utils.heads import random_head_init
 from lt_utils.merge import MERGE_METHODS, KeyInputs, merge_method
-from lt_utils.soup import load_base_state, make_soup, merge_tensors, read_ingredient, run_greedy
+from lt_utils.models import build_lt_model
+from lt_utils.peft_methods import apply_method
+from lt_utils.soup import load_base_state, make_soup, read_ingredient, run_greedy
 from tests.helpers_soup import perturbed, tiny_lt_model, write_ingredient, write_lora_ingredient
+from tests.helpers_train import export_config, export_tensors
 
 REPO = Path(__file__).resolve().parents[1]
+RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 C = 4
 TOL = 1e-6  # the soups are float32; the hand and peft merges float64
 LORA_SCALING = 2.0 / 4  # write_lora_ingredient's lora_alpha / r
 NEW_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
+def zero_shot_anchor(export_dir):
+    """The model an export was fine-tuned from, as soups take it: the base model's weights (`load_base_state` of its
+    config) with the head init of head_init.safetensors (and a zero bias where the head has one)."""
+    anchor = dict(load_base_state(read_export_config(export_dir)))
+    anchor["head.weight"] = load_file(str(Path(export_dir) / "head_init.safetensors"))["weight"]
+    if "head.bias" in anchor:
+        anchor["head.bias"] = torch.zeros_like(anchor["head.bias"])
+    return anchor
+
+
 @pytest.fixture(scope="module")
 def exports(vit_dir, tmp_path_factory):
     """Three full fine-tuning exports and two LoRA exports of the tiny ViT, all from one zero-shot model (the
-    pretrained weights + a head init), and that zero-shot model's tensors (the anchor)."""
+    pretrained weights + a head init), and that zero-shot model's tensors (the anchor) as each kind's exports name
+    it."""
     root = tmp_path_factory.mktemp("merge")
     lt = tiny_lt_model(vit_dir, C)
     head_init = random_head_init(C, lt.spec.hidden_size, seed=7)
-    anchor = {**{k: v.clone() for k, v in lt.state_dict().items()}, "head.weight": head_init}
-    full = [write_ingredient(root / f"full{i}", lt, vit_dir, perturbed(anchor, anchor.keys(), seed=200 + i), head_init)
+    start = {**{k: v.clone() for k, v in lt.state_dict().items()}, "head.weight": head_init}
+    full = [write_ingredient(root / f"full{i}", lt, vit_dir, perturbed(start, start.keys(), seed=200 + i), head_init)
             for i in range(3)]
     lora = [write_lora_ingredient(root / f"lora{s}", vit_dir, head_init, seed=s) for s in (1, 2)]
-    return {"full": full, "lora": lora, "anchor": anchor, "lt": lt, "vit": vit_dir, "head_init": head_init}
-
-
-def _weights(path):
-    return load_file(str(Path(path) / "lt_weights.safetensors"))
-
-
-def _lora_tensors(path, anchor):
-    """A LoRA export in LTModel keys, by hand: its q/v targets base + scaling * B @ A (float64), its head as saved."""
-    adapter = load_file(str(Path(path) / "lt_adapter" / "adapter_model.safetensors"))
-    out = {}
-    for key, value in adapter.items():
-        name = key.removeprefix("base_model.model.")
-        if ".lora_A." in name:
-            target = name.split(".lora_A.")[0] + ".weight"
-            b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            out[target] = anchor[target].double() + LORA_SCALING * (b.double() @ value.double())
-        elif ".lora_B." not in name:
-            out[name] = value
-    return out
+    anchors = {"full": zero_shot_anchor(full[0]), "lora": zero_shot_anchor(lora[0])}
+    for anchor in anchors.values():  # both kinds start from the model the full runs were perturbed from
+        assert set(anchor) == set(start) and all(torch.equal(anchor[k], v) for k, v in start.items())
+    return {"full": full, "lora": lora, "anchor": anchors["full"], "anchors": anchors, "lt": lt, "vit": vit_dir,
+            "head_init": head_init}
 
 
 def _ingredient_tensors(exports, kind):
-    if kind == "full":
-        return [_weights(p) for p in exports["full"]]
-    return [_lora_tensors(p, exports["anchor"]) for p in exports["lora"]]
+    """Each ingredient's tensors, LTModel keys: for LoRA its merged weights (what the soup reads), not its factors."""
+    return [export_tensors(p) for p in exports[kind]]
 
 
 def _task_vectors(tensors, anchor, key):
@@ -81,6 +84,30 @@ def _check(got, want, what, diffs, key=""):
     diff = float((got.double() - want.double()).abs().max())
     diffs[what] = max(diff, diffs.get(what, 0.0))
     assert diff <= TOL, (what, key, diff)
+
+
+def test_lora_task_vectors_are_the_adapters_deltas(exports):
+    """A LoRA ingredient's task vector (merged weights - anchor) is scaling * B @ A on the adapter's targets (to the
+    float32 rounding of the merged weights), its head's training on the head and 0 everywhere else."""
+    anchor = exports["anchors"]["lora"]
+    for path in exports["lora"]:
+        tensors = export_tensors(path)
+        adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        targets = {}
+        for key, a in adapter.items():
+            if ".lora_A." in key:
+                name = "backbone." + key.removeprefix("base_model.model.").split(".lora_A.")[0] + ".weight"
+                b = adapter[key.replace(".lora_A.", ".lora_B.")]
+                targets[name] = LORA_SCALING * (b.double() @ a.double())
+        assert targets and set(targets) <= set(tensors)
+        for key, value in tensors.items():
+            tau = value.double() - anchor[key].double()
+            if key in targets:
+                assert float((tau - targets[key]).abs().max()) <= TOL and float(targets[key].abs().max()) > 1e-2, key
+            elif key.startswith("head."):
+                assert float(tau.abs().max()) > 1e-2, key  # the trained head
+            else:
+                assert not tau.any(), key
 
 
 # -------------------------------------------------------------------------------------------- hand computations
@@ -169,7 +196,7 @@ CASES = {  # method: (flags, their values as the hand and peft merges take them)
 def test_new_methods_match_hand_computation_and_peft(exports, tmp_path, monkeypatch, method, kind):
     flags, params = CASES[method][0], dict(CASES[method][1])
     out = _soup(exports, kind, tmp_path, method, "--merge_method", method, *flags)
-    merged, anchor = _weights(out), exports["anchor"]
+    merged, anchor = export_tensors(out), exports["anchors"][kind]
     tensors = _ingredient_tensors(exports, kind)
     n = len(tensors)
     assert set(merged) == set(tensors[0])
@@ -189,7 +216,7 @@ def test_new_methods_match_hand_computation_and_peft(exports, tmp_path, monkeypa
     recorded = {"method": method, "scaling": scaling,
                 **{("majority_sign_method" if k == "sign_method" else k): v for k, v in params.items()}}
     manifest = json.loads((out / "soup_manifest.json").read_text())
-    for source in (manifest["merge"], read_export_meta(out)["soup"]["merge"]):
+    for source in (manifest["merge"], export_config(out)["soup"]["merge"]):
         assert {k: source[k] for k in recorded} == recorded and source["method"] == method
     assert set(manifest["merge"]) == {"method", *MERGE_METHODS.get(method).defaults}  # the defaults recorded too
 
@@ -230,7 +257,7 @@ def test_weights_and_alpha_carry_into_the_task_vector_methods(exports, tmp_path,
     hand = {"density": params.get("density"), "sign_method": sign_method, "merge_seed": params.get("merge_seed", 0),
             "scaling": params["scaling"]}
     tensors, anchor, diffs = _ingredient_tensors(exports, "full"), exports["anchor"], {}
-    for key, got in _weights(out).items():
+    for key, got in export_tensors(out).items():
         want = anchor[key].double() + _by_hand(method, _task_vectors(tensors, anchor, key), weights, key, **hand)
         _check(got, want, "hand", diffs)
     print(f"{method} {flags[1]}: max |soup - hand| {diffs['hand']:.2e}")
@@ -248,7 +275,7 @@ def test_dare_masks_depend_on_seed_ingredient_and_key_only(exports, tmp_path):
                  "--weights", "0", "0.5", "0.5")
     tensors, anchor, diffs = _ingredient_tensors(exports, "full"), exports["anchor"], {}
     kept = total = 0
-    for key, got in _weights(skip).items():
+    for key, got in export_tensors(skip).items():
         taus = _task_vectors(tensors[1:], anchor, key)
         _check(got, anchor[key].double() + _by_hand("dare_linear", taus, [0.5, 0.5], key, density=0.3, ids=[1, 2]),
                "hand", diffs)
@@ -257,7 +284,7 @@ def test_dare_masks_depend_on_seed_ingredient_and_key_only(exports, tmp_path):
     assert abs(kept / total - 0.3) < 0.01, kept / total  # about density of the entries kept
     # greedy: a candidate soup drops the same entries of an ingredient as the final soup
     ingredients = [read_ingredient(p) for p in exports["full"]]
-    base_state = load_base_state(ingredients[0].meta)
+    base_state = load_base_state(ingredients[0].config)
     candidates = []
 
     def scorer(tensors):
@@ -302,37 +329,56 @@ def test_default_average_is_bitwise_the_weighted_sum(exports, tmp_path, kind, fl
     assert manifest["merge"] == {"method": "average"}
     assert manifest["anchor_weight"] == pytest.approx(anchor_weight, abs=1e-12)
     assert manifest["weights"] == pytest.approx(weights, abs=1e-12)
-    tensors = _ingredient_tensors(exports, kind)
-    for key, got in _weights(out).items():  # the manifest's weights are the ones used; the order is the point
-        want = _exact_average(tensors, manifest["weights"], manifest["anchor_weight"], exports["anchor"], key)
+    tensors, merged = _ingredient_tensors(exports, kind), export_tensors(out)
+    assert set(merged) == set(tensors[0])
+    for key, got in merged.items():  # the manifest's weights are the ones used; the order is the point
+        want = _exact_average(tensors, manifest["weights"], manifest["anchor_weight"], exports["anchors"][kind], key)
         assert torch.equal(got, want), key
-    if kind == "full" and not flags:  # task arithmetic at scaling 1 is the same soup, up to rounding
-        ta = _weights(_soup(exports, kind, tmp_path, "ta", "--merge_method", "task_arithmetic"))
-        for key, got in _weights(out).items():
+    if not flags:  # task arithmetic at scaling 1 is the same soup, up to rounding
+        ta = export_tensors(_soup(exports, kind, tmp_path, "ta", "--merge_method", "task_arithmetic"))
+        for key, got in merged.items():
             torch.testing.assert_close(ta[key], got, rtol=0, atol=TOL)
 
 
 # ------------------------------------------------------------------------------------- BatchNorm and integers
-def test_batchnorm_statistics_are_averaged_and_counters_kept(exports, tmp_path):
-    g = torch.Generator().manual_seed(0)
-    base_state = {"backbone.bn.weight": torch.randn(16, generator=g), "backbone.bn.running_mean": torch.randn(16, generator=g),
-                  "backbone.bn.running_var": torch.rand(16, generator=g) + 0.5}
-    h0 = exports["head_init"]
-    tensors = [{**{k: v + 0.3 * torch.randn(16, generator=g) for k, v in base_state.items()},
-                "head.weight": h0 + 0.1 * torch.randn(h0.shape, generator=g),
-                "backbone.bn.num_batches_tracked": torch.tensor(10 * (i + 1))} for i in range(3)]
-    paths = [write_ingredient(tmp_path / f"bn{i}", exports["lt"], exports["vit"], t, h0, hub_files=False)
+def test_batchnorm_statistics_are_averaged_and_counters_kept(tmp_path):
+    """A TIES soup of three real CIFAR ResNet-8 exports: BatchNorm running means and variances are averaged (bitwise
+    the default soup's sum), each num_batches_tracked is the largest, every other tensor is TIES-merged."""
+    lt = build_lt_model(RESNET8, C, head_type="linear", from_scratch=True, seed=0)
+    state = lt.state_dict()
+    h0 = random_head_init(C, state["head.weight"].shape[1], seed=7)
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    assert counters and any(k.endswith("running_var") for k in floats)
+    tensors = []
+    for i in range(3):
+        t = perturbed({**state, "head.weight": h0}, floats, seed=400 + i, scale=0.3)
+        t.update({k: state[k].abs() + 0.5 + t[k].abs() for k in floats if k.endswith("running_var")})  # variances > 0
+        t.update({k: torch.tensor(10 * (i + 1)) for k in counters})
+        tensors.append(t)
+    paths = [write_ingredient(tmp_path / f"bn{i}", lt, RESNET8, t, h0, head_type="linear", from_scratch=True, seed=0)
              for i, t in enumerate(tensors)]
-    ingredients = [read_ingredient(p) for p in paths]
-    out = merge_tensors(ingredients, [0.0] + [1 / 3] * 3, base_state, {"weight": h0}, progress=False,
-                        merge_method="ties", params={"density": 0.5, "majority_sign_method": "total", "scaling": 1.0})
-    for key in ("backbone.bn.running_mean", "backbone.bn.running_var"):
-        assert torch.equal(out[key], _exact_average(tensors, [1 / 3] * 3, 0.0, None, key)), key
-    assert int(out["backbone.bn.num_batches_tracked"]) == 30
-    anchor = {**base_state, "head.weight": h0}
-    for key in ("backbone.bn.weight", "head.weight"):
-        want = anchor[key].double() + _by_hand("ties", _task_vectors(tensors, anchor, key), [1 / 3] * 3, key, density=0.5)
-        _check(out[key], want, "hand", {})
+    out = tmp_path / "soup"
+    make_soup(paths, out, merge_method="ties", merge_flags={"density": 0.5}, progress=False)
+    merged, anchor = export_tensors(out), zero_shot_anchor(paths[0])
+    assert set(merged) == set(state)
+    stats = [k for k in floats if k.endswith(("running_mean", "running_var"))]
+    for key in stats:
+        assert torch.equal(merged[key], _exact_average(tensors, [1 / 3] * 3, 0.0, None, key)), key
+    for key in counters:
+        assert merged[key].dtype == torch.int64 and int(merged[key]) == 30, key
+    def ties_by_hand(key):
+        return anchor[key].double() + _by_hand("ties", _task_vectors(tensors, anchor, key), [1 / 3] * 3, key, density=0.5)
+
+    diffs = {}
+    for key in set(floats) - set(stats):  # BN weights and biases, convolutions, the head (and its bias)
+        _check(merged[key], ties_by_hand(key), "hand", diffs, key)
+    # TIES on the statistics would be another soup: the check above tells them apart
+    key = stats[0]
+    assert float((ties_by_hand(key) - merged[key].double()).abs().max()) > 1e-3
+    model, record = load_export(out)  # a loadable export: the merged statistics are the model's buffers
+    assert record["soup"]["merge"]["method"] == "ties"
+    assert torch.equal(model.state_dict()[key], merged[key])
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -367,9 +413,11 @@ def test_refusals_of_make_soup_callers(exports, tmp_path):
         make_soup([a, b], tmp_path / "x", merge_method="ties", merge_flags={"density": 2}, progress=False)
     with pytest.raises(UserError, match="unknown --merge_method 'nope'"):
         make_soup([a, b], tmp_path / "x", merge_method="nope", progress=False)
-    keys = {"head.weight": exports["head_init"], "adapters.0.up.weight": torch.ones(32, 2)}
-    arch = {"adapters": "adaptformer", "adapter_dim": 2, "lora": None}
-    paths = [write_ingredient(tmp_path / f"af{i}", exports["lt"], exports["vit"], {k: v * (i + 1) for k, v in keys.items()},
+    af = apply_method(tiny_lt_model(exports["vit"], C), "adaptformer", r=2)
+    up = next(k for k in af.state_dict() if k.startswith("adapters.") and k.endswith("up.weight"))
+    keys = {"head.weight": exports["head_init"], up: torch.ones(af.state_dict()[up].shape)}
+    arch = {"adapters": "adaptformer", "adapter_dim": 2}
+    paths = [write_ingredient(tmp_path / f"af{i}", af, exports["vit"], {k: v * (i + 1) for k, v in keys.items()},
                               exports["head_init"], method="adaptformer", arch=arch) for i in range(2)]
     with pytest.raises(UserError, match="--merge_method ties merges task vectors .* AdaptFormer"):
         make_soup(paths, tmp_path / "af", merge_method="ties", progress=False)
@@ -387,8 +435,8 @@ def test_a_registered_method_is_usable_from_the_cli_at_once(exports, tmp_path, c
         out = _soup(exports, "full", tmp_path, "halfway", "--merge_method", "test_halfway", "--scaling", "2")
         assert json.loads((out / "soup_manifest.json").read_text())["merge"] == {"method": "test_halfway", "scaling": 2.0}
         assert "merged by test_halfway (scaling 2.0)" in capsys.readouterr().out
-        first = _weights(exports["full"][0])
-        for key, got in _weights(out).items():
+        first = export_tensors(exports["full"][0])
+        for key, got in export_tensors(out).items():
             assert torch.equal(got, first[key]), key
     finally:
         MERGE_METHODS.unregister("test_halfway")
