@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from lt_utils import data_loaders as D
 from lt_utils.checkpoint import load_export
 from lt_utils.heads import random_head_init
 from lt_utils.hub import adapter_snippet, model_card, model_snippet
 from lt_utils.models import BackboneSpec
-from lt_utils.peft_methods import METHODS, apply_method, export_state_dict
+from lt_utils.peft_methods import METHODS, apply_method
 from lt_utils.soup import make_soup
 from tests.helpers_models import make_tiny_clip
 from tests.helpers_soup import (DEBIAN_FMNIST, _read_idx, perturbed, tiny_info, tiny_lt_model, write_ingredient,
@@ -34,6 +35,11 @@ METRICS = {"val": {"accuracy": 50.0, "mean_class_acc": 40.0, "many_acc": None, "
 
 def fmnist_info():
     return dataclasses.replace(tiny_info(C), class_names=list(FMNIST))
+
+
+def trained_keys(model):
+    """What `model` (an LTModel after apply_method) trains: the tensors an export of that run moves."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def write_pngs(root, n=6):
@@ -59,7 +65,8 @@ def setup(tmp_path_factory):
     exports = {
         "full": write_ingredient(root / "full", lt, base, perturbed(state, state, seed=1), head_init, info=info),
         "full2": write_ingredient(root / "full2", lt, base, perturbed(state, state, seed=2), head_init, info=info),
-        "bitfit": write_ingredient(root / "bitfit", lt, base, perturbed(state, export_state_dict(state, "bitfit"), seed=3),
+        "bitfit": write_ingredient(root / "bitfit", lt, base,
+                                   perturbed(state, trained_keys(apply_method(tiny_lt_model(base, C), "bitfit")), seed=3),
                                    head_init, method="bitfit", info=info),
         "head": write_ingredient(root / "head", lt, base, perturbed(state, ["head.weight"], seed=4), head_init,
                                  method="head", info=info),
@@ -68,18 +75,17 @@ def setup(tmp_path_factory):
     af = apply_method(tiny_lt_model(base, C), "adaptformer", r=2)
     af_state = af.state_dict()
     exports["adaptformer"] = write_ingredient(
-        root / "adaptformer", af, base, perturbed(af_state, export_state_dict(af_state, "adaptformer"), seed=6, scale=0.5),
-        head_init, method="adaptformer", arch={"adapters": "adaptformer", "adapter_dim": 2, "lora": None}, info=info)
+        root / "adaptformer", af, base, perturbed(af_state, trained_keys(af), seed=6, scale=0.5),
+        head_init, method="adaptformer", arch={"adapters": "adaptformer", "adapter_dim": 2}, info=info)
     # LIFT's module methods: their modules re-created by the remote code from the config's arch and block wiring
     for seed, (method, margs) in enumerate((("vpt_deep", {"vpt_len": 3, "partial_layers": 1}),
                                             ("vpt_shallow", {"vpt_len": 2}), ("adapter", {"r": 2}),
                                             ("mask", {"mask_ratio": 0.05, "mask_seed": 3}),
                                             ("ssf_attn", {}), ("ssf_ln", {"partial_layers": 1})), start=10):
         model = apply_method(tiny_lt_model(base, C), method, **margs)
-        arch = {**METHODS.get(method).arch(margs), "lora": None}
-        st = model.state_dict()
+        arch = METHODS.get(method).arch(margs)
         exports[method] = write_ingredient(root / method, model, base,
-                                           perturbed(st, export_state_dict(st, method, arch), seed=seed, scale=0.5),
+                                           perturbed(model.state_dict(), trained_keys(model), seed=seed, scale=0.5),
                                            head_init, method=method, arch=arch, info=info)
     make_soup([exports["full"], exports["full2"]], root / "soup", progress=False)
     exports["soup"] = root / "soup"
@@ -95,6 +101,16 @@ def eval_lt_logits(export_dir, paths):
         return model(torch.stack([transform(Image.open(p)) for p in paths])).float()
 
 
+def assert_same_logits_on_same_pixels(export_dir, logits, pixels_file):
+    """On the very pixels the transformers client fed its model, eval's model (load_export) gives its logits: both load
+    the one model.safetensors into the one model code (1e-6 leaves room for another thread count's summation order
+    in the client process, not for another model)."""
+    model, _ = load_export(export_dir)
+    with torch.no_grad():
+        ours = model(torch.load(pixels_file))
+    torch.testing.assert_close(logits, ours, rtol=0, atol=1e-6, msg=str(export_dir))
+
+
 CLIENT = r'''
 import logging, warnings
 import torch
@@ -106,8 +122,10 @@ out = {"sys_path_has_repo": any(Path(p).resolve() == Path(cfg["repo"]) for p in 
 for name, export in cfg["exports"].items():
     model = AutoModelForImageClassification.from_pretrained(export, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(export)
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    torch.save(pixels, Path(cfg["out"]).parent / f"{name}.pixels.pt")  # for the same-pixels comparison
     with torch.no_grad():
-        logits = model(**processor(images, return_tensors="pt")).logits
+        logits = model(pixel_values=pixels).logits
     classifier = pipeline("image-classification", model=export, trust_remote_code=True)
     preds = classifier(images, top_k=3)
     out[name] = {"logits": logits.tolist(), "class": type(model).__name__, "module": type(model).__module__,
@@ -172,7 +190,9 @@ def test_exports_load_with_transformers_and_peft_alone(setup, tmp_path):
         got = out[name]
         assert got["class"] == "LTForImageClassification" and got["module"].startswith("transformers_modules."), name
         assert got["processor"] == "CLIPImageProcessor"
+        # the processor's pixels are eval's within float32 rounding (test_preprocessor_config_...): within 1e-5
         assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5, rtol=0), (name, got["logits"][0], ref[0])
+        assert_same_logits_on_same_pixels(export, torch.tensor(got["logits"]), tmp_path / f"{name}.pixels.pt")
         probs = ref.softmax(-1)
         for row, pred in zip(range(len(paths)), got["pipeline"]):
             top = probs[row].topk(3)
@@ -272,15 +292,20 @@ out = {}
 for name, export in cfg["exports"].items():
     model = AutoModelForImageClassification.from_pretrained(export, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(export)
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    torch.save(pixels, Path(cfg["out"]).parent / f"{name}.pixels.pt")  # for the same-pixels comparison
     with torch.no_grad():
-        logits = model(**processor(images, return_tensors="pt")).logits
-    # every tensor of the project's export, BatchNorm running statistics included, as the remote model holds it
+        logits = model(pixel_values=pixels).logits
+    # every tensor the project exported (BatchNorm running statistics and batch counts included), as the remote
+    # model holds it: the trained-like tensors written, in LTModel key names, no more and no fewer
     state = model.state_dict()
-    exported = load_file(str(Path(export) / "lt_weights.safetensors"))
+    written = load_file(cfg["written"][name])
     out[name] = {"logits": logits.tolist(), "class": type(model).__name__, "module": type(model).__module__,
                  "backbone": type(model.lt.backbone).__name__, "backbone_module": type(model.lt.backbone).__module__,
-                 "missing": sorted(k for k in exported if "lt." + k not in state),
-                 "differ": sorted(k for k in exported if "lt." + k in state and not torch.equal(state["lt." + k], exported[k])),
+                 "missing": sorted(k for k in written if "lt." + k not in state),
+                 "extra": sorted(k for k in state if k.removeprefix("lt.") not in written),
+                 "differ": sorted(k for k in written if "lt." + k in state
+                                  and not (state["lt." + k].dtype == written[k].dtype and torch.equal(state["lt." + k], written[k]))),
                  "pipeline": pipeline("image-classification", model=export, trust_remote_code=True)(images, top_k=1)}
 Path(cfg["out"]).write_text(json.dumps(out))
 '''
@@ -311,38 +336,44 @@ def cnn_exports(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cnn")
     info = fmnist_info()
-    cifar = build_lt_model(RESNET8, C, head_type="linear", from_scratch=True)
-    exports = {"cifar_resnet": write_ingredient(root / "cifar_resnet", cifar, RESNET8, trained_like(cifar, 1),
-                                                random_head_init(C, cifar.spec.hidden_size, seed=7), info=info,
-                                                head_type="linear", from_scratch=True)}
+    (root / "written").mkdir()
     torch.manual_seed(0)
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).save_pretrained(
         root / "tiny-resnet")
-    resnet = build_lt_model(root / "tiny-resnet", C, head_type="linear")
-    exports["resnet"] = write_ingredient(root / "resnet", resnet, root / "tiny-resnet", trained_like(resnet, 2),
-                                         random_head_init(C, resnet.spec.hidden_size, seed=8), info=info,
-                                         head_type="linear")
-    return exports
+    exports, written = {}, {}
+    for name, base, seed, from_scratch in (("cifar_resnet", RESNET8, 1, True), ("resnet", root / "tiny-resnet", 2, False)):
+        lt = build_lt_model(base, C, head_type="linear", from_scratch=from_scratch)
+        tensors = trained_like(lt, seed)
+        written[name] = root / "written" / f"{name}.safetensors"  # what the export must hold, in LTModel key names
+        save_file(tensors, str(written[name]))
+        exports[name] = write_ingredient(root / name, lt, base, tensors,
+                                         random_head_init(C, lt.spec.hidden_size, seed=6 + seed), info=info,
+                                         head_type="linear", from_scratch=from_scratch)
+    return {"exports": exports, "written": written}
 
 
 def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
     """CIFAR ResNet (its code saved beside modeling_lt.py) and transformers' ResNet exports load through
     AutoModelForImageClassification(trust_remote_code=True) where lt_utils is not importable, with every exported
-    tensor (BatchNorm buffers too), and give eval_lt.py's logits within 1e-5."""
-    paths = setup["images"]
+    tensor (BatchNorm buffers too), and give eval_lt.py's logits within 1e-5 (exactly on the same pixels)."""
+    paths, written = setup["images"], cnn_exports["written"]
+    cnn_exports = cnn_exports["exports"]
     assert (cnn_exports["cifar_resnet"] / "cifar_resnet.py").is_file()
     for name, export in cnn_exports.items():
         _, meta = load_export(export)
         assert meta["backbone"]["kind"] == name
-    cfg = {"images": [str(p) for p in paths], "exports": {k: str(v) for k, v in cnn_exports.items()}}
+    cfg = {"images": [str(p) for p in paths], "exports": {k: str(v) for k, v in cnn_exports.items()},
+           "written": {k: str(v) for k, v in written.items()}}
     out = run_without_project(CNN_CLIENT, cfg, tmp_path)
     backbones = {"cifar_resnet": "CifarResNetModel", "resnet": "ResNetModel"}
     for name, export in cnn_exports.items():
         got, ref = out[name], eval_lt_logits(export, paths)
         assert got["class"] == "LTForImageClassification" and got["module"].startswith("transformers_modules."), name
         assert got["backbone"] == backbones[name]
-        assert got["missing"] == [] and got["differ"] == [], (name, got["missing"][:3], got["differ"][:3])
+        assert got["missing"] == got["extra"] == got["differ"] == [], (name, got["missing"][:3], got["extra"][:3],
+                                                                       got["differ"][:3])
         assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5, rtol=0), (name, got["logits"][0], ref[0])
+        assert_same_logits_on_same_pixels(export, torch.tensor(got["logits"]), tmp_path / f"{name}.pixels.pt")
         assert [p[0]["label"] for p in got["pipeline"]] == [FMNIST[i] for i in ref.argmax(-1).tolist()], name
     # the CIFAR ResNet ran the export's own copy of its code, not transformers' or this project's
     assert out["cifar_resnet"]["backbone_module"].startswith("transformers_modules.")

@@ -1,7 +1,9 @@
 """LIFT's fine-tuning menu: trainable counts on CLIP ViT-B/16 equal LIFT's table (meta device), the modules' placement
-and init, and every method trains, exports, reloads through build_from_meta, evaluates identically and resumes exactly."""
+and init, and every method trains, exports (every tensor, the untrained ones as the base has them), reloads through
+load_export, evaluates identically and resumes exactly."""
 import json
 import math
+import re
 import shutil
 import sys
 
@@ -10,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_models import random_pixels, vit_b16_clip_config, vit_b16_vit_config, write_config_only
-from helpers_train import REPO, python_script, run_main, tiny_train_args
+from helpers_train import REPO, export_tensors, python_script, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils import peft_modules as PM  # noqa: E402
-from lt_utils.checkpoint import build_from_meta, load_export  # noqa: E402
+from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
 from lt_utils.models import build_lt_model  # noqa: E402
@@ -166,17 +168,28 @@ def test_lora_init_lift_draws_a_from_u_one_over_sqrt_r(clip_dir):
     assert 0.4 < a(lift, "0.self_attn.q_proj").abs().max() <= 0.5
     every_a = torch.cat([p.flatten() for n, p in lift.named_parameters() if "lora_A" in n])
     assert every_a.std().item() == pytest.approx(0.5 / math.sqrt(3), rel=0.1)  # U(-b, b): b / sqrt(3)
-    assert METHODS.get("lora").arch({"r": 4, "lora_init": "lift"})["lora"]["lora_init"] == "lift"
     assert all(torch.count_nonzero(p) == 0 for n, p in lift.named_parameters() if "lora_B" in n)
 
 
 # ---- each method end to end --------------------------------------------------------------------------------
-def _weights(export_dir):
-    """What the project stores of a method: its peft adapter (LoRA) or the tensors it trains."""
-    from lt_utils.checkpoint import ADAPTER_WEIGHTS, WEIGHTS_FILE
+def _adapter(export_dir):
+    """A LoRA export's plain peft adapter: ({module as the base model names it: {"A": A, "B": B}}, lora_alpha / r)."""
+    config = json.loads((export_dir / "adapter" / "adapter_config.json").read_text())
+    factors = load_file(str(export_dir / "adapter" / "adapter_model.safetensors"))
+    out = {}
+    for key, value in factors.items():
+        module, ab = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key).groups()
+        out.setdefault(module, {})[ab] = value
+    return out, config["lora_alpha"] / config["r"]
 
-    name = ADAPTER_WEIGHTS if (export_dir / ADAPTER_WEIGHTS).is_file() else WEIGHTS_FILE
-    return load_file(str(export_dir / name))
+
+def _target_key(adapter_module, keys):
+    """The LTModel weight key of a module named as the plain base model has it (e.g. vision_model.<module>)."""
+    inner = {k: k.removeprefix("backbone.").removesuffix(".weight") for k in keys
+             if k.startswith("backbone.") and k.endswith(".weight")}
+    found = [k for k, m in inner.items() if adapter_module == m or adapter_module.endswith("." + m)]
+    assert len(found) == 1, (adapter_module, found)
+    return found[0]
 
 
 # (method, backbone, extra flags): every new method once, CLIP and ViT alternating; one --partial_layers run
@@ -205,23 +218,31 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
     model, meta = load_export(out / "best")
     assert meta["method"] == method and meta["arch"].get("partial_layers") == (1 if "--partial_layers" in extra else None)
 
-    # the export holds exactly what trains (the rebuilt model's trainable tensors), and they moved
-    fresh = build_from_meta({**meta, "arch": {"adapters": None, "adapter_dim": None, "lora": None}})
-    margs = METHODS.get(method).method_args(build_train_parser().parse_args(
-        ["--method", method, *map(str, extra)]), 10, fresh.spec.num_layers)
-    trainable = {n for n, p in apply_method(fresh, method, **margs).named_parameters() if p.requires_grad}
-    stored = _weights(out / "best")
-    if METHODS.get(method).peft:
-        trainable = {n.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
-                     for n in trainable}
-        stored_names = {k.removeprefix("base_model.model.") for k in stored}
-        assert stored_names == trainable and any("fc2.lora_A" in k for k in stored)
+    # the export holds every tensor of the model once: those that do not train exactly as the base has them (with the
+    # method's modules at their seeded init), and the trained ones moved
+    stored = export_tensors(out / "best")
+    assert set(stored) == set(model.state_dict())
+    entry = METHODS.get(method)
+    margs = entry.method_args(build_train_parser().parse_args(["--method", method, *map(str, extra)]), 10,
+                              model.spec.num_layers)
+    start = apply_method(build_lt_model(base_dir, 10), method, **margs)  # the model at step 0 (seed 0, as train_lt)
+    if entry.peft:  # LoRA is merged: its targets hold base + (B @ A) * alpha / r of the exported plain adapter
+        initial = build_lt_model(base_dir, 10).state_dict()
+        trained = {re.sub(r"\.lora_[AB]\.default\.weight$", ".weight", n.removeprefix("base_model.model."))
+                   for n, p in start.named_parameters() if p.requires_grad and ".lora_" in n}
+        adapter, scaling = _adapter(out / "best")
+        targets = {_target_key(module, initial): ab for module, ab in adapter.items()}
+        assert set(targets) == trained and any(".fc2." in k for k in targets)
+        for key, ab in targets.items():
+            assert torch.equal(stored[key], initial[key] + (ab["B"] @ ab["A"]) * scaling), key
     else:
-        assert set(stored) == trainable
-    initial = build_from_meta(meta).state_dict()
-    moved = [k for k in stored if not k.startswith(("head.", "base_model.model.head")) and k in initial
-             and not torch.equal(stored[k], initial[k])]
-    assert moved or METHODS.get(method).peft
+        initial = start.state_dict()
+        trained = {n for n, p in start.named_parameters() if p.requires_grad}
+    assert set(initial) == set(stored)
+    untrained = [k for k in stored if k not in trained and not k.startswith("head.") and not torch.equal(stored[k], initial[k])]
+    assert untrained == [], untrained[:3]
+    moved = [k for k in trained if not k.startswith("head.") and not torch.equal(stored[k], initial[k])]
+    assert moved
 
     # reloaded, it gives the val metrics measured in memory during training
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
@@ -237,16 +258,19 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
     resumed.mkdir()
     shutil.copytree(out / "step_2", resumed / "step_2")
     run_main(tiny_train_args(idx_dir, resumed, *flags, "--resume_from_checkpoint", "latest"))
-    a, b = _weights(out / "final"), _weights(resumed / "final")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    pairs = [(export_tensors(out / "final"), export_tensors(resumed / "final"))]
+    if entry.peft:  # and the plain adapter's factors
+        pairs.append(tuple(load_file(str(d / "final" / "adapter" / "adapter_model.safetensors")) for d in (out, resumed)))
+    for a, b in pairs:
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
     # soupable methods average; prompts do not
-    if METHODS.get(method).soupable:
+    if entry.soupable:
         make_soup([out / "best", out / "final"], tmp_path / "soup", progress=False)
-        merged = {**meta["arch"], "lora": None} if meta["arch"]["lora"] else meta["arch"]  # LoRA soups merge the deltas
-        assert load_export(tmp_path / "soup")[1]["arch"] == merged
+        soup_meta = load_export(tmp_path / "soup")[1]
+        assert soup_meta["arch"] == meta["arch"] and not soup_meta["adapter"]  # LoRA soups: merged weights, no adapter
     else:
         with pytest.raises(UserError, match=f"--method {method}, whose exports cannot be averaged"):
             make_soup([out / "best", out / "final"], tmp_path / "soup", progress=False)

@@ -13,7 +13,7 @@ from lt_utils.peft_methods import (
     apply_method,
     bottleneck_dim,
     encoder_layers,
-    export_state_dict,
+    merge_lora_state_dict,
     trainable_parameter_count,
     unwrap_lt_model,
 )
@@ -283,33 +283,63 @@ def test_unwrap_lt_model(clip_dir):
 
 
 # ---- exports ----------------------------------------------------------------------------------------------
+# (which tensors each method trains: test_requires_grad_per_method; an export holds every tensor of the model)
 
 
-def test_export_state_dict_filters(clip_dir):
-    state = apply_method(build_lt_model(clip_dir, 3), "adaptformer", r=2).state_dict()
-    assert set(export_state_dict(state, "full_all")) == set(state)
-    assert set(export_state_dict(state, "full")) == {k for k in state if k.startswith(("head.", "adapters.", "backbone.encoder.layers."))}
-    assert set(export_state_dict(state, "head")) == {"head.weight"}
-    assert set(export_state_dict(state, "adaptformer")) == {k for k in state if k.startswith(("adapters.", "head."))}
-    bitfit = set(export_state_dict(state, "bitfit"))
-    assert "backbone.encoder.layers.1.mlp.fc2.bias" in bitfit
-    assert "backbone.encoder.layers.1.mlp.fc2.weight" not in bitfit
-    assert not any(k.startswith("adapters.") for k in bitfit)
-    with pytest.raises(ValueError, match="save_pretrained"):
-        export_state_dict(state, "lora")
+def test_export_holds_every_tensor_once_and_reloads_exactly(vit_dir, tmp_path):
+    """An AdaptFormer export written by Exporter.write and read by load_export (from_pretrained of the folder alone):
+    model.safetensors holds each LTModel tensor once, the frozen backbone as the base has it, the trained adapters and
+    head as trained; the reloaded model gives the trained model's logits exactly."""
+    from safetensors.torch import load_file
 
+    from lt_utils.checkpoint import load_export, read_export_config, weight_keys
+    from tests.helpers_soup import write_ingredient
 
-def test_export_reloads_through_build_from_meta(vit_dir):
-    from lt_utils.checkpoint import build_from_meta
-
-    meta = {"base_model": str(vit_dir), "num_labels": 3, "from_scratch": False, "seed": 0,
-            "head": {"type": "cosine", "scale": 25.0}, "arch": {"adapters": "adaptformer", "adapter_dim": 2, "lora": None}}
-    trained = apply_method(build_from_meta(meta), "adaptformer", r=2).eval()
+    trained = apply_method(build_lt_model(vit_dir, 3), "adaptformer", r=2).eval()
+    head_init = trained.head.weight.detach().clone()
     _perturb([p for n, p in trained.named_parameters() if n.startswith(("adapters.", "head."))])
-    export = export_state_dict(trained.state_dict(), "adaptformer")
-    reloaded = build_from_meta(meta).eval()
-    missing, unexpected = reloaded.load_state_dict(export, strict=False)
-    assert not unexpected and all(k.startswith("backbone.") for k in missing)
+    export = write_ingredient(tmp_path / "af", trained, vit_dir, {}, head_init, method="adaptformer",
+                              arch={"adapters": "adaptformer", "adapter_dim": 2})
+    files = load_file(str(export / "model.safetensors"))
+    names = weight_keys(read_export_config(export))  # ViT keys are saved under transformers' original names
+    state, base = trained.state_dict(), build_lt_model(vit_dir, 3).state_dict()
+    assert set(files) == set(names) and sorted(names.values()) == sorted(state)  # every tensor, once
+    stored = {names[k]: v for k, v in files.items()}
+    for key, value in stored.items():
+        assert torch.equal(value, base[key] if key.startswith("backbone.") else state[key]), key
+    assert not torch.equal(stored["head.weight"], head_init)
+    assert torch.equal(load_file(str(export / "head_init.safetensors"))["weight"], head_init)
+    reloaded, record = load_export(export)
+    assert record["arch"] == {"adapters": "adaptformer", "adapter_dim": 2} and len(reloaded.adapters) == 2
     x = random_pixels(2)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), trained(x), rtol=0, atol=0)
+
+
+def test_merge_lora_state_dict_is_the_peft_model(clip_dir):
+    """The LoRA export's weights: base + (B @ A) * alpha / r in each target, peft's trained head copy; a plain LTModel
+    holding them gives the peft model's logits. The factors keep LTModel module names."""
+    model = apply_method(build_lt_model(clip_dir, 3), "lora", r=2, lora_alpha=4.0)
+    _perturb([p for n, p in model.named_parameters() if p.requires_grad])  # A, B and the head copy
+    config = model.peft_config["default"]
+    merged, lora = merge_lora_state_dict(model.state_dict(), config)
+    base = build_lt_model(clip_dir, 3)
+    assert set(merged) == set(base.state_dict())
+    targets = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    assert len(targets) == 4 and set(lora) == {f"{t}.lora_{ab}.weight" for t in targets for ab in "AB"}
+    params = dict(model.named_parameters())
+    for key, value in merged.items():
+        module = key.removesuffix(".weight")
+        if module in targets:
+            a, b = (params[f"base_model.model.{module}.lora_{ab}.default.weight"] for ab in "AB")
+            assert torch.equal(lora[f"{module}.lora_A.weight"], a) and torch.equal(lora[f"{module}.lora_B.weight"], b)
+            assert torch.equal(value, base.state_dict()[key] + (b @ a) * (4.0 / 2)), key
+        elif key == "head.weight":
+            assert torch.equal(value, params["base_model.model.head.modules_to_save.default.weight"])
+            assert not torch.equal(value, base.state_dict()[key])
+        else:
+            assert torch.equal(value, base.state_dict()[key]), key
+    base.load_state_dict(merged, strict=True)
+    x = random_pixels(2)
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(x), model.eval()(x), rtol=0, atol=1e-5)

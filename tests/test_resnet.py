@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers_data import write_cifar100
-from helpers_train import REPO, python_script, run_main, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, export_tensors, python_script, run_main, tiny_train_args, write_synthetic_idx
 
 RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 RESNET34 = REPO / "configs" / "models" / "cifar_resnet34"
@@ -140,8 +140,6 @@ def test_backbone_bn_eval_keeps_running_statistics_during_training():
 
 
 def test_soup_averages_running_statistics_and_keeps_the_most_batches(tmp_path):
-    from safetensors.torch import load_file
-
     from lt_utils.soup import make_soup
 
     idx = write_synthetic_idx(tmp_path / "idx")
@@ -152,8 +150,8 @@ def test_soup_averages_running_statistics_and_keeps_the_most_batches(tmp_path):
                                  "--optimizer", "sgd", "--learning_rate", lr, "--max_train_steps", steps,
                                  "--eval_steps", "none"))
     make_soup([runs["a"] / "final", runs["b"] / "final"], tmp_path / "soup")
-    a, b = (load_file(runs[n] / "final" / "lt_weights.safetensors") for n in "ab")
-    soup = load_file(tmp_path / "soup" / "lt_weights.safetensors")
+    a, b = (export_tensors(runs[n] / "final") for n in "ab")
+    soup = export_tensors(tmp_path / "soup")
     for key in ("backbone.bn1.running_mean", "backbone.stages.2.0.bn2.running_var", "backbone.conv1.weight"):
         assert not torch.equal(a[key], b[key])
         torch.testing.assert_close(soup[key], (a[key] + b[key]) / 2)
@@ -174,8 +172,8 @@ def test_resume_restores_running_statistics_exactly(tmp_path):
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "step_2", tmp_path / "resumed" / "step_2")
     run_main(tiny_train_args(idx, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest"))
-    full = load_file(tmp_path / "full" / "final" / "lt_weights.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "final" / "lt_weights.safetensors")
+    full = export_tensors(tmp_path / "full" / "final")
+    resumed = export_tensors(tmp_path / "resumed" / "final")
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
