@@ -17,6 +17,7 @@ from lt_utils import peft_modules as PM  # noqa: E402
 from lt_utils.checkpoint import build_from_meta, load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
+from lt_utils.spec import MethodSpec  # noqa: E402
 from lt_utils.models import build_lt_model  # noqa: E402
 from lt_utils.peft_methods import (METHODS, apply_method, head_parameter_count,  # noqa: E402
                                    trainable_parameter_count, transformer_blocks)
@@ -207,8 +208,8 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
 
     # the export holds exactly what trains (the rebuilt model's trainable tensors), and they moved
     fresh = build_from_meta({**meta, "arch": {"adapters": None, "adapter_dim": None, "lora": None}})
-    margs = METHODS.get(method).method_args(build_train_parser().parse_args(
-        ["--method", method, *map(str, extra)]), 10, fresh.spec.num_layers)
+    margs = METHODS.get(method).method_args(MethodSpec.from_values(vars(build_train_parser().parse_args(
+        ["--method", method, *map(str, extra)]))), 10, fresh.spec.num_layers)
     trainable = {n for n, p in apply_method(fresh, method, **margs).named_parameters() if p.requires_grad}
     stored = _weights(out / "best")
     if METHODS.get(method).peft:
