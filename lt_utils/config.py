@@ -6,6 +6,10 @@ names), nullability, secrecy and help. The same `Flag.coerce` parses and checks 
 (argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
 be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
+Each flag also says what it is to a training run (`Flag`: group, input_path, identity, info_key, may_change). Every
+list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
+...), train_lt.py's --help sections and the parts of the run spec (spec.py) are derived from those fields.
+
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.

@@ -61,7 +61,7 @@ def init_from_model(init_from):
     """--init_from: the backbone and head geometry come from the export, not from the flags."""
     if not init_from:
         return {}
-    meta = read_export_meta(resolve_export_dir(init_from))  # a Hub id becomes its local snapshot, once
+    meta = read_export_meta(resolve_export_dir(init_from))  # a Hub id: its local snapshot, reused by the model build
     return {"model_name_or_path": meta["base_model"], "from_scratch": meta["from_scratch"],
             "head_type": meta["head"]["type"], "head_scale": meta["head"]["scale"]}
 
