@@ -108,5 +108,10 @@ def changed_flags(recorded, spec):
 
 def describe_changes(changes):
     """`--head_scale 25.0 -> 30.0, --seed 0 -> 1`."""
-    show = lambda v: "unset" if v is None else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
-    return ", ".join(f"--{name} {show(old)} -> {show(new)}" for name, (old, new) in changes.items())
+    return ", ".join(f"--{name} {_shown(old)} -> {_shown(new)}" for name, (old, new) in changes.items())
+
+
+def _shown(value):
+    if value is None:
+        return "unset"
+    return str(value).lower() if isinstance(value, bool) else str(value)
