@@ -26,13 +26,14 @@ from lt_utils import data_loaders as D
 from lt_utils.checkpoint import load_export
 from lt_utils.compile import dynamo_plugin
 from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args, add_data_args, add_flags,
-                             check_cross_flags)
+                             resolve_cross_flags)
 from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
 from lt_utils.fileio import atomic_write_text
 from lt_utils.metrics import with_split_groups
 from lt_utils.prompts import check_prompt_args
 from lt_utils.reports import format_markdown_table
+from lt_utils.spec import CompileSpec, DataSpec
 
 logger = logging.getLogger("lt")
 
@@ -57,21 +58,22 @@ def main(argv=None):
     from accelerate import Accelerator
 
     parser = get_args_parser()
-    args = parser.parse_args(argv)
-    check_cross_flags(args)
+    args = argparse.Namespace(**resolve_cross_flags(vars(parser.parse_args(argv))))
     passed = E.passed_flags(parser, argv, E.RECORDED_FLAGS)
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")
     E.check_split(args.split)
-    check_prompt_args(args)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_plugin=dynamo_plugin(args))
+    check_prompt_args(args.prompt_template, args.prompt_descriptor_file)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              dynamo_plugin=dynamo_plugin(CompileSpec.from_values(vars(args))))
     E.check_launch(accelerator)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
 
     # every input and output is checked before the first (long) evaluation starts
     targets = E.build_targets(args.runs, args.zero_shot, args.prompt_template, args.which)
-    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, D.tte_tag(args), args.overwrite,
+    comparison = E.assign_output_dirs(targets, args.output_dir, args.split, D.tte_tag(DataSpec.from_values(vars(args))),
+                                      args.overwrite,
                                       {f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS})
     accelerator.wait_for_everyone()
     loaded = {}
@@ -103,7 +105,7 @@ def load_split(data_args, accelerator, loaded):
     """(DatasetDict, LTInfo with the thresholds of data_args), loaded once per distinct set of data flags."""
     key = json.dumps(vars(data_args), sort_keys=True, default=str)
     if key not in loaded:
-        ds, info = D.load_data(data_args, accelerator)
+        ds, info = D.load_data(DataSpec.from_values(vars(data_args)), accelerator)
         ds = D.limit_eval_splits(ds, data_args.max_eval_samples)
         E.check_split(data_args.split, ds, info.dataset)
         loaded[key] = ds, info.with_thresholds(data_args.many_threshold, data_args.few_threshold)
@@ -123,8 +125,8 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
     model.to(accelerator.device)
     if args.torch_compile:
         model = accelerator.prepare_model(model, evaluation_mode=True)
-    loader = D.image_loader(ds[args.split], D.test_transform(spec, args), args.per_device_eval_batch_size,
-                            args.num_workers)
+    loader = D.image_loader(ds[args.split], D.test_transform(spec, DataSpec.from_values(vars(args))),
+                            args.per_device_eval_batch_size, args.num_workers)
     loader = accelerator.prepare(loader)
     top_k = args.top_k if args.save_predictions else 0
     with accelerator.autocast():

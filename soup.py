@@ -27,11 +27,12 @@ inputs and their sha256, weights (anchor included), mode, merge method and its p
 """
 import argparse
 
-from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
+from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, resolve_cross_flags
 from lt_utils.errors import cli_entry
 from lt_utils.runs import default_soup_dir, expand_ingredients
 from lt_utils.merge import MERGE_METHODS
 from lt_utils.soup import build_val_scorer, make_soup
+from lt_utils.spec import DataSpec
 
 
 def merge_param_flags():
@@ -60,8 +61,7 @@ def get_args_parser():
 def main(argv=None):
     from accelerate import PartialState
 
-    args = get_args_parser().parse_args(argv)
-    check_cross_flags(args)
+    args = argparse.Namespace(**resolve_cross_flags(vars(get_args_parser().parse_args(argv))))
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
     ingredients, notes = expand_ingredients(args.ingredients, args.which)
     if PartialState().is_main_process:
@@ -71,7 +71,8 @@ def main(argv=None):
     output_dir = args.output_dir or str(default_soup_dir(name, ingredients))
 
     def scorer_factory(first):
-        return build_val_scorer(first, args, batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
+        return build_val_scorer(first, DataSpec.from_values(vars(args)), batch_size=args.per_device_eval_batch_size,
+                                num_workers=args.num_workers)
 
     manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,

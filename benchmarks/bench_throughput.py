@@ -155,13 +155,13 @@ class TrainStep:
     def __init__(self, args, path, method, precision, compiled):
         from lt_utils.compile import dynamo_plugin
         from lt_utils.losses import build_loss
+        from lt_utils.spec import CompileSpec
 
         self.device, self.precision, self.compiled = args.device, precision, compiled
         model, self.lt = build_model(path, method, args.classes, args.seed, args.device)
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         if compiled:  # the kwargs accelerate's TorchDynamoPlugin passes to torch.compile under --torch_compile
-            plugin = dynamo_plugin(argparse.Namespace(torch_compile=True, torch_compile_backend=args.compile_backend,
-                                                      torch_compile_mode=None))
+            plugin = dynamo_plugin(CompileSpec(torch_compile=True, torch_compile_backend=args.compile_backend))
             model = torch.compile(model, **plugin.to_kwargs())
         self.model = model.train()
         counts = [max(1, int(500 * 0.01 ** (i / max(1, args.classes - 1)))) for i in range(args.classes)]
@@ -355,7 +355,7 @@ def bench_loader(args, root, ds):
                           tv.Normalize(CLIP_MEAN, CLIP_STD)])
     train_tf = T.image_transforms(spec)[0]
     augment = SeededAugment(train_tf, args.seed)
-    boxes_tf, on_device = T.on_device_augment(argparse.Namespace(augment_on_device=True), train_tf)
+    boxes_tf, on_device = T.on_device_augment(True, train_tf)
     boxes = SeededAugment(boxes_tf, args.seed)
     loaders = {
         "project": T.image_loader(train, augment, args.loader_batch, 0, shuffle=True),
@@ -406,12 +406,13 @@ def bench_loader(args, root, ds):
 def bench_eval(args, root, ds, accelerator):
     from lt_utils import data_loaders as T
     from lt_utils.engine import predict
+    from lt_utils.spec import DataSpec
 
     path = model_dir(args, root)
     _, lt = build_model(path, "adaptformer", args.classes, args.seed, accelerator.device)
     lt.eval()
     test = ds["test"].select(range(min(args.eval_images, len(ds["test"]))))
-    loaders = {tte: accelerator.prepare(T.image_loader(test, T.test_transform(lt.spec, argparse.Namespace(tte=tte, tte_views=1, tte_expand=None)),
+    loaders = {tte: accelerator.prepare(T.image_loader(test, T.test_transform(lt.spec, DataSpec(tte=tte)),
                                                           args.eval_images, 0))
                for tte in ("none", "fivecrop")}
     predict(lt, loaders["none"], accelerator)  # warm-up

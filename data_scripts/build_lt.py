@@ -17,6 +17,7 @@ and save it (`--output_dir`) and/or push it (`--push_to_hub`).
         --train_list ImageNet_LT_train.txt --val_list ImageNet_LT_val.txt --test_list ImageNet_LT_test.txt \\
         --class_names_file classnames.txt --output_dir data/imagenet_lt
 """
+import argparse
 import os
 import sys
 
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_utils.data import DATASET_NAMES, load_lt_dataset, save_lt_to_disk  # noqa: E402
 from lt_utils.data.hub import push_lt_dataset  # noqa: E402
-from lt_utils.config import DATA_INPUT_FLAGS, HF_SOURCE_FLAGS, ArgumentParser, add_group, check_cross_flags  # noqa: E402
+from lt_utils.config import DATA_INPUT_FLAGS, HF_SOURCE_FLAGS, ArgumentParser, add_group, resolve_cross_flags  # noqa: E402
 from lt_utils.fileio import check_outputs_apart, check_writable_dir  # noqa: E402
 from lt_utils.errors import UserError, cli_entry, require  # noqa: E402
 
@@ -49,8 +50,7 @@ def get_args_parser():
 
 
 def parse_args(argv=None):
-    args = get_args_parser().parse_args(argv)
-    check_cross_flags(args)
+    args = argparse.Namespace(**resolve_cross_flags(vars(get_args_parser().parse_args(argv))))
     require(args.dataset is not None, f"--dataset or --dataset_name is required; pass one of {', '.join(DATASET_NAMES)} "
                                       "(or the short form, e.g. cifar100), or --dataset_name with a `datasets` dataset")
     return args

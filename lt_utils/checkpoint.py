@@ -81,19 +81,30 @@ def register_trainable_only_hooks(accelerator):
     accelerator.register_save_state_pre_hook(save_hook)
 
 
-def write_resume_identity(path, identity):
-    """What a resume must agree on (classes, method, ...): checked before any state is loaded."""
-    atomic_write_json(Path(path) / "lt_resume.json", identity)
+def write_resume_record(path, identity, run_spec, resume_changes=()):
+    """What a resume must agree on, written last into a checkpoint: the data identity (classes, training images;
+    checked once the data is loaded), the run's spec (spec.RunSpec.record; compared before anything runs) and the
+    changes earlier resumes were allowed (--resume_allow_changes)."""
+    atomic_write_json(Path(path) / "lt_resume.json", {**identity, "run_spec": run_spec,
+                                                      "resume_changes": list(resume_changes)})
+
+
+def read_resume_record(path):
+    try:
+        saved = read_json(Path(path) / "lt_resume.json", "resume record")
+    except UserError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}/lt_resume.json is corrupted; resume from another step_* folder")
+    return saved
 
 
 def check_resume_identity(path, identity):
-    saved = read_json(Path(path) / "lt_resume.json", "resume identity")
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}/lt_resume.json is corrupted; resume from another step_* folder")
+    saved = read_resume_record(path)
     for key, value in identity.items():
         if saved.get(key) != value:
             raise UserError(f"cannot resume from {path}: its {key} is {saved.get(key)!r} but this run has {value!r}; "
-                            "resume with the same settings or start a new --output_dir")
+                            "resume with the same data or start a new --output_dir")
 
 
 # ------------------------------------------------------------------------------------------------------ exports

@@ -15,14 +15,14 @@ def compile_backends():
     return torch._dynamo.list_backends(exclude_tags=())
 
 
-def dynamo_plugin(args):
-    """accelerate's TorchDynamoPlugin for the flags (backend "no" without --torch_compile)."""
+def dynamo_plugin(compile_spec):
+    """accelerate's TorchDynamoPlugin for a spec.CompileSpec (backend "no" without --torch_compile)."""
     from accelerate.utils import TorchDynamoPlugin
 
-    if not getattr(args, "torch_compile", False):
+    if not compile_spec.torch_compile:
         return TorchDynamoPlugin(backend="no")
-    return TorchDynamoPlugin(backend=getattr(args, "torch_compile_backend", None) or "inductor",
-                             mode=getattr(args, "torch_compile_mode", None))
+    return TorchDynamoPlugin(backend=compile_spec.torch_compile_backend or "inductor",
+                             mode=compile_spec.torch_compile_mode)
 
 
 def plain_name(name):

@@ -6,6 +6,10 @@ names), nullability, secrecy and help. The same `Flag.coerce` parses and checks 
 (argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
 be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
+Each flag also says what it is to a training run (`Flag`: group, input_path, identity, info_key, may_change). Every
+list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
+...), train_lt.py's --help sections and the parts of the run spec (spec.py) are derived from those fields.
+
 The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
@@ -39,7 +43,16 @@ class Flag:
     """One flag's constraints. kind: int, float, bool (true/false value), switch (store_true), str, path, steps
     (a positive int, 'epoch' or 'none'). low/high: bounds, open when low_open/high_open. choices: a list or a
     callable returning one. nullable: None (yaml null) is a valid value. nargs: argparse's, for lists. secret: never
-    shown or recorded (`public_flags`, error messages)."""
+    shown or recorded (`public_flags`, error messages).
+
+    What the flag is to a run (everything below is derived from these, never listed by hand):
+    group: a key of GROUPS (train_lt.py's --help section and the RunSpec part holding it, lt_utils/spec.py), or
+        "other" for flags of the other command lines only. input_path: names a file or folder that is read, never
+        written (outputs must stay apart from it; a preset's relative value is found next to the preset).
+    identity: "data" (which images and classes a split holds) or "model" (the exported model's architecture and
+        initial weights). info_key: for data identity, the LTInfo field that records it ("hf_source": inside
+        LTInfo.hf_source). may_change: a resumed run may change it (workers, cadences, outputs, tracking,
+        compilation); a flag that changes what is trained may not (`--resume_allow_changes` overrides)."""
 
     kind: str
     default: object = None
@@ -53,6 +66,11 @@ class Flag:
     nargs: str = None
     metavar: str = None
     secret: bool = False
+    group: str = "other"
+    input_path: bool = False
+    identity: str = None
+    info_key: str = None
+    may_change: bool = False
 
     def choice_list(self):
         return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
@@ -229,95 +247,141 @@ def _nonneg(kind, default=None, help="", nullable=False, **kw):
     return Flag(kind, default, help, low=0, nullable=nullable, **kw)
 
 
-def _seed(default=0, help=""):
-    return Flag("int", default, help, low=0, high=UINT32, high_open=True)
+def _seed(default=0, help="", **kw):
+    return Flag("int", default, help, low=0, high=UINT32, high_open=True, **kw)
 
 
-def _opt(kind, help=""):
-    return Flag(kind, None, help, nullable=True)
+def _opt(kind, help="", **kw):
+    return Flag(kind, None, help, nullable=True, **kw)
+
+
+def _group(group, flags):
+    return {name: replace(flag, group=group) for name, flag in flags.items()}
+
+
+# the properties of a flag to a run (see Flag)
+_FREE = {"may_change": True}
+_MODEL = {"identity": "model"}
+_HF = {"identity": "data", "info_key": "hf_source"}
+
+
+def _lt(key):
+    """data identity recorded in the LTInfo field `key`"""
+    return {"identity": "data", "info_key": key}
 
 
 # ------------------------------------------------------------------------------------------------ the table
-_DATA = {
+# a group's key -> its title in train_lt.py --help; the key is also the RunSpec part holding its flags (spec.py)
+GROUPS = {"data": "data", "model": "model", "method": "method", "loss": "loss and sampling",
+          "optim": "optimisation", "compile": "compilation", "eval": "evaluation",
+          "output": "checkpoints, outputs and tracking"}
+
+_DATA = _group("data", {
     "dataset": Flag("path", "fashion_mnist_lt", "cifar100_lt, cifar10_lt, fashion_mnist_lt, imagenet_lt, places_lt, "
                     "inat2018, imagefolder_lt, hf_lt (set by --dataset_name), a folder written by data_scripts/build_lt.py, "
-                    "or a split it pushed to the Hub (user/repo)"),
+                    "or a split it pushed to the Hub (user/repo)", input_path=True, **_lt("dataset")),
     "dataset_config_name": Flag("str", None, "with --dataset_name: that dataset's `datasets` config; else a named preset "
                                 "of the builder, e.g. fashion_mnist_lt's quickstart (imb 100, n_max 600), each builder "
-                                "its own (checked against --dataset)", nullable=True),
+                                "its own (checked against --dataset)", nullable=True, **_HF),
     "dataset_name": Flag("path", None, "any `datasets` image-classification dataset made long-tailed (builder hf_lt): a "
-                         "Hub id (e.g. food101) or a local save_to_disk / parquet / imagefolder folder", nullable=True),
-    "dataset_revision": _opt("str", "--dataset_name: the Hub revision (branch, tag or commit) to load"),
-    "train_split": Flag("str", "train", "--dataset_name: the split the LT rule draws from"),
+                         "Hub id (e.g. food101) or a local save_to_disk / parquet / imagefolder folder", nullable=True,
+                         input_path=True, **_HF),
+    "dataset_revision": _opt("str", "--dataset_name: the Hub revision (branch, tag or commit) to load", **_HF),
+    "train_split": Flag("str", "train", "--dataset_name: the split the LT rule draws from", **_HF),
     "validation_split": _opt("str", "--dataset_name: a split to use as val (default: unused train images, "
-                             "--val_source)"),
+                             "--val_source)", **_HF),
     "test_split": _opt("str", "--dataset_name: the reported test split (default: 'test' if it has one, else "
-                       "--test_per_class images per class held out of train)"),
-    "image_column_name": Flag("str", "image", "--dataset_name: the column of images"),
+                       "--test_per_class images per class held out of train)", **_HF),
+    "image_column_name": Flag("str", "image", "--dataset_name: the column of images", **_HF),
     "label_column_name": Flag("str", "label", "--dataset_name: the column of labels (a ClassLabel, or ids / names with "
-                              "--class_names_file)"),
+                              "--class_names_file)", **_HF),
     "max_train_samples": _pos("int", None, "--dataset_name: a seeded random subset (--imb_seed) of this many source "
-                              "train images, taken before the LT rule", nullable=True),
-    "trust_remote_code": Flag("bool", False, "--dataset_name: allow the dataset's own loading script to run"),
-    "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1),
-    "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub"),
-    "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True),
-    "imb_seed": _seed(0, "seed of the images chosen per class"),
-    "selection": Flag("str", "rng", "which images fill each class", choices=_lazy(".data.counts", "SELECTION_MODES")),
-    "val_per_class": _nonneg("int", 20, "val images per class"),
-    "val_source": Flag("str", "unused_train", choices=_lazy(".data.loading", "VAL_SOURCES")),
-    "train_list": _opt("path"), "val_list": _opt("path"), "test_list": _opt("path"), "class_names_file": _opt("path"),
-    "test_dir": _opt("path", "imagefolder_lt: a separate folder-per-class test set"),
-    "val_dir": _opt("path", "imagefolder_lt: a separate folder-per-class val set"),
-    "relabel_by_name": Flag("bool", False, "list datasets: class ids by sorted class name (LIFT's iNaturalist labels)"),
-    "many_threshold": _nonneg("int", 100, "many: more than this many train images"),
-    "few_threshold": _nonneg("int", 20, "few: fewer than this many train images"),
-    "cache_dir": _opt("path", "datasets cache (default: the HF cache)"),
-    "per_device_eval_batch_size": _pos("int", 256),
-    "num_workers": _nonneg("int", min(4, os.cpu_count() or 1), "dataloader workers per process"),
+                              "train images, taken before the LT rule", nullable=True, **_HF),
+    "trust_remote_code": Flag("bool", False, "--dataset_name: allow the dataset's own loading script to run", **_HF),
+    "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1,
+                **_lt("imb")),
+    "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub",
+                     input_path=True, identity="data"),
+    "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True,
+                          **_lt("max_per_class")),
+    "imb_seed": _seed(0, "seed of the images chosen per class", **_lt("seed")),
+    "selection": Flag("str", "rng", "which images fill each class", choices=_lazy(".data.counts", "SELECTION_MODES"),
+                      **_lt("selection")),
+    "val_per_class": _nonneg("int", 20, "val images per class", **_lt("val_per_class")),
+    "val_source": Flag("str", "unused_train", choices=_lazy(".data.loading", "VAL_SOURCES"), **_lt("val_source")),
+    "train_list": _opt("path", input_path=True, identity="data"),
+    "val_list": _opt("path", input_path=True, identity="data"),
+    "test_list": _opt("path", input_path=True, identity="data"),
+    "class_names_file": _opt("path", input_path=True, **_HF),
+    "test_dir": _opt("path", "imagefolder_lt: a separate folder-per-class test set", input_path=True, identity="data"),
+    "val_dir": _opt("path", "imagefolder_lt: a separate folder-per-class val set", input_path=True, identity="data"),
+    "relabel_by_name": Flag("bool", False, "list datasets: class ids by sorted class name (LIFT's iNaturalist labels)",
+                            identity="data"),
+    "many_threshold": _nonneg("int", 100, "many: more than this many train images", **_lt("many_threshold")),
+    "few_threshold": _nonneg("int", 20, "few: fewer than this many train images", **_lt("few_threshold")),
+    "cache_dir": _opt("path", "datasets cache (default: the HF cache)", **_FREE),
+    "per_device_eval_batch_size": _pos("int", 256, **_FREE),
+    "num_workers": _nonneg("int", min(4, os.cpu_count() or 1), "dataloader workers per process", **_FREE),
     "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
-                choices=_registry(TTE_MODES, extra=("none",))),
+                choices=_registry(TTE_MODES, extra=("none",)), **_FREE),
     "tte_views": _pos("int", 1, "--tte randaug: random resized crop + flip views per image (LIFT's randaug_times, "
-                      "default 1)"),
+                      "default 1)", **_FREE),
     "tte_expand": _nonneg("int", None, "--tte fivecrop/tencrop: pixels added to the shorter side before cropping "
-                          "(default 1.5 patches: 24 for /16 as LIFT, 21 for /14)", nullable=True),
+                          "(default 1.5 patches: 24 for /16 as LIFT, 21 for /14)", nullable=True, **_FREE),
     "interpolation": Flag("str", None, "resize / crop interpolation (LIFT: bilinear, torchvision's default); default: "
                           "the checkpoint's image processor (CLIP: bicubic); training records it with the export",
                           choices=["bilinear", "bicubic", "nearest"], nullable=True),
     "groups_from_imb": Flag("float", None, "many/medium/few from the counts of this rho's split of the same source "
                             "(LIFT: 100 for CIFAR-100-LT rho 50 / 10); both groupings are reported where they differ",
-                            low=1, nullable=True),
-}
+                            low=1, nullable=True, **_lt("groups_from_imb")),
+})
 
-_TRAIN = {
-    "model_name_or_path": Flag("path", "openai/clip-vit-base-patch16", "Hub id or local dir of a CLIP or ViT checkpoint"),
-    "from_scratch": Flag("bool", False, "build the backbone from its config with random weights"),
-    "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head"),
-    "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
-                   choices=_registry(METHODS)),
-    "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
-                        nullable=True),
-    "partial_layers": _pos("int", None, "tune only the last k transformer blocks (LIFT's partial; any method but "
-                                        "full_all and head)", nullable=True),
-    "vpt_len": _pos("int", 10, "prompt tokens per prompted block (vpt_shallow, vpt_deep)"),
-    "mask_ratio": Flag("float", None, "--method mask: fraction of each Linear's entries trained (default: LIFT's "
-                                      "K / (12 L D), floored to a multiple of 0.001, at least 0.001)",
-                       low=0, low_open=True, high=1, nullable=True),
-    "mask_seed": _seed(0, "--method mask: seed of the entries chosen (LIFT: 0)"),
-    "lora_init": Flag("str", "peft", "LoRA A init: peft's U(+-1/sqrt(D)) or LIFT's U(+-1/sqrt(r)) (its A is (D, r))",
-                      choices=_lazy(".peft_methods", "LORA_INITS")),
-    "lora_alpha": Flag("float", 1.0, low=0, low_open=True),
-    "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True),
-    "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+"),
-    "head_type": Flag("str", "cosine", choices=_registry(HEADS)),
-    "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True),
-    "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
+_MODEL_FLAGS = _group("model", {
+    "model_name_or_path": Flag("path", "openai/clip-vit-base-patch16", "Hub id or local dir of a CLIP or ViT checkpoint",
+                               input_path=True, **_MODEL),
+    "from_scratch": Flag("bool", False, "build the backbone from its config with random weights", **_MODEL),
+    "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head",
+                      input_path=True, **_MODEL),
+    "head_type": Flag("str", "cosine", choices=_registry(HEADS), **_MODEL),
+    "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True, **_MODEL),
+    "head_init": Flag("str", "text", choices=_registry(HEAD_INITS), **_MODEL),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
                             "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
-                            choices=_registry(PROMPT_MODES)),
-    "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}"),
+                            choices=_registry(PROMPT_MODES), **_MODEL),
+    "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}",
+                                   input_path=True, **_MODEL),
+    "seed": _seed(0, "seed of new modules, the random head, sampling and augmentation", **_MODEL),
+})
+
+_METHOD = _group("method", {
+    "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
+                   choices=_registry(METHODS), **_MODEL),
+    "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
+                        nullable=True, **_MODEL),
+    "partial_layers": _pos("int", None, "tune only the last k transformer blocks (LIFT's partial; any method but "
+                                        "full_all and head)", nullable=True, **_MODEL),
+    "vpt_len": _pos("int", 10, "prompt tokens per prompted block (vpt_shallow, vpt_deep)", **_MODEL),
+    "mask_ratio": Flag("float", None, "--method mask: fraction of each Linear's entries trained (default: LIFT's "
+                                      "K / (12 L D), floored to a multiple of 0.001, at least 0.001)",
+                       low=0, low_open=True, high=1, nullable=True, **_MODEL),
+    "mask_seed": _seed(0, "--method mask: seed of the entries chosen (LIFT: 0)", **_MODEL),
+    "lora_init": Flag("str", "peft", "LoRA A init: peft's U(+-1/sqrt(D)) or LIFT's U(+-1/sqrt(r)) (its A is (D, r))",
+                      choices=_lazy(".peft_methods", "LORA_INITS"), **_MODEL),
+    "lora_alpha": Flag("float", 1.0, low=0, low_open=True, **_MODEL),
+    "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True, **_MODEL),
+    "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+",
+                                **_MODEL),
+    "head_features": Flag("str", "cached", "--method head: features of the eval view computed once (fast), or "
+                          "augmented images through the frozen backbone every epoch (the papers' stage 2: LOS, LT-Soups)",
+                          choices=["cached", "augmented"]),
+    "backbone_bn": Flag("str", "eval", "--head_features augmented: the frozen backbone's BatchNorm uses its running "
+                        "statistics (eval) or batch statistics that keep updating them (train; LOS)",
+                        choices=["eval", "train"]),
+})
+
+_LOSS = _group("loss", {
     "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded "
                     "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
                     "cached features trains on the eval view",
@@ -325,14 +389,6 @@ _TRAIN = {
     "augment_on_device": Flag("switch", False, "--augment rrc_flip on small images of one size (CIFAR, "
                               "Fashion-MNIST): the loader draws each crop box, the accelerator crops, resizes, flips and "
                               "normalises the batch (the same boxes, so the same seeded determinism)"),
-    "head_features": Flag("str", "cached", "--method head: features of the eval view computed once (fast), or "
-                          "augmented images through the frozen backbone every epoch (the papers' stage 2: LOS, LT-Soups)",
-                          choices=["cached", "augmented"]),
-    "backbone_bn": Flag("str", "eval", "--head_features augmented: the frozen backbone's BatchNorm uses its running "
-                        "statistics (eval) or batch statistics that keep updating them (train; LOS)",
-                        choices=["eval", "train"]),
-    "sync_bn": Flag("switch", False, "synchronise BatchNorm statistics across processes (DDP): N processes then equal "
-                    "one with the global batch"),
     "loss": Flag("str", "la", choices=_registry(LOSSES)),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
@@ -351,6 +407,9 @@ _TRAIN = {
     "subset_selection": Flag("str", "rng", "which images fill a --balance_factor subset: a seeded permutation per "
                              "class (rng), or LT-Soups' exact draw (rng.choice over each class in the LT split's draw "
                              "order)", choices=["rng", "lt_soups"]),
+})
+
+_OPTIM = _group("optim", {
     "optimizer": Flag("str", "sgd", choices=["sgd", "adamw"]),
     "learning_rate": Flag("float", 0.01, low=0, low_open=True),
     "weight_decay": Flag("float", 5e-4, low=0),
@@ -367,8 +426,9 @@ _TRAIN = {
                             nullable=True),
     "per_device_train_batch_size": _pos("int", 128),
     "gradient_accumulation_steps": _pos("int", 1),
+    # resolved into --per_device_train_batch_size, which a resume compares
     "total_batch_size": _pos("int", None, "effective batch; sets the per-device batch from the accumulation steps and "
-                             "processes (LIFT: 128)", nullable=True),
+                             "processes (LIFT: 128)", nullable=True, **_FREE),
     "max_grad_norm": Flag("float", None, "clip the gradient norm to this (unset or 0: no clipping)", low=0,
                           nullable=True),
     "ema_decay": Flag("float", None, "evaluate and export an EMA of the weights (LT-Soups 0.99; 0: none)", low=0, high=1,
@@ -377,43 +437,60 @@ _TRAIN = {
                       "copy of the weights after the first optimizer step", choices=["initial", "first_step"]),
     "mixed_precision": Flag("str", None, "default: from the accelerate config", choices=["no", "fp16", "bf16"],
                             nullable=True),
+    "sync_bn": Flag("switch", False, "synchronise BatchNorm statistics across processes (DDP): N processes then equal "
+                    "one with the global batch"),
     "gradient_checkpointing": Flag("switch", False, "recompute the backbone's activations in the backward pass (the "
-                                   "HF models' own): less memory, about a third more compute"),
+                                   "HF models' own): less memory, about a third more compute", **_FREE),
+})
+
+_COMPILE = _group("compile", {
     "torch_compile": Flag("switch", False, "torch.compile the model (through accelerate's dynamo plugin); the first "
-                          "steps are slower"),
+                          "steps are slower", **_FREE),
     "torch_compile_backend": Flag("str", None, "a torch.compile backend (default: inductor)",
-                                  choices=_lazy(".compile", "compile_backends"), nullable=True),
+                                  choices=_lazy(".compile", "compile_backends"), nullable=True, **_FREE),
     "torch_compile_mode": Flag("str", None, "torch.compile's mode (default: torch's)", nullable=True,
-                               choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
-    "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'"),
+                               choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                               **_FREE),
+})
+
+_EVAL = _group("eval", {
+    "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'", **_FREE),
     "num_evals": _pos("int", None, "instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per "
-                      "run)", nullable=True),
+                      "run)", nullable=True, **_FREE),
+    # the best score kept so far is of this metric: another one mid-run would compare unlike numbers
     "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
                           choices=_lazy(".metrics", "SELECTABLE")),
-    "output_dir": Flag("path", "outputs/run"),
-    "overwrite_output_dir": Flag("switch", False, "allow a non-empty --output_dir without resuming"),
-    "seed": _seed(0),
+})
+
+_OUTPUT = _group("output", {
+    "output_dir": Flag("path", "outputs/run", **_FREE),
+    "overwrite_output_dir": Flag("switch", False, "allow a non-empty --output_dir without resuming", **_FREE),
     "dry_run": Flag("switch", False, "build the data and the model, print the run header and, as the last stdout line, "
-                                     "a JSON object of the trainable parameters (trainable, head, backbone); no training"),
-    "checkpointing_steps": Flag("steps", None, "save a resume state every N optimizer steps, or 'epoch'", nullable=True),
-    "resume_from_checkpoint": _opt("path", "'latest' or a step_* folder"),
-    "with_tracking": Flag("switch", False),
-    "report_to": Flag("str", "tensorboard", choices=_report_targets),
-    "push_to_hub": Flag("switch", False),
-    "hub_model_id": _opt("str"),
+                                     "a JSON object of the trainable parameters (trainable, head, backbone); no training",
+                    **_FREE),
+    "checkpointing_steps": Flag("steps", None, "save a resume state every N optimizer steps, or 'epoch'", nullable=True,
+                                **_FREE),
+    "resume_from_checkpoint": _opt("path", "'latest' or a step_* folder", **_FREE),
+    "resume_allow_changes": Flag("switch", False, "--resume_from_checkpoint: continue even where flags that change "
+                                 "what is trained differ from the checkpoint's (recorded in log.txt and run_spec.json)",
+                                 **_FREE),
+    "with_tracking": Flag("switch", False, **_FREE),
+    "report_to": Flag("str", "tensorboard", choices=_report_targets, **_FREE),
+    "push_to_hub": Flag("switch", False, **_FREE),
+    "hub_model_id": _opt("str", **_FREE),
     "hub_push": Flag("str", "model", "--push_to_hub: the whole model (a LoRA run's plain peft adapter beside it, in "
                      "adapter/), or a LoRA run's peft adapter alone (small; loads with PeftModel.from_pretrained onto "
-                     "its base, which must then be a Hub id)", choices=["model", "adapter"]),
+                     "its base, which must then be a Hub id)", choices=["model", "adapter"], **_FREE),
     "hub_token": Flag("str", None, "prefer the HF_TOKEN environment variable (never recorded or shown)", nullable=True,
-                      secret=True),
-}
+                      secret=True, **_FREE),
+})
 
 _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
     "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
-                      "have the same argmax as its logits)", nullable=True, metavar="MODEL"),
+                      "have the same argmax as its logits)", nullable=True, metavar="MODEL", input_path=True),
     "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
     "save_predictions": Flag("switch", False, "also write predictions.csv: per image of the split, its label, "
                              "prediction, probability, top-k"),
@@ -451,7 +528,28 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "push_to_hub_repo": Flag("str", None, "also push the split to this Hub dataset repo", nullable=True, metavar="REPO"),
 }
 
-FLAGS = {**_DATA, **_TRAIN, **_OTHER}
+FLAGS = {**_DATA, **_MODEL_FLAGS, **_METHOD, **_LOSS, **_OPTIM, **_COMPILE, **_EVAL, **_OUTPUT, **_OTHER}
+
+
+def flags_where(**props):
+    """Names of the table's flags whose properties equal `props` (e.g. group="data", input_path=True), in table order."""
+    return tuple(name for name, flag in FLAGS.items() if all(getattr(flag, k) == v for k, v in props.items()))
+
+
+# ------------------------------------------------------------------------------ lists derived from the table
+TRAIN_FLAGS = tuple(name for name, flag in FLAGS.items() if flag.group in GROUPS)
+DATA_FLAGS = flags_where(group="data")
+COMPILE_FLAGS = flags_where(group="compile")
+# flags naming files or folders read (never written): outputs must stay apart from them
+INPUT_PATH_FLAGS = flags_where(input_path=True)
+DATA_INPUT_FLAGS = flags_where(group="data", input_path=True)
+# data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
+RECORDED_DATA_FLAGS = {name: flag.info_key for name, flag in FLAGS.items() if flag.info_key not in (None, "hf_source")}
+# the `datasets` source of hf_lt, recorded in LTInfo.hf_source
+HF_SOURCE_FLAGS = flags_where(info_key="hf_source")
+# train flags a resumed run may change (the others change what is trained)
+RESUME_FREE_FLAGS = frozenset(name for name in TRAIN_FLAGS if FLAGS[name].may_change)
+SECRET_FLAGS = frozenset(flags_where(secret=True))
 
 
 def flag_help(flag):
@@ -563,9 +661,6 @@ def load_preset(path, parser):
     return {key: table[key].coerce(key, value, origin=str(path)) for key, value in preset.items()}
 
 
-# preset keys naming something to read (outputs such as output_dir and cache_dir stay relative to the working dir)
-PRESET_INPUT_PATHS = ("model_name_or_path", "init_from", "dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list",
-                      "class_names_file", "test_dir", "val_dir")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -574,7 +669,7 @@ def resolve_preset_paths(preset, preset_path):
     that exists is made absolute, so a preset works from any working directory. A value found in neither place (a
     Hub id, a dataset name) is kept as written."""
     resolved = dict(preset)
-    for key in PRESET_INPUT_PATHS:
+    for key in INPUT_PATH_FLAGS:
         value = preset.get(key)
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
@@ -585,9 +680,6 @@ def resolve_preset_paths(preset, preset_path):
     return resolved
 
 
-SECRET_FLAGS = frozenset(name for name, flag in FLAGS.items() if flag.secret)
-
-
 def public_flags(values):
     """Flags as they may be recorded (config.yaml, trackers, logs, cards): the table's secret flags (`--hub_token`) are
     blanked, so a recorded config never carries a Hub token (re-used, it falls back to HF_TOKEN / huggingface-cli
@@ -595,54 +687,43 @@ def public_flags(values):
     return {k: (None if k in SECRET_FLAGS else v) for k, v in dict(values).items()}
 
 
-def save_resolved_config(args, path):
+def save_resolved_config(values, path):
     """The exact flags a run used (secrets blanked), re-usable as `--config`."""
-    values = {k: v for k, v in public_flags(vars(args)).items() if k != "config"}
-    atomic_write_text(path, yaml.safe_dump(values, sort_keys=True))
+    atomic_write_text(path, yaml.safe_dump(public_flags(values), sort_keys=True))
 
 
-def check_cross_flags(args):
-    """Constraints between flags (each flag alone is checked by the table)."""
-    resolve_dataset_flags(args)
-    many, few = getattr(args, "many_threshold", None), getattr(args, "few_threshold", None)
+def resolve_cross_flags(values):
+    """Constraints between flags (each flag alone is checked by the table): `values` (a flag -> value mapping) with
+    --dataset resolved, as a new dict."""
+    values = {**values, **resolve_dataset_flags(values)}
+    many, few = values.get("many_threshold"), values.get("few_threshold")
     if many is not None and few is not None and few > many + 1:
         raise UserError(f"--few_threshold {few} is above --many_threshold {many} + 1, so a class could be both many and "
                         "few; lower --few_threshold or raise --many_threshold")
+    return values
 
 
 HF_BUILDER = "hf_lt"
 
 
-def resolve_dataset_flags(args):
-    """--dataset_name selects the hf_lt builder (recorded as --dataset hf_lt); another --dataset with it names two
-    sources. Without it, --dataset_config_name is a builder preset, checked against every builder's names here."""
-    name = getattr(args, "dataset_name", None)
-    dataset = getattr(args, "dataset", None)
+def resolve_dataset_flags(values):
+    """--dataset_name selects the hf_lt builder (recorded as --dataset hf_lt): {"dataset": "hf_lt"}, else {}; another
+    --dataset with it names two sources. Without it, --dataset_config_name is a builder preset, checked against every
+    builder's names here."""
+    name, dataset = values.get("dataset_name"), values.get("dataset")
     if name is not None:
         if dataset not in (None, HF_BUILDER, FLAGS["dataset"].default):
             raise UserError(f"--dataset {dataset} and --dataset_name {name} name two sources; pass one (--dataset_name "
                             "alone builds the LT split from that `datasets` source)")
-        args.dataset = HF_BUILDER
-        return
-    config = getattr(args, "dataset_config_name", None)
+        return {"dataset": HF_BUILDER}
+    config = values.get("dataset_config_name")
     if config is not None and dataset != HF_BUILDER:
         from .data.loading import builder_config_names
 
         if config not in builder_config_names():
             raise UserError(f"--dataset_config_name {config} is not a valid choice; choose one of "
                             f"{', '.join(builder_config_names())} (or name a `datasets` config with --dataset_name)")
-
-
-# data flag -> the LTInfo field that records it: how an export or split tells which data it was built from
-RECORDED_DATA_FLAGS = {"dataset": "dataset", "imb": "imb", "max_per_class": "max_per_class", "imb_seed": "seed",
-                       "selection": "selection", "val_per_class": "val_per_class", "val_source": "val_source",
-                       "many_threshold": "many_threshold", "few_threshold": "few_threshold",
-                       "groups_from_imb": "groups_from_imb"}
-
-# the `datasets` source of hf_lt, recorded in LTInfo.hf_source
-HF_SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
-                   "test_split", "image_column_name", "label_column_name", "class_names_file", "max_train_samples",
-                   "trust_remote_code")
+    return {}
 
 
 def recorded_flags(info):
@@ -653,55 +734,25 @@ def recorded_flags(info):
     return flags
 
 
-DATA_FLAGS = ("dataset", "dataset_name", "dataset_config_name", "dataset_revision", "train_split", "validation_split",
-              "test_split", "image_column_name", "label_column_name", "max_train_samples", "trust_remote_code",
-              "imb", "data_dir", "max_per_class", "imb_seed", "selection", "val_per_class", "val_source",
-              "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir", "relabel_by_name",
-              "many_threshold", "few_threshold", "groups_from_imb", "cache_dir", "per_device_eval_batch_size",
-              "num_workers", "max_eval_samples", "tte", "tte_views", "tte_expand", "interpolation")
-
-# data flags naming files or folders read (never written): outputs must stay apart from them
-DATA_INPUT_FLAGS = ("dataset", "dataset_name", "data_dir", "train_list", "val_list", "test_list", "class_names_file", "test_dir", "val_dir")
-
-
 def add_data_args(parser, **defaults):
-    return add_group(parser, "data", DATA_FLAGS, **defaults)
+    return add_group(parser, GROUPS["data"], DATA_FLAGS, **defaults)
+
+
+def add_compile_args(parser):
+    return add_group(parser, GROUPS["compile"], COMPILE_FLAGS)
 
 
 def build_train_parser():
     parser = ArgumentParser(description="Fine-tune CLIP/ViT on long-tailed data (LIFT, LT-Soups, LOS recipes).",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="yaml preset (configs/*.yaml); CLI flags override it")
-    add_data_args(parser)
-    add_group(parser, "model", ("model_name_or_path", "from_scratch", "init_from", "method", "adapter_dim",
-                                "partial_layers", "vpt_len", "mask_ratio", "mask_seed", "lora_init", "lora_alpha",
-                                "lora_dropout", "lora_target_modules", "head_features", "backbone_bn", "sync_bn",
-                                "head_type", "head_scale", "head_init",
-                                "prompt_template", "prompt_descriptor_file"))
-    add_group(parser, "loss and sampling", ("augment", "augment_on_device", "loss", "tau", "label_smoothing", "focal_gamma",
-                                            "ldam_max_margin", "cb_beta", "grw_exponent", "lade_lambda", "lade_weight",
-                                            "sampler", "balance_factor",
-                                            "subset_seed", "subset_selection"))
-    add_group(parser, "optimisation", ("optimizer", "learning_rate", "weight_decay", "momentum", "lr_scheduler_type",
-                                       "num_warmup_steps", "warmup_start_factor", "min_lr_ratio", "num_train_epochs", "max_train_steps",
-                                       "min_train_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                                       "total_batch_size", "max_grad_norm", "ema_decay", "ema_start", "mixed_precision",
-                                       "gradient_checkpointing"))
-    add_compile_args(parser)
-    add_group(parser, "evaluation, checkpoints, outputs", (
-        "eval_steps", "num_evals", "select_metric", "output_dir", "overwrite_output_dir", "seed", "dry_run", "checkpointing_steps",
-        "resume_from_checkpoint", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_push", "hub_token"))
+    for group, title in GROUPS.items():
+        add_group(parser, title, flags_where(group=group))
     return parser
 
 
-COMPILE_FLAGS = ("torch_compile", "torch_compile_backend", "torch_compile_mode")
-
-
-def add_compile_args(parser):
-    return add_group(parser, "compilation", COMPILE_FLAGS)
-
-
 def parse_train_args(argv=None):
-    args = parse_args_with_config(build_train_parser(), argv)
-    check_cross_flags(args)
-    return args
+    """The train flags as a dict (--config read, every value and the constraints between them checked)."""
+    values = vars(parse_args_with_config(build_train_parser(), argv))
+    values.pop("config")
+    return resolve_cross_flags(values)

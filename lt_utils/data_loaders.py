@@ -16,19 +16,18 @@ from .transforms import (CropBoxes, DeviceResizedCropFlip, NoAugment, PaddedCrop
                          SeededAugment, build_eval_transform, build_train_transform, build_tte_transform, collate)
 
 
-def load_data(args, accelerator):
+def load_data(data, accelerator):
+    """(DatasetDict, LTInfo) of a spec.DataSpec."""
     with accelerator.main_process_first():
         ds, info = load_lt_dataset(
-            args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.imb_seed,
-            selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,
-            train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
-            class_names_file=args.class_names_file, many_threshold=args.many_threshold,
-            few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=getattr(args, "test_dir", None),
-            val_dir=getattr(args, "val_dir", None), relabel_by_name=getattr(args, "relabel_by_name", False),
-            config_name=getattr(args, "dataset_config_name", None),
-            **{flag: getattr(args, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")
-               and hasattr(args, flag)})
-    return ds, record_saved_folder(info, args.dataset).with_groups_from_imb(getattr(args, "groups_from_imb", None))
+            data.dataset, imb=data.imb, data_dir=data.data_dir, max_per_class=data.max_per_class, seed=data.imb_seed,
+            selection=data.selection, val_per_class=data.val_per_class, val_source=data.val_source,
+            train_list=data.train_list, val_list=data.val_list, test_list=data.test_list,
+            class_names_file=data.class_names_file, many_threshold=data.many_threshold,
+            few_threshold=data.few_threshold, cache_dir=data.cache_dir, test_dir=data.test_dir, val_dir=data.val_dir,
+            relabel_by_name=data.relabel_by_name, config_name=data.dataset_config_name,
+            **{flag: getattr(data, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")})
+    return ds, record_saved_folder(info, data.dataset).with_groups_from_imb(data.groups_from_imb)
 
 
 def record_saved_folder(info, dataset_arg):
@@ -54,13 +53,14 @@ def limit_eval_splits(ds, max_eval_samples):
     return ds
 
 
-def training_split(ds, info, args):
-    """The images and class counts the loss sees: the full LT train split, or LT-Soups' capped subset."""
-    if args.balance_factor is None:
+def training_split(ds, info, loss):
+    """The images and class counts the loss sees (`loss`: a spec.LossSpec): the full LT train split, or LT-Soups'
+    capped subset."""
+    if loss.balance_factor is None:
         return ds["train"], list(info.train_counts)
-    require(args.balance_factor >= 1, f"--balance_factor must be >= 1, got {args.balance_factor}")
-    return capped_subset(ds["train"], info.train_counts, args.balance_factor, seed=args.subset_seed,
-                         selection=args.subset_selection)
+    require(loss.balance_factor >= 1, f"--balance_factor must be >= 1, got {loss.balance_factor}")
+    return capped_subset(ds["train"], info.train_counts, loss.balance_factor, seed=loss.subset_seed,
+                         selection=loss.subset_selection)
 
 
 def k_shot(train_ds, shots, seed):
@@ -76,26 +76,26 @@ def k_shot_indices(labels, k, seed):
     return np.sort(np.concatenate(picked)).tolist()
 
 
-def resolve_augment(args):
-    """Head-only training on cached features of the eval view (the backbone runs once) cannot augment."""
-    on_device = getattr(args, "augment_on_device", False)
-    if head_on_cached_features(args):
+def resolve_augment(augment, on_device, cached_head):
+    """The --augment a run trains with: rrc_flip by default; none for head-only training on cached features of the
+    eval view (the backbone runs once), which cannot augment."""
+    if cached_head:
         cached = "does not apply to --method head with cached features (computed once from the eval view)"
-        require(args.augment in (None, "none"),
-                f"--augment {args.augment} {cached}; drop --augment or pass --head_features augmented")
+        require(augment in (None, "none"),
+                f"--augment {augment} {cached}; drop --augment or pass --head_features augmented")
         require(not on_device, f"--augment_on_device {cached}; drop --augment_on_device or pass --head_features augmented")
         return "none"
-    augment = args.augment or "rrc_flip"
+    augment = augment or "rrc_flip"
     require(not on_device or augment == "rrc_flip", f"--augment_on_device resizes RandomResizedCrop views on the "
             f"accelerator (--augment rrc_flip), not --augment {augment}; drop --augment_on_device or use --augment rrc_flip")
     return augment
 
 
-def on_device_augment(args, train_tf):
+def on_device_augment(on_device, train_tf):
     """--augment_on_device: (the loader's per-sample transform, the batch transform for the accelerator), or
     (train_tf, None) without the flag. The boxes are drawn on the loader side from the same per-sample generators,
     so seeded determinism (resume, any number of processes or workers) is unchanged."""
-    if not getattr(args, "augment_on_device", False):
+    if not on_device:
         return train_tf, None
     return CropBoxes(train_tf), DeviceResizedCropFlip(train_tf)  # resolve_augment allowed rrc_flip only
 
@@ -110,8 +110,9 @@ def check_on_device_augment(loader):
     return loader
 
 
-def head_on_cached_features(args):
-    return METHODS.get(args.method).head_only and args.head_features == "cached"
+def head_on_cached_features(method):
+    """Whether a spec.MethodSpec trains the head alone on features computed once."""
+    return METHODS.get(method.method).head_only and method.head_features == "cached"
 
 
 def image_transforms(spec, augment="rrc_flip"):
@@ -129,23 +130,25 @@ def image_transforms(spec, augment="rrc_flip"):
     return train_tf, eval_tf
 
 
-def test_transform(spec, args):
-    """The test view (--tte with --tte_views / --tte_expand), in the spec's interpolation unless --interpolation."""
+def test_transform(spec, data):
+    """The test view of a spec.DataSpec (--tte with --tte_views / --tte_expand), in the backbone spec's interpolation
+    unless --interpolation."""
     common = dict(image_size=spec.image_size, mean=spec.image_mean, std=spec.image_std,
-                  interpolation=getattr(args, "interpolation", None) or spec.interpolation)
+                  interpolation=data.interpolation or spec.interpolation)
     resize = getattr(spec, "eval_resize", None)
-    if args.tte == "none":
+    if data.tte == "none":
         return build_eval_transform(**common, resize=resize)
-    return build_tte_transform(args.tte, patch_size=spec.patch_size, views=args.tte_views, expand=args.tte_expand,
+    return build_tte_transform(data.tte, patch_size=spec.patch_size, views=data.tte_views, expand=data.tte_expand,
                                resize=resize, **common)
 
 
-def tte_tag(args):
-    """The test view as one name, for records and output dirs: none, fivecrop, fivecrop_expand32, randaug10, ..."""
-    if args.tte == "none":
+def tte_tag(data):
+    """The test view of a spec.DataSpec as one name, for records and output dirs: none, fivecrop, fivecrop_expand32,
+    randaug10, ..."""
+    if data.tte == "none":
         return "none"
-    tag = args.tte + (str(args.tte_views) if args.tte == "randaug" else "")
-    return tag + (f"_expand{args.tte_expand}" if args.tte_expand is not None and args.tte in ("fivecrop", "tencrop") else "")
+    tag = data.tte + (str(data.tte_views) if data.tte == "randaug" else "")
+    return tag + (f"_expand{data.tte_expand}" if data.tte_expand is not None and data.tte in ("fivecrop", "tencrop") else "")
 
 
 def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sampler=None):
@@ -156,11 +159,12 @@ def image_loader(dataset, transform, batch_size, num_workers, shuffle=False, sam
                       num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0)
 
 
-def build_sampler(args, train_ds):
-    if args.sampler == "random":
+def build_sampler(sampler, train_ds, seed):
+    """--sampler's sampler of the train split (None: the loader shuffles)."""
+    if sampler == "random":
         return None
-    power = 0.0 if args.sampler == "class_balanced" else 0.5
-    return ClassBalancedSampler(train_ds["label"], power=power, seed=args.seed)
+    power = 0.0 if sampler == "class_balanced" else 0.5
+    return ClassBalancedSampler(train_ds["label"], power=power, seed=seed)
 
 
 def collate_features(items):

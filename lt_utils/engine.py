@@ -125,16 +125,16 @@ def evaluate(model, loader, accelerator, groups, num_classes, desc="eval", top_k
     return metrics, {"labels": labels, "top_probs": top[0], "top_classes": top[1]}
 
 
-def linear_warmup_cosine(args, plan):
-    """The run's lr function of the optimizer step, from its flags."""
-    warmup = args.num_warmup_steps
-    if warmup is None and args.optimizer == "adamw":
+def linear_warmup_cosine(optim, plan):
+    """The run's lr function of the optimizer step, from its spec.OptimSpec."""
+    warmup = optim.num_warmup_steps
+    if warmup is None and optim.optimizer == "adamw":
         # LT-Soups: max(20, 1% of the steps); capped at a fifth of the run so short runs still decay
         warmup = min(int(max(20, 0.01 * plan.total_steps)), plan.total_steps // 5)
 
     def schedule(step):
-        return lr_at(step, args.learning_rate, plan.total_steps, args.lr_scheduler_type, warmup or 0,
-                     args.min_lr_ratio, plan.steps_per_epoch, warmup_start=args.warmup_start_factor)
+        return lr_at(step, optim.learning_rate, plan.total_steps, optim.lr_scheduler_type, warmup or 0,
+                     optim.min_lr_ratio, plan.steps_per_epoch, warmup_start=optim.warmup_start_factor)
 
     return schedule
 

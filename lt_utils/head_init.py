@@ -167,28 +167,29 @@ def set_head_weight(model, weight):
             head.bias.zero_()
 
 
-# `--head_init`: f(args, info, lt_model, accelerator, train_loader_fn) -> the head weight [C, D] on CPU, the same in
-# every run given the same inputs (soups rely on it); train_loader_fn(spec) gives an unsharded eval-view train loader.
+# `--head_init`: f(model, info, lt_model, accelerator, train_loader_fn) -> the head weight [C, D] on CPU, the same in
+# every run given the same inputs (soups rely on it); model: the run's spec.ModelSpec (checkpoint, prompts, seed);
+# train_loader_fn(spec) gives an unsharded eval-view train loader.
 HEAD_INITS = Registry("head init", flag="--head_init")
 
 
 @HEAD_INITS.register("text")
-def _text(args, info, lt_model, accelerator, train_loader_fn):
-    require(BACKBONES.get(lt_model.spec.kind).text_tower is not None and not args.from_scratch,
+def _text(model, info, lt_model, accelerator, train_loader_fn):
+    require(BACKBONES.get(lt_model.spec.kind).text_tower is not None and not model.from_scratch,
             "--head_init text needs a pretrained image-text checkpoint (CLIP, SigLIP); use --head_init class_mean or "
             "random")
-    return text_head_init(args.model_name_or_path, info.class_names, prompts=args.prompt_template,
-                          descriptor_file=args.prompt_descriptor_file)
+    return text_head_init(model.model_name_or_path, info.class_names, prompts=model.prompt_template,
+                          descriptor_file=model.prompt_descriptor_file)
 
 
 @HEAD_INITS.register("class_mean")
-def _class_mean(args, info, lt_model, accelerator, train_loader_fn):
+def _class_mean(model, info, lt_model, accelerator, train_loader_fn):
     lt_model.to(accelerator.device)
     return class_mean_head_init(lt_model, train_loader_fn(lt_model.spec), len(info.class_names)).cpu()
 
 
 def _k_shot_means(k):
-    def init(args, info, lt_model, accelerator, train_loader_fn):
+    def init(model, info, lt_model, accelerator, train_loader_fn):
         lt_model.to(accelerator.device)
         loader = train_loader_fn(lt_model.spec, shots=k)
         return class_mean_head_init(lt_model, loader, len(info.class_names)).cpu()
@@ -201,7 +202,7 @@ for _k in (1, 10, 100):
 
 
 @HEAD_INITS.register("linear_probe")
-def _linear_probe(args, info, lt_model, accelerator, train_loader_fn):
+def _linear_probe(model, info, lt_model, accelerator, train_loader_fn):
     lt_model.to(accelerator.device)
     features, labels = frozen_features(lt_model, train_loader_fn(lt_model.spec))
     weight, _ = balanced_logistic_regression(features, labels, len(info.class_names), device=accelerator.device)
@@ -209,5 +210,5 @@ def _linear_probe(args, info, lt_model, accelerator, train_loader_fn):
 
 
 @HEAD_INITS.register("random")
-def _random(args, info, lt_model, accelerator, train_loader_fn):
-    return random_head_init(len(info.class_names), feature_dim(lt_model.spec), seed=args.seed)
+def _random(model, info, lt_model, accelerator, train_loader_fn):
+    return random_head_init(len(info.class_names), feature_dim(lt_model.spec), seed=model.seed)

@@ -33,10 +33,10 @@ class LossOptions:
     lade_weight: float = 0.1  # lade: weight of the LADER estimation loss
 
     @classmethod
-    def from_args(cls, args):
-        """From train_lt.py's flags (the head's scale becomes LDAM's)."""
+    def from_spec(cls, loss, head_scale):
+        """From a run's spec.LossSpec; the head's scale becomes LDAM's."""
         names = {f.name for f in dataclasses.fields(cls)} - {"scale"}
-        return cls(scale=args.head_scale, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+        return cls(scale=head_scale, **{n: getattr(loss, n) for n in names})
 
 
 class CrossEntropy(nn.Module):

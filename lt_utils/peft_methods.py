@@ -178,9 +178,9 @@ class Method:
     peft = False  # exported with peft's save_pretrained (adapter_model.safetensors) instead of model.safetensors
     partial = True  # --partial_layers applies (the method tunes blocks)
 
-    def method_args(self, args, num_classes, num_layers):
-        """The flags that shape this method's modules, as `apply` takes them."""
-        k = getattr(args, "partial_layers", None)
+    def method_args(self, method, num_classes, num_layers):
+        """The settings that shape this method's modules (`method`: the run's spec.MethodSpec), as `apply` takes them."""
+        k = method.partial_layers
         return {"partial_layers": k} if k is not None else {}
 
     def arch(self, margs):
@@ -203,15 +203,15 @@ def _rank(model, r):
     return r
 
 
-def _lift_rank(args, num_classes, num_layers):
-    return args.adapter_dim or bottleneck_dim(num_classes, num_layers)
+def _lift_rank(method, num_classes, num_layers):
+    return method.adapter_dim or bottleneck_dim(num_classes, num_layers)
 
 
 class AdaptFormerMethod(Method):
     trains = "AdaptFormer bottlenecks beside each MLP (r from LIFT's rule, or --adapter_dim)"
 
-    def method_args(self, args, num_classes, num_layers):
-        return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers)}
+    def method_args(self, method, num_classes, num_layers):
+        return {**super().method_args(method, num_classes, num_layers), "r": _lift_rank(method, num_classes, num_layers)}
 
     def arch(self, margs):
         return {**super().arch(margs), "adapters": "adaptformer", "adapter_dim": margs["r"]}
@@ -235,13 +235,14 @@ class LoraMethod(Method):
     peft = True
     mlp = False
 
-    def method_args(self, args, num_classes, num_layers):
+    def method_args(self, method, num_classes, num_layers):
         if self.mlp:
-            require(not args.lora_target_modules, "--method lora_mlp sets its targets (the MLP's two Linears); drop "
-                                                  "--lora_target_modules or use --method lora")
-        return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers),
-                "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                "lora_target_modules": args.lora_target_modules, "lora_init": args.lora_init}
+            require(not method.lora_target_modules, "--method lora_mlp sets its targets (the MLP's two Linears); drop "
+                                                    "--lora_target_modules or use --method lora")
+        targets = method.lora_target_modules  # the spec holds a tuple; peft and the export record take a list
+        return {**super().method_args(method, num_classes, num_layers), "r": _lift_rank(method, num_classes, num_layers),
+                "lora_alpha": method.lora_alpha, "lora_dropout": method.lora_dropout,
+                "lora_target_modules": list(targets) if targets is not None else None, "lora_init": method.lora_init}
 
     def apply(self, model, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, partial_layers=None,
               lora_init="peft", **_):
@@ -365,8 +366,8 @@ class PromptMethod(ModuleMethod):
     arch_keys = ("vpt_len",)
     deep = False
 
-    def method_args(self, args, num_classes, num_layers):
-        return {**super().method_args(args, num_classes, num_layers), "vpt_len": args.vpt_len}
+    def method_args(self, method, num_classes, num_layers):
+        return {**super().method_args(method, num_classes, num_layers), "vpt_len": method.vpt_len}
 
     def resolve(self, model, vpt_len=10, **margs):
         require(vpt_len >= 1, f"--vpt_len must be >= 1, got {vpt_len}")
@@ -385,8 +386,8 @@ class DeepPromptMethod(PromptMethod):
 class AdapterMethod(ModuleMethod):
     trains = "sequential bottleneck adapters after each MLP (r from LIFT's rule, or --adapter_dim)"
 
-    def method_args(self, args, num_classes, num_layers):
-        return {**super().method_args(args, num_classes, num_layers), "r": _lift_rank(args, num_classes, num_layers)}
+    def method_args(self, method, num_classes, num_layers):
+        return {**super().method_args(method, num_classes, num_layers), "r": _lift_rank(method, num_classes, num_layers)}
 
     def resolve(self, model, r=None, **margs):
         return {**margs, "r": _rank(model, r)}
@@ -402,9 +403,9 @@ class MaskMethod(ModuleMethod):
               "to 0.001, or --mask_ratio; --mask_seed)")
     arch_keys = ("mask_ratio", "mask_seed")
 
-    def method_args(self, args, num_classes, num_layers):  # mask_ratio None: LIFT's rule, resolved from the model
-        return {**super().method_args(args, num_classes, num_layers), "mask_seed": args.mask_seed,
-                "mask_ratio": args.mask_ratio}
+    def method_args(self, method, num_classes, num_layers):  # mask_ratio None: LIFT's rule, resolved from the model
+        return {**super().method_args(method, num_classes, num_layers), "mask_seed": method.mask_seed,
+                "mask_ratio": method.mask_ratio}
 
     def resolve(self, model, mask_ratio=None, mask_seed=0, **margs):  # ratio None: LIFT's rule, in the attach
         require(mask_ratio is None or 0 < mask_ratio <= 1, f"--mask_ratio must be in (0, 1], got {mask_ratio}")

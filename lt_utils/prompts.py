@@ -140,14 +140,13 @@ def load_descriptors(path):
     return data
 
 
-def check_prompt_args(args):
+def check_prompt_args(prompt_template, descriptor_file=None):
     """Before anything is written: a descriptor file is read now, and given only with --prompt_template descriptor."""
-    descriptor_file = getattr(args, "prompt_descriptor_file", None)
-    if args.prompt_template == "descriptor":
+    if prompt_template == "descriptor":
         load_descriptors(descriptor_file)
     else:
         require(descriptor_file is None,
-                f"--prompt_descriptor_file needs --prompt_template descriptor (got {args.prompt_template}); drop one")
+                f"--prompt_descriptor_file needs --prompt_template descriptor (got {prompt_template}); drop one")
 
 
 def clean_class_name(name):

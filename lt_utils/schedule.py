@@ -72,14 +72,14 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def check_schedule_flags(args):
-    """--num_evals replaces --eval_steps (left at 'epoch'); checked before anything is written (each flag's range is
-    checked by the flag table)."""
-    if args.num_evals is None:
+def check_schedule_flags(evaluation):
+    """--num_evals replaces --eval_steps (left at 'epoch'), in a run's spec.EvalSpec; checked before anything is
+    written (each flag's range is checked by the flag table)."""
+    if evaluation.num_evals is None:
         return
-    if str(args.eval_steps) != "epoch":
-        raise UserError(f"--num_evals {args.num_evals} and --eval_steps {args.eval_steps} both set the validation "
-                        "schedule; pass one of them")
+    if str(evaluation.eval_steps) != "epoch":
+        raise UserError(f"--num_evals {evaluation.num_evals} and --eval_steps {evaluation.eval_steps} both set the "
+                        "validation schedule; pass one of them")
 
 
 def eval_interval(num_evals, total_steps):

@@ -387,20 +387,15 @@ def build_val_scorer(first, data_args, batch_size=256, num_workers=0):
     return scorer
 
 
-def val_data_args(data_args, meta):
-    """Data flags for the val split: the user's when --dataset is given, else the split the first ingredient records
-    (its LT split and the local source files it was trained on)."""
-    import argparse
-
-    args = argparse.Namespace(**vars(data_args))
-    if args.dataset is not None:
-        return args
+def val_data_args(data, meta):
+    """The spec.DataSpec of the val split: the user's when --dataset is given, else the split the first ingredient
+    records (its LT split and the local source files it was trained on)."""
+    if data.dataset is not None:
+        return data
     recorded = recorded_flags(meta["lt_info"].to_dict())
     if meta["dataset"].get("data_dir"):
         recorded["data_dir"] = meta["dataset"]["data_dir"]
-    for flag, value in recorded.items():
-        setattr(args, flag, value)
-    return args
+    return dataclasses.replace(data, **recorded)
 
 
 # ----------------------------------------------------------------------------------------------------- output

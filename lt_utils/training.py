@@ -1,45 +1,104 @@
-"""The set-up steps of train_lt.py, one function each: accelerator, model, optimizer, run bookkeeping.
+"""The set-up steps of train_lt.py, one function each: the run spec, accelerator, model, optimizer, run bookkeeping
+and resume. Each takes the parts of the spec (spec.py) it needs.
 
 Data and loaders: data_loaders.py; export writing: exports.py."""
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_export
+from .checkpoint import load_export, read_export_config, read_resume_record, resolve_resume_path
 from .compile import dynamo_plugin
-from .config import DATA_INPUT_FLAGS, SECRET_FLAGS
+from .config import INPUT_PATH_FLAGS, TRAIN_FLAGS
+from .data_loaders import head_on_cached_features, resolve_augment
 from .errors import UserError, require
 from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
 from .heads import fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
+from .prompts import check_prompt_args
+from .schedule import check_schedule_flags
+from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record
+
+
+# -------------------------------------------------------------------------------------------------- the spec
+def resolve_run_spec(values, num_processes):
+    """THE spec of a run, built once from the parsed flags (config.parse_train_args): --total_batch_size becomes the
+    per-device batch, --augment its default, --init_from gives the backbone and head geometry; then the constraints
+    between flags are checked. Nothing changes it afterwards."""
+    values = {**values,
+              "per_device_train_batch_size": per_device_batch_size(
+                  values["total_batch_size"], values["per_device_train_batch_size"],
+                  values["gradient_accumulation_steps"], num_processes),
+              "augment": resolve_augment(values["augment"], values["augment_on_device"],
+                                         head_on_cached_features(MethodSpec.from_values(values))),
+              **init_from_model(values["init_from"])}
+    spec = RunSpec.from_values(values)
+    check_schedule_flags(spec.eval)
+    check_prompt_args(spec.model.prompt_template, spec.model.prompt_descriptor_file)
+    check_bn_flags(spec.method)
+    return spec
+
+
+def per_device_batch_size(total_batch_size, per_device, accumulation, num_processes):
+    """--total_batch_size = per-device batch x accumulation x processes; it must divide exactly."""
+    require(accumulation >= 1, "--gradient_accumulation_steps must be >= 1")
+    if total_batch_size is None:
+        return per_device
+    denom = accumulation * num_processes
+    require(total_batch_size % denom == 0,
+            f"--total_batch_size {total_batch_size} is not divisible by gradient_accumulation_steps x processes "
+            f"= {accumulation} x {num_processes}; pick an accumulation that divides it")
+    return total_batch_size // denom
+
+
+def init_from_model(init_from):
+    """--init_from: the backbone and head geometry come from the export's record, not from the flags."""
+    if not init_from:
+        return {}
+    config = read_export_config(init_from)  # a Hub id: its local snapshot, reused by the model build
+    return {"model_name_or_path": config.base_model, "from_scratch": config.from_scratch,
+            "head_type": config.head_type, "head_scale": config.head_scale}
+
+
+def launch_processes():
+    """The number of processes of this launch, before the Accelerator exists (--total_batch_size needs it):
+    accelerate's process state, started with the arguments build_accelerator gives it, which then finds it started."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    kwargs = cpu_multiprocess_kwargs()
+    state_kwargs = {k: v for handler in kwargs.get("kwargs_handlers", ()) for k, v in handler.to_kwargs().items()}
+    return PartialState(kwargs.get("cpu", False) or parse_flag_from_env("ACCELERATE_USE_CPU"),
+                        **state_kwargs).num_processes
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
-def build_accelerator(args):
+def build_accelerator(spec):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType
 
+    optim, output = spec.optim, spec.output
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        mixed_precision=optim.mixed_precision,
+        log_with=output.report_to if output.with_tracking else None,
+        project_dir=output.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        dynamo_plugin=dynamo_plugin(args),
+        dynamo_plugin=dynamo_plugin(spec.compile),
         **cpu_multiprocess_kwargs(),
     )
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UserError("several processes but no distributed backend; on CPU set ACCELERATE_USE_CPU=1 (DDP) or "
                         "ACCELERATE_USE_DEEPSPEED=true with a DeepSpeed config")
     check_fp16(accelerator)
-    check_deepspeed_accumulation(accelerator, args)
-    check_zero3_export(accelerator, args)
-    fill_deepspeed_clipping(accelerator, args)
+    check_deepspeed_accumulation(accelerator, optim)
+    check_zero3_export(accelerator, optim)
+    fill_deepspeed_clipping(accelerator, optim)
     return accelerator
 
 
@@ -51,13 +110,13 @@ def check_fp16(accelerator):
                         "accelerate would train in fp32: use --mixed_precision bf16 or no")
 
 
-def check_zero3_export(accelerator, args):
+def check_zero3_export(accelerator, optim):
     """Under ZeRO-3 an export needs the 16-bit gather, and parameters are partitioned (an EMA copy would hold empty
     tensors): refuse at start rather than fail, or silently mix EMA and raw weights, after training."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.zero_stage != 3:
         return
-    if args.ema_decay:
+    if optim.ema_decay:
         raise UserError("--ema_decay does not work under DeepSpeed ZeRO-3 (parameters are partitioned); use ZeRO-2 "
                         "(accelerate_configs/ds_zero2.yaml) or drop --ema_decay")
     if plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True:
@@ -80,11 +139,11 @@ def cpu_multiprocess_kwargs():
     return {"cpu": True}
 
 
-def fill_deepspeed_clipping(accelerator, args):
+def fill_deepspeed_clipping(accelerator, optim):
     """accelerate fills DeepSpeed's 'auto' gradient_clipping with 1.0; make it --max_grad_norm (0: none) instead."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = float(args.max_grad_norm or 0.0)
+        plugin.deepspeed_config["gradient_clipping"] = float(optim.max_grad_norm or 0.0)
 
 
 @contextlib.contextmanager
@@ -105,103 +164,94 @@ def plain_model_init(accelerator):
         plugin.set_deepspeed_weakref()
 
 
-def check_deepspeed_accumulation(accelerator, args):
+def check_deepspeed_accumulation(accelerator, optim):
     """accelerate silently takes DeepSpeed's accumulation when the two disagree, so the run would not be the one
     asked for: refuse instead."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
+    steps = optim.gradient_accumulation_steps
     ds_steps = plugin.deepspeed_config.get("gradient_accumulation_steps")
-    if ds_steps not in (None, "auto") and int(ds_steps) != args.gradient_accumulation_steps:
+    if ds_steps not in (None, "auto") and int(ds_steps) != steps:
         raise UserError(f"DeepSpeed config has gradient_accumulation_steps={ds_steps} but --gradient_accumulation_steps="
-                        f"{args.gradient_accumulation_steps}; set one of them so they agree (or 'auto' in the DeepSpeed config)")
-    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+                        f"{steps}; set one of them so they agree (or 'auto' in the DeepSpeed config)")
+    if accelerator.gradient_accumulation_steps != steps:
         raise UserError(f"accelerate uses gradient_accumulation_steps={accelerator.gradient_accumulation_steps} but "
-                        f"--gradient_accumulation_steps={args.gradient_accumulation_steps}; make the accelerate config agree")
-
-
-def resolve_batch_size(args, num_processes):
-    """--total_batch_size = per-device batch x accumulation x processes; it must divide exactly."""
-    require(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
-    if args.total_batch_size is None:
-        return
-    denom = args.gradient_accumulation_steps * num_processes
-    require(args.total_batch_size % denom == 0,
-            f"--total_batch_size {args.total_batch_size} is not divisible by gradient_accumulation_steps x processes "
-            f"= {args.gradient_accumulation_steps} x {num_processes}; pick an accumulation that divides it")
-    args.per_device_train_batch_size = args.total_batch_size // denom
+                        f"--gradient_accumulation_steps={steps}; make the accelerate config agree")
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def build_training_model(args, info, accelerator, head_init_loader_fn):
+def build_training_model(spec, info, accelerator, head_init_loader_fn):
     """(model to train, Exporter holding the LTModel inside it and the exports' config)."""
     num_classes = len(info.class_names)
-    method = METHODS.get(args.method)
-    if args.init_from:
+    method = METHODS.get(spec.method.method)
+    if spec.model.init_from:
         allowed = [name for name in METHODS if METHODS.get(name).init_from]
-        require(method.init_from,
-                f"--init_from works with --method {'/'.join(allowed)}, not {args.method}; train a fresh run instead")
-        lt_model, init = load_export(args.init_from)  # the whole model from its folder (LoRA merged), a Hub id too
+        require(method.init_from, f"--init_from works with --method {'/'.join(allowed)}, not {spec.method.method}; "
+                "train a fresh run instead")
+        lt_model, init = load_export(spec.model.init_from)  # the whole model from its folder (LoRA merged); a Hub id too
         require(init["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
-                f"--init_from {args.init_from} was trained on other classes than --dataset {args.dataset}; use a matching export")
-        # the backbone and head geometry come from the export, not from the flags
-        args.model_name_or_path, args.from_scratch = init["base_model"], init["from_scratch"]
-        args.head_type, args.head_scale = init["head"]["type"], init["head"]["scale"]
-        lt_model = with_interpolation(lt_model, args)
+                f"--init_from {spec.model.init_from} was trained on other classes than --dataset {spec.data.dataset}; "
+                "use a matching export")
+        # the backbone and head geometry come from the export (init_from_model put them in the spec)
+        lt_model = with_interpolation(lt_model, spec.data.interpolation)
         arch = dict(init["arch"])
         head_init = lt_model.head.weight.detach().clone()
     else:
-        lt_model = with_interpolation(build_lt_model(args.model_name_or_path, num_classes, head_type=args.head_type,
-                                                     head_scale=args.head_scale, from_scratch=args.from_scratch,
-                                                     seed=args.seed), args)
+        m = spec.model
+        lt_model = with_interpolation(build_lt_model(m.model_name_or_path, num_classes, head_type=m.head_type,
+                                                     head_scale=m.head_scale, from_scratch=m.from_scratch, seed=m.seed),
+                                      spec.data.interpolation)
         arch = empty_arch()
-        head_init = HEAD_INITS.get(args.head_init)(args, info, lt_model, accelerator, head_init_loader_fn)
+        head_init = HEAD_INITS.get(spec.model.head_init)(spec.model, info, lt_model, accelerator, head_init_loader_fn)
     set_head_weight(lt_model, head_init)
-    margs = method.method_args(args, num_classes, lt_model.spec.num_layers)
+    margs = method.method_args(spec.method, num_classes, lt_model.spec.num_layers)
     arch.update(method.arch(margs))
-    model = apply_method(lt_model, args.method, **margs)
-    if args.gradient_checkpointing:
-        require(not method.head_only, f"--gradient_checkpointing does not apply to --method {args.method} (its backbone "
-                "runs once without gradients); drop it")
+    model = apply_method(lt_model, spec.method.method, **margs)
+    if spec.optim.gradient_checkpointing:
+        require(not method.head_only, f"--gradient_checkpointing does not apply to --method {spec.method.method} (its "
+                "backbone runs once without gradients); drop it")
         enable_gradient_checkpointing(lt_model)
+    m = spec.model
     config = lt_config(
-        lt_model, info.class_names, args.head_type, args.head_scale, arch,
-        head_init={"init": "from " + str(args.init_from) if args.init_from else args.head_init,
+        lt_model, info.class_names, m.head_type, m.head_scale, arch,
+        head_init={"init": "from " + str(m.init_from) if m.init_from else m.head_init,
                    "init_fingerprint": fingerprint(head_init)},
-        lt_info=info.to_dict(), base_model=args.model_name_or_path, from_scratch=args.from_scratch, seed=args.seed,
-        method=args.method, run={"balance_factor": args.balance_factor, "run_name": Path(args.output_dir).name,
-                                 "hub_model_id": getattr(args, "hub_model_id", None),
-                                 # the local source files (eval_lt.py reads the same ones by default)
-                                 "data_dir": str(Path(args.data_dir).resolve()) if getattr(args, "data_dir", None) else None})
+        lt_info=info.to_dict(), base_model=m.model_name_or_path, from_scratch=m.from_scratch, seed=m.seed,
+        method=spec.method.method,
+        run={"balance_factor": spec.loss.balance_factor, "run_name": Path(spec.output.output_dir).name,
+             "hub_model_id": spec.output.hub_model_id,
+             # the local source files (eval_lt.py reads the same ones by default)
+             "data_dir": str(Path(spec.data.data_dir).resolve()) if spec.data.data_dir else None})
     lora_config = model.peft_config["default"] if method.peft else None
-    return model, Exporter(config, lt_model, head_init, args.method, lora_config)
+    return model, Exporter(config, lt_model, head_init, spec.method.method, lora_config)
 
 
-def with_interpolation(lt_model, args):
+def with_interpolation(lt_model, interpolation):
     """--interpolation replaces the processor's for every transform of the run; the export records it (eval_lt.py)."""
-    if getattr(args, "interpolation", None):
-        lt_model.spec.interpolation = args.interpolation
+    if interpolation:
+        lt_model.spec.interpolation = interpolation
     return lt_model
 
 
-def check_bn_flags(args, num_processes):
-    """--head_features / --backbone_bn / --sync_bn apply to some runs only; say so before anything runs."""
-    if args.head_features == "augmented":
-        require(METHODS.get(args.method).head_only,
-                f"--head_features augmented applies to --method head, not {args.method}; drop it")
+def check_bn_flags(method):
+    """--head_features / --backbone_bn (a spec.MethodSpec) apply to some runs only; say so before anything runs."""
+    head_only = METHODS.get(method.method).head_only
+    if method.head_features == "augmented":
+        require(head_only, f"--head_features augmented applies to --method head, not {method.method}; drop it")
     else:
-        require(args.backbone_bn == "eval" or not METHODS.get(args.method).head_only,
+        require(method.backbone_bn == "eval" or not head_only,
                 "--backbone_bn train needs --head_features augmented (cached features are computed once in eval mode)")
-    require(args.backbone_bn == "eval" or args.head_features == "augmented",
+    require(method.backbone_bn == "eval" or method.head_features == "augmented",
             "--backbone_bn applies to --method head --head_features augmented only; drop it")
 
 
-def setup_batchnorm(args, accelerator, model, lt_model):
+def setup_batchnorm(method, optim, accelerator, model, lt_model):
     """The frozen backbone's BatchNorm mode (--backbone_bn) and --sync_bn across processes."""
     from .batchnorm import convert_sync_batchnorm, has_batchnorm
 
-    lt_model.backbone_eval = METHODS.get(args.method).head_only and args.backbone_bn == "eval"
-    if args.sync_bn:
+    lt_model.backbone_eval = METHODS.get(method.method).head_only and method.backbone_bn == "eval"
+    if optim.sync_bn:
         require(has_batchnorm(lt_model), f"--sync_bn: the {lt_model.spec.kind} backbone has no BatchNorm; drop --sync_bn")
         if accelerator.num_processes > 1:
             convert_sync_batchnorm(lt_model)  # in place: the LTModel root is no BatchNorm, keys are unchanged
@@ -210,35 +260,38 @@ def setup_batchnorm(args, accelerator, model, lt_model):
         if accelerator.is_main_process:
             logging.getLogger("lt").warning(
                 f"BatchNorm trains on {accelerator.num_processes} processes without --sync_bn: each normalises over "
-                f"its own {args.per_device_train_batch_size} images, so results differ from one process with the "
+                f"its own {optim.per_device_train_batch_size} images, so results differ from one process with the "
                 "global batch; pass --sync_bn to normalise over the global batch")
     return model
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, optim):
+    """--optimizer over the trainable parameters, from a spec.OptimSpec."""
     params = [p for p in model.parameters() if p.requires_grad]
-    require(params, f"--method {args.method} left nothing to train")
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+    require(params, "the method left nothing to train; check --method and --partial_layers")
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.learning_rate, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.learning_rate, betas=(optim.momentum, 0.999),
+                             weight_decay=optim.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------- run bookkeeping
-INPUT_PATH_FLAGS = (*DATA_INPUT_FLAGS, "init_from", "model_name_or_path")
+RUN_SPEC_FILE = "run_spec.json"
 
 
-def check_run_paths(args):
+def check_run_paths(spec):
     """Before anything runs: the output dir is writable, apart from every input, and not an earlier run's unless
     resumed or --overwrite_output_dir is given."""
     from .fileio import check_outputs_apart, check_writable_dir
 
-    check_writable_dir(args.output_dir, "--output_dir")
-    if args.cache_dir:
-        check_writable_dir(args.cache_dir, "--cache_dir")
-    check_outputs_apart({"--output_dir": args.output_dir},
-                        {f"--{flag}": getattr(args, flag, None) for flag in INPUT_PATH_FLAGS})
-    out = Path(args.output_dir)
-    if used_run_dir(out) and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+    output, values = spec.output, spec.values()
+    check_writable_dir(output.output_dir, "--output_dir")
+    if spec.data.cache_dir:
+        check_writable_dir(spec.data.cache_dir, "--cache_dir")
+    check_outputs_apart({"--output_dir": output.output_dir},
+                        {f"--{flag}": values[flag] for flag in INPUT_PATH_FLAGS if flag in values})
+    out = Path(output.output_dir)
+    if used_run_dir(out) and not output.resume_from_checkpoint and not output.overwrite_output_dir:
         raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
                         "--overwrite_output_dir to replace it, or another --output_dir")
 
@@ -247,46 +300,104 @@ def used_run_dir(out):
     return out.is_dir() and any(p.name in ("final", "best", "log.txt") or p.name.startswith("step_") for p in out.iterdir())
 
 
-# flags that do not change what a run trains (or are rewritten at start), not compared on a relaunch
-_RELAUNCH_FREE = {"config", "resume_from_checkpoint", "overwrite_output_dir", "with_tracking", "report_to", "push_to_hub",
-                  "hub_model_id", "num_workers", "gradient_checkpointing", "torch_compile", "torch_compile_backend",
-                  "torch_compile_mode", "per_device_eval_batch_size", "cache_dir", "augment", "augment_on_device",
-                  "per_device_train_batch_size", "model_name_or_path", "from_scratch", "head_type", "head_scale",
-                  "output_dir"}
+_CHANGE_FIX = "pass --resume_allow_changes to continue anyway, or start a new --output_dir"
 
 
-def finished_run(args):
-    """The results of a finished run being resumed (a requeued job): the relaunch is then a no-op. A relaunch with
-    other settings would overwrite final/ with another model: refused."""
-    out = Path(args.output_dir)
-    path = out / "all_results.json"
-    if not args.resume_from_checkpoint or not path.is_file():
-        return None
+def finished_run(spec):
+    """The results of a finished run being resumed (a requeued job): the relaunch is then a no-op. A relaunch that
+    changes what is trained (the comparison a resume makes) would overwrite final/ with another model: refused, or with
+    --resume_allow_changes trained on from the latest checkpoint (None)."""
     from .fileio import read_json
 
-    saved_path = out / "config.yaml"
-    if saved_path.is_file():
-        import yaml
-
-        try:
-            saved = yaml.safe_load(saved_path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError):
-            saved = {}
-        for key, value in vars(args).items():
-            if key in _RELAUNCH_FREE or key in SECRET_FLAGS or key not in saved or saved[key] == value:
-                continue
-            raise UserError(f"cannot resume {out}, a finished run: its {key} is {saved[key]!r} but this run has "
-                            f"{value!r}; relaunch it with the same settings (a no-op) or start a new --output_dir")
+    out = Path(spec.output.output_dir)
+    path = out / "all_results.json"
+    if not spec.output.resume_from_checkpoint or not path.is_file():
+        return None
+    recorded = recorded_run_spec(out)
+    changes = changed_flags(recorded, spec) if recorded is not None else {}
+    if changes and spec.output.resume_allow_changes:
+        return None
+    if changes:
+        raise UserError(f"cannot resume {out}, a finished run: flags changed since it ran ({describe_changes(changes)}); "
+                        f"relaunch with the same flags (a no-op), {_CHANGE_FIX}")
     return read_json(path, "results file")
 
 
-def start_output_dir(args, accelerator, resumed_step=None):
+def recorded_run_spec(out):
+    """The flat spec a run dir records: run_spec.json, else (runs recorded before it) config.yaml; None if neither
+    can be read."""
+    import yaml
+
+    from .fileio import read_json
+
+    try:
+        return flat_record(read_json(out / RUN_SPEC_FILE, "run record")["run_spec"])
+    except (UserError, KeyError, TypeError):
+        pass
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from and how its flags differ from the checkpoint's."""
+
+    path: Path
+    changes: dict  # {flag: (checkpoint's value, this run's)}: flags that may not change, allowed by --resume_allow_changes
+    earlier_changes: tuple  # the changes earlier resumes of the run were allowed
+
+
+def check_resume(spec):
+    """--resume_from_checkpoint: the checkpoint, its recorded spec compared with this one as a whole, before anything
+    runs. Flags that may not change (config.RESUME_FREE_FLAGS are the others) and differ are refused in one line
+    naming each, unless --resume_allow_changes. The data identity is checked once the data is loaded."""
+    output = spec.output
+    if not output.resume_from_checkpoint:
+        return None
+    path = resolve_resume_path(output.resume_from_checkpoint, output.output_dir)
+    record = read_resume_record(path)
+    if isinstance(record.get("run_spec"), dict):
+        recorded = flat_record(record["run_spec"])
+    else:  # written before the spec was recorded: the flags its identity held, beside the data's
+        recorded = {**flat_record(spec.record()), **{k: v for k, v in record.items() if k in TRAIN_FLAGS and k != "dataset"}}
+    changes = changed_flags(recorded, spec)
+    if changes and not output.resume_allow_changes:
+        raise UserError(f"cannot resume from {path}: flags changed since the checkpoint ({describe_changes(changes)}); "
+                        f"relaunch with the same flags, {_CHANGE_FIX}")
+    return ResumePoint(path, changes, tuple(record.get("resume_changes") or ()))
+
+
+def change_record(step, changes):
+    """A resume's allowed changes as recorded (log.txt, run_spec.json, the next checkpoints)."""
+    return {"step": step, "resume_changes": {name: [old, new] for name, (old, new) in changes.items()}}
+
+
+def record_run(spec, accelerator, resume_changes=(), logged_change=None):
+    """The run dir's record of this (re)start, on the main process: config.yaml (the flat flags, re-usable as a
+    preset), run_spec.json (the spec and the changes resumes were allowed) and, for a resume with changes, a log.txt
+    line naming them."""
+    from .config import save_resolved_config
+    from .fileio import atomic_write_json
+
+    if not accelerator.is_main_process:
+        return
+    out = Path(spec.output.output_dir)
+    save_resolved_config(flat_record(spec.record()), out / "config.yaml")
+    atomic_write_json(out / RUN_SPEC_FILE, {"run_spec": spec.record(), "resume_changes": list(resume_changes)})
+    if logged_change is not None:
+        log_jsonl(out / "log.txt", logged_change)
+
+
+def start_output_dir(output, accelerator, resumed_step=None):
     """After every check passed: make the output dir, clear the earlier run (--overwrite_output_dir), drop temp
     folders of killed saves, and cut log.txt back to the resumed step (those validations run again)."""
-    out = Path(args.output_dir)
+    out = Path(output.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        if output.overwrite_output_dir and not output.resume_from_checkpoint:
             remove_previous_run(out)
         import shutil
 
@@ -312,7 +423,7 @@ def truncate_log(path, step):
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-RUN_FILES = ("final", "best", "log.txt", "all_results.json", "config.yaml")
+RUN_FILES = ("final", "best", "log.txt", "all_results.json", "config.yaml", RUN_SPEC_FILE)
 
 
 def remove_previous_run(out):
@@ -333,34 +444,26 @@ def every_n_steps(value, plan, flag):
     return int(value)  # checked by the flag table
 
 
-def resume_identity(args, info):
-    """What a resumed run must share with the checkpoint: the exact training images, the classes and the model."""
+def resume_identity(info):
+    """What a resumed run must share with the checkpoint beyond its flags (the spec): the exact training images and
+    the classes."""
     return {"dataset": info.dataset, "num_classes": len(info.class_names), "class_names": list(info.class_names),
-            "train_images": info.index_hashes.get("train"), "method": args.method,
-            "model_name_or_path": args.model_name_or_path, "balance_factor": args.balance_factor,
-            "subset_seed": args.subset_seed, "subset_selection": args.subset_selection, "adapter_dim": args.adapter_dim, "lora_alpha": args.lora_alpha,
-            "lora_target_modules": args.lora_target_modules, "head_type": args.head_type, "init_from": args.init_from,
-            "head_features": args.head_features, "backbone_bn": args.backbone_bn,
-            **{k: getattr(args, k) for k, default in METHOD_FLAG_DEFAULTS.items() if getattr(args, k) != default}}
+            "train_images": info.index_hashes.get("train")}
 
 
-# flags that shape a method's modules, with their defaults: part of a resume's identity when set (so checkpoints
-# written before the flags existed still resume)
-METHOD_FLAG_DEFAULTS = {"partial_layers": None, "vpt_len": 10, "mask_ratio": None, "mask_seed": 0, "lora_init": "peft"}
-
-
-def non_finite_advice(args):
+def non_finite_advice(spec):
     """What may have made the loss non-finite: the flags of this run that scale the logits, the loss or the steps."""
-    causes = [f"--learning_rate {args.learning_rate:g}"]
-    if args.head_type == "cosine":
-        causes.append(f"--head_scale {args.head_scale:g}")
-    if args.loss == "la":
-        causes.append(f"--tau {args.tau:g}")
-    if args.max_grad_norm is not None:
-        causes.append(f"--max_grad_norm {args.max_grad_norm:g}")
-    if args.mixed_precision == "fp16":
+    optim = spec.optim
+    causes = [f"--learning_rate {optim.learning_rate:g}"]
+    if spec.model.head_type == "cosine":
+        causes.append(f"--head_scale {spec.model.head_scale:g}")
+    if spec.loss.loss == "la":
+        causes.append(f"--tau {spec.loss.tau:g}")
+    if optim.max_grad_norm is not None:
+        causes.append(f"--max_grad_norm {optim.max_grad_norm:g}")
+    if optim.mixed_precision == "fp16":
         causes.append("--mixed_precision fp16")
-    fix = "lower the one you raised" + ("" if args.max_grad_norm is not None else ", or set --max_grad_norm (e.g. 1.0)")
+    fix = "lower the one you raised" + ("" if optim.max_grad_norm is not None else ", or set --max_grad_norm (e.g. 1.0)")
     return f"check {', '.join(causes)}: {fix}"
 
 
@@ -369,31 +472,32 @@ def log_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def describe_run(args, accelerator, plan, num_examples, trainable):
-    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+def describe_run(optim, accelerator, plan, num_examples, trainable):
+    total_batch = optim.per_device_train_batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
     lines = ["***** Running training *****", f"  Num examples = {num_examples}", f"  Num epochs = {plan.num_epochs}",
-             f"  Per-device batch size = {args.per_device_train_batch_size}",
+             f"  Per-device batch size = {optim.per_device_train_batch_size}",
              f"  Total batch size (per device x processes x accumulation) = {total_batch}",
-             f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
+             f"  Gradient accumulation steps = {optim.gradient_accumulation_steps}",
              f"  Total optimization steps = {plan.total_steps}", f"  Trainable parameters = {trainable:,}",
              f"  Processes = {accelerator.num_processes} ({accelerator.distributed_type.value}), "
              f"mixed precision = {accelerator.mixed_precision}"]
     return "\n".join(lines)
 
 
-def dry_run(args, accelerator, model, lt_model, num_examples):
+def dry_run(spec, accelerator, model, lt_model, num_examples):
     """--dry_run: the run header, then (last line of stdout) a JSON object of the trainable parameter counts."""
     import math
 
     from .schedule import plan_steps
 
-    batches = math.ceil(num_examples / (args.per_device_train_batch_size * accelerator.num_processes))
-    plan = plan_steps(batches, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps,
-                      args.min_train_steps)
+    optim = spec.optim
+    batches = math.ceil(num_examples / (optim.per_device_train_batch_size * accelerator.num_processes))
+    plan = plan_steps(batches, optim.gradient_accumulation_steps, optim.num_train_epochs, optim.max_train_steps,
+                      optim.min_train_steps)
     trainable, head = trainable_parameter_count(model), head_parameter_count(model)
-    counts = {"method": args.method, "trainable": trainable, "head": head, "backbone": trainable - head,
+    counts = {"method": spec.method.method, "trainable": trainable, "head": head, "backbone": trainable - head,
               "backbone_kind": lt_model.spec.kind, "total": sum(p.numel() for p in model.parameters()), "total_steps": plan.total_steps}
     if accelerator.is_main_process:
-        print(describe_run(args, accelerator, plan, num_examples, trainable).replace("Running training", "Dry run"))
+        print(describe_run(optim, accelerator, plan, num_examples, trainable).replace("Running training", "Dry run"))
         print(json.dumps(counts), flush=True)
     return counts

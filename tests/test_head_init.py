@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lt_utils.data_loaders import k_shot_indices
 from lt_utils.errors import UserError
 from lt_utils.head_init import HEAD_INITS, balanced_logistic_regression
+from lt_utils.spec import ModelSpec
 from lt_utils.models import build_lt_model
 from tests.helpers_models import random_pixels
 
@@ -74,14 +75,14 @@ def test_registered_k_shot_and_linear_probe_inits(vit_dir):
         idx = list(range(len(labels))) if shots is None else k_shot_indices(labels.tolist(), shots, 0)
         return _loader(pixels[idx], labels[idx])
 
-    args, info = types.SimpleNamespace(seed=0), types.SimpleNamespace(class_names=["a", "b", "c"])
+    spec, info = ModelSpec(), types.SimpleNamespace(class_names=["a", "b", "c"])
     acc = types.SimpleNamespace(device=torch.device("cpu"))
-    one_shot = HEAD_INITS.get("1_shot")(args, info, model, acc, loader_fn)
+    one_shot = HEAD_INITS.get("1_shot")(spec, info, model, acc, loader_fn)
     with torch.no_grad():
         feats = model.eval().features(pixels)
     idx = k_shot_indices(labels.tolist(), 1, 0)
     torch.testing.assert_close(one_shot, F.normalize(feats[idx], dim=-1)[labels[idx].argsort()])
-    probe = HEAD_INITS.get("linear_probe")(args, info, model, acc, loader_fn)
+    probe = HEAD_INITS.get("linear_probe")(spec, info, model, acc, loader_fn)
     w, _ = balanced_logistic_regression(feats, labels, 3, device="cpu")
     torch.testing.assert_close(probe, F.normalize(w, dim=-1).float())
     assert asked == [1, None]

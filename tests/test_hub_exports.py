@@ -4,7 +4,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from lt_utils.heads import random_head_init
 from lt_utils.hub import adapter_snippet, model_card, model_snippet
 from lt_utils.models import BackboneSpec
 from lt_utils.peft_methods import METHODS, apply_method
+from lt_utils.spec import DataSpec
 from lt_utils.soup import make_soup
 from tests.helpers_models import make_tiny_clip
 from tests.helpers_soup import (DEBIAN_FMNIST, _read_idx, perturbed, tiny_info, tiny_lt_model, write_ingredient,
@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
 def eval_lt_logits(export_dir, paths):
     """Logits as eval_lt.py computes them: load_export, the export's test transform (no TTE), forward."""
     model, meta = load_export(export_dir)
-    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), SimpleNamespace(tte="none"))
+    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), DataSpec())
     with torch.no_grad():
         return model(torch.stack([transform(Image.open(p)) for p in paths])).float()
 
@@ -216,7 +216,7 @@ def test_preprocessor_config_reproduces_the_eval_transform(setup):
     export = setup["exports"]["full"]
     processor = AutoImageProcessor.from_pretrained(export)
     _, meta = load_export(export)
-    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), SimpleNamespace(tte="none"))
+    transform = D.test_transform(BackboneSpec.from_dict(meta["backbone"]), DataSpec())
     rng = np.random.default_rng(0)
     images = [Image.open(p) for p in setup["images"]]  # real 28x28 grayscale
     images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 37), (300, 225), (33, 64))]
@@ -382,7 +382,7 @@ def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
-    transform = D.test_transform(model.spec, SimpleNamespace(tte="none"))
+    transform = D.test_transform(model.spec, DataSpec())
     with torch.no_grad():
         fresh = model(torch.stack([transform(Image.open(p)) for p in paths]))
     assert not torch.allclose(fresh, eval_lt_logits(cnn_exports["cifar_resnet"], paths), atol=1e-3)

@@ -19,6 +19,7 @@ from lt_utils import peft_modules as PM  # noqa: E402
 from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
+from lt_utils.spec import MethodSpec  # noqa: E402
 from lt_utils.models import build_lt_model  # noqa: E402
 from lt_utils.peft_methods import (METHODS, apply_method, head_parameter_count,  # noqa: E402
                                    trainable_parameter_count, transformer_blocks)
@@ -223,8 +224,8 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
     stored = export_tensors(out / "best")
     assert set(stored) == set(model.state_dict())
     entry = METHODS.get(method)
-    margs = entry.method_args(build_train_parser().parse_args(["--method", method, *map(str, extra)]), 10,
-                              model.spec.num_layers)
+    margs = entry.method_args(MethodSpec.from_values(vars(build_train_parser().parse_args(
+        ["--method", method, *map(str, extra)]))), 10, model.spec.num_layers)
     start = apply_method(build_lt_model(base_dir, 10), method, **margs)  # the model at step 0 (seed 0, as train_lt)
     if entry.peft:  # LoRA is merged: its targets hold base + (B @ A) * alpha / r of the exported plain adapter
         initial = build_lt_model(base_dir, 10).state_dict()

@@ -197,11 +197,11 @@ def reference_lr_factors(n_steps):
 
 @pytest.mark.parametrize("n_steps", [100, 140, 230, 850, 2550, 3000])
 def test_warmup_start_factor_gives_lt_soups_learning_rates(n_steps):
-    from types import SimpleNamespace
+    from lt_utils.spec import OptimSpec
 
-    args = SimpleNamespace(num_warmup_steps=None, optimizer="adamw", learning_rate=3e-5, lr_scheduler_type="cosine",
-                           min_lr_ratio=0.1, warmup_start_factor=1e-6)
-    schedule = linear_warmup_cosine(args, StepPlan(n_steps, n_steps, n_steps, 1))
+    optim = OptimSpec(num_warmup_steps=None, optimizer="adamw", learning_rate=3e-5, lr_scheduler_type="cosine",
+                      min_lr_ratio=0.1, warmup_start_factor=1e-6)
+    schedule = linear_warmup_cosine(optim, StepPlan(n_steps, n_steps, n_steps, 1))
     got = np.array([schedule(step) for step in range(n_steps)])
     np.testing.assert_allclose(got, 3e-5 * reference_lr_factors(n_steps)[:n_steps], rtol=1e-12, atol=0)
     assert got[0] == pytest.approx(3e-11)

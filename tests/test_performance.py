@@ -88,14 +88,13 @@ def test_gradient_checkpointing_keeps_less_for_the_backward(vit_dir, tmp_path):
 def test_compiled_model_matches_eager_and_keeps_eager_keys(vit_dir):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from argparse import Namespace
-
     from lt_utils.compile import dynamo_plugin
+    from lt_utils.spec import CompileSpec
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accelerator = Accelerator(cpu=True, dynamo_plugin=dynamo_plugin(
-        Namespace(torch_compile=True, torch_compile_backend="inductor", torch_compile_mode=None)))
+        CompileSpec(torch_compile=True, torch_compile_backend="inductor", torch_compile_mode=None)))
     eager, _ = method_model(vit_dir, "adaptformer")
     twin, _ = method_model(vit_dir, "adaptformer")
     compiled = keep_eager_state_keys(accelerator.prepare_model(twin))

@@ -293,7 +293,8 @@ def test_resume_refuses_corrupted_checkpoints(world, tmp_path, capsys, case):
     shutil.copytree(world["run"] / "step_2", out / "step_2")
     name, corrupt, expect = CHECKPOINT_CORRUPTIONS[case]
     corrupt(out / "step_2" / name)
-    argv = tiny_train_args(world["idx"], out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    # the run's own flags (another --max_train_steps would be refused before the checkpoint is read)
+    argv = tiny_train_args(world["idx"], out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
     refused(world, "train", argv, expect, capsys, [tmp_path])
     assert sorted(p.name for p in out.iterdir()) == ["step_2"]
 

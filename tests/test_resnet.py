@@ -191,12 +191,14 @@ def test_ddp_without_sync_bn_warns_once_where_batchnorm_trains(caplog, sync_bn, 
     from lt_utils.models import build_lt_model
     from lt_utils.training import setup_batchnorm
 
+    from lt_utils.spec import MethodSpec, OptimSpec
+
     lt = build_lt_model(RESNET8, 3, head_type="linear", from_scratch=True)
-    args = argparse.Namespace(method=method, backbone_bn="eval", sync_bn=sync_bn, per_device_train_batch_size=8)
+    method_spec, optim = MethodSpec(method=method), OptimSpec(sync_bn=sync_bn, per_device_train_batch_size=8)
     for main_process in (True, False):
         accelerator = argparse.Namespace(num_processes=2, is_main_process=main_process)
         with caplog.at_level(logging.WARNING, logger="lt"):
-            setup_batchnorm(args, accelerator, lt, lt)
+            setup_batchnorm(method_spec, optim, accelerator, lt, lt)
     messages = [r.getMessage() for r in caplog.records if r.name == "lt"]
     assert len(messages) == int(warned)
     if warned:

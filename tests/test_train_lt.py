@@ -2,7 +2,6 @@
 import json
 import shutil
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from helpers_train import REPO, export_config, export_tensors, python_script, ru
 
 sys.path.insert(0, str(REPO))
 from lt_utils.checkpoint import load_export  # noqa: E402
+from lt_utils.spec import DataSpec  # noqa: E402
 
 
 def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_export_reloads_to_the_recorded_numbers(idx_dir, tmp_path):
 
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
                                cache_dir=tmp_path / "hf_cache")
-    loader = T.image_loader(ds["test"], T.test_transform(model.spec, SimpleNamespace(tte="none")), 64, 0)
+    loader = T.image_loader(ds["test"], T.test_transform(model.spec, DataSpec()), 64, 0)
     again = evaluate(model, loader, Accelerator(cpu=True), info.groups, 10)
     assert again["accuracy"] == pytest.approx(results["final"]["test"]["accuracy"], abs=1e-9)
     assert again["per_class_acc"] == results["final"]["test"]["per_class_acc"]
@@ -97,7 +97,8 @@ def test_resume_refuses_other_method(idx_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: cannot resume") and "method is 'full_all' but this run has 'bitfit'" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume") and "--method full_all -> bitfit" in last
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -303,8 +303,7 @@ def test_augment_on_device_gives_the_loader_pixels_bit_for_bit(mode, size):
     images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode) for _ in range(12)]
     ds = image_dataset(images, [i % 3 for i in range(12)])
     train_tf, _ = T.image_transforms(_Spec, "rrc_flip")
-    flags = type("Args", (), dict(augment_on_device=True, augment="rrc_flip"))
-    boxes_tf, on_device = T.on_device_augment(flags, train_tf)
+    boxes_tf, on_device = T.on_device_augment(True, train_tf)
 
     def epochs(transform, num_workers, finish=None):
         augment = SeededAugment(transform, seed=5)
@@ -330,19 +329,17 @@ def test_augment_on_device_gives_the_loader_pixels_bit_for_bit(mode, size):
 
 
 def test_augment_on_device_refuses_other_augmentations_and_images_decoded_per_read(monkeypatch):
-    flags = dict(augment_on_device=True, augment="crop_flip", method="full", head_features="cached")
     with pytest.raises(UserError, match="not --augment crop_flip; drop --augment_on_device or use --augment rrc_flip"):
-        T.resolve_augment(type("Args", (), flags))
-    assert T.resolve_augment(type("Args", (), {**flags, "augment": None})) == "rrc_flip"
+        T.resolve_augment("crop_flip", True, cached_head=False)
+    assert T.resolve_augment(None, True, cached_head=False) == "rrc_flip"
     with pytest.raises(UserError, match="--augment_on_device does not apply to --method head with cached features"):
-        T.resolve_augment(type("Args", (), {**flags, "augment": None, "method": "head"}))
+        T.resolve_augment(None, True, cached_head=True)
     train_tf, _ = T.image_transforms(_Spec, "rrc_flip")
-    flags = type("Args", (), dict(augment_on_device=False, augment="rrc_flip"))
-    assert T.on_device_augment(flags, train_tf) == (train_tf, None)
+    assert T.on_device_augment(False, train_tf) == (train_tf, None)
     monkeypatch.setattr(data_images, "SMALL_IMAGE_PIXELS", 0)  # as for ImageNet-size images
     monkeypatch.setattr(data_images, "_DECODED", {})
     ds = image_dataset([Image.new("RGB", (40, 40))] * 3, [0, 1, 2])
-    loader = T.image_loader(ds, SeededAugment(T.on_device_augment(flags, train_tf)[0], 0), 3, 0)
+    loader = T.image_loader(ds, SeededAugment(T.on_device_augment(True, train_tf)[0], 0), 3, 0)
     with pytest.raises(UserError, match="needs a split of small images of one size"):
         T.check_on_device_augment(loader)
 
@@ -377,7 +374,7 @@ def test_resize_in_pil_order_is_the_cpu_uint8_kernel_within_two_grey_levels(inte
 
 def test_device_augment_off_cpu_takes_the_pil_order_resize():
     train_tf, _ = T.image_transforms(_Spec, "rrc_flip")
-    _, on_device = T.on_device_augment(type("Args", (), dict(augment_on_device=True)), train_tf)
+    _, on_device = T.on_device_augment(True, train_tf)
     batch = {"pixel_values": torch.empty(3, 3, 28, 28, dtype=torch.uint8, device="meta"),
              "crop_boxes": torch.tensor([[0, 0, 28, 28, 0], [2, 3, 10, 12, 1], [5, 0, 20, 9, 0]])}
     out = on_device(batch)
