@@ -24,8 +24,6 @@ import argparse
 
 from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, check_cross_flags
 from lt_utils.errors import cli_entry
-from lt_utils.runs import default_soup_dir, expand_ingredients
-from lt_utils.soup import build_val_scorer, make_soup
 
 
 def get_args_parser():
@@ -44,9 +42,13 @@ def get_args_parser():
 
 @cli_entry
 def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    # torch, accelerate: imported once the flags are parsed (--help answers without them)
     from accelerate import PartialState
 
-    args = get_args_parser().parse_args(argv)
+    from lt_utils.runs import default_soup_dir, expand_ingredients
+    from lt_utils.soup import build_val_scorer, make_soup
+
     check_cross_flags(args)
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
     ingredients, notes = expand_ingredients(args.ingredients, args.which)

@@ -6,7 +6,8 @@ names), nullability, secrecy and help. The same `Flag.coerce` parses and checks 
 (argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
 be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
-The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
+The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names, read
+when checked from modules named here, not imported: the table (and so --help) loads without torch.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
 Unknown keys in a preset are an error, not silently ignored. Relative input paths inside a preset are found next to
@@ -14,21 +15,18 @@ the preset file, then in the repository (`resolve_preset_paths`); paths typed on
 the working directory.
 """
 import argparse
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
+from . import help_choices
 from .errors import UserError
 from .fileio import atomic_write_text
-from .head_init import HEAD_INITS
-from .heads import HEADS
-from .losses import LOSSES
-from .peft_methods import METHODS
-from .prompts import PROMPT_MODES
-from .transforms import TTE_MODES
 
 UINT32 = 2**32  # numpy / torch seeds
 
@@ -199,25 +197,34 @@ def str2bool(value):
     return parsed
 
 
-def _lazy(module, attr, extra=()):
-    """choices read when checked, from the module that owns them (registries grow without touching this table)."""
+def _lazy(module, attr, extra=(), needs=None, in_help=True):
+    """choices read when checked, from the module that owns them, named (not imported) here: those modules import
+    torch, which the table (and so --help) must not wait for. `attr` is a registry (its names(): entries registered
+    later count too), a function or a sequence; `extra` goes first. --help lists them without importing `needs`
+    (default: `module`) while it is not loaded (`_help_choices`); `in_help=False`: never listed."""
     def choices():
-        import importlib
-
         names = getattr(importlib.import_module(module, __package__), attr)
-        return [*(names() if callable(names) else names), *extra]
+        names = names.names() if hasattr(names, "names") else names() if callable(names) else names
+        return [*extra, *names]
+    choices.key = f"{importlib.util.resolve_name(module, __package__)}.{attr}"
+    choices.needs, choices.extra, choices.in_help = needs or choices.key.rsplit(".", 1)[0], list(extra), in_help
     return choices
 
 
-def _registry(registry, extra=()):
-    """choices = a registry's names, read when checked (methods registered later count too)."""
-    return lambda: [*extra, *registry.names()]
+_registry = _lazy  # a registry's names, by module name: _registry(".losses", "LOSSES")
 
 
 def _report_targets():
     from accelerate.utils import LoggerType
 
     return ["all", *[t.value for t in LoggerType if t.value != "all"]]
+
+
+def _method_help():
+    """'name: what it trains; ...' of every --method (from the registry once loaded, else as `_help_choices`)."""
+    methods = getattr(sys.modules.get(__package__ + ".peft_methods"), "METHODS", None)
+    trains = {name: methods.get(name).trains for name in methods} if methods else help_choices.METHOD_TRAINS
+    return "; ".join(f"{name}: {text}" for name, text in trains.items())
 
 
 def _pos(kind, default=None, help="", nullable=False, **kw):
@@ -277,7 +284,7 @@ _DATA = {
     "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
-                choices=_registry(TTE_MODES, extra=("none",))),
+                choices=_registry(".transforms", "TTE_MODES", extra=("none",))),
     "tte_views": _pos("int", 1, "--tte randaug: random resized crop + flip views per image (LIFT's randaug_times, "
                       "default 1)"),
     "tte_expand": _nonneg("int", None, "--tte fivecrop/tencrop: pixels added to the shorter side before cropping "
@@ -294,8 +301,7 @@ _TRAIN = {
     "model_name_or_path": Flag("path", "openai/clip-vit-base-patch16", "Hub id or local dir of a CLIP or ViT checkpoint"),
     "from_scratch": Flag("bool", False, "build the backbone from its config with random weights"),
     "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head"),
-    "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
-                   choices=_registry(METHODS)),
+    "method": Flag("str", "adaptformer", _method_help, choices=_registry(".peft_methods", "METHODS")),
     "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
                         nullable=True),
     "partial_layers": _pos("int", None, "tune only the last k transformer blocks (LIFT's partial; any method but "
@@ -310,12 +316,12 @@ _TRAIN = {
     "lora_alpha": Flag("float", 1.0, low=0, low_open=True),
     "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True),
     "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+"),
-    "head_type": Flag("str", "cosine", choices=_registry(HEADS)),
+    "head_type": Flag("str", "cosine", choices=_registry(".heads", "HEADS")),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True),
-    "head_init": Flag("str", "text", choices=_registry(HEAD_INITS)),
+    "head_init": Flag("str", "text", choices=_registry(".head_init", "HEAD_INITS")),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
                             "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
-                            choices=_registry(PROMPT_MODES)),
+                            choices=_registry(".prompts", "PROMPT_MODES")),
     "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}"),
     "augment": Flag("str", None, "training augmentation: RandomResizedCrop + flip (LIFT; the default), 4-px padded "
                     "random crop + flip (CIFAR papers, LOS), flip only, or none (the eval view); --method head with "
@@ -332,7 +338,7 @@ _TRAIN = {
                         choices=["eval", "train"]),
     "sync_bn": Flag("switch", False, "synchronise BatchNorm statistics across processes (DDP): N processes then equal "
                     "one with the global batch"),
-    "loss": Flag("str", "la", choices=_registry(LOSSES)),
+    "loss": Flag("str", "la", choices=_registry(".losses", "LOSSES")),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
     # LIFT's defaults (utils/losses.py); LDAM's scale is --head_scale
@@ -381,7 +387,7 @@ _TRAIN = {
     "torch_compile": Flag("switch", False, "torch.compile the model (through accelerate's dynamo plugin); the first "
                           "steps are slower"),
     "torch_compile_backend": Flag("str", None, "a torch.compile backend (default: inductor)",
-                                  choices=_lazy(".compile", "compile_backends"), nullable=True),
+                                  choices=_lazy(".compile", "compile_backends", in_help=False), nullable=True),
     "torch_compile_mode": Flag("str", None, "torch.compile's mode (default: torch's)", nullable=True,
                                choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
     "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'"),
@@ -397,7 +403,7 @@ _TRAIN = {
     "checkpointing_steps": Flag("steps", None, "save a resume state every N optimizer steps, or 'epoch'", nullable=True),
     "resume_from_checkpoint": _opt("path", "'latest' or a step_* folder"),
     "with_tracking": Flag("switch", False),
-    "report_to": Flag("str", "tensorboard", choices=_report_targets),
+    "report_to": Flag("str", "tensorboard", choices=_lazy(".config", "_report_targets", needs="accelerate")),
     "push_to_hub": Flag("switch", False),
     "hub_model_id": _opt("str"),
     "hub_token": Flag("str", None, "prefer the HF_TOKEN environment variable (never recorded or shown)", nullable=True,
@@ -432,17 +438,30 @@ FLAGS = {**_DATA, **_TRAIN, **_OTHER}
 
 
 def flag_help(flag):
-    parts = [flag.help] if flag.help else []
-    choices = None
-    try:
-        choices = flag.choice_list()
-    except ImportError:  # a registry that cannot load must not break --help
-        pass
+    parts = [flag.help() if callable(flag.help) else flag.help] if flag.help else []
+    choices = _help_choices(flag)
     if choices:
         parts.append("choices: " + ", ".join(map(str, choices)))
     if flag.range_text():
         parts.append(flag.range_text())
     return "; ".join(parts) or None
+
+
+def _help_choices(flag):
+    """The choices --help lists, importing nothing: a lazy list whose module is not loaded yet comes from its copy in
+    lt_utils.help_choices (tests/test_help.py keeps the copies equal to the live lists)."""
+    source = flag.choices
+    if not hasattr(source, "key"):
+        return flag.choice_list()
+    if not source.in_help:
+        return None
+    if source.needs in sys.modules:
+        try:
+            return flag.choice_list()
+        except (ImportError, AttributeError):  # a registry that cannot load (or is loading) must not break --help
+            pass
+    names = help_choices.NAMES.get(source.key)
+    return None if names is None else [*source.extra, *names]
 
 
 class ArgumentParser(argparse.ArgumentParser):
