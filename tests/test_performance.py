@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+from helpers_cli import run_cli
 from helpers_train import REPO, python_script, tiny_train_args
 
 sys.path.insert(0, str(REPO))
@@ -125,13 +126,13 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "none", "--gradient_checkpointing",
              "--ema_decay", "0.9"]
     eager = tmp_path / "eager"
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, eager, *flags))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, eager, *flags))
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = tmp_path / "compiled"
     compiled.mkdir()
     shutil.copytree(eager / "step_2", compiled / "step_2")
     resume = ["--resume_from_checkpoint", "latest", "--torch_compile", "--torch_compile_backend", "aot_eager"]
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("final/lt_weights.safetensors", "step_4/model.safetensors"):
         a, b = load_file(eager / name), load_file(compiled / name)
@@ -144,9 +145,9 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     compiled_test = json.loads((compiled / "all_results.json").read_text())["final"]["test"]
     assert compiled_test["accuracy"] == eager_test["accuracy"]
     # eval_lt.py --torch_compile on the eager export: the numbers train_lt.py recorded
-    result = python_script("eval_lt.py", eager / "final", "--torch_compile", "--torch_compile_backend", "aot_eager",
-                           "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0",
-                           "--output_dir", tmp_path / "eval")
+    result = run_cli("eval_lt.py", eager / "final", "--torch_compile", "--torch_compile_backend", "aot_eager",
+                     "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0",
+                     "--output_dir", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert evaluated["accuracy"] == eager_test["accuracy"] and evaluated["per_class_acc"] == eager_test["per_class_acc"]
@@ -158,13 +159,13 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
     flags = ["--augment", "rrc_flip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "none"]
     plain, device = tmp_path / "plain", tmp_path / "device"
     for out, extra in ((plain, []), (device, ["--augment_on_device"])):
-        result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, *flags, *extra))
+        result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, *flags, *extra))
         assert result.returncode == 0, result.stderr[-3000:]
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(plain / "step_2", resumed / "step_2")
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
-                                                           "--resume_from_checkpoint", "latest", "--num_workers", "2"))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
+                                                     "--resume_from_checkpoint", "latest", "--num_workers", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = load_file(plain / "final" / "lt_weights.safetensors")
     start = load_file(plain / "step_2" / "model.safetensors")

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers_train import REPO, python_script, run_main, tiny_train_args
+from helpers_cli import run_cli
+from helpers_train import REPO, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 import eval_lt  # noqa: E402
@@ -68,7 +69,7 @@ def test_registry_refuses_a_second_entry_of_a_name():
 
 
 def test_unknown_method_on_the_command_line_lists_the_choices():
-    proc = python_script("train_lt.py", "--method", "vpt", "--output_dir", "unused")
+    proc = run_cli("train_lt.py", "--method", "vpt", "--output_dir", "unused")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: --method vpt is not a valid choice; choose one of adaptformer, "
                                                     "lora, full, bitfit, head, full_all, bitfit_all, ln, vpt_shallow, vpt_deep, adapter, "
