@@ -275,6 +275,7 @@ def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, re, sys
     sys.path.insert(0, sys.argv[1])
+    import lt_utils.peft_methods  # noqa: F401  (make_soup imports it on first use; imports do not count)
     from lt_utils.soup import make_soup
 
     def high_water_kib():
@@ -287,6 +288,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two fresh interpreters (their peak RSS)
 def test_peak_memory_does_not_grow_with_the_number_of_ingredients(base, tmp_path):
     """8 tensors of 4 MB per ingredient (32 MB models): the peak RSS above the post-import level is flat from 2 to 6."""
     h0 = base["head_init"]
