@@ -224,7 +224,8 @@ RUNS = [("siglip", "lora", "text"), ("siglip", "head", "text"), ("dinov2", "lora
         ("dinov2", "head", "random"), ("dinov2", "adaptformer", "random")]
 
 
-@pytest.mark.parametrize("kind,method,head_init", RUNS, ids=[f"{k}-{m}" for k, m, _ in RUNS])
+@pytest.mark.parametrize("kind,method,head_init", [  # lora: also a fresh interpreter without this project (slow)
+    pytest.param(*run, marks=pytest.mark.slow) if run[1] == "lora" else run for run in RUNS], ids=[f"{k}-{m}" for k, m, _ in RUNS])
 def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_init, idx_dir, siglip_dir, dinov2_dir,
                                                           tmp_path, monkeypatch):
     base = siglip_dir if kind == "siglip" else dinov2_dir

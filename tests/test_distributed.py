@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from helpers_cli import run_cli
 from helpers_train import REPO, run_script, tiny_train_args
 
+pytestmark = pytest.mark.slow  # torchrun and DeepSpeed: several processes per test
+
 # 159 training images; 4 optimizer steps of 16 images never reach the trailing partial batch, so every step
 # sees exactly the same 16 images whether they come as 2 processes x 8 or 1 process x 8 x 2 accumulation steps.
 # SGD, not Adam: Adam divides by sqrt(v), which turns float summation-order noise in near-zero gradients into

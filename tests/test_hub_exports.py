@@ -151,6 +151,7 @@ def readme_block(marker):
     return text[start:text.index("\n```", start)]
 
 
+@pytest.mark.slow  # a fresh interpreter without this project
 def test_exports_load_with_transformers_and_peft_alone(setup, tmp_path):
     exports, paths = setup["exports"], setup["images"]
     model_code = readme_block("hub-model-snippet")
@@ -210,6 +211,7 @@ def test_preprocessor_config_reproduces_the_eval_transform(setup):
     assert cfg["do_center_crop"] and cfg["resample"] == 3
 
 
+@pytest.mark.slow  # the base model's license is looked up on the Hub: the client's retries wait ~20 s
 def test_model_card_metadata(setup):
     from huggingface_hub import ModelCard
 
@@ -320,6 +322,7 @@ def cnn_exports(tmp_path_factory):
     return exports
 
 
+@pytest.mark.slow  # a fresh interpreter without this project
 def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
     """CIFAR ResNet (its code saved beside modeling_lt.py) and transformers' ResNet exports load through
     AutoModelForImageClassification(trust_remote_code=True) where lt_utils is not importable, with every exported

@@ -86,6 +86,7 @@ def test_gradient_checkpointing_keeps_less_for_the_backward(vit_dir, tmp_path):
     assert checkpointed < 0.5 * plain, (checkpointed, plain)
 
 
+@pytest.mark.slow  # torch.compile's inductor builds C++ (minutes on a fresh machine)
 def test_compiled_model_matches_eager_and_keeps_eager_keys(vit_dir):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -120,6 +121,7 @@ def test_compiled_model_matches_eager_and_keeps_eager_keys(vit_dir):
     GradientState._reset_state()
 
 
+@pytest.mark.slow  # torch.compile
 def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     """An eager run checkpointed at step 2; a --torch_compile run resumed from it ends at the eager weights, and its
     resume state and export carry the eager keys. (aot_eager: dynamo's wrapper without inductor's C++ build)."""
@@ -177,6 +179,7 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
     assert yaml.safe_load((device / "config.yaml").read_text())["augment_on_device"] is True
 
 
+@pytest.mark.slow  # the benchmark script, a fresh interpreter
 def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     """The benchmark script end to end with tiny settings: the JSON has every section, ratio and repeat (no timing
     assertions: numbers from a smoke run mean nothing)."""

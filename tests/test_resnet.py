@@ -48,6 +48,7 @@ def test_dry_run_builds_cifar_resnet34_for_100_classes(tmp_path, capsys):
     assert not out.exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow  # a fresh interpreter without this project
 def test_cifar_resnet_saves_and_loads_through_the_auto_classes_without_this_project(tmp_path):
     from lt_utils.cifar_resnet import CifarResNetConfig, CifarResNetModel
 
