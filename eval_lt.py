@@ -21,21 +21,28 @@ import argparse
 import json
 import logging
 
-from lt_utils import eval_runs as E
-from lt_utils import data_loaders as D
-from lt_utils.checkpoint import load_export
-from lt_utils.compile import dynamo_plugin
 from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args, add_data_args, add_flags,
                              resolve_cross_flags)
-from lt_utils.engine import evaluate
 from lt_utils.errors import cli_entry, require
-from lt_utils.fileio import atomic_write_text
-from lt_utils.metrics import with_split_groups
-from lt_utils.prompts import check_prompt_args
-from lt_utils.reports import format_markdown_table
-from lt_utils.spec import CompileSpec, DataSpec
 
 logger = logging.getLogger("lt")
+
+
+def _import_evaluation():
+    """torch, transformers, accelerate and datasets, imported once the flags are parsed (--help answers without them);
+    bound as this script's globals, where the functions below find them."""
+    from lt_utils import eval_runs as E
+    from lt_utils import data_loaders as D
+    from lt_utils.checkpoint import load_export
+    from lt_utils.compile import dynamo_plugin
+    from lt_utils.engine import evaluate
+    from lt_utils.fileio import atomic_write_text
+    from lt_utils.metrics import with_split_groups
+    from lt_utils.prompts import check_prompt_args
+    from lt_utils.reports import format_markdown_table
+    from lt_utils.spec import CompileSpec, DataSpec
+
+    globals().update(locals())
 
 
 def get_args_parser():
@@ -55,10 +62,11 @@ def get_args_parser():
 
 @cli_entry
 def main(argv=None):
-    from accelerate import Accelerator
-
     parser = get_args_parser()
     args = argparse.Namespace(**resolve_cross_flags(vars(parser.parse_args(argv))))
+    _import_evaluation()
+    from accelerate import Accelerator
+
     passed = E.passed_flags(parser, argv, E.RECORDED_FLAGS)
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
     require(args.runs or "dataset" in passed, "--zero_shot alone needs --dataset (and its flags); no export records it")

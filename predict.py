@@ -7,7 +7,6 @@ Writes one CSV row per image: path, top-1 label, its probability, the top-k labe
 """
 import argparse
 
-from lt_utils import inference as I
 from lt_utils.config import ArgumentParser, add_flags
 from lt_utils.errors import cli_entry
 
@@ -24,6 +23,8 @@ def get_args_parser():
 @cli_entry
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    from lt_utils import inference as I  # transformers, torch: once the flags are parsed (--help answers without them)
+
     paths = I.collect_images(args.images)
     I.check_flags(args.output, args.model, args.images, args.overwrite, args.top_k, args.batch_size)
     processor, model = I.load_classifier(args.model)

@@ -27,17 +27,9 @@ inputs and their sha256, weights (anchor included), mode, merge method and its p
 """
 import argparse
 
-from lt_utils.config import DATA_INPUT_FLAGS, ArgumentParser, add_data_args, add_flags, resolve_cross_flags
+from lt_utils.config import (DATA_INPUT_FLAGS, MERGE_PARAM_FLAGS, ArgumentParser, add_data_args, add_flags,
+                             resolve_cross_flags)
 from lt_utils.errors import cli_entry
-from lt_utils.runs import default_soup_dir, expand_ingredients
-from lt_utils.merge import MERGE_METHODS
-from lt_utils.soup import build_val_scorer, make_soup
-from lt_utils.spec import DataSpec
-
-
-def merge_param_flags():
-    """Every parameter of a registered merge method (each a flag of the table), in registration order."""
-    return list(dict.fromkeys(p for name in MERGE_METHODS for p in MERGE_METHODS.get(name).defaults))
 
 
 def get_args_parser():
@@ -48,7 +40,7 @@ def get_args_parser():
                         help="run dirs, export dirs (final/, best/) or Hub ids, in order (progressive); files and "
                              "folders without a run among them (logs, an earlier soup) are skipped with a note")
     add_flags(parser, ("which", "output_dir"), output_dir=None)
-    add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "merge_method", *merge_param_flags(),
+    add_flags(parser, ("mode", "weights", "normalize", "lam", "alpha", "merge_method", *MERGE_PARAM_FLAGS,
                        "select_metric", "overwrite", "push_to_hub", "hub_model_id", "hub_token"),
               aliases={"lam": ["--lambda"]})
     group = add_data_args(parser, dataset=None, num_workers=0)
@@ -59,9 +51,15 @@ def get_args_parser():
 
 @cli_entry
 def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    # torch, accelerate: imported once the flags are parsed (--help answers without them)
     from accelerate import PartialState
 
     args = argparse.Namespace(**resolve_cross_flags(vars(get_args_parser().parse_args(argv))))
+    from lt_utils.runs import default_soup_dir, expand_ingredients
+    from lt_utils.soup import build_val_scorer, make_soup
+    from lt_utils.spec import DataSpec
+
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
     ingredients, notes = expand_ingredients(args.ingredients, args.which)
     if PartialState().is_main_process:
@@ -78,7 +76,7 @@ def main(argv=None):
                          normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
                          scorer_factory=scorer_factory, select_metric=args.select_metric,
                          data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS},
-                         merge_method=args.merge_method, merge_flags={f: getattr(args, f) for f in merge_param_flags()})
+                         merge_method=args.merge_method, merge_flags={f: getattr(args, f) for f in MERGE_PARAM_FLAGS})
     if "output_sha256" in manifest:  # main process
         merge = ", ".join(f"{k} {v}" for k, v in manifest["merge"].items() if k != "method")
         print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "

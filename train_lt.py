@@ -16,34 +16,43 @@ import logging
 import shutil
 from pathlib import Path
 
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
-from lt_utils import data_loaders as D
-from lt_utils import training as T
-from lt_utils.checkpoint import (check_finite, checkpoint_dir, check_resume_identity, load_export,
-                                 register_trainable_only_hooks, write_resume_record)
-from lt_utils.compile import keep_eager_state_keys
 from lt_utils.config import parse_train_args
-from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
 from lt_utils.errors import UserError, cli_entry
-from lt_utils.fileio import atomic_write_json, read_json, replace_dir
-from lt_utils.losses import LossOptions, build_loss
-from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
-from lt_utils.exports import Exporter, refresh_model_card
-from lt_utils.peft_methods import trainable_parameter_count
-from lt_utils.reports import format_markdown_table
-from lt_utils.schedule import eval_interval, plan_steps
-from lt_utils.spec import RunSpec, describe_changes, flat_record
 
 logger = logging.getLogger("lt")
+
+
+def _import_training():
+    """The training stack (torch, transformers, accelerate, datasets), imported once the flags are parsed, so --help
+    and flag errors answer in about a second; bound as this script's globals, where the functions below find them."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lt_utils import data_loaders as D
+    from lt_utils import training as T
+    from lt_utils.checkpoint import (check_finite, checkpoint_dir, check_resume_identity, load_export,
+                                     register_trainable_only_hooks, write_resume_record)
+    from lt_utils.compile import keep_eager_state_keys
+    from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
+    from lt_utils.fileio import atomic_write_json, read_json, replace_dir
+    from lt_utils.losses import LossOptions, build_loss
+    from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
+    from lt_utils.exports import Exporter, refresh_model_card
+    from lt_utils.peft_methods import trainable_parameter_count
+    from lt_utils.reports import format_markdown_table
+    from lt_utils.schedule import eval_interval, plan_steps
+    from lt_utils.spec import RunSpec, describe_changes, flat_record
+
+    globals().update(locals())
 
 
 @cli_entry
 def main(argv=None):
     # everything is checked (flags, paths, the resumed spec, data, model, resume state) before the output dir is touched
-    spec = T.resolve_run_spec(parse_train_args(argv), T.launch_processes())
+    values = parse_train_args(argv)
+    _import_training()
+    spec = T.resolve_run_spec(values, T.launch_processes())
     data, model_spec, loss, optim, output = spec.data, spec.model, spec.loss, spec.optim, spec.output
     T.check_run_paths(spec)
     if output.push_to_hub:
@@ -170,10 +179,10 @@ class Run:
     accelerator: object
     info: object  # LTInfo of the data
     train_model: object  # the prepared model (or head, for --method head) the optimizer steps
-    exporter: Exporter
+    exporter: "Exporter"
     val_loader: object
     ema: object  # engine.EMA or None
-    state: TrainState
+    state: "TrainState"
     plan: object  # schedule.StepPlan
     resume_changes: tuple = ()  # the flag changes resumes of this run were allowed (recorded in every checkpoint)
     batch_transform: object = None  # --augment_on_device: finishes each training batch on the accelerator

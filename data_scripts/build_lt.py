@@ -23,8 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lt_utils.data import DATASET_NAMES, load_lt_dataset, save_lt_to_disk  # noqa: E402
-from lt_utils.data.hub import push_lt_dataset  # noqa: E402
+# lt_utils.data (datasets, pyarrow) is imported once the flags are parsed: --help answers without it
 from lt_utils.config import DATA_INPUT_FLAGS, HF_SOURCE_FLAGS, ArgumentParser, add_group, resolve_cross_flags  # noqa: E402
 from lt_utils.fileio import check_outputs_apart, check_writable_dir  # noqa: E402
 from lt_utils.errors import UserError, cli_entry, require  # noqa: E402
@@ -51,6 +50,8 @@ def get_args_parser():
 
 def parse_args(argv=None):
     args = argparse.Namespace(**resolve_cross_flags(vars(get_args_parser().parse_args(argv))))
+    from lt_utils.data import DATASET_NAMES
+
     require(args.dataset is not None, f"--dataset or --dataset_name is required; pass one of {', '.join(DATASET_NAMES)} "
                                       "(or the short form, e.g. cifar100), or --dataset_name with a `datasets` dataset")
     return args
@@ -91,6 +92,8 @@ def summary(ds, info):
 
 
 def push_to_hub(ds, info, repo):
+    from lt_utils.data.hub import push_lt_dataset
+
     try:
         push_lt_dataset(ds, info, repo)
     except Exception as err:  # network, auth, repo name: all for the user to fix
@@ -109,6 +112,8 @@ def main(argv=None):
                             {f"--{flag}": getattr(args, flag, None) for flag in DATA_INPUT_FLAGS})
         if os.path.exists(args.output_dir) and not args.overwrite:
             raise UserError(f"{args.output_dir} already exists; choose another --output_dir or pass --overwrite")
+    from lt_utils.data import load_lt_dataset, save_lt_to_disk
+
     ds, info = load_lt_dataset(
         args.dataset, imb=args.imb, data_dir=args.data_dir, max_per_class=args.max_per_class, seed=args.seed,
         selection=args.selection, val_per_class=args.val_per_class, val_source=args.val_source,

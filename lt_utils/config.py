@@ -10,7 +10,8 @@ Each flag also says what it is to a training run (`Flag`: group, input_path, ide
 list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
 ...), train_lt.py's --help sections and the parts of the run spec (spec.py) are derived from those fields.
 
-The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names.
+The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names, read
+when checked from modules named here, not imported: the table (and so --help) loads without torch.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
 Unknown keys in a preset are an error, not silently ignored. Relative input paths inside a preset are found next to
@@ -18,22 +19,18 @@ the preset file, then in the repository (`resolve_preset_paths`); paths typed on
 the working directory.
 """
 import argparse
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
+from . import help_choices
 from .errors import UserError
 from .fileio import atomic_write_text
-from .head_init import HEAD_INITS
-from .heads import HEADS
-from .losses import LOSSES
-from .merge import MERGE_METHODS
-from .peft_methods import METHODS
-from .prompts import PROMPT_MODES
-from .transforms import TTE_MODES
 
 UINT32 = 2**32  # numpy / torch seeds
 
@@ -218,25 +215,34 @@ def str2bool(value):
     return parsed
 
 
-def _lazy(module, attr, extra=()):
-    """choices read when checked, from the module that owns them (registries grow without touching this table)."""
+def _lazy(module, attr, extra=(), needs=None, in_help=True):
+    """choices read when checked, from the module that owns them, named (not imported) here: those modules import
+    torch, which the table (and so --help) must not wait for. `attr` is a registry (its names(): entries registered
+    later count too), a function or a sequence; `extra` goes first. --help lists them without importing `needs`
+    (default: `module`) while it is not loaded (`_help_choices`); `in_help=False`: never listed."""
     def choices():
-        import importlib
-
         names = getattr(importlib.import_module(module, __package__), attr)
-        return [*(names() if callable(names) else names), *extra]
+        names = names.names() if hasattr(names, "names") else names() if callable(names) else names
+        return [*extra, *names]
+    choices.key = f"{importlib.util.resolve_name(module, __package__)}.{attr}"
+    choices.needs, choices.extra, choices.in_help = needs or choices.key.rsplit(".", 1)[0], list(extra), in_help
     return choices
 
 
-def _registry(registry, extra=()):
-    """choices = a registry's names, read when checked (methods registered later count too)."""
-    return lambda: [*extra, *registry.names()]
+_registry = _lazy  # a registry's names, by module name: _registry(".losses", "LOSSES")
 
 
 def _report_targets():
     from accelerate.utils import LoggerType
 
     return ["all", *[t.value for t in LoggerType if t.value != "all"]]
+
+
+def _method_help():
+    """'name: what it trains; ...' of every --method (from the registry once loaded, else as `_help_choices`)."""
+    methods = getattr(sys.modules.get(__package__ + ".peft_methods"), "METHODS", None)
+    trains = {name: methods.get(name).trains for name in methods} if methods else help_choices.METHOD_TRAINS
+    return "; ".join(f"{name}: {text}" for name, text in trains.items())
 
 
 def _pos(kind, default=None, help="", nullable=False, **kw):
@@ -325,7 +331,7 @@ _DATA = _group("data", {
     "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
-                choices=_registry(TTE_MODES, extra=("none",)), **_FREE),
+                choices=_registry(".transforms", "TTE_MODES", extra=("none",)), **_FREE),
     "tte_views": _pos("int", 1, "--tte randaug: random resized crop + flip views per image (LIFT's randaug_times, "
                       "default 1)", **_FREE),
     "tte_expand": _nonneg("int", None, "--tte fivecrop/tencrop: pixels added to the shorter side before cropping "
@@ -344,20 +350,19 @@ _MODEL_FLAGS = _group("model", {
     "from_scratch": Flag("bool", False, "build the backbone from its config with random weights", **_MODEL),
     "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head",
                       input_path=True, **_MODEL),
-    "head_type": Flag("str", "cosine", choices=_registry(HEADS), **_MODEL),
+    "head_type": Flag("str", "cosine", choices=_registry(".heads", "HEADS"), **_MODEL),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True, **_MODEL),
-    "head_init": Flag("str", "text", choices=_registry(HEAD_INITS), **_MODEL),
+    "head_init": Flag("str", "text", choices=_registry(".head_init", "HEAD_INITS"), **_MODEL),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
                             "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
-                            choices=_registry(PROMPT_MODES), **_MODEL),
+                            choices=_registry(".prompts", "PROMPT_MODES"), **_MODEL),
     "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}",
                                    input_path=True, **_MODEL),
     "seed": _seed(0, "seed of new modules, the random head, sampling and augmentation", **_MODEL),
 })
 
 _METHOD = _group("method", {
-    "method": Flag("str", "adaptformer", "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS),
-                   choices=_registry(METHODS), **_MODEL),
+    "method": Flag("str", "adaptformer", _method_help, choices=_registry(".peft_methods", "METHODS"), **_MODEL),
     "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
                         nullable=True, **_MODEL),
     "partial_layers": _pos("int", None, "tune only the last k transformer blocks (LIFT's partial; any method but "
@@ -389,7 +394,7 @@ _LOSS = _group("loss", {
     "augment_on_device": Flag("switch", False, "--augment rrc_flip on small images of one size (CIFAR, "
                               "Fashion-MNIST): the loader draws each crop box, the accelerator crops, resizes, flips and "
                               "normalises the batch (the same boxes, so the same seeded determinism)"),
-    "loss": Flag("str", "la", choices=_registry(LOSSES)),
+    "loss": Flag("str", "la", choices=_registry(".losses", "LOSSES")),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
     # LIFT's defaults (utils/losses.py); LDAM's scale is --head_scale
@@ -447,7 +452,7 @@ _COMPILE = _group("compile", {
     "torch_compile": Flag("switch", False, "torch.compile the model (through accelerate's dynamo plugin); the first "
                           "steps are slower", **_FREE),
     "torch_compile_backend": Flag("str", None, "a torch.compile backend (default: inductor)",
-                                  choices=_lazy(".compile", "compile_backends"), nullable=True, **_FREE),
+                                  choices=_lazy(".compile", "compile_backends", in_help=False), nullable=True, **_FREE),
     "torch_compile_mode": Flag("str", None, "torch.compile's mode (default: torch's)", nullable=True,
                                choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                                **_FREE),
@@ -475,7 +480,7 @@ _OUTPUT = _group("output", {
                                  "what is trained differ from the checkpoint's (recorded in log.txt and run_spec.json)",
                                  **_FREE),
     "with_tracking": Flag("switch", False, **_FREE),
-    "report_to": Flag("str", "tensorboard", choices=_report_targets, **_FREE),
+    "report_to": Flag("str", "tensorboard", choices=_lazy(".config", "_report_targets", needs="accelerate"), **_FREE),
     "push_to_hub": Flag("switch", False, **_FREE),
     "hub_model_id": _opt("str", **_FREE),
     "hub_push": Flag("str", "model", "--push_to_hub: the whole model (a LoRA run's plain peft adapter beside it, in "
@@ -511,7 +516,7 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
                          "and their weights): average (the soup itself), or their task vectors (fine-tuned minus "
                          "zero-shot, so the base model is loaded): task_arithmetic, ties (trim, elect sign, disjoint "
                          "mean), dare_linear / dare_ties (random drop and rescale, then linear / ties)",
-                         choices=_registry(MERGE_METHODS)),
+                         choices=_registry(".merge", "MERGE_METHODS")),
     "scaling": Flag("float", None, "task vector methods: lambda, soup = zero-shot + lambda * merged task vector "
                     "(default 1: with weights summing to 1, task_arithmetic is then the weighted soup; TIES-merging's "
                     "value; task arithmetic tunes it on val, > 1 extrapolates)", low=0, low_open=True, nullable=True),
@@ -529,6 +534,9 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
 }
 
 FLAGS = {**_DATA, **_MODEL_FLAGS, **_METHOD, **_LOSS, **_OPTIM, **_COMPILE, **_EVAL, **_OUTPUT, **_OTHER}
+# soup.py's merge-method parameters: the flags every method of lt_utils.merge takes its parameters from (the parser
+# lists them without importing the methods, which import torch)
+MERGE_PARAM_FLAGS = ("scaling", "density", "majority_sign_method", "merge_seed")
 
 
 def flags_where(**props):
@@ -553,17 +561,30 @@ SECRET_FLAGS = frozenset(flags_where(secret=True))
 
 
 def flag_help(flag):
-    parts = [flag.help] if flag.help else []
-    choices = None
-    try:
-        choices = flag.choice_list()
-    except ImportError:  # a registry that cannot load must not break --help
-        pass
+    parts = [flag.help() if callable(flag.help) else flag.help] if flag.help else []
+    choices = _help_choices(flag)
     if choices:
         parts.append("choices: " + ", ".join(map(str, choices)))
     if flag.range_text():
         parts.append(flag.range_text())
     return "; ".join(parts) or None
+
+
+def _help_choices(flag):
+    """The choices --help lists, importing nothing: a lazy list whose module is not loaded yet comes from its copy in
+    lt_utils.help_choices (tests/test_help.py keeps the copies equal to the live lists)."""
+    source = flag.choices
+    if not hasattr(source, "key"):
+        return flag.choice_list()
+    if not source.in_help:
+        return None
+    if source.needs in sys.modules:
+        try:
+            return flag.choice_list()
+        except (ImportError, AttributeError):  # a registry that cannot load (or is loading) must not break --help
+            pass
+    names = help_choices.NAMES.get(source.key)
+    return None if names is None else [*source.extra, *names]
 
 
 class ArgumentParser(argparse.ArgumentParser):

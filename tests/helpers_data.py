@@ -1,16 +1,13 @@
-"""Writers for tiny datasets in the real on-disk formats (CIFAR pickles, IDX, image files + OLTR lists), and a CLI runner."""
+"""Writers for tiny datasets in the real on-disk formats (CIFAR pickles, IDX, image files + OLTR lists)."""
 import gzip
 import hashlib
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD_LT = REPO / "data_scripts" / "build_lt.py"
 
 
 def _images(rng, n, shape):
@@ -147,8 +144,3 @@ def decoded_hashes(split):
         out.append(hashlib.sha1(arr.tobytes()).hexdigest())
     return out
 
-
-def run_build_lt(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, str(BUILD_LT), *map(str, args)], cwd=cwd or REPO, capture_output=True, text=True, timeout=300
-    )

@@ -2,13 +2,18 @@
 
 A kill is a real SIGKILL of a forked child running the entry script's `main` (no cleanup handler runs, exactly as
 when a job is pre-empted), at the k-th file-system write event: before and after each open-for-writing, rename,
-replace and safetensors / torch save. Forking the warm test process keeps each trial at the cost of the run itself.
+replace and safetensors / torch save. The children are forked from a fork server: a fresh interpreter per test
+process that imports the entry scripts and never runs torch itself, so each trial costs the run, not an interpreter
+start (and never forks a process whose OpenMP pool is running, which can deadlock).
 """
 import builtins
 import hashlib
 import importlib.util
+import json
 import os
+import select
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,6 +88,15 @@ class KillSwitch:
         if self.kill_at is not None and self.events >= self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    @staticmethod
+    def import_targets():
+        import accelerate.checkpointing
+        import accelerate.utils.other
+        import safetensors.torch
+        import torch
+
+        import lt_utils.checkpoint
+
     def install(self):
         import safetensors.torch
         import torch
@@ -121,32 +135,91 @@ class KillSwitch:
 
 
 def run_forked(cli, argv, kill_at=None, timeout=300):
-    """Run the `cli` entry script's main(argv) in a fresh interpreter, SIGKILLed at write event `kill_at` (None:
-    never). Returns (outcome, exit code, events seen): outcome 'killed' or 'exit'.
-
-    A fresh interpreter, not a fork of the test worker: a worker that already ran torch (OpenMP pools, compile
-    workers) can deadlock in a forked child."""
-    import json
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        events_file = Path(tmp) / "events"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)])}
-        proc = subprocess.run([sys.executable, __file__, cli, "-" if kill_at is None else str(kill_at),
-                               str(events_file), json.dumps([str(a) for a in argv])],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=timeout)
-        events = int(events_file.read_text() or 0) if events_file.is_file() else 0
-    if proc.returncode < 0:
-        assert -proc.returncode == signal.SIGKILL, f"child ended by signal {-proc.returncode}"
-        return "killed", None, events
-    return "exit", proc.returncode, events
+    """Run the `cli` entry script's main(argv) in a child process, SIGKILLed at write event `kill_at` (None: never).
+    Returns (outcome, exit code, events seen): outcome 'killed' or 'exit'."""
+    server = _ForkServer.get()
+    reply = server.run({"cli": cli, "kill_at": kill_at, "argv": [str(a) for a in argv]}, timeout)
+    if "signal" in reply:
+        assert reply["signal"] == signal.SIGKILL, f"child ended by signal {reply['signal']}"
+        return "killed", None, reply["events"]
+    return "exit", reply["code"], reply["events"]
 
 
-def _child(cli, kill_at, events_file, argv):
-    """The fresh interpreter of run_forked: count (and kill at) write events while main(argv) runs."""
+class _ForkServer:
+    """The interpreter that forks the children of run_forked: one per test process, started on first use."""
+
+    _instance = None
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        # one OpenMP thread: an import that runs a torch op (peft's) then starts no pool threads to fork over
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)]),
+               "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=env, text=True, start_new_session=True)
+        assert self._read(600) == {"ready": True}
+
+    def run(self, request, timeout):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def _read(self, timeout):
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and a hung child
+            raise TimeoutError(f"no answer from the fork server in {timeout} s")
+        line = self.proc.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+
+def _serve():
+    """The fork server's loop: one JSON request per stdin line, one JSON reply per stdout line."""
     mains = cli_mains()
-    switch = KillSwitch(None if kill_at == "-" else int(kill_at))
+    _import_everything()  # once here, not in every child: the scripts import their stack after parsing the flags
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        events_read, events_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(events_read)
+                _child(mains, request["cli"], request["kill_at"], events_write, request["argv"])
+            finally:
+                os._exit(70)  # never back into the server's loop
+        os.close(events_write)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(events_read) as f:
+            events = int(f.read() or 0)
+        reply = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"code": os.WEXITSTATUS(status)}
+        print(json.dumps({**reply, "events": events}), flush=True)
+
+
+def _import_everything():
+    """Every lt_utils module and what the kill switch wraps (importing runs no torch op: no thread pool starts)."""
+    import pkgutil
+
+    import accelerate
+    import lt_utils
+
+    for module in pkgutil.walk_packages(lt_utils.__path__, "lt_utils."):
+        importlib.import_module(module.name)
+    KillSwitch(None).import_targets()
+
+
+def _child(mains, cli, kill_at, events_fd, argv):
+    """A forked child of the server: count (and kill at) write events while main(argv) runs, its output dropped;
+    the count of a run that was not killed goes to the server through `events_fd`."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    switch = KillSwitch(kill_at)
     switch.install()
     code = 0
     try:
@@ -155,11 +228,9 @@ def _child(cli, kill_at, events_file, argv):
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         code = 3
-    Path(events_file).write_bytes(str(switch.events).encode())
+    os.write(events_fd, str(switch.events).encode())
     os._exit(code)
 
 
 if __name__ == "__main__":
-    import json
-
-    _child(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
+    _serve()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from helpers_models import (dinov2_base_config, make_tiny_dinov2, make_tiny_siglip, random_pixels,
                             siglip_base_config, write_config_only)
-from helpers_train import REPO, python_script, run_main, run_without_project, tiny_train_args
+from helpers_cli import run_cli
+from helpers_train import REPO, run_main, run_without_project, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils.checkpoint import load_export  # noqa: E402
@@ -225,7 +226,8 @@ RUNS = [("siglip", "lora", "text"), ("siglip", "head", "text"), ("dinov2", "lora
         ("dinov2", "head", "random"), ("dinov2", "adaptformer", "random")]
 
 
-@pytest.mark.parametrize("kind,method,head_init", RUNS, ids=[f"{k}-{m}" for k, m, _ in RUNS])
+@pytest.mark.parametrize("kind,method,head_init", [  # lora: also a fresh interpreter without this project (slow)
+    pytest.param(*run, marks=pytest.mark.slow) if run[1] == "lora" else run for run in RUNS], ids=[f"{k}-{m}" for k, m, _ in RUNS])
 def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_init, idx_dir, siglip_dir, dinov2_dir,
                                                           tmp_path, monkeypatch):
     base = siglip_dir if kind == "siglip" else dinov2_dir
@@ -252,9 +254,9 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
         _, expected = _siglip_text_by_hand(base, [n.replace("_", " ") for n in fashion], ["a photo of a {}."])
         torch.testing.assert_close(load_file(str(out / "best" / "head_init.safetensors"))["weight"], expected,
                                    rtol=0, atol=1e-5)
-    # eval_lt.py, a separate process, on the run dir (its best/): the numbers train_lt.py recorded, exactly
-    proc = python_script("eval_lt.py", out, "--split", "test", "--per_device_eval_batch_size", "64",
-                         "--data_dir", idx_dir, "--cache_dir", out.parent / "hf_cache", "--num_workers", "0")
+    # eval_lt.py's command line on the run dir (its best/): the numbers train_lt.py recorded, exactly
+    proc = run_cli("eval_lt.py", out, "--split", "test", "--per_device_eval_batch_size", "64",
+                   "--data_dir", idx_dir, "--cache_dir", out.parent / "hf_cache", "--num_workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "best" / "eval_test" / "metrics.json").read_text())["metrics"]
     recorded = json.loads((out / "best" / "metrics.json").read_text())["test"]

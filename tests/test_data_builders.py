@@ -241,6 +241,7 @@ print(split_digest(ds), info.index_hashes["train"])
 """
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_determinism_across_processes(cifar100_dir, tmp_path):
     """Two interpreters, two caches: the same images and labels in the same order (seeds differ: see above)."""
     code = _DIGEST.format(repo=str(REPO), tests=str(REPO / "tests"), src=str(cifar100_dir), seed=0)

@@ -1,10 +1,8 @@
 """Bad input to data_scripts/build_lt.py: one `error:` line naming the value or file, exit 2, no traceback, no output dir."""
-import subprocess
-import sys
-
 import pytest
 
-from helpers_data import BUILD_LT, REPO, write_cifar100, write_idx_dir, write_oltr
+from helpers_cli import run_cli
+from helpers_data import write_cifar100, write_idx_dir, write_oltr
 from lt_utils.data import load_lt_dataset
 from lt_utils.errors import UserError
 
@@ -47,18 +45,14 @@ def _cases(tmp):
 
 
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path):
-    """All cases run in parallel (each pays the interpreter and `datasets` start-up), in one test so that
-    pytest-xdist does not run them twice."""
+    """Every case through build_lt.py's command line (in this process: run_cli), in one test that reports them all."""
     cases = _cases(tmp_path)
     assert sorted(cases) == sorted(CASES)
-    procs = {}
+    problems = []
     for name, (args, _) in cases.items():
         out = ["--output_dir", tmp_path / "out" / name] if "--output_dir" not in args else []
-        cmd = [sys.executable, str(BUILD_LT), *map(str, args), *map(str, out), "--cache_dir", str(tmp_path / "cache")]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    problems = []
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=300)
+        proc = run_cli("data_scripts/build_lt.py", *args, *out, "--cache_dir", tmp_path / "cache")
+        stderr = proc.stderr
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         ok = (
             proc.returncode == 2 and "Traceback" not in stderr and len(errors) == 1

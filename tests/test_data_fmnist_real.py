@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers_data import run_build_lt
+from helpers_cli import run_cli
 from lt_utils.data import load_lt_dataset, load_lt_from_disk
 from lt_utils.data.sources import DEBIAN_FASHION_MNIST_DIR, read_idx
 
@@ -27,8 +27,8 @@ def _all_from(split, source):
 
 def test_quickstart_cli_and_api(tmp_path):
     out = tmp_path / "fmnist_lt100"
-    res = run_build_lt("--dataset", "fashion_mnist", "--imb", "100", "--max_per_class", "600",
-                       "--output_dir", out, "--cache_dir", tmp_path / "cache")
+    res = run_cli("data_scripts/build_lt.py", "--dataset", "fashion_mnist", "--imb", "100", "--max_per_class", "600",
+                  "--output_dir", out, "--cache_dir", tmp_path / "cache")
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert "splits: train 1,485 | val 200 | test 10,000" in text

@@ -8,7 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_train import REPO, python_script, run_script, tiny_train_args
+from helpers_cli import run_cli
+from helpers_train import REPO, run_script, tiny_train_args
+
+pytestmark = pytest.mark.slow  # torchrun and DeepSpeed: several processes per test
 
 # 159 training images; 4 optimizer steps of 16 images never reach the trailing partial batch, so every step
 # sees exactly the same 16 images whether they come as 2 processes x 8 or 1 process x 8 x 2 accumulation steps.
@@ -54,7 +57,7 @@ def assert_same_weights(a, b, atol):
 def one_process_reference(idx_dir, tmp_path_factory):
     """1 process, micro-batch 8, accumulation 2: the global batch of the 2-process runs."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"))
     assert result.returncode == 0, failure_report(result)
     assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
     return final_weights(out)
@@ -174,7 +177,7 @@ def test_deepspeed_zero3_trains_added_modules_as_one_process(idx_dir, tmp_path, 
             flags[flags.index(flag) + 1] = str(value)
         return flags
 
-    reference = python_script("train_lt.py", *args(tmp_path / "ref", 2))
+    reference = run_cli("train_lt.py", *args(tmp_path / "ref", 2))
     assert reference.returncode == 0, failure_report(reference)
     result = torchrun(2, args(tmp_path / "z3", 1), env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
     assert result.returncode == 0, failure_report(result)
@@ -190,7 +193,7 @@ def test_two_processes_with_sync_bn_match_one_process_with_the_global_batch(idx_
     running statistics); without it each process would normalise over its own 8."""
     resnet = ["--model_name_or_path", str(REPO / "configs" / "models" / "cifar_resnet8"), "--head_type", "linear"]
     steps = [s if s != "8" else "16" for s in STEPS]  # the 1-process reference: batch 16, no accumulation
-    single = python_script("train_lt.py", *tiny_train_args(idx_dir, tmp_path / "one", *steps, *resnet))
+    single = run_cli("train_lt.py", *tiny_train_args(idx_dir, tmp_path / "one", *steps, *resnet))
     assert single.returncode == 0, failure_report(single)
     ddp = torchrun(2, tiny_train_args(idx_dir, tmp_path / "ddp", *STEPS, *resnet, "--sync_bn"),
                    env={"ACCELERATE_USE_CPU": "1"})

@@ -77,6 +77,7 @@ def test_reevaluation_gives_the_numbers_train_lt_recorded(run_dir, flags, capsys
     assert f"| {run_dir / 'best'} | {recorded['accuracy']:.2f} | {recorded['mean_class_acc']:.2f} |" in table
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_two_processes_give_exactly_the_one_process_metrics(run_dir, flags, tmp_path):
     # 100 test images, batch 16 x 2 processes: the last batch is padded with duplicates that must not count
     common = [str(run_dir / "final"), "--per_device_eval_batch_size", "16", *flags]

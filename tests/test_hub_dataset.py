@@ -94,6 +94,7 @@ def test_tampered_counts_are_refused(pushed, tmp_path):
         load_lt_dataset(str(copy))
 
 
+@pytest.mark.slow  # the Hub client's retries wait ~20 s
 def test_unreachable_hub_id_is_user_error():
     with pytest.raises(UserError, match="could not load the dataset nobody/no-such-lt-split"):
         load_lt_dataset("nobody/no-such-lt-split")

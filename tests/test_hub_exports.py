@@ -2,8 +2,6 @@
 lt_utils cannot be imported; the same logits as eval_lt.py's loading path; preprocessing pixel for pixel; the card."""
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from lt_utils.soup import make_soup
 from tests.helpers_models import make_tiny_clip
 from tests.helpers_soup import (DEBIAN_FMNIST, _read_idx, perturbed, tiny_info, tiny_lt_model, write_ingredient,
                                 write_lora_ingredient)
+from tests.helpers_cli import run_cli
 from tests.helpers_train import run_without_project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +169,7 @@ def readme_block(marker):
     return text[start:text.index("\n```", start)]
 
 
+@pytest.mark.slow  # a fresh interpreter without this project
 def test_exports_load_with_transformers_and_peft_alone(setup, tmp_path):
     exports, paths = setup["exports"], setup["images"]
     model_code = readme_block("hub-model-snippet")
@@ -231,6 +231,7 @@ def test_preprocessor_config_reproduces_the_eval_transform(setup):
     assert cfg["do_center_crop"] and cfg["resample"] == 3
 
 
+@pytest.mark.slow  # the base model's license is looked up on the Hub: the client's retries wait ~20 s
 def test_model_card_metadata(setup):
     from huggingface_hub import ModelCard
 
@@ -253,11 +254,8 @@ def test_model_card_metadata(setup):
 def test_predict_py_writes_one_row_per_image(setup, tmp_path):
     export, paths = setup["exports"]["bitfit"], setup["images"]
     out = tmp_path / "preds.csv"
-    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    cmd = [sys.executable, str(REPO / "predict.py"), str(export), str(paths[0].parent), "--output", str(out),
-           "--top_k", "2", "--batch_size", "4"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [str(export), str(paths[0].parent), "--output", str(out), "--top_k", "2", "--batch_size", "4"]
+    proc = run_cli("predict.py", *cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import csv
 
@@ -270,11 +268,10 @@ def test_predict_py_writes_one_row_per_image(setup, tmp_path):
         assert row["top_k_labels"].split("|") == [FMNIST[i] for i in top.indices.tolist()]
     # an existing output is refused, byte-identical; a missing input is one line
     before = out.read_bytes()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli("predict.py", *cmd)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "already exists" in proc.stderr
     assert out.read_bytes() == before
-    proc = subprocess.run(cmd[:3] + [str(tmp_path / "nope.png")] + cmd[4:], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_cli("predict.py", *cmd[:1], str(tmp_path / "nope.png"), *cmd[2:])
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
 
 
@@ -352,6 +349,7 @@ def cnn_exports(tmp_path_factory):
     return {"exports": exports, "written": written}
 
 
+@pytest.mark.slow  # a fresh interpreter without this project
 def test_cnn_exports_load_with_transformers_alone(cnn_exports, setup, tmp_path):
     """CIFAR ResNet (its code saved beside modeling_lt.py) and transformers' ResNet exports load through
     AutoModelForImageClassification(trust_remote_code=True) where lt_utils is not importable, with every exported

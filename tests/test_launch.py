@@ -9,6 +9,8 @@ import pytest
 
 from helpers_train import REPO, run_script, tiny_train_args
 
+pytestmark = pytest.mark.slow  # accelerate launch: two interpreters per test
+
 CONFIGS = REPO / "accelerate_configs"
 SECRET = "hf_SECRETtoken0123456789"
 STEPS = ["--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "8"]

@@ -2,38 +2,36 @@
 trained from scratch with the logit-adjusted loss, or with class-balanced re-weighting (CB), reaches far higher few-shot
 accuracy than with plain CE."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers_train import QUIET_ENV, REPO, TINY_VIT
+from helpers_cli import run_cli
+from helpers_train import REPO, TINY_VIT
 from lt_utils.data import load_lt_dataset
+
+pytestmark = pytest.mark.slow  # minutes of training to a learning outcome
 
 FMNIST = ["--dataset", "fashion_mnist_lt", "--imb", "100", "--max_per_class", "600"]
 
 
-def start_training(out, loss, cache_dir):
+def train(out, loss, cache_dir):
     # the quick-start recipe, on 2,000 seeded test images instead of 10,000 to keep it short
-    return subprocess.Popen(
-        [sys.executable, "train_lt.py", "--config", "configs/quickstart_fashion_mnist.yaml", *FMNIST,
-         "--model_name_or_path", str(TINY_VIT), "--loss", loss, "--output_dir", str(out), "--max_eval_samples", "2000",
-         "--cache_dir", str(cache_dir)],
-        cwd=REPO, env={**os.environ, **QUIET_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = run_cli("train_lt.py", "--config", "configs/quickstart_fashion_mnist.yaml", *FMNIST,
+                     "--model_name_or_path", TINY_VIT, "--loss", loss, "--output_dir", out, "--max_eval_samples", "2000",
+                     "--cache_dir", cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
-    # build the split once, then train the three runs side by side (one thread each)
+    # build the split once, then the three runs (in this process, one after the other: the other test worker has the
+    # second core)
     load_lt_dataset("fashion_mnist_lt", imb=100, max_per_class=600, cache_dir=root / "hf_cache")
-    procs = {loss: start_training(root / loss, loss, root / "hf_cache") for loss in ("ce", "la", "cb")}
     results = {}
-    for loss, proc in procs.items():
-        _, err = proc.communicate(timeout=1800)  # three runs share the cores
-        assert proc.returncode == 0, err[-3000:]
+    for loss in ("ce", "la", "cb"):
+        train(root / loss, loss, root / "hf_cache")
         results[loss] = json.loads((root / loss / "final" / "metrics.json").read_text())["test"]
     return results
 
@@ -61,15 +59,8 @@ RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 
 
 def los_run(args, out, cache_dir):
-    return subprocess.Popen([sys.executable, "train_lt.py", *args, *LOS_DATA, "--output_dir", str(out),
-                             "--cache_dir", str(cache_dir)],
-                            cwd=REPO, env={**os.environ, **QUIET_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(proc, out):
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
+    result = run_cli("train_lt.py", *args, *LOS_DATA, "--output_dir", out, "--cache_dir", cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "all_results.json").read_text())
 
 
@@ -77,14 +68,12 @@ def finish(proc, out):
 def los_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("los")
     cache = root / "hf_cache"
-    stage1 = finish(los_run(["--config", "configs/los_cifar100_stage1.yaml", "--model_name_or_path", str(RESNET8),
-                             "--num_train_epochs", "3", "--learning_rate", "0.1", "--weight_decay", "5e-4"],
-                            root / "stage1", cache), root / "stage1")
+    stage1 = los_run(["--config", "configs/los_cifar100_stage1.yaml", "--model_name_or_path", str(RESNET8),
+                      "--num_train_epochs", "3", "--learning_rate", "0.1", "--weight_decay", "5e-4"], root / "stage1", cache)
     # stage 2 at a higher lr than LOS's 5e-4 so that 2 epochs move the head
-    runs = {ls: los_run(["--config", "configs/los_cifar100_stage2.yaml", "--init_from", str(root / "stage1" / "final"),
-                         "--label_smoothing", ls, "--num_train_epochs", "2", "--learning_rate", "0.05"], root / ls, cache)
-            for ls in ("0.0", "0.98")}
-    stage2 = {ls: finish(proc, root / ls) for ls, proc in runs.items()}
+    stage2 = {ls: los_run(["--config", "configs/los_cifar100_stage2.yaml", "--init_from", str(root / "stage1" / "final"),
+                           "--label_smoothing", ls, "--num_train_epochs", "2", "--learning_rate", "0.05"], root / ls, cache)
+              for ls in ("0.0", "0.98")}
     return root, stage1, stage2
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_models import random_pixels, vit_b16_clip_config, vit_b16_vit_config, write_config_only
-from helpers_train import REPO, export_tensors, python_script, run_main, tiny_train_args
+from helpers_cli import run_cli
+from helpers_train import REPO, export_tensors, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils import peft_modules as PM  # noqa: E402
@@ -281,8 +282,8 @@ def test_dry_run_prints_the_counts_last_and_writes_nothing(idx_dir, clip_dir, tm
     """Through the CLI: the run header, then as the last stdout line the counts the table tests pin (same
     functions), and no output dir."""
     out = tmp_path / "never"
-    proc = python_script("train_lt.py", *tiny_train_args(idx_dir, out, "--model_name_or_path", clip_dir, "--from_scratch",
-                                                         "false", "--method", "vpt_deep", "--dry_run"))
+    proc = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, "--model_name_or_path", clip_dir, "--from_scratch",
+                                                   "false", "--method", "vpt_deep", "--dry_run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     model = apply_method(build_lt_model(clip_dir, 10), "vpt_deep")

@@ -83,6 +83,7 @@ def test_recipe_soups_then_retrains_only_the_head(setup):
     assert "test" in json.loads((final / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # the shell script starts an interpreter per stage
 def test_lt_soups_script_runs_the_recipe(setup):
     """The script with the presets' LT-Soups settings: exact subsets seeded by the factor's position, the test-slice
     split, 5 validations per run (10 steps: every 2nd), warm-up from 1e-6 x lr."""

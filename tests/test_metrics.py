@@ -264,6 +264,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # a fresh offline interpreter
 def test_evaluate_load_from_path_works_offline(tmp_path):
     logits = _logits_for(PREDS, 4, seed=5)
     env = {

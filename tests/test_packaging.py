@@ -4,7 +4,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from helpers_train import REPO
+
+pytestmark = pytest.mark.slow  # pip builds and installs the package
 
 CHECK = """
 import importlib.metadata, os, sys

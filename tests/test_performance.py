@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+from helpers_cli import run_cli
 from helpers_train import REPO, python_script, tiny_train_args
 
 sys.path.insert(0, str(REPO))
@@ -85,6 +86,7 @@ def test_gradient_checkpointing_keeps_less_for_the_backward(vit_dir, tmp_path):
     assert checkpointed < 0.5 * plain, (checkpointed, plain)
 
 
+@pytest.mark.slow  # torch.compile's inductor builds C++ (minutes on a fresh machine)
 def test_compiled_model_matches_eager_and_keeps_eager_keys(vit_dir):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -118,19 +120,20 @@ def test_compiled_model_matches_eager_and_keeps_eager_keys(vit_dir):
     GradientState._reset_state()
 
 
+@pytest.mark.slow  # torch.compile
 def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     """An eager run checkpointed at step 2; a --torch_compile run resumed from it ends at the eager weights, and its
     resume state and export carry the eager keys. (aot_eager: dynamo's wrapper without inductor's C++ build)."""
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "none", "--gradient_checkpointing",
              "--ema_decay", "0.9"]
     eager = tmp_path / "eager"
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, eager, *flags))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, eager, *flags))
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = tmp_path / "compiled"
     compiled.mkdir()
     shutil.copytree(eager / "step_2", compiled / "step_2")
     resume = ["--resume_from_checkpoint", "latest", "--torch_compile", "--torch_compile_backend", "aot_eager"]
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, compiled, *flags, *resume))
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("final/model.safetensors", "step_4/model.safetensors"):
         a, b = load_file(eager / name), load_file(compiled / name)
@@ -143,9 +146,9 @@ def test_train_lt_compiled_resume_and_export_match_eager(idx_dir, tmp_path):
     compiled_test = json.loads((compiled / "all_results.json").read_text())["final"]["test"]
     assert compiled_test["accuracy"] == eager_test["accuracy"]
     # eval_lt.py --torch_compile on the eager export: the numbers train_lt.py recorded
-    result = python_script("eval_lt.py", eager / "final", "--torch_compile", "--torch_compile_backend", "aot_eager",
-                           "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0",
-                           "--output_dir", tmp_path / "eval")
+    result = run_cli("eval_lt.py", eager / "final", "--torch_compile", "--torch_compile_backend", "aot_eager",
+                     "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0",
+                     "--output_dir", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert evaluated["accuracy"] == eager_test["accuracy"] and evaluated["per_class_acc"] == eager_test["per_class_acc"]
@@ -157,13 +160,13 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
     flags = ["--augment", "rrc_flip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "none"]
     plain, device = tmp_path / "plain", tmp_path / "device"
     for out, extra in ((plain, []), (device, ["--augment_on_device"])):
-        result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, *flags, *extra))
+        result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, *flags, *extra))
         assert result.returncode == 0, result.stderr[-3000:]
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(plain / "step_2", resumed / "step_2")
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
-                                                           "--resume_from_checkpoint", "latest", "--num_workers", "2"))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
+                                                     "--resume_from_checkpoint", "latest", "--num_workers", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = load_file(plain / "final" / "model.safetensors")
     start = load_file(plain / "step_2" / "model.safetensors")
@@ -175,6 +178,7 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
     assert yaml.safe_load((device / "config.yaml").read_text())["augment_on_device"] is True
 
 
+@pytest.mark.slow  # the benchmark script, a fresh interpreter
 def test_throughput_benchmark_quick_run_writes_every_section(tmp_path):
     """The benchmark script end to end with tiny settings: the JSON has every section, ratio and repeat (no timing
     assertions: numbers from a smoke run mean nothing)."""

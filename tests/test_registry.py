@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_train import REPO, export_tensors, python_script, run_main, tiny_train_args
+from helpers_cli import run_cli
+from helpers_train import REPO, export_tensors, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 import eval_lt  # noqa: E402
@@ -74,7 +75,7 @@ def test_registry_refuses_a_second_entry_of_a_name():
 
 
 def test_unknown_method_on_the_command_line_lists_the_choices():
-    proc = python_script("train_lt.py", "--method", "vpt", "--output_dir", "unused")
+    proc = run_cli("train_lt.py", "--method", "vpt", "--output_dir", "unused")
     assert proc.returncode == 2
     prefix = "error: --method vpt is not a valid choice; choose one of "
     last = proc.stderr.strip().splitlines()[-1]

@@ -16,6 +16,8 @@ from helpers_data import split_digest, write_image_folder
 from helpers_faults import run_forked, tree_digest
 from helpers_train import tiny_train_args, write_synthetic_idx
 
+pytestmark = pytest.mark.slow  # dozens of runs killed and requeued
+
 SCENARIOS = {
     "not_multiple": ["--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2", "--ema_decay", "0.5"],
     "multiple": ["--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_steps", "3",

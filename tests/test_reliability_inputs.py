@@ -521,6 +521,7 @@ def test_train_and_eval_refuse_bad_datasets_sources(world, hf_src, capsys, case)
 
 
 # ---------------------------------------------------------------------------------------- real processes
+@pytest.mark.slow  # six real processes
 def test_real_processes_exit_2_with_one_line(world, tmp_path):
     """The same contract from the shell: exit status 2, one `error:` line, no traceback, nothing changed."""
     run, final = world["run"], world["run"] / "final"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers_data import write_cifar100
-from helpers_train import REPO, export_tensors, python_script, run_main, tiny_train_args, write_synthetic_idx
+from helpers_cli import run_cli
+from helpers_train import REPO, export_tensors, run_main, tiny_train_args, write_synthetic_idx
 
 RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 RESNET34 = REPO / "configs" / "models" / "cifar_resnet34"
@@ -47,6 +48,7 @@ def test_dry_run_builds_cifar_resnet34_for_100_classes(tmp_path, capsys):
     assert not out.exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow  # a fresh interpreter without this project
 def test_cifar_resnet_saves_and_loads_through_the_auto_classes_without_this_project(tmp_path):
     from lt_utils.cifar_resnet import CifarResNetConfig, CifarResNetModel
 
@@ -94,7 +96,7 @@ def test_transformers_resnet_is_a_backbone_kind(tmp_path):
 def test_unsupported_method_is_a_one_line_error(tmp_path):
     idx = write_synthetic_idx(tmp_path / "idx")
     out = tmp_path / "run"
-    result = python_script("train_lt.py", *tiny_train_args(idx, out, "--model_name_or_path", RESNET8, "--method", "lora"))
+    result = run_cli("train_lt.py", *tiny_train_args(idx, out, "--model_name_or_path", RESNET8, "--method", "lora"))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == ("error: --method lora does not apply to cifar_resnet backbones; "
                                                       "choose one of full_all, bitfit_all, head")

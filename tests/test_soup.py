@@ -294,6 +294,7 @@ def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, re, sys
     sys.path.insert(0, sys.argv[1])
+    import lt_utils.peft_methods  # noqa: F401  (make_soup imports it on first use; imports do not count)
     from lt_utils.soup import make_soup
     # what the writing side imports (the data package brings `datasets`): imports are not the merge's memory
     import lt_utils.data, lt_utils.hub, lt_utils.hub_files, lt_utils.models, transformers.modeling_utils  # noqa
@@ -308,6 +309,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two fresh interpreters (their peak RSS)
 def test_peak_memory_does_not_grow_with_the_number_of_ingredients(base, tmp_path):
     """ViTs of about 20 MB: the peak RSS above the post-import level is flat from 2 to 6 ingredients."""
     vit = make_tiny_vit(tmp_path / "vit", hidden=256, layers=10, heads=4)

@@ -8,7 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_train import REPO, export_config, export_tensors, python_script, run_main, tiny_train_args
+from helpers_cli import run_cli
+from helpers_train import REPO, export_config, export_tensors, run_main, tiny_train_args
 
 sys.path.insert(0, str(REPO))
 from lt_utils.checkpoint import load_export  # noqa: E402
@@ -148,7 +149,7 @@ def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
     out = tmp_path / "run"
-    result = python_script("train_lt.py", *tiny_train_args(
+    result = run_cli("train_lt.py", *tiny_train_args(
         idx_dir, out, "--head_type", "linear", "--loss", "ce", "--optimizer", "sgd", "--learning_rate", "1e12",
         "--momentum", "0", "--checkpointing_steps", "1", "--eval_steps", "none", "--max_train_steps", "20"))
     assert result.returncode == 2
@@ -162,9 +163,9 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
 
 def test_failed_push_keeps_the_exports_and_says_why(idx_dir, tmp_path):
     out = tmp_path / "run"
-    result = python_script("train_lt.py", *tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none",
-                                                           "--push_to_hub", "--hub_model_id", "someone/tiny-lt",
-                                                           "--with_tracking"))
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none",
+                                                     "--push_to_hub", "--hub_model_id", "someone/tiny-lt",
+                                                     "--with_tracking"))
     assert result.returncode == 2  # the Hub is unreachable here (HF_HUB_OFFLINE=1)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: pushing") and "someone/tiny-lt" in last and "Traceback" not in result.stderr

@@ -1,15 +1,13 @@
 """The usage lines as a new user types them, from a directory other than the repository: the quick-start preset,
 `soup.py ckpts/*` over run folders, `eval_lt.py` on the printed soup; and the rules behind them."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers_train import QUIET_ENV, REPO, TINY_VIT
+from helpers_cli import run_cli
+from helpers_train import REPO, TINY_VIT
 from lt_utils.config import build_train_parser, parse_args_with_config
 from lt_utils.errors import UserError
 from lt_utils.runs import default_soup_dir, expand_ingredients, run_export
@@ -20,10 +18,10 @@ PRESET = REPO / "configs" / "quickstart_fashion_mnist.yaml"
 SHORT = ["--max_train_steps", "6", "--max_eval_samples", "500"]
 
 
-def run_in(cwd, *args, env=None, timeout=600):
-    full_env = {**os.environ, **QUIET_ENV, **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+def run_in(cwd, script, *args, env=None):
+    """`python <repo>/script args` typed in `cwd`, run in this process (run_cli); test_help.py starts the scripts as
+    real processes from another directory."""
+    return run_cli(script, *args, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def user_dir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("user")
     env = {"HF_DATASETS_CACHE": str(tmp_path_factory.mktemp("hf_datasets"))}
     for name, lr in (("a", "0.002"), ("b", "0.001")):
-        res = run_in(cwd, REPO / "train_lt.py", "--config", PRESET, "--output_dir", f"ckpts/{name}",
+        res = run_in(cwd, "train_lt.py", "--config", PRESET, "--output_dir", f"ckpts/{name}",
                      "--learning_rate", lr, *SHORT, env=env)
         assert res.returncode == 0, res.stderr[-3000:]
     return cwd, env
@@ -49,14 +47,14 @@ def test_quickstart_from_another_directory_then_soup_and_eval(user_dir):
     glob = sorted(str(p.relative_to(cwd)) for p in (cwd / "ckpts").iterdir())
     assert glob == ["ckpts/a", "ckpts/b", "ckpts/train.log"]
 
-    res = run_in(cwd, REPO / "soup.py", *glob, env=env)
+    res = run_in(cwd, "soup.py", *glob, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skipping ckpts/train.log: a file, not a run or export dir" in res.stdout
     assert "soup written to soups/uniform:" in res.stdout
     manifest = json.loads((cwd / "soups" / "uniform" / "soup_manifest.json").read_text())
     assert manifest["ingredients"] == ["ckpts/a/best", "ckpts/b/best"] and manifest["weights"] == [0.5, 0.5]
 
-    res = run_in(cwd, REPO / "eval_lt.py", "soups/uniform", "--max_eval_samples", "500", env=env)
+    res = run_in(cwd, "eval_lt.py", "soups/uniform", "--max_eval_samples", "500", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((cwd / "soups" / "uniform" / "eval_test" / "metrics.json").read_text())
     assert metrics["metrics"]["num_samples"] == 500 and 0 <= metrics["metrics"]["accuracy"] <= 100
@@ -64,7 +62,7 @@ def test_quickstart_from_another_directory_then_soup_and_eval(user_dir):
     assert (cwd / "soups" / "uniform" / "eval_test" / "per_class.csv").is_file()
 
     # a run dir on eval_lt.py: its best/ by default, final/ with --which final
-    res = run_in(cwd, REPO / "eval_lt.py", "ckpts/a", "--which", "final", "--max_eval_samples", "500", env=env)
+    res = run_in(cwd, "eval_lt.py", "ckpts/a", "--which", "final", "--max_eval_samples", "500", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (cwd / "ckpts" / "a" / "final" / "eval_test" / "metrics.json").is_file()
     assert not (cwd / "ckpts" / "a" / "best" / "eval_test").exists()
@@ -74,11 +72,11 @@ def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
     cwd, env = user_dir
     first = cwd / "soups" / "uniform"
     if not first.exists():  # this test alone: make the first soup
-        assert run_in(cwd, REPO / "soup.py", "ckpts/a", "ckpts/b", env=env).returncode == 0
+        assert run_in(cwd, "soup.py", "ckpts/a", "ckpts/b", env=env).returncode == 0
     before = sha256_file(first / "model.safetensors")
     shutil.copytree(first, cwd / "ckpts" / "old_soup")  # an earlier soup the glob matches
     try:
-        res = run_in(cwd, REPO / "soup.py", "ckpts/a", "ckpts/b", "ckpts/old_soup", "--which", "final", env=env)
+        res = run_in(cwd, "soup.py", "ckpts/a", "ckpts/b", "ckpts/old_soup", "--which", "final", env=env)
     finally:
         shutil.rmtree(cwd / "ckpts" / "old_soup")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -92,7 +90,7 @@ def test_second_soup_skips_the_first_and_never_overwrites(user_dir):
 def test_soup_of_no_run_is_one_line_error(user_dir):
     cwd, env = user_dir
     (cwd / "notes.txt").write_text("x")
-    res = run_in(cwd, REPO / "soup.py", "notes.txt", env=env)
+    res = run_in(cwd, "soup.py", "notes.txt", env=env)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
         "error: none of the inputs is a run dir (with best/ or final/) or an export dir; pass train_lt.py's output "
