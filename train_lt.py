@@ -175,7 +175,7 @@ def main(argv=None):
 class Run:
     """The training loop's state shared by the functions below (the export side is in `exporter`)."""
 
-    spec: RunSpec
+    spec: "RunSpec"
     accelerator: object
     info: object  # LTInfo of the data
     train_model: object  # the prepared model (or head, for --method head) the optimizer steps
