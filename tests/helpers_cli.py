@@ -75,12 +75,12 @@ def _exit_status(code):
 @contextlib.contextmanager
 def _as_a_fresh_process(script, argv, cwd, env):
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
-    os.environ.update({k: str(v) for k, v in env.items()})
-    os.chdir(cwd or REPO)
-    sys.argv = [str(REPO / script), *map(str, argv)]
     restore_settings = _read_at_import(env)
-    reset_accelerate()
     try:
+        os.environ.update({k: str(v) for k, v in env.items()})
+        os.chdir(cwd or REPO)
+        sys.argv = [str(REPO / script), *map(str, argv)]
+        reset_accelerate()
         yield
     finally:
         reset_accelerate()
@@ -100,7 +100,7 @@ def _read_at_import(env):
     import huggingface_hub.constants
 
     def true(name):
-        return env[name].upper() in ("1", "ON", "YES", "TRUE")
+        return str(env[name]).upper() in ("1", "ON", "YES", "TRUE")
 
     values = {}
     if "HF_HUB_OFFLINE" in env:
