@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_cli import run_cli
-from helpers_train import REPO, run_script, tiny_train_args
+from helpers_train import REPO, export_tensors, run_script, tiny_train_args
 
 pytestmark = pytest.mark.slow  # torchrun and DeepSpeed: several processes per test
 
@@ -44,7 +44,7 @@ def deepspeed_env(config=REPO / "accelerate_configs" / "ds_zero2.json"):
 
 
 def final_weights(out):
-    return load_file(out / "final" / "model.safetensors")
+    return export_tensors(out / "final")
 
 
 def assert_same_weights(a, b, atol):
