@@ -100,7 +100,8 @@ def _backbone_prefix(base_model, module):
 
     from .models import _quiet_transformers
 
-    with torch.device("meta"), _quiet_transformers():
+    # on the main process alone, also under ZeRO-3 (inside zero.Init the build would wait for the other ranks)
+    with without_zero3(), torch.device("meta"), _quiet_transformers():
         model = AutoModel.from_config(AutoConfig.from_pretrained(str(base_model)))
     found = [name for name, _ in model.named_modules() if name == module or name.endswith("." + module)]
     if len(found) != 1:  # e.g. a CLIPModel's text tower has the same names: the vision tower is the one wanted

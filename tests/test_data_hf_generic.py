@@ -195,9 +195,14 @@ def test_resume_rebuilds_the_same_split_and_refuses_another(sources, tmp_path, c
     MAINS["train"](hf_train_flags(sources["arrow"], full, *common))
     part.mkdir()
     shutil.copytree(full / "step_1", part / "step_1")
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:  # the recorded spec names the changed data flag
         MAINS["train"](hf_train_flags(sources["arrow"], part, *common, "--resume_from_checkpoint", "latest",
                                       "--max_train_samples", "100"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max_train_samples" in err and "-> 100" in err
+    with pytest.raises(SystemExit) as exit_info:  # allowed to change flags, the other training images still refuse it
+        MAINS["train"](hf_train_flags(sources["arrow"], part, *common, "--resume_from_checkpoint", "latest",
+                                      "--max_train_samples", "100", "--resume_allow_changes"))
     assert exit_info.value.code == 2 and "its train_images is" in capsys.readouterr().err
     assert sorted(p.name for p in part.iterdir()) == ["step_1"]
     MAINS["train"](hf_train_flags(sources["arrow"], part, *common, "--resume_from_checkpoint", "latest"))

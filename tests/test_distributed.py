@@ -182,7 +182,7 @@ def test_deepspeed_zero3_trains_added_modules_as_one_process(idx_dir, tmp_path, 
     result = torchrun(2, args(tmp_path / "z3", 1), env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
     assert result.returncode == 0, failure_report(result)
     weights, ref = final_weights(tmp_path / "z3"), final_weights(tmp_path / "ref")
-    assert {k.split(".")[0] for k in weights} == {"adapters", "head"}
+    assert {k.split(".")[0] for k in weights} == {"backbone", "adapters", "head"}  # the whole model, once
     assert_same_weights(weights, ref, atol=1e-5)
     init = load_file(tmp_path / "z3" / "final" / "head_init.safetensors")["weight"]
     assert not torch.allclose(weights["head.weight"], init)
@@ -200,5 +200,7 @@ def test_two_processes_with_sync_bn_match_one_process_with_the_global_batch(idx_
     assert ddp.returncode == 0, failure_report(ddp)
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
     assert two["backbone.bn1.num_batches_tracked"].item() == 4
-    assert_same_weights(two, one, atol=2e-5)
+    # float32 sums of 2 x 8 vs 16 images differ in the last bits; 4 SGD steps through BatchNorm's 1/std carry that
+    # to ~2e-5 on small biases on some CPUs (2.23e-5 measured on an AMD EPYC)
+    assert_same_weights(two, one, atol=5e-5)
     assert not torch.allclose(two["backbone.bn1.running_mean"], torch.zeros(8))  # statistics were tracked

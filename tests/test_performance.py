@@ -166,7 +166,8 @@ def test_train_lt_augment_on_device_trains_the_same_weights_and_resumes(idx_dir,
     resumed.mkdir()
     shutil.copytree(plain / "step_2", resumed / "step_2")
     result = run_cli("train_lt.py", *tiny_train_args(idx_dir, resumed, *flags, "--augment_on_device",
-                                                     "--resume_from_checkpoint", "latest", "--num_workers", "2"))
+                                                     "--resume_from_checkpoint", "latest", "--num_workers", "2",
+                                                     "--resume_allow_changes"))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = load_file(plain / "final" / "model.safetensors")
     start = load_file(plain / "step_2" / "model.safetensors")
