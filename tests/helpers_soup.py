@@ -105,3 +105,15 @@ def _read_idx(path):
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def write_adaptformer_ingredients(root, base_dir, head_init, num_labels=4, n=2):
+    """n AdaptFormer exports (r 2) whose head and one adapter up-projection are head_init and ones times 1 .. n;
+    returns (paths, that adapter key, the i = 1 tensors)."""
+    af = apply_method(tiny_lt_model(base_dir, num_labels), "adaptformer", r=2)
+    up = next(k for k in af.state_dict() if k.startswith("adapters.") and k.endswith("up.weight"))
+    keys = {"head.weight": head_init, up: torch.ones(af.state_dict()[up].shape)}
+    arch = {"adapters": "adaptformer", "adapter_dim": 2}
+    paths = [write_ingredient(Path(root) / f"af{i}", af, base_dir, {k: v * (i + 1) for k, v in keys.items()}, head_init,
+                              method="adaptformer", arch=arch) for i in range(n)]
+    return paths, up, keys

@@ -23,9 +23,8 @@ from lt_utils.errors import UserError
 from lt_utils.heads import random_head_init
 from lt_utils.merge import MERGE_METHODS, KeyInputs, merge_method
 from lt_utils.models import build_lt_model
-from lt_utils.peft_methods import apply_method
 from lt_utils.soup import load_base_state, make_soup, read_ingredient, run_greedy
-from tests.helpers_soup import perturbed, tiny_lt_model, write_ingredient, write_lora_ingredient
+from tests.helpers_soup import write_adaptformer_ingredients, perturbed, tiny_lt_model, write_ingredient, write_lora_ingredient
 from tests.helpers_train import export_config, export_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,12 +412,7 @@ def test_refusals_of_make_soup_callers(exports, tmp_path):
         make_soup([a, b], tmp_path / "x", merge_method="ties", merge_flags={"density": 2}, progress=False)
     with pytest.raises(UserError, match="unknown --merge_method 'nope'"):
         make_soup([a, b], tmp_path / "x", merge_method="nope", progress=False)
-    af = apply_method(tiny_lt_model(exports["vit"], C), "adaptformer", r=2)
-    up = next(k for k in af.state_dict() if k.startswith("adapters.") and k.endswith("up.weight"))
-    keys = {"head.weight": exports["head_init"], up: torch.ones(af.state_dict()[up].shape)}
-    arch = {"adapters": "adaptformer", "adapter_dim": 2}
-    paths = [write_ingredient(tmp_path / f"af{i}", af, exports["vit"], {k: v * (i + 1) for k, v in keys.items()},
-                              exports["head_init"], method="adaptformer", arch=arch) for i in range(2)]
+    paths, up, keys = write_adaptformer_ingredients(tmp_path, exports["vit"], exports["head_init"], C)
     with pytest.raises(UserError, match="--merge_method ties merges task vectors .* AdaptFormer"):
         make_soup(paths, tmp_path / "af", merge_method="ties", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "af").exists()

@@ -15,11 +15,10 @@ from lt_utils.checkpoint import load_export, read_export_config, weight_keys
 from lt_utils.data import load_lt_dataset
 from lt_utils.errors import UserError
 from lt_utils.heads import random_head_init
-from lt_utils.peft_methods import apply_method
 from lt_utils.soup import (Entry, Ingredient, greedy_select, make_soup, merge_tensors, sha256_file, soup_weights,
                            with_alpha)
 from tests.helpers_models import make_tiny_vit
-from tests.helpers_soup import (perturbed, small_fashion_mnist, tiny_info, tiny_lt_model, write_ingredient,
+from tests.helpers_soup import (write_adaptformer_ingredients, perturbed, small_fashion_mnist, tiny_info, tiny_lt_model, write_ingredient,
                                 write_lora_ingredient)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,12 +276,7 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
 
 
 def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
-    af = apply_method(tiny_lt_model(base["vit"], C), "adaptformer", r=2)
-    up = next(k for k in af.state_dict() if k.startswith("adapters.") and k.endswith("up.weight"))
-    keys = {"head.weight": base["head_init"], up: torch.ones(af.state_dict()[up].shape)}
-    arch = {"adapters": "adaptformer", "adapter_dim": 2}
-    paths = [write_ingredient(tmp_path / f"af{i}", af, base["vit"], {k: v * (i + 1) for k, v in keys.items()},
-                              base["head_init"], method="adaptformer", arch=arch) for i in range(2)]
+    paths, up, keys = write_adaptformer_ingredients(tmp_path, base["vit"], base["head_init"], C)
     with pytest.raises(UserError, match="AdaptFormer"):
         make_soup(paths, tmp_path / "prog", mode="progressive", progress=False)
     make_soup(paths, tmp_path / "uni", progress=False)
