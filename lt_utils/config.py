@@ -531,6 +531,16 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
                        low=0, high=UINT32, high_open=True, nullable=True),
     "test_per_class": _pos("int", 50, "held-out test images per class without --test_dir"),
     "push_to_hub_repo": Flag("str", None, "also push the split to this Hub dataset repo", nullable=True, metavar="REPO"),
+    # scripts/reproduce.py
+    "paper": Flag("str", None, "the paper whose tables to run (configs/paper_tables/<paper>.yaml)",
+                  choices=_lazy(".paper_tables", "papers")),
+    "table": Flag("str", None, "one table of the paper (its number); default: every table", nullable=True),
+    "tiny": Flag("switch", False, "every row end to end on Fashion-MNIST-LT and tiny models, a step or two each: proves "
+                 "the runner, not the paper"),
+    "launcher": Flag("str", "python", "how the rows' commands run: python (in this process, in order), accelerate "
+                     "(accelerate launch, one process group per command) or slurm (with --emit: srun lines)",
+                     choices=_lazy(".paper_tables", "LAUNCHERS")),
+    "emit": Flag("switch", False, "write the rows' commands as a job list (jobs.sh) instead of running them"),
 }
 
 FLAGS = {**_DATA, **_MODEL_FLAGS, **_METHOD, **_LOSS, **_OPTIM, **_COMPILE, **_EVAL, **_OUTPUT, **_OTHER}

@@ -15,7 +15,8 @@ from helpers_train import REPO
 from lt_utils.config import build_train_parser, parse_args_with_config
 
 SOURCES = ["README.md", "train_lt.py", "eval_lt.py", "soup.py", "data_scripts/build_lt.py", "data_scripts/README.md"]
-SCRIPTS = {"train_lt.py", "eval_lt.py", "soup.py", "predict.py", "data_scripts/build_lt.py", "scripts/convert_export.py"}
+SCRIPTS = {"train_lt.py", "eval_lt.py", "soup.py", "predict.py", "data_scripts/build_lt.py", "scripts/convert_export.py",
+           "scripts/reproduce.py"}
 SKIP = ("bash scripts/", "sbatch ", "python3 -m pytest", "python benchmarks/")  # shell set-up, tests, benchmarks
 
 
