@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from . import help_choices
+from . import help_choices, paper_tables
 from .errors import UserError
 from .fileio import atomic_write_text
 
@@ -471,7 +471,8 @@ _OUTPUT = _group("output", {
     "output_dir": Flag("path", "outputs/run", **_FREE),
     "overwrite_output_dir": Flag("switch", False, "allow a non-empty --output_dir without resuming", **_FREE),
     "dry_run": Flag("switch", False, "build the data and the model, print the run header and, as the last stdout line, "
-                                     "a JSON object of the trainable parameters (trainable, head, backbone); no training",
+                                     "a JSON object of the trainable parameters (trainable, head, backbone); no training "
+                                     "(scripts/reproduce.py: print the rows and their commands, run nothing)",
                     **_FREE),
     "checkpointing_steps": Flag("steps", None, "save a resume state every N optimizer steps, or 'epoch'", nullable=True,
                                 **_FREE),
@@ -533,13 +534,13 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "push_to_hub_repo": Flag("str", None, "also push the split to this Hub dataset repo", nullable=True, metavar="REPO"),
     # scripts/reproduce.py
     "paper": Flag("str", None, "the paper whose tables to run (configs/paper_tables/<paper>.yaml)",
-                  choices=_lazy(".paper_tables", "papers")),
+                  choices=paper_tables.papers),
     "table": Flag("str", None, "one table of the paper (its number); default: every table", nullable=True),
     "tiny": Flag("switch", False, "every row end to end on Fashion-MNIST-LT and tiny models, a step or two each: proves "
                  "the runner, not the paper"),
     "launcher": Flag("str", "python", "how the rows' commands run: python (in this process, in order), accelerate "
                      "(accelerate launch, one process group per command) or slurm (with --emit: srun lines)",
-                     choices=_lazy(".paper_tables", "LAUNCHERS")),
+                     choices=paper_tables.LAUNCHERS),
     "emit": Flag("switch", False, "write the rows' commands as a job list (jobs.sh) instead of running them"),
 }
 

@@ -93,9 +93,11 @@ def select_tables(data, table):
     return {table: data["tables"][table]}
 
 
-def plan_rows(data, tables, out_root, tiny=False):
-    """Each row's commands with their output dirs under out_root/table<id>/<row>/<step>; --tiny appends the paper's
-    tiny overrides (`train` to every train_lt.py command, `scratch` to those without --init_from)."""
+def plan_rows(data, tables, out_root, tiny=False, extra=()):
+    """Each row's commands with their output dirs under out_root/table<id>/<row>/<step>, `extra` flags appended to
+    every train_lt.py command; --tiny appends the paper's tiny overrides (`train` to every train_lt.py command,
+    `scratch` to those without --init_from) and its tiny models (`models`, see `build_tiny_models`)."""
+    user_extra = list(extra)
     extra = data.get("tiny") or {} if tiny else {}
     models = {name: str(Path(out_root).resolve() / "models" / name) for name in extra.get("models") or {}}
     train_extra, scratch_extra = ([_repo_path(a) for a in shlex.split(extra.get(key, "").format(**models))]
@@ -114,7 +116,8 @@ def plan_rows(data, tables, out_root, tiny=False):
                     commands = [Command(argv[0], [*map(_repo_path, argv[1:]), "--output_dir", str(dirs[step])])]
                 for command in commands:
                     if command.script == TRAIN:
-                        command.argv += train_extra + ([] if "--init_from" in command.argv else scratch_extra)
+                        command.argv += train_extra + ([] if "--init_from" in command.argv else scratch_extra) \
+                            + user_extra
                 row.commands += commands
     return tables
 

@@ -5,6 +5,8 @@ finished ones, and write each table as Markdown and CSV beside the published num
   python scripts/reproduce.py --paper los --dry_run              # print the rows and their commands
   python scripts/reproduce.py --paper ltsoups --launcher slurm --emit   # a job list (jobs.sh) instead of running
   python scripts/reproduce.py --paper lift --tiny                # every row on tiny models and Fashion-MNIST-LT (CPU)
+  python scripts/reproduce.py --paper lift --table 1 -- --data_dir /data/imagenet --train_list lists/train.txt \
+      --val_list lists/val.txt --test_list lists/test.txt --class_names_file lists/classnames.txt
 """
 import subprocess
 import sys
@@ -20,7 +22,26 @@ def get_args_parser():
     parser = ArgumentParser(description="Run a paper's tables and compare them with the published numbers.")
     add_flags(parser, ("paper", "table", "tiny", "dry_run", "launcher", "emit", "output_dir"),
               output_dir="outputs/reproduce")
+    parser.add_argument("train_flags", nargs="*", metavar="-- TRAIN_FLAGS",
+                        help="flags for every train_lt.py command (an image root and lists, a precision), after --")
     return parser
+
+
+def check_commands(tables):
+    """Every row's commands parse (flags, presets, ranges) before the first one runs: a bad row stops nothing half-way."""
+    import soup
+    from lt_utils.config import parse_train_args
+
+    for table in tables.values():
+        for row in table["rows"]:
+            for command in row.commands:
+                try:
+                    if command.script == "train_lt.py":
+                        parse_train_args(command.argv)
+                    else:
+                        soup.get_args_parser().parse_args(command.argv)
+                except UserError as err:
+                    raise UserError(f"table {row.table}, row {row.name}: {err}") from None
 
 
 def run_in_process(command):
@@ -56,7 +77,8 @@ def main(argv=None):
     P.check_launcher(args.launcher, args.emit)
     data = P.load_paper(args.paper)
     out_root = Path(args.output_dir) / (f"{args.paper}_tiny" if args.tiny else args.paper)
-    tables = P.plan_rows(data, P.select_tables(data, args.table), out_root, tiny=args.tiny)
+    tables = P.plan_rows(data, P.select_tables(data, args.table), out_root, tiny=args.tiny, extra=args.train_flags)
+    check_commands(tables)
     if args.dry_run:
         for table_id, table in tables.items():
             print(f"# {data['paper']} table {table_id}: {table['title']}")

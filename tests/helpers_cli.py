@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import io
 import logging
 import os
@@ -44,6 +45,11 @@ def entry_main(script):
         from helpers_faults import load_build_lt
 
         return load_build_lt().main
+    if script.startswith("scripts/"):  # not a package either
+        spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
     return importlib.import_module(Path(script).stem).main
 
 
