@@ -177,9 +177,18 @@ def run_rows(tables, run):
                 continue
             for command in row.commands:
                 if not finished(command):
-                    run(command)
+                    run(Command(command.script, command.argv + _restart_flags(command)))
                     ran.append(command)
     return ran
+
+
+def _restart_flags(command):
+    """An interrupted run resumes from its last resume state, else starts over (as scripts/lt_soups.sh does)."""
+    if command.script != TRAIN or {"--overwrite_output_dir", "--resume_from_checkpoint"} & set(command.argv):
+        return []
+    if any(command.output_dir.glob("step_*")):
+        return ["--resume_from_checkpoint", "latest"]
+    return ["--overwrite_output_dir"] if command.output_dir.exists() else []
 
 
 def row_metrics(row, protocol):
@@ -238,8 +247,8 @@ def write_tables(data, tables, out_root, launcher="python"):
 
 
 def job_list(tables, launcher):
-    """The commands of every row, one a line in running order, as `launcher` starts them (finished ones included:
-    train_lt.py's own resume makes them no-ops only with --resume_from_checkpoint, so they are commented out)."""
+    """The commands of every row, one a line in running order, as `launcher` starts them; finished runs are listed
+    commented out."""
     lines = ["#!/usr/bin/env bash", "set -euo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
     for table_id, table in tables.items():
         for row in table["rows"]:

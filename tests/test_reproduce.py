@@ -56,6 +56,11 @@ def test_tiny_runs_every_row_and_tables_carry_results_and_published_numbers(pape
     again = run_cli(SCRIPT, "--paper", paper, "--tiny", "--output_dir", tiny_out)
     assert again.code == 0 and "ran 0 commands" in again.out, again.err[-2000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("all_results.json")} == stamps
+    if paper == "los":  # a run interrupted before its results: only it runs again, over its leftovers
+        (out / "table1" / "cifar10_rho10" / "stage2" / "all_results.json").unlink()
+        resumed = run_cli(SCRIPT, "--paper", paper, "--tiny", "--output_dir", tiny_out)
+        assert resumed.code == 0 and "ran 1 commands" in resumed.out, resumed.err[-2000:]
+        assert (out / "table1" / "cifar10_rho10" / "stage2" / "all_results.json").is_file()
 
 
 def test_dry_run_lists_rows_and_commands(tmp_path):
