@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, require
-from .fileio import atomic_write_text, read_json
+from .fileio import atomic_dir, atomic_write_text, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLES_DIR = REPO_ROOT / "configs" / "paper_tables"
@@ -97,12 +97,11 @@ def plan_rows(data, tables, out_root, tiny=False, extra=()):
     """Each row's commands with their output dirs under out_root/table<id>/<row>/<step>, `extra` flags appended to
     every train_lt.py command; --tiny appends the paper's tiny overrides (`train` to every train_lt.py command,
     `scratch` to those without --init_from) and its tiny models (`models`, see `build_tiny_models`)."""
-    user_extra = list(extra)
-    extra = data.get("tiny") or {} if tiny else {}
-    models = {name: str(Path(out_root).resolve() / "models" / name) for name in extra.get("models") or {}}
-    train_extra, scratch_extra = ([_repo_path(a) for a in shlex.split(extra.get(key, "").format(**models))]
+    small = (data.get("tiny") or {}) if tiny else {}
+    models = {name: str(Path(out_root).resolve() / "models" / name) for name in small.get("models") or {}}
+    train_extra, scratch_extra = ([_repo_path(a) for a in shlex.split(small.get(key, "").format(**models))]
                                   for key in ("train", "scratch"))
-    env_extra = {k: str(v).format(**models) for k, v in (extra.get("env") or {}).items()}
+    env_extra = {k: str(v).format(**models) for k, v in (small.get("env") or {}).items()}
     for table_id, table in tables.items():
         for row in table["rows"]:
             row_dir = Path(out_root).resolve() / f"table{table_id}" / row.name
@@ -117,7 +116,7 @@ def plan_rows(data, tables, out_root, tiny=False, extra=()):
                 for command in commands:
                     if command.script == TRAIN:
                         command.argv += train_extra + ([] if "--init_from" in command.argv else scratch_extra) \
-                            + user_extra
+                            + list(extra)
                 row.commands += commands
     return tables
 
@@ -137,10 +136,11 @@ def build_tiny_models(data, out_root):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModel.from_config(AutoConfig.from_pretrained(REPO_ROOT / config_dir))
-        model.save_pretrained(target)
-        for path in (REPO_ROOT / config_dir).iterdir():  # the image processor
-            if path.name != "config.json":
-                shutil.copy(path, target / path.name)
+        with atomic_dir(target, overwrite=True) as tmp:  # a killed save leaves no half model behind
+            model.save_pretrained(tmp)
+            for path in (REPO_ROOT / config_dir).iterdir():  # the image processor
+                if path.name != "config.json":
+                    shutil.copy(path, tmp / path.name)
 
 
 def _repo_path(token):
