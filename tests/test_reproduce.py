@@ -113,3 +113,8 @@ def test_readme_states_the_datas_published_numbers():
             data |= {(paper, table_id, row["name"], f"{row['published']['all']}") for row in table["rows"]
                      if row["published"]["all"] is not None}
     assert stated == data and data
+    # and the LIFT numbers the presets' table states are the data's
+    recipes = (REPO / "README.md").read_text().split("## Paper recipes and their published numbers")[1].split("\n## ")[0]
+    lift_lines = [line for line in recipes.splitlines() if line.startswith("| `configs/lift_")]
+    assert {n for line in lift_lines for n in re.findall(r"\b\d+\.\d\b", line)} == \
+        {number for paper, _, _, number in data if paper == "lift"}
