@@ -465,6 +465,12 @@ _EVAL = _group("eval", {
     # the best score kept so far is of this metric: another one mid-run would compare unlike numbers
     "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
                           choices=_lazy(".metrics", "SELECTABLE")),
+    # which tested model is the paper's number; it decides what is kept and tested during the run, so it may not change
+    "protocol": Flag("str", "best_val", "the row of all_results.json comparable with the paper: best_val (ours), final "
+                     "(LIFT), best_test (LOS, optimistic), ema_and_raw_val (LT-Soups: also best_raw/)",
+                     choices=_registry(".protocols", "PROTOCOLS")),
+    "test_precision": Flag("str", "train", "precision of the test evaluation of best/ and final/: train (the run's "
+                           "autocast) or fp32 (LIFT)", choices=["train", "fp32"], **_FREE),
 })
 
 _OUTPUT = _group("output", {
