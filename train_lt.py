@@ -143,7 +143,9 @@ def main(argv=None):
                                                      data.per_device_eval_batch_size, data.num_workers))
     ctx = Run(spec=spec, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
               val_loader=val_loader, test_loader=test_loader, ema=ema, state=state, plan=plan, resume_changes=resume_changes,
-              batch_transform=batch_transform, eval_every=eval_every(spec.eval, plan) if len(ds["val"]) else None,
+              batch_transform=batch_transform, has_val=len(ds["val"]) > 0,
+              eval_every=eval_every(spec.eval, plan) if len(ds["val"]) or PROTOCOLS.get(spec.eval.protocol).test_each_eval
+              else None,
               ckpt_every=T.every_n_steps(output.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(optim, plan)
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
@@ -195,6 +197,7 @@ class Run:
     plan: object  # schedule.StepPlan
     resume_changes: tuple = ()  # the flag changes resumes of this run were allowed (recorded in every checkpoint)
     batch_transform: object = None  # --augment_on_device: finishes each training batch on the accelerator
+    has_val: bool = True  # without a val split only --protocol best_test evaluates (on test)
     eval_every: int = None
     ckpt_every: int = None
 
@@ -231,9 +234,10 @@ def on_step(ctx, step):
     The last step is validated too, except under --num_evals, whose schedule is LT-Soups' exactly."""
     at_end = step == ctx.plan.total_steps and ctx.spec.eval.num_evals is None
     if ctx.eval_every and (step % ctx.eval_every == 0 or at_end):
-        with_ema(ctx, lambda: validate(ctx, step))
         protocol = PROTOCOLS.get(ctx.spec.eval.protocol)
-        if protocol.raw_exports:  # LT-Soups selects the raw weights on val too
+        if ctx.has_val:
+            with_ema(ctx, lambda: validate(ctx, step))
+        if ctx.has_val and protocol.raw_exports and ctx.ema is not None:  # LT-Soups selects the raw weights on val too
             validate(ctx, step, "best_raw")
         if protocol.test_each_eval:  # LOS keeps the epoch that tests best (the model it reports)
             with_ema(ctx, lambda: keep_best_test(ctx, step))
@@ -267,9 +271,11 @@ def validate(ctx, step, name="best"):
 
 def keep_best_test(ctx, step):
     """--protocol best_test: test now and keep best_test/ when it beats every earlier test score (optimistic)."""
+    # a head trained on cached features is tested inside its model, on images
+    model = ctx.exporter.lt_model if D.head_on_cached_features(ctx.spec.method) else ctx.train_model
     with test_precision(ctx):
-        metrics = evaluate(ctx.train_model, ctx.test_loader, ctx.accelerator, ctx.info.groups,
-                           len(ctx.info.class_names), desc="test")
+        metrics = evaluate(model, ctx.test_loader, ctx.accelerator, ctx.info.groups, len(ctx.info.class_names),
+                           desc="test")
     keep_if_better(ctx, "best_test", step, metrics, {"step": step, "selected_on": "test"})
 
 

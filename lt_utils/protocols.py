@@ -15,7 +15,7 @@ PROTOCOLS = Registry("protocol", flag="--protocol")
 class Protocol:
     paper_row: str  # the all_results.json row a paper's number compares with (final/ when the run has no such row)
     what: str  # one line for --help and the summary table
-    raw_exports: bool = False  # with --ema_decay: also keep and test the raw weights (best_raw/, final_raw/)
+    raw_exports: bool = False  # with an EMA: also keep and test the raw weights selected on val (best_raw/)
     test_each_eval: bool = False  # test at every validation and report the best test score (row best_test)
 
 
@@ -25,7 +25,8 @@ PROTOCOLS.register("best_test", Protocol(
     "best_test", "the best test score over validations (LOS); optimistic: test picks the model, best/ is the honest row",
     test_each_eval=True))
 PROTOCOLS.register("ema_and_raw_val", Protocol(
-    "best", "the EMA and the raw model, each best on val (LT-Soups): best/ and best_raw/", raw_exports=True))
+    "best", "the EMA and the raw model, each best on val (LT-Soups): best/ and best_raw/ (no EMA: best/ alone)",
+    raw_exports=True))
 
 # every export a run may write and test, in all_results.json's row order
 RUN_ROWS = ("best", "final", "best_raw", "best_test")

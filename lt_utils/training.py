@@ -42,15 +42,20 @@ def resolve_run_spec(values, num_processes):
     check_schedule_flags(spec.eval)
     check_prompt_args(spec.model.prompt_template, spec.model.prompt_descriptor_file)
     check_bn_flags(spec.method)
-    check_protocol(spec.eval, spec.optim)
+    check_protocol(spec.eval)
+    check_partial(spec.method)
     return spec
 
 
-def check_protocol(evaluation, optim):
-    """--protocol needs what its rows are made of: the raw-model rows an EMA, the best-test row validations."""
+def check_partial(method):
+    """LIFT's classifier-only rows (partial = 0: no block tuned, augmented images every step) are a method here."""
+    require(method.partial_layers != 0, "--partial_layers 0 tunes no block: LIFT's classifier-only fine-tuning is "
+            "--method head --head_features augmented (drop --partial_layers)")
+
+
+def check_protocol(evaluation):
+    """--protocol best_test tests at each validation, so it needs validations."""
     protocol = PROTOCOLS.get(evaluation.protocol)
-    require(not protocol.raw_exports or optim.ema_decay, f"--protocol {evaluation.protocol} tests the EMA and the raw "
-            "model: set --ema_decay (LT-Soups: 0.99) or pick another --protocol")
     require(not protocol.test_each_eval or evaluation.num_evals or str(evaluation.eval_steps) != "none",
             f"--protocol {evaluation.protocol} tests at each validation, and --eval_steps is none: pass --eval_steps "
             "epoch (LOS) or pick another --protocol")
