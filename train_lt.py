@@ -271,11 +271,10 @@ def validate(ctx, step, name="best"):
 
 def keep_best_test(ctx, step):
     """--protocol best_test: test now and keep best_test/ when it beats every earlier test score (optimistic)."""
-    # a head trained on cached features is tested inside its model, on images
+    # a head trained on cached features is tested inside its model, on images. This picks the model in the training
+    # forward's precision; the row reported is best_test/ reloaded and tested as the other exports (test_exports)
     model = ctx.exporter.lt_model if D.head_on_cached_features(ctx.spec.method) else ctx.train_model
-    with test_precision(ctx):
-        metrics = evaluate(model, ctx.test_loader, ctx.accelerator, ctx.info.groups, len(ctx.info.class_names),
-                           desc="test")
+    metrics = evaluate(model, ctx.test_loader, ctx.accelerator, ctx.info.groups, len(ctx.info.class_names), desc="test")
     keep_if_better(ctx, "best_test", step, metrics, {"step": step, "selected_on": "test"})
 
 

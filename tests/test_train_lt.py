@@ -132,6 +132,11 @@ def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_pat
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2",
                              "--protocol", "best_test"))
     assert (out / "best").is_dir() and (out / "best_test").is_dir() and (out / "step_4").is_dir()
+    first = json.loads((out / "all_results.json").read_text())
+    assert (first["protocol"], first["paper_row"], first["best_test"]["selected_on"]) == ("best_test", "best_test", "test")
+    # the best test score over the validations at steps 2 and 4, both of which best/ and final/ are
+    scores = {name: first[name]["test"]["mean_class_acc"] for name in ("best", "final", "best_test")}
+    assert scores["best_test"] == max(scores.values()), scores
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none", "--method", "bitfit",
                              "--overwrite_output_dir"))
     assert not any((out / name).exists() for name in ("best", "best_test", "step_2", "step_4"))
