@@ -10,8 +10,10 @@
       --config configs/ltsoups_stage1_full.yaml \
       --model_name_or_path openai/clip-vit-large-patch14-336
 """
+import contextlib
 import copy
 import dataclasses
+import math
 import logging
 import shutil
 from pathlib import Path
@@ -40,6 +42,7 @@ def _import_training():
     from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
     from lt_utils.exports import Exporter, refresh_model_card
     from lt_utils.peft_methods import trainable_parameter_count
+    from lt_utils.protocols import PROTOCOLS, RUN_ROWS, paper_row, row_label
     from lt_utils.reports import format_markdown_table
     from lt_utils.schedule import eval_interval, plan_steps
     from lt_utils.spec import RunSpec, describe_changes, flat_record
@@ -76,7 +79,7 @@ def main(argv=None):
     train_ds, train_counts = D.training_split(ds, info, loss)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
     head_init_loader = lambda backbone, shots=None: D.image_loader(
-        D.k_shot(ds["train"], shots, model_spec.seed), D.image_transforms(backbone)[1], data.per_device_eval_batch_size, 0)
+        D.k_shot(ds["train"], shots, model_spec.seed), D.head_init_transform(backbone), data.per_device_eval_batch_size, 0)
     # model
     with T.plain_model_init(accelerator):
         model, exporter = T.build_training_model(spec, info, accelerator, head_init_loader)
@@ -136,9 +139,13 @@ def main(argv=None):
                                                       for k, v in flat_record(spec.record()).items()})
     logger.info(T.describe_run(optim, accelerator, plan, len(train_ds), trainable_parameter_count(train_model)))
 
+    test_loader = accelerator.prepare(D.image_loader(ds["test"], D.test_transform(lt_model.spec, data),
+                                                     data.per_device_eval_batch_size, data.num_workers))
     ctx = Run(spec=spec, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
-              val_loader=val_loader, ema=ema, state=state, plan=plan, resume_changes=resume_changes,
-              batch_transform=batch_transform, eval_every=eval_every(spec.eval, plan) if len(ds["val"]) else None,
+              val_loader=val_loader, test_loader=test_loader, ema=ema, state=state, plan=plan, resume_changes=resume_changes,
+              batch_transform=batch_transform, has_val=len(ds["val"]) > 0,
+              eval_every=eval_every(spec.eval, plan) if len(ds["val"]) or PROTOCOLS.get(spec.eval.protocol).test_each_eval
+              else None,
               ckpt_every=T.every_n_steps(output.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(optim, plan)
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps, desc="train",
@@ -156,10 +163,13 @@ def main(argv=None):
     progress.close()
 
     with_ema(ctx, lambda: export(ctx, "final"))
-    results = test_exports(ctx, ds["test"], lt_model.spec)
+    results = test_exports(ctx)
+    rows, protocol = list(results), spec.eval.protocol
+    results.update(protocol=protocol, paper_row=paper_row(protocol, rows))
     if accelerator.is_main_process:
         atomic_write_json(Path(output.output_dir) / "all_results.json", results)
-        print(format_markdown_table({f"{name} (test)": r["test"] for name, r in results.items()}))
+        print(format_markdown_table({row_label(name, protocol, rows): results[name]["test"] for name in rows}))
+        print(f"paper row ({protocol}: {PROTOCOLS.get(protocol).what}): {results['paper_row']}")
     if output.push_to_hub and accelerator.is_main_process:
         from lt_utils.hub import push_export
 
@@ -181,11 +191,13 @@ class Run:
     train_model: object  # the prepared model (or head, for --method head) the optimizer steps
     exporter: "Exporter"
     val_loader: object
+    test_loader: object  # the test view of the test split (--tte), prepared
     ema: object  # engine.EMA or None
     state: "TrainState"
     plan: object  # schedule.StepPlan
     resume_changes: tuple = ()  # the flag changes resumes of this run were allowed (recorded in every checkpoint)
     batch_transform: object = None  # --augment_on_device: finishes each training batch on the accelerator
+    has_val: bool = True  # without a val split only --protocol best_test evaluates (on test)
     eval_every: int = None
     ckpt_every: int = None
 
@@ -222,7 +234,13 @@ def on_step(ctx, step):
     The last step is validated too, except under --num_evals, whose schedule is LT-Soups' exactly."""
     at_end = step == ctx.plan.total_steps and ctx.spec.eval.num_evals is None
     if ctx.eval_every and (step % ctx.eval_every == 0 or at_end):
-        with_ema(ctx, lambda: validate(ctx, step))
+        protocol = PROTOCOLS.get(ctx.spec.eval.protocol)
+        if ctx.has_val:
+            with_ema(ctx, lambda: validate(ctx, step))
+        if ctx.has_val and protocol.raw_exports and ctx.ema is not None:  # LT-Soups selects the raw weights on val too
+            validate(ctx, step, "best_raw")
+        if protocol.test_each_eval:  # LOS keeps the epoch that tests best (the model it reports)
+            with_ema(ctx, lambda: keep_best_test(ctx, step))
     if ctx.ckpt_every and step % ctx.ckpt_every == 0:
         save_checkpoint(ctx, step)
     return step >= ctx.plan.total_steps
@@ -239,18 +257,37 @@ def with_ema(ctx, fn):
             ctx.ema.swap(ctx.train_model)
 
 
-def validate(ctx, step):
-    a = ctx.accelerator
-    metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc="val")
-    a.log({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
+def validate(ctx, step, name="best"):
+    """Validate the model as it is now; keep it as `name`/ when it beats that export's best score."""
+    a, tag = ctx.accelerator, "val" + name[len("best"):]  # val, val_raw
+    metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc=tag)
+    a.log({f"{tag}/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
     if a.is_main_process:
-        T.log_jsonl(Path(ctx.spec.output.output_dir) / "log.txt", {"step": step, **{f"val_{k}": v for k, v in metrics.items()
+        T.log_jsonl(Path(ctx.spec.output.output_dir) / "log.txt", {"step": step, **{f"{tag}_{k}": v for k, v in metrics.items()
                                                                          if not isinstance(v, list)}})
-        logger.info(f"step {step}: val acc {metrics['accuracy']:.2f}  mean-class {metrics['mean_class_acc']:.2f}")
-    score = selection_score(metrics, ctx.spec.eval.select_metric)
-    if score is not None and score > ctx.state.best_metric:
-        ctx.state.best_metric, ctx.state.best_step = score, step
-        export(ctx, "best", {"val": metrics, "step": step})
+        logger.info(f"step {step}: {tag} acc {metrics['accuracy']:.2f}  mean-class {metrics['mean_class_acc']:.2f}")
+    keep_if_better(ctx, name, step, metrics, {"val": metrics, "step": step})
+
+
+def keep_best_test(ctx, step):
+    """--protocol best_test: test now and keep best_test/ when it beats every earlier test score (optimistic)."""
+    # a head trained on cached features is tested inside its model, on images. This picks the model in the training
+    # forward's precision; the row reported is best_test/ reloaded and tested as the other exports (test_exports)
+    model = ctx.exporter.lt_model if D.head_on_cached_features(ctx.spec.method) else ctx.train_model
+    metrics = evaluate(model, ctx.test_loader, ctx.accelerator, ctx.info.groups, len(ctx.info.class_names), desc="test")
+    keep_if_better(ctx, "best_test", step, metrics, {"step": step, "selected_on": "test"})
+
+
+def keep_if_better(ctx, name, step, metrics, record):
+    score, state = selection_score(metrics, ctx.spec.eval.select_metric), ctx.state
+    best = state.best_metric if name == "best" else state.kept.get(name, [-math.inf])[0]
+    if score is None or score <= best:
+        return
+    if name == "best":
+        state.best_metric, state.best_step = score, step
+    else:
+        state.kept[name] = [score, step]
+    export(ctx, name, record)
 
 
 def export(ctx, name, metrics=None):
@@ -297,19 +334,23 @@ def load_resume_state(accelerator, resume, train_model, optimizer):
             group.update({k: v for k, v in new.items() if k != "params"})
 
 
-def test_exports(ctx, test_ds, spec):
-    """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
-    a, data, results = ctx.accelerator, ctx.spec.data, {}
-    loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, data), data.per_device_eval_batch_size,
-                                      data.num_workers))
-    for name in ("best", "final"):
+def test_precision(ctx):
+    """--test_precision: the run's autocast, or fp32 whatever the training precision (LIFT)."""
+    return contextlib.nullcontext() if ctx.spec.eval.test_precision == "fp32" else ctx.accelerator.autocast()
+
+
+def test_exports(ctx):
+    """Evaluate the run's exports (best/, final/ and the protocol's) on the test split, reloaded from disk exactly as
+    eval_lt.py would."""
+    a, data, results, loader = ctx.accelerator, ctx.spec.data, {}, ctx.test_loader
+    for name in RUN_ROWS:
         export_dir = Path(ctx.spec.output.output_dir) / name
         if not export_dir.is_dir():
             continue
         with T.plain_model_init(a):
             model, _ = load_export(export_dir)
         model.to(a.device)
-        with a.autocast():
+        with test_precision(ctx):
             test = with_split_groups(evaluate(model, loader, a, ctx.info.groups, len(ctx.info.class_names),
                                               desc=f"test {name}"), ctx.info)
         saved = read_json(export_dir / "metrics.json", "metrics") if (export_dir / "metrics.json").is_file() else {}

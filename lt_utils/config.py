@@ -365,8 +365,9 @@ _METHOD = _group("method", {
     "method": Flag("str", "adaptformer", _method_help, choices=_registry(".peft_methods", "METHODS"), **_MODEL),
     "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
                         nullable=True, **_MODEL),
-    "partial_layers": _pos("int", None, "tune only the last k transformer blocks (LIFT's partial; any method but "
-                                        "full_all and head)", nullable=True, **_MODEL),
+    # 0 passes the table so that its refusal can name the method that is LIFT's partial 0 (training.check_partial)
+    "partial_layers": _nonneg("int", None, "tune only the last k >= 1 transformer blocks (LIFT's partial; any method "
+                                           "but full_all and head)", nullable=True, **_MODEL),
     "vpt_len": _pos("int", 10, "prompt tokens per prompted block (vpt_shallow, vpt_deep)", **_MODEL),
     "mask_ratio": Flag("float", None, "--method mask: fraction of each Linear's entries trained (default: LIFT's "
                                       "K / (12 L D), floored to a multiple of 0.001, at least 0.001)",
@@ -465,6 +466,12 @@ _EVAL = _group("eval", {
     # the best score kept so far is of this metric: another one mid-run would compare unlike numbers
     "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
                           choices=_lazy(".metrics", "SELECTABLE")),
+    # which tested model is the paper's number; it decides what is kept and tested during the run, so it may not change
+    "protocol": Flag("str", "best_val", "the row of all_results.json comparable with the paper: best_val (ours), final "
+                     "(LIFT), best_test (LOS, optimistic), ema_and_raw_val (LT-Soups: also best_raw/)",
+                     choices=_registry(".protocols", "PROTOCOLS")),
+    "test_precision": Flag("str", "train", "precision of the test evaluation of best/ and final/: train (the run's "
+                           "autocast) or fp32 (LIFT)", choices=["train", "fp32"], **_FREE),
 })
 
 _OUTPUT = _group("output", {

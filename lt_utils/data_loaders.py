@@ -13,7 +13,8 @@ from .peft_methods import METHODS
 from .samplers import ClassBalancedSampler
 from .data.images import SMALL_IMAGE_PIXELS, ImageSplit
 from .transforms import (CropBoxes, DeviceResizedCropFlip, NoAugment, PaddedCropFlip, RandomFlip,
-                         SeededAugment, build_eval_transform, build_train_transform, build_tte_transform, collate)
+                         SeededAugment, build_eval_transform, build_plain_transform, build_train_transform,
+                         build_tte_transform, collate)
 
 
 def load_data(data, accelerator):
@@ -128,6 +129,11 @@ def image_transforms(spec, augment="rrc_flip"):
                 "flip": lambda: RandomFlip(eval_tf),
                 "none": lambda: NoAugment(eval_tf)}[augment]()
     return train_tf, eval_tf
+
+
+def head_init_transform(spec):
+    """The view of the training images a head init (class means, k-shot, linear probe) averages: LIFT's."""
+    return build_plain_transform(spec.image_size, spec.image_mean, spec.image_std, spec.interpolation)
 
 
 def test_transform(spec, data):

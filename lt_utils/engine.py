@@ -1,6 +1,6 @@
 """The training and evaluation loops, shared by train_lt.py, eval_lt.py and soup.py (DeiT's engine split)."""
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_step: int = -1
     last_good_checkpoint: str = ""
+    kept: dict = field(default_factory=dict)  # --protocol's other kept exports: {name: [best score, its step]}
 
     def state_dict(self):
         return asdict(self)

@@ -43,6 +43,7 @@ NAMES = {
                                     "worst_class_acc", "harmonic_mean_acc", "geometric_mean_acc", "nll", "many_nll",
                                     "medium_nll", "few_nll"),
     "lt_utils.runs.RUN_EXPORTS": ("best", "final"),
+    "lt_utils.protocols.PROTOCOLS": ("best_val", "final", "best_test", "ema_and_raw_val"),
     "lt_utils.merge.MODES": ("uniform", "weighted", "progressive", "greedy"),
     "lt_utils.merge.MERGE_METHODS": ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties"),
     "lt_utils.merge.SIGN_METHODS": ("total", "frequency"),

@@ -21,6 +21,7 @@ from .heads import fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
 from .prompts import check_prompt_args
+from .protocols import PROTOCOLS, RUN_ROWS
 from .schedule import check_schedule_flags
 from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record
 
@@ -41,7 +42,23 @@ def resolve_run_spec(values, num_processes):
     check_schedule_flags(spec.eval)
     check_prompt_args(spec.model.prompt_template, spec.model.prompt_descriptor_file)
     check_bn_flags(spec.method)
+    check_protocol(spec.eval)
+    check_partial(spec.method)
     return spec
+
+
+def check_partial(method):
+    """LIFT's classifier-only rows (partial = 0: no block tuned, augmented images every step) are a method here."""
+    require(method.partial_layers != 0, "--partial_layers 0 tunes no block: LIFT's classifier-only fine-tuning is "
+            "--method head --head_features augmented (drop --partial_layers)")
+
+
+def check_protocol(evaluation):
+    """--protocol best_test tests at each validation, so it needs validations."""
+    protocol = PROTOCOLS.get(evaluation.protocol)
+    require(not protocol.test_each_eval or evaluation.num_evals or str(evaluation.eval_steps) != "none",
+            f"--protocol {evaluation.protocol} tests at each validation, and --eval_steps is none: pass --eval_steps "
+            "epoch (LOS) or pick another --protocol")
 
 
 def per_device_batch_size(total_batch_size, per_device, accumulation, num_processes):
@@ -196,6 +213,7 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
         # the backbone and head geometry come from the export (init_from_model put them in the spec)
         lt_model = with_interpolation(lt_model, spec.data.interpolation)
         arch = dict(init["arch"])
+        # the export's head stays as it is, weight and bias: LOS's stage 2 fine-tunes the stage-1 bias too
         head_init = lt_model.head.weight.detach().clone()
     else:
         m = spec.model
@@ -204,7 +222,7 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
                                       spec.data.interpolation)
         arch = empty_arch()
         head_init = HEAD_INITS.get(spec.model.head_init)(spec.model, info, lt_model, accelerator, head_init_loader_fn)
-    set_head_weight(lt_model, head_init)
+        set_head_weight(lt_model, head_init)
     margs = method.method_args(spec.method, num_classes, lt_model.spec.num_layers)
     arch.update(method.arch(margs))
     model = apply_method(lt_model, spec.method.method, **margs)
@@ -423,7 +441,7 @@ def truncate_log(path, step):
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-RUN_FILES = ("final", "best", "log.txt", "all_results.json", "config.yaml", RUN_SPEC_FILE)
+RUN_FILES = (*RUN_ROWS, "log.txt", "all_results.json", "config.yaml", RUN_SPEC_FILE)
 
 
 def remove_previous_run(out):

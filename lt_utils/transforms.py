@@ -280,12 +280,20 @@ def build_eval_transform(image_size, mean, std, interpolation="bicubic", resize=
     )
 
 
+def build_plain_transform(image_size, mean, std, interpolation="bicubic"):
+    """The head-init view (LIFT's): the shorter side resized to `image_size` and the centre crop, offset rounded as
+    torchvision's CenterCrop, so the whole image but the longer side's ends is seen (the eval view also drops 1/8 of
+    the shorter side)."""
+    return v2.Compose([ToRGB(), v2.Resize(image_size, interpolation=_interpolation(interpolation), antialias=True),
+                       v2.CenterCrop(image_size), Normalize255(mean, std)])
+
+
 def build_tte_transform(mode, image_size, patch_size, mean, std, interpolation="bicubic", views=1, expand=None, seed=0,
                         resize=None):
     """One image -> a [V, 3, H, W] tensor of views: fivecrop V=5, tencrop V=10, flip V=2, randaug V=views.
 
     fivecrop order: top-left, top-right, bottom-left, bottom-right, centre (torchvision FiveCrop);
-    tencrop and flip append the horizontal flip of each view in the same order.
+    tencrop and flip append the same crops of the mirrored image (torchvision's TenCrop order).
     """
     if int(views) < 1:
         raise UserError(f"--tte_views must be >= 1, got {views}")
@@ -365,18 +373,24 @@ def to_uint8(array):
 
 
 class MultiView:
-    """Crop one image tensor into views (plus their horizontal flips) stacked as [V, 3, H, W]."""
+    """Crop one image tensor into views (plus the same crops of its mirror image) stacked as [V, 3, H, W].
+
+    The mirrored views are crops of the mirrored image, as torchvision's TenCrop takes them: where the centre crop's
+    margin is odd, its rounded offset lands 1 px elsewhere than on the mirror of the unmirrored crop."""
 
     def __init__(self, crop, add_flips):
         self.crop = crop
         self.add_flips = add_flips
 
     def __call__(self, image):
-        views = self.crop(image)
-        views = list(views) if isinstance(views, (tuple, list)) else [views]
+        views = self._views(image)
         if self.add_flips:
-            views += [TF.horizontal_flip(view) for view in views]
+            views += self._views(TF.horizontal_flip(image))
         return torch.stack(views)
+
+    def _views(self, image):
+        views = self.crop(image)
+        return list(views) if isinstance(views, (tuple, list)) else [views]
 
 
 def collate(batch):

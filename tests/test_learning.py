@@ -81,7 +81,9 @@ def test_los_stage1_then_stage2_end_to_end(los_runs):
     from helpers_train import export_tensors
 
     root, stage1, stage2 = los_runs
-    assert set(stage1) == {"final"} and stage1["final"]["tte"] == "flip"  # the final epoch is reported, flip TTE
+    # LOS's protocol: the epoch that tests best is the paper's row, best/ on val beside it; flip TTE
+    assert set(stage1) == {"best", "final", "best_test", "protocol", "paper_row"} and stage1["final"]["tte"] == "flip"
+    assert (stage1["protocol"], stage1["paper_row"], stage1["best_test"]["selected_on"]) == ("best_test", "best_test", "test")
     config = json.loads((root / "stage1" / "final" / "config.json").read_text())
     assert (config["backbone_spec"]["kind"], config["head_type"], config["lt_info"]["selection"]) == \
         ("cifar_resnet", "linear", "first")

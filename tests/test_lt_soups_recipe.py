@@ -28,12 +28,13 @@ def setup(tmp_path_factory):
 
 
 def run_flags(setup):
-    """A seconds-long version of configs/ltsoups_stage*.yaml: 30-image n_max, 3 steps, no EMA (so 3 steps show);
+    """A seconds-long version of configs/ltsoups_stage*.yaml: 30-image n_max, 3 steps, no EMA (so 3 steps show), fp32 (CPU);
     the presets' test-slice split with 1 of the 3 test images per class as val."""
     return ["--data_dir", str(setup["data"]), "--max_per_class", "30", "--val_per_class", "1", "--max_train_steps", "3",
             "--min_train_steps", "0",
             "--total_batch_size", "16", "--per_device_eval_batch_size", "64", "--num_workers", "0",
-            "--learning_rate", "1e-3", "--ema_decay", "0", "--cache_dir", str(setup["root"] / "hf_cache")]
+            "--learning_rate", "1e-3", "--ema_decay", "0", "--mixed_precision", "no",
+            "--cache_dir", str(setup["root"] / "hf_cache")]
 
 
 def common_flags(setup):

@@ -2,6 +2,7 @@
 import json
 import shutil
 import sys
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -128,13 +129,21 @@ def test_bad_input_is_one_line_and_exit_2(idx_dir, tmp_path, capsys, flags, mess
 
 def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_path):
     out = tmp_path / "run"
-    run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2"))
-    assert (out / "best").is_dir() and (out / "step_4").is_dir()
+    run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2",
+                             "--protocol", "best_test"))
+    assert (out / "best").is_dir() and (out / "best_test").is_dir() and (out / "step_4").is_dir()
+    first = json.loads((out / "all_results.json").read_text())
+    assert (first["protocol"], first["paper_row"], first["best_test"]["selected_on"]) == ("best_test", "best_test", "test")
+    # the best test score over the validations at steps 2 and 4, both of which best/ and final/ are
+    scores = {name: first[name]["test"]["mean_class_acc"] for name in ("best", "final", "best_test")}
+    assert scores["best_test"] == max(scores.values()), scores
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none", "--method", "bitfit",
                              "--overwrite_output_dir"))
-    assert not (out / "best").exists() and not (out / "step_2").exists() and not (out / "step_4").exists()
+    assert not any((out / name).exists() for name in ("best", "best_test", "step_2", "step_4"))
     assert export_config(out / "final")["method"] == "bitfit"
-    assert list(json.loads((out / "all_results.json").read_text())) == ["final"]
+    # no best/: the default protocol's paper row falls back to final/
+    assert json.loads((out / "all_results.json").read_text()) == {
+        "final": ANY, "protocol": "best_val", "paper_row": "final"}
 
 
 def test_used_output_dir_is_not_overwritten(idx_dir, tmp_path, capsys):

@@ -78,15 +78,20 @@ def test_fivecrop_resizes_the_shorter_side_to_size_plus_expand():
         assert y == pytest.approx((row + 0.5) * scale - 0.5, abs=0.7)
 
 
-def test_tencrop_appends_the_flip_of_each_crop():
+@pytest.mark.parametrize("width", [SIZE + tte_expand(SIZE, PATCH), SIZE + tte_expand(SIZE, PATCH) + 1])
+def test_tencrop_appends_the_five_crops_of_the_mirrored_image(width):
+    """As torchvision's TenCrop: with an odd margin the mirrored centre crop is not the mirror of the centre crop."""
+    from torchvision.transforms import TenCrop
+
     side = SIZE + tte_expand(SIZE, PATCH)
-    image = coordinate_image(side, side)
+    image = coordinate_image(side, width)  # already at the TTE size (shorter side), so the resize is the identity
     five = build_tte_transform("fivecrop", SIZE, PATCH, **IDENTITY)(image)
     ten = build_tte_transform("tencrop", SIZE, PATCH, **IDENTITY)(image)
     assert ten.shape == (10, 3, SIZE, SIZE)
     assert torch.equal(ten[:5], five)
-    assert torch.equal(ten[5:], five.flip(-1))
-    assert origin(ten[5]) == (SIZE - 1, 0)  # flipped top-left crop starts at its right edge
+    assert torch.equal(ten, torch.stack([as_tensor(view) for view in TenCrop(SIZE)(image)]))
+    assert origin(ten[5]) == (width - 1, 0)  # the mirrored image's top-left crop starts at the right edge
+    assert torch.equal(ten[9], five[4].flip(-1)) == (width == side)
 
 
 def test_flip_mode_is_the_eval_view_and_its_mirror():
