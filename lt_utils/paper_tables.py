@@ -2,8 +2,9 @@
 soup.py; LT-Soups' recipe as scripts/lt_soups.sh writes it), run in order, resumed when finished, and read into one
 Markdown and CSV table beside the published numbers and their sources.
 
-The data files are the one record of the rows, their published numbers and which export a paper reports
-(`protocol`); `row_metrics` is the one place that reads a row's numbers.
+The data files are the one record of the rows and their published numbers; which export a paper reports is the
+run's own record (its preset's `protocol`, written as `paper_row` in all_results.json), and `row_metrics` is the one
+place that reads a row's numbers.
 """
 import csv
 import io
@@ -66,11 +67,10 @@ class Row:
 
 
 def load_paper(paper):
-    """The paper's table file, checked: {paper, title, code, protocol, tiny, tables: {id: {title, rows: [Row]}}}."""
+    """The paper's table file, checked: {paper, title, code, tiny, tables: {id: {title, rows: [Row]}}}."""
     require(paper in papers(), f"--paper {paper} has no table file; pass one of {', '.join(papers())}")
     path = TABLES_DIR / f"{paper}.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    require(data.get("protocol") in ("final", "best"), f"{path}: protocol must be final or best")
     tables = {}
     for table_id, table in data["tables"].items():
         rows = []
@@ -191,22 +191,21 @@ def _restart_flags(command):
     return ["--overwrite_output_dir"] if command.output_dir.exists() else []
 
 
-def row_metrics(row, protocol):
-    """many/medium/few/all (percent) of a finished row: the test metrics of the export its paper reports (protocol
-    final: final/; best: best/, else final/); None for a row not run yet."""
+def row_metrics(row):
+    """many/medium/few/all (percent) of a finished row: the test metrics of the row the run names as its paper's
+    (`paper_row`, from its preset's --protocol); None for a row not run yet."""
     path = row.result_dir / RESULTS
     if not path.is_file():
         return None
     results = read_json(path, "results file")
-    export = protocol if protocol in results else "final"
-    return {m: results[export]["test"].get(_TEST_KEYS[m]) for m in METRICS}
+    return {m: results[results["paper_row"]]["test"].get(_TEST_KEYS[m]) for m in METRICS}
 
 
 def table_rows(data, table):
     """[{row, many, many_published, many_diff, ..., source}] of one table; a missing value is None."""
     out = []
     for row in table["rows"]:
-        ours = row_metrics(row, data["protocol"]) or {}
+        ours = row_metrics(row) or {}
         line = {"row": row.name}
         for m in METRICS:
             value, published = ours.get(m), row.published[m]
@@ -233,8 +232,8 @@ def write_tables(data, tables, out_root, launcher="python"):
             writer.writerow([*("" if line[c] is None else line[c] for c in columns), line["source"]])
         header = ["row", *(f"{m}{s}" for m in METRICS for s in ("", " (paper)", " Δ"))]
         md = [f"# {data['paper']}, table {table_id}: {table['title']}", "",
-              f"{data['title']}; code {data['code']}. Top-1 test accuracy (%), export read: {data['protocol']}/. "
-              "Δ = this run − the paper; — = not run yet, or not published.", "",
+              f"{data['title']}; code {data['code']}. Top-1 test accuracy (%) of the row each run names as its "
+              "paper's (`paper_row` in its all_results.json). Δ = this run − the paper; — = not run yet, or not published.", "",
               "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
         md += ["| " + " | ".join([line["row"], *(_fmt(line[c]) for c in columns[1:])]) + " |" for line in rows]
         md += ["", "Sources:", *(f"- {line['row']}: {line['source']}" for line in rows), "", "Commands:", "", "```bash"]

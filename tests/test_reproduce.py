@@ -40,7 +40,7 @@ def test_tiny_runs_every_row_and_tables_carry_results_and_published_numbers(pape
             last = list(row["steps"])[-1]
             run_dir = out / f"table{table_id}" / row["name"] / last / ("stage2" if last == "recipe" else "")
             results = json.loads((run_dir / "all_results.json").read_text())
-            test = results[data["protocol"]]["test"]
+            test = results[results["paper_row"]]["test"]
             assert line["source"] == row["source"] and row["source"] in markdown
             for metric, key in METRICS.items():
                 ours, published = test[key], row["published"][metric]
