@@ -21,7 +21,7 @@ from .heads import fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
 from .prompts import check_prompt_args
-from .schedule import check_schedule_flags
+from .schedule import check_optim_flags, check_schedule_flags
 from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record
 
 
@@ -39,6 +39,7 @@ def resolve_run_spec(values, num_processes):
               **init_from_model(values["init_from"])}
     spec = RunSpec.from_values(values)
     check_schedule_flags(spec.eval)
+    check_optim_flags(spec.optim)
     check_prompt_args(spec.model.prompt_template, spec.model.prompt_descriptor_file)
     check_bn_flags(spec.method)
     return spec
