@@ -1,6 +1,9 @@
 """transformers' image-classification vocabulary: its lr schedules (step by step against transformers.get_scheduler),
 its flag names as aliases of the project's, --imb none (a source already long-tailed), the image size of
 transformers' ResNets."""
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -35,3 +38,169 @@ def test_schedules_equal_transformers_get_scheduler_at_every_step(name, warmup):
     expected = _transformers_lrs(name, warmup, total, base_lr)
     ours = [lr_at(step, base_lr, total, name, warmup) for step in range(total)]
     assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+# ------------------------------------------------------------------------------------ --imb none
+# A source already long-tailed (as many LT benchmarks are published on the Hub): 4 classes with 40 / 15 / 6 / 2 train
+# images, 3 validation and 3 test images each; every image's pixels spell its index in its split.
+LT_COUNTS = [40, 15, 6, 2]
+
+
+def write_lt_source(root, splits=("train", "validation", "test")):
+    import datasets
+    import PIL.Image
+
+    from helpers_hf import CLASS_NAMES, index_image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    out = {}
+    for split in splits:
+        labels = rng.permutation(np.repeat(np.arange(4), LT_COUNTS if split == "train" else 3))
+        out[split] = datasets.Dataset.from_dict(
+            {"image": [PIL.Image.fromarray(index_image(i)) for i in range(len(labels))], "label": labels.tolist()},
+            features=features)
+    datasets.DatasetDict(out).save_to_disk(str(root))
+    return root, {split: part["label"] for split, part in out.items()}
+
+
+@pytest.fixture(scope="module")
+def lt_source(tmp_path_factory):
+    return write_lt_source(tmp_path_factory.mktemp("lt_source") / "zoo")
+
+
+def test_imb_none_keeps_a_hub_datasets_own_counts_through_build_lt_and_load_from_disk(lt_source, tmp_path,
+                                                                                       monkeypatch):
+    """build_lt.py --dataset_name user/repo --imb none: a Hub id runs datasets.load_dataset (offline: the local
+    source stands in for the Hub's answer); the saved split reads back with the plain datasets.load_from_disk."""
+    import datasets
+
+    from helpers_cli import run_cli
+    from helpers_hf import held_indices
+
+    root, labels = lt_source
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: datasets.load_from_disk(str(root)))
+    out = tmp_path / "zoo_lt"
+    result = run_cli("data_scripts/build_lt.py", "--dataset_name", "someone/zoo-lt", "--imb", "none",
+                     "--validation_split", "validation", "--many_threshold", "20", "--few_threshold", "5",
+                     "--cache_dir", tmp_path / "cache", "--output_dir", out)
+    assert result.code == 0, result.err
+    assert "imb none (the source's counts: 20)" in result.out and "splits: train 63 | val 12 | test 12" in result.out
+    saved = datasets.load_from_disk(str(out))
+    assert np.bincount(saved["train"]["label"]).tolist() == LT_COUNTS  # every source train image, none dropped
+    assert sorted(held_indices(saved["train"])) == list(range(63))
+    record = json.loads((out / "lt_info.json").read_text())
+    assert record["train_counts"] == LT_COUNTS and record["imb"] is None
+    assert record["groups"] == ["many", "medium", "medium", "few"]  # many > 20, few < 5, from the source's counts
+    # the recorded flags rebuild the same split (eval_lt.py, resume): --imb none, not a ratio
+    from lt_utils.config import recorded_flags
+
+    assert recorded_flags(record)["imb"] is None
+
+
+def test_imb_none_on_image_folders_and_lists_with_the_transformers_folder_names(tmp_path):
+    """--train_dir / --validation_dir (transformers' names) are --data_dir / --val_dir; --imb none keeps the folders'
+    counts. OLTR lists always keep theirs, so --imb none is accepted there too."""
+    from helpers_cli import run_cli
+    from helpers_data import write_image_folder, write_oltr
+
+    train = write_image_folder(tmp_path / "train", [7, 3, 1])
+    write_image_folder(tmp_path / "val", [2, 2, 2], seed=1)
+    write_image_folder(tmp_path / "test", [2, 2, 2], seed=2)
+    out = tmp_path / "folder_lt"
+    result = run_cli("data_scripts/build_lt.py", "--dataset", "imagefolder_lt", "--train_dir", train,
+                     "--validation_dir", tmp_path / "val", "--test_dir", tmp_path / "test", "--imb", "none",
+                     "--many_threshold", "5", "--few_threshold", "2", "--cache_dir", tmp_path / "cache",
+                     "--output_dir", out)
+    assert result.code == 0, result.err
+    assert "splits: train 11 | val 6 | test 6" in result.out
+    record = json.loads((out / "lt_info.json").read_text())
+    assert record["train_counts"] == [7, 3, 1] and record["groups"] == ["many", "medium", "few"]
+
+    from lt_utils.data import load_lt_dataset
+
+    write_oltr(tmp_path / "lists", [5, 2], prefix="train")
+    write_oltr(tmp_path / "lists", [1, 1], prefix="test")
+    _, info = load_lt_dataset("places_lt", imb=None, data_dir=str(tmp_path / "lists"),
+                              train_list=str(tmp_path / "lists" / "train.txt"),
+                              test_list=str(tmp_path / "lists" / "test.txt"), cache_dir=str(tmp_path / "cache"))
+    assert info.train_counts == [5, 2]
+
+
+def test_imb_none_on_a_balanced_source_reports_absent_groups_as_none(tmp_path):
+    """Not long-tailed: every class is few (5 images, few < 20), so many and medium have no class; their accuracies
+    are None (absent), never 0 or a crash."""
+    from lt_utils.data import load_lt_dataset
+    from lt_utils.metrics import compute_lt_metrics
+
+    from helpers_data import write_image_folder
+
+    write_image_folder(tmp_path / "train", [5, 5, 5])
+    write_image_folder(tmp_path / "test", [2, 2, 2], seed=2)
+    ds, info = load_lt_dataset("imagefolder_lt", imb=None, data_dir=str(tmp_path / "train"),
+                               test_dir=str(tmp_path / "test"), cache_dir=str(tmp_path / "cache"))
+    assert info.train_counts == [5, 5, 5] and info.group_counts() == {"many": 0, "medium": 0, "few": 3}
+    labels = torch.tensor(ds["test"]["label"])
+    metrics = compute_lt_metrics(labels, labels, 3, info.groups)
+    assert metrics["many_acc"] is None and metrics["medium_acc"] is None and metrics["few_acc"] == 100.0
+    assert metrics["many_classes"] == metrics["medium_classes"] == 0
+
+
+def test_train_val_split_holds_out_a_fraction_of_each_class_before_the_lt_rule(lt_source, tmp_path):
+    from lt_utils.data import load_lt_dataset
+    from lt_utils.errors import UserError
+
+    from helpers_hf import held_indices
+
+    root, labels = lt_source
+    ds, info = load_lt_dataset(None, dataset_name=str(root), imb=None, train_val_split=0.25, selection="first",
+                               cache_dir=str(tmp_path / "cache"))
+    # ceil(0.25 n) of each class (the last of its order), at least one image left for train
+    assert np.bincount(ds["val"]["label"], minlength=4).tolist() == [10, 4, 2, 1]
+    assert info.train_counts == [30, 11, 4, 1] and info.train_val_split == 0.25
+    assert not set(held_indices(ds["val"])) & set(held_indices(ds["train"]))
+    with pytest.raises(UserError, match="has its own validation split; drop the flag"):
+        load_lt_dataset(None, dataset_name=str(root), validation_split="validation", train_val_split=0.25,
+                        cache_dir=str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------------ transformers ResNet image size
+def write_tiny_resnet(path, shortest_edge=None):
+    """A transformers ResNet config (random init) and, when given, a ResNet image processor of that size (as
+    microsoft/resnet-50 ships, at 224)."""
+    from transformers import ConvNextImageProcessor, ResNetConfig
+
+    ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic").save_pretrained(path)
+    if shortest_edge:
+        ConvNextImageProcessor(size={"shortest_edge": shortest_edge}).save_pretrained(path)
+    return path
+
+
+def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(idx_dir, tmp_path):
+    from transformers import AutoImageProcessor
+
+    from helpers_cli import run_cli
+    from helpers_train import TINY_VIT, export_config, tiny_train_args
+
+    model = write_tiny_resnet(tmp_path / "resnet32", shortest_edge=32)
+    out = tmp_path / "run"
+    args = [str(model) if a == str(TINY_VIT) else a for a in tiny_train_args(idx_dir, out)]
+    result = run_cli("train_lt.py", *args, "--head_type", "linear", "--max_train_steps", "1",
+                     "--eval_steps", "none")
+    assert result.code == 0, result.err
+    assert export_config(out / "final")["backbone_spec"]["image_size"] == 32
+    processor = AutoImageProcessor.from_pretrained(out / "final")  # what the Hub client feeds the export
+    assert processor.crop_size["height"] == 32
+
+
+def test_image_size_sets_a_cnns_size_and_is_refused_for_a_vit(tmp_path, vit_dir):
+    from lt_utils.errors import UserError
+    from lt_utils.models import build_lt_model
+
+    plain = write_tiny_resnet(tmp_path / "plain")
+    assert build_lt_model(plain, 3, from_scratch=True).spec.image_size == 224  # no image processor: ImageNet's size
+    sized = build_lt_model(write_tiny_resnet(tmp_path / "sized", shortest_edge=32), 3, from_scratch=True,
+                           image_size=48).spec
+    assert (sized.image_size, sized.eval_resize) == (48, 54)
+    with pytest.raises(UserError, match=r"--image_size 48 applies to CNN backbones \(cifar_resnet, resnet\); a vit "):
+        build_lt_model(vit_dir, 3, from_scratch=True, image_size=48)
