@@ -203,12 +203,17 @@ def _first_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _remote_code_fix(err):
+    return "; if you trust its code, pass --trust_remote_code" if "trust_remote_code" in str(err) else ""
+
+
 def _is_local_path(name):
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
 
 
-def load_backbone_config(model_name_or_path):
-    """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model."""
+def load_backbone_config(model_name_or_path, trust_remote_code=False):
+    """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model.
+    trust_remote_code: run the checkpoint's own config code (its auto_map), as transformers' flag of that name."""
     from transformers import AutoConfig
 
     from . import cifar_resnet  # noqa: F401  (registers model_type cifar_resnet with the auto classes)
@@ -217,9 +222,9 @@ def load_backbone_config(model_name_or_path):
     if _is_local_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
         raise UserError(f"no config.json at {name!r}; pass a Hub id (e.g. openai/clip-vit-base-patch16) or a model dir")
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+        config = AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}") from err
+        raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}{_remote_code_fix(err)}") from err
     kind = backbone_kind_of(config.model_type)
     if kind is None:
         supported = sorted(t for name in BACKBONES for t in BACKBONES.get(name).model_types)
@@ -227,7 +232,7 @@ def load_backbone_config(model_name_or_path):
     return kind, config, BACKBONES.get(kind).vision_config(config)
 
 
-def _preprocessing(model_name_or_path, kind):
+def _preprocessing(model_name_or_path, kind, trust_remote_code=False):
     """Mean, std, interpolation and image size (None if unknown) from the checkpoint's image processor: its crop, or
     without one the size it resizes to (ResNets' shortest edge); the kind's defaults when it has none."""
     from transformers import AutoImageProcessor
@@ -235,8 +240,12 @@ def _preprocessing(model_name_or_path, kind):
     entry = BACKBONES.get(kind)
     default_mean, default_std, default_resample = entry.mean, entry.std, entry.resample
     try:
-        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)))
-    except (OSError, ValueError):  # no preprocessor_config.json in the dir or repo
+        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)),
+                                                       trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no preprocessor_config.json in the dir or repo
+        if _remote_code_fix(err):  # its own processor code, not run: the defaults would silently differ
+            raise UserError(f"cannot load the image processor of {str(model_name_or_path)!r}: {_first_line(err)}"
+                            f"{_remote_code_fix(err)}") from err
         return default_mean, default_std, _RESAMPLE_NAMES[default_resample], None
     mean = [float(v) for v in (getattr(processor, "image_mean", None) or default_mean)]
     std = [float(v) for v in (getattr(processor, "image_std", None) or default_std)]
@@ -262,10 +271,11 @@ def _interpolation_name(resample, default):
     return _RESAMPLE_NAMES.get(int(value), _RESAMPLE_NAMES[default])
 
 
-def load_backbone(model_name_or_path, from_scratch=False, seed=0, image_size=None):
+def load_backbone(model_name_or_path, from_scratch=False, seed=0, image_size=None, trust_remote_code=False):
     """The vision backbone (fp32) and its spec. `from_scratch`: seeded random init from the config alone.
-    `image_size`: a CNN's input size instead of the checkpoint's (--image_size)."""
-    kind, _, vision_config = load_backbone_config(model_name_or_path)
+    `image_size`: a CNN's input size instead of the checkpoint's (--image_size). `trust_remote_code`: the
+    checkpoint's config and image processor may run their own code."""
+    kind, _, vision_config = load_backbone_config(model_name_or_path, trust_remote_code)
     if image_size is not None and not BACKBONES.get(kind).free_image_size:
         free = ", ".join(name for name in BACKBONES if BACKBONES.get(name).free_image_size)
         raise UserError(f"--image_size {image_size} applies to CNN backbones ({free}); a {kind} backbone's size is "
@@ -277,13 +287,13 @@ def load_backbone(model_name_or_path, from_scratch=False, seed=0, image_size=Non
             backbone = cls(vision_config, **kwargs)
     else:
         backbone = _from_pretrained(cls, model_name_or_path, kwargs)
-    return backbone, backbone_spec(model_name_or_path, kind, vision_config, image_size)
+    return backbone, backbone_spec(model_name_or_path, kind, vision_config, image_size, trust_remote_code)
 
 
-def backbone_spec(model_name_or_path, kind, vision_config, image_size=None):
+def backbone_spec(model_name_or_path, kind, vision_config, image_size=None, trust_remote_code=False):
     """The BackboneSpec of a checkpoint: geometry from its vision config, preprocessing from its image processor;
     `image_size` (a CNN's) replaces the image size of both."""
-    mean, std, interpolation, crop = _preprocessing(model_name_or_path, kind)
+    mean, std, interpolation, crop = _preprocessing(model_name_or_path, kind, trust_remote_code)
     geometry = {k: int(v) for k, v in BACKBONES.get(kind).spec_geometry(vision_config).items()}
     if BACKBONES.get(kind).processor_image_size and crop:
         geometry["image_size"] = int(crop)
@@ -333,11 +343,12 @@ def enable_gradient_checkpointing(lt_model):
 
 
 def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0,
-                   image_size=None):
+                   image_size=None, trust_remote_code=False):
     """Backbone + a seeded random head; data-dependent head inits are applied by head_init.set_head_weight."""
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
-    backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed, image_size=image_size)
+    backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed, image_size=image_size,
+                                   trust_remote_code=trust_remote_code)
     head = build_head(head_type, int(num_classes), feature_dim(spec), scale=head_scale, seed=seed)
     return LTModel(backbone, head, spec, feature=BACKBONES.get(spec.kind).features)
 

@@ -202,7 +202,8 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
         m = spec.model
         lt_model = with_interpolation(build_lt_model(m.model_name_or_path, num_classes, head_type=m.head_type,
                                                      head_scale=m.head_scale, from_scratch=m.from_scratch, seed=m.seed,
-                                                     image_size=m.image_size),
+                                                     image_size=m.image_size,
+                                                     trust_remote_code=spec.data.trust_remote_code),
                                       spec.data.interpolation)
         arch = empty_arch()
         head_init = HEAD_INITS.get(spec.model.head_init)(spec.model, info, lt_model, accelerator, head_init_loader_fn)

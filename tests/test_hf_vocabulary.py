@@ -204,3 +204,23 @@ def test_image_size_sets_a_cnns_size_and_is_refused_for_a_vit(tmp_path, vit_dir)
     assert (sized.image_size, sized.eval_resize) == (48, 54)
     with pytest.raises(UserError, match=r"--image_size 48 applies to CNN backbones \(cifar_resnet, resnet\); a vit "):
         build_lt_model(vit_dir, 3, from_scratch=True, image_size=48)
+
+
+def test_trust_remote_code_reaches_the_checkpoints_image_processor(tmp_path, vit_dir):
+    """A checkpoint whose image processor is its own code (auto_map): refused with the fix named (its defaults would
+    silently differ), used with the flag."""
+    import shutil
+
+    from lt_utils.errors import UserError
+    from lt_utils.models import build_lt_model
+
+    model = shutil.copytree(vit_dir, tmp_path / "remote-vit")
+    (model / "image_processing_tiny.py").write_text(
+        "from transformers import ViTImageProcessor\n\n\nclass TinyProcessor(ViTImageProcessor):\n    pass\n")
+    (model / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "TinyProcessor", "auto_map": {"AutoImageProcessor": "image_processing_tiny.TinyProcessor"},
+        "image_mean": [0.25, 0.25, 0.25], "image_std": [0.5, 0.5, 0.5]}))
+    with pytest.raises(UserError, match="if you trust its code, pass --trust_remote_code$"):
+        build_lt_model(model, 3, from_scratch=True)
+    spec = build_lt_model(model, 3, from_scratch=True, trust_remote_code=True).spec
+    assert spec.image_mean == [0.25, 0.25, 0.25]

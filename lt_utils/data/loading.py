@@ -106,7 +106,7 @@ def load_lt_dataset(
         key = canonical_name(name)
     if key != DatasetsLT.DATASET:  # flags of a `datasets` source: refused rather than ignored
         hf_only = dict(dataset_revision=dataset_revision, validation_split=validation_split, test_split=test_split,
-                       max_train_samples=max_train_samples, trust_remote_code=trust_remote_code or None,
+                       max_train_samples=max_train_samples,
                        train_split=None if train_split == "train" else train_split,
                        image_column_name=None if image_column_name == "image" else image_column_name,
                        label_column_name=None if label_column_name == "label" else label_column_name)
