@@ -362,6 +362,8 @@ _MODEL_FLAGS = _group("model", {
     "from_scratch": Flag("bool", False, "build the backbone from its config with random weights", **_MODEL),
     "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head",
                       input_path=True, **_MODEL),
+    "ignore_mismatched_sizes": Flag("bool", False, "--init_from an export trained on other classes: keep its backbone "
+                                    "and give it a new head for these classes (--head_init)", **_MODEL),
     "head_type": Flag("str", "cosine", choices=_registry(".heads", "HEADS"), **_MODEL),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True, **_MODEL),
     "head_init": Flag("str", "text", choices=_registry(".head_init", "HEAD_INITS"), **_MODEL),

@@ -187,6 +187,8 @@ def cache_features(lt_model, loader, accelerator, desc):
         f, y = accelerator.gather_for_metrics((f.float().contiguous(), batch["labels"]))
         feats.append(f.cpu())
         labels.append(y.cpu())
+    if not feats:  # an empty split (no validation images): nothing to evaluate, nothing to stack
+        return TensorDataset(torch.zeros(0), torch.zeros(0, dtype=torch.long))
     return TensorDataset(torch.cat(feats), torch.cat(labels))
 
 

@@ -180,7 +180,7 @@ def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(i
     from transformers import AutoImageProcessor
 
     from helpers_cli import run_cli
-    from helpers_train import TINY_VIT, export_config, tiny_train_args
+    from helpers_train import TINY_VIT, export_config, export_tensors, tiny_train_args
 
     model = write_tiny_resnet(tmp_path / "resnet32", shortest_edge=32)
     out = tmp_path / "run"
@@ -191,6 +191,28 @@ def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(i
     assert export_config(out / "final")["backbone_spec"]["image_size"] == 32
     processor = AutoImageProcessor.from_pretrained(out / "final")  # what the Hub client feeds the export
     assert processor.crop_size["height"] == 32
+
+    # stage 2 on other classes (a folder already long-tailed, transformers' folder flag names): the export's head is
+    # for its 10 classes, so --ignore_mismatched_sizes keeps its backbone and gives it a new 3-class head
+    from helpers_data import write_image_folder
+
+    train = write_image_folder(tmp_path / "train", [6, 3, 2])
+    write_image_folder(tmp_path / "test", [2, 2, 2], seed=2)
+    stage2 = ["--dataset", "imagefolder_lt", "--train_dir", train, "--test_dir", tmp_path / "test", "--imb", "none",
+              "--val_per_class", "0", "--init_from", out / "final", "--method", "head", "--head_init", "random",
+              "--max_train_steps", "1", "--eval_steps", "none", "--num_workers", "0", "--output_dir",
+              tmp_path / "stage2", "--cache_dir", tmp_path / "hf_cache"]
+    refused = run_cli("train_lt.py", *stage2)
+    assert refused.code == 2 and refused.err.strip().splitlines()[-1].endswith(
+        "pass --ignore_mismatched_sizes to keep its backbone with a new head")
+    result = run_cli("train_lt.py", *stage2, "--ignore_mismatched_sizes")
+    assert result.code == 0, result.err
+    config = export_config(tmp_path / "stage2" / "final")
+    assert config["id2label"] == {"0": "cls00", "1": "cls01", "2": "cls02"} and config["lt_info"]["imb"] is None
+    before, after = export_tensors(out / "final"), export_tensors(tmp_path / "stage2" / "final")
+    assert after["head.weight"].shape == (3, 16)
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)
 
 
 def test_image_size_sets_a_cnns_size_and_is_refused_for_a_vit(tmp_path, vit_dir):
