@@ -70,6 +70,8 @@ class Flag:
     may_change: bool = False
     # more option strings of the same flag (transformers' example names where the project's differ)
     aliases: tuple = ()
+    # other spellings of a value -> the value (transformers' split name "validation" for the project's "val")
+    value_aliases: dict = None
 
     def choice_list(self):
         return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
@@ -114,7 +116,7 @@ class Flag:
         if kind in ("str", "path"):
             if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
                 raise bad("is not a string", "quote the value")
-            value = str(raw)
+            value = (self.value_aliases or {}).get(str(raw), str(raw))
             if kind == "path" and not value.strip():
                 raise bad("is an empty path", "pass a file or folder path")
             self._check_choice(value, bad)
@@ -512,7 +514,8 @@ _OUTPUT = _group("output", {
 _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
-    "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
+    "split": Flag("str", "test", "train, val (or validation, transformers' name) or test",
+                  choices=_lazy(".data.builders", "SPLITS"), value_aliases={"validation": "val"}),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
                       "have the same argmax as its logits)", nullable=True, metavar="MODEL", input_path=True),
     "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),

@@ -209,6 +209,13 @@ def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(i
     assert result.code == 0, result.err
     config = export_config(tmp_path / "stage2" / "final")
     assert config["id2label"] == {"0": "cls00", "1": "cls01", "2": "cls02"} and config["lt_info"]["imb"] is None
+    # eval_lt.py takes transformers' split name: --split validation is the split saved as val
+    evaluated = run_cli("eval_lt.py", out / "final", "--split", "validation", "--num_workers", "0",
+                        "--output_dir", tmp_path / "eval")
+    assert evaluated.code == 0, evaluated.err
+    recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert recorded["config"]["split"] == "val"
+    assert recorded["config"]["split_hash"] == export_config(out / "final")["lt_info"]["index_hashes"]["val"]
     before, after = export_tensors(out / "final"), export_tensors(tmp_path / "stage2" / "final")
     assert after["head.weight"].shape == (3, 16)
     backbone = [k for k in before if k.startswith("backbone.")]
