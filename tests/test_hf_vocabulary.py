@@ -209,6 +209,7 @@ def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(i
     assert result.code == 0, result.err
     config = export_config(tmp_path / "stage2" / "final")
     assert config["id2label"] == {"0": "cls00", "1": "cls01", "2": "cls02"} and config["lt_info"]["imb"] is None
+    assert "(the source's own class counts)" in (tmp_path / "stage2" / "final" / "README.md").read_text()
     # eval_lt.py takes transformers' split name: --split validation is the split saved as val
     evaluated = run_cli("eval_lt.py", out / "final", "--split", "validation", "--num_workers", "0",
                         "--output_dir", tmp_path / "eval")
@@ -253,3 +254,30 @@ def test_trust_remote_code_reaches_the_checkpoints_image_processor(tmp_path, vit
         build_lt_model(model, 3, from_scratch=True)
     spec = build_lt_model(model, 3, from_scratch=True, trust_remote_code=True).spec
     assert spec.image_mean == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--ignore_mismatched_sizes"], "--ignore_mismatched_sizes applies to --init_from"),
+    (["--lr_scheduler_type", "linear", "--min_lr_ratio", "0.1"],
+     "--min_lr_ratio 0.1 does not apply to --lr_scheduler_type linear; drop it or use --lr_scheduler_type cosine"),
+    (["--imb", "none", "--groups_from_imb", "100"], "keeps its source's counts (lists, --imb none): drop the flag"),
+])
+def test_flags_that_do_not_apply_are_refused_in_one_line(idx_dir, tmp_path, extra, expect):
+    from helpers_cli import run_cli
+    from helpers_train import tiny_train_args
+
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, tmp_path / "run", *extra))
+    assert result.code == 2 and expect in result.err.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_preset_takes_the_transformers_names_too(tmp_path):
+    from lt_utils.config import build_train_parser, load_preset
+    from lt_utils.errors import UserError
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train_dir: my/train\nvalidation_dir: my/val\nimb: none\n")
+    assert load_preset(preset, build_train_parser()) == {"data_dir": "my/train", "val_dir": "my/val", "imb": None}
+    preset.write_text("train_dir: a\ndata_dir: b\n")
+    with pytest.raises(UserError, match="sets both data_dir and its alias train_dir; keep one"):
+        load_preset(preset, build_train_parser())
