@@ -54,6 +54,9 @@ def parse_args(argv=None):
 
     require(args.dataset is not None, f"--dataset or --dataset_name is required; pass one of {', '.join(DATASET_NAMES)} "
                                       "(or the short form, e.g. cifar100), or --dataset_name with a `datasets` dataset")
+    # train_lt.py also passes it to the model; here only a `datasets` source's code could run
+    require(not args.trust_remote_code or args.dataset_name is not None,
+            f"--trust_remote_code applies to a --dataset_name source, not to --dataset {args.dataset}; drop it")
     return args
 
 

@@ -484,7 +484,8 @@ def test_build_refuses_bad_datasets_sources(world, hf_src, tmp_path, capsys, cas
     assert not (tmp_path / "ds").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("max_train_samples", "10"), ("test_split", "test"), ("label_column_name", "y")])
+@pytest.mark.parametrize("flag, value", [("max_train_samples", "10"), ("test_split", "test"), ("label_column_name", "y"),
+                                         ("trust_remote_code", "true")])
 def test_datasets_source_flags_without_a_dataset_name(world, tmp_path, capsys, flag, value):
     argv = ["--dataset", "imagefolder_lt", "--data_dir", world["images"], "--output_dir", tmp_path / "ds",
             "--cache_dir", world["cache"], f"--{flag}", value]
