@@ -4,7 +4,8 @@
 with its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
 names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line
 (argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
-be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
+be finite; a nullable number takes `none` on the command line (yaml's null, e.g. `--imb none`). A flag's `aliases` are
+more names of the same entry (transformers' example names: `--train_dir` is `--data_dir`). A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
 Each flag also says what it is to a training run (`Flag`: group, input_path, identity, info_key, may_change). Every
 list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
