@@ -35,7 +35,7 @@ MAX_BARS = 20
 def get_args_parser():
     p = ArgumentParser(description="Build a long-tailed dataset split.")
     add_group(p, "Dataset", ("dataset", "dataset_config_name", "imb", "max_per_class", "data_dir", "seed", "selection",
-                             "val_per_class", "val_source", "cache_dir"), dataset=None)
+                             "val_per_class", "val_source", "train_val_split", "cache_dir"), dataset=None)
     add_group(p, "OLTR lists (imagenet_lt, places_lt, inat2018)", ("train_list", "val_list", "test_list",
                                                                    "class_names_file", "relabel_by_name"))
     add_group(p, "Any `datasets` dataset (--dataset_name: a Hub id or a local folder)", (
@@ -54,6 +54,9 @@ def parse_args(argv=None):
 
     require(args.dataset is not None, f"--dataset or --dataset_name is required; pass one of {', '.join(DATASET_NAMES)} "
                                       "(or the short form, e.g. cifar100), or --dataset_name with a `datasets` dataset")
+    # train_lt.py also passes it to the model; here only a `datasets` source's code could run
+    require(not args.trust_remote_code or args.dataset_name is not None,
+            f"--trust_remote_code applies to a --dataset_name source, not to --dataset {args.dataset}; drop it")
     return args
 
 
@@ -80,7 +83,7 @@ def summary(ds, info):
     head, tail = counts.index(max(counts)), counts.index(min(counts))
     groups = info.group_counts()
     return "\n".join([
-        f"{info.dataset} from {info.source}: imb {info.imb:g}, n_max {info.max_per_class}, "
+        f"{info.dataset} from {info.source}: imb {info.imb_text}, n_max {info.max_per_class}, "
         f"selection {info.selection}, seed {info.seed}, val {info.val_source}",
         "splits: " + " | ".join(f"{s} {ds[s].num_rows:,}" for s in ds),
         f"classes: {len(counts)}; head {counts[head]} ({names[head]}), tail {counts[tail]} ({names[tail]})",
@@ -121,6 +124,7 @@ def main(argv=None):
         class_names_file=args.class_names_file, many_threshold=args.many_threshold,
         few_threshold=args.few_threshold, cache_dir=args.cache_dir, test_dir=args.test_dir, val_dir=args.val_dir,
         test_per_class=args.test_per_class, relabel_by_name=args.relabel_by_name, config_name=args.dataset_config_name,
+        train_val_split=args.train_val_split,
         **{flag: getattr(args, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")},
     )
     print(summary(ds, info))

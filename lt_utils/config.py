@@ -4,7 +4,8 @@
 with its type, default, range (open or closed bounds), choices (a list or a callable returning one, e.g. a registry's
 names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line
 (argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
-be finite. A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
+be finite; a nullable number takes `none` on the command line (yaml's null, e.g. `--imb none`). A flag's `aliases` are
+more names of the same entry (transformers' example names: `--train_dir` is `--data_dir`). A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
 
 Each flag also says what it is to a training run (`Flag`: group, input_path, identity, info_key, may_change). Every
 list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
@@ -68,6 +69,10 @@ class Flag:
     identity: str = None
     info_key: str = None
     may_change: bool = False
+    # more option strings of the same flag (transformers' example names where the project's differ)
+    aliases: tuple = ()
+    # other spellings of a value -> the value (transformers' split name "validation" for the project's "val")
+    value_aliases: dict = None
 
     def choice_list(self):
         return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
@@ -101,6 +106,8 @@ class Flag:
             raise bad("is a list or mapping", "give a single value")
         if isinstance(raw, str):
             _check_encodable(name, raw, where, shown)
+            if self.nullable and self.kind in ("int", "float") and raw.strip().lower() == "none":
+                return None  # a command line's yaml null
         kind = self.kind
         if kind in ("bool", "switch"):
             value = _to_bool(raw)
@@ -110,7 +117,7 @@ class Flag:
         if kind in ("str", "path"):
             if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
                 raise bad("is not a string", "quote the value")
-            value = str(raw)
+            value = (self.value_aliases or {}).get(str(raw), str(raw))
             if kind == "path" and not value.strip():
                 raise bad("is an empty path", "pass a file or folder path")
             self._check_choice(value, bad)
@@ -303,11 +310,14 @@ _DATA = _group("data", {
                               "--class_names_file)", **_HF),
     "max_train_samples": _pos("int", None, "--dataset_name: a seeded random subset (--imb_seed) of this many source "
                               "train images, taken before the LT rule", nullable=True, **_HF),
-    "trust_remote_code": Flag("bool", False, "--dataset_name: allow the dataset's own loading script to run", **_HF),
-    "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder)", low=1,
-                **_lt("imb")),
-    "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root); default: the Hub",
-                     input_path=True, identity="data"),
+    "trust_remote_code": Flag("bool", False, "allow the code of the --dataset_name dataset (its loading script) and of "
+                              "the --model_name_or_path checkpoint (auto_map) to run", **_HF),
+    "imb": Flag("float", 100.0, "imbalance ratio rho = n_max / n_min (CIFAR, Fashion-MNIST, imagefolder, "
+                "--dataset_name), or none: keep the source's own class counts (a dataset already long-tailed; groups "
+                "from those counts)", low=1, nullable=True, **_lt("imb")),
+    "data_dir": _opt("path", "local source files (CIFAR python dir, IDX dir, image root; imagefolder_lt: the "
+                     "folder-per-class train images, alias --train_dir); default: the Hub", input_path=True,
+                     identity="data", aliases=("train_dir",)),
     "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True,
                           **_lt("max_per_class")),
     "imb_seed": _seed(0, "seed of the images chosen per class", **_lt("seed")),
@@ -315,12 +325,17 @@ _DATA = _group("data", {
                       **_lt("selection")),
     "val_per_class": _nonneg("int", 20, "val images per class", **_lt("val_per_class")),
     "val_source": Flag("str", "unused_train", choices=_lazy(".data.loading", "VAL_SOURCES"), **_lt("val_source")),
+    "train_val_split": Flag("float", None, "a source without a validation split: hold out this fraction of each "
+                            "class's train images as validation, before the LT rule (replaces --val_source and "
+                            "--val_per_class)", low=0, high=1, low_open=True, high_open=True, nullable=True,
+                            **_lt("train_val_split")),
     "train_list": _opt("path", input_path=True, identity="data"),
     "val_list": _opt("path", input_path=True, identity="data"),
     "test_list": _opt("path", input_path=True, identity="data"),
     "class_names_file": _opt("path", input_path=True, **_HF),
     "test_dir": _opt("path", "imagefolder_lt: a separate folder-per-class test set", input_path=True, identity="data"),
-    "val_dir": _opt("path", "imagefolder_lt: a separate folder-per-class val set", input_path=True, identity="data"),
+    "val_dir": _opt("path", "imagefolder_lt: a separate folder-per-class validation set", input_path=True,
+                    identity="data", aliases=("validation_dir",)),
     "relabel_by_name": Flag("bool", False, "list datasets: class ids by sorted class name (LIFT's iNaturalist labels)",
                             identity="data"),
     "many_threshold": _nonneg("int", 100, "many: more than this many train images", **_lt("many_threshold")),
@@ -350,6 +365,8 @@ _MODEL_FLAGS = _group("model", {
     "from_scratch": Flag("bool", False, "build the backbone from its config with random weights", **_MODEL),
     "init_from": _opt("path", "start from an export dir (soup or run); e.g. LT-Soups stage 2 with --method head",
                       input_path=True, **_MODEL),
+    "ignore_mismatched_sizes": Flag("bool", False, "--init_from an export trained on other classes: keep its backbone "
+                                    "and give it a new head for these classes (--head_init)", **_MODEL),
     "head_type": Flag("str", "cosine", choices=_registry(".heads", "HEADS"), **_MODEL),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True, **_MODEL),
     "head_init": Flag("str", "text", choices=_registry(".head_init", "HEAD_INITS"), **_MODEL),
@@ -359,6 +376,9 @@ _MODEL_FLAGS = _group("model", {
     "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}",
                                    input_path=True, **_MODEL),
     "seed": _seed(0, "seed of new modules, the random head, sampling and augmentation", **_MODEL),
+    "image_size": _pos("int", None, "CNN backbones (resnet, cifar_resnet): the image size trained and evaluated "
+                       "(default: the checkpoint's image processor, else 224 for resnet, 32 for cifar_resnet)",
+                       nullable=True, **_MODEL),
 })
 
 _METHOD = _group("method", {
@@ -420,7 +440,9 @@ _OPTIM = _group("optim", {
     "learning_rate": Flag("float", 0.01, low=0, low_open=True),
     "weight_decay": Flag("float", 5e-4, low=0),
     "momentum": Flag("float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1, high_open=True),
-    "lr_scheduler_type": Flag("str", "cosine", choices=_lazy(".schedule", "SCHEDULES")),
+    "lr_scheduler_type": Flag("str", "cosine", "cosine (to --min_lr_ratio), cosine_epoch (LIFT), constant; "
+                              "transformers' linear, constant_with_warmup, inverse_sqrt: as "
+                              "transformers.get_scheduler steps them (warm-up step/warmup from 0)", choices=_lazy(".schedule", "SCHEDULES")),
     "num_warmup_steps": _nonneg("int", None, "default: 0 (SGD), max(20, 1%% of steps) (AdamW)", nullable=True),
     "warmup_start_factor": Flag("float", None, "LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the "
                                 "lr at step --num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: "
@@ -501,7 +523,8 @@ _OUTPUT = _group("output", {
 _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
-    "split": Flag("str", "test", "train, val or test", choices=_lazy(".data.builders", "SPLITS")),
+    "split": Flag("str", "test", "train, val (or validation, transformers' name) or test",
+                  choices=_lazy(".data.builders", "SPLITS"), value_aliases={"validation": "val"}),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
                       "have the same argmax as its logits)", nullable=True, metavar="MODEL", input_path=True),
     "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
@@ -639,7 +662,7 @@ def add_flags(parser, names, dest=None, aliases=None, **defaults):
     gives extra option strings of a flag (soup.py's --lambda)."""
     for name in names:
         key = (dest or {}).get(name, name)
-        options = [f"--{name}", *(aliases or {}).get(name, ())]
+        options = [f"--{name}", *(f"--{a}" for a in FLAGS[key].aliases), *(aliases or {}).get(name, ())]
         flag = FLAGS[key]
         if name in defaults:
             flag = replace(flag, default=defaults[name])
@@ -694,6 +717,11 @@ def load_preset(path, parser):
     if not isinstance(preset, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values; write one `flag: value` per line")
     table = _table_of(parser)
+    for alias, name in {alias: name for name, flag in table.items() for alias in flag.aliases}.items():
+        if alias in preset:
+            if name in preset:
+                raise UserError(f"config file {path} sets both {name} and its alias {alias}; keep one")
+            preset[name] = preset.pop(alias)
     unknown = sorted(str(k) for k in preset if k not in table)
     if unknown:
         raise UserError(f"config file {path} has unknown keys {unknown}; use the flag names of --help")

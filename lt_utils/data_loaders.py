@@ -27,6 +27,7 @@ def load_data(data, accelerator):
             class_names_file=data.class_names_file, many_threshold=data.many_threshold,
             few_threshold=data.few_threshold, cache_dir=data.cache_dir, test_dir=data.test_dir, val_dir=data.val_dir,
             relabel_by_name=data.relabel_by_name, config_name=data.dataset_config_name,
+            train_val_split=data.train_val_split,
             **{flag: getattr(data, flag) for flag in HF_SOURCE_FLAGS if flag not in ("class_names_file", "dataset_config_name")})
     return ds, record_saved_folder(info, data.dataset).with_groups_from_imb(data.groups_from_imb)
 
@@ -192,6 +193,8 @@ def cache_features(lt_model, loader, accelerator, desc):
         f, y = accelerator.gather_for_metrics((f.float().contiguous(), batch["labels"]))
         feats.append(f.cpu())
         labels.append(y.cpu())
+    if not feats:  # an empty split (no validation images): nothing to evaluate, nothing to stack
+        return TensorDataset(torch.zeros(0), torch.zeros(0, dtype=torch.long))
     return TensorDataset(torch.cat(feats), torch.cat(labels))
 
 

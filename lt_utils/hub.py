@@ -19,6 +19,13 @@ def _pct(value):
     return "—" if value is None else f"{value:.2f}"
 
 
+def _imbalance(dataset):
+    """The split's ratio; a recorded null is --imb none: the source's own class counts."""
+    if "imb" in dataset and dataset["imb"] is None:
+        return "the source's own class counts"
+    return f"imbalance ratio {dataset.get('imb')}"
+
+
 def hub_id(name):
     """`name` if it reads as a Hub id (user/repo, not an existing local path), else None."""
     from .models import _is_local_path
@@ -85,7 +92,7 @@ def model_card(meta, metrics):
         f"# {meta.get('run_name', 'Long-tail classifier')}", "",
         f"{base_note} Method `{meta['method']}`, {meta['head']['type']} head ({meta['head']['init']} init), "
         f"{meta['num_labels']} classes, dataset `{(meta.get('dataset') or {}).get('dataset')}` "
-        f"(imbalance ratio {(meta.get('dataset') or {}).get('imb')}). Trained with lt-hf.", "",
+        f"({_imbalance(meta.get('dataset') or {})}). Trained with lt-hf.", "",
         "| split | overall | mean-class | many | medium | few |", "|---|---|---|---|---|---|"]
     for split, m in metrics.items():
         if isinstance(m, dict) and "accuracy" in m:

@@ -46,6 +46,8 @@ class BackboneKind:
     # image_size from the image processor's crop (DINOv2: its config holds the 518-px position grid it interpolates
     # from; its processor feeds 224-px crops); the config's when the checkpoint has no processor
     processor_image_size: bool = False
+    # a CNN: any image size runs (no position grid), so --image_size may set it
+    free_image_size: bool = False
     text_tower: object = None  # text_towers.TextTower of image-text models: --head_init text and --zero_shot
     # backbone parameters the forward never uses (DINOv2's masked-image-modelling token): never trained, else DDP
     # waits for their gradients
@@ -141,13 +143,15 @@ BACKBONES.register("cifar_resnet", BackboneKind(
     model_types=("cifar_resnet",), model_class="lt_utils.cifar_resnet.CifarResNetModel", vision_config=lambda c: c,
     features="pooler_output",  # global average pool
     mean=[0.4914, 0.4822, 0.4465], std=[0.2023, 0.1994, 0.2010], resample=2,  # LOS's CIFAR normalisation
-    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
+    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS, free_image_size=True,
     eval_resize=1.0))  # CIFAR papers evaluate the 32-px image itself, not a crop
 BACKBONES.register("resnet", BackboneKind(
     model_types=("resnet",), model_class="ResNetModel", vision_config=lambda c: c,
     features="pooler_flat",  # [B, D, 1, 1] average pool
     mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3,
-    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS,
+    layer_wiring=(), lora_targets=(), methods=_CNN_METHODS, free_image_size=True,
+    # its config has no image size: the image processor's (microsoft/resnet-*: 224), else 224
+    processor_image_size=True,
     geometry=lambda c: {"hidden_size": c.hidden_sizes[-1], "num_layers": sum(c.depths), "image_size": 224,
                         "patch_size": 32}))
 
@@ -199,12 +203,17 @@ def _first_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _remote_code_fix(err):
+    return "; if you trust its code, pass --trust_remote_code" if "trust_remote_code" in str(err) else ""
+
+
 def _is_local_path(name):
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
 
 
-def load_backbone_config(model_name_or_path):
-    """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model."""
+def load_backbone_config(model_name_or_path, trust_remote_code=False):
+    """(kind, full config, vision config) of a checkpoint; UserError for a missing path or an unsupported model.
+    trust_remote_code: run the checkpoint's own config code (its auto_map), as transformers' flag of that name."""
     from transformers import AutoConfig
 
     from . import cifar_resnet  # noqa: F401  (registers model_type cifar_resnet with the auto classes)
@@ -213,9 +222,9 @@ def load_backbone_config(model_name_or_path):
     if _is_local_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
         raise UserError(f"no config.json at {name!r}; pass a Hub id (e.g. openai/clip-vit-base-patch16) or a model dir")
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+        config = AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}") from err
+        raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}{_remote_code_fix(err)}") from err
     kind = backbone_kind_of(config.model_type)
     if kind is None:
         supported = sorted(t for name in BACKBONES for t in BACKBONES.get(name).model_types)
@@ -223,22 +232,34 @@ def load_backbone_config(model_name_or_path):
     return kind, config, BACKBONES.get(kind).vision_config(config)
 
 
-def _preprocessing(model_name_or_path, kind):
-    """Mean, std, interpolation and crop size (None if unknown) from the checkpoint's image processor; the kind's
-    defaults when it has none."""
+def _preprocessing(model_name_or_path, kind, trust_remote_code=False):
+    """Mean, std, interpolation and image size (None if unknown) from the checkpoint's image processor: its crop, or
+    without one the size it resizes to (ResNets' shortest edge); the kind's defaults when it has none."""
     from transformers import AutoImageProcessor
 
     entry = BACKBONES.get(kind)
     default_mean, default_std, default_resample = entry.mean, entry.std, entry.resample
     try:
-        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)))
-    except (OSError, ValueError):  # no preprocessor_config.json in the dir or repo
+        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(str(model_name_or_path)),
+                                                       trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no preprocessor_config.json in the dir or repo
+        if _remote_code_fix(err):  # its own processor code, not run: the defaults would silently differ
+            raise UserError(f"cannot load the image processor of {str(model_name_or_path)!r}: {_first_line(err)}"
+                            f"{_remote_code_fix(err)}") from err
         return default_mean, default_std, _RESAMPLE_NAMES[default_resample], None
     mean = [float(v) for v in (getattr(processor, "image_mean", None) or default_mean)]
     std = [float(v) for v in (getattr(processor, "image_std", None) or default_std)]
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
-    crop = getattr(crop, "height", None) or (crop.get("height") if isinstance(crop, dict) else None)
+    crop = _side(crop) or _side(getattr(processor, "size", None))
     return mean, std, _interpolation_name(getattr(processor, "resample", None), default_resample), crop
+
+
+def _side(size):
+    """An image processor's size as one side: its height, or its shortest edge."""
+    if size is None:
+        return None
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    return get("height") or get("shortest_edge")
 
 
 def _interpolation_name(resample, default):
@@ -250,9 +271,15 @@ def _interpolation_name(resample, default):
     return _RESAMPLE_NAMES.get(int(value), _RESAMPLE_NAMES[default])
 
 
-def load_backbone(model_name_or_path, from_scratch=False, seed=0):
-    """The vision backbone (fp32) and its spec. `from_scratch`: seeded random init from the config alone."""
-    kind, _, vision_config = load_backbone_config(model_name_or_path)
+def load_backbone(model_name_or_path, from_scratch=False, seed=0, image_size=None, trust_remote_code=False):
+    """The vision backbone (fp32) and its spec. `from_scratch`: seeded random init from the config alone.
+    `image_size`: a CNN's input size instead of the checkpoint's (--image_size). `trust_remote_code`: the
+    checkpoint's config and image processor may run their own code."""
+    kind, _, vision_config = load_backbone_config(model_name_or_path, trust_remote_code)
+    if image_size is not None and not BACKBONES.get(kind).free_image_size:
+        free = ", ".join(name for name in BACKBONES if BACKBONES.get(name).free_image_size)
+        raise UserError(f"--image_size {image_size} applies to CNN backbones ({free}); a {kind} backbone's size is "
+                        "its checkpoint's (position embeddings): drop the flag")
     cls, kwargs = BACKBONES.get(kind).load_class(), BACKBONES.get(kind).model_kwargs
     if from_scratch:
         with torch.random.fork_rng(devices=[]):
@@ -260,15 +287,18 @@ def load_backbone(model_name_or_path, from_scratch=False, seed=0):
             backbone = cls(vision_config, **kwargs)
     else:
         backbone = _from_pretrained(cls, model_name_or_path, kwargs)
-    return backbone, backbone_spec(model_name_or_path, kind, vision_config)
+    return backbone, backbone_spec(model_name_or_path, kind, vision_config, image_size, trust_remote_code)
 
 
-def backbone_spec(model_name_or_path, kind, vision_config):
-    """The BackboneSpec of a checkpoint: geometry from its vision config, preprocessing from its image processor."""
-    mean, std, interpolation, crop = _preprocessing(model_name_or_path, kind)
+def backbone_spec(model_name_or_path, kind, vision_config, image_size=None, trust_remote_code=False):
+    """The BackboneSpec of a checkpoint: geometry from its vision config, preprocessing from its image processor;
+    `image_size` (a CNN's) replaces the image size of both."""
+    mean, std, interpolation, crop = _preprocessing(model_name_or_path, kind, trust_remote_code)
     geometry = {k: int(v) for k, v in BACKBONES.get(kind).spec_geometry(vision_config).items()}
     if BACKBONES.get(kind).processor_image_size and crop:
         geometry["image_size"] = int(crop)
+    if image_size is not None:
+        geometry["image_size"] = int(image_size)
     return BackboneSpec(kind=kind, name_or_path=str(model_name_or_path), image_mean=mean, image_std=std,
                         interpolation=interpolation, **geometry,
                         eval_resize=int(geometry["image_size"] * BACKBONES.get(kind).eval_resize))
@@ -312,11 +342,13 @@ def enable_gradient_checkpointing(lt_model):
     return lt_model
 
 
-def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0):
+def build_lt_model(model_name_or_path, num_classes, head_type="cosine", head_scale=25.0, from_scratch=False, seed=0,
+                   image_size=None, trust_remote_code=False):
     """Backbone + a seeded random head; data-dependent head inits are applied by head_init.set_head_weight."""
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
-    backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed)
+    backbone, spec = load_backbone(model_name_or_path, from_scratch=from_scratch, seed=seed, image_size=image_size,
+                                   trust_remote_code=trust_remote_code)
     head = build_head(head_type, int(num_classes), feature_dim(spec), scale=head_scale, seed=seed)
     return LTModel(backbone, head, spec, feature=BACKBONES.get(spec.kind).features)
 

@@ -9,7 +9,23 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-SCHEDULES = ("cosine", "cosine_epoch", "constant")
+# transformers' SchedulerType names whose lr is a function of the step alone: the factor of the peak lr at optimizer
+# step `step` (0-based), as transformers.get_scheduler's LambdaLR gives it before that step; the warm-up rises
+# step / warmup from 0 (cosine and constant above rise (step + 1) / warmup)
+def _hf_warmup(step, warmup):
+    return step / max(1, warmup)
+
+
+HF_SCHEDULES = {
+    "linear": lambda step, warmup, total: (_hf_warmup(step, warmup) if step < warmup
+                                           else max(0.0, (total - step) / max(1, total - warmup))),
+    "constant_with_warmup": lambda step, warmup, total: _hf_warmup(step, warmup) if step < warmup else 1.0,
+    # transformers' timescale: the warm-up length, 10,000 without one
+    "inverse_sqrt": lambda step, warmup, total: (_hf_warmup(step, warmup) if step < warmup
+                                                 else 1.0 / math.sqrt((step + (warmup or 10_000) - warmup)
+                                                                      / (warmup or 10_000))),
+}
+SCHEDULES = ("cosine", "cosine_epoch", "constant", *HF_SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -42,12 +58,16 @@ def lr_at(step, base_lr, total_steps, schedule="cosine", warmup_steps=0, min_lr_
           warmup_start=None):
     """Learning rate for optimizer step `step` (0-based).
 
+    linear, constant_with_warmup, inverse_sqrt: transformers' (HF_SCHEDULES); min_lr_ratio and warmup_start do not
+    apply to them (check_optim_flags).
     cosine: linear warm-up over `warmup_steps` ((step + 1) / warmup_steps of base_lr), then cosine from base_lr to
     min_lr_ratio * base_lr (LT-Soups: 0.1). cosine_epoch: LIFT's per-epoch cosine to min_lr_ratio * base_lr,
     constant within an epoch.
     warmup_start (LT-Soups' shape, 1e-6 there): the warm-up runs linearly from warmup_start * base_lr at step 0
     to base_lr at step `warmup_steps` inclusive, and the cosine starts one step later.
     """
+    if schedule in HF_SCHEDULES:
+        return base_lr * HF_SCHEDULES[schedule](step, warmup_steps, total_steps)
     shift = 0
     if warmup_steps and warmup_start is not None:
         if step <= warmup_steps:
@@ -80,6 +100,17 @@ def check_schedule_flags(evaluation):
     if str(evaluation.eval_steps) != "epoch":
         raise UserError(f"--num_evals {evaluation.num_evals} and --eval_steps {evaluation.eval_steps} both set the "
                         "validation schedule; pass one of them")
+
+
+def check_optim_flags(optim):
+    """--min_lr_ratio and --warmup_start_factor shape the project's cosine / constant only: refused with
+    transformers' schedules rather than ignored."""
+    if optim.lr_scheduler_type not in HF_SCHEDULES:
+        return
+    for flag, unset in (("min_lr_ratio", 0.0), ("warmup_start_factor", None)):
+        if getattr(optim, flag) != unset:
+            raise UserError(f"--{flag} {getattr(optim, flag)} does not apply to --lr_scheduler_type "
+                            f"{optim.lr_scheduler_type}; drop it or use --lr_scheduler_type cosine")
 
 
 def eval_interval(num_evals, total_steps):

@@ -17,12 +17,12 @@ from .data_loaders import head_on_cached_features, resolve_augment
 from .errors import UserError, require
 from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
-from .heads import fingerprint
+from .heads import build_head, fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
 from .prompts import check_prompt_args
 from .protocols import PROTOCOLS, RUN_ROWS
-from .schedule import check_schedule_flags
+from .schedule import check_optim_flags, check_schedule_flags
 from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record
 
 
@@ -40,10 +40,12 @@ def resolve_run_spec(values, num_processes):
               **init_from_model(values["init_from"])}
     spec = RunSpec.from_values(values)
     check_schedule_flags(spec.eval)
+    check_optim_flags(spec.optim)
     check_prompt_args(spec.model.prompt_template, spec.model.prompt_descriptor_file)
     check_bn_flags(spec.method)
     check_protocol(spec.eval)
     check_partial(spec.method)
+    check_init_from_flags(spec.model)
     return spec
 
 
@@ -207,18 +209,28 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
         require(method.init_from, f"--init_from works with --method {'/'.join(allowed)}, not {spec.method.method}; "
                 "train a fresh run instead")
         lt_model, init = load_export(spec.model.init_from)  # the whole model from its folder (LoRA merged); a Hub id too
-        require(init["id2label"] == {str(i): n for i, n in enumerate(info.class_names)},
+        same_classes = init["id2label"] == {str(i): n for i, n in enumerate(info.class_names)}
+        require(same_classes or spec.model.ignore_mismatched_sizes,
                 f"--init_from {spec.model.init_from} was trained on other classes than --dataset {spec.data.dataset}; "
-                "use a matching export")
+                "use a matching export, or pass --ignore_mismatched_sizes to keep its backbone with a new head")
         # the backbone and head geometry come from the export (init_from_model put them in the spec)
         lt_model = with_interpolation(lt_model, spec.data.interpolation)
         arch = dict(init["arch"])
-        # the export's head stays as it is, weight and bias: LOS's stage 2 fine-tunes the stage-1 bias too
-        head_init = lt_model.head.weight.detach().clone()
+        if same_classes:
+            # the export's head stays as it is, weight and bias: LOS's stage 2 fine-tunes the stage-1 bias too
+            head_init = lt_model.head.weight.detach().clone()
+        else:  # transformers' ignore_mismatched_sizes: the classifier of the other classes is dropped
+            m = spec.model
+            lt_model.head = build_head(m.head_type, num_classes, lt_model.head.weight.shape[1], scale=m.head_scale,
+                                       seed=m.seed)
+            head_init = HEAD_INITS.get(m.head_init)(m, info, lt_model, accelerator, head_init_loader_fn)
+            set_head_weight(lt_model, head_init)
     else:
         m = spec.model
         lt_model = with_interpolation(build_lt_model(m.model_name_or_path, num_classes, head_type=m.head_type,
-                                                     head_scale=m.head_scale, from_scratch=m.from_scratch, seed=m.seed),
+                                                     head_scale=m.head_scale, from_scratch=m.from_scratch, seed=m.seed,
+                                                     image_size=m.image_size,
+                                                     trust_remote_code=spec.data.trust_remote_code),
                                       spec.data.interpolation)
         arch = empty_arch()
         head_init = HEAD_INITS.get(spec.model.head_init)(spec.model, info, lt_model, accelerator, head_init_loader_fn)
@@ -250,6 +262,14 @@ def with_interpolation(lt_model, interpolation):
     if interpolation:
         lt_model.spec.interpolation = interpolation
     return lt_model
+
+
+def check_init_from_flags(model):
+    """--ignore_mismatched_sizes is about --init_from's head; --image_size would be ignored by it (the export's size)."""
+    require(model.init_from or not model.ignore_mismatched_sizes,
+            "--ignore_mismatched_sizes applies to --init_from (an export trained on other classes); drop it")
+    require(not (model.init_from and model.image_size), f"--image_size {model.image_size} does not apply to --init_from "
+            "(the export's image size is kept); drop it")
 
 
 def check_bn_flags(method):

@@ -193,7 +193,7 @@ def test_passed_flags_are_only_the_ones_on_the_command_line(tmp_path):
     assert recorded_data_flags(meta) == {
         "dataset": "cifar10_lt", "imb": 50.0, "max_per_class": None, "imb_seed": 3, "selection": "lift",
         "val_per_class": 20, "val_source": "unused_train", "many_threshold": 100, "few_threshold": 20,
-        "groups_from_imb": None, "data_dir": "/data/cifar"}
+        "groups_from_imb": None, "train_val_split": None, "data_dir": "/data/cifar"}
 
 
 def test_output_dirs_never_go_into_the_hub_cache(tmp_path):

@@ -71,7 +71,7 @@ TRAIN_FLAGS = [
     ("balance_factor", "inf", "not finite"), ("subset_seed", "-1", "out of range"), ("optimizer", "lion", "not a valid choice"),
     ("learning_rate", "0", "out of range"), ("learning_rate", "-0.01", "out of range"), ("learning_rate", "nan", "not finite"),
     ("weight_decay", "-1", "out of range"), ("weight_decay", "nan", "not finite"), ("momentum", "1", "out of range"),
-    ("momentum", "-0.1", "out of range"), ("momentum", "1.5", "out of range"), ("lr_scheduler_type", "linear", "not a valid choice"),
+    ("momentum", "-0.1", "out of range"), ("momentum", "1.5", "out of range"), ("lr_scheduler_type", "exponential", "not a valid choice"),
     ("num_warmup_steps", "-5", "out of range"), ("min_lr_ratio", "1.5", "out of range"), ("min_lr_ratio", "-0.1", "out of range"),
     ("num_train_epochs", "0", "out of range"), ("num_train_epochs", "-1", "out of range"), ("max_train_steps", "0", "out of range"),
     ("max_train_steps", "-3", "out of range"), ("max_train_steps", "2.0", "not an integer"), ("min_train_steps", "-1", "out of range"),
@@ -111,7 +111,7 @@ def test_train_cross_flag_thresholds(world, capsys):
 
 # ------------------------------------------------------------------------------------------ train: presets
 PRESETS = [
-    ("sampler: class_balance", "--sampler class_balance"), ("lr_scheduler_type: linear", "--lr_scheduler_type linear"),
+    ("sampler: class_balance", "--sampler class_balance"), ("lr_scheduler_type: exponential", "--lr_scheduler_type exponential"),
     ("optimizer: lion", "--optimizer lion"), ("augment: rotate", "--augment rotate"), ("augment: [flip]", "list"),
     ("learning_rate: null", "is not allowed"), ("max_train_steps: 3.5", "not an integer"),
     ("max_train_steps: 3.0", "not an integer"), ("ema_decay: .nan", "not finite"), ("max_grad_norm: -1", "out of range"),
@@ -484,7 +484,8 @@ def test_build_refuses_bad_datasets_sources(world, hf_src, tmp_path, capsys, cas
     assert not (tmp_path / "ds").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("max_train_samples", "10"), ("test_split", "test"), ("label_column_name", "y")])
+@pytest.mark.parametrize("flag, value", [("max_train_samples", "10"), ("test_split", "test"), ("label_column_name", "y"),
+                                         ("trust_remote_code", "true")])
 def test_datasets_source_flags_without_a_dataset_name(world, tmp_path, capsys, flag, value):
     argv = ["--dataset", "imagefolder_lt", "--data_dir", world["images"], "--output_dir", tmp_path / "ds",
             "--cache_dir", world["cache"], f"--{flag}", value]

@@ -6,6 +6,7 @@ including a fingerprint of the source files, keys the cache, so a second build i
 """
 import dataclasses
 import hashlib
+import math
 from typing import Optional
 
 import datasets
@@ -15,7 +16,8 @@ from datasets.builder import Key
 from ..errors import UserError
 from . import sources
 from .counts import (
-    assign_groups, check_no_empty_class, class_order, flat_sorted, indices_by_class, lt_counts, take_lt,
+    assign_groups, check_no_empty_class, class_order, flat_sorted, indices_by_class, lt_counts, source_counts,
+    take_lt,
 )
 from .hf_source import HFSpec, read_hf_source
 from .info import LTInfo
@@ -27,7 +29,7 @@ SPLITS = ("train", "val", "test")
 class LTConfig(datasets.BuilderConfig):
     """Everything that defines an LT split. Field meanings: `load_lt_dataset`'s docstring."""
 
-    imb: float = 100.0
+    imb: Optional[float] = 100.0  # None: the source's own counts
     max_per_class: Optional[int] = None
     seed: int = 0
     selection: str = "rng"
@@ -43,6 +45,7 @@ class LTConfig(datasets.BuilderConfig):
     test_dir: Optional[str] = None
     val_dir: Optional[str] = None
     test_per_class: int = 50
+    train_val_split: Optional[float] = None
     source_fingerprint: str = ""
     # hf_lt: the `datasets` source (hf_source.HFSpec's fields; its dataset_name is source_name here, as the builder's
     # own dataset_name is taken)
@@ -94,7 +97,7 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
     # ---- hooks for subclasses
     @classmethod
     def config_name_for(cls, imb):
-        return f"imb{imb:g}"
+        return "source_counts" if imb is None else f"imb{imb:g}"
 
     @classmethod
     def source_files(cls, config):
@@ -107,6 +110,8 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
     def train_counts(self, order):
         """Per-class train counts from each class's available images."""
         cfg = self.config
+        if cfg.imb is None:
+            return source_counts(order, cfg.max_per_class)
         n_max = cfg.max_per_class or min(len(o) for o in order)
         return lt_counts(n_max, cfg.imb, len(order)), n_max
 
@@ -120,10 +125,13 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
             test = ("test", np.arange(len(source.splits["test"].labels)))
         else:
             order, test = self.carve_test(order, names)
+        held_val = None
+        if cfg.train_val_split is not None:
+            order, held_val = self.carve_val(source, order)
         counts, n_max = self.train_counts(order)
         check_no_empty_class(counts, names, self.EMPTY_CLASS_HINT)
-        train, unused = take_lt(order, counts, names, extra=cfg.val_per_class)
-        val, test = self.choose_val(source, test, unused)
+        train, unused = take_lt(order, counts, names, extra=0 if held_val else cfg.val_per_class)
+        val, test = (held_val, test) if held_val else self.choose_val(source, test, unused)
         return {"train": ("train", flat_sorted(train)), "val": val, "test": test}, counts, n_max
 
     def draw_ranks(self, source, src):
@@ -137,6 +145,15 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
         for idx in per_class:
             ranks[idx] = np.arange(len(idx))
         return ranks
+
+    def carve_val(self, source, order):
+        """--train_val_split f: the last ceil(f * n) images of each class's drawn order (n its source train images,
+        at least one kept for train) are validation, held out before the LT rule."""
+        if "val" in source.splits:
+            raise UserError(f"--train_val_split {self.config.train_val_split:g}: {source.description} has its own "
+                            "validation split; drop the flag")
+        keep = [max(1, len(idx) - math.ceil(self.config.train_val_split * len(idx))) for idx in order]
+        return [idx[:k] for idx, k in zip(order, keep)], ("train", flat_sorted([idx[k:] for idx, k in zip(order, keep)]))
 
     def choose_val(self, source, test, unused):
         """(val, test): the source's own val split if it has one, else per `val_source`."""
@@ -167,7 +184,8 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
         cfg = self.config
         return LTInfo(
             dataset=self.DATASET, class_names=list(source.class_names), train_counts=[int(c) for c in counts],
-            groups=assign_groups(counts, cfg.many_threshold, cfg.few_threshold), imb=float(cfg.imb),
+            groups=assign_groups(counts, cfg.many_threshold, cfg.few_threshold),
+            imb=None if cfg.imb is None else float(cfg.imb), train_val_split=cfg.train_val_split,
             max_per_class=int(n_max), seed=cfg.seed, selection=cfg.selection, val_source=cfg.val_source,
             val_per_class=cfg.val_per_class, many_threshold=cfg.many_threshold, few_threshold=cfg.few_threshold,
             source=source.description, split_sizes={s: int(len(idx)) for s, (_, idx) in plan.items()},
@@ -276,9 +294,7 @@ class ListLTBuilder(LTBuilder):
         return sources.read_oltr(cfg.data_dir, lists, cfg.class_names_file, cfg.relabel_by_name)
 
     def train_counts(self, order):
-        n_max = self.config.max_per_class or max(len(o) for o in order)
-        counts = [min(len(o), n_max) for o in order]
-        return counts, n_max
+        return source_counts(order, self.config.max_per_class)
 
     def lt_info(self, source, plan, counts, n_max):
         info = super().lt_info(source, plan, counts, n_max)

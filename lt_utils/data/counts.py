@@ -20,6 +20,13 @@ def lt_counts(n_max, imb, num_classes):
     return [int(n_max * (1.0 / imb) ** (i / (num_classes - 1.0))) for i in range(num_classes)]
 
 
+def source_counts(order, max_per_class=None):
+    """(counts, n_max) keeping each class's own images (a source already long-tailed, OLTR lists), capped at
+    `max_per_class` when given."""
+    n_max = max_per_class or max(len(o) for o in order)
+    return [min(len(o), n_max) for o in order], n_max
+
+
 def check_no_empty_class(counts, class_names, hint):
     """Every class must keep at least one training image."""
     for i, n in enumerate(counts):

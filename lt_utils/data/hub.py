@@ -39,7 +39,7 @@ def dataset_card(info, split_sizes):
         tags=["long-tail", "image-classification", "lt-hf"], task_categories=["image-classification"])
     groups = info.group_counts()
     body = "\n".join([
-        f"# {info.dataset} (imbalance ratio {info.imb:g}, n_max {info.max_per_class})", "",
+        f"# {info.dataset} (imbalance ratio {info.imb_text}, n_max {info.max_per_class})", "",
         f"Long-tailed split built by lt-hf's `build_lt.py` from {info.source}: {len(info.class_names)} classes, "
         f"train images per class from {max(info.train_counts)} to {min(info.train_counts)}; groups by training count: "
         f"many > {info.many_threshold} ({groups['many']} classes), medium ({groups['medium']}), "

@@ -33,6 +33,15 @@ class LTInfo:
     hf_source: dict = None
     # groups from the counts of the same source at this rho (LIFT: rho 100 for every CIFAR-100-LT); None: own counts
     groups_from_imb: float = None
+    # --train_val_split: the fraction of each class's source train images held out as validation; None: val_source
+    train_val_split: float = None
+
+    @property
+    def imb_text(self):
+        """The ratio as reports show it: rho, or the source's own counts (--imb none) with the ratio they realise."""
+        if self.imb is not None:
+            return f"{self.imb:g}"
+        return f"none (the source's counts: {max(self.train_counts) / max(1, min(self.train_counts)):g})"
 
     @property
     def num_classes(self):
@@ -55,7 +64,8 @@ class LTInfo:
             return self
         if self.imb is None:
             raise UserError(f"--groups_from_imb needs a dataset split by the rho rule (cifar100_lt, cifar10_lt, "
-                            f"fashion_mnist_lt, imagefolder_lt); {self.dataset} comes from lists: drop the flag")
+                            f"fashion_mnist_lt, imagefolder_lt, hf_lt); {self.dataset} keeps its source's counts "
+                            "(lists, --imb none): drop the flag")
         if float(imb) < 1:
             raise UserError(f"--groups_from_imb {imb:g}: the reference ratio must be >= 1, e.g. 100")
         info = dataclasses.replace(self, groups_from_imb=float(imb))

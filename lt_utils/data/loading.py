@@ -44,7 +44,7 @@ def _abs(path):
 
 
 def check_params(imb, max_per_class, val_per_class, val_source, selection, many_threshold, few_threshold):
-    if imb < 1:
+    if imb is not None and imb < 1:
         raise UserError(f"imb={imb:g}: the imbalance ratio must be >= 1 (n_max / n_min); pass e.g. --imb 100")
     if max_per_class is not None and (int(max_per_class) != max_per_class or max_per_class < 1):
         raise UserError(f"max_per_class={max_per_class}: must be a positive integer (or unset for the source maximum)")
@@ -64,7 +64,7 @@ def load_lt_dataset(
     many_threshold=100, few_threshold=20, cache_dir=None, test_dir=None, val_dir=None, test_per_class=50,
     relabel_by_name=False, config_name=None, dataset_name=None, dataset_revision=None, train_split="train",
     validation_split=None, test_split=None, image_column_name="image", label_column_name="label",
-    max_train_samples=None, trust_remote_code=False,
+    max_train_samples=None, trust_remote_code=False, train_val_split=None,
 ):
     """Build (or reuse from the `datasets` cache) an LT split; returns (DatasetDict train/val/test, LTInfo).
 
@@ -73,7 +73,8 @@ def load_lt_dataset(
         last two every other argument but `cache_dir` is ignored.
     config_name: a named builder config (e.g. fashion_mnist_lt's "quickstart": imb 100, n_max 600) whose values
         replace the defaults; an argument set to something else as well is refused.
-    imb: ρ = n_max / n_min >= 1; class i keeps floor(n_max * ρ**(-i/(C-1))) images. Unused by the list datasets.
+    imb: ρ = n_max / n_min >= 1; class i keeps floor(n_max * ρ**(-i/(C-1))) images. None: every class keeps its
+        source images (a source already long-tailed; `max_per_class` caps them). Unused by the list datasets.
     data_dir: local source (CIFAR python dir, IDX dir, image root of the lists, folder-per-class);
         None -> the Hub (fashion_mnist: Debian's IDX dir when installed, else the Hub).
     max_per_class: n_max; None -> the smallest class of the source train set (500 CIFAR-100, 5000 CIFAR-10,
@@ -81,7 +82,8 @@ def load_lt_dataset(
     seed, selection: which images fill each class ("rng", "lift", "first"; see counts.class_order).
     val_per_class, val_source: val = up to `val_per_class` unused source-train images per class
         ("unused_train"), or the first `val_per_class` test images per class, taken out of test ("test_slice").
-        A val list / `val_dir` takes precedence.
+        A val list / `val_dir` takes precedence. train_val_split: instead, a source without a validation split holds
+        out this fraction of each class's train images as val, before the LT rule.
     test_dir, val_dir, test_per_class: imagefolder_lt only (held-out test size per class without `test_dir`).
     relabel_by_name: list datasets; class ids = rank of the class name (LIFT's iNat order).
     dataset_name (builder "hf_lt", `name` may then be None): any `datasets` image-classification dataset, a Hub id or a
@@ -104,7 +106,7 @@ def load_lt_dataset(
         key = canonical_name(name)
     if key != DatasetsLT.DATASET:  # flags of a `datasets` source: refused rather than ignored
         hf_only = dict(dataset_revision=dataset_revision, validation_split=validation_split, test_split=test_split,
-                       max_train_samples=max_train_samples, trust_remote_code=trust_remote_code or None,
+                       max_train_samples=max_train_samples,
                        train_split=None if train_split == "train" else train_split,
                        image_column_name=None if image_column_name == "image" else image_column_name,
                        label_column_name=None if label_column_name == "label" else label_column_name)
@@ -115,7 +117,7 @@ def load_lt_dataset(
     builder_cls = BUILDERS[key]
     given = dict(imb=imb, max_per_class=max_per_class, seed=seed, selection=selection, val_per_class=val_per_class,
                  val_source=val_source, many_threshold=many_threshold, few_threshold=few_threshold,
-                 test_per_class=test_per_class)
+                 test_per_class=test_per_class, train_val_split=train_val_split)
     hf = {}
     if key == DatasetsLT.DATASET:
         hf = dict(source_name=_local_or_id(dataset_name), dataset_config_name=config_name,
@@ -131,12 +133,13 @@ def load_lt_dataset(
     if key == "fashion_mnist_lt" and data_dir is None:
         data_dir = sources.default_fashion_mnist_dir()
     params = dict(
-        imb=float(imb) if builder_cls.USES_IMB else 1.0, data_dir=_abs(data_dir), max_per_class=None if max_per_class is None else int(max_per_class),
+        imb=(None if imb is None else float(imb)) if builder_cls.USES_IMB else 1.0, data_dir=_abs(data_dir), max_per_class=None if max_per_class is None else int(max_per_class),
         seed=int(given["seed"]), selection=given["selection"], val_per_class=int(given["val_per_class"]),
         val_source=given["val_source"], many_threshold=given["many_threshold"], few_threshold=given["few_threshold"],
         train_list=_abs(train_list), val_list=_abs(val_list), test_list=_abs(test_list),
         class_names_file=_abs(class_names_file), relabel_by_name=bool(relabel_by_name), test_dir=_abs(test_dir),
         val_dir=_abs(val_dir), test_per_class=int(given["test_per_class"]),
+        train_val_split=given["train_val_split"],
     )
     params.update(hf)
     if hf:
@@ -155,7 +158,7 @@ def load_lt_dataset(
         raise
     ds = datasets.DatasetDict({s: _as_split(builder, s) for s in SPLITS})
     if ds["val"].num_rows == 0:
-        warnings.warn(f"{key}: the val split is empty; pass a val list, --val_dir or --val_source test_slice")
+        warnings.warn(f"{key}: the val split is empty; pass a val list, --val_dir, --train_val_split or --val_source test_slice")
     return ds, LTInfo.from_dataset(ds["train"])
 
 
