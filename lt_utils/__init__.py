@@ -6,7 +6,7 @@ another group of its level; imports inside functions count too. tests/test_layer
     0 base     __init__ errors registry fileio help_choices
     1 helpers  batchnorm compile schedule samplers transforms prompts losses metrics lt_metric reports merge
     2 data     data data.*
-    2 models   heads peft_modules cifar_resnet text_towers modeling_lt models peft_methods head_init zeroshot
+    2 models   methods heads peft_modules cifar_resnet text_towers modeling_lt models peft_methods head_init zeroshot
     3 saving   checkpoint hub_files hub exports runs
     4 config   config spec
     5 run      data_loaders engine training eval_runs inference

@@ -21,7 +21,7 @@ from lt_utils.head_init import HEAD_INITS  # noqa: E402
 from lt_utils.heads import HEADS  # noqa: E402
 from lt_utils.losses import LOSSES, build_loss  # noqa: E402
 from lt_utils.models import BACKBONES  # noqa: E402
-from lt_utils.peft_methods import METHODS, Method  # noqa: E402
+from lt_utils.methods import METHODS, MethodConfig, register_method, unregister_method  # noqa: E402
 from lt_utils.prompts import PROMPT_MODES  # noqa: E402
 from lt_utils.registry import Registry  # noqa: E402
 from lt_utils.transforms import TTE_MODES  # noqa: E402
@@ -90,26 +90,23 @@ def _is_layer_norm_key(key):
     return key.startswith("backbone.") and ("layernorm" in key or "layer_norm" in key)
 
 
-class LayerNormTuning(Method):
-    """Trains the backbone's LayerNorms (and the head): all a method has to say, in one class."""
-
-    trains = "the backbone's LayerNorm weights and biases"
-
-    def apply(self, model, **_):
-        for module in model.backbone.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.requires_grad_(True)
-        return model
+def tune_layer_norms(model, config):
+    """Trains the backbone's LayerNorms (and the head): all a method without settings has to say, besides one
+    register call."""
+    for module in model.backbone.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.requires_grad_(True)
+    return model
 
 
 @pytest.fixture
 def ln_method():
-    entry = LayerNormTuning()
-    METHODS.register("ln_test", entry)
+    entry = register_method("ln_test", MethodConfig, tune_layer_norms, trains="the backbone's LayerNorm weights and "
+                                                                             "biases")
     try:
         yield entry
     finally:
-        METHODS.unregister("ln_test")
+        unregister_method("ln_test")
 
 
 def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identically_and_resumes(
@@ -128,7 +125,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
              "--learning_rate", "0.01", "--checkpointing_steps", "4"]
     run_main(tiny_train_args(idx_dir, out, *flags))
     model, meta = load_export(out / "best")
-    assert meta["method"] == "ln_test" and meta["arch"] == {"adapters": None, "adapter_dim": None}
+    assert meta["method_config"] == {"name": "ln_test", "partial_layers": None}
 
     # the export holds the whole model once; the head and the LayerNorms trained, the rest is the base checkpoint
     from lt_utils.models import build_lt_model

@@ -281,7 +281,7 @@ def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
         make_soup(paths, tmp_path / "prog", mode="progressive", progress=False)
     make_soup(paths, tmp_path / "uni", progress=False)
     assert torch.equal(_weights(tmp_path / "uni")[up], torch.full(keys[up].shape, 1.5))
-    assert load_export(tmp_path / "uni")[1]["arch"]["adapters"] == "adaptformer"
+    assert load_export(tmp_path / "uni")[1]["method_config"]["base"]["name"] == "adaptformer"
 
 
 # ---------------------------------------------------------------------------------------------------- memory
