@@ -22,42 +22,34 @@ from lt_utils.errors import UserError, cli_entry
 logger = logging.getLogger("lt")
 
 
-def _import_training():
-    """The training stack (torch, transformers, accelerate, datasets), imported once the flags are parsed, so --help
-    and flag errors answer in about a second; bound as this script's globals, where the functions below find them."""
+@cli_entry
+def main(argv=None):
+    # everything is checked (flags, paths, the resumed spec, data, model, resume state) before the output dir is touched
+    values = parse_train_args(argv)
+    # the training stack (torch, transformers, accelerate, datasets) once the flags are parsed, so --help and flag
+    # errors answer in about a second; each function below imports what it uses the same way
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from lt_utils import data_loaders as D
     from lt_utils import training as T
-    from lt_utils.checkpoint import (check_finite, checkpoint_dir, check_resume_identity, load_export,
-                                     register_trainable_only_hooks, write_resume_record)
+    from lt_utils.checkpoint import check_resume_identity, register_trainable_only_hooks
     from lt_utils.compile import keep_eager_state_keys
-    from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
-    from lt_utils.fileio import atomic_write_json, read_json, replace_dir
+    from lt_utils.engine import EMA, NonFiniteLoss, TrainState, linear_warmup_cosine
+    from lt_utils.fileio import atomic_write_json
     from lt_utils.losses import LossOptions, build_loss
-    from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
-    from lt_utils.exports import Exporter, refresh_model_card
+    from lt_utils.methods import METHODS
     from lt_utils.peft_methods import trainable_parameter_count
     from lt_utils.reports import format_markdown_table
-    from lt_utils.schedule import eval_interval, plan_steps
-    from lt_utils.spec import RunSpec, describe_changes, flat_record
+    from lt_utils.schedule import plan_steps
+    from lt_utils.spec import describe_changes, flat_record
 
-    globals().update(locals())
-
-
-@cli_entry
-def main(argv=None):
-    # everything is checked (flags, paths, the resumed spec, data, model, resume state) before the output dir is touched
-    values = parse_train_args(argv)
-    _import_training()
     spec = T.resolve_run_spec(values, T.launch_processes())
     data, model_spec, loss, optim, output = spec.data, spec.model, spec.loss, spec.optim, spec.output
     T.check_run_paths(spec)
     if output.push_to_hub:
         from lt_utils.hub import check_adapter_push
-        from lt_utils.peft_methods import METHODS
 
         check_adapter_push(output.hub_push, METHODS.get(spec.method.method).peft, model_spec.model_name_or_path)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -175,14 +167,14 @@ def main(argv=None):
 class Run:
     """The training loop's state shared by the functions below (the export side is in `exporter`)."""
 
-    spec: "RunSpec"
+    spec: object  # spec.RunSpec
     accelerator: object
     info: object  # LTInfo of the data
     train_model: object  # the prepared model (or head, for --method head) the optimizer steps
-    exporter: "Exporter"
+    exporter: object  # exports.Exporter
     val_loader: object
     ema: object  # engine.EMA or None
-    state: "TrainState"
+    state: object  # engine.TrainState
     plan: object  # schedule.StepPlan
     resume_changes: tuple = ()  # the flag changes resumes of this run were allowed (recorded in every checkpoint)
     batch_transform: object = None  # --augment_on_device: finishes each training batch on the accelerator
@@ -192,6 +184,8 @@ class Run:
 
 def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augment):
     """The epoch loop from wherever the state says (a resume starts mid-epoch, skipping the batches already seen)."""
+    from lt_utils.engine import train_one_epoch
+
     optim, accelerator, state, plan = ctx.spec.optim, ctx.accelerator, ctx.state, ctx.plan
     if state.completed_steps >= plan.total_steps:  # resumed at (or after) the last step: no step more
         return
@@ -212,6 +206,9 @@ def run_epochs(ctx, train_loader, optimizer, loss_fn, schedule, progress, augmen
 
 def eval_every(evaluation, plan):
     """Validation interval in optimizer steps: --num_evals (LT-Soups' 5 per run) or --eval_steps."""
+    from lt_utils import training as T
+    from lt_utils.schedule import eval_interval
+
     if evaluation.num_evals is None:
         return T.every_n_steps(evaluation.eval_steps, plan, "--eval_steps")
     return eval_interval(evaluation.num_evals, plan.total_steps)
@@ -240,6 +237,10 @@ def with_ema(ctx, fn):
 
 
 def validate(ctx, step):
+    from lt_utils import training as T
+    from lt_utils.engine import evaluate
+    from lt_utils.metrics import scalar_metrics, selection_score
+
     a = ctx.accelerator
     metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc="val")
     a.log({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
@@ -260,6 +261,10 @@ def export(ctx, name, metrics=None):
 
 def save_checkpoint(ctx, step):
     """Resume state written to a temp name and renamed: an interrupted save never looks like a checkpoint."""
+    from lt_utils import training as T
+    from lt_utils.checkpoint import checkpoint_dir, write_resume_record
+    from lt_utils.fileio import replace_dir
+
     a, final = ctx.accelerator, checkpoint_dir(ctx.spec.output.output_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if a.is_main_process and tmp.exists():  # left by a killed save
@@ -278,6 +283,8 @@ def load_resume_state(accelerator, resume, train_model, optimizer):
     """accelerator.load_state, with unreadable or non-finite states refused in one line. Flags changed under
     --resume_allow_changes set the optimizer's hyperparameters (another --optimizer starts without the checkpoint's
     moments, which are another optimizer's)."""
+    from lt_utils.checkpoint import check_finite
+
     path, changed = resume.path, resume.changes and accelerator.state.deepspeed_plugin is None
     fresh = copy.deepcopy(optimizer.state_dict()) if changed else None  # no step yet: hyperparameters only
     try:
@@ -299,6 +306,14 @@ def load_resume_state(accelerator, resume, train_model, optimizer):
 
 def test_exports(ctx, test_ds, spec):
     """Evaluate best/ and final/ on the test split, reloaded from disk exactly as eval_lt.py would."""
+    from lt_utils import data_loaders as D
+    from lt_utils import training as T
+    from lt_utils.checkpoint import load_export
+    from lt_utils.engine import evaluate
+    from lt_utils.exports import refresh_model_card
+    from lt_utils.fileio import atomic_write_json, read_json
+    from lt_utils.metrics import scalar_metrics, with_split_groups
+
     a, data, results = ctx.accelerator, ctx.spec.data, {}
     loader = a.prepare(D.image_loader(test_ds, D.test_transform(spec, data), data.per_device_eval_batch_size,
                                       data.num_workers))

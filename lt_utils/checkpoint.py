@@ -284,7 +284,7 @@ def load_export(export_dir):
         raise UserError(f"{export_dir}: the model cannot be built from its config.json and weights "
                         f"({err.__class__.__name__}: {_first_line(err)}); re-export it") from None
     wrong = sorted(info.get("missing_keys") or []) + sorted(info.get("unexpected_keys") or []) + \
-        [str(k) for k in info.get("mismatched_keys") or []]
+        sorted(str(k) for k in info.get("mismatched_keys") or [])
     if wrong:
         raise UserError(f"{export_dir}: its weights do not match its config.json ({len(wrong)} tensors, e.g. "
                         f"{wrong[0]}); re-export it")

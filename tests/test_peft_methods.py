@@ -321,9 +321,18 @@ def test_export_holds_every_tensor_once_and_reloads_exactly(vit_dir, tmp_path):
     # the recorded config is what rebuilds the modules: another r builds r=4 adapters, which the r=2 weights do not fit
     path = export / "config.json"
     path.write_text(path.read_text().replace('"r": 2', '"r": 4'))
-    with pytest.raises(UserError, match=re.escape("do not match its config.json (6 tensors, e.g. ('lt.adapters.0.up.weight', "
-                                                  "torch.Size([32, 2]), torch.Size([32, 4])))")):
+    with pytest.raises(UserError, match=re.escape("do not match its config.json (6 tensors, e.g. ('lt.adapters.0.down.bias', "
+                                                  "torch.Size([2]), torch.Size([4])))")):
         load_export(export)
+
+    # a method trained on top of it (--init_from) keeps its record as "base": the modules come from there, whatever
+    # the new method's own settings
+    from lt_utils.modeling_lt import lt_model_from_config
+
+    config = read_export_config(export)
+    config.method = {"name": "full", "partial_layers": 1, "base": {**config.method, "r": 2}}
+    rebuilt = lt_model_from_config(config)
+    assert len(rebuilt.adapters) == 2 and rebuilt.adapters[0].down.out_features == 2
 
 
 def test_merge_lora_state_dict_is_the_peft_model(clip_dir):
