@@ -22,7 +22,7 @@ from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, head_parameter_count, trainable_parameter_count
 from .prompts import check_prompt_args
 from .schedule import check_schedule_flags
-from .spec import MethodSpec, RunSpec, changed_flags, method_config_of, describe_changes, flat_record
+from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record, method_config_of
 
 
 # -------------------------------------------------------------------------------------------------- the spec
