@@ -15,7 +15,6 @@ mappings do).
 """
 import dataclasses
 import importlib
-from typing import ClassVar
 
 from .errors import UserError, require
 from .registry import Registry
@@ -39,13 +38,12 @@ def bottleneck_dim(num_classes, num_layers):
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
     """What a method builds, once its defaults are resolved. Field names are the train_lt.py flags they come from
-    (`from_settings`), so the flag table maps into every method's config the same way; `derived` fills the settings
-    LIFT derives from the model (stored as numbers, so a rebuild reads them instead of deriving them again)."""
+    (`from_settings`), so the flag table maps into every method's config the same way; `derive` checks the settings
+    and fills those LIFT derives from K classes and L blocks (stored as numbers, so a rebuild reads them instead of
+    deriving them again)."""
 
     name: str
     partial_layers: int | None = None  # the last k blocks tuned (None: all)
-
-    derived: ClassVar[tuple] = ()  # fields whose None is replaced by `derive`
 
     @classmethod
     def from_settings(cls, name, num_classes, num_layers, **settings):
@@ -61,12 +59,6 @@ class MethodConfig:
     def to_record(self):
         """The config as config.json holds it: {"name": ..., field: value, ...} (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_record(cls, record):
-        """The config an export recorded (fields it lacks keep their defaults)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: _frozen(v) for k, v in record.items() if k in names})
 
 
 def _frozen(value):
@@ -196,13 +188,6 @@ def unregister_method(name):
 def method_config(name, num_classes, num_layers, **settings):
     """The config of --method `name` with `settings` (flag name -> value), LIFT's defaults resolved."""
     return METHODS.get(name).config.from_settings(name, num_classes, num_layers, **settings)
-
-
-def config_from_record(record):
-    """The MethodConfig an export recorded ({"name": ..., fields}); a name no longer registered is a UserError."""
-    require(isinstance(record, dict) and isinstance(record.get("name"), str),
-            f"the recorded method {record!r} is not a {{'name': ..., settings}} mapping; re-export it")
-    return METHODS.get(record["name"]).config.from_record(record)
 
 
 _BLOCKS = {"init_from": True}
