@@ -28,23 +28,6 @@ from lt_utils.errors import cli_entry, require
 logger = logging.getLogger("lt")
 
 
-def _import_evaluation():
-    """torch, transformers, accelerate and datasets, imported once the flags are parsed (--help answers without them);
-    bound as this script's globals, where the functions below find them."""
-    from lt_utils import eval_runs as E
-    from lt_utils import data_loaders as D
-    from lt_utils.checkpoint import load_export
-    from lt_utils.compile import dynamo_plugin
-    from lt_utils.engine import evaluate
-    from lt_utils.fileio import atomic_write_text
-    from lt_utils.metrics import with_split_groups
-    from lt_utils.prompts import check_prompt_args
-    from lt_utils.reports import format_markdown_table
-    from lt_utils.spec import CompileSpec, DataSpec
-
-    globals().update(locals())
-
-
 def get_args_parser():
     parser = ArgumentParser(
         description="Long-tail evaluation (many/medium/few) of export dirs, Hub ids or a zero-shot CLIP / SigLIP.",
@@ -64,8 +47,17 @@ def get_args_parser():
 def main(argv=None):
     parser = get_args_parser()
     args = argparse.Namespace(**resolve_cross_flags(vars(parser.parse_args(argv))))
-    _import_evaluation()
+    # torch, transformers, accelerate and datasets once the flags are parsed (--help answers without them); each
+    # function below imports what it uses the same way
     from accelerate import Accelerator
+
+    from lt_utils import data_loaders as D
+    from lt_utils import eval_runs as E
+    from lt_utils.compile import dynamo_plugin
+    from lt_utils.fileio import atomic_write_text
+    from lt_utils.prompts import check_prompt_args
+    from lt_utils.reports import format_markdown_table
+    from lt_utils.spec import CompileSpec, DataSpec
 
     passed = E.passed_flags(parser, argv, E.RECORDED_FLAGS)
     require(args.runs or args.zero_shot, "nothing to evaluate; pass export dirs, run dirs or Hub ids, or --zero_shot")
@@ -100,6 +92,8 @@ def main(argv=None):
 
 def target_data(target, first, args, passed, accelerator, loaded):
     """(data flags, DatasetDict, LTInfo) a target is evaluated on, its labels checked against the dataset's."""
+    from lt_utils import eval_runs as E
+
     # zero-shot next to exports runs on the first export's split
     data_args = E.data_args_for(args, target.recorded or first.recorded, passed)
     ds, info = load_split(data_args, accelerator, loaded)
@@ -111,6 +105,10 @@ def target_data(target, first, args, passed, accelerator, loaded):
 
 def load_split(data_args, accelerator, loaded):
     """(DatasetDict, LTInfo with the thresholds of data_args), loaded once per distinct set of data flags."""
+    from lt_utils import data_loaders as D
+    from lt_utils import eval_runs as E
+    from lt_utils.spec import DataSpec
+
     key = json.dumps(vars(data_args), sort_keys=True, default=str)
     if key not in loaded:
         ds, info = D.load_data(DataSpec.from_values(vars(data_args)), accelerator)
@@ -121,6 +119,13 @@ def load_split(data_args, accelerator, loaded):
 
 
 def evaluate_target(target, args, data_args, ds, info, accelerator):
+    from lt_utils import data_loaders as D
+    from lt_utils import eval_runs as E
+    from lt_utils.checkpoint import load_export
+    from lt_utils.engine import evaluate
+    from lt_utils.metrics import with_split_groups
+    from lt_utils.spec import DataSpec
+
     if target.zero_shot:
         from lt_utils.zeroshot import build_zero_shot
 

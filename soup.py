@@ -51,11 +51,10 @@ def get_args_parser():
 
 @cli_entry
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = argparse.Namespace(**resolve_cross_flags(vars(get_args_parser().parse_args(argv))))
     # torch, accelerate: imported once the flags are parsed (--help answers without them)
     from accelerate import PartialState
 
-    args = argparse.Namespace(**resolve_cross_flags(vars(get_args_parser().parse_args(argv))))
     from lt_utils.runs import default_soup_dir, expand_ingredients
     from lt_utils.soup import build_val_scorer, make_soup
     from lt_utils.spec import DataSpec

@@ -6,10 +6,10 @@ another group of its level; imports inside functions count too. tests/test_layer
     0 base     __init__ errors registry fileio help_choices
     1 helpers  batchnorm compile schedule samplers transforms prompts losses metrics lt_metric reports merge protocols
     2 data     data data.*
-    2 models   heads peft_modules cifar_resnet text_towers modeling_lt models peft_methods head_init zeroshot
+    2 models   methods heads peft_modules cifar_resnet text_towers modeling_lt models peft_methods head_init zeroshot
     3 saving   checkpoint hub_files hub exports runs paper_tables
     4 config   config spec
-    5 run      data_loaders engine training eval_runs inference
+    5 run      data_loaders engine training run_loop eval_runs inference
     6 soup     soup
     7 scripts  train_lt.py soup.py eval_lt.py predict.py data_scripts/build_lt.py scripts/convert_export.py
     7 scripts  scripts/reproduce.py

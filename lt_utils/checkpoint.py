@@ -35,6 +35,8 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 OLD_LAYOUT_FILE = "lt_model.json"  # the record of exports written by earlier versions
 CONVERT_COMMAND = "python scripts/convert_export.py"
+V3_FORMAT = "lt-export-v3"  # config.json with the method's name in `method` and its modules' settings in `arch`
+CONVERTIBLE_FORMATS = (V3_FORMAT,)  # earlier config.json layouts the converter rewrites
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
 
@@ -168,6 +170,9 @@ def read_export_config(export_dir):
         found = record.get("model_type") if isinstance(record, dict) else type(record).__name__
         raise UserError(f"{path} is a {found!r} model, not an lt-hf export; pass a final/ or best/ folder written by "
                         "train_lt.py or soup.py")
+    if record.get("lt_format") in CONVERTIBLE_FORMATS:
+        raise UserError(f"{path} has format {record.get('lt_format')}; this version reads {EXPORT_FORMAT}: convert it "
+                        f"once with {CONVERT_COMMAND} {export_dir} NEW_DIR and use NEW_DIR")
     if record.get("lt_format") != EXPORT_FORMAT:
         raise UserError(f"{path} has format {record.get('lt_format')!r}; this version reads {EXPORT_FORMAT}; "
                         "re-export it")
@@ -179,7 +184,7 @@ def read_export_config(export_dir):
     return config
 
 
-_RECORD_TYPES = {"backbone_spec": dict, "lt_info": dict, "head_init": dict, "arch": dict, "run": dict,
+_RECORD_TYPES = {"backbone_spec": dict, "lt_info": dict, "head_init": dict, "method": dict, "run": dict,
                  "backbone_model_config": dict, "id2label": dict}
 
 
@@ -273,12 +278,13 @@ def load_export(export_dir):
     try:
         with _quiet_transformers():
             hf_model, info = LTForImageClassification.from_pretrained(
-                str(export_dir), config=config, dtype=torch.float32, output_loading_info=True)
+                str(export_dir), config=config, dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True)  # reported as mismatched_keys below: the refusal names the tensor
     except Exception as err:  # weights that do not fit the recorded architecture, or a record that builds nothing
         raise UserError(f"{export_dir}: the model cannot be built from its config.json and weights "
                         f"({err.__class__.__name__}: {_first_line(err)}); re-export it") from None
     wrong = sorted(info.get("missing_keys") or []) + sorted(info.get("unexpected_keys") or []) + \
-        [str(k) for k in info.get("mismatched_keys") or []]
+        sorted(str(k) for k in info.get("mismatched_keys") or [])
     if wrong:
         raise UserError(f"{export_dir}: its weights do not match its config.json ({len(wrong)} tensors, e.g. "
                         f"{wrong[0]}); re-export it")
@@ -307,7 +313,8 @@ def export_record(config, export_dir=None):
     run = dict(config.run)
     return {
         "format": config.lt_format, "base_model": config.base_model, "from_scratch": bool(config.from_scratch),
-        "seed": config.seed, "backbone": dict(config.backbone_spec), "arch": dict(config.arch), "method": config.method,
+        "seed": config.seed, "backbone": dict(config.backbone_spec), "method": config.method.get("name"),
+        "method_config": dict(config.method),
         "head": {"type": config.head_type, "scale": config.head_scale, **config.head_init},
         "num_labels": config.num_labels, "id2label": {str(i): n for i, n in enumerate(labels)},
         "label2id": {n: i for i, n in enumerate(labels)}, "lt_info": info,

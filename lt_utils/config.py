@@ -222,17 +222,19 @@ def str2bool(value):
     return parsed
 
 
-def _lazy(module, attr, extra=(), needs=None, in_help=True):
-    """choices read when checked, from the module that owns them, named (not imported) here: those modules import
-    torch, which the table (and so --help) must not wait for. `attr` is a registry (its names(): entries registered
-    later count too), a function or a sequence; `extra` goes first. --help lists them without importing `needs`
-    (default: `module`) while it is not loaded (`_help_choices`); `in_help=False`: never listed."""
+def _lazy(module, attr, extra=(), needs=None, in_help=True, light=False):
+    """choices read when checked, from the module that owns them, named (not imported) here: most of those modules
+    import torch, which the table (and so --help) must not wait for. `attr` is a registry (its names(): entries
+    registered later count too), a function or a sequence; `extra` goes first. --help lists them without importing
+    `needs` (default: `module`) while it is not loaded (`_help_choices`), unless the module is `light` (imports no
+    heavy package: --help reads it); `in_help=False`: never listed."""
     def choices():
         names = getattr(importlib.import_module(module, __package__), attr)
         names = names.names() if hasattr(names, "names") else names() if callable(names) else names
         return [*extra, *names]
     choices.key = f"{importlib.util.resolve_name(module, __package__)}.{attr}"
     choices.needs, choices.extra, choices.in_help = needs or choices.key.rsplit(".", 1)[0], list(extra), in_help
+    choices.light = light
     return choices
 
 
@@ -246,10 +248,10 @@ def _report_targets():
 
 
 def _method_help():
-    """'name: what it trains; ...' of every --method (from the registry once loaded, else as `_help_choices`)."""
-    methods = getattr(sys.modules.get(__package__ + ".peft_methods"), "METHODS", None)
-    trains = {name: methods.get(name).trains for name in methods} if methods else help_choices.METHOD_TRAINS
-    return "; ".join(f"{name}: {text}" for name, text in trains.items())
+    """'name: what it trains; ...' of every --method (the registry is declared without torch)."""
+    from .methods import METHODS
+
+    return "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS)
 
 
 def _pos(kind, default=None, help="", nullable=False, **kw):
@@ -372,7 +374,7 @@ _MODEL_FLAGS = _group("model", {
     "head_init": Flag("str", "text", choices=_registry(".head_init", "HEAD_INITS"), **_MODEL),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
                             "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
-                            choices=_registry(".prompts", "PROMPT_MODES"), **_MODEL),
+                            choices=_registry(".prompts", "PROMPT_MODES", light=True), **_MODEL),
     "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}",
                                    input_path=True, **_MODEL),
     "seed": _seed(0, "seed of new modules, the random head, sampling and augmentation", **_MODEL),
@@ -382,7 +384,8 @@ _MODEL_FLAGS = _group("model", {
 })
 
 _METHOD = _group("method", {
-    "method": Flag("str", "adaptformer", _method_help, choices=_registry(".peft_methods", "METHODS"), **_MODEL),
+    "method": Flag("str", "adaptformer", _method_help, choices=_registry(".methods", "METHODS", light=True),
+                   **_MODEL),
     "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
                         nullable=True, **_MODEL),
     # 0 passes the table so that its refusal can name the method that is LIFT's partial 0 (training.check_partial)
@@ -394,7 +397,7 @@ _METHOD = _group("method", {
                        low=0, low_open=True, high=1, nullable=True, **_MODEL),
     "mask_seed": _seed(0, "--method mask: seed of the entries chosen (LIFT: 0)", **_MODEL),
     "lora_init": Flag("str", "peft", "LoRA A init: peft's U(+-1/sqrt(D)) or LIFT's U(+-1/sqrt(r)) (its A is (D, r))",
-                      choices=_lazy(".peft_methods", "LORA_INITS"), **_MODEL),
+                      choices=_lazy(".methods", "LORA_INITS", light=True), **_MODEL),
     "lora_alpha": Flag("float", 1.0, low=0, low_open=True, **_MODEL),
     "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True, **_MODEL),
     "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+",
@@ -442,7 +445,7 @@ _OPTIM = _group("optim", {
     "momentum": Flag("float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1, high_open=True),
     "lr_scheduler_type": Flag("str", "cosine", "cosine (to --min_lr_ratio), cosine_epoch (LIFT), constant; "
                               "transformers' linear, constant_with_warmup, inverse_sqrt: as "
-                              "transformers.get_scheduler steps them (warm-up step/warmup from 0)", choices=_lazy(".schedule", "SCHEDULES")),
+                              "transformers.get_scheduler steps them (warm-up step/warmup from 0)", choices=_lazy(".schedule", "SCHEDULES", light=True)),
     "num_warmup_steps": _nonneg("int", None, "default: 0 (SGD), max(20, 1%% of steps) (AdamW)", nullable=True),
     "warmup_start_factor": Flag("float", None, "LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the "
                                 "lr at step --num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: "
@@ -619,7 +622,7 @@ def _help_choices(flag):
         return flag.choice_list()
     if not source.in_help:
         return None
-    if source.needs in sys.modules:
+    if source.light or source.needs in sys.modules:
         try:
             return flag.choice_list()
         except (ImportError, AttributeError):  # a registry that cannot load (or is loading) must not break --help

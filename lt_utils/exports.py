@@ -3,7 +3,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .checkpoint import export_record, read_export_config, write_export
+from .checkpoint import V3_FORMAT, export_record, read_export_config, write_export
 from .errors import UserError
 from .hub import model_card
 from .hub_files import plain_adapter_writer
@@ -84,42 +84,31 @@ def refresh_model_card(export_dir, metrics):
 
 
 def convert_old_export(old_dir, new_dir):
-    """Rewrite an export of the earlier layout (lt_model.json + lt_weights.safetensors + a second full copy in
-    model.safetensors) as this layout, into `new_dir` (the old folder is only read). Its model.safetensors already
-    held the whole model with LoRA merged: the new export holds those tensors, under the one config.json."""
+    """Rewrite an export of an earlier layout as this layout, into `new_dir` (the old folder is only read):
+    lt-export-v2 (lt_model.json + lt_weights.safetensors + a second full copy in model.safetensors; that copy held the
+    whole model with LoRA merged) or lt-export-v3 (one config.json, the method's settings in `arch`). The new export
+    holds the same tensors under a config.json whose `method` is the method's config (`method_record_of_v3`)."""
     import shutil
 
-    from .checkpoint import (CONFIG_FILE, HEAD_INIT_FILE, OLD_LAYOUT_FILE, load_export, read_tensors, weight_files)
+    from .checkpoint import CONFIG_FILE, HEAD_INIT_FILE, OLD_LAYOUT_FILE, load_export, read_tensors, weight_files
     from .errors import require
     from .fileio import check_outputs_apart, read_json
     from .hub_files import ADAPTER_DIR
-    from .modeling_lt import LTConfig
 
     old_dir, new_dir = Path(old_dir), Path(new_dir)
-    require((old_dir / OLD_LAYOUT_FILE).is_file(), f"{old_dir} has no {OLD_LAYOUT_FILE}: it is not an export of the "
-                                                  "earlier layout (a current export needs no conversion)")
+    v3 = _v3_record(old_dir / CONFIG_FILE)
+    require((old_dir / OLD_LAYOUT_FILE).is_file() or v3 is not None,
+            f"{old_dir} has no {OLD_LAYOUT_FILE} and is no {V3_FORMAT} export: it is not an export of an earlier layout "
+            "(a current export needs no conversion)")
     check_outputs_apart({"NEW_DIR": new_dir}, {"OLD_DIR": old_dir})
     require(not new_dir.exists(), f"{new_dir} already exists; pass a new folder")
-    meta = read_json(old_dir / OLD_LAYOUT_FILE, "export metadata")
-    hub = read_json(old_dir / CONFIG_FILE, "export config")
-    info_path = old_dir / "lt_info.json"
-    info = read_json(info_path, "split record") if info_path.is_file() else {
-        "dataset": meta["dataset"]["dataset"], "train_counts": meta["train_counts"], "groups": meta["groups"],
-        **{k: meta["dataset"][k] for k in ("imb", "max_per_class", "seed", "selection")},
-        "many_threshold": meta["many_threshold"], "few_threshold": meta["few_threshold"]}
-    require(isinstance(meta, dict) and isinstance(hub, dict) and isinstance(info, dict),
-            f"{old_dir}: its records are not mappings; re-export it with this version")
+    if v3 is None:
+        v3 = _v3_of_v2(old_dir)
+    adapter = read_json(old_dir / ADAPTER_DIR / "adapter_config.json", "adapter config") \
+        if (old_dir / ADAPTER_DIR / "adapter_config.json").is_file() else None
     try:
-        config = LTConfig.from_dict({
-            **{k: v for k, v in hub.items() if k not in ("auto_map", "transformers_version")},
-            "arch": {k: v for k, v in meta["arch"].items() if k != "lora"}, "backbone_spec": meta["backbone"],
-            "base_model": meta["base_model"], "from_scratch": meta["from_scratch"], "seed": meta.get("seed", 0),
-            "method": meta["method"], "head_init": {k: meta["head"][k] for k in ("init", "init_fingerprint")},
-            "lt_info": {k: v for k, v in info.items() if k != "class_names"}, "soup": meta.get("soup"),
-            "run": {"balance_factor": meta["dataset"].get("balance_factor"), "data_dir": meta["dataset"].get("data_dir"),
-                    "run_name": meta.get("run_name"), "hub_model_id": meta.get("hub_model_id")},
-            "lt_format": LTConfig.export_format})
-    except (KeyError, TypeError) as err:
+        config = _config_of_v3(v3, adapter)
+    except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{old_dir}: its records lack {err}; re-export it with this version") from None
     for path in weight_files(old_dir):
         read_tensors(path)
@@ -141,3 +130,68 @@ def convert_old_export(old_dir, new_dir):
         extra.append(lambda d: shutil.copytree(old_dir / ADAPTER_DIR, Path(d) / ADAPTER_DIR))
     write_export(new_dir, config, model.state_dict(), read_tensors(old_dir / HEAD_INIT_FILE), extra_writers=extra)
     return new_dir
+
+
+def _v3_record(path):
+    """config.json of an lt-export-v3 export as a dict, else None."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("lt_format") == V3_FORMAT else None
+
+
+def _v3_of_v2(old_dir):
+    """The lt-export-v3 config.json of an lt-export-v2 export's records."""
+    from .checkpoint import CONFIG_FILE, OLD_LAYOUT_FILE
+    from .errors import require
+    from .fileio import read_json
+
+    meta = read_json(old_dir / OLD_LAYOUT_FILE, "export metadata")
+    hub = read_json(old_dir / CONFIG_FILE, "export config")
+    info_path = old_dir / "lt_info.json"
+    try:
+        info = read_json(info_path, "split record") if info_path.is_file() else {
+            "dataset": meta["dataset"]["dataset"], "train_counts": meta["train_counts"], "groups": meta["groups"],
+            **{k: meta["dataset"][k] for k in ("imb", "max_per_class", "seed", "selection")},
+            "many_threshold": meta["many_threshold"], "few_threshold": meta["few_threshold"]}
+        require(isinstance(meta, dict) and isinstance(hub, dict) and isinstance(info, dict),
+                f"{old_dir}: its records are not mappings; re-export it with this version")
+        return {
+            **{k: v for k, v in hub.items() if k not in ("auto_map", "transformers_version")},
+            "arch": {k: v for k, v in meta["arch"].items() if k != "lora"}, "backbone_spec": meta["backbone"],
+            "base_model": meta["base_model"], "from_scratch": meta["from_scratch"], "seed": meta.get("seed", 0),
+            "method": meta["method"], "head_init": {k: meta["head"][k] for k in ("init", "init_fingerprint")},
+            "lt_info": {k: v for k, v in info.items() if k != "class_names"}, "soup": meta.get("soup"),
+            "run": {"balance_factor": meta["dataset"].get("balance_factor"), "data_dir": meta["dataset"].get("data_dir"),
+                    "run_name": meta.get("run_name"), "hub_model_id": meta.get("hub_model_id")},
+            "lt_format": V3_FORMAT}
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{old_dir}: its records lack {err}; re-export it with this version") from None
+
+
+def _config_of_v3(record, adapter_config=None):
+    from .modeling_lt import LTConfig
+
+    method = method_record_of_v3(record["method"], record.get("arch") or {}, adapter_config)
+    kept = {k: v for k, v in record.items() if k not in ("arch", "method", "auto_map", "transformers_version")}
+    return LTConfig.from_dict({**kept, "method": method, "lt_format": LTConfig.export_format})
+
+
+# v3 `arch` keys -> the method config's fields (lt_utils.methods)
+_V3_FIELDS = {"adapter_dim": "r", "partial_layers": "partial_layers", "vpt_len": "vpt_len", "mask_ratio": "mask_ratio",
+              "mask_seed": "mask_seed"}
+
+
+def method_record_of_v3(method, arch, adapter_config=None):
+    """The method config record of a v3 export's `method` name and `arch`: the modules' settings belong to the method
+    that added them (`arch["adapters"]`), the "base" of a method trained on top of it (--init_from, soups). v3 did not
+    record LoRA's settings beyond its adapter/adapter_config.json (r, alpha, dropout); --lora_init is unknown (None)."""
+    settings = {new: arch[old] for old, new in _V3_FIELDS.items() if arch.get(old) is not None}
+    modules = arch.get("adapters")
+    if modules and modules != method:
+        return {"name": method, "base": {"name": modules, **settings}}
+    if adapter_config is not None:
+        settings.update({"r": adapter_config["r"], "lora_alpha": adapter_config["lora_alpha"],
+                         "lora_dropout": adapter_config["lora_dropout"], "lora_init": None})
+    return {"name": method, **settings}

@@ -71,18 +71,23 @@ class LTModel(nn.Module):
 
 class LTConfig(PretrainedConfig):
     """The one record of an export: what rebuilds its LTModel (the backbone's transformers class and config, the
-    feature, the head, the method's modules in `arch`; `layer_wiring`, `block_lists`, `block_parts` say where they
-    go), labels as transformers' id2label, and what the project reads back: `backbone_spec` (geometry and
-    preprocessing), `base_model` / `from_scratch` / `seed` (where the weights started), `method`, `head_init` (how
-    the head started and its fingerprint), `lt_info` (the long-tailed split: counts, groups, how it was drawn; the
+    feature, the head, the method's modules; `layer_wiring`, `block_lists`, `block_parts` say where they go), labels
+    as transformers' id2label, and what the project reads back: `backbone_spec` (geometry and preprocessing),
+    `base_model` / `from_scratch` / `seed` (where the weights started), `head_init` (how the head started and its
+    fingerprint), `lt_info` (the long-tailed split: counts, groups, how it was drawn; the
     class names are id2label), `run` (training data folder, subset, run name, Hub id) and `soup` (how a soup was
-    merged)."""
+    merged).
+
+    `method` is the method's config (lt_utils.methods): {"name": ..., its settings (r, partial_layers, ...)}, and
+    "base": the recorded method of the export it was trained from (--init_from; a soup: its first ingredient's). It
+    is the only record of the added modules: every recorded method with modules (peft_modules.MODULES) in that chain
+    is re-attached from it, oldest first."""
 
     model_type = "lt_classifier"
-    export_format = "lt-export-v3"
+    export_format = "lt-export-v4"
 
     def __init__(self, backbone_class="CLIPVisionModel", backbone_model_config=None, backbone_model_kwargs=None,
-                 feature="pooler_output", head_type="cosine", head_scale=25.0, arch=None, layer_wiring=None,
+                 feature="pooler_output", head_type="cosine", head_scale=25.0, layer_wiring=None,
                  block_lists=None, block_parts=None, backbone_spec=None, base_model=None, from_scratch=False, seed=0,
                  method=None, head_init=None, lt_info=None, run=None, soup=None, lt_format=None, **kwargs):
         self.backbone_class = backbone_class
@@ -91,7 +96,6 @@ class LTConfig(PretrainedConfig):
         self.feature = feature
         self.head_type = head_type
         self.head_scale = head_scale
-        self.arch = arch or {}
         # where a method's modules go (peft_modules.find_blocks / encoder_layers): the backbone kind's wiring
         self.layer_wiring = [list(w) for w in (layer_wiring or [])]
         self.block_lists = list(block_lists or [])
@@ -117,10 +121,20 @@ def lt_model_from_config(config):
     width = _hidden_size(backbone_config) * FEATURE_WIDTHS.get(config.feature, 1)
     head = HEADS.get(config.head_type)(config.num_labels, width, scale=config.head_scale)
     model = LTModel(backbone, head, feature=config.feature)
-    if config.arch.get("adapters"):
-        model.adapters = MODULES[config.arch["adapters"]](model, config.arch, config)
-        model.adapters.method = config.arch["adapters"]
+    for record in recorded_modules(config.method):
+        model.adapters = MODULES[record["name"]](model, record, config)
+        model.adapters.method = record["name"]
     return model
+
+
+def recorded_modules(method):
+    """The recorded methods (oldest first) whose modules the model holds: those of `method`'s chain (its "base",
+    recursively) that peft_modules.MODULES builds."""
+    chain = []
+    while isinstance(method, dict):
+        chain.insert(0, method)
+        method = method.get("base")
+    return [record for record in chain if record.get("name") in MODULES]
 
 
 def _hidden_size(backbone_config):

@@ -369,10 +369,11 @@ def unwrap_lt_model(model):
     raise TypeError(f"no LTModel inside {type(model).__name__}")
 
 
-def lt_config(lt_model, class_names, head_type, head_scale, arch, head_init, lt_info, base_model, from_scratch, seed, method, run,
+def lt_config(lt_model, class_names, head_type, head_scale, head_init, lt_info, base_model, from_scratch, seed, method, run,
               soup=None):
     """The LTConfig of an LTModel: everything that rebuilds it (`modeling_lt.lt_model_from_config`) and the record the
-    project reads back. lt_info: the split's LTInfo as a dict (its class names are the labels, stored once)."""
+    project reads back. lt_info: the split's LTInfo as a dict (its class names are the labels, stored once); method: the
+    recorded method config (lt_utils.methods, MethodConfig.to_record, with "base" after --init_from)."""
     kind = BACKBONES.get(lt_model.spec.kind)
     if kind.features not in FEATURES:
         raise UserError(f"backbone kind {lt_model.spec.kind!r} names feature {kind.features!r}, not one of "
@@ -380,10 +381,10 @@ def lt_config(lt_model, class_names, head_type, head_scale, arch, head_init, lt_
     return LTConfig(
         backbone_class=type(lt_model.backbone).__name__, backbone_model_config=lt_model.backbone.config.to_dict(),
         backbone_model_kwargs=dict(kind.model_kwargs), feature=kind.features, head_type=head_type,
-        head_scale=float(head_scale), arch=dict(arch), layer_wiring=[list(w) for w in kind.layer_wiring],
+        head_scale=float(head_scale), layer_wiring=[list(w) for w in kind.layer_wiring],
         block_lists=list(kind.block_lists), block_parts={r: list(c) for r, c in kind.block_parts.items()},
         num_labels=len(class_names), id2label=dict(enumerate(class_names)),
         label2id={n: i for i, n in enumerate(class_names)}, backbone_spec=lt_model.spec.to_dict(),
-        base_model=str(base_model), from_scratch=bool(from_scratch), seed=int(seed), method=method,
+        base_model=str(base_model), from_scratch=bool(from_scratch), seed=int(seed), method=dict(method),
         head_init=dict(head_init), lt_info={k: v for k, v in dict(lt_info).items() if k != "class_names"},
         run=dict(run), soup=soup)

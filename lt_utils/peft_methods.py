@@ -1,7 +1,6 @@
-"""Fine-tuning methods (`--method`): one METHODS entry each owns what trains and the modules it adds (their one
-definition is peft_modules.MODULES, which also rebuilds them from an export's config), plus LoRA through peft.
-
-A new method is one subclass of `Method` registered in METHODS (see README, "Extending").
+"""The built-in methods' attach functions (declared, with their configs, in methods.py) and what they share: where
+a backbone's blocks are, LoRA through peft, LIFT's LoRA init. Module methods add peft_modules.MODULES, which also
+rebuilds them from an export's recorded method config.
 """
 import contextlib
 import math
@@ -12,22 +11,14 @@ from torch import nn
 
 from . import peft_modules as PM
 from .errors import UserError, require
+from .methods import METHODS, LoraMlpConfig, MethodConfig, bottleneck_dim, method_config
 from .peft_modules import AdaptFormer
 from .models import BACKBONES, LTModel, unwrap_lt_model
-from .registry import Registry
 
 __all__ = [
-    "METHODS", "AdaptFormer", "Method", "apply_method", "bottleneck_dim", "empty_arch", "encoder_layers",
-    "merge_lora_state_dict", "trainable_parameter_count", "unwrap_lt_model",
+    "METHODS", "AdaptFormer", "apply_method", "bottleneck_dim", "encoder_layers", "merge_lora_state_dict",
+    "trainable_parameter_count", "unwrap_lt_model",
 ]
-
-
-def bottleneck_dim(num_classes, num_layers):
-    """LIFT's rule 2**max(0, floor(log2(K / (2L)))), in exact integer arithmetic."""
-    dim = 1
-    while dim * 2 * 2 * num_layers <= num_classes:
-        dim *= 2
-    return dim
 
 
 def encoder_layers(backbone, kind=None):
@@ -40,7 +31,7 @@ def _attach_adaptformer(lt, r, partial_layers=None):
     layers = encoder_layers(lt.backbone, lt.spec.kind)
     if len(layers) != lt.spec.num_layers:
         raise RuntimeError(f"found {len(layers)} encoder layers, config says {lt.spec.num_layers}")
-    lt.adapters = PM.MODULES["adaptformer"](lt, {"adapter_dim": r, "partial_layers": partial_layers},
+    lt.adapters = PM.MODULES["adaptformer"](lt, {"r": r, "partial_layers": partial_layers},
                                             BACKBONES.get(lt.spec.kind))
     lt.adapters.method = "adaptformer"
 
@@ -88,8 +79,6 @@ def _lora_pattern(lt, target_modules, partial_layers, mlp):
         _, parts, _ = transformer_blocks(lt)
         inner = "(" + "|".join(re.escape(parts[role]) for role in ("fc1", "fc2")) + ")"
     else:
-        if isinstance(target_modules, str):
-            target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
         targets = list(target_modules or default_lora_targets(lt.backbone, lt.spec.kind))
         unknown = sorted(set(targets) - _linear_leaf_names(lt.backbone))
         if unknown:
@@ -152,283 +141,83 @@ def _lift_lora_init(model):
             weight.copy_(lift_a.T)
 
 
-LORA_INITS = ("peft", "lift")
-
-
-def empty_arch():
-    """The architecture record of a plain LTModel (backbone + head): no added modules."""
-    return {"adapters": None, "adapter_dim": None}
-
-
-class Method:
-    """Everything one `--method` decides. Subclass, override what differs, register an instance in METHODS.
-
-    Exports record `arch` (modules beyond backbone + head) in their config: `arch["adapters"]` names the method
-    whose modules live in the LTModel (peft_modules.MODULES rebuilds them), `arch["partial_layers"]` the number of
-    last blocks tuned (absent: all). LoRA is merged into the exported weights; its settings are the plain peft
-    adapter's adapter_config.json.
-    """
-
-    trains = ""  # what trains, for --help and the README
-    # exports can be averaged tensor by tensor: the trained tensors are weights (or re-parameterise them: SSF, masks;
-    # LoRA as exact deltas merged into the weights) or adapter weights of one seeded init; not prompts (tokens)
-    soupable = True
-    init_from = False  # --init_from accepts it: it trains on top of an export's (LoRA-merged) weights
-    head_only = False  # nothing before the head trains: train_lt.py trains the head alone on cached features
-    peft = False  # exported with peft's save_pretrained (adapter_model.safetensors) instead of model.safetensors
-    partial = True  # --partial_layers applies (the method tunes blocks)
-
-    def method_args(self, method, num_classes, num_layers):
-        """The settings that shape this method's modules (`method`: the run's spec.MethodSpec), as `apply` takes them."""
-        k = method.partial_layers
-        return {"partial_layers": k} if k is not None else {}
-
-    def arch(self, margs):
-        """The entries of the export's architecture record this method sets (see the class docstring)."""
-        k = margs.get("partial_layers")
-        return {"partial_layers": k} if k is not None else {}
-
-    def apply(self, model, **margs):
-        """Mark what trains (all starts frozen but the head) and add modules; returns the model to train."""
-        return model
-
-
-METHODS = Registry("method", flag="--method")
-
-
-def _rank(model, r):
-    r = bottleneck_dim(model.num_classes, model.spec.num_layers) if r is None else int(r)
-    if r < 1:
-        raise UserError(f"adapter/LoRA rank r must be >= 1, got {r}")
-    return r
-
-
-def _lift_rank(method, num_classes, num_layers):
-    return method.adapter_dim or bottleneck_dim(num_classes, num_layers)
-
-
-class AdaptFormerMethod(Method):
-    trains = "AdaptFormer bottlenecks beside each MLP (r from LIFT's rule, or --adapter_dim)"
-
-    def method_args(self, method, num_classes, num_layers):
-        return {**super().method_args(method, num_classes, num_layers), "r": _lift_rank(method, num_classes, num_layers)}
-
-    def arch(self, margs):
-        return {**super().arch(margs), "adapters": "adaptformer", "adapter_dim": margs["r"]}
-
-    def apply(self, model, r=None, partial_layers=None, **_):
-        r = _rank(model, r)
-        if model.adapters is not None:  # rebuilt from an AdaptFormer export: train those adapters further
-            require(model.adapters.method == "adaptformer",
-                    f"the model already has {model.adapters.method} modules; --method adaptformer cannot add its own")
-            existing = model.adapters[0].down.out_features
-            if existing != r:
-                raise UserError(f"the model already has AdaptFormer adapters of r={existing}, not {r}")
-            model.adapters.requires_grad_(True)
-        else:
-            _attach_adaptformer(model, r, partial_layers)
-        return model
-
-
-class LoraMethod(Method):
-    trains = "peft LoRA on q_proj,v_proj (--lora_target_modules), r from LIFT's rule, alpha 1"
-    peft = True
-    mlp = False
-
-    def method_args(self, method, num_classes, num_layers):
-        if self.mlp:
-            require(not method.lora_target_modules, "--method lora_mlp sets its targets (the MLP's two Linears); drop "
-                                                    "--lora_target_modules or use --method lora")
-        targets = method.lora_target_modules  # the spec holds a tuple; peft and the export record take a list
-        return {**super().method_args(method, num_classes, num_layers), "r": _lift_rank(method, num_classes, num_layers),
-                "lora_alpha": method.lora_alpha, "lora_dropout": method.lora_dropout,
-                "lora_target_modules": list(targets) if targets is not None else None, "lora_init": method.lora_init}
-
-    def apply(self, model, r=None, lora_alpha=1.0, lora_dropout=0.0, lora_target_modules=None, partial_layers=None,
-              lora_init="peft", **_):
-        return _wrap_lora(model, _rank(model, r), lora_alpha, lora_dropout, lora_target_modules, partial_layers,
-                          self.mlp, lora_init or "peft")
-
-
-class LoraMlpMethod(LoraMethod):
-    trains = "peft LoRA on the two Linears of each MLP (fc1, fc2), r from LIFT's rule, alpha 1"
-    mlp = True
-
-
-class BlockMethod(Method):
-    """Tunes existing weights of the blocks (LIFT: embeddings, pre/post LayerNorm stay frozen)."""
-
-    init_from = True
-
-    def select(self, name, module):
-        """Whether the parameter `name` (relative to its block) of `module` (its owner) trains."""
+def _check_rank(model, r):
+    if model.adapters is not None:  # rebuilt from an AdaptFormer export: train those adapters further
+        require(model.adapters.method == "adaptformer",
+                f"the model already has {model.adapters.method} modules; --method adaptformer cannot add its own")
+        existing = model.adapters[0].down.out_features
+        if existing != r:
+            raise UserError(f"the model already has AdaptFormer adapters of r={existing}, not {r}")
         return True
+    return False
 
-    def apply(self, model, partial_layers=None, **_):
+
+# ---- the built-in methods' attach functions: f(lt_model, config) -> the model to train (see methods.py) --------
+def attach_adaptformer(model, config):
+    if _check_rank(model, config.r):
+        model.adapters.requires_grad_(True)
+    else:
+        _attach_adaptformer(model, config.r, config.partial_layers)
+    return model
+
+
+def attach_lora(model, config):
+    return _wrap_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                      config.partial_layers, isinstance(config, LoraMlpConfig), config.lora_init)
+
+
+def _tune_blocks(select, tunes_adapters):
+    """Tunes existing weights of the blocks (LIFT: embeddings, pre/post LayerNorm stay frozen). select(name, module):
+    whether the parameter `name` (relative to its block) of `module` (its owner) trains."""
+    def attach(model, config):
         blocks, _, _ = transformer_blocks(model)
-        for block in PM.last_blocks(blocks, partial_layers):  # validated by apply_method
+        for block in PM.last_blocks(blocks, config.partial_layers):  # validated by apply_method
             for module_name, module in block.named_modules():
                 for name, param in module.named_parameters(recurse=False):
-                    param.requires_grad_(self.select(name, module))
+                    param.requires_grad_(select(name, module))
         if model.adapters is not None:  # rebuilt from an export with added modules: they are part of the blocks
-            model.adapters.requires_grad_(self.tunes_adapters)
+            model.adapters.requires_grad_(tunes_adapters)
         return model
-
-    tunes_adapters = False
-
-
-class FullBlocksMethod(BlockMethod):
-    trains = "every weight of the transformer blocks (LIFT's full fine-tuning; embeddings and pre/post LN frozen)"
-    tunes_adapters = True
+    return attach
 
 
-class FullAllMethod(Method):
-    trains = "every weight (embeddings, blocks, pre/post LN, adapters of an --init_from export, head; LT-Soups)"
-    init_from = True
-    partial = False
-
-    def apply(self, model, **_):
-        model.backbone.requires_grad_(True)
-        if model.adapters is not None:
-            model.adapters.requires_grad_(True)
-        return model
+attach_full_blocks = _tune_blocks(lambda name, module: True, tunes_adapters=True)
+attach_bitfit = _tune_blocks(lambda name, module: name == "bias", tunes_adapters=False)
+attach_layer_norms = _tune_blocks(lambda name, module: isinstance(module, nn.LayerNorm), tunes_adapters=False)
 
 
-class BitFitMethod(BlockMethod):
-    trains = "the biases of the transformer blocks (LIFT's BitFit)"
-
-    def select(self, name, module):
-        return name == "bias"
-
-
-class BitFitAllMethod(Method):
-    trains = "every bias of the backbone (embeddings and pre/post LN too; BatchNorm shifts of a CNN)"
-    init_from = True
-    partial = False
-
-    def apply(self, model, **_):
-        for name, param in model.backbone.named_parameters():
-            param.requires_grad_(_is_bias(name))
-        return model
-
-
-class LayerNormMethod(BlockMethod):
-    trains = "the LayerNorms of the transformer blocks (weights and biases)"
-
-    def select(self, name, module):
-        return isinstance(module, nn.LayerNorm)
-
-
-class HeadMethod(Method):
-    trains = "the head only, on cached features (LOS / LT-Soups stage 2)"
-    init_from = True
-    head_only = True
-    partial = False
-
-
-class ModuleMethod(Method):
-    """Adds inference-time modules (peft_modules) to the tuned blocks, kept in `model.adapters`; they and the head
-    train. `arch_keys`: the method arguments its export records, so peft_modules.MODULES re-attaches the same modules."""
-
-    arch_keys = ()
-
-    def resolve(self, model, **margs):
-        """The method arguments with defaults filled in and checked (the attach function takes them as `arch`)."""
-        return margs
-
-    def arch(self, margs):
-        return {**super().arch(margs), "adapters": self.name, "adapter_dim": margs.get("r"),
-                **{k: margs[k] for k in self.arch_keys}}
-
-    def apply(self, model, partial_layers=None, **margs):
-        if model.adapters is not None:
-            require(model.adapters.method == self.name,
-                    f"the model already has {model.adapters.method} modules; --method "
-                    f"{self.name} cannot add its own")
-        else:
-            transformer_blocks(model)  # a one-line error for a backbone without blocks
-            arch = self.arch({**self.resolve(model, **margs), "partial_layers": partial_layers})
-            try:  # the modules' one definition, shared with the remote-code model of exports
-                model.adapters = PM.MODULES[self.name](model, arch, BACKBONES.get(model.spec.kind))
-            except ValueError as err:
-                raise UserError(f"--method {self.name}: {err}") from None
-            model.adapters.method = self.name
+def attach_full_all(model, config):
+    model.backbone.requires_grad_(True)
+    if model.adapters is not None:
         model.adapters.requires_grad_(True)
-        return model
-
-    @property
-    def name(self):
-        return next(n for n in METHODS if METHODS.get(n) is self)
+    return model
 
 
-class PromptMethod(ModuleMethod):
-    soupable = False  # prompts are input tokens: an average of tokens is no average of the models' weights
-    arch_keys = ("vpt_len",)
-    deep = False
-
-    def method_args(self, method, num_classes, num_layers):
-        return {**super().method_args(method, num_classes, num_layers), "vpt_len": method.vpt_len}
-
-    def resolve(self, model, vpt_len=10, **margs):
-        require(vpt_len >= 1, f"--vpt_len must be >= 1, got {vpt_len}")
-        return {**margs, "vpt_len": vpt_len}
+def attach_bitfit_all(model, config):
+    for name, param in model.backbone.named_parameters():
+        param.requires_grad_(_is_bias(name))
+    return model
 
 
-class ShallowPromptMethod(PromptMethod):
-    trains = "VPT-shallow: --vpt_len (10) prompt tokens before the first tuned block"
+def attach_head(model, config):
+    return model
 
 
-class DeepPromptMethod(PromptMethod):
-    trains = "VPT-deep: --vpt_len (10) new prompt tokens before every tuned block"
-    deep = True
-
-
-class AdapterMethod(ModuleMethod):
-    trains = "sequential bottleneck adapters after each MLP (r from LIFT's rule, or --adapter_dim)"
-
-    def method_args(self, method, num_classes, num_layers):
-        return {**super().method_args(method, num_classes, num_layers), "r": _lift_rank(method, num_classes, num_layers)}
-
-    def resolve(self, model, r=None, **margs):
-        return {**margs, "r": _rank(model, r)}
-
-
-class ScaleShiftMethod(ModuleMethod):
-    def __init__(self, trains):
-        self.trains = trains
-
-
-class MaskMethod(ModuleMethod):
-    trains = ("sparse fine-tuning: random entries of every Linear of the blocks (LIFT's ratio K/(12 L D), floored "
-              "to 0.001, or --mask_ratio; --mask_seed)")
-    arch_keys = ("mask_ratio", "mask_seed")
-
-    def method_args(self, method, num_classes, num_layers):  # mask_ratio None: LIFT's rule, resolved from the model
-        return {**super().method_args(method, num_classes, num_layers), "mask_seed": method.mask_seed,
-                "mask_ratio": method.mask_ratio}
-
-    def resolve(self, model, mask_ratio=None, mask_seed=0, **margs):  # ratio None: LIFT's rule, in the attach
-        require(mask_ratio is None or 0 < mask_ratio <= 1, f"--mask_ratio must be in (0, 1], got {mask_ratio}")
-        return {**margs, "mask_ratio": mask_ratio, "mask_seed": mask_seed}
-
-
-METHODS.register("adaptformer", AdaptFormerMethod())
-METHODS.register("lora", LoraMethod())
-METHODS.register("full", FullBlocksMethod())
-METHODS.register("bitfit", BitFitMethod())
-METHODS.register("head", HeadMethod())
-METHODS.register("full_all", FullAllMethod())
-METHODS.register("bitfit_all", BitFitAllMethod())
-METHODS.register("ln", LayerNormMethod())
-METHODS.register("vpt_shallow", ShallowPromptMethod())
-METHODS.register("vpt_deep", DeepPromptMethod())
-METHODS.register("adapter", AdapterMethod())
-METHODS.register("mask", MaskMethod())
-METHODS.register("lora_mlp", LoraMlpMethod())
-METHODS.register("ssf_attn", ScaleShiftMethod("SSF scale and shift after the attention's q, k, v and output "
-                                              "projections"))
-METHODS.register("ssf_mlp", ScaleShiftMethod("SSF scale and shift after the MLP's two Linears"))
-METHODS.register("ssf_ln", ScaleShiftMethod("SSF scale and shift after the blocks' two LayerNorms"))
+def attach_modules(model, config):
+    """Adds the method's inference-time modules (peft_modules.MODULES[name], built from the config's record, as an
+    export rebuilds them) to the tuned blocks, kept in `model.adapters`; they and the head train."""
+    if model.adapters is not None:
+        require(model.adapters.method == config.name,
+                f"the model already has {model.adapters.method} modules; --method {config.name} cannot add its own")
+    else:
+        transformer_blocks(model)  # a one-line error for a backbone without blocks
+        try:  # the modules' one definition, shared with the remote-code model of exports
+            model.adapters = PM.MODULES[config.name](model, config.to_record(), BACKBONES.get(model.spec.kind))
+        except ValueError as err:
+            raise UserError(f"--method {config.name}: {err}") from None
+        model.adapters.method = config.name
+    model.adapters.requires_grad_(True)
+    return model
 
 
 def supported_methods(kind):
@@ -438,31 +227,31 @@ def supported_methods(kind):
     return [m for m in names if m in METHODS and m not in entry.excluded_methods]
 
 
-def apply_method(model, method, seed=0, **margs):
+def apply_method(model, method, seed=0, **settings):
     """Set what trains (the head always does) and add the method's modules (AdaptFormer, VPT, SSF, peft LoRA, ...).
 
-    margs: the method's arguments (r, lora_alpha, partial_layers, ...; r None -> bottleneck_dim(K, L)). New modules
-    are initialised from `seed`, so repeated builds match. A model that already has adapters (rebuilt from an
-    export with modules) keeps them: they train under their own method and "full"/"full_all", and stay frozen
-    otherwise.
+    method: a MethodConfig (methods.method_config), or a --method name with its `settings` (r, lora_alpha,
+    partial_layers, ...; r None -> bottleneck_dim(K, L)). New modules are initialised from `seed`, so repeated builds
+    match. A model that already has adapters (rebuilt from an export with modules) keeps them: they train under their
+    own method and "full"/"full_all", and stay frozen otherwise.
     """
-    entry = METHODS.get(method)
     if not isinstance(model, LTModel):
         raise TypeError(f"apply_method takes an LTModel from build_lt_model, not {type(model).__name__}")
+    config = method if isinstance(method, MethodConfig) else \
+        method_config(method, model.num_classes, model.spec.num_layers, **settings)
+    entry = METHODS.get(config.name)
     supported = supported_methods(model.spec.kind)
-    if method not in supported:
-        raise UserError(f"--method {method} does not apply to {model.spec.kind} backbones; choose one of "
+    if config.name not in supported:
+        raise UserError(f"--method {config.name} does not apply to {model.spec.kind} backbones; choose one of "
                         f"{', '.join(supported)}")
-    if margs.get("r") is not None:
-        _rank(model, margs["r"])
-    if margs.get("partial_layers") is not None:
-        require(entry.partial, f"--partial_layers applies to methods that tune blocks, not --method {method}")
-        tuned_range(model.spec.num_layers, margs["partial_layers"])
+    if config.partial_layers is not None:
+        require(entry.partial, f"--partial_layers applies to methods that tune blocks, not --method {config.name}")
+        tuned_range(model.spec.num_layers, config.partial_layers)
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = entry.apply(model, **margs)
+        model = entry.attach_function()(model, config)
     params = dict(unwrap_lt_model(model).backbone.named_parameters())
     for name in BACKBONES.get(unwrap_lt_model(model).spec.kind).unused_parameters:
         if name in params:

@@ -9,9 +9,10 @@ import math
 import torch
 from torch import nn
 
-# arch["adapters"] name -> attach(lt_model, arch, layer_wiring): re-creates a method's inference modules on an LTModel
-# (sets lt_model.adapters and hooks them into the backbone). The remote-code model (modeling_lt.py) calls it with the
-# record its config holds, so a new method's modules plug in by registering here.
+# method name -> attach(lt_model, record, wiring): creates a method's inference modules on an LTModel and hooks them
+# into the backbone; `record` is the method's config as an export records it (lt_utils.methods: {"name", "r",
+# "partial_layers", ...}). Training and the remote-code model (modeling_lt.py, reading config.json) both call it, so a
+# method's modules plug in by registering here.
 MODULES = {}
 
 
@@ -355,10 +356,10 @@ def _patch_size(backbone):
 # ---- one attach function per method: training (peft_methods) and the remote-code model both call these --------
 @register_modules("adaptformer")
 def attach_adaptformer(lt_model, arch, wiring):
-    """One AdaptFormer of r = arch["adapter_dim"] beside each tuned block's MLP (hooks: AdapterHooks)."""
+    """One AdaptFormer of r = arch["r"] beside each tuned block's MLP (hooks: AdapterHooks)."""
     layers = last_blocks(encoder_layers(lt_model.backbone, wiring.layer_wiring), arch.get("partial_layers"))
     dim = layers[0][1].normalized_shape[0]
-    adapters = nn.ModuleList(AdaptFormer(dim, int(arch["adapter_dim"])) for _ in layers).to(_device(lt_model.backbone))
+    adapters = nn.ModuleList(AdaptFormer(dim, int(arch["r"])) for _ in layers).to(_device(lt_model.backbone))
     for adapter, (_, norm, mlp) in zip(adapters, layers):
         hooks = AdapterHooks(adapter)
         norm.register_forward_pre_hook(hooks.capture)
@@ -382,7 +383,7 @@ register_modules("vpt_deep")(_prompts(deep=True))
 def attach_sequential_adapters(lt_model, arch, wiring):
     blocks, parts, _ = _tuned_blocks(lt_model, arch, wiring)
     dim = block_part(blocks[0], parts, "ln_1").normalized_shape[0]
-    return attach_adapters(blocks, parts, dim, int(arch["adapter_dim"]))
+    return attach_adapters(blocks, parts, dim, int(arch["r"]))
 
 
 def _scale_shift(where):

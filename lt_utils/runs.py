@@ -34,7 +34,8 @@ def _is_soup(export_dir):
         meta = json.loads((Path(export_dir) / CONFIG_FILE).read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("method") == "soup"
+    method = meta.get("method") if isinstance(meta, dict) else None
+    return isinstance(method, dict) and method.get("name") == "soup"
 
 
 def expand_ingredients(inputs, which=None):

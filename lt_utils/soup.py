@@ -37,6 +37,7 @@ from .errors import UserError, require
 from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
 from .merge import MERGE_METHODS, MODES, KeyInputs, check_merge_weights, merge_params
 from .metrics import check_select_metric, selection_score
+from .modeling_lt import recorded_modules
 
 MANIFEST_FILE = "soup_manifest.json"
 # BatchNorm statistics are measured, not trained: a trimmed or dropped variance is no variance, so they are averaged
@@ -74,7 +75,7 @@ def read_ingredient(source):
     """An export dir (local or Hub id) and where each of its tensors lives; reads safetensors headers only."""
     path = resolve_export_dir(source)
     config = read_export_config(path)
-    _check_soupable(config.method, source)
+    _check_soupable(config.method.get("name"), source)
     names, entries = weight_keys(config), {}
     for file in weight_files(path):
         for key, (shape, dtype) in _header(file).items():
@@ -110,7 +111,7 @@ _SAME_FIELDS = (
     ("from_scratch", lambda c: bool(c.from_scratch)),
     ("backbone spec", lambda c: c.backbone_spec),
     # the added modules and where they sit (method, r, tuned blocks, prompt length, mask ratio and seed)
-    ("adapters", lambda c: c.arch),
+    ("adapters", lambda c: recorded_modules(c.method)),
     ("num_labels", lambda c: c.num_labels),
     ("id2label", lambda c: c.id2label),
     ("head type/scale", lambda c: (c.head_type, c.head_scale)),
@@ -423,7 +424,7 @@ def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
 def soup_config(first, output_dir, soup_info):
     """The first ingredient's config (same architecture, labels, split, head init by the checks) as a soup's."""
     config = copy.deepcopy(first.config)
-    config.method, config.soup = "soup", soup_info
+    config.method, config.soup = {"name": "soup", "base": config.method}, soup_info
     config.run = {**config.run, "run_name": Path(output_dir).name, "balance_factor": None, "hub_model_id": None}
     return config
 

@@ -17,6 +17,7 @@ each resume checkpoint and in the run dir); `changed_flags` compares a recorded 
 import dataclasses
 
 from .config import FLAGS, GROUPS, RESUME_FREE_FLAGS, public_flags
+from .methods import method_config
 
 _TYPES = {"int": int, "float": float, "bool": bool, "switch": bool, "str": str, "path": str, "steps": int | str}
 
@@ -82,6 +83,12 @@ class _Run:
 RunSpec = dataclasses.make_dataclass(
     "RunSpec", [(group, part) for group, part in PARTS.items()], bases=(_Run,), frozen=True,
     namespace={"__module__": __name__, "__doc__": "A training run's flags, one frozen part per group of the table."})
+
+
+def method_config_of(method, num_classes, num_layers):
+    """The run's method config (lt_utils.methods) from its MethodSpec: the flags are the config's fields by name
+    (--adapter_dim is the rank r); LIFT's defaults resolved for K classes and L blocks."""
+    return method_config(method.method, num_classes, num_layers, **method.values())
 
 
 def flat_record(record):

@@ -19,11 +19,11 @@ from .exports import Exporter
 from .head_init import HEAD_INITS, set_head_weight
 from .heads import build_head, fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
-from .peft_methods import METHODS, apply_method, empty_arch, head_parameter_count, trainable_parameter_count
+from .peft_methods import METHODS, apply_method, head_parameter_count, trainable_parameter_count
 from .prompts import check_prompt_args
 from .protocols import PROTOCOLS, RUN_ROWS
 from .schedule import check_optim_flags, check_schedule_flags
-from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record
+from .spec import MethodSpec, RunSpec, changed_flags, describe_changes, flat_record, method_config_of
 
 
 # -------------------------------------------------------------------------------------------------- the spec
@@ -215,7 +215,7 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
                 "use a matching export, or pass --ignore_mismatched_sizes to keep its backbone with a new head")
         # the backbone and head geometry come from the export (init_from_model put them in the spec)
         lt_model = with_interpolation(lt_model, spec.data.interpolation)
-        arch = dict(init["arch"])
+        base = init["method_config"]  # the modules it holds are rebuilt from its record
         if same_classes:
             # the export's head stays as it is, weight and bias: LOS's stage 2 fine-tunes the stage-1 bias too
             head_init = lt_model.head.weight.detach().clone()
@@ -232,23 +232,22 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
                                                      image_size=m.image_size,
                                                      trust_remote_code=spec.data.trust_remote_code),
                                       spec.data.interpolation)
-        arch = empty_arch()
+        base = None
         head_init = HEAD_INITS.get(spec.model.head_init)(spec.model, info, lt_model, accelerator, head_init_loader_fn)
         set_head_weight(lt_model, head_init)
-    margs = method.method_args(spec.method, num_classes, lt_model.spec.num_layers)
-    arch.update(method.arch(margs))
-    model = apply_method(lt_model, spec.method.method, **margs)
+    method_config = method_config_of(spec.method, num_classes, lt_model.spec.num_layers)
+    model = apply_method(lt_model, method_config)
     if spec.optim.gradient_checkpointing:
         require(not method.head_only, f"--gradient_checkpointing does not apply to --method {spec.method.method} (its "
                 "backbone runs once without gradients); drop it")
         enable_gradient_checkpointing(lt_model)
     m = spec.model
     config = lt_config(
-        lt_model, info.class_names, m.head_type, m.head_scale, arch,
+        lt_model, info.class_names, m.head_type, m.head_scale,
         head_init={"init": "from " + str(m.init_from) if m.init_from else m.head_init,
                    "init_fingerprint": fingerprint(head_init)},
         lt_info=info.to_dict(), base_model=m.model_name_or_path, from_scratch=m.from_scratch, seed=m.seed,
-        method=spec.method.method,
+        method={**method_config.to_record(), **({"base": base} if base else {})},
         run={"balance_factor": spec.loss.balance_factor, "run_name": Path(spec.output.output_dir).name,
              "hub_model_id": spec.output.hub_model_id,
              # the local source files (eval_lt.py reads the same ones by default)

@@ -17,13 +17,13 @@ from lt_utils.data import LTInfo
 from lt_utils.exports import Exporter
 from lt_utils.head_init import set_head_weight
 from lt_utils.heads import fingerprint
+from lt_utils.methods import method_config
 from lt_utils.models import build_lt_model, lt_config
 from lt_utils.peft_methods import apply_method, merge_lora_state_dict
 
 from tests.helpers_data import idx_bytes
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FULL_ARCH = {"adapters": None, "adapter_dim": None}
 
 
 def tiny_info(num_labels=4, dataset="fashion_mnist_lt"):
@@ -37,24 +37,26 @@ def tiny_lt_model(base_dir, num_labels=4, head_type="cosine"):
     return build_lt_model(base_dir, num_labels, head_type=head_type)
 
 
-def make_exporter(base_dir, lt_model, head_init, method="full", arch=None, info=None, seed=0, balance_factor=None,
+def make_exporter(base_dir, lt_model, head_init, method="full", info=None, seed=0, balance_factor=None,
                   output_dir="run/final", head_type="cosine", from_scratch=False, lora_config=None):
-    """The Exporter train_lt.py would build for `lt_model` trained by `method` from `base_dir`."""
+    """The Exporter train_lt.py would build for `lt_model` trained by `method` (a name, or the MethodConfig it was
+    applied with) from `base_dir`."""
     info = info or tiny_info(lt_model.num_classes)
-    config = lt_config(lt_model, info.class_names, head_type, 25.0, arch or dict(FULL_ARCH),
+    if isinstance(method, str):
+        method = method_config(method, lt_model.num_classes, lt_model.spec.num_layers)
+    config = lt_config(lt_model, info.class_names, head_type, 25.0,
                        head_init={"init": "class_mean", "init_fingerprint": fingerprint(head_init)},
                        lt_info=info.to_dict(), base_model=str(base_dir), from_scratch=from_scratch, seed=seed,
-                       method=method, run={"balance_factor": balance_factor, "run_name": Path(output_dir).name,
-                                           "hub_model_id": None, "data_dir": None})
-    return Exporter(config, lt_model, head_init, method, lora_config)
+                       method=method.to_record(), run={"balance_factor": balance_factor, "run_name": Path(output_dir).name,
+                                                       "hub_model_id": None, "data_dir": None})
+    return Exporter(config, lt_model, head_init, method.name, lora_config)
 
 
-def write_ingredient(path, lt_model, base_dir, tensors, head_init, method="full", arch=None, info=None, metrics=None,
-                     **kwargs):
+def write_ingredient(path, lt_model, base_dir, tensors, head_init, method="full", info=None, metrics=None, **kwargs):
     """An export of `lt_model` with `tensors` (LTModel key names) set on top of its weights (full / BitFit / head /
     AdaptFormer runs: the tensors they train)."""
     state = {**lt_model.state_dict(), **tensors}
-    make_exporter(base_dir, lt_model, head_init, method, arch, info, output_dir=str(path), **kwargs).write(
+    make_exporter(base_dir, lt_model, head_init, method, info, output_dir=str(path), **kwargs).write(
         path, state, metrics=metrics)
     return Path(path)
 
@@ -110,10 +112,11 @@ def _read_idx(path):
 def write_adaptformer_ingredients(root, base_dir, head_init, num_labels=4, n=2):
     """n AdaptFormer exports (r 2) whose head and one adapter up-projection are head_init and ones times 1 .. n;
     returns (paths, that adapter key, the i = 1 tensors)."""
-    af = apply_method(tiny_lt_model(base_dir, num_labels), "adaptformer", r=2)
+    af = tiny_lt_model(base_dir, num_labels)
+    config = method_config("adaptformer", num_labels, af.spec.num_layers, r=2)
+    af = apply_method(af, config)
     up = next(k for k in af.state_dict() if k.startswith("adapters.") and k.endswith("up.weight"))
     keys = {"head.weight": head_init, up: torch.ones(af.state_dict()[up].shape)}
-    arch = {"adapters": "adaptformer", "adapter_dim": 2}
     paths = [write_ingredient(Path(root) / f"af{i}", af, base_dir, {k: v * (i + 1) for k, v in keys.items()}, head_init,
-                              method="adaptformer", arch=arch) for i in range(n)]
+                              method=config) for i in range(n)]
     return paths, up, keys

@@ -1,5 +1,6 @@
-"""Exports of the earlier layout (lt_model.json + lt_weights.safetensors + model.safetensors): refused by every
-loader in one line naming the converter, and converted by scripts/convert_export.py to the same model."""
+"""Exports of earlier layouts (v2: lt_model.json + lt_weights.safetensors + model.safetensors; v3: config.json with
+the method's settings in `arch`): refused by every loader in one line naming the converter, and converted by
+scripts/convert_export.py to the same model."""
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from lt_utils.errors import UserError
 from lt_utils.exports import convert_old_export
 
 OLD = REPO / "tests" / "fixtures" / "old_export_v2"  # written by the previous version (a tiny from-scratch ViT)
+V3 = REPO / "tests" / "fixtures" / "export_v3"  # AdaptFormer r=2 on the last of 2 blocks, written by the v3 code
 
 
 def test_converted_export_is_the_same_model_stored_once(tmp_path):
@@ -40,5 +42,17 @@ def test_loaders_name_the_converter_and_conversion_refuses_overlaps(tmp_path, ca
     with pytest.raises(UserError, match="already exists"):
         convert_old_export(OLD, tmp_path / "taken")
     new = convert_old_export(OLD, tmp_path / "new")
-    with pytest.raises(UserError, match="not an export of the earlier layout"):
+    with pytest.raises(UserError, match="it is not an export of an earlier layout"):
         convert_old_export(new, tmp_path / "again")
+
+
+def test_v3_export_is_refused_naming_the_converter_and_converts_to_the_same_model(tmp_path):
+    with pytest.raises(UserError, match=f"format lt-export-v3; this version reads lt-export-v4: convert it once with "
+                                        f"python scripts/convert_export.py {V3} NEW_DIR"):
+        load_export(V3)
+    model, meta = load_export(convert_old_export(V3, tmp_path / "new"))
+    expected = load_file(str(V3 / "expected_logits.safetensors"))  # the v3 code's own forward pass
+    with torch.no_grad():
+        assert torch.equal(model(expected["pixel_values"]), expected["logits"])
+    # the modules' settings (v3: arch.adapter_dim, arch.partial_layers) are now the method's config
+    assert meta["method_config"] == {"name": "adaptformer", "r": 2, "partial_layers": 1} and len(model.adapters) == 1

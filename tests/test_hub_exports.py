@@ -15,7 +15,8 @@ from lt_utils.checkpoint import load_export
 from lt_utils.heads import random_head_init
 from lt_utils.hub import adapter_snippet, model_card, model_snippet
 from lt_utils.models import BackboneSpec
-from lt_utils.peft_methods import METHODS, apply_method
+from lt_utils.methods import method_config
+from lt_utils.peft_methods import apply_method
 from lt_utils.spec import DataSpec
 from lt_utils.soup import make_soup
 from tests.helpers_models import make_tiny_clip
@@ -71,21 +72,18 @@ def setup(tmp_path_factory):
                                  method="head", info=info),
         "lora": write_lora_ingredient(root / "lora", base, head_init, seed=5, num_labels=C, r=2, info=info),
     }
-    af = apply_method(tiny_lt_model(base, C), "adaptformer", r=2)
-    af_state = af.state_dict()
-    exports["adaptformer"] = write_ingredient(
-        root / "adaptformer", af, base, perturbed(af_state, trained_keys(af), seed=6, scale=0.5),
-        head_init, method="adaptformer", arch={"adapters": "adaptformer", "adapter_dim": 2}, info=info)
-    # LIFT's module methods: their modules re-created by the remote code from the config's arch and block wiring
-    for seed, (method, margs) in enumerate((("vpt_deep", {"vpt_len": 3, "partial_layers": 1}),
+    # LIFT's module methods: their modules re-created by the remote code from the recorded method config and block
+    # wiring
+    for seed, (method, margs) in enumerate((("adaptformer", {"r": 2}), ("vpt_deep", {"vpt_len": 3, "partial_layers": 1}),
                                             ("vpt_shallow", {"vpt_len": 2}), ("adapter", {"r": 2}),
                                             ("mask", {"mask_ratio": 0.05, "mask_seed": 3}),
-                                            ("ssf_attn", {}), ("ssf_ln", {"partial_layers": 1})), start=10):
-        model = apply_method(tiny_lt_model(base, C), method, **margs)
-        arch = METHODS.get(method).arch(margs)
+                                            ("ssf_attn", {}), ("ssf_ln", {"partial_layers": 1})), start=9):
+        model = tiny_lt_model(base, C)
+        config = method_config(method, C, model.spec.num_layers, **margs)
+        model = apply_method(model, config)
         exports[method] = write_ingredient(root / method, model, base,
                                            perturbed(model.state_dict(), trained_keys(model), seed=seed, scale=0.5),
-                                           head_init, method=method, arch=arch, info=info)
+                                           head_init, method=config, info=info)
     make_soup([exports["full"], exports["full2"]], root / "soup", progress=False)
     exports["soup"] = root / "soup"
     del exports["full2"]

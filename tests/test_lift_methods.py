@@ -20,7 +20,7 @@ from lt_utils import peft_modules as PM  # noqa: E402
 from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
-from lt_utils.spec import MethodSpec  # noqa: E402
+from lt_utils.spec import MethodSpec, method_config_of  # noqa: E402
 from lt_utils.models import build_lt_model  # noqa: E402
 from lt_utils.peft_methods import (METHODS, apply_method, head_parameter_count,  # noqa: E402
                                    trainable_parameter_count, transformer_blocks)
@@ -218,16 +218,17 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
     out = tmp_path / "run"
     run_main(tiny_train_args(idx_dir, out, *flags))
     model, meta = load_export(out / "best")
-    assert meta["method"] == method and meta["arch"].get("partial_layers") == (1 if "--partial_layers" in extra else None)
+    config = method_config_of(MethodSpec.from_values(vars(build_train_parser().parse_args(
+        ["--method", method, *map(str, extra)]))), 10, model.spec.num_layers)
+    assert meta["method_config"] == config.to_record()  # the one record of the method's settings
+    assert meta["method"] == method and config.partial_layers == (1 if "--partial_layers" in extra else None)
 
     # the export holds every tensor of the model once: those that do not train exactly as the base has them (with the
     # method's modules at their seeded init), and the trained ones moved
     stored = export_tensors(out / "best")
     assert set(stored) == set(model.state_dict())
     entry = METHODS.get(method)
-    margs = entry.method_args(MethodSpec.from_values(vars(build_train_parser().parse_args(
-        ["--method", method, *map(str, extra)]))), 10, model.spec.num_layers)
-    start = apply_method(build_lt_model(base_dir, 10), method, **margs)  # the model at step 0 (seed 0, as train_lt)
+    start = apply_method(build_lt_model(base_dir, 10), config)  # the model at step 0 (seed 0, as train_lt)
     if entry.peft:  # LoRA is merged: its targets hold base + (B @ A) * alpha / r of the exported plain adapter
         initial = build_lt_model(base_dir, 10).state_dict()
         trained = {re.sub(r"\.lora_[AB]\.default\.weight$", ".weight", n.removeprefix("base_model.model."))
@@ -272,7 +273,8 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
     if entry.soupable:
         make_soup([out / "best", out / "final"], tmp_path / "soup", progress=False)
         soup_meta = load_export(tmp_path / "soup")[1]
-        assert soup_meta["arch"] == meta["arch"] and not soup_meta["adapter"]  # LoRA soups: merged weights, no adapter
+        assert soup_meta["method_config"] == {"name": "soup", "base": meta["method_config"]}
+        assert not soup_meta["adapter"]  # LoRA soups: merged weights, no adapter
     else:
         with pytest.raises(UserError, match=f"--method {method}, whose exports cannot be averaged"):
             make_soup([out / "best", out / "final"], tmp_path / "soup", progress=False)

@@ -1,5 +1,6 @@
 """Fine-tuning methods: parameter counts on ViT-B/16 shapes, AdaptFormer wiring, LoRA, trainable sets, exports."""
 import copy
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from lt_utils.errors import UserError
 from lt_utils.heads import fingerprint
+from lt_utils.methods import method_config
 from lt_utils.models import build_lt_model
 from lt_utils.peft_methods import (
     AdaptFormer,
@@ -295,11 +297,11 @@ def test_export_holds_every_tensor_once_and_reloads_exactly(vit_dir, tmp_path):
     from lt_utils.checkpoint import load_export, read_export_config, weight_keys
     from tests.helpers_soup import write_ingredient
 
-    trained = apply_method(build_lt_model(vit_dir, 3), "adaptformer", r=2).eval()
+    config = method_config("adaptformer", 3, 2, r=2)
+    trained = apply_method(build_lt_model(vit_dir, 3), config).eval()
     head_init = trained.head.weight.detach().clone()
     _perturb([p for n, p in trained.named_parameters() if n.startswith(("adapters.", "head."))])
-    export = write_ingredient(tmp_path / "af", trained, vit_dir, {}, head_init, method="adaptformer",
-                              arch={"adapters": "adaptformer", "adapter_dim": 2})
+    export = write_ingredient(tmp_path / "af", trained, vit_dir, {}, head_init, method=config)
     files = load_file(str(export / "model.safetensors"))
     names = weight_keys(read_export_config(export))  # ViT keys are saved under transformers' original names
     state, base = trained.state_dict(), build_lt_model(vit_dir, 3).state_dict()
@@ -310,10 +312,27 @@ def test_export_holds_every_tensor_once_and_reloads_exactly(vit_dir, tmp_path):
     assert not torch.equal(stored["head.weight"], head_init)
     assert torch.equal(load_file(str(export / "head_init.safetensors"))["weight"], head_init)
     reloaded, record = load_export(export)
-    assert record["arch"] == {"adapters": "adaptformer", "adapter_dim": 2} and len(reloaded.adapters) == 2
+    assert record["method_config"] == {"name": "adaptformer", "r": 2, "partial_layers": None}
+    assert len(reloaded.adapters) == 2
     x = random_pixels(2)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), trained(x), rtol=0, atol=0)
+
+    # the recorded config is what rebuilds the modules: another r builds r=4 adapters, which the r=2 weights do not fit
+    path = export / "config.json"
+    path.write_text(path.read_text().replace('"r": 2', '"r": 4'))
+    with pytest.raises(UserError, match=re.escape("do not match its config.json (6 tensors, e.g. ('lt.adapters.0.down.bias', "
+                                                  "torch.Size([2]), torch.Size([4])))")):
+        load_export(export)
+
+    # a method trained on top of it (--init_from) keeps its record as "base": the modules come from there, whatever
+    # the new method's own settings
+    from lt_utils.modeling_lt import lt_model_from_config
+
+    config = read_export_config(export)
+    config.method = {"name": "full", "partial_layers": 1, "base": {**config.method, "r": 2}}
+    rebuilt = lt_model_from_config(config)
+    assert len(rebuilt.adapters) == 2 and rebuilt.adapters[0].down.out_features == 2
 
 
 def test_merge_lora_state_dict_is_the_peft_model(clip_dir):

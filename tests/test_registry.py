@@ -1,6 +1,7 @@
 """One registry per axis: the CLI's choices are the registries' names, unknown names list the valid ones, and a new
 fine-tuning method is one registry entry (a LayerNorm-tuning method defined here trains, exports, reloads with
 from_pretrained of its export, evaluates identically, resumes exactly and soups)."""
+import dataclasses
 import re
 import shutil
 import sys
@@ -21,7 +22,8 @@ from lt_utils.head_init import HEAD_INITS  # noqa: E402
 from lt_utils.heads import HEADS  # noqa: E402
 from lt_utils.losses import LOSSES, build_loss  # noqa: E402
 from lt_utils.models import BACKBONES  # noqa: E402
-from lt_utils.peft_methods import METHODS, Method  # noqa: E402
+from lt_utils.peft_modules import block_part, find_blocks, last_blocks  # noqa: E402
+from lt_utils.methods import METHODS, MethodConfig, register_method, unregister_method  # noqa: E402
 from lt_utils.prompts import PROMPT_MODES  # noqa: E402
 from lt_utils.registry import Registry  # noqa: E402
 from lt_utils.transforms import TTE_MODES  # noqa: E402
@@ -90,26 +92,23 @@ def _is_layer_norm_key(key):
     return key.startswith("backbone.") and ("layernorm" in key or "layer_norm" in key)
 
 
-class LayerNormTuning(Method):
-    """Trains the backbone's LayerNorms (and the head): all a method has to say, in one class."""
-
-    trains = "the backbone's LayerNorm weights and biases"
-
-    def apply(self, model, **_):
-        for module in model.backbone.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.requires_grad_(True)
-        return model
+def tune_layer_norms(model, config):
+    """Trains the backbone's LayerNorms (and the head): all a method without settings has to say, besides one
+    register call."""
+    for module in model.backbone.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.requires_grad_(True)
+    return model
 
 
 @pytest.fixture
 def ln_method():
-    entry = LayerNormTuning()
-    METHODS.register("ln_test", entry)
+    entry = register_method("ln_test", MethodConfig, tune_layer_norms, trains="the backbone's LayerNorm weights and "
+                                                                             "biases")
     try:
         yield entry
     finally:
-        METHODS.unregister("ln_test")
+        unregister_method("ln_test")
 
 
 def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identically_and_resumes(
@@ -128,7 +127,7 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
              "--learning_rate", "0.01", "--checkpointing_steps", "4"]
     run_main(tiny_train_args(idx_dir, out, *flags))
     model, meta = load_export(out / "best")
-    assert meta["method"] == "ln_test" and meta["arch"] == {"adapters": None, "adapter_dim": None}
+    assert meta["method_config"] == {"name": "ln_test", "partial_layers": None}
 
     # the export holds the whole model once; the head and the LayerNorms trained, the rest is the base checkpoint
     from lt_utils.models import build_lt_model
@@ -175,6 +174,52 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     assert exit_info.value.code == 2
     allowed = "/".join(name for name in METHODS if METHODS.get(name).init_from)
     assert f"error: --init_from works with --method {allowed}, not ln_test" in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class GainConfig(MethodConfig):
+    """A throw-away method with modules: a learned per-feature gain after the MLP of each tuned block."""
+
+    gain_init: float = 1.0
+
+
+def build_gains(lt_model, record, wiring):
+    blocks, parts, _ = find_blocks(lt_model.backbone, wiring)
+    gains = nn.ParameterList()
+    for i, block in enumerate(last_blocks(blocks, record["partial_layers"])):
+        fc2 = block_part(block, parts, "fc2")
+        gains.append(nn.Parameter(torch.full((fc2.out_features,), float(record["gain_init"]))))
+        # gains[i] looked up at each call: loading the weights replaces the parameter objects
+        fc2.register_forward_hook(lambda module, args, out, i=i: out * gains[i])
+    return gains
+
+
+def test_a_method_with_modules_is_a_config_a_builder_and_one_register_call(idx_dir, vit_dir, tmp_path):
+    """The README's example: registered here, trained one step through train_lt.py, exported, and rebuilt by
+    from_pretrained from the recorded config alone; then unregistered without a trace."""
+    from lt_utils.peft_modules import MODULES
+
+    register_method("gain_test", GainConfig, modules=build_gains, trains="a per-feature gain after each tuned MLP")
+    try:
+        out = tmp_path / "run"
+        result = run_cli("train_lt.py", *tiny_train_args(
+            idx_dir, out, "--method", "gain_test", "--partial_layers", "1", "--model_name_or_path", vit_dir,
+            "--from_scratch", "false", "--max_train_steps", "1", "--learning_rate", "0.05"))
+        assert result.code == 0, result.err[-2000:]
+        model, meta = load_export(out / "final")
+        stored = export_tensors(out / "final")
+    finally:
+        unregister_method("gain_test")
+    assert "gain_test" not in METHODS and "gain_test" not in MODULES
+    assert meta["method_config"] == {"name": "gain_test", "partial_layers": 1, "gain_init": 1.0}
+    assert [k for k in stored if k.startswith("adapters.")] == ["adapters.0"]  # the last of 2 blocks only
+    assert len(model.adapters) == 1 and torch.equal(model.adapters[0].detach(), stored["adapters.0"])
+    assert not torch.equal(stored["adapters.0"], torch.ones_like(stored["adapters.0"]))  # it trained
+    with torch.no_grad():  # the rebuilt hook is live: a gain of 0 changes the logits
+        x = torch.randn(2, 3, model.spec.image_size, model.spec.image_size, generator=torch.Generator().manual_seed(0))
+        before = model(x)
+        model.adapters[0].zero_()
+        assert not torch.equal(model(x), before)
 
 
 def load_export_metrics(export_dir):

@@ -230,6 +230,7 @@ CORRUPTIONS = {
     "config_other_model": ("config.json", _edit_config(model_type="vit"), "not an lt-hf export"),
     "config_old_format": ("config.json", _edit_config(lt_format="v0"), "format"),
     "config_lacks_record": ("config.json", _edit_config(lt_info=None), "lt_info is missing"),
+    "config_method_not_a_config": ("config.json", _edit_config(method="full_all"), "method is missing or not a dict"),
     "head_scale_zero": ("config.json", _edit_config(head_scale=0), "head_scale is 0"),
     "head_scale_nan": ("config.json", lambda p: p.write_text(p.read_text().replace('"head_scale": 25.0',
                                                                                 '"head_scale": NaN')), "head_scale is nan"),

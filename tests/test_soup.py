@@ -15,6 +15,7 @@ from lt_utils.checkpoint import load_export, read_export_config, weight_keys
 from lt_utils.data import load_lt_dataset
 from lt_utils.errors import UserError
 from lt_utils.heads import random_head_init
+from lt_utils.runs import expand_ingredients
 from lt_utils.soup import (Entry, Ingredient, greedy_select, make_soup, merge_tensors, sha256_file, soup_weights,
                            with_alpha)
 from tests.helpers_models import make_tiny_vit
@@ -281,7 +282,11 @@ def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
         make_soup(paths, tmp_path / "prog", mode="progressive", progress=False)
     make_soup(paths, tmp_path / "uni", progress=False)
     assert torch.equal(_weights(tmp_path / "uni")[up], torch.full(keys[up].shape, 1.5))
-    assert load_export(tmp_path / "uni")[1]["arch"]["adapters"] == "adaptformer"
+    assert load_export(tmp_path / "uni")[1]["method_config"]["base"]["name"] == "adaptformer"
+    # the soup is told apart from training runs by its recorded method, so a glob over both merges the runs only
+    picked, notes = expand_ingredients([*map(str, paths), str(tmp_path / "uni")])
+    assert picked == list(map(str, paths)) and notes == [f"skipping {tmp_path / 'uni'}: a soup, not a training run "
+                                                         "(pass soups alone to merge soups)"]
 
 
 # ---------------------------------------------------------------------------------------------------- memory

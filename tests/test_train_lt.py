@@ -29,7 +29,7 @@ def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
         assert sorted(p.name for p in export.glob("*.safetensors")) == ["head_init.safetensors", "model.safetensors"]
         assert not list(export.glob("*.json.*")) and not (export / "lt_model.json").exists()
         config = export_config(export)
-        assert config["model_type"] == "lt_classifier" and config["method"] == "full_all"
+        assert config["model_type"] == "lt_classifier" and config["method"] == {"name": "full_all", "partial_layers": None}
         counts = config["lt_info"]["train_counts"]  # imb 10, n_max 40: 40 -> 4; the labels are stored once
         assert (len(counts), counts[0], counts[-1]) == (10, 40, 4) and "class_names" not in config["lt_info"]
         assert len(config["id2label"]) == 10
@@ -140,7 +140,7 @@ def test_overwrite_output_dir_leaves_nothing_of_the_earlier_run(idx_dir, tmp_pat
     run_main(tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none", "--method", "bitfit",
                              "--overwrite_output_dir"))
     assert not any((out / name).exists() for name in ("best", "best_test", "step_2", "step_4"))
-    assert export_config(out / "final")["method"] == "bitfit"
+    assert export_config(out / "final")["method"]["name"] == "bitfit"
     # no best/: the default protocol's paper row falls back to final/
     assert json.loads((out / "all_results.json").read_text()) == {
         "final": ANY, "protocol": "best_val", "paper_row": "final"}
