@@ -67,6 +67,11 @@ def main(argv=None):
             print(note)
     name = mode if args.merge_method == "average" else f"{mode}_{args.merge_method}"
     output_dir = args.output_dir or str(default_soup_dir(name, ingredients))
+    hub_repo = None
+    if args.push_to_hub and PartialState().is_main_process:  # the Hub and the repo first, the merge after
+        from lt_utils.hub import check_hub_push, push_repo_id
+
+        hub_repo = check_hub_push(push_repo_id(args.hub_model_id, output_dir), args.hub_token)
 
     def scorer_factory(first):
         return build_val_scorer(first, DataSpec.from_values(vars(args)), batch_size=args.per_device_eval_batch_size,
@@ -84,13 +89,10 @@ def main(argv=None):
               + f"; merged by {manifest['merge']['method']}" + (f" ({merge})" if merge else ""))
         for name, digest in manifest["output_sha256"].items():
             print(f"sha256 {digest}  {name}")
-        if args.push_to_hub:
-            from pathlib import Path
-
+        if hub_repo is not None:
             from lt_utils.hub import push_export
 
-            repo = push_export(output_dir, args.hub_model_id or Path(output_dir).name, token=args.hub_token)
-            print(f"pushed to https://huggingface.co/{repo}")
+            print(f"pushed to https://huggingface.co/{hub_repo} ({push_export(output_dir, hub_repo, args.hub_token)})")
     return manifest
 
 

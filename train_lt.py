@@ -40,7 +40,7 @@ def _import_training():
     from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
     from lt_utils.exports import Exporter, refresh_model_card
     from lt_utils.peft_methods import trainable_parameter_count
-    from lt_utils.reports import format_markdown_table
+    from lt_utils.reports import describe_outputs, format_markdown_table
     from lt_utils.schedule import eval_interval, plan_steps
     from lt_utils.spec import RunSpec, describe_changes, flat_record
 
@@ -55,13 +55,13 @@ def main(argv=None):
     spec = T.resolve_run_spec(values, T.launch_processes())
     data, model_spec, loss, optim, output = spec.data, spec.model, spec.loss, spec.optim, spec.output
     T.check_run_paths(spec)
-    if output.push_to_hub:
-        from lt_utils.hub import check_adapter_push
-        from lt_utils.peft_methods import METHODS
-
-        check_adapter_push(output.hub_push, METHODS.get(spec.method.method).peft, model_spec.model_name_or_path)
+    hub_repo = check_push(spec)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if (done := T.finished_run(spec)) is not None:  # a requeued finished run: nothing to do, nothing overwritten
+    if (done := T.finished_run(spec)) is not None:  # a requeued finished run: nothing to train, nothing overwritten
+        if hub_repo is not None:  # but its push may have failed: pushed now, once
+            print(f"{output.output_dir} already finished (all_results.json); nothing to train")
+            push_results(output, done, hub_repo)
+            return done
         print(f"{output.output_dir} already finished (all_results.json); nothing to do. To train again pass "
               "--overwrite_output_dir without --resume_from_checkpoint, or another --output_dir")
         return done
@@ -159,16 +159,40 @@ def main(argv=None):
     results = test_exports(ctx, ds["test"], lt_model.spec)
     if accelerator.is_main_process:
         atomic_write_json(Path(output.output_dir) / "all_results.json", results)
-        print(format_markdown_table({f"{name} (test)": r["test"] for name, r in results.items()}))
-    if output.push_to_hub and accelerator.is_main_process:
-        from lt_utils.hub import push_export
-
-        repo = push_export(Path(output.output_dir) / ("best" if "best" in results else "final"),
-                           output.hub_model_id or Path(output.output_dir).name, token=output.hub_token,
-                           what=output.hub_push)
-        logger.info(f"Pushed to https://huggingface.co/{repo}")
+        print(format_markdown_table({f"{name} (step {r['step']}, test)" if "step" in r else f"{name} (test)": r["test"]
+                                     for name, r in results.items()}))
+        print(describe_outputs(output.output_dir))
+    if hub_repo is not None:
+        push_results(output, results, hub_repo)
     accelerator.end_training()
     return results
+
+
+def check_push(spec):
+    """--push_to_hub, before any compute: what is pushed exists for this method, and the Hub repo, created now (on the
+    main process, which pushes at the end). Returns the repo's full id there, else None."""
+    output = spec.output
+    if not output.push_to_hub:
+        return None
+    from accelerate import PartialState
+
+    from lt_utils.hub import check_adapter_push, check_hub_push, push_repo_id
+    from lt_utils.peft_methods import METHODS
+
+    check_adapter_push(output.hub_push, METHODS.get(spec.method.method).peft, spec.model.model_name_or_path)
+    if not PartialState().is_main_process:
+        return None
+    return check_hub_push(push_repo_id(output.hub_model_id, output.output_dir), output.hub_token)
+
+
+def push_results(output, results, repo):
+    """best/ (else final/) to the Hub, unless hub_push.json records this very export pushed there already."""
+    from lt_utils.hub import push_once
+
+    export = Path(output.output_dir) / ("best" if "best" in results else "final")
+    url = push_once(output.output_dir, export, repo, output.hub_token, output.hub_push)
+    print(f"pushed {export} to https://huggingface.co/{repo} ({url})" if url else
+          f"{export} is on the Hub already (https://huggingface.co/{repo}, recorded in hub_push.json); nothing to push")
 
 
 @dataclasses.dataclass

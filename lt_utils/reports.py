@@ -6,6 +6,7 @@ shown as "—", never as 0. Files are written atomically.
 import csv
 import io
 import math
+from pathlib import Path
 
 from .errors import require
 from .fileio import atomic_write_bytes, atomic_write_text
@@ -36,6 +37,17 @@ def format_markdown_table(runs):
         cells = [_escape(str(name)), *(_fmt(metrics.get(key), digits) for _, key, digits in _TABLE_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def describe_outputs(folder):
+    """Where a command wrote, as one line: the folder, absolute, and what it holds (step_* resume states counted)."""
+    folder = Path(folder).resolve()
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    steps = [p for p in entries if p.is_dir() and p.name.startswith("step_")]
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in steps and not p.name.startswith(".")]
+    if steps:
+        names.append(f"{len(steps)} resume state{'s' if len(steps) > 1 else ''} (step_*/)")
+    return f"outputs in {folder}: {', '.join(names) or 'nothing'}"
 
 
 def write_per_class_csv(path, metrics, class_names, train_counts, groups):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_cli import run_cli
 from helpers_models import make_tiny_clip, random_pixels
 from helpers_train import REPO, reset_accelerate, run_script, tiny_train_args
 
@@ -323,3 +324,24 @@ def test_bad_input_is_one_error_line_and_exit_2(run_dir, flags, tmp_path, capsys
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0]
     if case == "label_mismatch":
         assert not (run / "eval_test").exists()
+
+
+def test_evaluating_a_soup_puts_its_numbers_on_its_card(run_dir, flags, tmp_path):
+    """A uniform soup has no numbers; evaluated on its recorded split, its metrics.json and model card get them
+    (huggingface_hub reads the model-index), while a partial evaluation changes neither."""
+    from huggingface_hub import ModelCard
+
+    soup = tmp_path / "soup"
+    assert run_cli("soup.py", run_dir / "best", run_dir / "final", "--output_dir", soup).code == 0
+    assert not (soup / "metrics.json").exists() and ModelCard.load(soup / "README.md").data.eval_results is None
+    run_eval(soup, "--split", "test", *flags)
+    test = read_metrics(soup / "eval_test")["metrics"]
+    assert json.loads((soup / "metrics.json").read_text()) == {"test": test}
+    results = {(r.dataset_split, r.metric_type): r.metric_value
+               for r in ModelCard.load(soup / "README.md").data.eval_results}
+    assert results[("test", "accuracy")] == round(test["accuracy"], 4)
+    assert results[("test", "mean_class_accuracy")] == round(test["mean_class_acc"], 4)
+    card = (soup / "README.md").read_bytes()
+    run_eval(soup, "--split", "val", "--max_eval_samples", "10", *flags)  # a part of val: not the model's numbers
+    assert (soup / "eval_val" / "metrics.json").is_file() and (soup / "README.md").read_bytes() == card
+    assert list(json.loads((soup / "metrics.json").read_text())) == ["test"]

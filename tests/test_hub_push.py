@@ -1,0 +1,119 @@
+"""The Hub from the command line: --push_to_hub checked before any compute (huggingface_hub's own offline, repo id
+and token answers; the repo created first), a push made once per export (a relaunch pushes a finished run whose push
+failed, and nothing more), and a built-in dataset without local files answered at once, offline."""
+import json
+import socket
+import time
+
+import huggingface_hub
+import pytest
+from huggingface_hub import constants
+
+from helpers_cli import run_cli
+from helpers_train import tiny_train_args
+
+
+class FakeHubApi:
+    """create_repo / upload_folder as the scripts call them, recorded; `fail_uploads` of them raise first."""
+
+    def __init__(self, out, fail_uploads=0):
+        self.out, self.fail_uploads, self.calls = out, fail_uploads, []
+
+    def create_repo(self, repo_id, token=None, exist_ok=False, repo_type=None, **_):
+        self.calls.append(("create_repo", repo_id, repo_type, self.out.exists()))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, token=None, **_):
+        self.calls.append(("upload_folder", repo_id, folder_path))
+        if self.fail_uploads:
+            self.fail_uploads -= 1
+            raise ConnectionError("connection reset by peer")
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc", commit_message="",
+                                          commit_description="", oid="abc")
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The Hub reachable (a listening local endpoint; run_cli with ONLINE), a token, and no token file elsewhere."""
+    server = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    yield monkeypatch
+    server.close()
+
+
+ONLINE = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}  # run_cli sets them where the libraries read them
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("offline", ["--hub_model_id", "me/tiny-lt"], "cannot be reached (HF_HUB_OFFLINE is set)"),
+    ("unreachable", ["--hub_model_id", "me/tiny-lt"], "cannot be reached: Connection refused"),
+    ("bad_id", ["--hub_model_id", "me/tiny--lt"], "--hub_model_id me/tiny--lt: not a Hub repo id"),
+    ("no_token", ["--hub_model_id", "me/tiny-lt"], "needs a Hub token with write access; set HF_TOKEN"),
+])
+def test_push_problems_are_said_before_any_compute(idx_dir, tmp_path, hub, case, flags, message):
+    if case == "unreachable":
+        hub.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    if case == "no_token":
+        hub.delenv("HF_TOKEN")
+    out = tmp_path / "run"
+    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, "--push_to_hub", *flags),
+                     env={"HF_HUB_OFFLINE": "1"} if case == "offline" else ONLINE)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert message in result.err.strip().splitlines()[-1]
+    assert not out.exists() and not (tmp_path / "hf_cache").exists()  # no data built, nothing written
+
+
+def test_a_failed_push_is_made_by_the_same_command_once(idx_dir, tmp_path, hub):
+    out = tmp_path / "run"
+    api = FakeHubApi(out, fail_uploads=1)
+    hub.setattr(huggingface_hub, "create_repo", api.create_repo)
+    hub.setattr(huggingface_hub, "upload_folder", api.upload_folder)
+    argv = tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "1", "--checkpointing_steps", "2",
+                           "--push_to_hub", "--hub_model_id", "tiny-lt", "--with_tracking")
+    requeued = [*argv, "--resume_from_checkpoint", "latest"]  # what a requeued job runs again
+
+    first = run_cli("train_lt.py", *argv, env=ONLINE)  # the upload fails after training: the exports stay, unpushed
+    assert first.code == 2 and "then run the same command again" in first.err.strip().splitlines()[-1]
+    assert (out / "all_results.json").is_file() and not (out / "hub_push.json").exists()
+    assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*"))  # TensorBoard logs were written
+    # the repo was created before the run dir existed; the table says which step best/ came from, and where all went
+    assert api.calls[0] == ("create_repo", "tiny-lt", "model", False)
+    assert api.calls[1] == ("upload_folder", "me/tiny-lt", str(out / "best")) and len(api.calls) == 2
+    step = json.loads((out / "best" / "metrics.json").read_text())["step"]
+    assert f"| best (step {step}, test) |" in first.out and f"outputs in {out.resolve()}: all_results.json, best/" in first.out
+    assert "1 resume state (step_*/)" in first.out
+
+    second = run_cli("train_lt.py", *requeued, env=ONLINE)  # requeued: nothing to train, the push is made
+    assert second.code == 0 and "nothing to train" in second.out and "pushed " in second.out
+    assert [c[0] for c in api.calls[2:]] == ["create_repo", "upload_folder"]
+    record = json.loads((out / "hub_push.json").read_text())
+    assert (record["repo_id"], record["export"], record["commit"]) == (
+        "me/tiny-lt", "best", "https://huggingface.co/me/tiny-lt/commit/abc")
+
+    third = run_cli("train_lt.py", *requeued, env=ONLINE)  # pushed already: no upload
+    assert third.code == 0 and "nothing to push" in third.out
+    assert [c[0] for c in api.calls[4:]] == ["create_repo"]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_builtin_dataset_without_files_says_what_to_pass_at_once(tmp_path, monkeypatch, offline):
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.monotonic()
+    result = run_cli("train_lt.py", "--dataset", "cifar100_lt", "--imb", "100", "--output_dir", tmp_path / "run",
+                     "--cache_dir", tmp_path / "cache", env={"HF_HUB_OFFLINE": "1"} if offline else ONLINE)
+    elapsed = time.monotonic() - start
+    last = result.err.strip().splitlines()[-1]
+    assert result.code == 2 and "Traceback" not in result.err
+    assert "--data_dir <folder with cifar-100-python/>" in last and "uoft-cs/cifar100" in last
+    assert "--dataset_name" not in last and ("HF_HUB_OFFLINE is set" if offline else "cannot be reached") in last
+    # datasets' own retries take 1 + 2 + 4 + 8 + 8 s before giving up; the check answers at once
+    assert elapsed < 15, elapsed
+    assert not (tmp_path / "run").exists()
