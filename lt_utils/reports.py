@@ -65,6 +65,14 @@ def write_per_class_csv(path, metrics, class_names, train_counts, groups):
 
 def plot_per_class_accuracy(path, metrics, train_counts, groups, title=None):
     """PNG: per-class test accuracy against training count (log x), many/medium/few regions shaded."""
+    fig = per_class_figure(metrics, train_counts, groups, title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def per_class_figure(metrics, train_counts, groups, title=None):
+    """The matplotlib Figure plot_per_class_accuracy saves."""
     # Figure + Agg canvas directly: no pyplot, so no global backend state and no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -86,9 +94,7 @@ def plot_per_class_accuracy(path, metrics, train_counts, groups, title=None):
             ax.scatter([], [], s=10, color=_GROUP_COLORS[name], label=f"{name}: 0 classes, {EMPTY}")
     _style_axes(ax, xlim, title or _default_title(metrics))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    return fig
 
 
 def _style_axes(ax, xlim, title):
@@ -104,7 +110,8 @@ def _style_axes(ax, xlim, title):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes, not on them: inside, the legend hides the points of whichever group sits in its corner
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
 
 
 def _draw_group(ax, name, span, counts, accs, groups, metrics):
