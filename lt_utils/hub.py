@@ -185,8 +185,8 @@ def check_hub_push(repo_id, token=None, repo_type="model", flag="--hub_model_id"
         raise UserError(f"{flag} {repo_id}: not a Hub repo id ({err}); pass NAME or USER/NAME (letters, digits, "
                         "-, _ and .)") from None
     if (why := hub_unreachable()) is not None:
-        raise UserError(f"--push_to_hub needs the Hub, which cannot be reached ({why}); drop --push_to_hub (a finished "
-                        "run is pushed later by the same command with the Hub reachable)")
+        raise UserError(f"--push_to_hub needs the Hub, which cannot be reached ({why}); run again with the Hub "
+                        "reachable, or drop --push_to_hub")
     token = token or get_token()
     if not token:
         raise UserError("--push_to_hub needs a Hub token with write access; set HF_TOKEN (or run `hf auth login`)")

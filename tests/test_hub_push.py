@@ -2,7 +2,7 @@
 and token answers; the repo created first), a push made once per export (a relaunch pushes a finished run whose push
 failed, and nothing more), and a built-in dataset without local files answered at once, offline."""
 import json
-import socket
+import sys
 import time
 
 import huggingface_hub
@@ -10,7 +10,8 @@ import pytest
 from huggingface_hub import constants
 
 from helpers_cli import run_cli
-from helpers_train import tiny_train_args
+from helpers_hub import ONLINE, closed_port, reachable_hub
+from helpers_train import run_script, tiny_train_args
 
 
 class FakeHubApi:
@@ -34,22 +35,8 @@ class FakeHubApi:
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """The Hub reachable (a listening local endpoint; run_cli with ONLINE), a token, and no token file elsewhere."""
-    server = socket.create_server(("127.0.0.1", 0))
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
-    yield monkeypatch
-    server.close()
-
-
-ONLINE = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}  # run_cli sets them where the libraries read them
-
-
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with reachable_hub(monkeypatch, tmp_path):
+        yield monkeypatch
 
 
 @pytest.mark.parametrize("case, flags, message", [
@@ -60,7 +47,7 @@ def _closed_port():
 ])
 def test_push_problems_are_said_before_any_compute(idx_dir, tmp_path, hub, case, flags, message):
     if case == "unreachable":
-        hub.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+        hub.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     if case == "no_token":
         hub.delenv("HF_TOKEN")
     out = tmp_path / "run"
@@ -69,6 +56,18 @@ def test_push_problems_are_said_before_any_compute(idx_dir, tmp_path, hub, case,
     assert result.code == 2 and "Traceback" not in result.err
     assert message in result.err.strip().splitlines()[-1]
     assert not out.exists() and not (tmp_path / "hf_cache").exists()  # no data built, nothing written
+
+
+@pytest.mark.parametrize("script, argv", [
+    # before the ingredients (Hub ids here) are even downloaded
+    ("soup.py", ["you/run-a", "you/run-b", "--push_to_hub", "--hub_model_id", "you/soup"]),
+    ("data_scripts/build_lt.py", ["--dataset", "fashion_mnist", "--imb", "10", "--push_to_hub", "you/split"]),
+])
+def test_soup_and_build_check_the_hub_before_any_compute(script, argv, tmp_path):
+    result = run_cli(script, *argv, "--output_dir", tmp_path / "out", "--cache_dir", tmp_path / "cache",
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert result.code == 2 and "cannot be reached (HF_HUB_OFFLINE is set)" in result.err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_failed_push_is_made_by_the_same_command_once(idx_dir, tmp_path, hub):
@@ -101,11 +100,17 @@ def test_a_failed_push_is_made_by_the_same_command_once(idx_dir, tmp_path, hub):
     third = run_cli("train_lt.py", *requeued, env=ONLINE)  # pushed already: no upload
     assert third.code == 0 and "nothing to push" in third.out
     assert [c[0] for c in api.calls[4:]] == ["create_repo"]
+    (out / "best" / "eval_test").mkdir()  # eval outputs are not pushed: still nothing to push
+    assert "nothing to push" in run_cli("train_lt.py", *requeued, env=ONLINE).out
+    card = out / "best" / "README.md"  # a changed card (eval_lt.py adds numbers) is pushed again
+    card.write_text(card.read_text() + "\n")
+    assert "pushed " in run_cli("train_lt.py", *requeued, env=ONLINE).out
+    assert [c[0] for c in api.calls[5:]] == ["create_repo", "create_repo", "upload_folder"]
 
 
 @pytest.mark.parametrize("offline", [True, False])
 def test_a_builtin_dataset_without_files_says_what_to_pass_at_once(tmp_path, monkeypatch, offline):
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     start = time.monotonic()
     result = run_cli("train_lt.py", "--dataset", "cifar100_lt", "--imb", "100", "--output_dir", tmp_path / "run",
                      "--cache_dir", tmp_path / "cache", env={"HF_HUB_OFFLINE": "1"} if offline else ONLINE)
@@ -117,3 +122,18 @@ def test_a_builtin_dataset_without_files_says_what_to_pass_at_once(tmp_path, mon
     # datasets' own retries take 1 + 2 + 4 + 8 + 8 s before giving up; the check answers at once
     assert elapsed < 15, elapsed
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # accelerate launch: two interpreters
+def test_the_first_gpu_command_without_data_under_accelerate_launch(tmp_path):
+    """The README's first GPU command with no CIFAR files and no Hub: one line saying what to pass, no retries."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "train_lt.py",
+           "--dataset", "cifar100_lt", "--imb", "100", "--output_dir", str(tmp_path / "run"),
+           "--cache_dir", str(tmp_path / "cache")]
+    res = run_script(cmd, env={**ONLINE, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+                               "HF_HOME": str(tmp_path / "hf_home")})
+    # (accelerate's launcher prints its own traceback for a child's non-zero exit; none comes from the project)
+    assert res.returncode != 0 and "lt_utils/" not in res.stderr and "Retrying" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--data_dir <folder with cifar-100-python/>" in errors[0], res.stderr[-2000:]
+    assert "cannot be reached: Connection refused" in errors[0] and not (tmp_path / "run").exists()
