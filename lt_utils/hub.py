@@ -218,7 +218,8 @@ def push_export(export_dir, repo_id, token=None, what="model", commit_message="U
 
 
 PUSH_RECORD = "hub_push.json"
-NOT_PUSHED = ("step_*", ".*", "eval_*")  # top-level names in an export dir: resume states, temp files, eval outputs
+# top-level names in an export dir: resume states, temp files, eval outputs, a soup's own push record
+NOT_PUSHED = ("step_*", ".*", "eval_*", PUSH_RECORD)
 
 
 def push_once(record_dir, export_dir, repo_id, token=None, what="model"):

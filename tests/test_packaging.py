@@ -94,7 +94,8 @@ def test_pip_install_gives_the_library_and_the_commands(idx_dir, tmp_path):
     import datasets
 
     counts = json.loads((tmp_path / "split" / "lt_info.json").read_text())["train_counts"]
-    assert (counts[0], counts[-1]) == (40, 4) and datasets.load_from_disk(str(tmp_path / "split"))["train"].num_rows == sum(counts)
+    assert (counts[0], counts[-1]) == (40, 4)
+    assert datasets.load_from_disk(str(tmp_path / "split"))["train"].num_rows == sum(counts)
     res = run("lt-train", *tiny_train_args(idx_dir, tmp_path / "run", "--dry_run"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["method"] == "full_all"
