@@ -3,6 +3,7 @@ they give up, so a command that needs the Hub asks here first (HF_HUB_OFFLINE, e
 import contextlib
 import socket
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit
 
 PROBE_TIMEOUT_S = 3.0
@@ -26,6 +27,15 @@ def hub_unreachable():
     except OSError as err:
         return f"{constants.ENDPOINT} cannot be reached: {err.strerror or err.__class__.__name__}"
     return None
+
+
+@contextlib.contextmanager
+def cache_if_unreachable(name):
+    """The block that loads `name`: a Hub id (no such local path) while the Hub cannot be reached runs in offline mode,
+    the cache alone, at once. Yields why the Hub is out of reach (for the error message), else None."""
+    why = None if Path(str(name)).expanduser().exists() else hub_unreachable()
+    with hub_offline() if why else contextlib.nullcontext():
+        yield why
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@
 columns; `read_hf_source` turns it into a `Source` (class names, labels, images read without decoding). Nothing here
 decides the LT split.
 """
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..hub_access import hub_offline, hub_unreachable
+from ..hub_access import cache_if_unreachable
 from .source_base import HubImages, Source, SourceSplit, check_label_range, read_class_names
 
 
@@ -71,12 +70,11 @@ def load_source(spec, cache_dir=None):
         except Exception as err:  # corrupted or partial arrow files
             raise UserError(f"{name} is not a loadable save_to_disk folder ({err.__class__.__name__}); save it again") from None
         return dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict({"train": dd})
-    # a Hub id while the Hub is unreachable: the cache alone, at once (datasets' requests retry for a minute)
-    offline = None if Path(str(name)).expanduser().exists() else hub_unreachable()
+    offline = None
     try:
         # trust_remote_code only when asked: datasets >= 4 runs no loading scripts and logs an error for the flag
         remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
-        with hub_offline() if offline else contextlib.nullcontext():
+        with cache_if_unreachable(name) as offline:  # datasets' own requests would retry for a minute
             return datasets.load_dataset(str(name), spec.dataset_config_name, revision=spec.dataset_revision,
                                          cache_dir=cache_dir, **remote)
     except Exception as err:  # offline, unknown repo or config, auth, not a dataset: for the user to fix

@@ -4,7 +4,6 @@ The layout is the Hub's own for a parquet dataset, so `datasets.load_dataset("us
 project: one parquet file per split under data/ (features, ClassLabel names included, in the parquet schema), a
 dataset card whose YAML `configs` names the splits, and lt_info.json (counts, groups, how the split was drawn).
 """
-import contextlib
 import re
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from ..errors import UserError, require
 from ..fileio import atomic_dir
-from ..hub_access import hub_offline, hub_unreachable
+from ..hub_access import cache_if_unreachable
 from .builders import SPLITS
 from .info import INFO_FILENAME, LTInfo, embed_info
 
@@ -85,10 +84,9 @@ def load_lt_from_hub(source, cache_dir=None):
     `datasets.load_dataset`; the counts, groups and class names of lt_info.json are checked against the data."""
     import datasets
 
-    local = Path(str(source)).is_dir()
-    offline = None if local else hub_unreachable()  # the cache alone, at once, rather than a minute of retries
+    local, offline = Path(str(source)).is_dir(), None
     try:
-        with hub_offline() if offline else contextlib.nullcontext():
+        with cache_if_unreachable(source) as offline:  # the cache alone, at once, rather than a minute of retries
             ds = datasets.load_dataset(str(source), cache_dir=cache_dir)
             if local:
                 info_path = Path(str(source)) / INFO_FILENAME
