@@ -149,6 +149,9 @@ def evaluate_target(target, args, data_args, ds, info, accelerator):
     if accelerator.is_main_process:
         config = E.eval_config(target, args, data_args, info, accelerator.mixed_precision)
         E.write_outputs(target, config, metrics, info, args.overwrite, predictions)
+        if E.record_on_export(target, args.split, metrics, info, D.tte_tag(DataSpec.from_values(vars(args))),
+                              args.max_eval_samples):
+            logger.info(f"{target.name}: {args.split} numbers added to its metrics.json and model card (README.md)")
         logger.info(f"{target.name}: {args.split} top-1 {metrics['accuracy']:.2f}, mean-class "
                     f"{metrics['mean_class_acc']:.2f} on {accelerator.num_processes} processes; "
                     f"outputs in {target.output_dir}")

@@ -56,7 +56,7 @@ def main(argv=None):
     from accelerate import PartialState
 
     from lt_utils.runs import default_soup_dir, expand_ingredients
-    from lt_utils.soup import build_val_scorer, make_soup
+    from lt_utils.soup import build_val_scorer, made_soup, make_soup
     from lt_utils.spec import DataSpec
 
     mode = args.mode or ("weighted" if args.weights is not None else "uniform")
@@ -66,16 +66,28 @@ def main(argv=None):
             print(note)
     name = mode if args.merge_method == "average" else f"{mode}_{args.merge_method}"
     output_dir = args.output_dir or str(default_soup_dir(name, ingredients))
+    hub_repo = None
+    if args.push_to_hub and PartialState().is_main_process:  # the Hub and the repo first, the merge after
+        from lt_utils.hub import check_hub_push, push_repo_id
+
+        hub_repo = check_hub_push(push_repo_id(args.hub_model_id, output_dir), args.hub_token)
+
+    recipe = dict(mode=mode, lam=args.lam, weights=args.weights, normalize=args.normalize, alpha=args.alpha,
+                  merge_method=args.merge_method, merge_flags={f: getattr(args, f) for f in MERGE_PARAM_FLAGS})
+    done = made_soup(output_dir, ingredients, **recipe) if args.push_to_hub and not args.overwrite else None
+    if done is not None:  # this soup exists (evaluated since, perhaps): pushed as it is
+        if hub_repo is not None:
+            print(f"{output_dir} holds this soup already; nothing to merge")
+            push_soup(output_dir, hub_repo, args.hub_token)
+        return done
 
     def scorer_factory(first):
         return build_val_scorer(first, DataSpec.from_values(vars(args)), batch_size=args.per_device_eval_batch_size,
                                 num_workers=args.num_workers)
 
-    manifest = make_soup(ingredients, output_dir, mode=mode, lam=args.lam, weights=args.weights,
-                         normalize=args.normalize, alpha=args.alpha, overwrite=args.overwrite,
-                         scorer_factory=scorer_factory, select_metric=args.select_metric,
-                         data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS},
-                         merge_method=args.merge_method, merge_flags={f: getattr(args, f) for f in MERGE_PARAM_FLAGS})
+    manifest = make_soup(ingredients, output_dir, overwrite=args.overwrite, scorer_factory=scorer_factory,
+                         select_metric=args.select_metric,
+                         data_inputs={f"--{flag}": getattr(args, flag) for flag in DATA_INPUT_FLAGS}, **recipe)
     if "output_sha256" in manifest:  # main process
         merge = ", ".join(f"{k} {v}" for k, v in manifest["merge"].items() if k != "method")
         print(f"soup written to {output_dir}: anchor {manifest['anchor_weight']:.4g}, weights "
@@ -83,14 +95,18 @@ def main(argv=None):
               + f"; merged by {manifest['merge']['method']}" + (f" ({merge})" if merge else ""))
         for name, digest in manifest["output_sha256"].items():
             print(f"sha256 {digest}  {name}")
-        if args.push_to_hub:
-            from pathlib import Path
-
-            from lt_utils.hub import push_export
-
-            repo = push_export(output_dir, args.hub_model_id or Path(output_dir).name, token=args.hub_token)
-            print(f"pushed to https://huggingface.co/{repo}")
+        if hub_repo is not None:
+            push_soup(output_dir, hub_repo, args.hub_token)
     return manifest
+
+
+def push_soup(output_dir, repo, token):
+    """The soup to the Hub, unless hub_push.json in it records this very soup (card included) pushed there."""
+    from lt_utils.hub import push_once
+
+    url = push_once(output_dir, output_dir, repo, token)
+    print(f"pushed {output_dir} to https://huggingface.co/{repo} ({url})" if url else
+          f"{output_dir} is on the Hub already (https://huggingface.co/{repo}); nothing to push")
 
 
 if __name__ == "__main__":

@@ -36,23 +36,24 @@ def main(argv=None):
     from lt_utils.engine import EMA, NonFiniteLoss, TrainState, linear_warmup_cosine
     from lt_utils.fileio import atomic_write_json
     from lt_utils.losses import LossOptions, build_loss
-    from lt_utils.methods import METHODS
     from lt_utils.peft_methods import trainable_parameter_count
     from lt_utils.protocols import PROTOCOLS, paper_row, row_label
-    from lt_utils.reports import format_markdown_table
-    from lt_utils.run_loop import Run, eval_every, export, load_resume_state, run_epochs, test_exports, with_ema
+    from lt_utils.reports import describe_outputs, format_markdown_table
+    from lt_utils.run_loop import (Run, check_push, eval_every, export, load_resume_state, push_results, run_epochs,
+                                   test_exports, with_ema)
     from lt_utils.schedule import plan_steps
     from lt_utils.spec import describe_changes, flat_record
 
     spec = T.resolve_run_spec(values, T.launch_processes())
     data, model_spec, loss, optim, output = spec.data, spec.model, spec.loss, spec.optim, spec.output
     T.check_run_paths(spec)
-    if output.push_to_hub:
-        from lt_utils.hub import check_adapter_push
-
-        check_adapter_push(output.hub_push, METHODS.get(spec.method.method).peft, model_spec.model_name_or_path)
+    hub_repo = check_push(spec)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if (done := T.finished_run(spec)) is not None:  # a requeued finished run: nothing to do, nothing overwritten
+    if (done := T.finished_run(spec)) is not None:  # a requeued finished run: nothing to train, nothing overwritten
+        if hub_repo is not None:  # but its push may have failed: pushed now, once
+            print(f"{output.output_dir} already finished (all_results.json); nothing to train")
+            push_results(output, done, hub_repo)
+            return done
         print(f"{output.output_dir} already finished (all_results.json); nothing to do. To train again pass "
               "--overwrite_output_dir without --resume_from_checkpoint, or another --output_dir")
         return done
@@ -156,15 +157,12 @@ def main(argv=None):
     results.update(protocol=protocol, paper_row=paper_row(protocol, rows))
     if accelerator.is_main_process:
         atomic_write_json(Path(output.output_dir) / "all_results.json", results)
-        print(format_markdown_table({row_label(name, protocol, rows): results[name]["test"] for name in rows}))
+        print(format_markdown_table({row_label(name, protocol, rows, results[name].get("step")): results[name]["test"]
+                                     for name in rows}))
         print(f"paper row ({protocol}: {PROTOCOLS.get(protocol).what}): {results['paper_row']}")
-    if output.push_to_hub and accelerator.is_main_process:
-        from lt_utils.hub import push_export
-
-        repo = push_export(Path(output.output_dir) / ("best" if "best" in results else "final"),
-                           output.hub_model_id or Path(output.output_dir).name, token=output.hub_token,
-                           what=output.hub_push)
-        logger.info(f"Pushed to https://huggingface.co/{repo}")
+        print(describe_outputs(output.output_dir))
+    if hub_repo is not None:
+        push_results(output, results, hub_repo)
     accelerator.end_training()
     return results
 

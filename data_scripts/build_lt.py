@@ -107,6 +107,10 @@ def push_to_hub(ds, info, repo):
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
+    if args.push_to_hub:  # the Hub, the token and the dataset repo before the (long) build
+        from lt_utils.hub import check_hub_push
+
+        check_hub_push(args.push_to_hub, repo_type="dataset", flag="--push_to_hub")
     if args.cache_dir:
         check_writable_dir(args.cache_dir, "--cache_dir")
     if args.output_dir:  # checked before the (long) build; the source is never written into or replaced

@@ -29,4 +29,10 @@ def cli_entry(main):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
+    def console():
+        """An installed command (pyproject's [project.scripts]): exit status 0, whatever `main` returns (the console
+        script would print a returned value and exit with status 1)."""
+        wrapper()
+
+    wrapper.console = console
     return wrapper

@@ -216,3 +216,24 @@ def write_outputs(target, config, metrics, info, overwrite, predictions=None):
                                 title=f"{target.name}: {config['split']}")
         if predictions is not None:
             write_eval_predictions(tmp / "predictions.csv", predictions, info.class_names)
+
+
+def record_on_export(target, split, metrics, info, tte, max_eval_samples):
+    """A local export evaluated on the very split it records (same images, groups, whole, no test-time ensembling):
+    the numbers become the export's own, added to its metrics.json (numbers recorded already are kept) and shown in
+    its model card's model-index, so a push publishes them. Returns whether the export was updated."""
+    from .exports import refresh_model_card
+    from .fileio import read_json
+
+    meta = target.meta
+    same_split = (target.local and meta is not None and tte == "none" and max_eval_samples is None
+                  and (meta["lt_info"].index_hashes or {}).get(split) == info.index_hashes.get(split) is not None
+                  and (meta["many_threshold"], meta["few_threshold"]) == (info.many_threshold, info.few_threshold))
+    path = Path(target.export_dir) / "metrics.json"
+    recorded = read_json(path, "metrics") if same_split and path.is_file() else {}
+    if not same_split or "accuracy" in (recorded.get(split) or {}):
+        return False
+    recorded = {**recorded, split: metrics}
+    atomic_write_json(path, recorded)
+    refresh_model_card(target.export_dir, recorded)
+    return True

@@ -1,4 +1,5 @@
 """Model cards and Hub uploads of export dirs."""
+import fnmatch
 import re
 from pathlib import Path
 
@@ -171,20 +172,84 @@ feature = {feature}
 logits = {logit}"""
 
 
+def push_repo_id(hub_model_id, output_dir):
+    """The repo --push_to_hub pushes to: --hub_model_id, else the output folder's name (under the token's user)."""
+    return hub_model_id or Path(output_dir).name
+
+
+def check_hub_push(repo_id, token=None, repo_type="model", flag="--hub_model_id"):
+    """What a push at the end needs, checked before any compute: a valid repo id, the Hub reachable (at once, no
+    retries), a token, and the repo itself, created now as transformers' examples do, so a name owned by someone else
+    or a read-only token is said before training. Returns the repo's full id (user/name)."""
+    from huggingface_hub import create_repo, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .hub_access import hub_unreachable
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"{flag} {repo_id}: not a Hub repo id ({err}); pass NAME or USER/NAME (letters, digits, "
+                        "-, _ and .)") from None
+    if (why := hub_unreachable()) is not None:
+        raise UserError(f"--push_to_hub needs the Hub, which cannot be reached ({why}); run again with the Hub "
+                        "reachable, or drop --push_to_hub")
+    token = token or get_token()
+    if not token:
+        raise UserError("--push_to_hub needs a Hub token with write access; set HF_TOKEN (or run `hf auth login`)")
+    try:
+        return create_repo(repo_id, token=token, exist_ok=True, repo_type=repo_type).repo_id
+    except Exception as err:  # a name of another user, a read-only or invalid token, the network: for the user
+        raise UserError(f"--push_to_hub: creating the Hub repo {repo_id} failed ({_first_line(err)}); check that "
+                        "HF_TOKEN may write there and the repo id") from None
+
+
+def _first_line(err):
+    return f"{err.__class__.__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
 def push_export(export_dir, repo_id, token=None, what="model", commit_message="Upload long-tail classifier"):
-    """Create the repo if needed and upload the export dir: the transformers model, its code and card (and a LoRA
-    run's peft adapter in adapter/); with what="adapter", that plain peft adapter alone, at the repo's root."""
-    from huggingface_hub import create_repo, upload_folder
+    """Upload the export dir to the repo check_hub_push created: the transformers model, its code and card (and a
+    LoRA run's peft adapter in adapter/); with what="adapter", that plain peft adapter alone, at the repo's root.
+    Returns the commit's URL."""
+    from huggingface_hub import upload_folder
 
     folder = Path(export_dir) / ("adapter" if what == "adapter" else "")
     try:
-        repo = create_repo(repo_id, exist_ok=True, token=token)
-        upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message=commit_message,
-                      token=token, ignore_patterns=["step_*", ".*", "eval_*"])
+        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                               token=token, ignore_patterns=list(NOT_PUSHED))
     except Exception as err:  # network, auth, name: the user can fix all of these
-        raise UserError(f"pushing {folder} to the Hub as {repo_id} failed ({err.__class__.__name__}: {err}); "
-                        "check HF_TOKEN and the repo id, then push again with huggingface-cli upload") from None
-    return repo.repo_id
+        raise UserError(f"pushing {folder} to the Hub as {repo_id} failed ({_first_line(err)}); check HF_TOKEN and "
+                        "the network, then run the same command again: it pushes what is not pushed yet") from None
+    return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
+
+
+PUSH_RECORD = "hub_push.json"
+# top-level names in an export dir: resume states, temp files, eval outputs, a soup's own push record
+NOT_PUSHED = ("step_*", ".*", "eval_*", PUSH_RECORD)
+
+
+def push_once(record_dir, export_dir, repo_id, token=None, what="model"):
+    """Push `export_dir` unless `record_dir`/hub_push.json says this very export went to `repo_id` already: a relaunch
+    of the same command pushes a finished run whose push failed, and leaves a pushed one alone. Returns the commit
+    URL, or None when there was nothing to push."""
+    from .fileio import atomic_write_json, read_json
+
+    record = {"repo_id": repo_id, "what": what, "export": Path(export_dir).name, "files": _export_stamp(export_dir)}
+    path = Path(record_dir) / PUSH_RECORD
+    if path.is_file() and {k: v for k, v in read_json(path, "push record").items() if k != "commit"} == record:
+        return None
+    url = push_export(export_dir, repo_id, token, what)
+    atomic_write_json(path, {**record, "commit": url})
+    return url
+
+
+def _export_stamp(export_dir):
+    """The pushed files as they are (name, size, modification time): another training, or eval_lt.py's card update,
+    rewrites them."""
+    files = sorted(p for p in Path(export_dir).rglob("*") if p.is_file() and not any(
+        fnmatch.fnmatch(p.relative_to(export_dir).parts[0], pattern) for pattern in NOT_PUSHED))
+    return [[str(p.relative_to(export_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def check_adapter_push(what, method_is_peft, base_model):

@@ -8,6 +8,7 @@ import torch
 
 from .errors import UserError
 from .heads import build_head
+from .hub_access import cache_if_unreachable
 from .modeling_lt import FEATURE_WIDTHS, FEATURES, LTConfig, LTModel
 from .registry import Registry
 from .text_towers import ClipTextTower, SiglipTextTower
@@ -221,9 +222,15 @@ def load_backbone_config(model_name_or_path, trust_remote_code=False):
     name = str(model_name_or_path)
     if _is_local_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
         raise UserError(f"no config.json at {name!r}; pass a Hub id (e.g. openai/clip-vit-base-patch16) or a model dir")
+    offline = None
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+        with cache_if_unreachable(name) as offline:  # transformers' own requests would retry for a minute
+            config = AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        if offline:
+            raise UserError(f"cannot load the model {name!r}: the Hub cannot be reached ({offline}) and it is not in "
+                            "the cache; pass a local model dir as --model_name_or_path, or run once with the Hub "
+                            "reachable (the download is cached)") from None
         raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}{_remote_code_fix(err)}") from err
     kind = backbone_kind_of(config.model_type)
     if kind is None:
@@ -281,13 +288,14 @@ def load_backbone(model_name_or_path, from_scratch=False, seed=0, image_size=Non
         raise UserError(f"--image_size {image_size} applies to CNN backbones ({free}); a {kind} backbone's size is "
                         "its checkpoint's (position embeddings): drop the flag")
     cls, kwargs = BACKBONES.get(kind).load_class(), BACKBONES.get(kind).model_kwargs
-    if from_scratch:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            backbone = cls(vision_config, **kwargs)
-    else:
-        backbone = _from_pretrained(cls, model_name_or_path, kwargs)
-    return backbone, backbone_spec(model_name_or_path, kind, vision_config, image_size, trust_remote_code)
+    with cache_if_unreachable(model_name_or_path):  # the weights and the processor: cached with the config
+        if from_scratch:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                backbone = cls(vision_config, **kwargs)
+        else:
+            backbone = _from_pretrained(cls, model_name_or_path, kwargs)
+        return backbone, backbone_spec(model_name_or_path, kind, vision_config, image_size, trust_remote_code)
 
 
 def backbone_spec(model_name_or_path, kind, vision_config, image_size=None, trust_remote_code=False):

@@ -39,7 +39,8 @@ def paper_row(protocol, rows):
     return row if row in rows else "final"
 
 
-def row_label(name, protocol, rows):
-    """A summary-table row's name: `best (test)`, `best_test (test, optimistic)`, `... [paper]` on the paper's row."""
-    label = f"{name} (test{', optimistic' if name in OPTIMISTIC_ROWS else ''})"
+def row_label(name, protocol, rows, step=None):
+    """A summary-table row's name: `best (step 40, test)`, `best_test (step 20, test, optimistic)`, `final (test)`,
+    `... [paper]` on the paper's row."""
+    label = f"{name} ({f'step {step}, ' if step is not None else ''}test{', optimistic' if name in OPTIMISTIC_ROWS else ''})"
     return label + (" [paper]" if name == paper_row(protocol, rows) else "")

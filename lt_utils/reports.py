@@ -6,6 +6,7 @@ shown as "—", never as 0. Files are written atomically.
 import csv
 import io
 import math
+from pathlib import Path
 
 from .errors import require
 from .fileio import atomic_write_bytes, atomic_write_text
@@ -38,6 +39,17 @@ def format_markdown_table(runs):
     return "\n".join(lines) + "\n"
 
 
+def describe_outputs(folder):
+    """Where a command wrote, as one line: the folder, absolute, and what it holds (step_* resume states counted)."""
+    folder = Path(folder).resolve()
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    steps = [p for p in entries if p.is_dir() and p.name.startswith("step_")]
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in steps and not p.name.startswith(".")]
+    if steps:
+        names.append(f"{len(steps)} resume state{'s' if len(steps) > 1 else ''} (step_*/)")
+    return f"outputs in {folder}: {', '.join(names) or 'nothing'}"
+
+
 def write_per_class_csv(path, metrics, class_names, train_counts, groups):
     """class_id,class_name,train_count,group,test_samples,accuracy; accuracy empty without test samples."""
     accs, samples = metrics["per_class_acc"], metrics["per_class_samples"]
@@ -53,6 +65,14 @@ def write_per_class_csv(path, metrics, class_names, train_counts, groups):
 
 def plot_per_class_accuracy(path, metrics, train_counts, groups, title=None):
     """PNG: per-class test accuracy against training count (log x), many/medium/few regions shaded."""
+    fig = per_class_figure(metrics, train_counts, groups, title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def per_class_figure(metrics, train_counts, groups, title=None):
+    """The matplotlib Figure plot_per_class_accuracy saves."""
     # Figure + Agg canvas directly: no pyplot, so no global backend state and no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -74,9 +94,7 @@ def plot_per_class_accuracy(path, metrics, train_counts, groups, title=None):
             ax.scatter([], [], s=10, color=_GROUP_COLORS[name], label=f"{name}: 0 classes, {EMPTY}")
     _style_axes(ax, xlim, title or _default_title(metrics))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    return fig
 
 
 def _style_axes(ax, xlim, title):
@@ -92,7 +110,8 @@ def _style_axes(ax, xlim, title):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes, not on them: inside, the legend hides the points of whichever group sits in its corner
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
 
 
 def _draw_group(ax, name, span, counts, accs, groups, metrics):

@@ -11,12 +11,16 @@ import math
 import shutil
 from pathlib import Path
 
+from accelerate import PartialState
+
 from . import data_loaders as D
 from . import training as T
 from .checkpoint import check_finite, checkpoint_dir, load_export, write_resume_record
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
 from .exports import refresh_model_card
+from .hub import check_adapter_push, check_hub_push, push_once, push_repo_id
+from .methods import METHODS
 from .fileio import atomic_write_json, read_json, replace_dir
 from .metrics import scalar_metrics, selection_score, with_split_groups
 from .protocols import PROTOCOLS, RUN_ROWS
@@ -206,3 +210,23 @@ def test_exports(ctx):
             refresh_model_card(export_dir, results[name])
         a.wait_for_everyone()
     return results
+
+
+def check_push(spec):
+    """--push_to_hub, before any compute: what is pushed exists for this method, and the Hub repo, created now (on the
+    main process, which pushes at the end). Returns the repo's full id there, else None."""
+    output = spec.output
+    if not output.push_to_hub:
+        return None
+    check_adapter_push(output.hub_push, METHODS.get(spec.method.method).peft, spec.model.model_name_or_path)
+    if not PartialState().is_main_process:
+        return None
+    return check_hub_push(push_repo_id(output.hub_model_id, output.output_dir), output.hub_token)
+
+
+def push_results(output, results, repo):
+    """best/ (else final/) to the Hub, unless hub_push.json records this very export pushed there already."""
+    export = Path(output.output_dir) / ("best" if "best" in results else "final")
+    url = push_once(output.output_dir, export, repo, output.hub_token, output.hub_push)
+    print(f"pushed {export} to https://huggingface.co/{repo} ({url})" if url else
+          f"{export} is on the Hub already (https://huggingface.co/{repo}, recorded in hub_push.json); nothing to push")

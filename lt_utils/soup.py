@@ -413,6 +413,27 @@ def weight_file_hashes(ing):
     return {f.name: sha256_file(f) for f in files}
 
 
+def made_soup(output_dir, inputs, mode, lam=0.7, weights=None, normalize=False, alpha=1.0, merge_method="average",
+              merge_flags=None):
+    """The manifest of the soup in `output_dir` when it is the one these arguments make (the same ingredients, their
+    weight files unchanged, the same recipe; a greedy soup's choice is its val data's), else None: soup.py
+    --push_to_hub then pushes that soup, evaluated since (eval_lt.py puts its numbers on its card), without merging."""
+    path = Path(output_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    manifest = read_json(path, "soup manifest")
+    ingredients = [read_ingredient(p) for p in inputs]
+    recipe = {"mode": mode, "lam": lam if mode == "progressive" else None, "alpha": alpha, "normalize": bool(normalize),
+              "merge": {"method": merge_method, **_merge_params(merge_method, merge_flags or {})},
+              "ingredients": [ing.name for ing in ingredients]}
+    if mode != "greedy":
+        mix = with_alpha(soup_weights(mode, len(ingredients), lam, weights, normalize), alpha)
+        recipe.update(anchor_weight=mix[0], weights=mix[1:])
+    hashes = [i.get("sha256") for i in manifest.get("inputs", [])]
+    same = all(manifest.get(key) == value for key, value in recipe.items())
+    return manifest if same and hashes == [weight_file_hashes(i) for i in ingredients] else None
+
+
 def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
     output_dir = Path(output_dir)
     check_writable_dir(output_dir, "--output_dir")

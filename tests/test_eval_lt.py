@@ -4,11 +4,14 @@ import json
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_cli import run_cli
+from helpers_hub import ONLINE, reachable_hub
 from helpers_models import make_tiny_clip, random_pixels
 from helpers_train import REPO, reset_accelerate, run_script, tiny_train_args
 
@@ -323,3 +326,43 @@ def test_bad_input_is_one_error_line_and_exit_2(run_dir, flags, tmp_path, capsys
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0]
     if case == "label_mismatch":
         assert not (run / "eval_test").exists()
+
+
+def test_evaluating_a_soup_puts_its_numbers_on_its_card(run_dir, flags, tmp_path, monkeypatch):
+    """A uniform soup has no numbers; evaluated on its recorded split, its metrics.json and model card get them
+    (huggingface_hub reads the model-index), while a partial evaluation changes neither; the same soup.py command
+    with --push_to_hub then publishes them."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    soup = tmp_path / "soup"
+    assert run_cli("soup.py", run_dir / "best", run_dir / "final", "--output_dir", soup).code == 0
+    assert not (soup / "metrics.json").exists() and ModelCard.load(soup / "README.md").data.eval_results is None
+    run_eval(soup, "--split", "test", *flags)
+    test = read_metrics(soup / "eval_test")["metrics"]
+    assert json.loads((soup / "metrics.json").read_text()) == {"test": test}
+    results = {(r.dataset_split, r.metric_type): r.metric_value
+               for r in ModelCard.load(soup / "README.md").data.eval_results}
+    assert results[("test", "accuracy")] == round(test["accuracy"], 4)
+    assert results[("test", "mean_class_accuracy")] == round(test["mean_class_acc"], 4)
+    card = (soup / "README.md").read_bytes()
+    run_eval(soup, "--split", "val", "--max_eval_samples", "10", *flags)  # a part of val: not the model's numbers
+    assert (soup / "eval_val" / "metrics.json").is_file() and (soup / "README.md").read_bytes() == card
+    assert list(json.loads((soup / "metrics.json").read_text())) == ["test"]
+
+    # the same soup.py command with --push_to_hub: nothing merged again, the evaluated soup (its card) pushed, once
+    pushed = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **_: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda repo_id, folder_path, **_: pushed.append(
+        (repo_id, folder_path, ModelCard.load(Path(folder_path) / "README.md").data.eval_results)))
+    weights = (soup / "model.safetensors").read_bytes()
+    argv = [run_dir / "best", run_dir / "final", "--output_dir", soup, "--push_to_hub", "--hub_model_id", "you/soup"]
+    with reachable_hub(monkeypatch, tmp_path):
+        first, again = run_cli("soup.py", *argv, env=ONLINE), run_cli("soup.py", *argv, env=ONLINE)
+        other = run_cli("soup.py", *argv, "--mode", "progressive", env=ONLINE)
+    assert first.code == 0 and "nothing to merge" in first.out and (soup / "model.safetensors").read_bytes() == weights
+    assert [(repo, folder) for repo, folder, _ in pushed] == [("you/soup", str(soup))]
+    assert {(r.dataset_split, r.metric_type): r.metric_value for r in pushed[0][2]} == results
+    assert again.code == 0 and "nothing to push" in again.out and len(pushed) == 1
+    assert other.code == 2 and "already exists" in other.err  # another recipe is another soup

@@ -5,9 +5,11 @@ import shutil
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 
+from helpers_hub import reachable_hub
 from helpers_train import REPO
 from lt_utils.data import load_lt_dataset, save_lt_to_disk
 from lt_utils.data.counts import lt_counts
@@ -25,8 +27,9 @@ class FakeHub:
     def __call__(self, token=None):
         return self
 
-    def create_repo(self, repo_id, repo_type=None, exist_ok=False):
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False, **_):
         assert repo_type == "dataset"
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
 
     def upload_folder(self, repo_id, repo_type, folder_path, commit_message=None):
         assert repo_type == "dataset"
@@ -38,8 +41,6 @@ def pushed(idx_dir, tmp_path_factory):
     """build_lt.py --push_to_hub you/fmnist-lt, into a local folder that stands for the Hub repo."""
     import importlib.util
 
-    import huggingface_hub
-
     spec = importlib.util.spec_from_file_location("build_lt", REPO / "data_scripts" / "build_lt.py")
     build_lt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_lt)
@@ -47,9 +48,12 @@ def pushed(idx_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     mp = pytest.MonkeyPatch()
     mp.setattr(huggingface_hub, "HfApi", FakeHub(root))
+    mp.setattr(huggingface_hub, "create_repo", FakeHub(root).create_repo)
     try:
-        build_lt.main(["--dataset", "fashion_mnist", "--data_dir", str(idx_dir), "--imb", "10", "--max_per_class", "40",
-                       "--val_per_class", "5", "--cache_dir", str(root / "cache"), "--push_to_hub", "you/fmnist-lt"])
+        with reachable_hub(mp, root):  # build_lt.py checks the Hub and creates the repo before building
+                build_lt.main(["--dataset", "fashion_mnist", "--data_dir", str(idx_dir), "--imb", "10", "--max_per_class",
+                           "40", "--val_per_class", "5", "--cache_dir", str(root / "cache"), "--push_to_hub",
+                           "you/fmnist-lt"])
     finally:
         mp.undo()
     built = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, cache_dir=root / "cache", **SPLIT)

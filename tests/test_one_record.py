@@ -83,14 +83,13 @@ def _adapter_alone_is_what_peft_loads(export, base, tmp_path):
 
     hub = tmp_path / "hub"
     calls = {}
-    saved = huggingface_hub.create_repo, huggingface_hub.upload_folder
-    huggingface_hub.create_repo = lambda repo_id, **_: type("Repo", (), {"repo_id": repo_id})
+    saved = huggingface_hub.upload_folder
     huggingface_hub.upload_folder = lambda repo_id, folder_path, **kw: calls.update(
         repo=repo_id, copy=shutil.copytree(folder_path, hub / repo_id, ignore=shutil.ignore_patterns(*kw["ignore_patterns"])))
     try:
-        assert push_export(export, "you/tiny-lora", what="adapter") == "you/tiny-lora"
+        assert push_export(export, "you/tiny-lora", what="adapter") == "https://huggingface.co/you/tiny-lora"
     finally:
-        huggingface_hub.create_repo, huggingface_hub.upload_folder = saved
+        huggingface_hub.upload_folder = saved
     repo = hub / "you" / "tiny-lora"
     assert sorted(p.name for p in repo.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "head.safetensors"]
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(repo)).merge_and_unload()

@@ -6,7 +6,7 @@ from PIL import Image
 
 from lt_utils.errors import UserError
 from lt_utils.metrics import compute_lt_metrics, groups_from_counts
-from lt_utils.reports import EMPTY, format_markdown_table, plot_per_class_accuracy, write_per_class_csv
+from lt_utils.reports import EMPTY, format_markdown_table, per_class_figure, plot_per_class_accuracy, write_per_class_csv
 
 # 4 classes; class 3 has no test sample. Per class: 2/2, 1/2, 0/1, none.
 TRAIN_COUNTS = [300, 150, 40, 5]
@@ -82,3 +82,23 @@ def test_plot_handles_empty_group_missing_samples_and_zero_counts(tmp_path):
         assert image.format == "PNG" and image.size == (960, 540)
     with pytest.raises(UserError, match="groups has 2 entries"):
         plot_per_class_accuracy(tmp_path / "q.png", metrics, counts, groups[:2])
+
+
+def test_plot_legend_hides_no_point():
+    counts = [int(500 * (1 / 100) ** (i / 99)) for i in range(100)]
+    groups = groups_from_counts(counts)
+    labels = [c for c in range(100) for _ in range(3)]
+    wrong = [(c + 1) % 100 for c in labels]  # 0% everywhere: points along the bottom, where the legend used to sit
+    fig = per_class_figure(compute_lt_metrics(wrong, labels, 100, groups), counts, groups)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax.get_window_extent(renderer)) and fig.bbox.contains(legend.x0, legend.y0) \
+        and fig.bbox.contains(legend.x1, legend.y1)
+    from matplotlib.collections import PathCollection
+
+    points = [xy for c in ax.collections if isinstance(c, PathCollection)  # the scatters, not the group means' lines
+              for xy in c.get_offset_transform().transform(c.get_offsets())]
+    assert len(points) == 100 and not any(legend.contains(x, y) for x, y in points)
+    assert [t.get_text().split(":")[0] for t in ax.get_legend().get_texts()] == ["many", "medium", "few"]

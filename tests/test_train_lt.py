@@ -168,15 +168,3 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
     assert f"last good checkpoint: {out / f'step_{step - 1}'}" in last_line
     assert (out / f"step_{step - 1}" / "lt_resume.json").is_file()
     assert not (out / f"step_{step}").exists() and not (out / "final").exists()
-
-
-def test_failed_push_keeps_the_exports_and_says_why(idx_dir, tmp_path):
-    out = tmp_path / "run"
-    result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, "--max_train_steps", "2", "--eval_steps", "none",
-                                                     "--push_to_hub", "--hub_model_id", "someone/tiny-lt",
-                                                     "--with_tracking"))
-    assert result.returncode == 2  # the Hub is unreachable here (HF_HUB_OFFLINE=1)
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: pushing") and "someone/tiny-lt" in last and "Traceback" not in result.stderr
-    assert (out / "final" / "model.safetensors").is_file() and (out / "all_results.json").is_file()
-    assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*"))  # TensorBoard logs were written

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..hub_access import cache_if_unreachable
 from .source_base import HubImages, Source, SourceSplit, check_label_range, read_class_names
 
 
@@ -69,15 +70,26 @@ def load_source(spec, cache_dir=None):
         except Exception as err:  # corrupted or partial arrow files
             raise UserError(f"{name} is not a loadable save_to_disk folder ({err.__class__.__name__}); save it again") from None
         return dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict({"train": dd})
+    offline = None
     try:
         # trust_remote_code only when asked: datasets >= 4 runs no loading scripts and logs an error for the flag
         remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
-        return datasets.load_dataset(str(name), spec.dataset_config_name, revision=spec.dataset_revision,
-                                     cache_dir=cache_dir, **remote)
+        with cache_if_unreachable(name) as offline:  # datasets' own requests would retry for a minute
+            return datasets.load_dataset(str(name), spec.dataset_config_name, revision=spec.dataset_revision,
+                                         cache_dir=cache_dir, **remote)
     except Exception as err:  # offline, unknown repo or config, auth, not a dataset: for the user to fix
-        detail = str(err).splitlines()[0][:300] if str(err) else ""
-        raise UserError(f"could not load --dataset_name {name} ({err.__class__.__name__}: {detail}); pass a Hub dataset "
-                        "id (online), a save_to_disk folder, or a folder of parquet files or images") from None
+        detail = (f"{offline}, and it is not in the cache" if offline else
+                  f"{err.__class__.__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")
+        raise SourceUnavailable(f"could not load --dataset_name {name} ({detail}); pass a Hub dataset id (online), a "
+                                "save_to_disk folder, or a folder of parquet files or images", detail) from None
+
+
+class SourceUnavailable(UserError):
+    """load_dataset failed; `detail` says why, for callers that name the source in their own words."""
+
+    def __init__(self, message, detail):
+        super().__init__(message)
+        self.detail = detail
 
 
 def _check_columns(split, spec, name):

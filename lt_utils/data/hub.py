@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import UserError, require
 from ..fileio import atomic_dir
+from ..hub_access import cache_if_unreachable
 from .builders import SPLITS
 from .info import INFO_FILENAME, LTInfo, embed_info
 
@@ -83,18 +84,20 @@ def load_lt_from_hub(source, cache_dir=None):
     `datasets.load_dataset`; the counts, groups and class names of lt_info.json are checked against the data."""
     import datasets
 
-    local = Path(str(source)).is_dir()
+    local, offline = Path(str(source)).is_dir(), None
     try:
-        ds = datasets.load_dataset(str(source), cache_dir=cache_dir)
-        if local:
-            info_path = Path(str(source)) / INFO_FILENAME
-        else:
-            from huggingface_hub import hf_hub_download
+        with cache_if_unreachable(source) as offline:  # the cache alone, at once, rather than a minute of retries
+            ds = datasets.load_dataset(str(source), cache_dir=cache_dir)
+            if local:
+                info_path = Path(str(source)) / INFO_FILENAME
+            else:
+                from huggingface_hub import hf_hub_download
 
-            info_path = hf_hub_download(str(source), INFO_FILENAME, repo_type="dataset")
+                info_path = hf_hub_download(str(source), INFO_FILENAME, repo_type="dataset")
     except Exception as err:  # offline, missing repo, auth, not a dataset: all for the user to fix
-        raise UserError(f"could not load the dataset {source} ({err.__class__.__name__}); pass a builder name, a folder "
-                        "written by build_lt.py, or a Hub dataset pushed with build_lt.py --push_to_hub") from None
+        why = f"{offline}, and it is not in the cache" if offline else err.__class__.__name__
+        raise UserError(f"could not load the dataset {source} ({why}); pass a builder name, a folder written by "
+                        "build_lt.py, or a Hub dataset pushed with build_lt.py --push_to_hub") from None
     info = LTInfo.load(info_path)
     check_matches_info(ds, info, source)
     return embed_info(ds, info), info

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .hf_source import HFSpec, read_hf_source
+from .hf_source import HFSpec, SourceUnavailable, read_hf_source
 from .source_base import (ArrayImages, FileImages, Source, SourceSplit, check_label_range, read_class_names,
                           require_file)
 
@@ -98,16 +98,23 @@ def read_cifar_local(data_dir, num_classes):
     return Source(names, splits, f"local:{root}")
 
 
-def read_hub(repo, image_col, label_col, cache_dir=None):
-    """A built-in dataset's Hub copy: the generic `datasets` reader with the repo's column names."""
+def read_hub(repo, image_col, label_col, local_copy, cache_dir=None):
+    """A built-in dataset's Hub copy: the generic `datasets` reader with the repo's column names. Failing, it says
+    what to pass instead: --data_dir with `local_copy`."""
     spec = HFSpec(repo, test_split="test", image_column_name=image_col, label_column_name=label_col)
-    return dataclasses.replace(read_hf_source(spec, cache_dir=cache_dir)[0], description=f"hub:{repo}")
+    try:
+        source = read_hf_source(spec, cache_dir=cache_dir)[0]
+    except SourceUnavailable as err:
+        raise UserError(f"without --data_dir the images come from the Hub dataset {repo}, which could not be loaded "
+                        f"({err.detail}); pass --data_dir <{local_copy}>, or run once with the Hub reachable (the "
+                        "download is cached)") from None
+    return dataclasses.replace(source, description=f"hub:{repo}")
 
 
 def read_cifar(data_dir, num_classes, cache_dir=None):
     if data_dir is not None:
         return read_cifar_local(data_dir, num_classes)
-    return read_hub(*CIFAR_HUB[num_classes], cache_dir=cache_dir)
+    return read_hub(*CIFAR_HUB[num_classes], f"folder with {CIFAR_LAYOUT[num_classes]['dir']}/", cache_dir=cache_dir)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
@@ -155,7 +162,8 @@ def read_idx(path):
 
 def read_fashion_mnist(data_dir, cache_dir=None):
     if data_dir is None:
-        return read_hub(*FASHION_MNIST_HUB, cache_dir=cache_dir)
+        return read_hub(*FASHION_MNIST_HUB, "folder with the IDX files (train-images-idx3-ubyte.gz, ...)",
+                        cache_dir=cache_dir)
     root = Path(data_dir)
     splits = {}
     for split, (img_stem, lbl_stem) in IDX_STEMS.items():
