@@ -52,10 +52,10 @@ def tiny_train_args(data_dir, output_dir, *extra):
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def run_script(args, env=None, timeout=600):
-    """Run a command from the repo root; returns CompletedProcess with text output."""
+def run_script(args, env=None, timeout=600, cwd=REPO):
+    """Run a command (from the repo root unless told); returns CompletedProcess with text output."""
     full_env = {**os.environ, **QUIET_ENV, **(env or {})}
-    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def python_script(name, *args, **kwargs):

@@ -1,7 +1,9 @@
 """Distributed training on CPU: DDP (gloo) and DeepSpeed ZeRO-2, launched with torchrun as on a GPU node."""
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_cli import run_cli
-from helpers_train import REPO, export_tensors, run_script, tiny_train_args
+from helpers_train import QUIET_ENV, REPO, export_tensors, run_script, tiny_train_args
 
 pytestmark = pytest.mark.slow  # torchrun and DeepSpeed: several processes per test
 
@@ -39,8 +41,19 @@ def torchrun(nproc, args, env=None):
                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train_lt.py", *args], env=env)
 
 
-def deepspeed_env(config=REPO / "accelerate_configs" / "ds_zero2.json"):
-    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
+def deepspeed_env(config="ds_zero2.yaml", *launch_flags):
+    """What `accelerate launch --config_file CONFIG --mixed_precision no [launch_flags]` gives its processes, computed
+    by accelerate's own launcher code from the shipped yaml (fp32, to compare with the 1-process reference)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "accelerate_configs" / config),
+                                               "--num_processes", "1", "--mixed_precision", "no", *launch_flags,
+                                               "train_lt.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {key: value for key, value in env.items() if key.startswith("ACCELERATE_")}
 
 
 def final_weights(out):
@@ -77,6 +90,30 @@ def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, on
     assert not torch.allclose(weights["head.weight"], start)  # it trained
 
 
+def test_multi_node_yaml_on_two_loopback_machines_matches_one_process_with_accumulation(idx_dir, tmp_path,
+                                                                                       one_process_reference):
+    """accelerate_configs/multi_node.yaml as users run it on two machines, both on 127.0.0.1: one `accelerate launch`
+    per machine rank, one process each (fp32), from outside the repository, into one shared output folder."""
+    out, port = tmp_path / "run", free_port()
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "accelerate_configs" / "multi_node.yaml"), "--num_machines", "2", "--num_processes", "2",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no"]
+    train = [str(REPO / "train_lt.py"), *tiny_train_args(idx_dir, out, *STEPS)]
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    machines = []
+    for rank, log in enumerate(logs):  # a log file each: two pipes read one after the other could fill and block
+        with open(log, "w") as sink:
+            machines.append(subprocess.Popen([*launcher, "--machine_rank", str(rank), *train], cwd=tmp_path,
+                                             env={**os.environ, **QUIET_ENV}, stdout=sink, stderr=subprocess.STDOUT))
+    codes = [machine.wait(timeout=600) for machine in machines]
+    printed = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(text[-3000:] for text in printed)
+    assert "Total batch size (per device x processes x accumulation) = 16" in printed[0]
+    weights = final_weights(out)
+    assert_same_weights(weights, one_process_reference, atol=1e-5)
+    assert not torch.allclose(weights["head.weight"], load_file(out / "final" / "head_init.safetensors")["weight"])
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_process_reference, nproc):
     out = tmp_path / f"ds{nproc}"
@@ -98,12 +135,9 @@ def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_proces
 
 
 def test_deepspeed_accumulation_mismatch_is_refused(idx_dir, tmp_path):
-    config = json.loads((REPO / "accelerate_configs" / "ds_zero2.json").read_text())
-    config["gradient_accumulation_steps"] = 4
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(config))
     out = tmp_path / "run"
-    result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"), env=deepspeed_env(path))
+    result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"),
+                      env=deepspeed_env("ds_zero2.yaml", "--gradient_accumulation_steps", "4"))
     assert result.returncode != 0
     assert "DeepSpeed config has gradient_accumulation_steps=4 but --gradient_accumulation_steps=2" in result.stderr
     assert 'train_lt.py", line' not in result.stderr  # our process printed no traceback (torchrun reports the exit itself)
@@ -122,7 +156,7 @@ def test_deepspeed_zero3_lora_export_is_complete(idx_dir, tmp_path):
     for flag, value in (("--model_name_or_path", clip), ("--method", "lora"), ("--from_scratch", "false"),
                         ("--head_init", "text")):
         args[args.index(flag) + 1] = str(value)
-    result = torchrun(2, args, env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
+    result = torchrun(2, args, env=deepspeed_env("ds_zero3.yaml"))
     assert result.returncode == 0, failure_report(result)
     adapter = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
     lora = {k: v for k, v in adapter.items() if "lora_" in k}
@@ -137,14 +171,11 @@ def test_deepspeed_zero3_lora_export_is_complete(idx_dir, tmp_path):
 
 
 def test_zero3_without_16bit_gather_is_refused_before_training(idx_dir, tmp_path):
-    config = json.loads((REPO / "accelerate_configs" / "ds_zero3.json").read_text())
-    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
-    path = tmp_path / "z3.json"
-    path.write_text(json.dumps(config))
     out = tmp_path / "run"
-    result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS), env=deepspeed_env(path))
+    result = torchrun(1, tiny_train_args(idx_dir, out, *STEPS),
+                      env=deepspeed_env("ds_zero3.yaml", "--zero3_save_16bit_model", "false"))
     assert result.returncode != 0
-    assert "stage3_gather_16bit_weights_on_model_save: true" in result.stderr
+    assert "zero3_save_16bit_model: true" in result.stderr
     assert not (out / "step_1").exists() and not (out / "final").exists()
 
 
@@ -179,7 +210,7 @@ def test_deepspeed_zero3_trains_added_modules_as_one_process(idx_dir, tmp_path, 
 
     reference = run_cli("train_lt.py", *args(tmp_path / "ref", 2))
     assert reference.returncode == 0, failure_report(reference)
-    result = torchrun(2, args(tmp_path / "z3", 1), env=deepspeed_env(REPO / "accelerate_configs" / "ds_zero3.json"))
+    result = torchrun(2, args(tmp_path / "z3", 1), env=deepspeed_env("ds_zero3.yaml"))
     assert result.returncode == 0, failure_report(result)
     weights, ref = final_weights(tmp_path / "z3"), final_weights(tmp_path / "ref")
     assert {k.split(".")[0] for k in weights} == {"backbone", "adapters", "head"}  # the whole model, once
