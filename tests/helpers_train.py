@@ -147,6 +147,12 @@ def assert_same_weights(a, b, atol):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
+def assert_resumed_weights(resumed, uninterrupted):
+    """A run resumed in the same process repeats the uninterrupted run's arithmetic in the same order (same batches,
+    same kernels and thread count, the state restored bit for bit), so no rounding can differ: equal to the bit."""
+    assert_same_weights(resumed, uninterrupted, atol=0)
+
+
 def export_config(export_dir):
     """An export's config.json as a dict (the LTConfig record)."""
     return json.loads((Path(export_dir) / "config.json").read_text())
