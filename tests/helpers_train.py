@@ -123,9 +123,9 @@ def reduction_order_atol(reference, reordered, steps, safety=4):
 
     Derivation: each float32 addition rounds at relative eps (2^-23); the rounding differs with the order, and enters
     every step's gradients and normalisation statistics; training then amplifies it (BatchNorm's 1/std, gradients
-    that cancel to small sums) by a factor set by the model, the data and the CPU's kernels, not by a constant: the
-    same sync-BN comparison differs by 2.2e-5 on one AMD EPYC and by 8.8e-6 on another. So the
-    size is measured where it arises: `reordered` is the same training computed in this process in another legitimate
+    that cancel to small sums) by a factor set by the model, the data and the CPU's kernels, not by a constant (the
+    sync-BN test: 1e-7 relative per sum grows to 2.3e-3 of bn1's bias after 4 steps). So the size is measured where
+    it arises: `reordered` is the same training computed in this process in another legitimate
     order, and the run under test is one more such order, so it differs from `reference` by the same amount up to the
     random size of one more set of roundings: `safety` x |reference - reordered| per tensor (the ratio measured in
     the tests is at most 1.6), plus one rounding of each weight per step (eps x |w| x steps) where the two orders
