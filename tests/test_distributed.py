@@ -1,4 +1,7 @@
-"""Distributed training on CPU: DDP (gloo) and DeepSpeed ZeRO-2, launched with torchrun as on a GPU node."""
+"""Distributed training on CPU: DDP (gloo) and DeepSpeed ZeRO-2/3, launched with torchrun as on a GPU node (with the
+environment accelerate's launcher derives from the shipped yamls), and multi_node.yaml as two `accelerate launch`
+machines on the loopback address. Each run is compared with one process within the float32 reduction-order noise
+measured in-process (helpers_train.reduction_order_atol)."""
 import json
 import os
 import shutil

@@ -1,6 +1,7 @@
-"""Every shipped accelerate config through the real `accelerate launch` CLI (one CPU process, a few steps), the
-multi-node config through accelerate's own validation; on the way: secrets never recorded, each log line once,
-test metrics in the tracker."""
+"""Every shipped accelerate config through the real `accelerate launch` CLI from outside the repository (one CPU
+process, a few steps), the multi-node config through accelerate's own validation (and for real in
+test_distributed); `--cpu` with a multi-process config refused; on the way: secrets never recorded, each log line
+once, test metrics in the tracker."""
 import json
 import sys
 from pathlib import Path
