@@ -6,7 +6,7 @@
   accelerate launch train_lt.py --config configs/lift_cifar100_lt.yaml --gradient_accumulation_steps 4
   # several GPUs / DeepSpeed ZeRO-2 (ViT-L/14@336 full fine-tuning)
   accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_lt.py --dataset cifar100_lt --imb 100
-  accelerate launch --config_file accelerate_configs/ds_zero2.yaml --mixed_precision bf16 train_lt.py \
+  accelerate launch --config_file accelerate_configs/ds_zero2.yaml train_lt.py \
       --config configs/ltsoups_stage1_full.yaml \
       --model_name_or_path openai/clip-vit-large-patch14-336
 """

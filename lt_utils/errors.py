@@ -1,5 +1,6 @@
 """User-facing errors: one line, the problem and the fix, a non-zero exit, no traceback."""
 import functools
+import os
 import sys
 
 
@@ -21,6 +22,7 @@ def cli_entry(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
+            check_launch_world_size(os.environ)
             return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -36,3 +38,23 @@ def cli_entry(main):
 
     wrapper.console = console
     return wrapper
+
+
+# where a launcher puts the world size: torchrun, then the MPI flavours accelerate also reads
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch_world_size(env):
+    """accelerate's one-process launcher (the path of --cpu, and of a config without a distributed type) sets
+    ACCELERATE_USE_CPU always, and MASTER_ADDR/MASTER_PORT only when the config asks for several processes or
+    machines, yet starts this process alone and gives it no world size: it would train at a fraction of the global
+    batch, or as independent runs writing into one folder. Refuse before any work."""
+    if "ACCELERATE_USE_CPU" not in env or not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        return
+    if any(env.get(name) for name in WORLD_SIZE_VARS):
+        return
+    raise UserError(f"`accelerate launch` started this process alone, but set up a rendezvous at {env['MASTER_ADDR']}:"
+                    f"{env['MASTER_PORT']} because its config asks for several processes or machines (--cpu and "
+                    "distributed_type NO start one); drop --cpu (without a GPU the multi-GPU and DeepSpeed configs "
+                    "start their processes on CPU), or pass --num_processes 1 --num_machines 1 for one process "
+                    "(or unset MASTER_ADDR/MASTER_PORT if your shell set them)")

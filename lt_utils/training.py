@@ -140,7 +140,8 @@ def check_zero3_export(accelerator, optim):
                         "(accelerate_configs/ds_zero2.yaml) or drop --ema_decay")
     if plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True:
         raise UserError("DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true cannot export complete "
-                        "weights; set it in the DeepSpeed JSON (or zero3_save_16bit_model: true in the accelerate config)")
+                        "weights; set zero3_save_16bit_model: true under deepspeed_config in the accelerate config (as "
+                        "accelerate_configs/ds_zero3.yaml does)")
 
 
 def cpu_multiprocess_kwargs():

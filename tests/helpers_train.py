@@ -52,10 +52,10 @@ def tiny_train_args(data_dir, output_dir, *extra):
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def run_script(args, env=None, timeout=600):
-    """Run a command from the repo root; returns CompletedProcess with text output."""
+def run_script(args, env=None, timeout=600, cwd=REPO):
+    """Run a command (from the repo root unless told); returns CompletedProcess with text output."""
     full_env = {**os.environ, **QUIET_ENV, **(env or {})}
-    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def python_script(name, *args, **kwargs):
@@ -115,6 +115,42 @@ def export_tensors(export_dir):
 
     names = weight_keys(read_export_config(export_dir))
     return {names[k]: v for k, v in load_file(str(Path(export_dir) / "model.safetensors")).items()}
+
+
+def reduction_order_atol(reference, reordered, steps, safety=4):
+    """{tensor name: atol} for comparing a run with `reference` where the two are equal in exact arithmetic and differ
+    only in the order float32 sums are taken (other processes, accumulation, kernels).
+
+    Derivation: each float32 addition rounds at relative eps (2^-23); the rounding differs with the order, and enters
+    every step's gradients and normalisation statistics; training then amplifies it (BatchNorm's 1/std, gradients
+    that cancel to small sums) by a factor set by the model, the data and the CPU's kernels, not by a constant (the
+    sync-BN test: 1e-7 relative per sum grows to 2.3e-3 of bn1's bias after 4 steps). So the size is measured where
+    it arises: `reordered` is the same training computed in this process in another legitimate
+    order, and the run under test is one more such order, so it differs from `reference` by the same amount up to the
+    random size of one more set of roundings: `safety` x |reference - reordered| per tensor (the ratio measured in
+    the tests is at most 1.6), plus one rounding of each weight per step (eps x |w| x steps) where the two orders
+    happen to agree bit for bit."""
+    import torch
+
+    eps = torch.finfo(torch.float32).eps
+    return {key: safety * (ref - reordered[key]).abs().max().item() + eps * ref.abs().max().item() * steps
+            if ref.is_floating_point() else 0.0 for key, ref in reference.items()}
+
+
+def assert_same_weights(a, b, atol):
+    """a == b per tensor within atol: a number, or {tensor name: atol} (reduction_order_atol)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        tol = atol[key] if isinstance(atol, dict) else atol
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=tol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def assert_resumed_weights(resumed, uninterrupted):
+    """A run resumed in the same process repeats the uninterrupted run's arithmetic in the same order (same batches,
+    same kernels and thread count, the state restored bit for bit), so no rounding can differ: equal to the bit."""
+    assert_same_weights(resumed, uninterrupted, atol=0)
 
 
 def export_config(export_dir):

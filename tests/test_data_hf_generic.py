@@ -13,12 +13,11 @@ import sys
 import datasets
 import numpy as np
 import pytest
-import torch
 
 from helpers_faults import cli_mains, reset_accelerate
 from helpers_hf import (CLASS_NAMES, first_n, held_indices, source_labels, write_arrow, write_imagefolder,
                         write_parquet)
-from helpers_train import REPO, TINY_VIT
+from helpers_train import REPO, TINY_VIT, assert_resumed_weights
 
 sys.path.insert(0, str(REPO))
 from lt_utils.data import load_lt_dataset, load_lt_from_disk  # noqa: E402
@@ -207,7 +206,7 @@ def test_resume_rebuilds_the_same_split_and_refuses_another(sources, tmp_path, c
     assert sorted(p.name for p in part.iterdir()) == ["step_1"]
     MAINS["train"](hf_train_flags(sources["arrow"], part, *common, "--resume_from_checkpoint", "latest"))
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert_resumed_weights(b, a)
 
 
 def test_train_lt_on_a_dataset_name_exports_and_eval_lt_rebuilds_the_split(sources, tmp_path):

@@ -28,7 +28,7 @@ def doc_commands():
         text = re.sub(r"\\\n\s*", " ", text)
         for line in text.splitlines():
             line = line.strip()
-            if re.match(r"(python |accelerate launch |scripts/cpu_launch\.sh |[A-Z_]+=\S+ (scripts/|torchrun ))", line) \
+            if re.match(r"(python |accelerate launch |[A-Z_]+=\S+ (scripts/|torchrun ))", line) \
                     and not line.startswith(SKIP) and " ... " not in line + " ":
                 found.append((source, line.split(" # ")[0].split("  #")[0].strip()))
     return found
@@ -43,8 +43,6 @@ def split_command(command):
     if tokens[:2] == ["accelerate", "launch"]:
         i = next(i for i, t in enumerate(tokens) if t in SCRIPTS)
         launch, tokens = tokens[2:i], tokens[i:]
-    elif tokens[0] == "scripts/cpu_launch.sh":
-        tokens = tokens[2:]
     elif tokens[0] == "torchrun":
         tokens = tokens[next(i for i, t in enumerate(tokens) if t in SCRIPTS):]
     elif tokens[0] == "python":

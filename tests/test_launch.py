@@ -1,6 +1,7 @@
-"""Every shipped accelerate config through the real `accelerate launch` CLI (one CPU process, a few steps), the
-multi-node config through accelerate's own validation; on the way: secrets never recorded, each log line once,
-test metrics in the tracker."""
+"""Every shipped accelerate config through the real `accelerate launch` CLI from outside the repository (one CPU
+process, a few steps), the multi-node config through accelerate's own validation (and for real in
+test_distributed); `--cpu` with a multi-process config refused; on the way: secrets never recorded, each log line
+once, test metrics in the tracker."""
 import json
 import sys
 from pathlib import Path
@@ -16,13 +17,14 @@ SECRET = "hf_SECRETtoken0123456789"
 STEPS = ["--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "8"]
 
 
-def launch(config, out, idx_dir, *extra, launch_flags=()):
-    """`accelerate launch --config_file CONFIG --num_processes 1 [flags] train_lt.py ...` from the repo root, as the
-    README shows it (the one-process override is the only change)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-           "--num_processes", "1", *launch_flags, "train_lt.py", *tiny_train_args(idx_dir, out), *STEPS, *extra]
-    res = run_script(cmd)
-    assert res.returncode == 0, res.stderr[-4000:]
+def launch(config, out, idx_dir, *extra, launch_flags=("--num_processes", "1"), ok=True):
+    """`accelerate launch --config_file CONFIG --num_processes 1 [flags] train_lt.py ...` as the README shows it (the
+    one-process override is the only change), from a working directory outside the repository: the configs name
+    nothing relative to it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *launch_flags,
+           str(REPO / "train_lt.py"), *tiny_train_args(idx_dir, out), *STEPS, *extra]
+    res = run_script(cmd, cwd=Path(out).parent)
+    assert (res.returncode == 0) == ok, res.stderr[-4000:]
     return res
 
 
@@ -74,11 +76,12 @@ def test_multi_gpu_yaml(idx_dir, tmp_path):
 
 @pytest.mark.parametrize("config,stage", [("ds_zero2.yaml", 2), ("ds_zero3.yaml", 3)])
 def test_deepspeed_yamls(idx_dir, tmp_path, config, stage):
-    """The README's ZeRO command (bf16 from the launcher flag, accumulation from train_lt.py's flag)."""
+    """The README's ZeRO command (bf16 from the yaml, accumulation from train_lt.py's flag), its DeepSpeed settings
+    inline in the yaml."""
     out = tmp_path / f"zero{stage}"
     res = launch(config, out, idx_dir, "--total_batch_size", "16", "--gradient_accumulation_steps", "2",
-                 "--checkpointing_steps", "1", launch_flags=("--mixed_precision", "bf16"))
-    assert "Processes = 1 (DEEPSPEED), mixed precision = bf16" in res.stderr
+                 "--checkpointing_steps", "1")
+    assert "Processes = 1 (DEEPSPEED), mixed precision = bf16" in res.stderr  # the yaml's bf16
     shards = sorted(p.name for p in (out / "step_1" / "pytorch_model").iterdir())
     assert any(name.startswith("bf16_zero_pp_rank_0") for name in shards), shards  # ZeRO optimizer shards in bf16
     assert (out / "final" / "model.safetensors").is_file()
@@ -101,3 +104,36 @@ def test_multi_node_yaml_validates():
     env = prepare_multi_gpu_env(args)
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 0)
     assert args.rdzv_endpoint == "10.0.0.1:29500" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def test_cpu_flag_with_the_multi_node_config_is_refused(idx_dir, tmp_path):
+    """`accelerate launch --cpu` starts one process whatever the config asks for: here each machine would train alone
+    at half the batch, two independent runs into one folder. The process sees the rendezvous it was set up for and
+    stops before any work."""
+    out = tmp_path / "run"
+    res = launch("multi_node.yaml", out, idx_dir, launch_flags=("--cpu",), ok=False)
+    assert "error: `accelerate launch` started this process alone" in res.stderr
+    assert "drop --cpu" in res.stderr and 'train_lt.py", line' not in res.stderr
+    assert not out.exists()
+
+
+ONE_PROCESS_LAUNCHER = {"ACCELERATE_USE_CPU": "True"}  # accelerate's simple launcher sets it, True or False
+RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env,refused", [
+    ({**ONE_PROCESS_LAUNCHER, **RENDEZVOUS}, True),  # --cpu (or distributed_type NO) with several processes/machines
+    ({"ACCELERATE_USE_CPU": "False", **RENDEZVOUS}, True),  # single_gpu.yaml --num_processes 2
+    (ONE_PROCESS_LAUNCHER, False),  # asked for one process, got one
+    ({**ONE_PROCESS_LAUNCHER, **RENDEZVOUS, "WORLD_SIZE": "2"}, False),  # torchrun / accelerate's multi-process launchers
+    ({**ONE_PROCESS_LAUNCHER, **RENDEZVOUS, "PMI_SIZE": "4"}, False),  # --mpirun_hostfile
+    (RENDEZVOUS, False),  # plain `python train_lt.py` in a shell that exports a rendezvous
+])
+def test_launch_world_size_check(env, refused):
+    from lt_utils.errors import UserError, check_launch_world_size
+
+    if refused:
+        with pytest.raises(UserError, match="started this process alone.*drop --cpu"):
+            check_launch_world_size(env)
+    else:
+        check_launch_world_size(env)

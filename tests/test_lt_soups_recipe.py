@@ -133,3 +133,46 @@ def test_slurm_template_submits_an_array_and_a_dependent_job(tmp_path):
     array_id = run.stdout.split("array job ")[1].split()[0]
     assert f"--dependency=afterok:{array_id}" in final_call
     assert any("lt_soups.sh soup && bash scripts/lt_soups.sh stage2" in a for a in final_call)
+
+
+def test_slurm_template_runs_multi_node_tasks_through_the_multi_node_config(tmp_path):
+    """NODES=2: each training task is one srun over its nodes, and on every node `accelerate launch` gets the shipped
+    multi_node.yaml with that node's machine rank and the first node's address (checked by accelerate's own launcher
+    validation); sbatch, srun, scontrol and accelerate are stand-ins that record what they were given."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stand_ins = {"sbatch": 'echo 7', "scontrol": 'printf "gpu-a17\\ngpu-a18\\n"', "accelerate": 'exit 0'}
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f'#!/bin/bash\nprintf "%s\\n" {name} "$@" "----" >> {log}\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FACTORS": "0 1", "BRANCHES": "1", "NODES": "2",
+           "GPUS": "8", "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", "scripts/lt_soups_slurm.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    array_call, final_call = [c.strip().splitlines()[1:] for c in log.read_text().split("----")[:2]]
+    for call in (array_call, final_call):
+        assert "--nodes=2" in call and "--ntasks-per-node=1" in call
+    assert "--wrap=srun bash scripts/lt_soups_slurm.sh node stage1 $SLURM_ARRAY_TASK_ID --" in array_call
+    assert any(a.startswith("--wrap=bash scripts/lt_soups.sh soup && srun bash scripts/lt_soups_slurm.sh node stage2")
+               for a in final_call)
+
+    log.unlink()  # what srun then runs on the second node of job 12345
+    node_env = {**env, "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+                "SLURM_JOB_ID": "12345"}
+    run = subprocess.run(["bash", "scripts/lt_soups_slurm.sh", "node", "stage1", "1"], cwd=REPO, env=node_env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    launch = next(c for c in log.read_text().split("----") if c.strip().startswith("accelerate")).strip().splitlines()
+    assert launch[1] == "launch"
+    script = launch.index("train_lt.py")
+    assert "--balance_factor" in launch[script:]  # the stage-1 job's flags reach train_lt.py
+    args = launch_command_parser().parse_args([str(REPO / a) if a.startswith("accelerate_configs/") else a
+                                               for a in launch[2:script]] + ["train_lt.py"])
+    args, _, _ = _validate_launch_command(args)
+    prepare_multi_gpu_env(args)
+    assert Path(args.config_file) == REPO / "accelerate_configs" / "multi_node.yaml"
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert args.rdzv_endpoint == f"gpu-a17:{20000 + 12345 % 20000}"

@@ -9,7 +9,7 @@ import torch
 
 from helpers_data import write_cifar100
 from helpers_cli import run_cli
-from helpers_train import REPO, export_tensors, run_main, tiny_train_args, write_synthetic_idx
+from helpers_train import REPO, assert_resumed_weights, export_tensors, run_main, tiny_train_args, write_synthetic_idx
 
 RESNET8 = REPO / "configs" / "models" / "cifar_resnet8"
 RESNET34 = REPO / "configs" / "models" / "cifar_resnet34"
@@ -176,9 +176,7 @@ def test_resume_restores_running_statistics_exactly(tmp_path):
     run_main(tiny_train_args(idx, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest"))
     full = export_tensors(tmp_path / "full" / "final")
     resumed = export_tensors(tmp_path / "resumed" / "final")
-    assert full.keys() == resumed.keys()
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    assert_resumed_weights(resumed, full)
     assert resumed["backbone.bn1.num_batches_tracked"].item() == 4
 
 
