@@ -229,9 +229,11 @@ def record_on_export(target, split, metrics, info, tte, max_eval_samples):
     same_split = (target.local and meta is not None and tte == "none" and max_eval_samples is None
                   and (meta["lt_info"].index_hashes or {}).get(split) == info.index_hashes.get(split) is not None
                   and (meta["many_threshold"], meta["few_threshold"]) == (info.many_threshold, info.few_threshold))
+    if not same_split:
+        return False
     path = Path(target.export_dir) / "metrics.json"
-    recorded = read_json(path, "metrics") if same_split and path.is_file() else {}
-    if not same_split or "accuracy" in (recorded.get(split) or {}):
+    recorded = read_json(path, "metrics") if path.is_file() else {}
+    if "accuracy" in (recorded.get(split) or {}):
         return False
     recorded = {**recorded, split: metrics}
     atomic_write_json(path, recorded)

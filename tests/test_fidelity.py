@@ -133,7 +133,8 @@ def test_ema_and_raw_val_tests_both_models_and_names_the_paper_row(lt_soups_run)
     logged = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     raw_scores = [line["val_raw_mean_class_acc"] for line in logged if "val_raw_mean_class_acc" in line]
     assert len(raw_scores) == 2 and results["best_raw"]["val"]["mean_class_acc"] == max(raw_scores)
-    assert "| best (test) [paper] |" in result.out and "| best_raw (test) |" in result.out
+    best, raw = results["best"]["step"], results["best_raw"]["step"]
+    assert f"| best (step {best}, test) [paper] |" in result.out and f"| best_raw (step {raw}, test) |" in result.out
 
 
 def test_fp32_test_precision_is_what_an_fp32_eval_gives(lt_soups_run, tmp_path):
