@@ -93,8 +93,10 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state, sched
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        if on_step is not None and on_step(state.completed_steps):
-            break
+        if on_step is not None:
+            if on_step(state.completed_steps):
+                break
+            model.train()  # a validation in on_step left the model in eval mode (dropout, BatchNorm statistics)
     return total_loss / max(1, losses_seen)
 
 

@@ -166,3 +166,33 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(idx_dir, tmp_path):
     assert f"last good checkpoint: {out / f'step_{step - 1}'}" in last_line
     assert (out / f"step_{step - 1}" / "lt_resume.json").is_file()
     assert not (out / f"step_{step}").exists() and not (out / "final").exists()
+
+
+def test_steps_after_a_mid_epoch_validation_train_in_train_mode():
+    """A validation inside the epoch (--eval_steps N) puts the model in eval mode; the epoch's next steps train again
+    (dropout on, BatchNorm statistics updated)."""
+    from accelerate import Accelerator
+
+    from lt_utils.engine import TrainState, predict, train_one_epoch
+
+    modes = []
+
+    class Recorder(torch.nn.Linear):
+        def forward(self, x):
+            modes.append(self.training)
+            return super().forward(x)
+
+    model = Recorder(4, 3)
+    data = [{"pixel_values": torch.randn(2, 4), "labels": torch.tensor([0, 1])} for _ in range(4)]
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    validations = []
+
+    def on_step(step):
+        if step == 2:  # a validation between steps 2 and 3
+            validations.append(predict(model, [data[0]], accelerator))
+        return False
+
+    train_one_epoch(model, data, optimizer, torch.nn.functional.cross_entropy, accelerator, TrainState(),
+                    lambda step: 0.1, on_step=on_step)
+    assert len(validations) == 1 and modes == [True, True, False, True, True]
