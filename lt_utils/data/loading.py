@@ -91,6 +91,7 @@ def load_lt_dataset(
         image_column_name / label_column_name: its columns (the label a ClassLabel, or ids / names with
         `class_names_file`). max_train_samples: a seeded (`seed`) random subset of its train split, before the LT rule.
     """
+    passed = dict(locals())
     if dataset_name is not None or name == DatasetsLT.DATASET:
         check_hf_args(name, dataset_name, dict(data_dir=data_dir, train_list=train_list, val_list=val_list,
                                                test_list=test_list, test_dir=test_dir, val_dir=val_dir))
@@ -98,8 +99,11 @@ def load_lt_dataset(
     elif is_saved_lt_dir(name) or is_hub_dataset_id(name):
         check_no_config_name(config_name, name)
         if is_hub_layout_dir(name) or is_hub_dataset_id(name):
-            return load_lt_from_hub(name, cache_dir=_abs(cache_dir))
-        return load_lt_from_disk(name)
+            ds, info = load_lt_from_hub(name, cache_dir=_abs(cache_dir))
+        else:
+            ds, info = load_lt_from_disk(name)
+        check_agrees_with_record(name, info, passed)
+        return ds, info
     else:
         key = canonical_name(name)
     if key != DatasetsLT.DATASET:  # flags of a `datasets` source: refused rather than ignored
@@ -157,6 +161,25 @@ def load_lt_dataset(
     if ds["val"].num_rows == 0:
         warnings.warn(f"{key}: the val split is empty; pass a val list, --val_dir or --val_source test_slice")
     return ds, LTInfo.from_dataset(ds["train"])
+
+
+def check_agrees_with_record(name, info, passed):
+    """A saved or pushed split fixes its own parameters: an argument set to something other than its default and
+    other than what the split records is refused rather than silently ignored."""
+    defaults = {k: p.default for k, p in inspect.signature(load_lt_dataset).parameters.items()}
+    for key, value in passed.items():
+        if key in ("name", "cache_dir", "config_name") or value == defaults[key]:
+            continue
+        recorded = getattr(info, key, None) if key in LT_RECORDED else None
+        if recorded is None or value != recorded:
+            shown = f" (it records {recorded})" if recorded is not None else ""
+            raise UserError(f"{key}={value} contradicts the saved split {name}{shown}, which fixes its images and "
+                            "parameters; drop it, or build a new split with data_scripts/build_lt.py")
+
+
+# the parameters a saved split records (LTInfo fields of the same name)
+LT_RECORDED = ("imb", "max_per_class", "seed", "selection", "val_per_class", "val_source", "many_threshold",
+               "few_threshold")
 
 
 def check_hf_args(name, dataset_name, others):

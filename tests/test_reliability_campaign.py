@@ -1,0 +1,354 @@
+"""A generated campaign of hostile sources and contradicting configs, judged by one rule.
+
+Cases are not listed one by one: each class of input (corrupted sources x readers, contradictions x configs) is a
+small list of corruptions crossed with the readers or configs it applies to. Every case runs the real command line
+(data_scripts/build_lt.py, in-process) and is judged by `judge`: either a refusal (exit status != 0, exactly one
+`error:` line with a fix after `;`, no traceback) or a correct build (exit 0 and the expected class / split counts),
+and in both cases every file that existed before is byte-identical afterwards.
+"""
+import gzip
+import pickle
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from helpers_cli import run_cli
+from helpers_data import idx_bytes, write_cifar10, write_cifar100, write_image_folder, write_oltr
+from helpers_faults import one_error_line, tree_digest
+
+BUILD = "data_scripts/build_lt.py"
+
+
+# ------------------------------------------------------------------------------------------------ clean sources
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """One clean copy of each source format; every case copies one and corrupts the copy."""
+    root = tmp_path_factory.mktemp("clean")
+    write_idx(root / "idx", np.tile(np.arange(10), 6), np.tile(np.arange(10), 2))
+    write_idx(root / "idx_gz", np.tile(np.arange(10), 6), np.tile(np.arange(10), 2), gz=True)
+    write_cifar10(root / "cifar10", per_class_train=5, per_class_test=2)
+    write_cifar100(root / "cifar100", per_class_train=2, per_class_test=1)
+    oltr = root / "oltr"
+    write_oltr(oltr, [6, 4, 3], prefix="train")
+    write_oltr(oltr, [2, 2, 2], seed=1, prefix="test")
+    (oltr / "classnames.txt").write_text("n00000001 apple\nn00000002 bear\nn00000003 car\n")
+    write_image_folder(root / "folder", [6, 5, 4])
+    return root
+
+
+def write_idx(root, train_labels, test_labels, gz=False):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, labels in (("train", train_labels), ("t10k", test_labels)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (len(labels), 28, 28))), ("labels-idx1", labels)):
+            raw = idx_bytes(array)
+            name = f"{prefix}-{kind}-ubyte"
+            (root / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def bomb_png(width=30000, height=30000):
+    """A valid PNG header of a 900-megapixel image with almost no data: a decompression bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------------------------------------ corruptions
+def _pickle_edit(name, edit):
+    def apply(folder):
+        path = next(folder.rglob(name))
+        d = pickle.loads(path.read_bytes(), encoding="bytes")
+        path.write_bytes(pickle.dumps(edit(d), protocol=2))
+    return apply
+
+
+def _drop(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _set(key, value):
+    return lambda d: {**d, key: value(d) if callable(value) else value}
+
+
+def _write(name, data):
+    """Replace the file `name` (or `name.gz`, whose content is then read and written compressed) by `data`."""
+    def apply(folder):
+        path = next(p for p in folder.rglob(name + "*") if p.name in (name, name + ".gz"))
+        zipped = path.suffix == ".gz"
+        old = gzip.decompress(path.read_bytes()) if zipped else path.read_bytes()
+        new = data(old) if callable(data) else data
+        path.write_bytes(gzip.compress(new) if zipped else new)
+    return apply
+
+
+def _not_gzip(name):
+    def apply(folder):
+        raw = folder / name
+        if raw.exists():
+            raw.rename(folder / (name + ".gz"))
+        else:
+            (folder / (name + ".gz")).write_bytes(idx_bytes(np.zeros((60, 28, 28))))
+    return apply
+
+
+def _symlink_dangling(name):
+    def apply(folder):
+        path = next(p for p in folder.rglob(name + "*") if p.name in (name, name + ".gz"))
+        path.unlink()
+        path.symlink_to(folder / "no_such_file")
+    return apply
+
+
+def _replace_by_folder(name):
+    def apply(folder):
+        path = next(p for p in folder.rglob(name + "*") if p.name in (name, name + ".gz"))
+        path.unlink()
+        path.mkdir()
+    return apply
+
+
+def _idx_labels(split, labels):
+    return _write(f"{split}-labels-idx1-ubyte", idx_bytes(np.asarray(labels)))
+
+
+IDX_CASES = {
+    "train label 10": (_idx_labels("train", [*range(10)] * 5 + [10] * 10), "label 10"),
+    "test label 200": (_idx_labels("t10k", [*range(10)] + [200] * 10), "label 200"),
+    "labels 2-D": (_write("train-labels-idx1-ubyte", idx_bytes(np.zeros((60, 2)))), "labels"),
+    "images 2-D": (_write("train-images-idx3-ubyte", idx_bytes(np.zeros((60, 784)))), "images"),
+    "images 4-D": (_write("t10k-images-idx3-ubyte", idx_bytes(np.zeros((20, 28, 28, 1)))), "images"),
+    "truncated images": (_write("train-images-idx3-ubyte", lambda b: b[:-100]), "truncated"),
+    "truncated header": (_write("train-labels-idx1-ubyte", lambda b: b[:6]), "train-labels"),
+    "bad magic": (_write("t10k-labels-idx1-ubyte", lambda b: b"\x01" + b[1:]), "magic"),
+    "int32 dtype": (_write("train-labels-idx1-ubyte", lambda b: b[:2] + b"\x0c" + b[3:]), "uint8"),
+    "empty file": (_write("t10k-images-idx3-ubyte", b""), "t10k-images"),
+    "count mismatch": (_idx_labels("train", [*range(10)] * 5), "labels"),
+    "no images": (_write("t10k-images-idx3-ubyte", idx_bytes(np.zeros((0, 28, 28)))), "t10k"),
+    "dangling symlink": (_symlink_dangling("train-images-idx3-ubyte"), "train-images"),
+    "folder in place": (_replace_by_folder("t10k-labels-idx1-ubyte"), "t10k-labels"),
+    "gz not gzip": (_not_gzip("train-images-idx3-ubyte"), "train-images"),
+    "huge header": (_write("train-images-idx3-ubyte", lambda b: b[:4] + struct.pack(">III", 2**31, 2**31, 2**31) + b[16:]),
+                    "train-images"),
+}
+
+def cifar_corruptions(k):
+    """The corruptions of a CIFAR layout `k` (CIFAR_KEYS): file and key names differ, the classes do not."""
+    lab, names, n = k["labels"].encode(), k["names"].encode(), k["n"]
+    return {
+        "no data key": (_pickle_edit(k["train"], _drop(b"data")), "data"),
+        "no label key": (_pickle_edit(k["test"], _drop(lab)), k["labels"]),
+        "labels short": (_pickle_edit(k["train"], _set(lab, lambda d: d[lab][:-1])), "labels"),
+        "rows of 3071": (_pickle_edit(k["test"], _set(b"data", lambda d: d[b"data"][:, :-1])), "3072"),
+        "data float": (_pickle_edit(k["train"], _set(b"data", lambda d: d[b"data"].astype(np.float32) * 1.5)), "uint8"),
+        "data 1-D": (_pickle_edit(k["train"], _set(b"data", lambda d: d[b"data"].ravel())), "3072"),
+        "label out of range": (_pickle_edit(k["train"], _set(lab, lambda d: [n] + d[lab][1:])), f"label {n}"),
+        "label negative": (_pickle_edit(k["test"], _set(lab, lambda d: [-1] + d[lab][1:])), "label -1"),
+        "label text": (_pickle_edit(k["test"], _set(lab, lambda d: ["x"] + d[lab][1:])), "labels"),
+        "one name fewer": (_pickle_edit(k["meta"], _set(names, lambda d: d[names][:-1])), "class names"),
+        "one name more": (_pickle_edit(k["meta"], _set(names, lambda d: d[names] + [b"extra"])), "class names"),
+        "duplicate names": (_pickle_edit(k["meta"], _set(names, lambda d: d[names][:-1] + d[names][:1])), "duplicate"),
+        "names not text": (_pickle_edit(k["meta"], _set(names, lambda d: list(range(n)))), "class names"),
+        "names not utf-8": (_pickle_edit(k["meta"], _set(names, lambda d: [b"\xff\xfe"] + d[names][1:])), "UTF-8"),
+        "not a dict": (_write(k["train"], pickle.dumps([1, 2, 3], protocol=2)), k["train"]),
+        "truncated pickle": (_write(k["test"], lambda b: b[: len(b) // 2]), k["test"]),
+        "empty pickle": (_write(k["meta"], b""), k["meta"]),
+        "text file": (_write(k["test"], b"hello\n"), k["test"]),
+        "dangling symlink": (_symlink_dangling(k["test"]), k["test"]),
+        "folder in place": (_replace_by_folder(k["meta"]), k["meta"]),
+    }
+
+
+CIFAR_KEYS = {
+    "cifar10": dict(train="data_batch_3", test="test_batch", meta="batches.meta", labels="labels", names="label_names", n=10),
+    "cifar100": dict(train="train", test="test", meta="meta", labels="fine_labels", names="fine_label_names", n=100),
+}
+
+
+def _edit_text(name, edit):
+    def apply(folder):
+        path = folder / name
+        path.write_bytes(edit(path.read_bytes()))
+    return apply
+
+
+def _append(name, line):
+    return _edit_text(name, lambda b: b + line)
+
+
+def _append_listed(list_name, label):
+    """List a copy of the list's first image (a new file, listed once) with `label`."""
+    def apply(folder):
+        first = (folder / list_name).read_text().split()[0]
+        shutil.copyfile(folder / first, folder / (first + ".copy.png"))
+        with open(folder / list_name, "a") as f:
+            f.write(f"{first}.copy.png {label}\n")
+    return apply
+
+
+def _first_listed(folder, list_name="train.txt"):
+    return folder / (folder / list_name).read_text().split()[0]
+
+
+def _listed(transform):
+    """Corrupt the first image of the train list."""
+    def apply(folder):
+        transform(_first_listed(folder), folder)
+    return apply
+
+
+def _dangle(path, folder):
+    path.unlink()
+    path.symlink_to(folder / "no_such_file.png")
+
+
+def _garbage(data):
+    return lambda path, folder: path.write_bytes(data(path.read_bytes()) if callable(data) else data)
+
+
+OLTR_CASES = {
+    "list not utf-8": (_append("train.txt", b"train/cls_0/\xff\xfe.png 0\n"), "UTF-8"),
+    "test list not utf-8": (_edit_text("test.txt", lambda b: b"\xff" + b), "UTF-8"),
+    "label out of range": (_append_listed("train.txt", 3), "label 3"),
+    "test label out of range": (_append_listed("test.txt", 7), "label 7"),
+    "label negative": (_append_listed("train.txt", -1), "label -1"),
+    "malformed line": (_append("train.txt", b"train/cls_0/train_0_1.png\n"), "expected"),
+    "empty list": (_edit_text("test.txt", lambda b: b""), "lists no images"),
+    "listed twice": (_edit_text("train.txt", lambda b: b + b.splitlines(keepends=True)[0]), "twice"),
+    "list is a folder": (_replace_by_folder("test.txt"), "test.txt"),
+    "names duplicate": (_edit_text("classnames.txt", lambda b: b"n00000001 apple\nn00000002 bear\nn00000003 apple\n"), "duplicate"),
+    "names cut off": (_edit_text("classnames.txt", lambda b: b.splitlines(keepends=True)[0] + b[:-8]), "class"),
+    "names one short": (_edit_text("classnames.txt", lambda b: b"n01 apple\nn02 bear\n"), "label 2"),
+    "names index gap": (_edit_text("classnames.txt", lambda b: b"apple 0\nbear 1\ncar 3\n"), "index"),
+    "names not utf-8": (_edit_text("classnames.txt", lambda b: b"n01 \xe4pple\n" + b), "UTF-8"),
+    "names empty": (_edit_text("classnames.txt", lambda b: b""), "class"),
+    "names blank line": (_edit_text("classnames.txt", lambda b: b"n01 apple\n\t \nn03 car\n"), "label 2"),
+    "listed missing": (_listed(lambda p, f: p.unlink()), "does not exist"),
+    "listed dangling symlink": (_listed(_dangle), "does not exist"),
+    "listed not an image": (_listed(_garbage(b"not an image")), "not a readable image"),
+    "listed empty file": (_listed(_garbage(b"")), "not a readable image"),
+    "listed truncated png": (_listed(_garbage(lambda b: b[: len(b) // 2])), "not a readable image"),
+    "listed decompression bomb": (_listed(_garbage(bomb_png())), "pixels"),
+    "listed folder": (_listed(lambda p, f: p.unlink() or p.mkdir()), "does not exist"),
+}
+OLTR_OK = {
+    "list with CRLF": (_edit_text("train.txt", lambda b: b.replace(b"\n", b"\r\n")), [6, 4, 3]),
+    "list with BOM": (_edit_text("train.txt", lambda b: b"\xef\xbb\xbf" + b), [6, 4, 3]),
+    "names with CRLF": (_edit_text("classnames.txt", lambda b: b.replace(b"\n", b"\r\n")), [6, 4, 3]),
+    "listed symlink to image": (_listed(lambda p, f: shutil.move(p, f / "moved.png") and p.symlink_to(f / "moved.png")),
+                                [6, 4, 3]),
+}
+
+
+def _in_class(name, make):
+    """Add `name` inside the first class folder (cls00) via make(path, folder)."""
+    def apply(folder):
+        path = folder / "cls00" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make(path, folder)
+    return apply
+
+
+def _made(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _png_copy(path, folder):
+    shutil.copyfile(folder / "cls01" / "img_000.png", path)
+
+
+FOLDER_CASES = {
+    "dangling symlink image": (_in_class("gone.png", lambda p, f: p.symlink_to(f / "no_such.png")), "gone.png"),
+    "not an image": (_in_class("text.png", _garbage(b"hello")), "text.png"),
+    "empty image file": (_in_class("empty.jpg", _garbage(b"")), "empty.jpg"),
+    "truncated png": (_in_class("cut.png", lambda p, f: p.write_bytes((f / "cls01" / "img_000.png").read_bytes()[:60])),
+                      "cut.png"),
+    "decompression bomb": (_in_class("bomb.png", _garbage(bomb_png())), "bomb.png"),
+    "empty class folder": (lambda f: (f / "cls03").mkdir(), "cls03"),
+    "only hidden images": (lambda f: _png_copy(_made(f / "cls03" / ".hidden" / "x.png"), f), "cls03"),
+    "one class": (lambda f: [shutil.rmtree(f / c) for c in ("cls01", "cls02")], "class"),
+    "class folder dangling": (lambda f: (f / "cls09").symlink_to(f / "no_such_dir"), "cls09"),
+}
+FOLDER_OK = {
+    "ipynb checkpoints at root": (lambda f: _in_class("x.png", _png_copy)(f) or
+                                  shutil.copytree(f / "cls00", f / ".ipynb_checkpoints"), [7, 5, 4]),
+    "ipynb checkpoints in class": (_in_class(".ipynb_checkpoints/img_000-checkpoint.png", _png_copy), [6, 5, 4]),
+    "hidden image": (_in_class(".img_hidden.png", _png_copy), [6, 5, 4]),
+    "DS_Store": (_in_class(".DS_Store", _garbage(b"\0\0\0\1Bud1")), [6, 5, 4]),
+    "text file at root": (lambda f: (f / "README.txt").write_text("about"), [6, 5, 4]),
+    "text file in class": (_in_class("notes.txt", _garbage(b"notes")), [6, 5, 4]),
+    "symlink to image": (_in_class("link.png", lambda p, f: p.symlink_to(f / "cls01" / "img_000.png")), [7, 5, 4]),
+    "nested folder": (_in_class("sub/deeper.png", _png_copy), [7, 5, 4]),
+    "upper-case suffix": (_in_class("UP.PNG", _png_copy), [7, 5, 4]),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the campaign
+def argv_for(reader, src):
+    """build_lt.py flags reading the source copy `src` with `reader`."""
+    if reader.startswith("idx"):
+        return ["--dataset", "fashion_mnist", "--data_dir", src, "--imb", "2", "--val_per_class", "1"]
+    if reader.startswith("cifar"):
+        return ["--dataset", reader, "--data_dir", src, "--imb", "2", "--val_per_class", "0"]
+    if reader in ("imagenet_lt", "inat2018"):
+        return ["--dataset", reader, "--data_dir", src, "--train_list", src / "train.txt", "--test_list",
+                src / "test.txt", "--class_names_file", src / "classnames.txt", "--val_per_class", "0",
+                *(["--relabel_by_name", "true"] if reader == "inat2018" else [])]
+    # the folder serves as train and test source: the test split then holds every image the reader lists
+    return ["--dataset", "imagefolder", "--data_dir", src, "--test_dir", src, "--imb", "1", "--val_per_class", "0"]
+
+
+def source_cases():
+    """(reader, clean source, case name, corruption, expected): an error substring, or the split sizes of a build."""
+    ok_idx = "splits: train 40 | val 9 | test 20"  # n_max 6, imb 2: 6 5 5 4 4 4 3 3 3 3
+    for reader in ("idx", "idx_gz"):
+        yield reader, reader, "clean", None, ok_idx
+        for name, (apply, expect) in IDX_CASES.items():
+            yield reader, reader, name, apply, expect
+    for reader, keys in CIFAR_KEYS.items():
+        yield reader, reader, "clean", None, "splits: train 31 | val 0 | test 20" if reader == "cifar10" else "splits: train 101 | val 0 | test 100"
+        for name, (apply, expect) in cifar_corruptions(keys).items():
+            yield reader, reader, name, apply, expect
+    for reader in ("imagenet_lt", "inat2018"):
+        yield reader, "oltr", "clean", None, "splits: train 13 | val 0 | test 6"
+        for name, (apply, expect) in OLTR_CASES.items():
+            yield reader, "oltr", name, apply, expect
+        for name, (apply, counts) in OLTR_OK.items():
+            yield reader, "oltr", name, apply, f"splits: train {sum(counts)} | val 0 | test 6"
+    yield "imagefolder", "folder", "clean", None, "| test 15"
+    for name, (apply, expect) in FOLDER_CASES.items():
+        yield "imagefolder", "folder", name, apply, expect
+    for name, (apply, counts) in FOLDER_OK.items():
+        yield "imagefolder", "folder", name, apply, f"| test {sum(counts)}"
+
+
+SOURCE_CASES = list(source_cases())
+
+
+def judge(result, roots, before, expect):
+    """The one rule: a one-line refusal naming `expect` (str) -- or, for a build expected to succeed (`expect` starts
+    with "splits:" or "|"), exit 0 printing `expect` -- and every pre-existing file byte-identical."""
+    if expect.startswith(("splits:", "train ", "| test")):
+        assert result.code == 0, result.err[-3000:]
+        assert expect in result.out, result.out
+    else:
+        assert result.code != 0, f"not refused: {result.out[-1500:]}"
+        line = one_error_line(result.err)
+        assert expect in line and "; " in line, line
+    assert tree_digest(*roots) == before, "files changed"
+
+
+@pytest.mark.parametrize("reader, fmt, name, apply, expect", SOURCE_CASES,
+                         ids=[f"{r}-{n}" for r, _, n, _, _ in SOURCE_CASES])
+def test_corrupted_source(clean, tmp_path, reader, fmt, name, apply, expect):
+    src = tmp_path / "src"
+    shutil.copytree(clean / fmt, src, symlinks=True)
+    if apply is not None:
+        apply(src)
+    before = tree_digest(src)
+    result = run_cli(BUILD, *argv_for(reader, src), "--cache_dir", tmp_path / "cache")
+    judge(result, [src], before, expect)
