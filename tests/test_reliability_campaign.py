@@ -18,6 +18,7 @@ import pytest
 from helpers_cli import run_cli
 from helpers_data import idx_bytes, write_cifar10, write_cifar100, write_image_folder, write_oltr
 from helpers_faults import one_error_line, tree_digest
+from helpers_train import TINY_VIT
 
 BUILD = "data_scripts/build_lt.py"
 
@@ -36,6 +37,9 @@ def clean(tmp_path_factory):
     write_oltr(oltr, [2, 2, 2], seed=1, prefix="test")
     (oltr / "classnames.txt").write_text("n00000001 apple\nn00000002 bear\nn00000003 car\n")
     write_image_folder(root / "folder", [6, 5, 4])
+    write_idx(root / "idx60", np.tile(np.arange(10), 60), np.tile(np.arange(10), 2))
+    assert run_cli(BUILD, *argv_for("idx", root / "idx"), "--output_dir", root / "saved",
+                   "--cache_dir", root / "cache").code == 0
     return root
 
 
@@ -352,3 +356,93 @@ def test_corrupted_source(clean, tmp_path, reader, fmt, name, apply, expect):
     before = tree_digest(src)
     result = run_cli(BUILD, *argv_for(reader, src), "--cache_dir", tmp_path / "cache")
     judge(result, [src], before, expect)
+
+
+# ------------------------------------------------------------------------------------------------ contradictions
+TRAIN = "train_lt.py"
+# a flag that contradicts what a saved split records (it was built with imb 2, n_max 6, seed 0, rng, val 1 per class),
+# or that names a source the saved split does not read; build_lt.py calls the seed --seed, train_lt.py --imb_seed
+SAVED_CONTRADICTIONS = [
+    ("imb", "50"), ("max_per_class", "3"), ("seed", "4"), ("selection", "lift"), ("val_per_class", "2"),
+    ("val_source", "test_slice"), ("many_threshold", "50"), ("few_threshold", "5"), ("data_dir", "{idx}"),
+    ("relabel_by_name", "true"), ("class_names_file", "{names}"), ("train_list", "{names}"), ("test_dir", "{folder}"),
+    ("val_dir", "{folder}"),
+]
+SAVED_AGREEING = [("imb", "2"), ("max_per_class", "6"), ("val_per_class", "1"), ("seed", "0"), ("selection", "rng")]
+
+
+def train_argv(dataset, out, *extra):
+    """train_lt.py flags of a tiny run; the refusals under test come before any training."""
+    return [TRAIN, "--dataset", dataset, "--model_name_or_path", TINY_VIT, "--from_scratch", "true", "--head_init",
+            "random", "--method", "full_all", "--num_workers", "0", "--max_train_steps", "1", "--output_dir", out,
+            *extra]
+
+
+def contradiction_cases():
+    """(argv template, expected): {saved}, {idx}, {idx60}, {names}, {folder}, {out}, {preset} are filled per case."""
+    for cli in ("build", "train"):
+        for flag, value in SAVED_CONTRADICTIONS:
+            name = "imb_seed" if (cli, flag) == ("train", "seed") else flag
+            extra = [f"--{name}", value]
+            argv = train_argv("{saved}", "{out}", *extra) if cli == "train" else \
+                [BUILD, "--dataset", "{saved}", *extra]
+            yield f"saved-{cli}-{flag}", argv, "contradicts the saved split"
+    for flag, value in SAVED_AGREEING:
+        yield f"saved-build-agrees-{flag}", [BUILD, "--dataset", "{saved}", f"--{flag}", value], \
+            "splits: train 40 | val 9 | test 20"
+    # named builder configs (imb100 / imb50 / imb10 fix the ratio, quickstart also n_max 600) against --imb /
+    # --max_per_class; on 60 images per class imb10 and imb50 build, imb100 leaves a class empty
+    fixed = {"imb100": 100, "imb50": 50, "imb10": 10, "quickstart": 100}
+    # imb50: 60 38 25 16 10 6 4 2 1 1 train images, up to 20 unused per class for val
+    built = {"imb50": "splits: train 163 | val 180 | test 20", "imb10": "splits: train 240 | val 174 | test 20"}
+    for config, ratio in fixed.items():
+        # not --imb 100: a flag at its default value cannot be told from an absent one, so it yields to the config
+        for imb in (2, 10, 50):
+            expect = "was also passed" if imb != ratio else built[config]
+            for cli in ("build", "train"):
+                if cli == "train" and imb == ratio:
+                    continue  # the same build as build_lt.py's, then a training run
+                argv = [BUILD, "--dataset", "fashion_mnist", "--data_dir", "{idx60}"] if cli == "build" else \
+                    train_argv("fashion_mnist", "{out}", "--data_dir", "{idx60}")
+                yield f"named-{cli}-{config}-imb{imb}", [*argv, "--dataset_config_name", config, "--imb", str(imb)], \
+                    expect
+        if config == "quickstart":
+            for cli in ("build", "train"):
+                argv = [BUILD, "--dataset", "fashion_mnist", "--data_dir", "{idx60}"] if cli == "build" else \
+                    train_argv("fashion_mnist", "{out}", "--data_dir", "{idx60}")
+                yield f"named-{cli}-quickstart-max3", [*argv, "--dataset_config_name", config, "--max_per_class",
+                                                       "3"], "was also passed"
+    # presets: a key set twice is refused whatever the values, and whatever the command line adds
+    for key, first, second in [("imb", 10, 50), ("imb", 10, 10), ("learning_rate", 0.1, 0.2), ("method", "full_all",
+                               "lora"), ("max_train_steps", 1, 2), ("dataset", "a", "b"), ("seed", 1, 1),
+                               ("hub_token", "x", "y")]:
+        yield f"preset-dup-{key}-{first}-{second}", [TRAIN, "--config", f"{{preset}}:{key}: {first}\n{key}: {second}\n",
+                                                     "--output_dir", "{out}"], f"sets '{key}'"
+    yield "preset-dup-with-flag", [TRAIN, "--config", "{preset}:seed: 1\nseed: 2\n", "--seed", "3", "--output_dir",
+                                   "{out}"], "sets 'seed'"
+    yield "preset-dup-nested", [TRAIN, "--config", "{preset}:imb: 2\nmethod: full_all\nimb: 2.0\n", "--output_dir",
+                                "{out}"], "sets 'imb'"
+
+
+CONTRADICTION_CASES = list(contradiction_cases())
+
+
+@pytest.mark.parametrize("name, argv, expect", CONTRADICTION_CASES, ids=[c[0] for c in CONTRADICTION_CASES])
+def test_contradiction(clean, tmp_path, name, argv, expect):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    names = inputs / "names.txt"
+    names.write_text("a\nb\n")
+    filled = []
+    for arg in argv[1:]:
+        arg = str(arg)
+        if arg.startswith("{preset}:"):
+            (inputs / "preset.yaml").write_text(arg.split(":", 1)[1])
+            arg = str(inputs / "preset.yaml")
+        filled.append(arg.format(saved=clean / "saved", idx=clean / "idx", idx60=clean / "idx60", names=names,
+                                 folder=clean / "folder", out=tmp_path / "out"))
+    roots = [clean / "saved", clean / "idx", clean / "idx60", inputs]
+    before = tree_digest(*roots)
+    result = run_cli(argv[0], *filled, "--cache_dir", tmp_path / "cache")
+    judge(result, roots, before, expect)
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,7 @@ class LTConfig(datasets.BuilderConfig):
     val_dir: Optional[str] = None
     test_per_class: int = 50
     source_fingerprint: str = ""
+    source_content: str = ""  # sources.content_hash of the local source files: part of each split's identity
     # hf_lt: the `datasets` source (hf_source.HFSpec's fields; its dataset_name is source_name here, as the builder's
     # own dataset_name is taken)
     source_name: Optional[str] = None
@@ -171,7 +172,9 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
             max_per_class=int(n_max), seed=cfg.seed, selection=cfg.selection, val_source=cfg.val_source,
             val_per_class=cfg.val_per_class, many_threshold=cfg.many_threshold, few_threshold=cfg.few_threshold,
             source=source.description, split_sizes={s: int(len(idx)) for s, (_, idx) in plan.items()},
-            index_hashes={s: index_hash(src, idx) for s, (src, idx) in plan.items()},
+            # which images, not only which positions: other files at the same positions are another split
+            index_hashes={s: index_hash(f"{src}@{cfg.source_content}" if cfg.source_content else src, idx)
+                          for s, (src, idx) in plan.items()},
         )
 
     def _split_generators(self, dl_manager):

@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import UserError
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, recorded_path
 from . import sources
 from .builders import BUILDERS, SPLITS, DatasetsLT, LTConfig
 from .counts import SELECTION_MODES
@@ -122,7 +122,7 @@ def load_lt_dataset(
                  test_per_class=test_per_class)
     hf = {}
     if key == DatasetsLT.DATASET:
-        hf = dict(source_name=_local_or_id(dataset_name), dataset_config_name=config_name,
+        hf = dict(source_name=recorded_path(dataset_name), dataset_config_name=config_name,
                   dataset_revision=dataset_revision, train_split=train_split, validation_split=validation_split,
                   test_split=test_split, image_column_name=image_column_name, label_column_name=label_column_name,
                   max_train_samples=max_train_samples, trust_remote_code=bool(trust_remote_code))
@@ -149,7 +149,8 @@ def load_lt_dataset(
         config_name = None  # the source's config, not a builder preset
     else:
         files = builder_cls.source_files(LTConfig(name="probe", **params))
-        params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
+        params["source_content"] = sources.content_hash(files)
+        params["source_fingerprint"] = sources.fingerprint(files, params["source_content"], key, params["data_dir"])
     builder = builder_cls(cache_dir=_abs(cache_dir), name=config_name or builder_cls.config_name_for(imb), **params)
     try:
         builder.download_and_prepare()
@@ -193,11 +194,6 @@ def check_hf_args(name, dataset_name, others):
         if value is not None:
             raise UserError(f"--{flag} is not used with --dataset_name; drop it (the local folder itself is "
                             "--dataset_name, its splits are --train_split / --validation_split / --test_split)")
-
-
-def _local_or_id(name):
-    """A local folder is recorded absolute (the cache and eval must find it from any directory); a Hub id as given."""
-    return _abs(name) if name is not None and os.path.exists(os.path.expanduser(str(name))) else name
 
 
 def _as_split(builder, split):

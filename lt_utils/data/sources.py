@@ -31,22 +31,32 @@ FULL_HASH_FILES = 32  # sources of at most this many files (pickles, IDX, lists)
 SAMPLE_BYTES = 4096  # of larger sources (image trees), each file's size and its first, middle and last 4 KiB
 
 
-def fingerprint(paths, *extra):
-    """Hash of the source files' paths and contents: a rewritten source gets a new cache entry even when its size and
-    modification time are kept (`cp -p`), and a `touch` alone keeps the entry."""
-    h = hashlib.sha256(repr(extra).encode())
+def content_hash(paths):
+    """Hash of the source files' contents, in order: the identity of the images whatever folder holds them. A
+    rewritten source gets a new hash even when its size and modification time are kept (`cp -p`); a `touch` alone
+    keeps it."""
+    h = hashlib.sha256()
     whole = len(paths) <= FULL_HASH_FILES
     for p in paths:
-        require_file(p, "source file")
-        h.update(f"{os.path.abspath(p)}|{os.path.getsize(p)}\n".encode())
+        size = os.path.getsize(require_file(p, "source file"))
+        h.update(f"{size}\n".encode())
         with open(p, "rb") as f:
-            if whole or os.path.getsize(p) <= 3 * SAMPLE_BYTES:
+            if whole or size <= 3 * SAMPLE_BYTES:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
                 continue
-            for offset in (0, os.path.getsize(p) // 2, os.path.getsize(p) - SAMPLE_BYTES):
+            for offset in (0, size // 2, size - SAMPLE_BYTES):
                 f.seek(offset)
                 h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def fingerprint(paths, content, *extra):
+    """What keys the cache: the source's content hash, its files' paths (the LTInfo records where it was read) and
+    `extra`."""
+    h = hashlib.sha256(repr((content, *extra)).encode())
+    for p in paths:
+        h.update(f"{os.path.abspath(p)}\n".encode())
     return h.hexdigest()[:16]
 
 
