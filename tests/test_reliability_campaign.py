@@ -7,6 +7,7 @@ small list of corruptions crossed with the readers or configs it applies to. Eve
 and in both cases every file that existed before is byte-identical afterwards.
 """
 import gzip
+import json
 import pickle
 import shutil
 import struct
@@ -308,37 +309,39 @@ def argv_for(reader, src):
 
 def source_cases():
     """(reader, clean source, case name, corruption, expected): an error substring, or the split sizes of a build."""
-    ok_idx = "splits: train 40 | val 9 | test 20"  # n_max 6, imb 2: 6 5 5 4 4 4 3 3 3 3
+    ok_idx = "ok: splits: train 40 | val 9 | test 20"  # n_max 6, imb 2: 6 5 5 4 4 4 3 3 3 3
     for reader in ("idx", "idx_gz"):
         yield reader, reader, "clean", None, ok_idx
         for name, (apply, expect) in IDX_CASES.items():
             yield reader, reader, name, apply, expect
     for reader, keys in CIFAR_KEYS.items():
-        yield reader, reader, "clean", None, "splits: train 31 | val 0 | test 20" if reader == "cifar10" else "splits: train 101 | val 0 | test 100"
+        yield reader, reader, "clean", None, ("ok: splits: train 31 | val 0 | test 20" if reader == "cifar10"
+                                              else "ok: splits: train 101 | val 0 | test 100")
         for name, (apply, expect) in cifar_corruptions(keys).items():
             yield reader, reader, name, apply, expect
     for reader in ("imagenet_lt", "inat2018"):
-        yield reader, "oltr", "clean", None, "splits: train 13 | val 0 | test 6"
+        yield reader, "oltr", "clean", None, "ok: splits: train 13 | val 0 | test 6"
         for name, (apply, expect) in OLTR_CASES.items():
             yield reader, "oltr", name, apply, expect
         for name, (apply, counts) in OLTR_OK.items():
-            yield reader, "oltr", name, apply, f"splits: train {sum(counts)} | val 0 | test 6"
-    yield "imagefolder", "folder", "clean", None, "| test 15"
+            yield reader, "oltr", name, apply, f"ok: splits: train {sum(counts)} | val 0 | test 6"
+    yield "imagefolder", "folder", "clean", None, "ok: | test 15"
     for name, (apply, expect) in FOLDER_CASES.items():
         yield "imagefolder", "folder", name, apply, expect
     for name, (apply, counts) in FOLDER_OK.items():
-        yield "imagefolder", "folder", name, apply, f"| test {sum(counts)}"
+        yield "imagefolder", "folder", name, apply, f"ok: | test {sum(counts)}"
 
 
 SOURCE_CASES = list(source_cases())
 
 
 def judge(result, roots, before, expect):
-    """The one rule: a one-line refusal naming `expect` (str) -- or, for a build expected to succeed (`expect` starts
-    with "splits:" or "|"), exit 0 printing `expect` -- and every pre-existing file byte-identical."""
-    if expect.startswith(("splits:", "train ", "| test")):
+    """The one rule: `expect` "ok: <text>" is a success printing <text>, any other `expect` a refusal whose one
+    `error:` line holds it and a fix (after "; "), with no traceback; either way every file under `roots` is as
+    before."""
+    if expect.startswith("ok: "):
         assert result.code == 0, result.err[-3000:]
-        assert expect in result.out, result.out
+        assert expect[4:] in result.out, result.out[-3000:]
     else:
         assert result.code != 0, f"not refused: {result.out[-1500:]}"
         line = one_error_line(result.err)
@@ -389,12 +392,12 @@ def contradiction_cases():
             yield f"saved-{cli}-{flag}", argv, "contradicts the saved split"
     for flag, value in SAVED_AGREEING:
         yield f"saved-build-agrees-{flag}", [BUILD, "--dataset", "{saved}", f"--{flag}", value], \
-            "splits: train 40 | val 9 | test 20"
+            "ok: splits: train 40 | val 9 | test 20"
     # named builder configs (imb100 / imb50 / imb10 fix the ratio, quickstart also n_max 600) against --imb /
     # --max_per_class; on 60 images per class imb10 and imb50 build, imb100 leaves a class empty
     fixed = {"imb100": 100, "imb50": 50, "imb10": 10, "quickstart": 100}
     # imb50: 60 38 25 16 10 6 4 2 1 1 train images, up to 20 unused per class for val
-    built = {"imb50": "splits: train 163 | val 180 | test 20", "imb10": "splits: train 240 | val 174 | test 20"}
+    built = {"imb50": "ok: splits: train 163 | val 180 | test 20", "imb10": "ok: splits: train 240 | val 174 | test 20"}
     for config, ratio in fixed.items():
         # not --imb 100: a flag at its default value cannot be told from an absent one, so it yields to the config
         for imb in (2, 10, 50):
@@ -446,3 +449,80 @@ def test_contradiction(clean, tmp_path, name, argv, expect):
     result = run_cli(argv[0], *filled, "--cache_dir", tmp_path / "cache")
     judge(result, roots, before, expect)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ records, numerics
+TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+
+
+@pytest.fixture(scope="module")
+def exports(vit_dir, tmp_path_factory):
+    """Soup ingredients and a predict image: a and b record one val split, c another; big/neg hold float32-extreme
+    heads (their weighted merge leaves float32); nan/inf hold a non-finite head; scale_* record a bad head scale."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from helpers_soup import tiny_info, tiny_lt_model, write_ingredient
+    from lt_utils.head_init import random_head_init
+
+    root = tmp_path_factory.mktemp("exports")
+    lt = tiny_lt_model(vit_dir, 4)
+    head_init = random_head_init(4, lt.spec.hidden_size, seed=7)
+    head = lt.state_dict()["head.weight"]
+    heads = {"a": head + 0.1, "b": head - 0.1, "c": head, "big": torch.full_like(head, 3e38),
+             "neg": torch.full_like(head, -3e38), "nan": head, "inf": head}
+    for name, weight in heads.items():
+        info = tiny_info()
+        info.index_hashes = {"val": "other" if name == "c" else "same"}
+        write_ingredient(root / name, lt, vit_dir, {"head.weight": weight}, head_init, info=info)
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):  # the exporter never writes these: edited
+        tensors = load_file(root / name / "model.safetensors")
+        key = next(k for k in tensors if k.endswith("head.weight"))
+        tensors[key][0, 0] = value
+        save_file(tensors, root / name / "model.safetensors", metadata={"format": "pt"})
+    for name, value in (("0", 0), ("nan", float("nan")), ("neg", -25.0), ("text", "x"), ("inf", float("inf"))):
+        shutil.copytree(root / "a", root / f"scale_{name}")
+        config = json.loads((root / "a" / "config.json").read_text())
+        (root / f"scale_{name}" / "config.json").write_text(json.dumps({**config, "head_scale": value}))
+    write_image_folder(root / "images", [2])
+    return root
+
+
+def record_cases():
+    """(name, argv template with {x} = the exports folder / {out} = a new output, expected)."""
+    for cli, argv in (("train", [TRAIN, "--output_dir", "{out}"]), ("build", [BUILD]),
+                      ("eval", ["eval_lt.py", "{x}/a"]), ("soup", ["soup.py", "{x}/a", "{x}/b"]),
+                      ("predict", ["predict.py", "{x}/a", "{x}/images"])):
+        for form, extra in (("flag", ["--hub-token", TOKEN]), ("flag=", [f"--hub-token={TOKEN}"]),
+                            ("positional", [TOKEN]), ("typo", ["--hub_tokn", TOKEN])):
+            yield f"token-{cli}-{form}", [*argv, *extra], "hf_<hidden>"
+    soup = ["soup.py", "{x}/a", "{x}/b", "--output_dir", "{out}"]
+    for weights, extra, expect in (
+            (["1e308", "1e308"], [], "float range"), (["1e308", "1e308"], ["--normalize"], "float range"),
+            (["1.7e308", "1e308"], [], "float range"), (["nan", "1"], [], "not finite"),
+            (["inf", "0"], [], "not finite"), (["1e-320", "1e-320"], ["--normalize"], "ok: weights 0.5, 0.5"),
+            (["0.25", "0.75"], [], "ok: weights 0.25, 0.75"), (["1", "1"], [], "not 1"), (["0", "0"], ["--normalize"],
+                                                                                    "positive sum")):
+        yield f"soup-weights-{'_'.join(weights)}{''.join(extra)}", [*soup, "--weights", *weights, *extra], expect
+    for flag, value in (("lam", "nan"), ("lam", "0"), ("alpha", "nan"), ("alpha", "1.5"), ("lam", "1e400")):
+        yield f"soup-{flag}-{value}", [*soup, "--mode", "progressive", f"--{flag}", value], f"--{flag}"
+    yield "soup-merged-overflow", ["soup.py", "{x}/big", "{x}/neg", "--output_dir", "{out}", "--weights", "1.5",
+                                   "-0.5", "--merge_method", "task_arithmetic"], "non-finite"
+    yield "soup-greedy-other-val-data", ["soup.py", "{x}/a", "{x}/c", "--mode", "greedy", "--output_dir", "{out}"], \
+        "other val data"
+    for bad in ("nan", "inf", "scale_0", "scale_nan", "scale_neg", "scale_text", "scale_inf"):
+        yield f"soup-export-{bad}", ["soup.py", "{x}/a", f"{{x}}/{bad}", "--output_dir", "{out}"], bad.split("_")[0]
+        yield f"predict-export-{bad}", ["predict.py", f"{{x}}/{bad}", "{x}/images", "--output", "{out}.csv"], \
+            bad.split("_")[0]
+
+
+RECORD_CASES = list(record_cases())
+
+
+@pytest.mark.parametrize("name, argv, expect", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_records_and_numerics(exports, tmp_path, name, argv, expect):
+    filled = [str(a).format(x=exports, out=tmp_path / "out") for a in argv[1:]]
+    before = tree_digest(exports)
+    result = run_cli(argv[0], *filled)
+    judge(result, [exports], before, expect)
+    assert TOKEN not in result.err + result.out
