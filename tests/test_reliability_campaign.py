@@ -8,6 +8,7 @@ and in both cases every file that existed before is byte-identical afterwards.
 """
 import gzip
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers_cli import run_cli
-from helpers_data import idx_bytes, write_cifar10, write_cifar100, write_image_folder, write_oltr
+from helpers_data import idx_bytes, split_digest, write_cifar10, write_cifar100, write_image_folder, write_oltr
 from helpers_faults import one_error_line, tree_digest
 from helpers_train import TINY_VIT
 
@@ -526,3 +527,65 @@ def test_records_and_numerics(exports, tmp_path, name, argv, expect):
     result = run_cli(argv[0], *filled)
     judge(result, [exports], before, expect)
     assert TOKEN not in result.err + result.out
+
+
+# ------------------------------------------------------------------------------------------------ identity by content
+def _rewrite_keeping_stat(path, data):
+    """Replace the bytes of `path` with `data` of the same size and put its modification time back (`cp -p`)."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_byte(name, offset):
+    def apply(folder):
+        path = next(folder.rglob(name))
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        _rewrite_keeping_stat(path, bytes(data))
+    return apply
+
+
+def _flip_cifar_pixel(name):
+    """One pixel's lowest bit flipped, pickled again: the same size (the value keeps its high bit)."""
+    def apply(folder):
+        path = next(folder.rglob(name))
+        d = pickle.loads(path.read_bytes(), encoding="bytes")
+        d[b"data"][0, 0] ^= 1
+        _rewrite_keeping_stat(path, pickle.dumps(d, protocol=2))
+    return apply
+
+
+def _copy_over(target, source):
+    def apply(folder):
+        _rewrite_keeping_stat(folder / target, (folder / source).read_bytes())
+    return apply
+
+
+STALE_CASES = {
+    "idx": _flip_byte("train-images-idx3-ubyte", 16 + 5),
+    "cifar10": _flip_cifar_pixel("data_batch_1"),
+    "imagenet_lt": _copy_over("train/cls_0/train_0_0.png", "train/cls_1/train_1_0.png"),
+    "imagefolder": _copy_over("cls00/img_000.png", "cls01/img_000.png"),
+}
+
+
+@pytest.mark.parametrize("reader", list(STALE_CASES))
+def test_rewritten_source_is_not_served_from_the_cache(clean, tmp_path, reader):
+    """A same-size rewrite with the old modification time (cp -p) is another source: built again, not reused."""
+    from datasets import load_from_disk
+
+    src = tmp_path / "src"
+    shutil.copytree(clean / ("oltr" if reader == "imagenet_lt" else "folder" if reader == "imagefolder" else reader), src)
+
+    def build(out, cache):
+        result = run_cli(BUILD, *argv_for(reader, src), "--cache_dir", cache, "--output_dir", out)
+        assert result.code == 0, result.err[-2000:]
+        return split_digest(load_from_disk(str(out)))
+
+    first = build(tmp_path / "a", tmp_path / "cache")
+    STALE_CASES[reader](src)
+    again = build(tmp_path / "b", tmp_path / "cache")
+    assert again != first
+    assert again == build(tmp_path / "c", tmp_path / "fresh_cache")

@@ -269,9 +269,12 @@ class ListLTBuilder(LTBuilder):
                 f"{cls.DATASET} needs --data_dir (the image root), --train_list and --test_list "
                 "(OLTR 'relative/path label' files)"
             )
-        sources.require_dir(config.data_dir, "image root")
+        root = sources.require_dir(config.data_dir, "image root")
         files = [config.train_list, config.val_list, config.test_list, config.class_names_file]
-        return [sources.require_file(f, "file") for f in files if f is not None]
+        lists = [config.train_list, config.val_list, config.test_list]
+        # the listed images too: the same lists over rewritten images are another source
+        return [sources.require_file(f, "file") for f in files if f is not None] + \
+            [root / rel for f in lists if f is not None for rel in sources.listed_files(root, f)]
 
     def read_source(self):
         cfg = self.config

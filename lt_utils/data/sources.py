@@ -288,6 +288,13 @@ def check_listed_files(root, rel_paths, list_path):
             raise UserError(f"{root / rel} (listed in {list_path}) does not exist; fix --data_dir or the list")
 
 
+def listed_files(root, list_path):
+    """The relative paths a list names, each checked to be a file under `root`."""
+    rel, _ = parse_list(list_path)
+    check_listed_files(Path(root), rel, list_path)
+    return rel
+
+
 def read_oltr(root, lists, class_names_file=None, relabel_by_name=False):
     """`lists` maps split -> list-file path (None to skip)."""
     root = require_dir(root, "image root")
