@@ -134,9 +134,10 @@ def check_same_val_data(ingredients):
     for other in ingredients[1:]:
         theirs = val_data_record(other.meta)
         diff = next((k for k in first if first[k] != theirs[k]), None)
-        require(diff is None, f"cannot rank {ingredients[0].name} and {other.name} greedily: they record other val "
-                              f"data ({diff} {_short(first[diff])} vs {_short(theirs[diff])}); soup runs trained on "
-                              "the same split, or use --mode uniform")
+        if diff is not None:
+            raise UserError(f"cannot rank {ingredients[0].name} and {other.name} greedily: they record other val "
+                            f"data ({diff} {_short(first[diff])} vs {_short(theirs[diff])}); soup runs trained on "
+                            "the same split, or use --mode uniform")
 
 
 def check_compatible(ingredients):

@@ -290,6 +290,9 @@ FOLDER_OK = {
     "symlink to image": (_in_class("link.png", lambda p, f: p.symlink_to(f / "cls01" / "img_000.png")), [7, 5, 4]),
     "nested folder": (_in_class("sub/deeper.png", _png_copy), [7, 5, 4]),
     "upper-case suffix": (_in_class("UP.PNG", _png_copy), [7, 5, 4]),
+    "symlink loop": (_in_class("loop", lambda p, f: p.symlink_to(f / "cls00")), [6, 5, 4]),
+    "symlinked class folder": (lambda f: shutil.move(f / "cls02", f.parent / "elsewhere") and
+                               (f / "cls02").symlink_to(f.parent / "elsewhere"), [6, 5, 4]),
 }
 
 
@@ -589,3 +592,38 @@ def test_rewritten_source_is_not_served_from_the_cache(clean, tmp_path, reader):
     again = build(tmp_path / "b", tmp_path / "cache")
     assert again != first
     assert again == build(tmp_path / "c", tmp_path / "fresh_cache")
+
+
+# ------------------------------------------------------------------------------------------------ records
+def test_predict_reads_16_bit_images_as_eval_does(exports, tmp_path):
+    """A 16-bit grayscale ramp predicts exactly as its 8-bit scaling (PIL's convert clipped it to white)."""
+    import PIL.Image
+
+    ramp16 = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+    PIL.Image.fromarray(ramp16).save(tmp_path / "deep.png")
+    PIL.Image.fromarray((ramp16 // 257).astype(np.uint8)).save(tmp_path / "flat.png")
+    assert PIL.Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rows = {}
+    for name in ("deep", "flat", "white"):
+        if name == "white":
+            PIL.Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "white.png")
+        result = run_cli("predict.py", exports / "a", tmp_path / f"{name}.png", "--output", tmp_path / f"{name}.csv")
+        assert result.code == 0, result.err[-2000:]
+        rows[name] = (tmp_path / f"{name}.csv").read_text().splitlines()[1].split(",")[1:]
+    assert rows["deep"] == rows["flat"] != rows["white"]
+
+
+def test_exports_record_local_paths_absolute(idx_dir, tmp_path):
+    """Typed relative, the base model and the data are recorded absolute: from another folder they are the same."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "vit").symlink_to(TINY_VIT)
+    (work / "data").symlink_to(idx_dir)
+    result = run_cli(TRAIN, "--dataset", "fashion_mnist", "--data_dir", "data", "--imb", "10", "--max_per_class", "20",
+                     "--model_name_or_path", "vit", "--from_scratch", "true", "--head_init", "random", "--method",
+                     "full_all", "--num_workers", "0", "--max_train_steps", "1", "--per_device_train_batch_size", "8",
+                     "--output_dir", "run", "--cache_dir", tmp_path / "cache", cwd=work)
+    assert result.code == 0, result.err[-2000:]
+    config = json.loads((work / "run" / "final" / "config.json").read_text())
+    assert config["base_model"] == str(work / "vit")
+    assert config["run"]["data_dir"] == str(idx_dir.resolve())

@@ -164,9 +164,14 @@ def read_source_text(path, what):
 
 def list_files(folder, what):
     """Every regular file under `folder`, sorted; hidden entries (".ipynb_checkpoints", ".DS_Store") are skipped,
-    symlinked files and folders are followed, a dangling symlink is refused."""
-    out = []
+    symlinked files and folders are followed (a folder reached twice is read once), a dangling symlink is refused."""
+    out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink back up the tree: each folder is read once
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             path = Path(dirpath) / name
