@@ -627,3 +627,35 @@ def test_exports_record_local_paths_absolute(idx_dir, tmp_path):
     config = json.loads((work / "run" / "final" / "config.json").read_text())
     assert config["base_model"] == str(work / "vit")
     assert config["run"]["data_dir"] == str(idx_dir.resolve())
+
+
+RECORD_DAMAGE = {
+    "imb nan": ("imb", float("nan")), "imb inf": ("imb", float("inf")), "imb 0.5": ("imb", 0.5),
+    "counts short": ("train_counts", lambda v: v[:-1]), "count negative": ("train_counts", lambda v: [-1] + v[1:]),
+    "group unknown": ("groups", lambda v: ["huge"] + v[1:]), "threshold text": ("many_threshold", "x"),
+    "max_per_class -1": ("max_per_class", -1),
+}
+DAMAGED = [(where, cli, damage) for where, clis in (("saved", ("build", "train")), ("export", ("soup", "predict")))
+           for cli in clis for damage in RECORD_DAMAGE]
+
+
+@pytest.mark.parametrize("where, cli, damage", DAMAGED, ids=[f"{w}-{c}-{d}" for w, c, d in DAMAGED])
+def test_damaged_numeric_record(clean, exports, tmp_path, where, cli, damage):
+    """A split record (a saved split's lt_info.json, an export's config.json lt_info) whose numbers are not usable."""
+    key, value = RECORD_DAMAGE[damage]
+    target = tmp_path / where
+    shutil.copytree(clean / "saved" if where == "saved" else exports / "a", target)
+    path = target / ("lt_info.json" if where == "saved" else "config.json")
+    record = json.loads(path.read_text())
+    info = record if where == "saved" else record["lt_info"]
+    info[key] = value(info[key]) if callable(value) else value
+    path.write_text(json.dumps(record))
+    argv = {"build": [BUILD, "--dataset", target], "train": train_argv(target, tmp_path / "out"),
+            "soup": ["soup.py", exports / "b", target, "--output_dir", tmp_path / "out"],
+            "predict": ["predict.py", target, exports / "images", "--output", tmp_path / "out.csv"]}[cli]
+    before = tree_digest(target)
+    result = run_cli(argv[0], *argv[1:], "--cache_dir", tmp_path / "cache") if cli in ("build", "train") else \
+        run_cli(argv[0], *argv[1:])
+    # an export's counts are first checked against its labels, in the export layer's own words
+    judge(result, [target], before, "per-class train counts" if (where, damage) == ("export", "counts short")
+          else "is damaged")
