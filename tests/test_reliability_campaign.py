@@ -592,6 +592,9 @@ def test_rewritten_source_is_not_served_from_the_cache(clean, tmp_path, reader):
     again = build(tmp_path / "b", tmp_path / "cache")
     assert again != first
     assert again == build(tmp_path / "c", tmp_path / "fresh_cache")
+    # the split hash (what a resume and eval_lt.py compare) follows the images, not only their positions
+    hashes = [json.loads((tmp_path / run / "lt_info.json").read_text())["index_hashes"] for run in "abc"]
+    assert hashes[0]["train"] != hashes[1]["train"] == hashes[2]["train"]
 
 
 # ------------------------------------------------------------------------------------------------ records
