@@ -40,6 +40,11 @@ def clean(tmp_path_factory):
     (oltr / "classnames.txt").write_text("n00000001 apple\nn00000002 bear\nn00000003 car\n")
     write_image_folder(root / "folder", [6, 5, 4])
     write_idx(root / "idx60", np.tile(np.arange(10), 60), np.tile(np.arange(10), 2))
+    from helpers_hf import write_arrow, write_imagefolder
+
+    write_imagefolder(root / "hf_folder")
+    write_arrow(root / "hf_arrow")
+    (root / "hf_arrow" / "classes.txt").write_text("apple\nbear\ncat\ndog\n")
     assert run_cli(BUILD, *argv_for("idx", root / "idx"), "--output_dir", root / "saved",
                    "--cache_dir", root / "cache").code == 0
     return root
@@ -296,6 +301,17 @@ FOLDER_OK = {
 }
 
 
+HF_CASES = {
+    "names duplicate": (_edit_text("classes.txt", lambda b: b"apple\nbear\napple\ndog\n"), "duplicate"),
+    "names not utf-8": (_edit_text("classes.txt", lambda b: b"\xffapple\n" + b), "UTF-8"),
+    # labels named by strings (imagefolder's metadata.csv) meet a missing name, ids (arrow) one out of range
+    "names one short": (_edit_text("classes.txt", lambda b: b"apple\nbear\ncat\n"), {"hf_folder": "'dog' is not in",
+                                                                                    "hf_arrow": "label 3"}),
+    "names empty": (_edit_text("classes.txt", lambda b: b""), "class"),
+    "names one class": (_edit_text("classes.txt", lambda b: b"apple\n"), "1 class"),
+    "names file a folder": (_replace_by_folder("classes.txt"), "classes.txt"),
+}
+
 # ------------------------------------------------------------------------------------------------ the campaign
 def argv_for(reader, src):
     """build_lt.py flags reading the source copy `src` with `reader`."""
@@ -307,6 +323,10 @@ def argv_for(reader, src):
         return ["--dataset", reader, "--data_dir", src, "--train_list", src / "train.txt", "--test_list",
                 src / "test.txt", "--class_names_file", src / "classnames.txt", "--val_per_class", "0",
                 *(["--relabel_by_name", "true"] if reader == "inat2018" else [])]
+    if reader.startswith("hf_"):
+        return ["--dataset_name", src, "--image_column_name", "image" if reader == "hf_folder" else "img",
+                "--label_column_name", "fine_label", "--class_names_file", src / "classes.txt", "--imb", "2",
+                "--max_per_class", "15"]
     # the folder serves as train and test source: the test split then holds every image the reader lists
     return ["--dataset", "imagefolder", "--data_dir", src, "--test_dir", src, "--imb", "1", "--val_per_class", "0"]
 
@@ -329,6 +349,10 @@ def source_cases():
             yield reader, "oltr", name, apply, expect
         for name, (apply, counts) in OLTR_OK.items():
             yield reader, "oltr", name, apply, f"ok: splits: train {sum(counts)} | val 0 | test 6"
+    for reader in ("hf_folder", "hf_arrow"):  # a `datasets` source, its labels named by --class_names_file
+        yield reader, reader, "clean", None, "ok: splits: train 42 | val 74 | test 20"  # 15 11 9 7; val up to 20 unused
+        for name, (apply, expect) in HF_CASES.items():
+            yield reader, reader, name, apply, expect[reader] if isinstance(expect, dict) else expect
     yield "imagefolder", "folder", "clean", None, "ok: | test 15"
     for name, (apply, expect) in FOLDER_CASES.items():
         yield "imagefolder", "folder", name, apply, expect

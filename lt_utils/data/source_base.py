@@ -214,7 +214,12 @@ def read_class_names(path):
     "name index" (Places365 categories) is placed at its index. JSON: a list of names, a {id: name}
     dict, or iNat's categories.json (a list of {"id", "name", ...}).
     """
-    text = read_source_text(path, "class-names file")
+    names = _parse_class_names(path, read_source_text(path, "class-names file"))
+    check_class_names(names, f"class-names file {path}")
+    return names
+
+
+def _parse_class_names(path, text):
     if Path(path).suffix == ".json":
         try:
             data = json.loads(text)
