@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from .hf_source import HFSpec, read_hf_source
-from .source_base import (ArrayImages, FileImages, Source, SourceSplit, list_files, read_class_names,
+from .source_base import (ArrayImages, FileImages, Source, SourceSplit, check_class_names, list_files, read_class_names,
                           read_source_bytes, read_source_text, require_file)
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -151,6 +151,7 @@ def _cifar_names(path, key, num_classes):
     if len(names) != num_classes:
         raise UserError(f"{path} holds {len(names)} class names, CIFAR-{num_classes} has {num_classes}; re-extract "
                         "the original archive (or pass the other CIFAR --dataset)")
+    check_class_names(names, path)
     return names
 
 
@@ -249,7 +250,7 @@ def parse_list(path):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+        if len(parts) != 2 or not re.fullmatch(r"-?\d{1,18}", parts[1]):  # 18 digits: any int64
             raise UserError(f"{path}:{lineno}: expected 'relative/path label', got {line.strip()!r}; write one "
                             "'relative/path label' per line")
         if parts[0].strip() in seen:
