@@ -205,6 +205,7 @@ def _check_record(config, path):
         raise UserError(f"{path}: {config.num_labels} labels for {len(counts or [])} per-class train counts; the export "
                         "is corrupted, re-export it")
     BackboneSpec.from_dict(config.backbone_spec)  # unknown or missing keys: one line
+    export_record(config, path.parent)  # the split record's counts, groups and ratios: one line
 
 
 def weight_files(export_dir):
@@ -308,7 +309,8 @@ def export_record(config, export_dir=None):
     from .data.info import LTInfo
 
     labels = [config.id2label[i] for i in range(config.num_labels)]
-    info = LTInfo.from_dict({**config.lt_info, "class_names": labels})
+    info = LTInfo.from_dict({**config.lt_info, "class_names": labels},
+                            origin=f"the lt_info of {export_dir or 'the export'}/{CONFIG_FILE}")
     groups = list(info.groups)
     run = dict(config.run)
     return {

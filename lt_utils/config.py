@@ -703,6 +703,21 @@ def parse_args_with_config(parser, argv=None):
     return parser.parse_args(argv)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader refusing a key set twice (plain yaml keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                raise _DuplicateKey(f"{key!r} (line {node.value[i][0].start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_preset(path, parser):
     """{dest: value} of a yaml preset, each value parsed and checked by the flag table exactly as on the command line."""
     _check_encodable("config", str(path))
@@ -710,9 +725,11 @@ def load_preset(path, parser):
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing yaml file to --config (see configs/)")
     try:
-        preset = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        preset = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8 yaml") from None
+    except _DuplicateKey as err:
+        raise UserError(f"config file {path} sets {err} twice; keep one line per flag") from None
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid yaml ({err.__class__.__name__}); fix its syntax") from None
     except OSError as err:

@@ -161,3 +161,11 @@ def replace_dir(src, dst):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def recorded_path(name):
+    """A local file or folder as an absolute path (a record must name the same one from any working directory); a
+    name that is no local path (a Hub id) as given."""
+    if name is None or not os.path.exists(os.path.expanduser(str(name))):
+        return name
+    return os.path.abspath(os.path.expanduser(str(name)))

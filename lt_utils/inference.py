@@ -82,6 +82,8 @@ def predict_images(processor, model, paths, batch_size=32, top_k=5, progress=Tru
     from PIL import Image, UnidentifiedImageError
     from tqdm.auto import tqdm
 
+    from .transforms import to_rgb_image
+
     id2label = model.config.id2label
     k = min(top_k, len(id2label))
     rows = []
@@ -92,8 +94,8 @@ def predict_images(processor, model, paths, batch_size=32, top_k=5, progress=Tru
             for path in batch:
                 try:
                     with Image.open(path) as image:
-                        images.append(image.convert("RGB"))
-                except (UnidentifiedImageError, OSError) as err:
+                        images.append(to_rgb_image(image))
+                except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
                     raise UserError(f"cannot read image {path} ({err.__class__.__name__}); remove it or fix it") from None
             with torch.no_grad():
                 logits = model(**processor(images, return_tensors="pt")).logits.float()

@@ -121,6 +121,26 @@ _SAME_FIELDS = (
 )
 
 
+def val_data_record(meta):
+    """What an export records of its val split: the split's identity (its images' hash) and its local source."""
+    info = meta["lt_info"]
+    return {"dataset": info.dataset, "val images": (info.index_hashes or {}).get("val"),
+            "data_dir": meta["dataset"].get("data_dir")}
+
+
+def check_same_val_data(ingredients):
+    """Greedy soups rank ingredients by their recorded val scores and re-score candidates on one val split: every
+    ingredient must record that same split, or the scores compare different data."""
+    first = val_data_record(ingredients[0].meta)
+    for other in ingredients[1:]:
+        theirs = val_data_record(other.meta)
+        diff = next((k for k in first if first[k] != theirs[k]), None)
+        if diff is not None:
+            raise UserError(f"cannot rank {ingredients[0].name} and {other.name} greedily: they record other val "
+                            f"data ({diff} {_short(first[diff])} vs {_short(theirs[diff])}); soup runs trained on "
+                            "the same split, or use --mode uniform")
+
+
 def check_compatible(ingredients):
     """Refuse a set that cannot be averaged: other base, labels, head init, architecture, keys or shapes."""
     names = [ing.name for ing in ingredients]
@@ -174,7 +194,11 @@ def soup_weights(mode, n, lam=0.7, weights=None, normalize=False):
 def _explicit_weights(weights, n, normalize):
     require(weights is not None and len(weights) == n,
             f"--weights needs one value per ingredient: got {0 if weights is None else len(weights)} for {n}; pass {n}")
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:
+        raise UserError("--weights sum beyond the float range; pass weights of ordinary size (--normalize "
+                        "rescales them)") from None
     if normalize:
         require(total > 0, f"--weights sum to {total:g}; --normalize needs a positive sum")
         return [w / total for w in weights]
@@ -495,6 +519,7 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     scores, greedy, scorer = [None] * len(ingredients), None, None
     if mode == "greedy":
         require(scorer_factory is not None, "greedy soups need val data to score candidates")
+        check_same_val_data(ingredients)
         scorer = scorer_factory(first)
         kept, scores, steps = run_greedy(ingredients, scorer, select_metric, base_state, head_init, merge_method, params)
         mix = [0.0] + [1.0 / len(kept) if i in kept else 0.0 for i in range(len(ingredients))]

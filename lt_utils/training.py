@@ -16,6 +16,7 @@ from .config import INPUT_PATH_FLAGS, TRAIN_FLAGS
 from .data_loaders import head_on_cached_features, resolve_augment
 from .errors import UserError, require
 from .exports import Exporter
+from .fileio import recorded_path
 from .head_init import HEAD_INITS, set_head_weight
 from .heads import build_head, fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
@@ -245,10 +246,10 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
     m = spec.model
     config = lt_config(
         lt_model, info.class_names, m.head_type, m.head_scale,
-        head_init={"init": "from " + str(m.init_from) if m.init_from else m.head_init,
+        head_init={"init": "from " + str(recorded_path(m.init_from)) if m.init_from else m.head_init,
                    "init_fingerprint": fingerprint(head_init)},
-        lt_info=info.to_dict(), base_model=m.model_name_or_path, from_scratch=m.from_scratch, seed=m.seed,
-        method={**method_config.to_record(), **({"base": base} if base else {})},
+        lt_info=info.to_dict(), base_model=recorded_path(m.model_name_or_path), from_scratch=m.from_scratch,
+        seed=m.seed, method={**method_config.to_record(), **({"base": base} if base else {})},
         run={"balance_factor": spec.loss.balance_factor, "run_name": Path(spec.output.output_dir).name,
              "hub_model_id": spec.output.hub_model_id,
              # the local source files (eval_lt.py reads the same ones by default)

@@ -339,15 +339,21 @@ class ToRGB:
             if image.dtype != torch.uint8:
                 image = torch.from_numpy(to_uint8(image.numpy()))
             return image if image.shape[0] == 3 else image[:1].expand(3, -1, -1)
-        if is_high_depth(image):
-            image = np.asarray(image)
         if isinstance(image, np.ndarray):
             image = Image.fromarray(to_uint8(image))
         if not isinstance(image, Image.Image):
             raise UserError(
                 f"expected a PIL image or an array, got {type(image).__name__}; check --image_column_name"
             )
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(to_rgb_image(image))).permute(2, 0, 1)
+
+
+def to_rgb_image(image):
+    """A PIL image of any mode as an RGB one: the one decoding of training, evaluation and predict.py (16-bit and
+    float pixels scaled by `to_uint8`, not clipped to white by PIL's convert)."""
+    if is_high_depth(image):
+        image = Image.fromarray(to_uint8(np.asarray(image)))
+    return image.convert("RGB")
 
 
 def is_high_depth(image):

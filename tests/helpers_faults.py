@@ -35,6 +35,9 @@ def tree_digest(*roots, skip=("hf_cache",)):
                 digest[os.path.join(dirpath, name)] = "dir"
             for name in filenames:
                 path = os.path.join(dirpath, name)
+                if not os.path.exists(path):  # a dangling symlink: its target is what it holds
+                    digest[path] = "link:" + os.readlink(path)
+                    continue
                 with open(path, "rb") as f:
                     digest[path] = hashlib.sha256(f.read()).hexdigest()
     return digest

@@ -86,9 +86,13 @@ def test_rng_and_first_selection():
 
 
 def _cifar100_shaped_source():
-    # real CIFAR-100 sizes (500 train / 100 test per class, shuffled order); the plan only reads labels
-    splits = {"train": SourceSplit(_labels(100, 500), ArrayImages(None)),
-              "test": SourceSplit(_labels(100, 100, seed=4), ArrayImages(None))}
+    # real CIFAR-100 sizes (500 train / 100 test per class, shuffled order); the plan only reads labels, so the
+    # images are one black pixel repeated (a view: no memory)
+    def images(n):
+        return ArrayImages(np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (n, 1, 1, 3)))
+
+    splits = {"train": SourceSplit(_labels(100, 500), images(50_000)),
+              "test": SourceSplit(_labels(100, 100, seed=4), images(10_000))}
     return Source([f"c{i}" for i in range(100)], splits, "test")
 
 

@@ -20,7 +20,8 @@ def _cases(tmp):
     names = tmp / "names.txt"
     names.write_text("a\nb\nc\n")
     bad_label = tmp / "bad_label.txt"
-    bad_label.write_text(train.read_text() + "train/cls_0/train_0_0.png 7\n")
+    listed = train.read_text().splitlines()
+    bad_label.write_text("\n".join(listed[:-1] + [listed[-1].rsplit(" ", 1)[0] + " 7"]) + "\n")
     missing_image = tmp / "missing_image.txt"
     missing_image.write_text(train.read_text() + "train/cls_1/gone.png 1\n")
     (root / "train" / "cls_2" / "broken.png").write_bytes(b"not an image at all")
@@ -37,7 +38,7 @@ def _cases(tmp):
         "missing_root": (["--dataset", "cifar100", "--data_dir", tmp / "nope"], f"{tmp / 'nope'} does not exist"),
         "missing_file": (["--dataset", "cifar100", "--data_dir", cifar], "cifar-100-python/meta not found"),
         "missing_list": (lists + ["--train_list", tmp / "absent.txt"], f"{tmp / 'absent.txt'} not found"),
-        "label_out_of_range": (lists + ["--train_list", bad_label], f"{bad_label}: label 7 at entry 6"),
+        "label_out_of_range": (lists + ["--train_list", bad_label], f"{bad_label}: label 7 at entry 5"),
         "missing_image": (lists + ["--train_list", missing_image], f"{root}/train/cls_1/gone.png (listed in"),
         "unreadable_image": (lists + ["--train_list", broken_image], f"{root}/train/cls_2/broken.png (from"),
         "output_exists": (fm + ["--imb", "2", "--output_dir", existing], "already exists"),

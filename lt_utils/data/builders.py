@@ -47,6 +47,7 @@ class LTConfig(datasets.BuilderConfig):
     test_per_class: int = 50
     train_val_split: Optional[float] = None
     source_fingerprint: str = ""
+    source_content: str = ""  # sources.content_hash of the local source files: part of each split's identity
     # hf_lt: the `datasets` source (hf_source.HFSpec's fields; its dataset_name is source_name here, as the builder's
     # own dataset_name is taken)
     source_name: Optional[str] = None
@@ -189,7 +190,9 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
             max_per_class=int(n_max), seed=cfg.seed, selection=cfg.selection, val_source=cfg.val_source,
             val_per_class=cfg.val_per_class, many_threshold=cfg.many_threshold, few_threshold=cfg.few_threshold,
             source=source.description, split_sizes={s: int(len(idx)) for s, (_, idx) in plan.items()},
-            index_hashes={s: index_hash(src, idx) for s, (src, idx) in plan.items()},
+            # which images, not only which positions: other files at the same positions are another split
+            index_hashes={s: index_hash(f"{src}@{cfg.source_content}" if cfg.source_content else src, idx)
+                          for s, (src, idx) in plan.items()},
         )
 
     def _split_generators(self, dl_manager):
@@ -284,9 +287,12 @@ class ListLTBuilder(LTBuilder):
                 f"{cls.DATASET} needs --data_dir (the image root), --train_list and --test_list "
                 "(OLTR 'relative/path label' files)"
             )
-        sources.require_dir(config.data_dir, "image root")
+        root = sources.require_dir(config.data_dir, "image root")
         files = [config.train_list, config.val_list, config.test_list, config.class_names_file]
-        return [sources.require_file(f, "file") for f in files if f is not None]
+        lists = [config.train_list, config.val_list, config.test_list]
+        # the listed images too: the same lists over rewritten images are another source
+        return [sources.require_file(f, "file") for f in files if f is not None] + \
+            [root / rel for f in lists if f is not None for rel in sources.listed_files(root, f)]
 
     def read_source(self):
         cfg = self.config

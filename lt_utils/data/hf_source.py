@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..hub_access import cache_if_unreachable
-from .source_base import HubImages, Source, SourceSplit, check_label_range, read_class_names
+from .source_base import HubImages, Source, SourceSplit, read_class_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def class_names_of(split, spec):
 
 
 def label_ids(split, spec, names, origin):
-    """int64 labels in source order: ClassLabel / int ids checked against the classes, or strings mapped by name."""
+    """Labels in source order: ClassLabel / int ids (checked against the classes by Source), or strings mapped by name."""
     values = split[spec.label_column_name]
     if values and isinstance(values[0], str):
         index = {n: i for i, n in enumerate(names)}
@@ -132,9 +132,7 @@ def label_ids(split, spec, names, origin):
             raise UserError(f"{origin}: label {unknown[0]!r} is not in --class_names_file {spec.class_names_file}; "
                             "add it to the file")
         return np.asarray([index[v] for v in values], dtype=np.int64)
-    labels = np.asarray(values, dtype=np.int64)
-    check_label_range(labels, len(names), origin)
-    return labels
+    return np.asarray(values)  # checked against the classes by SourceSplit / Source
 
 
 def truncated_train(n, max_train_samples, seed):
@@ -163,9 +161,8 @@ def read_hf_source(spec, seed=0, cache_dir=None):
                 fingerprints[role] = f"{part._fingerprint}"
         origin = f"{spec.dataset_name} split {split_name} column {spec.label_column_name}"
         labels = label_ids(part, spec, names, origin)
-        splits[role] = SourceSplit(labels, HubImages(part.select_columns([spec.image_column_name]), spec.image_column_name))
-    if len(names) < 2:
-        raise UserError(f"{spec.dataset_name} has {len(names)} class; a classifier needs at least 2")
+        splits[role] = SourceSplit(labels, HubImages(part.select_columns([spec.image_column_name]),
+                                                     spec.image_column_name), origin)
     config = f" ({spec.dataset_config_name})" if spec.dataset_config_name else ""
     revision = f"@{spec.dataset_revision}" if spec.dataset_revision else ""
     return Source(list(names), splits, f"datasets:{spec.dataset_name}{config}{revision}"), fingerprints

@@ -136,7 +136,8 @@ def named_config_values(builder_cls, config_name, given, defaults):
         if field.name not in given:
             continue
         value = getattr(preset, field.name)
-        if value == field.default:
+        # a named config sets the fields that differ from LTConfig's defaults, and always the ratio (imb100: 100)
+        if value == field.default and not (field.name == "imb" and builder_cls.USES_IMB):
             continue
         require(given[field.name] in (defaults[field.name], value),
                 f"config {config_name!r} sets {field.name}={value}, but {field.name}={given[field.name]} was also "

@@ -1,6 +1,7 @@
 """LTInfo: what defines an LT split (source, ρ, seed, selection, val policy) and its per-class train counts and groups."""
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from ..errors import UserError
@@ -86,9 +87,34 @@ class LTInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, origin="the split record"):
+        """An LTInfo read back from a record (lt_info.json, an export's config.json), its numbers checked."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        info = cls(**{k: v for k, v in d.items() if k in names})
+        problem = info.record_problem()
+        if problem:
+            raise UserError(f"{origin} is damaged ({problem}); build the dataset or export the run again")
+        return info
+
+    def record_problem(self):
+        """What makes this record unusable (counts, groups, ratios, thresholds), or None."""
+        def count(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        def ratio(v):
+            return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1)
+
+        n = len(self.class_names)
+        if len(self.train_counts) != n or not all(map(count, self.train_counts)):
+            return f"train_counts must be {n} counts >= 0"
+        if len(self.groups) != n or any(g not in GROUPS for g in self.groups):
+            return f"groups must be {n} of {', '.join(GROUPS)}"
+        if not (ratio(self.imb) and ratio(self.groups_from_imb)):
+            return f"imb {self.imb} / groups_from_imb {self.groups_from_imb} must be finite and >= 1"
+        if not all(map(count, (self.many_threshold, self.few_threshold, self.val_per_class))) or \
+                not (self.max_per_class is None or count(self.max_per_class)):
+            return "thresholds, val_per_class and max_per_class must be whole numbers >= 0"
+        return None
 
     def to_json(self):
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -105,7 +131,7 @@ class LTInfo:
 
         saved = read_json(path, "split record")
         try:
-            return cls.from_dict(saved)
+            return cls.from_dict(saved, origin=str(path))
         except TypeError:  # not a mapping, or lacking the required fields
             raise UserError(f"{path} is not a valid split record; build the dataset again") from None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import UserError
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, recorded_path
 from . import sources
 from .builders import BUILDERS, SPLITS, DatasetsLT, LTConfig
 from .counts import SELECTION_MODES
@@ -93,6 +93,7 @@ def load_lt_dataset(
         image_column_name / label_column_name: its columns (the label a ClassLabel, or ids / names with
         `class_names_file`). max_train_samples: a seeded (`seed`) random subset of its train split, before the LT rule.
     """
+    passed = dict(locals())
     if dataset_name is not None or name == DatasetsLT.DATASET:
         check_hf_args(name, dataset_name, dict(data_dir=data_dir, train_list=train_list, val_list=val_list,
                                                test_list=test_list, test_dir=test_dir, val_dir=val_dir))
@@ -100,8 +101,11 @@ def load_lt_dataset(
     elif is_saved_lt_dir(name) or is_hub_dataset_id(name):
         check_no_config_name(config_name, name)
         if is_hub_layout_dir(name) or is_hub_dataset_id(name):
-            return load_lt_from_hub(name, cache_dir=_abs(cache_dir))
-        return load_lt_from_disk(name)
+            ds, info = load_lt_from_hub(name, cache_dir=_abs(cache_dir))
+        else:
+            ds, info = load_lt_from_disk(name)
+        check_agrees_with_record(name, info, passed)
+        return ds, info
     else:
         key = canonical_name(name)
     if key != DatasetsLT.DATASET:  # flags of a `datasets` source: refused rather than ignored
@@ -120,7 +124,7 @@ def load_lt_dataset(
                  test_per_class=test_per_class, train_val_split=train_val_split)
     hf = {}
     if key == DatasetsLT.DATASET:
-        hf = dict(source_name=_local_or_id(dataset_name), dataset_config_name=config_name,
+        hf = dict(source_name=recorded_path(dataset_name), dataset_config_name=config_name,
                   dataset_revision=dataset_revision, train_split=train_split, validation_split=validation_split,
                   test_split=test_split, image_column_name=image_column_name, label_column_name=label_column_name,
                   max_train_samples=max_train_samples, trust_remote_code=bool(trust_remote_code))
@@ -148,7 +152,8 @@ def load_lt_dataset(
         config_name = None  # the source's config, not a builder preset
     else:
         files = builder_cls.source_files(LTConfig(name="probe", **params))
-        params["source_fingerprint"] = sources.fingerprint(files, key, params["data_dir"])
+        params["source_content"] = sources.content_hash(files)
+        params["source_fingerprint"] = sources.fingerprint(files, params["source_content"], key, params["data_dir"])
     builder = builder_cls(cache_dir=_abs(cache_dir), name=config_name or builder_cls.config_name_for(imb), **params)
     try:
         builder.download_and_prepare()
@@ -162,6 +167,25 @@ def load_lt_dataset(
     return ds, LTInfo.from_dataset(ds["train"])
 
 
+def check_agrees_with_record(name, info, passed):
+    """A saved or pushed split fixes its own parameters: an argument set to something other than its default and
+    other than what the split records is refused rather than silently ignored."""
+    defaults = {k: p.default for k, p in inspect.signature(load_lt_dataset).parameters.items()}
+    for key, value in passed.items():
+        if key in ("name", "cache_dir", "config_name") or value == defaults[key]:
+            continue
+        recorded = getattr(info, key, None) if key in LT_RECORDED else None
+        if recorded is None or value != recorded:
+            shown = f" (it records {recorded})" if recorded is not None else ""
+            raise UserError(f"{key}={value} contradicts the saved split {name}{shown}, which fixes its images and "
+                            "parameters; drop it, or build a new split with data_scripts/build_lt.py")
+
+
+# the parameters a saved split records (LTInfo fields of the same name)
+LT_RECORDED = ("imb", "max_per_class", "seed", "selection", "val_per_class", "val_source", "many_threshold",
+               "few_threshold")
+
+
 def check_hf_args(name, dataset_name, others):
     """--dataset_name selects hf_lt; flags of the other builders are refused rather than ignored."""
     if name not in (None, DatasetsLT.DATASET):
@@ -173,11 +197,6 @@ def check_hf_args(name, dataset_name, others):
         if value is not None:
             raise UserError(f"--{flag} is not used with --dataset_name; drop it (the local folder itself is "
                             "--dataset_name, its splits are --train_split / --validation_split / --test_split)")
-
-
-def _local_or_id(name):
-    """A local folder is recorded absolute (the cache and eval must find it from any directory); a Hub id as given."""
-    return _abs(name) if name is not None and os.path.exists(os.path.expanduser(str(name))) else name
 
 
 def _as_split(builder, split):
