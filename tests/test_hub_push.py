@@ -94,7 +94,7 @@ def test_a_failed_push_is_made_by_the_same_command_once(idx_dir, tmp_path, hub):
     assert api.calls[0] == ("create_repo", "tiny-lt", "model", False)
     assert api.calls[1] == ("upload_folder", "me/tiny-lt", str(out / "best")) and len(api.calls) == 2
     step = json.loads((out / "best" / "metrics.json").read_text())["step"]
-    assert f"| best (step {step}, test) |" in first.out
+    assert f"| best (step {step}, test) [paper] |" in first.out
     assert f"outputs in {out.resolve()}: all_results.json, best/" in first.out
     assert "1 resume state (step_*/)" in first.out
 
