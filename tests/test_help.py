@@ -73,12 +73,19 @@ def test_help_is_the_help_of_the_live_parser(helps, script, monkeypatch):
 
 
 def test_every_axis_is_a_flags_live_list():
-    """Each list lt_utils.axes declares is what a flag offers, read from it (no other copy of it)."""
-    listed = _listed().values()
-    axes_lists = {attr: list(names) for attr, names in vars(axes).items() if isinstance(names, (Registry, tuple))}
-    assert axes_lists
-    for attr, names in axes_lists.items():
-        assert any(choices[-len(names):] == names for choices in listed), attr
+    """Each list lt_utils.axes declares is what a flag offers, read from it (no other copy of it): a tuple is a flag's
+    choices itself, and an entry added to a registry is listed at once."""
+    tuples = [obj for obj in vars(axes).values() if isinstance(obj, tuple)]
+    registries = [obj for obj in vars(axes).values() if isinstance(obj, Registry)]
+    assert tuples and registries
+    for names in tuples:
+        assert any(flag.choices is names for flag in FLAGS.values()), names
+    for registry in registries:
+        registry.register("help_probe", object())
+        try:
+            assert any("help_probe" in choices for choices in _listed().values()), registry
+        finally:
+            registry.unregister("help_probe")
 
 
 def test_registered_entry_is_offered_at_once():
