@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .axes import HEAD_INITS  # noqa: F401  (the --head_init registry of the functions below, imported from here)
 from .errors import UserError, require
 from .heads import random_head_init
 from .models import BACKBONES, _first_line, feature_dim, load_backbone_config, unwrap_lt_model

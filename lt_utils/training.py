@@ -10,14 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .axes import HEAD_INITS
 from .checkpoint import load_export, read_export_config, read_resume_record, resolve_resume_path
 from .compile import dynamo_plugin
 from .config import INPUT_PATH_FLAGS, TRAIN_FLAGS
 from .data_loaders import head_on_cached_features, resolve_augment
 from .errors import UserError, require
 from .exports import Exporter
-from .head_init import set_head_weight
+from .head_init import HEAD_INITS, set_head_weight
 from .heads import build_head, fingerprint
 from .models import build_lt_model, enable_gradient_checkpointing, lt_config
 from .peft_methods import METHODS, apply_method, head_parameter_count, trainable_parameter_count

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from lt_utils.data_loaders import k_shot_indices
 from lt_utils.errors import UserError
-from lt_utils.axes import HEAD_INITS
-from lt_utils.head_init import balanced_logistic_regression
+from lt_utils.head_init import HEAD_INITS, balanced_logistic_regression
 from lt_utils.spec import ModelSpec
 from lt_utils.models import build_lt_model
 from tests.helpers_models import random_pixels

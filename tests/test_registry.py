@@ -18,7 +18,7 @@ import eval_lt  # noqa: E402
 from lt_utils.checkpoint import load_export  # noqa: E402
 from lt_utils.config import build_train_parser  # noqa: E402
 from lt_utils.errors import UserError  # noqa: E402
-from lt_utils.axes import HEAD_INITS  # noqa: E402
+from lt_utils.head_init import HEAD_INITS  # noqa: E402
 from lt_utils.heads import HEADS  # noqa: E402
 from lt_utils.losses import LOSSES, build_loss  # noqa: E402
 from lt_utils.merge import MERGE_METHODS, MergeMethod  # noqa: E402
