@@ -11,8 +11,9 @@ Each flag also says what it is to a training run (`Flag`: group, input_path, ide
 list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
 ...), train_lt.py's --help sections and the parts of the run spec (spec.py) are derived from those fields.
 
-The choices of --method, --loss, --head_type, --head_init, --prompt_template and --tte are the registries' names, read
-when checked from modules named here, not imported: the table (and so --help) loads without torch.
+The choices of --method, --loss, --head_type, --head_init, --prompt_template, --tte and --merge_method are the
+registries' names, read live: every registry and choice list is declared without torch (lt_utils/axes.py for those
+whose code needs it, which it imports on first use), so the table (and so --help) loads without it.
 
 A preset is a yaml mapping of flag names to values: `--config configs/lift_cifar100_lt.yaml --learning_rate 0.02`.
 Unknown keys in a preset are an error, not silently ignored. Relative input paths inside a preset are found next to
@@ -20,18 +21,21 @@ the preset file, then in the repository (`resolve_preset_paths`); paths typed on
 the working directory.
 """
 import argparse
-import importlib.util
+import importlib
 import math
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
-from . import help_choices, paper_tables
+from . import axes, paper_tables
 from .errors import UserError
 from .fileio import atomic_write_text
+from .methods import LORA_INITS, METHODS
+from .prompts import PROMPT_MODES
+from .protocols import PROTOCOLS
+from .schedule import SCHEDULES
 
 UINT32 = 2**32  # numpy / torch seeds
 
@@ -222,23 +226,14 @@ def str2bool(value):
     return parsed
 
 
-def _lazy(module, attr, extra=(), needs=None, in_help=True, light=False):
-    """choices read when checked, from the module that owns them, named (not imported) here: most of those modules
-    import torch, which the table (and so --help) must not wait for. `attr` is a registry (its names(): entries
-    registered later count too), a function or a sequence; `extra` goes first. --help lists them without importing
-    `needs` (default: `module`) while it is not loaded (`_help_choices`), unless the module is `light` (imports no
-    heavy package: --help reads it); `in_help=False`: never listed."""
+def _lazy(module, attr):
+    """choices only a heavy module knows (torch.compile's backends), named here and read when a value is checked:
+    --help does not list them, as it imports no torch."""
     def choices():
         names = getattr(importlib.import_module(module, __package__), attr)
-        names = names.names() if hasattr(names, "names") else names() if callable(names) else names
-        return [*extra, *names]
-    choices.key = f"{importlib.util.resolve_name(module, __package__)}.{attr}"
-    choices.needs, choices.extra, choices.in_help = needs or choices.key.rsplit(".", 1)[0], list(extra), in_help
-    choices.light = light
+        return list(names() if callable(names) else names)
+    choices.unlisted = True
     return choices
-
-
-_registry = _lazy  # a registry's names, by module name: _registry(".losses", "LOSSES")
 
 
 def _report_targets():
@@ -247,10 +242,11 @@ def _report_targets():
     return ["all", *[t.value for t in LoggerType if t.value != "all"]]
 
 
-def _method_help():
-    """'name: what it trains; ...' of every --method (the registry is declared without torch)."""
-    from .methods import METHODS
+_report_targets.unlisted = True  # accelerate imports torch; --help names LoggerType instead
 
+
+def _method_help():
+    """'name: what it trains; ...' of every --method."""
     return "; ".join(f"{name}: {METHODS.get(name).trains}" for name in METHODS)
 
 
@@ -323,10 +319,10 @@ _DATA = _group("data", {
     "max_per_class": _pos("int", None, "n_max of the LT split (default: the source's)", nullable=True,
                           **_lt("max_per_class")),
     "imb_seed": _seed(0, "seed of the images chosen per class", **_lt("seed")),
-    "selection": Flag("str", "rng", "which images fill each class", choices=_lazy(".data.counts", "SELECTION_MODES"),
+    "selection": Flag("str", "rng", "which images fill each class", choices=axes.SELECTION_MODES,
                       **_lt("selection")),
     "val_per_class": _nonneg("int", 20, "val images per class", **_lt("val_per_class")),
-    "val_source": Flag("str", "unused_train", choices=_lazy(".data.loading", "VAL_SOURCES"), **_lt("val_source")),
+    "val_source": Flag("str", "unused_train", choices=axes.VAL_SOURCES, **_lt("val_source")),
     "train_val_split": Flag("float", None, "a source without a validation split: hold out this fraction of each "
                             "class's train images as validation, before the LT rule (replaces --val_source and "
                             "--val_per_class)", low=0, high=1, low_open=True, high_open=True, nullable=True,
@@ -348,7 +344,7 @@ _DATA = _group("data", {
     "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
-                choices=_registry(".transforms", "TTE_MODES", extra=("none",)), **_FREE),
+                choices=lambda: ["none", *axes.TTE_MODES], **_FREE),
     "tte_views": _pos("int", 1, "--tte randaug: random resized crop + flip views per image (LIFT's randaug_times, "
                       "default 1)", **_FREE),
     "tte_expand": _nonneg("int", None, "--tte fivecrop/tencrop: pixels added to the shorter side before cropping "
@@ -369,12 +365,12 @@ _MODEL_FLAGS = _group("model", {
                       input_path=True, **_MODEL),
     "ignore_mismatched_sizes": Flag("bool", False, "--init_from an export trained on other classes: keep its backbone "
                                     "and give it a new head for these classes (--head_init)", **_MODEL),
-    "head_type": Flag("str", "cosine", choices=_registry(".heads", "HEADS"), **_MODEL),
+    "head_type": Flag("str", "cosine", choices=axes.HEADS, **_MODEL),
     "head_scale": Flag("float", 25.0, "cosine head scale (LIFT 25, LT-Soups 30)", low=0, low_open=True, **_MODEL),
-    "head_init": Flag("str", "text", choices=_registry(".head_init", "HEAD_INITS"), **_MODEL),
+    "head_init": Flag("str", "text", choices=axes.HEAD_INITS, **_MODEL),
     "prompt_template": Flag("str", "single", "zero-shot / text-init prompts: 'a photo of a {}.', the 80 ImageNet "
                             "templates averaged, the bare class name, or --prompt_descriptor_file's descriptions",
-                            choices=_registry(".prompts", "PROMPT_MODES", light=True), **_MODEL),
+                            choices=PROMPT_MODES, **_MODEL),
     "prompt_descriptor_file": _opt("path", "--prompt_template descriptor: a JSON file {class name: [description, ...]}",
                                    input_path=True, **_MODEL),
     "seed": _seed(0, "seed of new modules, the random head, sampling and augmentation", **_MODEL),
@@ -384,7 +380,7 @@ _MODEL_FLAGS = _group("model", {
 })
 
 _METHOD = _group("method", {
-    "method": Flag("str", "adaptformer", _method_help, choices=_registry(".methods", "METHODS", light=True),
+    "method": Flag("str", "adaptformer", _method_help, choices=METHODS,
                    **_MODEL),
     "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
                         nullable=True, **_MODEL),
@@ -397,7 +393,7 @@ _METHOD = _group("method", {
                        low=0, low_open=True, high=1, nullable=True, **_MODEL),
     "mask_seed": _seed(0, "--method mask: seed of the entries chosen (LIFT: 0)", **_MODEL),
     "lora_init": Flag("str", "peft", "LoRA A init: peft's U(+-1/sqrt(D)) or LIFT's U(+-1/sqrt(r)) (its A is (D, r))",
-                      choices=_lazy(".methods", "LORA_INITS", light=True), **_MODEL),
+                      choices=LORA_INITS, **_MODEL),
     "lora_alpha": Flag("float", 1.0, low=0, low_open=True, **_MODEL),
     "lora_dropout": Flag("float", 0.0, low=0, high=1, high_open=True, **_MODEL),
     "lora_target_modules": Flag("str", None, "default q_proj v_proj (CLIP) / query value (ViT)", nullable=True, nargs="+",
@@ -418,7 +414,7 @@ _LOSS = _group("loss", {
     "augment_on_device": Flag("switch", False, "--augment rrc_flip on small images of one size (CIFAR, "
                               "Fashion-MNIST): the loader draws each crop box, the accelerator crops, resizes, flips and "
                               "normalises the batch (the same boxes, so the same seeded determinism)"),
-    "loss": Flag("str", "la", choices=_registry(".losses", "LOSSES")),
+    "loss": Flag("str", "la", choices=axes.LOSSES),
     "tau": Flag("float", 1.0, "logit-adjustment strength", low=0),
     "label_smoothing": Flag("float", 0.0, "LOS over-smoothing: 0.98", low=0, high=1, high_open=True),
     # LIFT's defaults (utils/losses.py); LDAM's scale is --head_scale
@@ -445,7 +441,7 @@ _OPTIM = _group("optim", {
     "momentum": Flag("float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1, high_open=True),
     "lr_scheduler_type": Flag("str", "cosine", "cosine (to --min_lr_ratio), cosine_epoch (LIFT), constant; "
                               "transformers' linear, constant_with_warmup, inverse_sqrt: as "
-                              "transformers.get_scheduler steps them (warm-up step/warmup from 0)", choices=_lazy(".schedule", "SCHEDULES", light=True)),
+                              "transformers.get_scheduler steps them (warm-up step/warmup from 0)", choices=SCHEDULES),
     "num_warmup_steps": _nonneg("int", None, "default: 0 (SGD), max(20, 1%% of steps) (AdamW)", nullable=True),
     "warmup_start_factor": Flag("float", None, "LT-Soups' warm-up: linear from this fraction of the lr at step 0 to the "
                                 "lr at step --num_warmup_steps, then the cosine (LT-Soups: 1e-6); default: "
@@ -478,7 +474,7 @@ _COMPILE = _group("compile", {
     "torch_compile": Flag("switch", False, "torch.compile the model (through accelerate's dynamo plugin); the first "
                           "steps are slower", **_FREE),
     "torch_compile_backend": Flag("str", None, "a torch.compile backend (default: inductor)",
-                                  choices=_lazy(".compile", "compile_backends", in_help=False), nullable=True, **_FREE),
+                                  choices=_lazy(".compile", "compile_backends"), nullable=True, **_FREE),
     "torch_compile_mode": Flag("str", None, "torch.compile's mode (default: torch's)", nullable=True,
                                choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                                **_FREE),
@@ -490,11 +486,11 @@ _EVAL = _group("eval", {
                       "run)", nullable=True, **_FREE),
     # the best score kept so far is of this metric: another one mid-run would compare unlike numbers
     "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
-                          choices=_lazy(".metrics", "SELECTABLE")),
+                          choices=axes.SELECTABLE),
     # which tested model is the paper's number; it decides what is kept and tested during the run, so it may not change
     "protocol": Flag("str", "best_val", "the row of all_results.json comparable with the paper: best_val (ours), final "
                      "(LIFT), best_test (LOS, optimistic), ema_and_raw_val (LT-Soups: also best_raw/)",
-                     choices=_registry(".protocols", "PROTOCOLS")),
+                     choices=PROTOCOLS),
     "test_precision": Flag("str", "train", "precision of the test evaluation of best/ and final/: train (the run's "
                            "autocast) or fp32 (LIFT)", choices=["train", "fp32"], **_FREE),
 })
@@ -513,7 +509,8 @@ _OUTPUT = _group("output", {
                                  "what is trained differ from the checkpoint's (recorded in log.txt and run_spec.json)",
                                  **_FREE),
     "with_tracking": Flag("switch", False, **_FREE),
-    "report_to": Flag("str", "tensorboard", choices=_lazy(".config", "_report_targets", needs="accelerate"), **_FREE),
+    "report_to": Flag("str", "tensorboard", "all or a tracker of accelerate.utils.LoggerType", choices=_report_targets,
+                      **_FREE),
     "push_to_hub": Flag("switch", False, **_FREE),
     "hub_model_id": _opt("str", **_FREE),
     "hub_push": Flag("str", "model", "--push_to_hub: the whole model (a LoRA run's plain peft adapter beside it, in "
@@ -525,9 +522,9 @@ _OUTPUT = _group("output", {
 
 _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
-                  choices=_lazy(".runs", "RUN_EXPORTS"), nullable=True),
+                  choices=axes.RUN_EXPORTS, nullable=True),
     "split": Flag("str", "test", "train, val (or validation, transformers' name) or test",
-                  choices=_lazy(".data.builders", "SPLITS"), value_aliases={"validation": "val"}),
+                  choices=axes.SPLITS, value_aliases={"validation": "val"}),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
                       "have the same argmax as its logits)", nullable=True, metavar="MODEL", input_path=True),
     "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
@@ -536,7 +533,7 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "top_k": _pos("int", 5, "labels and probabilities kept per image (predict.py, --save_predictions)"),
     "output": Flag("path", None, "the CSV to write (required)", nullable=True),
     "batch_size": _pos("int", 32, "images per forward pass"),
-    "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=_lazy(".merge", "MODES"),
+    "mode": Flag("str", None, "default: weighted if --weights is given, else uniform", choices=axes.MODES,
                  nullable=True),
     "weights": Flag("float", None, "one weight per ingredient, used as given: they must sum to 1 (or pass --normalize)",
                     nullable=True, nargs="+"),
@@ -550,7 +547,7 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
                          "and their weights): average (the soup itself), or their task vectors (fine-tuned minus "
                          "zero-shot, so the base model is loaded): task_arithmetic, ties (trim, elect sign, disjoint "
                          "mean), dare_linear / dare_ties (random drop and rescale, then linear / ties)",
-                         choices=_registry(".merge", "MERGE_METHODS")),
+                         choices=axes.MERGE_METHODS),
     "scaling": Flag("float", None, "task vector methods: lambda, soup = zero-shot + lambda * merged task vector "
                     "(default 1: with weights summing to 1, task_arithmetic is then the weighted soup; TIES-merging's "
                     "value; task arithmetic tunes it on val, > 1 extrapolates)", low=0, low_open=True, nullable=True),
@@ -559,7 +556,7 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
                     "(default 0.1, DARE's drop rate 0.9)", low=0, high=1, low_open=True, nullable=True),
     "majority_sign_method": Flag("str", None, "ties, dare_ties: the sign elected per entry is that of the sum of the kept "
                                  "values (total, the default) or of the most kept values (frequency)",
-                                 choices=_lazy(".merge", "SIGN_METHODS"), nullable=True),
+                                 choices=axes.SIGN_METHODS, nullable=True),
     "merge_seed": Flag("int", None, "dare_*: seed of the dropped entries (default 0); each tensor of each ingredient "
                        "draws from its own stream, so the same seed and ingredient list give the same soup",
                        low=0, high=UINT32, high_open=True, nullable=True),
@@ -606,29 +603,13 @@ SECRET_FLAGS = frozenset(flags_where(secret=True))
 
 def flag_help(flag):
     parts = [flag.help() if callable(flag.help) else flag.help] if flag.help else []
-    choices = _help_choices(flag)
+    # every list is declared without torch (lt_utils.axes and the light registries): --help reads them live
+    choices = None if getattr(flag.choices, "unlisted", False) else flag.choice_list()
     if choices:
         parts.append("choices: " + ", ".join(map(str, choices)))
     if flag.range_text():
         parts.append(flag.range_text())
     return "; ".join(parts) or None
-
-
-def _help_choices(flag):
-    """The choices --help lists, importing nothing: a lazy list whose module is not loaded yet comes from its copy in
-    lt_utils.help_choices (tests/test_help.py keeps the copies equal to the live lists)."""
-    source = flag.choices
-    if not hasattr(source, "key"):
-        return flag.choice_list()
-    if not source.in_help:
-        return None
-    if source.light or source.needs in sys.modules:
-        try:
-            return flag.choice_list()
-        except (ImportError, AttributeError):  # a registry that cannot load (or is loading) must not break --help
-            pass
-    names = help_choices.NAMES.get(source.key)
-    return None if names is None else [*source.extra, *names]
 
 
 class ArgumentParser(argparse.ArgumentParser):

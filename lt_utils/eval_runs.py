@@ -9,9 +9,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .axes import SPLITS
 from .checkpoint import export_record, read_export_config, resolve_export_dir
 from .config import HF_BUILDER, HF_SOURCE_FLAGS, RECORDED_DATA_FLAGS, recorded_flags
-from .data.builders import SPLITS
 from .errors import UserError, require
 from .fileio import atomic_dir, atomic_write_json, check_outputs_apart, check_writable_dir
 from .reports import plot_per_class_accuracy, write_per_class_csv

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .axes import HEAD_INITS  # noqa: F401  (the --head_init registry of the functions below, imported from here)
 from .errors import UserError, require
 from .heads import random_head_init
 from .models import BACKBONES, _first_line, feature_dim, load_backbone_config, unwrap_lt_model
 from .prompts import class_prompts
-from .registry import Registry
 
 
 def _default_device():
@@ -170,10 +170,8 @@ def set_head_weight(model, weight):
 # `--head_init`: f(model, info, lt_model, accelerator, train_loader_fn) -> the head weight [C, D] on CPU, the same in
 # every run given the same inputs (soups rely on it); model: the run's spec.ModelSpec (checkpoint, prompts, seed);
 # train_loader_fn(spec) gives an unsharded eval-view train loader.
-HEAD_INITS = Registry("head init", flag="--head_init")
 
 
-@HEAD_INITS.register("text")
 def _text(model, info, lt_model, accelerator, train_loader_fn):
     require(BACKBONES.get(lt_model.spec.kind).text_tower is not None and not model.from_scratch,
             "--head_init text needs a pretrained image-text checkpoint (CLIP, SigLIP); use --head_init class_mean or "
@@ -182,7 +180,6 @@ def _text(model, info, lt_model, accelerator, train_loader_fn):
                           descriptor_file=model.prompt_descriptor_file)
 
 
-@HEAD_INITS.register("class_mean")
 def _class_mean(model, info, lt_model, accelerator, train_loader_fn):
     lt_model.to(accelerator.device)
     return class_mean_head_init(lt_model, train_loader_fn(lt_model.spec), len(info.class_names)).cpu()
@@ -197,11 +194,9 @@ def _k_shot_means(k):
     return init
 
 
-for _k in (1, 10, 100):
-    HEAD_INITS.register(f"{_k}_shot", _k_shot_means(_k))
+_1_shot, _10_shot, _100_shot = _k_shot_means(1), _k_shot_means(10), _k_shot_means(100)
 
 
-@HEAD_INITS.register("linear_probe")
 def _linear_probe(model, info, lt_model, accelerator, train_loader_fn):
     lt_model.to(accelerator.device)
     features, labels = frozen_features(lt_model, train_loader_fn(lt_model.spec))
@@ -209,6 +204,5 @@ def _linear_probe(model, info, lt_model, accelerator, train_loader_fn):
     return F.normalize(weight, dim=-1).float().cpu()  # LIFT keeps the normalised rows, not the bias
 
 
-@HEAD_INITS.register("random")
 def _random(model, info, lt_model, accelerator, train_loader_fn):
     return random_head_init(len(info.class_names), feature_dim(lt_model.spec), seed=model.seed)

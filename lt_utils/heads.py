@@ -5,10 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
-
-# `--head_type`: classes built as cls(num_classes, dim, scale=..., seed=...), weights seeded by random_head_init
-HEADS = Registry("head", flag="head type")
+from .axes import HEADS  # the --head_type names; their classes are below
 
 
 def random_head_init(num_classes, dim, seed):
@@ -18,7 +15,6 @@ def random_head_init(num_classes, dim, seed):
     return F.normalize(weight, dim=-1)
 
 
-@HEADS.register("cosine")
 class CosineHead(nn.Module):
     """scale * <x/|x|, w/|w|>, no bias (LIFT uses scale 25)."""
 
@@ -34,7 +30,6 @@ class CosineHead(nn.Module):
         return f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, scale={self.scale}"
 
 
-@HEADS.register("linear")
 class LinearHead(nn.Module):
     """Plain affine classifier; seeded unit-norm rows and a zero bias by default (`scale` does not apply)."""
 
@@ -47,7 +42,6 @@ class LinearHead(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-@HEADS.register("l2_normed")
 class L2NormedHead(nn.Module):
     """<x, w/|w|>: unit-norm class rows, raw features, no scale or bias (LIFT's L2NormedClassifier)."""
 
@@ -59,7 +53,6 @@ class L2NormedHead(nn.Module):
         return F.linear(x, F.normalize(self.weight, dim=-1))
 
 
-@HEADS.register("layer_normed")
 class LayerNormedHead(L2NormedHead):
     """<LayerNorm(x), w/|w|>, the LayerNorm without affine parameters, eps 1e-12 (LIFT's LayerNormedClassifier)."""
 

@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .axes import LOSSES  # the --loss names; their builders are the functions below
 from .errors import UserError
-from .registry import Registry
-
-# `--loss`: builders f(train_counts, options: LossOptions) -> module(logits, labels) -> scalar
-LOSSES = Registry("loss")
 
 
 @dataclasses.dataclass
@@ -143,31 +140,26 @@ def _needs_counts(name, train_counts):
         raise UserError(f"loss {name!r} needs the per-class train counts (priors); use --loss ce otherwise")
 
 
-@LOSSES.register("ce")
 def _cross_entropy(train_counts, o):
     return CrossEntropy(o.label_smoothing)
 
 
-@LOSSES.register("la")
 def _logit_adjusted(train_counts, o):
     _needs_counts("la", train_counts)
     return LogitAdjustedCrossEntropy(train_counts, o.tau, o.label_smoothing)
 
 
-@LOSSES.register("balanced_softmax")
 def _balanced_softmax(train_counts, o):
     _needs_counts("balanced_softmax", train_counts)
     return LogitAdjustedCrossEntropy(train_counts, 1.0, o.label_smoothing)  # logit adjustment with tau = 1
 
 
-@LOSSES.register("focal")
 def _focal(train_counts, o):
     _no_smoothing("focal", o)
     _check(o.focal_gamma >= 0, f"--focal_gamma must be >= 0, got {o.focal_gamma}")
     return FocalLoss(o.focal_gamma)
 
 
-@LOSSES.register("ldam")
 def _ldam(train_counts, o):
     _needs_counts("ldam", train_counts)
     _no_smoothing("ldam", o)
@@ -175,7 +167,6 @@ def _ldam(train_counts, o):
     return LDAMLoss(train_counts, o.ldam_max_margin, o.scale)
 
 
-@LOSSES.register("cb")
 def _class_balanced(train_counts, o):
     """Cui et al. 2019: weights (1 - beta) / (1 - beta^n_c), the inverse effective number of samples."""
     _needs_counts("cb", train_counts)
@@ -184,7 +175,6 @@ def _class_balanced(train_counts, o):
     return WeightedCrossEntropy((1 - o.cb_beta) / (1 - o.cb_beta ** _counts(train_counts)))
 
 
-@LOSSES.register("grw")
 def _generalized_reweight(train_counts, o):
     """Zhai et al. 2021 (generalised re-weighting): weights (n_c / N)^(-exponent)."""
     _needs_counts("grw", train_counts)
@@ -193,7 +183,6 @@ def _generalized_reweight(train_counts, o):
     return WeightedCrossEntropy((counts / counts.sum()) ** -o.grw_exponent)
 
 
-@LOSSES.register("lade")
 def _lade(train_counts, o):
     _needs_counts("lade", train_counts)
     _no_smoothing("lade", o)

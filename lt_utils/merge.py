@@ -37,13 +37,8 @@ from typing import Sequence
 
 import torch
 
+from .axes import MERGE_METHODS  # the --merge_method names; the built-in methods are below
 from .errors import UserError
-
-# soup modes: which ingredients, with which weights (lt_utils.soup.soup_weights); the merge method combines them
-MODES = ("uniform", "weighted", "progressive", "greedy")
-from .registry import Registry
-
-SIGN_METHODS = ("total", "frequency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +49,16 @@ class MergeMethod:
     elects_sign: bool  # a weighted disjoint mean, which only non-negative weights make a mean
 
 
-MERGE_METHODS = Registry("merge method", flag="--merge_method")
+def method_of(merge, task_vectors=True, elects_sign=False):
+    """The MergeMethod of merge(inputs, **params): its keyword parameters and defaults are the method's flags."""
+    defaults = {p.name: p.default for p in list(inspect.signature(merge).parameters.values())[1:]}
+    return MergeMethod(merge, defaults, task_vectors, elects_sign)
 
 
 def merge_method(name, task_vectors=True, elects_sign=False):
-    """Register merge(inputs, **params) under `name`; its keyword parameters and defaults are the method's flags."""
+    """Register merge(inputs, **params) under `name` (the built-in ones are declared in lt_utils.axes)."""
     def add(merge):
-        defaults = {p.name: p.default for p in list(inspect.signature(merge).parameters.values())[1:]}
-        MERGE_METHODS.register(name, MergeMethod(merge, defaults, task_vectors, elects_sign))
+        MERGE_METHODS.register(name, method_of(merge, task_vectors, elects_sign))
         return merge
 
     return add
@@ -88,7 +85,6 @@ def _scaled(tensor, weight):
     return tensor.to(torch.float64, copy=True).mul_(weight)
 
 
-@merge_method("average", task_vectors=False)
 def average(inputs):
     acc = _scaled(inputs.tensors[0], inputs.weights[0])
     for i in range(1, len(inputs.weights)):
@@ -105,28 +101,32 @@ def task_vectors(inputs):
     return (tensor.to(torch.float64) - anchor for tensor in inputs.tensors)
 
 
-@merge_method("task_arithmetic")
 def task_arithmetic(inputs, scaling=1.0):
     delta = sum(w * tau for w, tau in zip(inputs.weights, task_vectors(inputs)))
     return inputs.anchor.to(torch.float64) + scaling * delta
 
 
-@merge_method("ties", elects_sign=True)
 def ties(inputs, density=0.2, majority_sign_method="total", scaling=1.0):
     trimmed = torch.stack([trim(tau, density) for tau in task_vectors(inputs)])
     return inputs.anchor.to(torch.float64) + scaling * disjoint_mean(trimmed, inputs.weights, majority_sign_method)
 
 
-@merge_method("dare_linear")
 def dare_linear(inputs, density=0.1, merge_seed=0, scaling=1.0):
     delta = sum(w * tau for w, tau in zip(inputs.weights, dropped(inputs, density, merge_seed)))
     return inputs.anchor.to(torch.float64) + scaling * delta
 
 
-@merge_method("dare_ties", elects_sign=True)
 def dare_ties(inputs, density=0.1, majority_sign_method="total", merge_seed=0, scaling=1.0):
     kept = torch.stack(list(dropped(inputs, density, merge_seed)))
     return inputs.anchor.to(torch.float64) + scaling * disjoint_mean(kept, inputs.weights, majority_sign_method)
+
+
+# the built-in methods, by the names lt_utils.axes declares
+AVERAGE = method_of(average, task_vectors=False)
+TASK_ARITHMETIC = method_of(task_arithmetic)
+TIES = method_of(ties, elects_sign=True)
+DARE_LINEAR = method_of(dare_linear)
+DARE_TIES = method_of(dare_ties, elects_sign=True)
 
 
 def trim(tau, density):

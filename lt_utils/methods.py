@@ -14,10 +14,9 @@ functions live in peft_methods.py and are imported on first use (named "module:a
 mappings do).
 """
 import dataclasses
-import importlib
 
 from .errors import UserError, require
-from .registry import Registry
+from .registry import Registry, resolve
 
 METHODS = Registry("method", flag="--method")
 LORA_INITS = ("peft", "lift")
@@ -154,8 +153,7 @@ class Method:
     def attach_function(self):
         if callable(self.attach):
             return self.attach
-        module, _, attr = self.attach.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return resolve(self.attach)
 
 
 def register_method(name, config, attach=None, modules=None, **what):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .axes import SELECTABLE
 from .errors import UserError, require
 
 GROUP_NAMES = ("many", "medium", "few")
@@ -183,10 +184,6 @@ def _harmonic_mean(acc):
 
 def _geometric_mean(acc):
     return 0.0 if bool((acc == 0).any()) else acc.log().mean().exp().item()
-
-
-SELECTABLE = ("accuracy", "mean_class_acc", "many_acc", "medium_acc", "few_acc", "macro_f1", "worst_class_acc",
-              "harmonic_mean_acc", "geometric_mean_acc", "nll", "many_nll", "medium_nll", "few_nll")
 
 
 def check_select_metric(name):

@@ -8,16 +8,35 @@
     LOSSES.get("focal")       # the entry; an unknown name is a UserError listing the valid ones
     LOSSES.names()            # argparse choices, in registration order (the default first)
 
-The CLI takes its `choices` from `names()`, so a new entry is usable from every script at once.
+The CLI takes its `choices` from `names()`, so a new entry is usable from every script at once. A built-in entry whose
+code imports torch is declared by name, "module:attr" (relative to `package`), and imported on its first `get`, as
+transformers' lazy auto mappings do: the names (and so --help) need no heavy import.
+
+    HEADS = Registry("head", package=__package__, declared={"cosine": ".heads:CosineHead"})
 """
+import importlib
+
 from .errors import UserError
 
 
+def resolve(target, package=None):
+    """The object "module:attr" names (a relative module is found in `package`), imported now."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module, package), attr)
+
+
+class _Declared:
+    """An entry named "module:attr", not imported yet."""
+
+    def __init__(self, target, package):
+        self.target, self.package = target, package
+
+
 class Registry:
-    def __init__(self, kind, flag=None):
+    def __init__(self, kind, flag=None, declared=None, package=None):
         self.kind = kind
         self.flag = flag or kind
-        self._entries = {}
+        self._entries = {name: _Declared(target, package) for name, target in (declared or {}).items()}
 
     def register(self, name, obj=None):
         """`REG.register("x", obj)`, or `@REG.register("x")` on a function or class; a name is registered once."""
@@ -36,7 +55,10 @@ class Registry:
     def get(self, name):
         if name not in self._entries:
             raise UserError(f"unknown {self.flag} {name!r}; choose one of {', '.join(self._entries)}")
-        return self._entries[name]
+        entry = self._entries[name]
+        if isinstance(entry, _Declared):
+            entry = self._entries[name] = resolve(entry.target, entry.package)
+        return entry
 
     def names(self):
         return list(self._entries)

@@ -4,11 +4,11 @@ import json
 import logging
 from pathlib import Path
 
+from .axes import RUN_EXPORTS
 from .checkpoint import CONFIG_FILE, is_export_dir
 from .errors import UserError, require
 
 logger = logging.getLogger("lt")
-RUN_EXPORTS = ("best", "final")  # the default order: best/ when validation kept one, else final/
 
 
 def run_export(path, which=None):

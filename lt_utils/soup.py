@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
+from .axes import MODES
 from .checkpoint import (HEAD_INIT_FILE, check_finite, export_record, read_export_config, read_tensors,
                          resolve_export_dir, weight_files, weight_keys, write_export)
 from .config import FLAGS, recorded_flags
 from .errors import UserError, require
 from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
-from .merge import MERGE_METHODS, MODES, KeyInputs, check_merge_weights, merge_params
+from .merge import MERGE_METHODS, KeyInputs, check_merge_weights, merge_params
 from .metrics import check_select_metric, selection_score
 from .modeling_lt import recorded_modules
 

@@ -21,11 +21,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .axes import TTE_MODES  # the --tte names; their builders are below
 from .errors import UserError
-from .registry import Registry
 
-# `--tte`: f(TTEViews) -> a transform of one image to its [V, 3, H, W] views (logits are averaged over V)
-TTE_MODES = Registry("TTE mode", flag="--tte")
 
 
 @dataclasses.dataclass
@@ -53,12 +51,11 @@ def _resized_views(resize, crop, add_flips):
     return build
 
 
-TTE_MODES.register("fivecrop", _resized_views(lambda v: v.image_size + v.margin, lambda v: v2.FiveCrop(v.image_size), False))
-TTE_MODES.register("tencrop", _resized_views(lambda v: v.image_size + v.margin, lambda v: v2.FiveCrop(v.image_size), True))
-TTE_MODES.register("flip", _resized_views(lambda v: v.resize or v.image_size * 8 // 7, lambda v: v2.CenterCrop(v.image_size), True))
+_five_crop = _resized_views(lambda v: v.image_size + v.margin, lambda v: v2.FiveCrop(v.image_size), False)
+_ten_crop = _resized_views(lambda v: v.image_size + v.margin, lambda v: v2.FiveCrop(v.image_size), True)
+_flip = _resized_views(lambda v: v.resize or v.image_size * 8 // 7, lambda v: v2.CenterCrop(v.image_size), True)
 
 
-@TTE_MODES.register("randaug")
 def _random_views(v):
     """LIFT's randaug TTE: `views` independent RandomResizedCrop (scale 0.08-1) + flip views of the original image."""
     return RandomViews(build_train_transform(v.image_size, v.mean, v.std, v.interpolation), v.views, v.seed)

@@ -21,6 +21,7 @@ from lt_utils.errors import UserError  # noqa: E402
 from lt_utils.head_init import HEAD_INITS  # noqa: E402
 from lt_utils.heads import HEADS  # noqa: E402
 from lt_utils.losses import LOSSES, build_loss  # noqa: E402
+from lt_utils.merge import MERGE_METHODS, MergeMethod  # noqa: E402
 from lt_utils.models import BACKBONES  # noqa: E402
 from lt_utils.peft_modules import block_part, find_blocks, last_blocks  # noqa: E402
 from lt_utils.methods import METHODS, MethodConfig, register_method, unregister_method  # noqa: E402
@@ -62,6 +63,15 @@ def test_unknown_name_lists_the_valid_ones(registry, flag):
     with pytest.raises(UserError) as err:
         registry.get("nope")
     assert str(err.value) == f"unknown {flag} 'nope'; choose one of {', '.join(registry.names())}"
+
+
+@pytest.mark.parametrize("registry", [LOSSES, HEADS, HEAD_INITS, TTE_MODES, MERGE_METHODS], ids=lambda r: r.kind)
+def test_declared_entries_resolve(registry):
+    """Every entry lt_utils.axes declares by "module:attr" is imported on `get`: builders are callables, merge methods
+    MergeMethods (a misspelt target fails here, not in a user's run)."""
+    for name in registry:
+        entry = registry.get(name)
+        assert isinstance(entry, MergeMethod) if registry is MERGE_METHODS else callable(entry), name
 
 
 def test_registry_refuses_a_second_entry_of_a_name():

@@ -22,7 +22,6 @@ from .counts import (
 from .hf_source import HFSpec, read_hf_source
 from .info import LTInfo
 
-SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass

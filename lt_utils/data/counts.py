@@ -1,9 +1,9 @@
 """Per-class train counts of an LT split, many/medium/few groups, and which source images fill each class."""
 import numpy as np
 
+from ..axes import SELECTION_MODES
 from ..errors import UserError
 
-SELECTION_MODES = ("rng", "lift", "first")
 GROUPS = ("many", "medium", "few")
 
 

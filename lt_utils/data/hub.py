@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..axes import SPLITS
 from ..errors import UserError, require
 from ..fileio import atomic_dir
 from ..hub_access import cache_if_unreachable
-from .builders import SPLITS
 from .info import INFO_FILENAME, LTInfo, embed_info
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

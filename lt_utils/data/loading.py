@@ -6,10 +6,11 @@ from pathlib import Path
 
 import datasets
 
+from ..axes import SPLITS, VAL_SOURCES
 from ..errors import UserError
 from ..fileio import atomic_dir, recorded_path
 from . import sources
-from .builders import BUILDERS, SPLITS, DatasetsLT, LTConfig
+from .builders import BUILDERS, DatasetsLT, LTConfig
 from .counts import SELECTION_MODES
 from .hf_source import spec_fingerprint
 from .hub import (check_no_config_name, is_hub_dataset_id, is_hub_layout_dir, load_lt_from_hub,
@@ -17,7 +18,6 @@ from .hub import (check_no_config_name, is_hub_dataset_id, is_hub_layout_dir, lo
 from .info import INFO_FILENAME, LTInfo, embed_info
 
 DATASET_NAMES = tuple(BUILDERS)
-VAL_SOURCES = ("unused_train", "test_slice")
 
 
 def builder_config_names():
