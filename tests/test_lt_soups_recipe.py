@@ -99,7 +99,7 @@ def test_lt_soups_script_runs_the_recipe(setup):
     manifest = json.loads((out / "soup" / "soup_manifest.json").read_text())
     assert manifest["mode"] == "progressive" and manifest["weights"] == pytest.approx([0.21, 0.7])
     assert manifest["ingredients"] == [str(out / "stage1" / f"k{k}_branch0" / "best") for k in (0, 2)]
-    assert json.loads((out / "stage2" / "final" / "config.json").read_text())["method"] == "head"
+    assert json.loads((out / "stage2" / "final" / "config.json").read_text())["method"]["name"] == "head"
     counts = [int(30 * 0.1 ** (i / 9)) for i in range(10)]  # rho 10, n_max 30: n_min 3
     for position, k in enumerate((0, 2)):
         run_dir = out / "stage1" / f"k{k}_branch0"
