@@ -13,7 +13,7 @@
 import copy
 import dataclasses
 import logging
-import shutil
+import os
 from pathlib import Path
 
 from lt_utils.config import parse_train_args
@@ -32,10 +32,11 @@ def _import_training():
     from lt_utils import data_loaders as D
     from lt_utils import training as T
     from lt_utils.checkpoint import (check_finite, checkpoint_dir, check_resume_identity, load_export,
-                                     register_trainable_only_hooks, write_resume_record)
+                                     register_trainable_only_hooks, tensor_bytes, write_resume_record)
     from lt_utils.compile import keep_eager_state_keys
     from lt_utils.engine import EMA, NonFiniteLoss, TrainState, evaluate, linear_warmup_cosine, train_one_epoch
     from lt_utils.fileio import atomic_write_json, read_json, replace_dir
+    from lt_utils.paths import guard_write, remove
     from lt_utils.losses import LossOptions, build_loss
     from lt_utils.metrics import scalar_metrics, selection_score, with_split_groups
     from lt_utils.exports import Exporter, refresh_model_card
@@ -73,6 +74,7 @@ def main(argv=None):
     # data
     ds, info = D.load_data(data, accelerator)
     ds = D.limit_eval_splits(ds, data.max_eval_samples)
+    D.check_splits(ds, info.dataset, spec.method)  # before --overwrite_output_dir removes anything
     train_ds, train_counts = D.training_split(ds, info, loss)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
     head_init_loader = lambda backbone, shots=None: D.image_loader(
@@ -262,14 +264,17 @@ def save_checkpoint(ctx, step):
     """Resume state written to a temp name and renamed: an interrupted save never looks like a checkpoint."""
     a, final = ctx.accelerator, checkpoint_dir(ctx.spec.output.output_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if a.is_main_process and tmp.exists():  # left by a killed save
-        shutil.rmtree(tmp)
+    if a.is_main_process and os.path.lexists(tmp):  # left by a killed save
+        remove(tmp)
     a.wait_for_everyone()
-    a.save_state(str(tmp))
-    a.wait_for_everyone()  # every rank writes its own RNG state (and ZeRO shard) into tmp: all must finish first
-    if a.is_main_process:
-        write_resume_record(tmp, T.resume_identity(ctx.info), ctx.spec.record(), ctx.resume_changes)
-        replace_dir(tmp, final)  # a run resumed from an earlier step writes this step again
+    # weights and two optimizer moments of what trains; a full disk mid-save leaves no partial step_*
+    with guard_write(final, 3 * tensor_bytes(p for p in ctx.train_model.parameters() if p.requires_grad),
+                     cleanup=lambda: remove(tmp) if a.is_main_process else None):
+        a.save_state(str(tmp))
+        a.wait_for_everyone()  # every rank writes its own RNG state (and ZeRO shard) into tmp: all must finish first
+        if a.is_main_process:
+            write_resume_record(tmp, T.resume_identity(ctx.info), ctx.spec.record(), ctx.resume_changes)
+            replace_dir(tmp, final)  # a run resumed from an earlier step writes this step again
     a.wait_for_everyone()
     ctx.state.last_good_checkpoint = str(final)
 

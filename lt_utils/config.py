@@ -31,6 +31,7 @@ import yaml
 from . import help_choices
 from .errors import UserError
 from .fileio import atomic_write_text
+from .paths import expand
 
 UINT32 = 2**32  # numpy / torch seeds
 
@@ -113,6 +114,8 @@ class Flag:
             value = str(raw)
             if kind == "path" and not value.strip():
                 raise bad("is an empty path", "pass a file or folder path")
+            if kind == "path":  # the checks and the writers see one path
+                value = expand(value)
             self._check_choice(value, bad)
             return value
         if kind == "steps":

@@ -1,5 +1,7 @@
 """User-facing errors: one line, the problem and the fix, a non-zero exit, no traceback."""
+import errno
 import functools
+import os
 import sys
 
 
@@ -12,21 +14,68 @@ def require(condition, message):
         raise UserError(message)
 
 
+# what the file system refused, in words: such a failure is the user's to fix, wherever it happened
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                      errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "a name is too long",
+                      errno.EFBIG: "a file is too large for the file system"}
+
+
+def file_system_failure(err, where, code=None):
+    """The UserError of a write to `where` the file system refused (FILE_SYSTEM_ERRNOS; `code` when known otherwise),
+    else None. torch and safetensors wrap the OSError in their own exceptions: its text tells."""
+    code = code or getattr(err, "errno", None)
+    if code not in FILE_SYSTEM_ERRNOS:
+        text = str(err)
+        code = next((c for c in FILE_SYSTEM_ERRNOS if os.strerror(c) in text or f"os error {c})" in text), None)
+    if code is None:
+        return None
+    return UserError(f"writing {where} failed: {FILE_SYSTEM_ERRNOS[code]} ({os.strerror(code)}); nothing was kept. "
+                     "Free space or pass an output on another disk, then run again")
+
+
+_AT_END = []  # what a command holds until it ends (the outputs' locks)
+_RUNNING = []  # the commands running in this process (run in-process, a command may call none or one)
+
+
+def command_running():
+    return bool(_RUNNING)
+
+
+def at_command_end(release):
+    """Run `release` when the command running ends."""
+    _AT_END.append(release)
+
+
 def cli_entry(main):
     """Wrap a script's `main` so a UserError ends the process with one line on stderr and exit 2.
 
-    Anything else is a bug in this project and keeps its traceback.
+    A write the file system refused (full, read-only, a name too long) is such a line too, wherever it happened.
+    Anything else is a bug in this project and keeps its traceback. The outputs' locks are released at the end.
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        _RUNNING.append(main)
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _refuse(err)
+        except OSError as err:
+            failure = file_system_failure(err, err.filename) if err.filename else None
+            if failure is None:
+                raise
+            _refuse(failure)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            _RUNNING.pop()
+            while _AT_END and not _RUNNING:
+                _AT_END.pop()()
 
     return wrapper
+
+
+def _refuse(err):
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)

@@ -91,7 +91,8 @@ def convert_old_export(old_dir, new_dir):
 
     from .checkpoint import (CONFIG_FILE, HEAD_INIT_FILE, OLD_LAYOUT_FILE, load_export, read_tensors, weight_files)
     from .errors import require
-    from .fileio import check_outputs_apart, read_json
+    from .fileio import read_json
+    from .paths import check_output, check_outputs_apart
     from .hub_files import ADAPTER_DIR
     from .modeling_lt import LTConfig
 
@@ -100,6 +101,7 @@ def convert_old_export(old_dir, new_dir):
                                                   "earlier layout (a current export needs no conversion)")
     check_outputs_apart({"NEW_DIR": new_dir}, {"OLD_DIR": old_dir})
     require(not new_dir.exists(), f"{new_dir} already exists; pass a new folder")
+    check_output(new_dir, "NEW_DIR")
     meta = read_json(old_dir / OLD_LAYOUT_FILE, "export metadata")
     hub = read_json(old_dir / CONFIG_FILE, "export config")
     info_path = old_dir / "lt_info.json"

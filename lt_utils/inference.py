@@ -2,11 +2,11 @@
 eval_lt.py --save_predictions (the images of an evaluated split)."""
 import csv
 import io
-import os
 from pathlib import Path
 
 from .errors import UserError, require
-from .fileio import atomic_write_text, check_outputs_apart
+from .fileio import atomic_write_text
+from .paths import check_output, check_outputs_apart
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -37,10 +37,11 @@ def check_flags(output, model, inputs, overwrite, top_k, batch_size):
     output = Path(output)
     require(output.suffix.lower() == ".csv", f"--output {output} must be a .csv file; pass e.g. --output predictions.csv")
     require(output.parent.is_dir(), f"the folder of --output {output} does not exist; create it first")
-    require(os.access(output.parent, os.W_OK | os.X_OK), f"--output {output} cannot be written (its folder is not "
-            "writable); pass a writable path")
-    require(not output.is_dir(), f"--output {output} is a folder; pass a .csv file path")
-    check_outputs_apart({"--output": output}, {"the model": model, **{f"image {i + 1}": p for i, p in enumerate(inputs)}})
+    from .checkpoint import recorded_inputs
+
+    check_outputs_apart({"--output": output}, {"the model": model, **recorded_inputs(model, "the model"),
+                                               **{f"image {i + 1}": p for i, p in enumerate(inputs)}})
+    check_output(output, "--output", folder=False)
     require(overwrite or not output.exists(), f"{output} already exists; pass --overwrite or another --output")
 
 

@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (HEAD_INIT_FILE, check_finite, export_record, read_export_config, read_tensors,
-                         resolve_export_dir, weight_files, weight_keys, write_export)
+                         recorded_inputs, resolve_export_dir, weight_files, weight_keys, write_export)
 from .config import FLAGS, recorded_flags
 from .errors import UserError, require
-from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
+from .fileio import atomic_write_json, read_json
 from .merge import MERGE_METHODS, MODES, KeyInputs, check_merge_weights, merge_params
 from .metrics import check_select_metric, selection_score
+from .paths import check_output, check_outputs_apart
 
 MANIFEST_FILE = "soup_manifest.json"
 # BatchNorm statistics are measured, not trained: a trimmed or dropped variance is no variance, so they are averaged
@@ -414,9 +415,11 @@ def weight_file_hashes(ing):
 
 def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
     output_dir = Path(output_dir)
-    check_writable_dir(output_dir, "--output_dir")
-    check_outputs_apart({"--output_dir": output_dir},
-                        {**{f"ingredient {i + 1}": ing.path for i, ing in enumerate(ingredients)}, **(data_inputs or {})})
+    inputs = {}
+    for i, ing in enumerate(ingredients):
+        inputs.update({f"ingredient {i + 1}": ing.path, **recorded_inputs(ing.path, f"ingredient {i + 1}")})
+    check_outputs_apart({"--output_dir": output_dir}, {**inputs, **(data_inputs or {})})
+    check_output(output_dir, "--output_dir")
     require(overwrite or not output_dir.exists(), f"{output_dir} already exists; choose another --output_dir or pass --overwrite")
 
 
