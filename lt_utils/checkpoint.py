@@ -314,7 +314,7 @@ def recorded_inputs(export_dir, label):
         return {}
     named = {"data_dir": config.run.get("data_dir"), "saved split": config.lt_info.get("dataset"),
              "base model": config.base_model}
-    return {f"{label} {export_dir}'s {what}": path for what, path in named.items()
+    return {f"{label}'s {what}": path for what, path in named.items()
             if isinstance(path, str) and os.path.isabs(path)}
 
 

@@ -15,9 +15,11 @@ def require(condition, message):
 
 
 # what the file system refused, in words: such a failure is the user's to fix, wherever it happened
-FILE_SYSTEM_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                      errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "a name is too long",
-                      errno.EFBIG: "a file is too large for the file system"}
+_SPACE = "free space or pass an output on another disk, then run again"
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC: ("the disk is full", _SPACE), errno.EDQUOT: ("the disk quota is exceeded", _SPACE),
+                      errno.EFBIG: ("a file is too large for the file system", _SPACE),
+                      errno.EROFS: ("the file system is read-only", "pass an output on a writable file system"),
+                      errno.ENAMETOOLONG: ("a name is too long", "pass a shorter output path")}
 
 
 def file_system_failure(err, where, code=None):
@@ -29,8 +31,8 @@ def file_system_failure(err, where, code=None):
         code = next((c for c in FILE_SYSTEM_ERRNOS if os.strerror(c) in text or f"os error {c})" in text), None)
     if code is None:
         return None
-    return UserError(f"writing {where} failed: {FILE_SYSTEM_ERRNOS[code]} ({os.strerror(code)}); nothing was kept. "
-                     "Free space or pass an output on another disk, then run again")
+    problem, fix = FILE_SYSTEM_ERRNOS[code]
+    return UserError(f"writing {where} failed: {problem} ({os.strerror(code)}); nothing was kept. {fix[0].upper()}{fix[1:]}")
 
 
 _AT_END = []  # what a command holds until it ends (the outputs' locks)
@@ -60,8 +62,8 @@ def cli_entry(main):
             return main(*args, **kwargs)
         except UserError as err:
             _refuse(err)
-        except OSError as err:
-            failure = file_system_failure(err, err.filename) if err.filename else None
+        except Exception as err:  # libraries wrap the OSError of a full disk in their own exceptions
+            failure = file_system_failure(err, getattr(err, "filename", None) or "an output")  # f.write names no file
             if failure is None:
                 raise
             _refuse(failure)

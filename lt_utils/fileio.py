@@ -31,10 +31,10 @@ def atomic_dir(final_path, overwrite=False, nbytes=None):
     try:
         with guard_write(final_path, nbytes, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
             yield tmp
+            replace_dir(tmp, final_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, final_path)
 
 
 def atomic_write_bytes(path, data):
@@ -118,7 +118,11 @@ def replace_dir(src, dst):
         with contextlib.suppress(FileNotFoundError):
             remove(old)
         os.replace(dst, old)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)  # the earlier output stays as it was
+            raise
         with contextlib.suppress(OSError):
             remove(old)
     else:

@@ -28,15 +28,14 @@ def collect_images(inputs):
 
 
 def check_flags(output, model, inputs, overwrite, top_k, batch_size):
-    """Before anything loads: --output given, a .csv not existing (unless --overwrite), apart from the model dir and
-    every image or folder in `inputs`, in a writable folder; --top_k and --batch_size at least 1 (the flag table
+    """Before anything loads: --output given, a .csv not existing (unless --overwrite), apart from the model dir (and
+    the folders it records) and every image or folder in `inputs`, where it can be created; --top_k and --batch_size at least 1 (the flag table
     checks them on the command line)."""
     require(output is not None, "--output is required; pass the CSV to write, e.g. --output predictions.csv")
     require(top_k >= 1, f"--top_k must be >= 1, got {top_k}; pass 1 or more")
     require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}; pass 1 or more")
     output = Path(output)
     require(output.suffix.lower() == ".csv", f"--output {output} must be a .csv file; pass e.g. --output predictions.csv")
-    require(output.parent.is_dir(), f"the folder of --output {output} does not exist; create it first")
     from .checkpoint import recorded_inputs
 
     check_outputs_apart({"--output": output}, {"the model": model, **recorded_inputs(model, "the model"),

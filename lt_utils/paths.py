@@ -56,7 +56,7 @@ def _nearest_existing(path):
 def check_output(path, label, folder=True, lock=True):
     """An output folder (or, folder=False, a file) that can be made: checked before any work starts. Returns the
     output's lock (held until the command ends: errors.cli_entry releases it) or None."""
-    path = Path(os.path.abspath(str(path)))
+    path = check_name_lengths(path, label)
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"{label} {path} is a file, not a folder; pass a folder path")
     if not folder and path.is_dir():
@@ -66,8 +66,20 @@ def check_output(path, label, folder=True, lock=True):
     existing = _nearest_existing(path if folder else path.parent)
     if not existing.is_dir():
         raise UserError(f"{label} {path}: {existing} is a file, not a folder; pass a folder path")
+    try:  # permission bits do not stop root; a real folder shows what the file system allows
+        os.rmdir(tempfile.mkdtemp(prefix=".lt-probe-", dir=existing))
+    except OSError as err:
+        raise UserError(f"{label} {path} cannot be created ({existing}: {err.strerror}); pass a writable folder") from None
+    return OutputLock.acquire(path, label) if lock else None
+
+
+def check_name_lengths(path, label):
+    """The absolute `path`, its names and length within the limits of the file system it would be on (a longer one
+    fails every later call on it, often far from here)."""
+    path = Path(os.path.abspath(str(path)))
+    existing = next(p for p in [path, *path.parents] if os.path.lexists(p))
     name_max, path_max = _limits(existing)
-    for part in path.relative_to(existing).parts:
+    for part in path.parts:
         if len(os.fsencode(part)) > name_max:
             raise UserError(f"{label} has a name of {len(os.fsencode(part))} bytes ({part[:24]}...); the file system "
                             f"allows {name_max}: pass a shorter name")
@@ -75,11 +87,7 @@ def check_output(path, label, folder=True, lock=True):
     if len(os.fsencode(str(path))) + 40 > path_max:
         raise UserError(f"{label} is {len(os.fsencode(str(path)))} bytes long; the file system allows {path_max - 40} "
                         "here: pass a shorter path")
-    try:  # permission bits do not stop root; a real folder shows what the file system allows
-        os.rmdir(tempfile.mkdtemp(prefix=".lt-probe-", dir=existing))
-    except OSError as err:
-        raise UserError(f"{label} {path} cannot be created ({existing}: {err.strerror}); pass a writable folder") from None
-    return OutputLock.acquire(path, label) if lock else None
+    return path
 
 
 def _limits(folder):
@@ -96,7 +104,7 @@ def check_outputs_apart(outputs, inputs):
     for out_label, out in outputs.items():
         if out is None:
             continue
-        o = real(out)
+        o = real(check_name_lengths(out, out_label))
         for in_label, inp in inputs.items():
             if inp is None or not os.path.exists(str(inp)):
                 continue
@@ -194,10 +202,11 @@ class OutputLock:
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break  # else its holder removed the file as we opened it: lock the new one
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {HOST} (since {time.strftime('%H:%M:%S')})".encode())
         lock = cls(path, fd, made)
         at_command_end(lock.release)
+        with contextlib.suppress(OSError):  # who holds it, for the refusal's message; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {HOST} (since {time.strftime('%H:%M:%S')})".encode())
         return lock
 
     def release(self):

@@ -413,11 +413,11 @@ def weight_file_hashes(ing):
     return {f.name: sha256_file(f) for f in files}
 
 
-def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
+def check_output_dir(output_dir, ingredient_dirs, overwrite, data_inputs=None):
     output_dir = Path(output_dir)
     inputs = {}
-    for i, ing in enumerate(ingredients):
-        inputs.update({f"ingredient {i + 1}": ing.path, **recorded_inputs(ing.path, f"ingredient {i + 1}")})
+    for i, path in enumerate(ingredient_dirs):
+        inputs.update({f"ingredient {i + 1}": path, **recorded_inputs(path, f"ingredient {i + 1}")})
     check_outputs_apart({"--output_dir": output_dir}, {**inputs, **(data_inputs or {})})
     check_output(output_dir, "--output_dir")
     require(overwrite or not output_dir.exists(), f"{output_dir} already exists; choose another --output_dir or pass --overwrite")
@@ -466,8 +466,8 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     require(weights is None or mode == "weighted", f"--weights sets the weights itself; drop --mode {mode}")
     params = _merge_params(merge_method, merge_flags or {})
     check_merge_weights(merge_method, weights or [])  # the only weights that can be negative; before any reading
+    check_output_dir(output_dir, [resolve_export_dir(p) for p in inputs], overwrite, data_inputs)  # before any reading
     ingredients = [read_ingredient(p) for p in inputs]
-    check_output_dir(output_dir, ingredients, overwrite, data_inputs)
     check_compatible(ingredients)
     check_anchor_defined(ingredients, [0.0], merge_method)
     first = ingredients[0]
