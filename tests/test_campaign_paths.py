@@ -31,9 +31,8 @@ OVERWRITE = {"train": "--overwrite_output_dir"}  # the others: --overwrite
 
 def _mount_tmpfs(path, size, read_only=False):
     path.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{',ro' if read_only else ''}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
-    return ok
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{',ro' if read_only else ''}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +55,13 @@ def world(tmp_path_factory):
     os.symlink(root / "nowhere", root / "dangling")
     os.symlink(idx, root / "link_to_idx")
     ro = root / "ro"
-    mounts = [ro] if _mount_tmpfs(ro, "1m", read_only=True) else []
-    yield {"root": root, "idx": idx, "cache": cache, "built": built, "run": run, "split_run": split_run,
-           "images": images, "ro": ro, "ro_mounted": bool(mounts)}
-    for path in mounts:
-        subprocess.run(["umount", "-l", str(path)], check=True)
+    mounted = _mount_tmpfs(ro, "1m", read_only=True)
+    try:
+        yield {"root": root, "idx": idx, "cache": cache, "built": built, "run": run, "split_run": split_run,
+               "images": images, "ro": ro, "ro_mounted": mounted}
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(ro)], check=True)
 
 
 def _build_args(idx, out, cache):
@@ -301,11 +302,13 @@ def full_disk(tmp_path):
     """A 1 MiB tmpfs filled up; where mounting is impossible, writes under it fail with an injected ENOSPC."""
     disk = tmp_path / "disk"
     if _mount_tmpfs(disk, "1m"):
-        with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-        yield disk, contextlib.nullcontext()
-        subprocess.run(["umount", "-l", str(disk)], check=True)  # lazy: a file object a traceback still holds
+        try:
+            with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+            yield disk, contextlib.nullcontext()
+        finally:
+            subprocess.run(["umount", "-l", str(disk)], check=True)  # lazy: a file object a traceback still holds
         return
     real_open = open
 
