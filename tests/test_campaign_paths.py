@@ -64,6 +64,12 @@ def world(tmp_path_factory):
             subprocess.run(["umount", "-l", str(ro)], check=True)
 
 
+@pytest.fixture(scope="module")
+def world_digest(world):
+    """The world's files hashed once: a case that changed any of them fails (and so do the later ones)."""
+    return tree_digest(world["root"], TINY_VIT)
+
+
 def _build_args(idx, out, cache):
     return ["--dataset", "fashion_mnist_lt", "--data_dir", idx, "--imb", "10", "--max_per_class", "30",
             "--val_per_class", "5", "--output_dir", out, "--cache_dir", cache]
@@ -189,12 +195,12 @@ def _patched(module, name, fn):
 
 @pytest.mark.parametrize("kind, cli, overwrite", PATH_CASES,
                          ids=[f"{k}-{c}-{'overwrite' if o else 'plain'}" for k, c, o in PATH_CASES])
-def test_paths_x_clis(world, kind, cli, overwrite):
+def test_paths_x_clis(world, world_digest, kind, cli, overwrite):
     dir_out, csv_out, extras, expect, *export = path_kinds(world)[kind]
     out = csv_out if cli == "predict" else dir_out
     argv = cli_argv(cli, world, out, *export) + extras[cli] + ([OVERWRITE.get(cli, "--overwrite")] if overwrite else [])
     roots = [world["root"], TINY_VIT]
-    before = tree_digest(*roots)
+    before = world_digest
     with _read_only(world):
         res = run_cli(SCRIPTS[cli], *argv)
     judge(res, before, roots, out, cli, expect)
@@ -263,11 +269,11 @@ FAULT_CASES = [(cli, fault, point) for cli, (faults, points) in FAULT_PLAN.items
 
 
 @pytest.fixture(scope="module")
-def write_events(world):
+def write_events(world, tmp_path_factory):
     """{cli: write events of a clean run} (each counted once, in a run that also proves the CLI works here)."""
     counts = {}
     for cli in FAULT_PLAN:
-        out = world["root"] / f"count_{cli}" / ("p.csv" if cli == "predict" else "out")
+        out = tmp_path_factory.mktemp("count") / f"count_{cli}" / ("p.csv" if cli == "predict" else "out")
         out.parent.mkdir()
         switch = FaultSwitch(None, None)
         restore = switch.install()
@@ -281,11 +287,11 @@ def write_events(world):
 
 
 @pytest.mark.parametrize("cli, fault, point", FAULT_CASES, ids=[f"{c}-{f}-{p:.2f}" for c, f, p in FAULT_CASES])
-def test_faults_x_write_points(world, write_events, tmp_path, cli, fault, point):
+def test_faults_x_write_points(world, world_digest, write_events, tmp_path, cli, fault, point):
     at = max(1, round(point * (write_events[cli] - 1)))  # the last event follows the last write: nothing can fail there
     out = tmp_path / ("p.csv" if cli == "predict" else "out")
-    roots = [world["root"], tmp_path]
-    before = tree_digest(*roots)
+    roots = [world["root"], TINY_VIT, tmp_path]
+    before = {**world_digest, **tree_digest(tmp_path)}
     switch = FaultSwitch(at, FAULTS[fault])
     restore = switch.install()
     try:
