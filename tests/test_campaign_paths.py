@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,32 @@ def test_a_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(wor
     res = run_cli(SCRIPTS["train"], *cli_argv("train", world, out))
     assert res.code == 0 and output_ok("train", out), res.err[-2000:]
     assert not (tmp_path / ".run.lock").exists()
+
+
+@pytest.mark.slow  # a real train_lt.py process (its imports: ~15 s)
+def test_two_train_runs_on_one_output_dir(world, tmp_path):
+    """Two identical runs started into one --output_dir once crashed each other. The first, a real process, is
+    frozen (SIGSTOP) as soon as it holds the folder; the second is refused in one line, nothing touched. The first
+    killed (SIGKILL: no cleanup runs), the requeued run takes its stale lock over and trains."""
+    out = tmp_path / "run"
+    argv = [str(a) for a in cli_argv("train", world, out)]
+    first = subprocess.Popen([sys.executable, str(REPO / "train_lt.py"), *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    lock = tmp_path / ".run.lock"
+    try:
+        while not (lock.exists() and lock.read_text().startswith("process")):  # its imports, then the lock
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        before = tree_digest(tmp_path)
+        res = run_cli(SCRIPTS["train"], *argv)
+        assert res.code == 2 and "Traceback" not in res.err and f"in use by process {first.pid}" in res.err, res.err
+        assert tree_digest(tmp_path) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert lock.exists()  # stale: its holder is gone
+    res = run_cli(SCRIPTS["train"], *argv, *(["--overwrite_output_dir"] if out.exists() else []))
+    assert res.code == 0 and output_ok("train", out), res.err[-2000:]
+    assert not lock.exists()
