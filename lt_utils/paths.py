@@ -28,13 +28,16 @@ _VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
 def expand(value):
-    """`~`, `~user` and `$VAR` / `${VAR}` expanded; UserError naming an unset variable."""
+    """`~`, `~user` and `$VAR` / `${VAR}` expanded; UserError naming an unset variable or an unknown user."""
     value = str(value)
     for match in _VAR.finditer(value):
         name = match.group(1).strip("{}")
         if name not in os.environ:
             raise UserError(f"path {value} names the unset variable ${name}; set it or write the path out")
-    return os.path.expanduser(os.path.expandvars(value))
+    value = os.path.expanduser(os.path.expandvars(value))
+    if value.startswith("~"):  # ~name of no user: left as is, later code would fail on it
+        raise UserError(f"path {value} names the home of an unknown user {value.split('/')[0]}; write the path out")
+    return value
 
 
 def real(path):

@@ -147,6 +147,7 @@ def path_kinds(w):
         "read_only": (w["ro"] / "out", w["ro"] / "p.csv", all_clis, "cannot be created"),
         "unset_variable": ("$LT_CAMPAIGN_UNSET/out", "$LT_CAMPAIGN_UNSET/p.csv", {k: [] for k in SCRIPTS if k != "predict"},
                            "unset variable"),
+        "unknown_user_home": ("~lt_campaign_nobody/out", "~lt_campaign_nobody/p.csv", all_clis, "unknown user"),
         "data_dir_typed_or_recorded": (idx, idx / "p.csv", all_clis, "data_dir"),
         "inside_data_dir": (idx / "sub", idx / "sub.csv", all_clis, "data_dir"),
         "symlink_to_data_dir": (w["root"] / "link_to_idx", w["root"] / "link_to_idx" / "p.csv", all_clis, "data_dir"),
