@@ -65,6 +65,7 @@ def main(argv=None):
     # data
     ds, info = D.load_data(data, accelerator)
     ds = D.limit_eval_splits(ds, data.max_eval_samples)
+    D.check_splits(ds, info.dataset, spec.method)  # before --overwrite_output_dir removes anything
     train_ds, train_counts = D.training_split(ds, info, loss)
     # class means from the full train split, also for a capped ingredient: every soup ingredient gets the same head init
     head_init_loader = lambda backbone, shots=None: D.image_loader(

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # lt_utils.data (datasets, pyarrow) is imported once the flags are parsed: --help answers without it
 from lt_utils.config import DATA_INPUT_FLAGS, HF_SOURCE_FLAGS, ArgumentParser, add_group, resolve_cross_flags  # noqa: E402
-from lt_utils.fileio import check_outputs_apart, check_writable_dir  # noqa: E402
+from lt_utils.paths import check_output, check_outputs_apart  # noqa: E402
 from lt_utils.errors import UserError, cli_entry, require  # noqa: E402
 
 BAR_WIDTH = 40
@@ -112,11 +112,11 @@ def main(argv=None):
 
         check_hub_push(args.push_to_hub, repo_type="dataset", flag="--push_to_hub")
     if args.cache_dir:
-        check_writable_dir(args.cache_dir, "--cache_dir")
+        check_output(args.cache_dir, "--cache_dir", lock=False)
     if args.output_dir:  # checked before the (long) build; the source is never written into or replaced
-        check_writable_dir(args.output_dir, "--output_dir")
         check_outputs_apart({"--output_dir": args.output_dir},
                             {f"--{flag}": getattr(args, flag, None) for flag in DATA_INPUT_FLAGS})
+        check_output(args.output_dir, "--output_dir")
         if os.path.exists(args.output_dir) and not args.overwrite:
             raise UserError(f"{args.output_dir} already exists; choose another --output_dir or pass --overwrite")
     from lt_utils.data import load_lt_dataset, save_lt_to_disk

@@ -3,7 +3,7 @@
 Layers, bottom to top. A module imports from its own group or from a lower level, never from a higher level or from
 another group of its level; imports inside functions count too. tests/test_layers.py reads this table.
 
-    0 base     __init__ errors registry fileio axes hub_access
+    0 base     __init__ errors registry paths fileio axes hub_access
     1 helpers  batchnorm compile schedule samplers transforms prompts losses metrics lt_metric reports merge protocols
     2 data     data data.*
     2 models   methods heads peft_modules cifar_resnet text_towers modeling_lt models peft_methods head_init zeroshot

@@ -17,6 +17,7 @@
   of that folder (`load_export`); none needs the base checkpoint.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def write_export(export_dir, config, state_dict, head_init, extra_writers=(), ad
     for part, what in ((state_dict, "weights"), (head_init, "head init")):  # never an export of NaN / inf weights
         check_finite(part, f"refusing to export {export_dir} ({what})", "the run diverged: nothing was exported; lower "
                      "--learning_rate or set --max_grad_norm, and resume from an earlier checkpoint")
-    with atomic_dir(export_dir, overwrite=True) as tmp:
+    with atomic_dir(export_dir, overwrite=True, nbytes=tensor_bytes(state_dict) + tensor_bytes(head_init)) as tmp:
         save_model(tmp, config, state_dict)
         image_processor(BackboneSpec.from_dict(config.backbone_spec)).save_pretrained(str(tmp))
         save_file(_contiguous(head_init), str(tmp / HEAD_INIT_FILE), metadata={"format": "pt"})
@@ -131,6 +132,11 @@ def write_export(export_dir, config, state_dict, head_init, extra_writers=(), ad
             adapter(tmp)
         for write in extra_writers:
             write(tmp)
+
+
+def tensor_bytes(tensors):
+    """The bytes `tensors` (a state dict, or parameters) take on disk: free space is checked against it first."""
+    return sum(t.numel() * t.element_size() for t in (tensors.values() if isinstance(tensors, dict) else tensors))
 
 
 def _contiguous(tensors):
@@ -301,6 +307,22 @@ def load_export(export_dir):
 def _first_line(err):
     text = str(err).strip()
     return text.splitlines()[0][:120] if text else ""
+
+
+def recorded_inputs(export_dir, label):
+    """{label: path} of the local folders an export names as its inputs (the --data_dir it was trained on, its saved
+    LT split, its base model): outputs stay apart from them as from typed inputs. {} for a Hub id, a folder that is
+    not a readable export (its own check reports that) or no export."""
+    if export_dir is None or not Path(str(export_dir)).exists():
+        return {}
+    try:
+        config = read_export_config(export_dir)
+    except UserError:
+        return {}
+    named = {"data_dir": config.run.get("data_dir"), "saved split": config.lt_info.get("dataset"),
+             "base model": config.base_model}
+    return {f"{label}'s {what}": path for what, path in named.items()
+            if isinstance(path, str) and os.path.isabs(path)}
 
 
 def export_record(config, export_dir=None):

@@ -36,6 +36,7 @@ from .methods import LORA_INITS, METHODS
 from .prompts import PROMPT_MODES
 from .protocols import PROTOCOLS
 from .schedule import SCHEDULES
+from .paths import expand
 
 UINT32 = 2**32  # numpy / torch seeds
 
@@ -124,6 +125,8 @@ class Flag:
             value = (self.value_aliases or {}).get(str(raw), str(raw))
             if kind == "path" and not value.strip():
                 raise bad("is an empty path", "pass a file or folder path")
+            if kind == "path":  # the checks and the writers see one path
+                value = expand(value)
             self._check_choice(value, bad)
             return value
         if kind == "steps":

@@ -112,6 +112,15 @@ def check_on_device_augment(loader):
     return loader
 
 
+def check_splits(ds, dataset, method):
+    """Every split a run reads, non-empty: checked once the data is built, before an earlier run is removed (train
+    trains, test is evaluated at the end, val selects best/ and, for a head on cached features, is cached first)."""
+    needed = ("train", "test", "val") if head_on_cached_features(method) else ("train", "test")
+    for split in needed:
+        require(len(ds[split]) > 0, f"the {split} split of {dataset} is empty; pass data with {split} images (check "
+                                    f"the data flags, e.g. --{split}_list, --max_per_class, --val_per_class)")
+
+
 def head_on_cached_features(method):
     """Whether a spec.MethodSpec trains the head alone on features computed once."""
     return METHODS.get(method.method).head_only and method.head_features == "cached"

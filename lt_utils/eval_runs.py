@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .axes import SPLITS
-from .checkpoint import export_record, read_export_config, resolve_export_dir
+from .checkpoint import export_record, read_export_config, recorded_inputs, resolve_export_dir
 from .config import HF_BUILDER, HF_SOURCE_FLAGS, RECORDED_DATA_FLAGS, recorded_flags
 from .errors import UserError, require
-from .fileio import atomic_dir, atomic_write_json, check_outputs_apart, check_writable_dir
+from .fileio import atomic_dir, atomic_write_json
+from .paths import check_output, check_outputs_apart
 from .reports import plot_per_class_accuracy, write_per_class_csv
 from .runs import run_export
 
@@ -134,10 +135,16 @@ def assign_output_dirs(targets, output_dir, split, tte, overwrite, data_inputs=N
     require(len(set(paths)) == len(paths), f"two evaluations would write to {paths[0]}; give each run once")
     inputs = {**{f"RUN {t.name}": t.export_dir for t in targets if t.local},
               **{"--zero_shot": t.zero_shot for t in targets if t.zero_shot}, **(data_inputs or {})}
-    for target in targets:
-        check_writable_dir(target.output_dir, "output dir")
+    for t in targets:
+        if t.local:
+            inputs.update(recorded_inputs(t.export_dir, f"RUN {t.name}"))
     if output_dir is not None:  # the default, <export>/eval_<split>, is a new folder of the export's own evaluations
         check_outputs_apart({"--output_dir": output_dir}, inputs)
+    else:  # ... but never one of the folders the export records as its inputs
+        check_outputs_apart({"output dir": t.output_dir for t in targets},
+                            {k: v for k, v in inputs.items() if not k.startswith("RUN ") or "'s " in k})
+    for target in targets:
+        check_output(target.output_dir, "--output_dir" if output_dir is not None else "output dir")
     for path in paths:
         require(overwrite or not path.exists(), f"{path} already exists; pass --overwrite to replace it or --output_dir")
     return comparison

@@ -92,7 +92,8 @@ def convert_old_export(old_dir, new_dir):
 
     from .checkpoint import CONFIG_FILE, HEAD_INIT_FILE, OLD_LAYOUT_FILE, load_export, read_tensors, weight_files
     from .errors import require
-    from .fileio import check_outputs_apart, read_json
+    from .fileio import read_json
+    from .paths import check_output, check_outputs_apart
     from .hub_files import ADAPTER_DIR
 
     old_dir, new_dir = Path(old_dir), Path(new_dir)
@@ -102,6 +103,7 @@ def convert_old_export(old_dir, new_dir):
             "(a current export needs no conversion)")
     check_outputs_apart({"NEW_DIR": new_dir}, {"OLD_DIR": old_dir})
     require(not new_dir.exists(), f"{new_dir} already exists; pass a new folder")
+    check_output(new_dir, "NEW_DIR")
     if v3 is None:
         v3 = _v3_of_v2(old_dir)
     adapter = read_json(old_dir / ADAPTER_DIR / "adapter_config.json", "adapter config") \

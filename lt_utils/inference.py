@@ -2,11 +2,11 @@
 eval_lt.py --save_predictions (the images of an evaluated split)."""
 import csv
 import io
-import os
 from pathlib import Path
 
 from .errors import UserError, require
-from .fileio import atomic_write_text, check_outputs_apart
+from .fileio import atomic_write_text
+from .paths import check_output, check_outputs_apart
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -28,19 +28,19 @@ def collect_images(inputs):
 
 
 def check_flags(output, model, inputs, overwrite, top_k, batch_size):
-    """Before anything loads: --output given, a .csv not existing (unless --overwrite), apart from the model dir and
-    every image or folder in `inputs`, in a writable folder; --top_k and --batch_size at least 1 (the flag table
+    """Before anything loads: --output given, a .csv not existing (unless --overwrite), apart from the model dir (and
+    the folders it records) and every image or folder in `inputs`, where it can be created; --top_k and --batch_size at least 1 (the flag table
     checks them on the command line)."""
     require(output is not None, "--output is required; pass the CSV to write, e.g. --output predictions.csv")
     require(top_k >= 1, f"--top_k must be >= 1, got {top_k}; pass 1 or more")
     require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}; pass 1 or more")
     output = Path(output)
     require(output.suffix.lower() == ".csv", f"--output {output} must be a .csv file; pass e.g. --output predictions.csv")
-    require(output.parent.is_dir(), f"the folder of --output {output} does not exist; create it first")
-    require(os.access(output.parent, os.W_OK | os.X_OK), f"--output {output} cannot be written (its folder is not "
-            "writable); pass a writable path")
-    require(not output.is_dir(), f"--output {output} is a folder; pass a .csv file path")
-    check_outputs_apart({"--output": output}, {"the model": model, **{f"image {i + 1}": p for i, p in enumerate(inputs)}})
+    from .checkpoint import recorded_inputs
+
+    check_outputs_apart({"--output": output}, {"the model": model, **recorded_inputs(model, "the model"),
+                                               **{f"image {i + 1}": p for i, p in enumerate(inputs)}})
+    check_output(output, "--output", folder=False)
     require(overwrite or not output.exists(), f"{output} already exists; pass --overwrite or another --output")
 
 

@@ -8,19 +8,20 @@ import copy
 import dataclasses
 import logging
 import math
-import shutil
+import os
 from pathlib import Path
 
 from accelerate import PartialState
 
 from . import data_loaders as D
 from . import training as T
-from .checkpoint import check_finite, checkpoint_dir, load_export, write_resume_record
+from .checkpoint import check_finite, checkpoint_dir, load_export, tensor_bytes, write_resume_record
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
 from .exports import refresh_model_card
 from .hub import check_adapter_push, check_hub_push, push_once, push_repo_id
 from .methods import METHODS
+from .paths import guard_write, remove
 from .fileio import atomic_write_json, read_json, replace_dir
 from .metrics import scalar_metrics, selection_score, with_split_groups
 from .protocols import PROTOCOLS, RUN_ROWS
@@ -147,14 +148,17 @@ def save_checkpoint(ctx, step):
     """Resume state written to a temp name and renamed: an interrupted save never looks like a checkpoint."""
     a, final = ctx.accelerator, checkpoint_dir(ctx.spec.output.output_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if a.is_main_process and tmp.exists():  # left by a killed save
-        shutil.rmtree(tmp)
+    if a.is_main_process and os.path.lexists(tmp):  # left by a killed save
+        remove(tmp)
     a.wait_for_everyone()
-    a.save_state(str(tmp))
-    a.wait_for_everyone()  # every rank writes its own RNG state (and ZeRO shard) into tmp: all must finish first
-    if a.is_main_process:
-        write_resume_record(tmp, T.resume_identity(ctx.info), ctx.spec.record(), ctx.resume_changes)
-        replace_dir(tmp, final)  # a run resumed from an earlier step writes this step again
+    # weights and two optimizer moments of what trains; a full disk mid-save leaves no partial step_*
+    with guard_write(final, 3 * tensor_bytes(p for p in ctx.train_model.parameters() if p.requires_grad),
+                     cleanup=lambda: remove(tmp) if a.is_main_process else None):
+        a.save_state(str(tmp))
+        a.wait_for_everyone()  # every rank writes its own RNG state (and ZeRO shard) into tmp: all must finish first
+        if a.is_main_process:
+            write_resume_record(tmp, T.resume_identity(ctx.info), ctx.spec.record(), ctx.resume_changes)
+            replace_dir(tmp, final)  # a run resumed from an earlier step writes this step again
     a.wait_for_everyone()
     ctx.state.last_good_checkpoint = str(final)
 

@@ -32,13 +32,14 @@ import torch
 
 from .axes import MODES
 from .checkpoint import (HEAD_INIT_FILE, check_finite, export_record, read_export_config, read_tensors,
-                         resolve_export_dir, weight_files, weight_keys, write_export)
+                         recorded_inputs, resolve_export_dir, weight_files, weight_keys, write_export)
 from .config import FLAGS, recorded_flags
 from .errors import UserError, require
-from .fileio import atomic_write_json, check_outputs_apart, check_writable_dir, read_json
+from .fileio import atomic_write_json, read_json
 from .merge import MERGE_METHODS, KeyInputs, check_merge_weights, merge_params
 from .metrics import check_select_metric, selection_score
 from .modeling_lt import recorded_modules
+from .paths import check_output, check_outputs_apart
 
 MANIFEST_FILE = "soup_manifest.json"
 # BatchNorm statistics are measured, not trained: a trimmed or dropped variance is no variance, so they are averaged
@@ -459,11 +460,13 @@ def made_soup(output_dir, inputs, mode, lam=0.7, weights=None, normalize=False, 
     return manifest if same and hashes == [weight_file_hashes(i) for i in ingredients] else None
 
 
-def check_output_dir(output_dir, ingredients, overwrite, data_inputs=None):
+def check_output_dir(output_dir, ingredient_dirs, overwrite, data_inputs=None):
     output_dir = Path(output_dir)
-    check_writable_dir(output_dir, "--output_dir")
-    check_outputs_apart({"--output_dir": output_dir},
-                        {**{f"ingredient {i + 1}": ing.path for i, ing in enumerate(ingredients)}, **(data_inputs or {})})
+    inputs = {}
+    for i, path in enumerate(ingredient_dirs):
+        inputs.update({f"ingredient {i + 1}": path, **recorded_inputs(path, f"ingredient {i + 1}")})
+    check_outputs_apart({"--output_dir": output_dir}, {**inputs, **(data_inputs or {})})
+    check_output(output_dir, "--output_dir")
     require(overwrite or not output_dir.exists(), f"{output_dir} already exists; choose another --output_dir or pass --overwrite")
 
 
@@ -510,8 +513,8 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     require(weights is None or mode == "weighted", f"--weights sets the weights itself; drop --mode {mode}")
     params = _merge_params(merge_method, merge_flags or {})
     check_merge_weights(merge_method, weights or [])  # the only weights that can be negative; before any reading
+    check_output_dir(output_dir, [resolve_export_dir(p) for p in inputs], overwrite, data_inputs)  # before any reading
     ingredients = [read_ingredient(p) for p in inputs]
-    check_output_dir(output_dir, ingredients, overwrite, data_inputs)
     check_compatible(ingredients)
     check_anchor_defined(ingredients, [0.0], merge_method)
     first = ingredients[0]

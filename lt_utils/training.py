@@ -321,14 +321,16 @@ RUN_SPEC_FILE = "run_spec.json"
 def check_run_paths(spec):
     """Before anything runs: the output dir is writable, apart from every input, and not an earlier run's unless
     resumed or --overwrite_output_dir is given."""
-    from .fileio import check_outputs_apart, check_writable_dir
+    from .checkpoint import recorded_inputs
+    from .paths import check_output, check_outputs_apart
 
     output, values = spec.output, spec.values()
-    check_writable_dir(output.output_dir, "--output_dir")
     if spec.data.cache_dir:
-        check_writable_dir(spec.data.cache_dir, "--cache_dir")
+        check_output(spec.data.cache_dir, "--cache_dir", lock=False)
     check_outputs_apart({"--output_dir": output.output_dir},
-                        {f"--{flag}": values[flag] for flag in INPUT_PATH_FLAGS if flag in values})
+                        {**{f"--{flag}": values[flag] for flag in INPUT_PATH_FLAGS if flag in values},
+                         **recorded_inputs(values.get("init_from"), "--init_from")})
+    check_output(output.output_dir, "--output_dir")  # held until the run ends: one run per output dir at a time
     out = Path(output.output_dir)
     if used_run_dir(out) and not output.resume_from_checkpoint and not output.overwrite_output_dir:
         raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
@@ -438,10 +440,10 @@ def start_output_dir(output, accelerator, resumed_step=None):
         out.mkdir(parents=True, exist_ok=True)
         if output.overwrite_output_dir and not output.resume_from_checkpoint:
             remove_previous_run(out)
-        import shutil
+        from .paths import remove
 
         for tmp in out.glob(".step_*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove(tmp)
         if resumed_step is not None:
             truncate_log(out / "log.txt", resumed_step)
     accelerator.wait_for_everyone()
@@ -467,11 +469,11 @@ RUN_FILES = (*RUN_ROWS, "log.txt", "all_results.json", "config.yaml", RUN_SPEC_F
 
 def remove_previous_run(out):
     """--overwrite_output_dir: no export, checkpoint or log of the earlier run may pass for this one's."""
-    import shutil
+    from .paths import remove
 
     for path in out.iterdir():
         if path.name in RUN_FILES or path.name.startswith(("step_", ".step_")):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove(path)  # a symlinked step_* is unlinked, its target kept
 
 
 def every_n_steps(value, plan, flag):

@@ -11,12 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lt_utils.config import ArgumentParser  # noqa: E402
 from lt_utils.errors import cli_entry  # noqa: E402
+from lt_utils.paths import expand  # noqa: E402
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Convert an export of the earlier layout to this version's.")
-    parser.add_argument("old_dir", metavar="OLD_DIR", help="the export to convert (read only)")
-    parser.add_argument("new_dir", metavar="NEW_DIR", help="a new folder for the converted export")
+    parser.add_argument("old_dir", metavar="OLD_DIR", type=expand, help="the export to convert (read only)")
+    parser.add_argument("new_dir", metavar="NEW_DIR", type=expand, help="a new folder for the converted export")
     return parser
 
 

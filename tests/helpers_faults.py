@@ -32,11 +32,12 @@ def tree_digest(*roots, skip=("hf_cache",)):
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
             for name in dirnames:
-                digest[os.path.join(dirpath, name)] = "dir"
+                path = os.path.join(dirpath, name)
+                digest[path] = f"link {os.readlink(path)}" if os.path.islink(path) else "dir"
             for name in filenames:
                 path = os.path.join(dirpath, name)
-                if not os.path.exists(path):  # a dangling symlink: its target is what it holds
-                    digest[path] = "link:" + os.readlink(path)
+                if os.path.islink(path):  # a link is recorded, never followed (it may dangle)
+                    digest[path] = f"link {os.readlink(path)}"
                     continue
                 with open(path, "rb") as f:
                     digest[path] = hashlib.sha256(f.read()).hexdigest()
@@ -101,6 +102,9 @@ class KillSwitch:
         import lt_utils.checkpoint
 
     def install(self):
+        """Wrap every write event's function; returns what puts the originals back (in-process use)."""
+        import accelerate.checkpointing as ckpt
+        import accelerate.utils.other as other
         import safetensors.torch
         import torch
 
@@ -121,20 +125,32 @@ class KillSwitch:
                 self.hit()
             return real_open(file, mode, *args, **kwargs)
 
-        builtins.open = opened
-        os.replace, os.rename = around(os.replace), around(os.rename)
-        torch.save = around(torch.save)
-        for module in (safetensors.torch, lt_utils.checkpoint):
-            module.save_file = around(module.save_file)
-        import accelerate.checkpointing as ckpt
-
-        for name in ("safe_save_file", "save"):
-            if hasattr(ckpt, name):
-                setattr(ckpt, name, around(getattr(ckpt, name)))
-        import accelerate.utils.other as other
-
+        targets = [(builtins, "open", opened), (os, "replace", around(os.replace)), (os, "rename", around(os.rename)),
+                   (torch, "save", around(torch.save))]
+        targets += [(m, "save_file", around(m.save_file)) for m in (safetensors.torch, lt_utils.checkpoint)]
+        targets += [(ckpt, name, around(getattr(ckpt, name))) for name in ("safe_save_file", "save") if hasattr(ckpt, name)]
         if hasattr(other, "safe_save_file"):
-            other.safe_save_file = around(other.safe_save_file)
+            targets.append((other, "safe_save_file", around(other.safe_save_file)))
+        saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
+        for module, name, fn in targets:
+            setattr(module, name, fn)
+        return lambda: [setattr(module, name, fn) for module, name, fn in saved]
+
+
+class FaultSwitch(KillSwitch):
+    """Counts write events; at event `fail_at` raises what a full, read-only or quota-bound disk makes the write raise
+    (`fault`: an errno, or "wrapped": the text safetensors wraps ENOSPC in)."""
+
+    def __init__(self, fail_at, fault):
+        super().__init__(None)
+        self.fail_at, self.fault = fail_at, fault
+
+    def hit(self):
+        self.events += 1
+        if self.fail_at is not None and self.events == self.fail_at:
+            if self.fault == "wrapped":
+                raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise OSError(self.fault, os.strerror(self.fault))  # as f.write raises it: no file named
 
 
 def run_forked(cli, argv, kill_at=None, timeout=300):

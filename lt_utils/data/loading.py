@@ -222,7 +222,7 @@ def save_lt_to_disk(ds, info, path, overwrite=False):
     """Write `ds.save_to_disk` plus lt_info.json, atomically; the info is also embedded in `ds`."""
     check_savable(ds, info)
     kept = datasets.DatasetDict({name: split for name, split in embed_info(ds, info).items() if split.num_rows})
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(path, overwrite=overwrite, nbytes=sum(split.data.nbytes for split in kept.values())) as tmp:
         kept.save_to_disk(str(tmp))
         info.save(Path(tmp) / INFO_FILENAME)
     return Path(path)
