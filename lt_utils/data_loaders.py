@@ -113,10 +113,9 @@ def check_on_device_augment(loader):
 
 
 def check_splits(ds, dataset, method):
-    """Every split a run reads, non-empty: checked once the data is built, before an earlier run is removed (train
-    trains, test is evaluated at the end, val selects best/ and, for a head on cached features, is cached first)."""
-    needed = ("train", "test", "val") if head_on_cached_features(method) else ("train", "test")
-    for split in needed:
+    """The splits a run cannot do without, non-empty: checked once the data is built, before an earlier run is
+    removed (train trains, test is evaluated at the end; without val images a run keeps final/ only)."""
+    for split in ("train", "test"):
         require(len(ds[split]) > 0, f"the {split} split of {dataset} is empty; pass data with {split} images (check "
                                     f"the data flags, e.g. --{split}_list, --max_per_class, --val_per_class)")
 

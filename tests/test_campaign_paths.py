@@ -252,15 +252,15 @@ def test_overwrite_of_a_run_with_a_symlinked_checkpoint_keeps_the_link_target(wo
 
 
 def test_an_empty_split_is_refused_before_an_earlier_run_is_removed(world, tmp_path):
-    """--overwrite_output_dir with data whose val split turns out empty (a head on cached val features) once deleted
-    the finished run, then crashed in torch.cat."""
+    """--overwrite_output_dir with data whose test split turns out empty once deleted the finished run, then crashed
+    in torch.cat. (An empty val split is a run that keeps final/ only.)"""
     out = tmp_path / "run"
     res = run_cli(SCRIPTS["train"], *cli_argv("train", world, out))
     assert res.code == 0, res.err[-2000:]
+    no_test = write_synthetic_idx(tmp_path / "no_test", train_per_class=30, test_per_class=0)
     before = tree_digest(tmp_path)
-    res = run_cli(SCRIPTS["train"], *cli_argv("train", world, out), "--method", "head", "--init_from",
-                  world["run"] / "final", "--val_per_class", "0", "--overwrite_output_dir")
-    judge(res, before, [tmp_path], out, "train", "the val split of fashion_mnist_lt is empty")
+    res = run_cli(SCRIPTS["train"], *cli_argv("train", world, out), "--data_dir", no_test, "--overwrite_output_dir")
+    judge(res, before, [tmp_path], out, "train", "test")
 
 
 # ----------------------------------------------------------------------------------- faults x write points

@@ -273,7 +273,8 @@ def test_output_and_argument_refusals(base, tmp_path, capsys):
     with pytest.raises(UserError, match="drop --mode"):
         make_soup([a, b], tmp_path / "w", mode="progressive", weights=[0.5, 0.5], progress=False)
     with pytest.raises(UserError, match="not an export dir"):
-        make_soup([a, tmp_path], tmp_path / "x", progress=False)
+        (tmp_path / "not_export").mkdir()
+        make_soup([a, tmp_path / "not_export"], tmp_path / "x", progress=False)
 
 
 def test_adaptformer_anchor_is_refused_but_uniform_works(base, tmp_path):
