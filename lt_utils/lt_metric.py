@@ -20,8 +20,12 @@ import datasets
 import evaluate
 import numpy as np
 
+# evaluate.load copies only the modules this file imports: metrics.py needs axes.py, and axes.py registry.py, beside them
+# (an import line takes no comment: evaluate would read it as a URL)
+from .axes import SELECTABLE
 from .errors import UserError
 from .metrics import compute_lt_metrics, groups_from_counts
+from .registry import Registry
 
 _DESCRIPTION = (
     "Long-tail classification metrics: top-1, mean per-class accuracy, many/medium/few accuracy "
