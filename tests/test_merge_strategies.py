@@ -8,8 +8,8 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from lt_utils.merge import MERGE_METHODS, KeyInputs, merge_method
 from lt_utils.models import build_lt_model
 from lt_utils.soup import load_base_state, make_soup, read_ingredient, run_greedy
 from tests.helpers_soup import write_adaptformer_ingredients, perturbed, tiny_lt_model, write_ingredient, write_lora_ingredient
+from tests.helpers_cli import run_cli
 from tests.helpers_train import export_config, export_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -442,12 +443,18 @@ def test_lt_soups_script_passes_soup_args(exports, tmp_path):
     for b in range(2):
         write_ingredient(out / "stage1" / f"k0_branch{b}" / "final", exports["lt"], exports["vit"],
                          perturbed(exports["anchor"], exports["anchor"].keys(), seed=300 + b), exports["head_init"])
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "FACTORS": "0", "BRANCHES": "2",
+    # the script as its launchers see it (PYTHON=echo prints each command); each soup.py command then runs here,
+    # in order (test_lt_soups_recipe runs the script itself, end to end)
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(out), "FACTORS": "0", "BRANCHES": "2",
            "BRANCH_SOUP_ARGS": "--merge_method task_arithmetic --scaling 1.2",
-           "SOUP_ARGS": "--merge_method ties --density 0.5", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "SOUP_ARGS": "--merge_method ties --density 0.5"}
     run = subprocess.run(["bash", "scripts/lt_soups.sh", "soup"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    commands = [shlex.split(line) for line in run.stdout.splitlines() if line.startswith("soup.py ")]
+    assert len(commands) == 2
+    for command in commands:
+        assert run_cli("soup.py", *command[1:]).code == 0
     branch = json.loads((out / "soups" / "k0" / "soup_manifest.json").read_text())
     final = json.loads((out / "soup" / "soup_manifest.json").read_text())
     assert (branch["mode"], branch["merge"]) == ("uniform", {"method": "task_arithmetic", "scaling": 1.2})
