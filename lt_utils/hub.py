@@ -39,9 +39,14 @@ def base_license(base_model):
     """The base model's license from its model card (a local folder's README.md, or the Hub's), None when unknown."""
     from huggingface_hub import ModelCard
 
-    path = Path(str(base_model)).expanduser() / "README.md"
+    from .hub_access import cache_if_unreachable
+
+    folder = Path(str(base_model)).expanduser()
+    if folder.exists() and not (folder / "README.md").is_file():  # a local folder without a card: no Hub lookup
+        return None
     try:
-        card = ModelCard.load(path) if path.is_file() else ModelCard.load(str(base_model))
+        with cache_if_unreachable(base_model):  # the Hub out of reach: the cache, at once (no retries)
+            card = ModelCard.load(folder / "README.md") if folder.exists() else ModelCard.load(str(base_model))
     except Exception:  # offline, no card, not a repo: unknown
         return None
     return card.data.to_dict().get("license")

@@ -16,13 +16,23 @@ from helpers_train import REPO, assert_same_weights, reduction_order_atol, tiny_
 pytestmark = pytest.mark.slow  # torchrun and DeepSpeed: several processes per test
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_process_reference, nproc):
-    out = tmp_path / f"ds{nproc}"
+def zero2_run(idx_dir, out, nproc):
     accumulation = ["--gradient_accumulation_steps", str(3 - nproc)]  # the same global batch of 16
     result = torchrun(nproc, tiny_train_args(idx_dir, out, *STEPS, *accumulation, "--checkpointing_steps", "2"),
                       env=deepspeed_env())
     assert result.returncode == 0, failure_report(result)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2_two_processes(idx_dir, tmp_path_factory):
+    """A 2-process ZeRO-2 run with a resume state at step 2 (its export and its resume are both tested)."""
+    return zero2_run(idx_dir, tmp_path_factory.mktemp("ds2") / "run", 2)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_deepspeed_zero2_on_cpu_trains_and_exports(idx_dir, tmp_path, one_process_reference, nproc, request):
+    out = request.getfixturevalue("zero2_two_processes") if nproc == 2 else zero2_run(idx_dir, tmp_path / "ds1", 1)
     assert (out / "step_2" / "pytorch_model").is_dir()  # a DeepSpeed (ZeRO) resume state, not a DDP one
     sys.path.insert(0, str(REPO))
     from lt_utils.checkpoint import load_export
@@ -81,10 +91,8 @@ def test_zero3_without_16bit_gather_is_refused_before_training(idx_dir, tmp_path
     assert not (out / "step_1").exists() and not (out / "final").exists()
 
 
-def test_deepspeed_resume_ends_with_the_same_weights(idx_dir, tmp_path, one_process_reference):
-    out = tmp_path / "ds"
-    first = torchrun(2, tiny_train_args(idx_dir, out, *STEPS, "--checkpointing_steps", "2"), env=deepspeed_env())
-    assert first.returncode == 0, failure_report(first)
+def test_deepspeed_resume_ends_with_the_same_weights(idx_dir, tmp_path, one_process_reference, zero2_two_processes):
+    out = zero2_two_processes
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "step_2", resumed / "step_2")

@@ -229,7 +229,6 @@ def test_preprocessor_config_reproduces_the_eval_transform(setup):
     assert cfg["do_center_crop"] and cfg["resample"] == 3
 
 
-@pytest.mark.slow  # the base model's license is looked up on the Hub: the client's retries wait ~20 s
 def test_model_card_metadata(setup):
     from huggingface_hub import ModelCard
 
