@@ -20,7 +20,7 @@ GPUS=${GPUS:-1}
 NODES=${NODES:-1}
 if [[ ${1:-} == node ]]; then  # inside a multi-node task, on every node: `node STEP ARGS...` runs lt_soups.sh STEP
     shift
-    main_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    main_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # reads every line: head would leave scontrol a broken pipe under pipefail
     export LAUNCH="accelerate launch --config_file accelerate_configs/multi_node.yaml --num_machines $SLURM_NNODES \
 --num_processes $((SLURM_NNODES * GPUS)) --machine_rank $SLURM_NODEID --main_process_ip $main_ip \
 --main_process_port ${PORT:-$((20000 + SLURM_JOB_ID % 20000))}"  # a port per job: array tasks may share nodes
