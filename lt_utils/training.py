@@ -218,15 +218,13 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
         # the backbone and head geometry come from the export (init_from_model put them in the spec)
         lt_model = with_interpolation(lt_model, spec.data.interpolation)
         base = init["method_config"]  # the modules it holds are rebuilt from its record
-        if same_classes:
-            # the export's head stays as it is, weight and bias: LOS's stage 2 fine-tunes the stage-1 bias too
-            head_init = lt_model.head.weight.detach().clone()
-        else:  # transformers' ignore_mismatched_sizes: the classifier of the other classes is dropped
+        # the export's head stays as it is, weight and bias (LOS's stage 2 fine-tunes the stage-1 bias too), unless
+        # it classifies other classes (transformers' ignore_mismatched_sizes: dropped for a new one)
+        kept_head = same_classes
+        if not kept_head:
             m = spec.model
             lt_model.head = build_head(m.head_type, num_classes, lt_model.head.weight.shape[1], scale=m.head_scale,
                                        seed=m.seed)
-            head_init = HEAD_INITS.get(m.head_init)(m, info, lt_model, accelerator, head_init_loader_fn)
-            set_head_weight(lt_model, head_init)
     else:
         m = spec.model
         lt_model = with_interpolation(build_lt_model(m.model_name_or_path, num_classes, head_type=m.head_type,
@@ -234,7 +232,10 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
                                                      image_size=m.image_size,
                                                      trust_remote_code=spec.data.trust_remote_code),
                                       spec.data.interpolation)
-        base = None
+        base, kept_head = None, False
+    if kept_head:
+        head_init = lt_model.head.weight.detach().clone()
+    else:
         head_init = HEAD_INITS.get(spec.model.head_init)(spec.model, info, lt_model, accelerator, head_init_loader_fn)
         set_head_weight(lt_model, head_init)
     method_config = method_config_of(spec.method, num_classes, lt_model.spec.num_layers)
@@ -246,7 +247,7 @@ def build_training_model(spec, info, accelerator, head_init_loader_fn):
     m = spec.model
     config = lt_config(
         lt_model, info.class_names, m.head_type, m.head_scale,
-        head_init={"init": "from " + str(recorded_path(m.init_from)) if m.init_from else m.head_init,
+        head_init={"init": "from " + str(recorded_path(m.init_from)) if kept_head else m.head_init,
                    "init_fingerprint": fingerprint(head_init)},
         lt_info=info.to_dict(), base_model=recorded_path(m.model_name_or_path), from_scratch=m.from_scratch,
         seed=m.seed, method={**method_config.to_record(), **({"base": base} if base else {})},

@@ -209,6 +209,7 @@ def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(i
     assert result.code == 0, result.err
     config = export_config(tmp_path / "stage2" / "final")
     assert config["id2label"] == {"0": "cls00", "1": "cls01", "2": "cls02"} and config["lt_info"]["imb"] is None
+    assert config["head_init"]["init"] == "random"  # the new head's init, not the dropped one of --init_from
     assert "(the source's own class counts)" in (tmp_path / "stage2" / "final" / "README.md").read_text()
     # eval_lt.py takes transformers' split name: --split validation is the split saved as val
     evaluated = run_cli("eval_lt.py", out / "final", "--split", "validation", "--num_workers", "0",
