@@ -24,7 +24,7 @@ def main(argv=None):
     # everything is checked (flags, paths, the resumed spec, data, model, resume state) before the output dir is touched
     values = parse_train_args(argv)
     # the training stack (torch, transformers, accelerate, datasets) once the flags are parsed, so --help and flag
-    # errors answer in about a second; each function below imports what it uses the same way
+    # errors answer in about a second (the loop itself is lt_utils/run_loop.py)
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm

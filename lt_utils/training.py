@@ -85,6 +85,15 @@ def init_from_model(init_from):
             "head_type": config.head_type, "head_scale": config.head_scale}
 
 
+def reset_accelerate():
+    """Forget accelerate's process-wide state, so one process can run several entry-script mains one after another
+    (scripts/reproduce.py's rows; the tests' in-process command lines)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def launch_processes():
     """The number of processes of this launch, before the Accelerator exists (--total_batch_size needs it):
     accelerate's process state, started with the arguments build_accelerator gives it, which then finds it started."""

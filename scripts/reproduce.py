@@ -46,13 +46,11 @@ def check_commands(tables):
 
 def run_in_process(command):
     """An entry script's main in this process, as `python script argv` (accelerate's process state reset first)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     import soup
     import train_lt
+    from lt_utils.training import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     main = {"train_lt.py": train_lt.main, "soup.py": soup.main}[command.script]
     try:
         main(command.argv)

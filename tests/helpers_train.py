@@ -92,10 +92,9 @@ def run_without_project(body, cfg, tmp_path):
 
 def reset_accelerate():
     """Forget accelerate's process-wide state, so one test process can run several entry-script mains."""
-    from accelerate.state import AcceleratorState, GradientState
+    from lt_utils.training import reset_accelerate as reset
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset()
 
 
 def run_main(argv):
