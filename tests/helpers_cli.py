@@ -6,9 +6,9 @@ The result has the exit status and the output a subprocess would give (`.code` /
 `.err` / `.stderr`): a refusal is the `error:` line that `lt_utils.errors.cli_entry` prints and its SystemExit(2); a
 bug is the traceback and status 1, as Python prints them. Between runs the process-wide state a fresh interpreter
 would not have is reset: accelerate's state, the root logger's handlers (so `logging.basicConfig` in `main` prints
-to the captured stderr, as in a subprocess), the environment, the working directory, sys.argv and torch.compile's
-caches. Tests where the process itself is the point (launchers, several processes, kills, clients without this
-project, `--help` imports) start real ones.
+to the captured stderr, as in a subprocess), the environment, the working directory, sys.argv, torch.compile's caches
+and a process group. Tests where the process itself is the point (launchers, several processes, kills, clients
+without this project, `--help` imports) start real ones.
 """
 import contextlib
 import dataclasses
@@ -91,6 +91,9 @@ def _as_a_fresh_process(script, argv, cwd, env):
     finally:
         reset_accelerate()
         restore_settings()
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            distributed.destroy_process_group()  # a run under a one-process rendezvous (DeepSpeed's, in-process)
         if "torch._dynamo" in sys.modules:  # compiled graphs and guards of this run's model
             sys.modules["torch._dynamo"].reset()
         sys.argv = saved_argv

@@ -36,6 +36,18 @@ def torchrun(nproc, args, env=None):
                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train_lt.py", *args], env=env)
 
 
+def accelerate_launch(config, args, *launch_flags, cwd):
+    """`accelerate launch --config_file accelerate_configs/CONFIG [launch_flags] train_lt.py args`, as the README shows
+    it, from `cwd`: a folder outside the repository (the configs name nothing relative to the working directory)."""
+    return run_script([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(REPO / "accelerate_configs" / config), *launch_flags, str(REPO / "train_lt.py"), *args], cwd=cwd)
+
+
+def two_processes_fp32(config, args, cwd):
+    """CONFIG's launch with 2 processes in fp32 (the yamls say 8 and bf16), to compare with the 1-process reference."""
+    return accelerate_launch(config, args, "--num_processes", "2", "--mixed_precision", "no", cwd=cwd)
+
+
 def deepspeed_env(config="ds_zero2.yaml", *launch_flags):
     """What `accelerate launch --config_file CONFIG --mixed_precision no [launch_flags]` gives its processes, computed
     by accelerate's own launcher code from the shipped yaml (fp32, to compare with the 1-process reference)."""

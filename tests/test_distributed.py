@@ -1,5 +1,5 @@
-"""Distributed training on CPU: DDP (gloo), launched with torchrun as on a GPU node, and multi_node.yaml as two
-`accelerate launch` machines on the loopback address. Each run is compared with one process within the float32
+"""Distributed training on CPU: DDP (gloo), launched with `accelerate launch` and the shipped multi_gpu.yaml, with
+torchrun as on a GPU node, and multi_node.yaml as two `accelerate launch` machines on the loopback address. Each run is compared with one process within the float32
 reduction-order noise measured in-process (helpers_train.reduction_order_atol)."""
 import os
 import subprocess
@@ -10,18 +10,25 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_distributed import (NUM_STEPS, ONE_BATCH_OF_16, STEPS, failure_report, final_weights, free_port, torchrun,
-                                 trained_in_process)
+                                 trained_in_process, two_processes_fp32)
 from helpers_train import QUIET_ENV, REPO, assert_same_weights, reduction_order_atol, tiny_train_args
 
 pytestmark = pytest.mark.slow  # torchrun and DeepSpeed: several processes per test
 
 
-@pytest.mark.parametrize("augment", [[], ["--augment_on_device"]], ids=["loader_augment", "augment_on_device"])
-def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, one_process_reference, augment):
-    """DDP on 2 processes = 1 process with accumulation; also when each process finishes its batches' crops on its
-    own device (--augment_on_device: the boxes come from the same per-sample generators)."""
+LAUNCHERS = {  # the README's two ways to start DDP
+    "multi_gpu_yaml": lambda args, cwd: two_processes_fp32("multi_gpu.yaml", args, cwd),
+    "torchrun": lambda args, cwd: torchrun(2, args)}
+
+
+@pytest.mark.parametrize("launcher,augment", [("multi_gpu_yaml", []), ("torchrun", ["--augment_on_device"])],
+                         ids=["multi_gpu_yaml", "torchrun_augment_on_device"])
+def test_two_processes_match_one_process_with_accumulation(idx_dir, tmp_path, one_process_reference, launcher, augment):
+    """DDP on 2 processes = 1 process with accumulation, through multi_gpu.yaml and through torchrun; also when each
+    process finishes its batches' crops on its own device (--augment_on_device: the boxes come from the same
+    per-sample generators)."""
     out = tmp_path / "ddp"
-    result = torchrun(2, tiny_train_args(idx_dir, out, *STEPS, *augment))
+    result = LAUNCHERS[launcher](tiny_train_args(idx_dir, out, *STEPS, *augment), tmp_path)
     assert result.returncode == 0, failure_report(result)
     assert "Total batch size (per device x processes x accumulation) = 16" in result.stderr + result.stdout
     weights = final_weights(out)

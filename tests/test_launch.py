@@ -1,14 +1,17 @@
-"""Every shipped accelerate config through the real `accelerate launch` CLI from outside the repository (one CPU
-process, a few steps), the multi-node config through accelerate's own validation (and for real in
-test_distributed); `--cpu` with a multi-process config refused; on the way: secrets never recorded, each log line
-once, test metrics in the tracker."""
+"""The shipped accelerate configs through the real `accelerate launch` CLI from outside the repository, as they are
+(bf16; one CPU process, a few steps): single_gpu.yaml and ds_zero3.yaml here; multi_gpu.yaml and multi_node.yaml
+with 2 processes in test_distributed.py, ds_zero2.yaml and ds_zero3.yaml with 2 in test_deepspeed.py (fp32, equal to
+one process). Also: the multi-node config through accelerate's own validation; `--cpu` with a multi-process config
+refused; secrets never recorded, each log line once, test metrics in the tracker."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers_train import REPO, run_script, tiny_train_args
+from helpers_distributed import accelerate_launch
+from helpers_models import make_tiny_clip
+from helpers_train import REPO, tiny_train_args
 
 pytestmark = pytest.mark.slow  # accelerate launch: two interpreters per test
 
@@ -19,11 +22,8 @@ STEPS = ["--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batc
 
 def launch(config, out, idx_dir, *extra, launch_flags=("--num_processes", "1"), ok=True):
     """`accelerate launch --config_file CONFIG --num_processes 1 [flags] train_lt.py ...` as the README shows it (the
-    one-process override is the only change), from a working directory outside the repository: the configs name
-    nothing relative to it."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *launch_flags,
-           str(REPO / "train_lt.py"), *tiny_train_args(idx_dir, out), *STEPS, *extra]
-    res = run_script(cmd, cwd=Path(out).parent)
+    one-process override is the only change)."""
+    res = accelerate_launch(config, [*tiny_train_args(idx_dir, out), *STEPS, *extra], *launch_flags, cwd=Path(out).parent)
     assert (res.returncode == 0) == ok, res.stderr[-4000:]
     return res
 
@@ -68,24 +68,33 @@ def test_single_gpu_yaml_tracking_secrets_and_log_lines(idx_dir, tmp_path):
             assert logged[f"test_{name}/{key}"] == pytest.approx(results[name]["test"][key], rel=1e-6)
 
 
-def test_multi_gpu_yaml(idx_dir, tmp_path):
-    res = launch("multi_gpu.yaml", tmp_path / "ddp", idx_dir)
-    assert "mixed precision = bf16" in res.stderr
-    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
-
-
-@pytest.mark.parametrize("config,stage", [("ds_zero2.yaml", 2), ("ds_zero3.yaml", 3)])
-def test_deepspeed_yamls(idx_dir, tmp_path, config, stage):
+def test_ds_zero3_yaml_exports_a_complete_lora_adapter(idx_dir, tmp_path):
     """The README's ZeRO command (bf16 from the yaml, accumulation from train_lt.py's flag), its DeepSpeed settings
-    inline in the yaml."""
-    out = tmp_path / f"zero{stage}"
-    res = launch(config, out, idx_dir, "--total_batch_size", "16", "--gradient_accumulation_steps", "2",
-                 "--checkpointing_steps", "1")
+    inline in the yaml, with LoRA on a tiny CLIP: ZeRO-3 partitions every parameter, so an export without the 16-bit
+    gather would hold empty tensors."""
+    from safetensors.torch import load_file
+
+    from lt_utils.checkpoint import load_export
+
+    clip = make_tiny_clip(tmp_path / "clip", image_size=28, patch_size=4)
+    out = tmp_path / "zero3"
+    res = launch("ds_zero3.yaml", out, idx_dir, "--total_batch_size", "16", "--gradient_accumulation_steps", "2",
+                 "--checkpointing_steps", "1", "--model_name_or_path", clip, "--method", "lora", "--from_scratch",
+                 "false", "--head_init", "text")
     assert "Processes = 1 (DEEPSPEED), mixed precision = bf16" in res.stderr  # the yaml's bf16
     shards = sorted(p.name for p in (out / "step_1" / "pytorch_model").iterdir())
     assert any(name.startswith("bf16_zero_pp_rank_0") for name in shards), shards  # ZeRO optimizer shards in bf16
-    assert (out / "final" / "model.safetensors").is_file()
     assert json.loads((out / "all_results.json").read_text())["final"]["test"]["num_samples"] > 0
+    adapter = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    lora = {k: v for k, v in adapter.items() if "lora_" in k}
+    # r = 2 (bottleneck rule: 10 classes, 2 layers), q_proj and v_proj of 2 layers, hidden 32; cosine head 10 x 32
+    assert sum(v.numel() for v in lora.values()) == 2 * 2 * (2 * 32 + 32 * 2)
+    assert json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert load_file(out / "final" / "adapter" / "head.safetensors")["weight"].numel() == 10 * 32
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained: B starts at zero
+    model, _ = load_export(out / "final")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(2, 3, 28, 28))).all()
 
 
 def test_every_shipped_config_is_tested():
