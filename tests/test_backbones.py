@@ -226,15 +226,27 @@ RUNS = [("siglip", "lora", "text"), ("siglip", "head", "text"), ("dinov2", "lora
         ("dinov2", "head", "random"), ("dinov2", "adaptformer", "random")]
 
 
-@pytest.mark.parametrize("kind,method,head_init", [  # lora: also a fresh interpreter without this project (slow)
-    pytest.param(*run, marks=pytest.mark.slow) if run[1] == "lora" else run for run in RUNS], ids=[f"{k}-{m}" for k, m, _ in RUNS])
-def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_init, idx_dir, siglip_dir, dinov2_dir,
-                                                          tmp_path, monkeypatch):
-    base = siglip_dir if kind == "siglip" else dinov2_dir
-    out = tmp_path / "run"
+def train_run(kind, method, head_init, idx_dir, base, out):
     run_main(tiny_train_args(idx_dir, out, "--model_name_or_path", base, "--from_scratch", "false", "--method", method,
                              "--head_init", head_init, "--max_train_steps", "4", "--eval_steps", "4",
                              "--learning_rate", "0.01"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_runs(idx_dir, siglip_dir, dinov2_dir, tmp_path_factory):
+    """The LoRA runs, shared with the card-snippet test (one client interpreter for both)."""
+    root = tmp_path_factory.mktemp("lora_runs")
+    return {kind: train_run(kind, method, head_init, idx_dir, siglip_dir if kind == "siglip" else dinov2_dir,
+                            root / kind / "run") for kind, method, head_init in RUNS if method == "lora"}
+
+
+@pytest.mark.parametrize("kind,method,head_init", RUNS, ids=[f"{k}-{m}" for k, m, _ in RUNS])
+def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_init, idx_dir, siglip_dir, dinov2_dir,
+                                                          tmp_path, monkeypatch, request):
+    base = siglip_dir if kind == "siglip" else dinov2_dir
+    out = request.getfixturevalue("lora_runs")[kind] if method == "lora" else \
+        train_run(kind, method, head_init, idx_dir, base, tmp_path / "run")
     model, meta = load_export(out / "best")
     assert meta["backbone"]["kind"] == kind and meta["method"] == method
     assert (out / "best" / "model.safetensors").is_file()  # every tensor, LoRA merged in
@@ -256,45 +268,51 @@ def test_trains_exports_reloads_and_evaluates_identically(kind, method, head_ini
                                    rtol=0, atol=1e-5)
     # eval_lt.py's command line on the run dir (its best/): the numbers train_lt.py recorded, exactly
     proc = run_cli("eval_lt.py", out, "--split", "test", "--per_device_eval_batch_size", "64",
-                   "--data_dir", idx_dir, "--cache_dir", out.parent / "hf_cache", "--num_workers", "0")
+                   "--data_dir", idx_dir, "--cache_dir", tmp_path / "hf_cache", "--num_workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "best" / "eval_test" / "metrics.json").read_text())["metrics"]
     recorded = json.loads((out / "best" / "metrics.json").read_text())["test"]
     assert saved == recorded and saved["num_samples"] == 100
-    if method == "lora":  # the Hub-native files, with transformers / peft alone: the README snippets
-        hub_snippets_give_the_logits(out / "best", base, kind, model, tmp_path)
 
 
 CLIENT = r'''
 out = {}
-for key in ("model_snippet", "adapter_snippet"):
-    scope = {}
-    exec(cfg[key], scope)
-    out[key] = scope["logits"].tolist()
+for kind, snippets in cfg["snippets"].items():
+    for key, code in snippets.items():
+        scope = {}
+        exec(code, scope)
+        out[f"{kind}/{key}"] = scope["logits"].tolist()
 Path(cfg["out"]).write_text(json.dumps(out))
 '''
 
 
-def hub_snippets_give_the_logits(export, base, kind, model, tmp_path):
+@pytest.mark.slow  # a fresh interpreter without this project
+def test_card_snippets_give_the_logits_without_this_project(lora_runs, siglip_dir, dinov2_dir, tmp_path):
     """The model card's snippets (remote-code model; peft adapter on the plain base + the saved head), ids replaced
-    by local folders, in a process where lt_utils cannot be imported: the project's logits."""
+    by local folders, in a process where lt_utils cannot be imported: the project's logits, for each backbone kind."""
     from PIL import Image
     from transformers import AutoImageProcessor
 
     from lt_utils.hub import adapter_snippet, model_snippet
 
     Image.fromarray((torch.arange(40 * 36 * 3) % 251).reshape(40, 36, 3).numpy().astype("uint8")).save(tmp_path / "image.png")
-    codes = {"model_snippet": model_snippet("you/lt"), "adapter_snippet": adapter_snippet("you/lt", "base/model", "cosine", kind)}
-    codes = {k: c.replace("base/model", str(base)).replace("you/lt", str(export)) for k, c in codes.items()}
-    got = run_without_project(CLIENT, codes, tmp_path)
-    pixels = AutoImageProcessor.from_pretrained(export)(Image.open(tmp_path / "image.png"), return_tensors="pt")
-    with torch.no_grad():
-        ref = model(pixels["pixel_values"])
-    # the remote-code model loads the very model.safetensors eval loads, and sees the same pixels: the same logits
-    # (1e-6: another process's thread count may sum in another order); the peft adapter on the plain base computes
-    # the unmerged LoRA (float rounding apart)
-    for key, atol in (("model_snippet", 1e-6), ("adapter_snippet", 1e-5)):
-        torch.testing.assert_close(torch.tensor(got[key]), ref, atol=atol, rtol=0, msg=key)
+    snippets = {}
+    for kind, out in lora_runs.items():
+        base, export = siglip_dir if kind == "siglip" else dinov2_dir, out / "best"
+        codes = {"model_snippet": model_snippet("you/lt"),
+                 "adapter_snippet": adapter_snippet("you/lt", "base/model", "cosine", kind)}
+        snippets[kind] = {k: c.replace("base/model", str(base)).replace("you/lt", str(export)) for k, c in codes.items()}
+    got = run_without_project(CLIENT, {"snippets": snippets}, tmp_path)
+    for kind, out in lora_runs.items():
+        model, _ = load_export(out / "best")
+        pixels = AutoImageProcessor.from_pretrained(out / "best")(Image.open(tmp_path / "image.png"), return_tensors="pt")
+        with torch.no_grad():
+            ref = model(pixels["pixel_values"])
+        # the remote-code model loads the very model.safetensors eval loads, and sees the same pixels: the same
+        # logits (1e-6: another process's thread count may sum in another order); the peft adapter on the plain base
+        # computes the unmerged LoRA (float rounding apart)
+        for key, atol in (("model_snippet", 1e-6), ("adapter_snippet", 1e-5)):
+            torch.testing.assert_close(torch.tensor(got[f"{kind}/{key}"]), ref, atol=atol, rtol=0, msg=f"{kind} {key}")
 
 
 @pytest.mark.parametrize("kind", ["siglip", "dinov2"])
