@@ -409,9 +409,9 @@ def check_resume(spec):
     output = spec.output
     if not output.resume_from_checkpoint:
         return None
+    check_current_exports(Path(output.output_dir))
     path = resolve_resume_path(output.resume_from_checkpoint, output.output_dir)
     record = read_resume_record(path)
-    check_current_exports(Path(output.output_dir))
     if isinstance(record.get("run_spec"), dict):
         recorded = flat_record(record["run_spec"])
     else:  # written before the spec was recorded: the flags its identity held, beside the data's

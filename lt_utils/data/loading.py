@@ -175,13 +175,15 @@ def check_agrees_with_record(name, info, passed):
     for key, value in passed.items():
         if key in ("name", "cache_dir", "config_name") or value == defaults[key]:
             continue
-        recorded = getattr(info, key, None) if key in LT_RECORDED else None
-        if recorded is None or value != recorded:
-            shown = f" (it records {recorded})" if recorded is not None else ""
+        # a recorded None is a value (--imb none: the source's own counts), not a parameter the split lacks
+        recorded = getattr(info, key) if key in LT_RECORDED else _UNRECORDED
+        if recorded is _UNRECORDED or value != recorded:
+            shown = f" (it records {recorded})" if recorded is not _UNRECORDED else ""
             raise UserError(f"{key}={value} contradicts the saved split {name}{shown}, which fixes its images and "
                             "parameters; drop it, or build a new split with data_scripts/build_lt.py")
 
 
+_UNRECORDED = object()
 # the parameters a saved split records (LTInfo fields of the same name)
 LT_RECORDED = ("imb", "max_per_class", "seed", "selection", "val_per_class", "val_source", "many_threshold",
                "few_threshold")
