@@ -539,7 +539,7 @@ def record_cases():
     yield "soup-merged-overflow", ["soup.py", "{x}/big", "{x}/neg", "--output_dir", "{out}", "--weights", "1.5",
                                    "-0.5", "--merge_method", "task_arithmetic"], "non-finite"
     yield "soup-greedy-other-val-data", ["soup.py", "{x}/a", "{x}/c", "--mode", "greedy", "--output_dir", "{out}"], \
-        "other val data"
+        "other validation data"
     for bad in ("nan", "inf", "scale_0", "scale_nan", "scale_neg", "scale_text", "scale_inf"):
         yield f"soup-export-{bad}", ["soup.py", "{x}/a", f"{{x}}/{bad}", "--output_dir", "{out}"], bad.split("_")[0]
         yield f"predict-export-{bad}", ["predict.py", f"{{x}}/{bad}", "{x}/images", "--output", "{out}.csv"], \
