@@ -62,7 +62,7 @@ def test_v3_export_is_refused_naming_the_converter_and_converts_to_the_same_mode
     assert sorted(meta["lt_info"].index_hashes) == ["test", "train", "validation"]  # v3 named the split val too
 
 
-def test_v4_export_is_refused_by_a_command_and_converts_to_the_same_model_naming_validation(tmp_path):
+def test_v4_export_is_refused_by_a_command_and_converts_to_the_same_model_naming_validation(tmp_path, idx_dir):
     refused = run_cli("eval_lt.py", V4, "--num_workers", "0", "--output_dir", tmp_path / "eval")
     assert refused.code == 2 and refused.err.strip().splitlines()[-1] == (
         f"error: {V4 / 'config.json'} has format lt-export-v4; this version reads lt-export-v5: convert it once with "
@@ -85,6 +85,14 @@ def test_v4_export_is_refused_by_a_command_and_converts_to_the_same_model_naming
     old_metrics, metrics = (json.loads((d / "metrics.json").read_text()) for d in (V4, new))
     assert metrics == {"validation": old_metrics["val"], "step": old_metrics["step"], "test": old_metrics["test"],
                        "tte": old_metrics["tte"]}
+    # its recorded split is this version's validation split of the same images (idx_dir holds the v4 run's images;
+    # the split hashes differ only by the gzip headers' times): the v4 run's own validation numbers of these weights
+    evaluated = run_cli("eval_lt.py", new, "--data_dir", idx_dir, "--split", "validation", "--num_workers", "0",
+                        "--output_dir", tmp_path / "eval")
+    assert evaluated.code == 0, evaluated.err
+    measured, recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"], old_metrics["val"]
+    assert measured["per_class_acc"] == recorded["per_class_acc"] and measured["num_samples"] == 50
+    assert measured["nll"] == pytest.approx(recorded["nll"], rel=1e-5)
 
 
 def test_resuming_a_run_whose_exports_an_earlier_version_wrote_is_refused_before_training(tmp_path):
