@@ -14,8 +14,8 @@ processes (predictions are gathered with gather_for_metrics, so padding duplicat
   python eval_lt.py runs/a runs/b soups/lt --zero_shot openai/clip-vit-base-patch16 --output_dir results/cifar100_lt
   # zero-shot alone needs the dataset; 80-template prompt ensemble
   python eval_lt.py --zero_shot openai/clip-vit-base-patch16 --prompt_template ensemble --dataset cifar100_lt --imb 100
-  # an export on the Hub, on the val split, other group thresholds
-  python eval_lt.py user/clip-vit-b16-cifar100-lt --split val --many_threshold 50 --few_threshold 10
+  # an export on the Hub, on the validation split, other group thresholds
+  python eval_lt.py user/clip-vit-b16-cifar100-lt --split validation --many_threshold 50 --few_threshold 10
 """
 import argparse
 import json

@@ -9,7 +9,7 @@ soup export.
   python soup.py runs/a/final runs/b/final --weights 0.25 0.75 --output_dir soups/weighted
   # LT-Soups' running merge in the given order (balance factor 1 first): soup = 0.3*soup + 0.7*next
   python soup.py runs/b1/best runs/b2/best runs/b4/best --mode progressive --lam 0.7 --output_dir soups/lt
-  # greedy soup on the val split (ranked by the stored val score; kept on strict improvement)
+  # greedy soup on the validation split (ranked by the stored validation score; kept on strict improvement)
   accelerate launch soup.py runs/*/best --mode greedy --output_dir soups/greedy
   # WiSE-FT: interpolate any soup toward the zero-shot model (base weights + head init)
   python soup.py runs/a/final --alpha 0.5 --output_dir soups/wiseft
@@ -44,7 +44,7 @@ def get_args_parser():
                        "select_metric", "overwrite", "push_to_hub", "hub_model_id", "hub_token"),
               aliases={"lam": ["--lambda"]})
     group = add_data_args(parser, dataset=None, num_workers=0)
-    group.description = ("greedy only: the val split; default: the split the first ingredient was trained on (its "
+    group.description = ("greedy only: the validation split; default: the split the first ingredient was trained on (its "
                          "config.json records it, and its --data_dir)")
     return parser
 

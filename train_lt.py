@@ -84,7 +84,7 @@ def main(argv=None):
         lt_model.to(accelerator.device)
         cache = lambda split, name: D.cache_features(lt_model, accelerator.prepare(
             D.image_loader(split, eval_tf, data.per_device_eval_batch_size, data.num_workers)), accelerator, f"features {name}")
-        train_feats, val_feats = cache(train_ds, "train"), cache(ds["val"], "val")
+        train_feats, val_feats = cache(train_ds, "train"), cache(ds["validation"], "validation")
         train_loader = D.feature_loader(train_feats, optim.per_device_train_batch_size, shuffle=True, sampler=sampler)
         val_loader = D.feature_loader(val_feats, data.per_device_eval_batch_size)
         train_model, augment, batch_transform = lt_model.head, None, None
@@ -95,7 +95,7 @@ def main(argv=None):
                                       data.num_workers, True, sampler)
         if batch_transform is not None:
             D.check_on_device_augment(train_loader)
-        val_loader = D.image_loader(ds["val"], eval_tf, data.per_device_eval_batch_size, data.num_workers)
+        val_loader = D.image_loader(ds["validation"], eval_tf, data.per_device_eval_batch_size, data.num_workers)
         train_model = model
     optimizer = T.build_optimizer(train_model, optim)
     train_model, optimizer, train_loader, val_loader = accelerator.prepare(train_model, optimizer, train_loader, val_loader)
@@ -133,8 +133,8 @@ def main(argv=None):
                                                      data.per_device_eval_batch_size, data.num_workers))
     ctx = Run(spec=spec, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
               val_loader=val_loader, test_loader=test_loader, ema=ema, state=state, plan=plan, resume_changes=resume_changes,
-              batch_transform=batch_transform, has_val=len(ds["val"]) > 0,
-              eval_every=eval_every(spec.eval, plan) if len(ds["val"]) or PROTOCOLS.get(spec.eval.protocol).test_each_eval
+              batch_transform=batch_transform, has_val=len(ds["validation"]) > 0,
+              eval_every=eval_every(spec.eval, plan) if len(ds["validation"]) or PROTOCOLS.get(spec.eval.protocol).test_each_eval
               else None,
               ckpt_every=T.every_n_steps(output.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(optim, plan)

@@ -38,8 +38,10 @@ MODES = ("uniform", "weighted", "progressive", "greedy")
 SIGN_METHODS = ("total", "frequency")  # ties / dare_ties: how the sign of an entry is elected
 
 SELECTION_MODES = ("rng", "lift", "first")  # which images fill each class (lt_utils.data.counts)
-VAL_SOURCES = ("unused_train", "test_slice")  # where a dataset's val split comes from (lt_utils.data.loading)
-SPLITS = ("train", "val", "test")  # every LT dataset's splits (lt_utils.data.builders)
+VAL_SOURCES = ("unused_train", "test_slice")  # where a dataset's validation split comes from (lt_utils.data.loading)
+SPLITS = ("train", "validation", "test")  # every LT dataset's splits, named as transformers and the Hub name them
+# split names of earlier versions -> the name now: read in saved splits and records, accepted as --split
+LEGACY_SPLIT_NAMES = {"val": "validation"}
 
 # --select_metric: the validation metrics that can pick best/ (lt_utils.metrics)
 SELECTABLE = ("accuracy", "mean_class_acc", "many_acc", "medium_acc", "few_acc", "macro_f1", "worst_class_acc",

@@ -37,7 +37,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 OLD_LAYOUT_FILE = "lt_model.json"  # the record of exports written by earlier versions
 CONVERT_COMMAND = "python scripts/convert_export.py"
 V3_FORMAT = "lt-export-v3"  # config.json with the method's name in `method` and its modules' settings in `arch`
-CONVERTIBLE_FORMATS = (V3_FORMAT,)  # earlier config.json layouts the converter rewrites
+V4_FORMAT = "lt-export-v4"  # the validation split recorded as "val" (lt_info's split_sizes / index_hashes, metrics.json)
+CONVERTIBLE_FORMATS = (V3_FORMAT, V4_FORMAT)  # earlier config.json layouts the converter rewrites
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
 
@@ -148,6 +149,19 @@ def is_export_dir(path):
     what is wrong with them, rather than the folder being passed over."""
     path = Path(path)
     return (path / OLD_LAYOUT_FILE).is_file() or (path / CONFIG_FILE).is_file()
+
+
+def earlier_format(export_dir):
+    """The format of an export written by an earlier version that the converter rewrites, else None."""
+    export_dir = Path(export_dir)
+    if (export_dir / OLD_LAYOUT_FILE).is_file():
+        return "lt-export-v2"
+    try:
+        record = json.loads((export_dir / CONFIG_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    fmt = record.get("lt_format") if isinstance(record, dict) else None
+    return fmt if fmt in CONVERTIBLE_FORMATS else None
 
 
 def is_project_export(path):

@@ -76,7 +76,7 @@ class Flag:
     may_change: bool = False
     # more option strings of the same flag (transformers' example names where the project's differ)
     aliases: tuple = ()
-    # other spellings of a value -> the value (transformers' split name "validation" for the project's "val")
+    # other spellings of a value -> the value (--split val, the split's name in earlier versions)
     value_aliases: dict = None
 
     def choice_list(self):
@@ -302,7 +302,7 @@ _DATA = _group("data", {
                          input_path=True, **_HF),
     "dataset_revision": _opt("str", "--dataset_name: the Hub revision (branch, tag or commit) to load", **_HF),
     "train_split": Flag("str", "train", "--dataset_name: the split the LT rule draws from", **_HF),
-    "validation_split": _opt("str", "--dataset_name: a split to use as val (default: unused train images, "
+    "validation_split": _opt("str", "--dataset_name: a split to use as validation (default: unused train images, "
                              "--val_source)", **_HF),
     "test_split": _opt("str", "--dataset_name: the reported test split (default: 'test' if it has one, else "
                        "--test_per_class images per class held out of train)", **_HF),
@@ -344,7 +344,7 @@ _DATA = _group("data", {
     "cache_dir": _opt("path", "datasets cache (default: the HF cache)", **_FREE),
     "per_device_eval_batch_size": _pos("int", 256, **_FREE),
     "num_workers": _nonneg("int", min(4, os.cpu_count() or 1), "dataloader workers per process", **_FREE),
-    "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many val/test images "
+    "max_eval_samples": _pos("int", None, "debugging: evaluate on a seeded subset of this many validation/test images "
                              "(not the papers' protocol)", nullable=True),
     "tte": Flag("str", "none", "test-time ensembling for the test evaluation (LIFT: fivecrop)",
                 choices=lambda: ["none", *axes.TTE_MODES], **_FREE),
@@ -484,11 +484,11 @@ _COMPILE = _group("compile", {
 })
 
 _EVAL = _group("eval", {
-    "eval_steps": Flag("steps", "epoch", "evaluate on val every N optimizer steps, or 'epoch', or 'none'", **_FREE),
+    "eval_steps": Flag("steps", "epoch", "evaluate on validation every N optimizer steps, or 'epoch', or 'none'", **_FREE),
     "num_evals": _pos("int", None, "instead of --eval_steps: evaluate every total_steps // N steps (LT-Soups: 5 per "
                       "run)", nullable=True, **_FREE),
     # the best score kept so far is of this metric: another one mid-run would compare unlike numbers
-    "select_metric": Flag("str", "mean_class_acc", "val metric that picks best/ (greedy soups: ranks and keeps)",
+    "select_metric": Flag("str", "mean_class_acc", "validation metric that picks best/ (greedy soups: ranks and keeps)",
                           choices=axes.SELECTABLE),
     # which tested model is the paper's number; it decides what is kept and tested during the run, so it may not change
     "protocol": Flag("str", "best_val", "the row of all_results.json comparable with the paper: best_val (ours), final "
@@ -526,8 +526,8 @@ _OUTPUT = _group("output", {
 _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
     "which": Flag("str", None, "the export a run dir stands for; default: best/, else final/",
                   choices=axes.RUN_EXPORTS, nullable=True),
-    "split": Flag("str", "test", "train, val (or validation, transformers' name) or test",
-                  choices=axes.SPLITS, value_aliases={"validation": "val"}),
+    "split": Flag("str", "test", "train, validation (or val) or test",
+                  choices=axes.SPLITS, value_aliases=axes.LEGACY_SPLIT_NAMES),
     "zero_shot": Flag("path", None, "add a zero-shot row for this CLIP or SigLIP id or dir (SigLIP's sigmoid scores "
                       "have the same argmax as its logits)", nullable=True, metavar="MODEL", input_path=True),
     "overwrite": Flag("switch", False, "replace existing outputs (--output_dir; predict.py: --output)"),
@@ -553,7 +553,7 @@ _OTHER = {  # eval_lt.py, soup.py, build_lt.py, predict.py
                          choices=axes.MERGE_METHODS),
     "scaling": Flag("float", None, "task vector methods: lambda, soup = zero-shot + lambda * merged task vector "
                     "(default 1: with weights summing to 1, task_arithmetic is then the weighted soup; TIES-merging's "
-                    "value; task arithmetic tunes it on val, > 1 extrapolates)", low=0, low_open=True, nullable=True),
+                    "value; task arithmetic tunes it on validation, > 1 extrapolates)", low=0, low_open=True, nullable=True),
     "density": Flag("float", None, "ties, dare_*: fraction of each task vector's entries kept, per tensor: ties keeps "
                     "the largest (default 0.2, TIES-merging's top 20%%), dare_* a random draw rescaled by 1/density "
                     "(default 0.1, DARE's drop rate 0.9)", low=0, high=1, low_open=True, nullable=True),

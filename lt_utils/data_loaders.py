@@ -46,10 +46,10 @@ def record_saved_folder(info, dataset_arg):
 
 
 def limit_eval_splits(ds, max_eval_samples):
-    """--max_eval_samples: a seeded subset of val and test, for quick debugging runs only."""
+    """--max_eval_samples: a seeded subset of validation and test, for quick debugging runs only."""
     if not max_eval_samples:
         return ds
-    for split in ("val", "test"):
+    for split in ("validation", "test"):
         if len(ds[split]) > max_eval_samples:
             ds[split] = ds[split].shuffle(seed=0).select(range(max_eval_samples))
     return ds
@@ -114,7 +114,7 @@ def check_on_device_augment(loader):
 
 def check_splits(ds, dataset, method):
     """The splits a run cannot do without, non-empty: checked once the data is built, before an earlier run is
-    removed (train trains, test is evaluated at the end; without val images a run keeps final/ only)."""
+    removed (train trains, test is evaluated at the end; without validation images a run keeps final/ only)."""
     for split in ("train", "test"):
         require(len(ds[split]) > 0, f"the {split} split of {dataset} is empty; pass data with {split} images (check "
                                     f"the data flags, e.g. --{split}_list, --max_per_class, --val_per_class)")

@@ -3,7 +3,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .checkpoint import V3_FORMAT, export_record, read_export_config, write_export
+from .checkpoint import CONVERTIBLE_FORMATS, V3_FORMAT, export_record, read_export_config, write_export
 from .errors import UserError
 from .hub import model_card
 from .hub_files import plain_adapter_writer
@@ -86,30 +86,32 @@ def refresh_model_card(export_dir, metrics):
 def convert_old_export(old_dir, new_dir):
     """Rewrite an export of an earlier layout as this layout, into `new_dir` (the old folder is only read):
     lt-export-v2 (lt_model.json + lt_weights.safetensors + a second full copy in model.safetensors; that copy held the
-    whole model with LoRA merged) or lt-export-v3 (one config.json, the method's settings in `arch`). The new export
-    holds the same tensors under a config.json whose `method` is the method's config (`method_record_of_v3`)."""
+    whole model with LoRA merged), lt-export-v3 (one config.json, the method's settings in `arch`) or lt-export-v4 (the
+    validation split recorded as "val"). The new export holds the same tensors under a config.json whose `method` is
+    the method's config (`method_record_of_v3`) and whose records, metrics.json's too, name the split "validation"."""
     import shutil
 
     from .checkpoint import CONFIG_FILE, HEAD_INIT_FILE, OLD_LAYOUT_FILE, load_export, read_tensors, weight_files
+    from .data.info import current_split_names
     from .errors import require
     from .fileio import read_json
     from .paths import check_output, check_outputs_apart
     from .hub_files import ADAPTER_DIR
 
     old_dir, new_dir = Path(old_dir), Path(new_dir)
-    v3 = _v3_record(old_dir / CONFIG_FILE)
-    require((old_dir / OLD_LAYOUT_FILE).is_file() or v3 is not None,
-            f"{old_dir} has no {OLD_LAYOUT_FILE} and is no {V3_FORMAT} export: it is not an export of an earlier layout "
-            "(a current export needs no conversion)")
+    old = _old_record(old_dir / CONFIG_FILE)
+    require((old_dir / OLD_LAYOUT_FILE).is_file() or old is not None,
+            f"{old_dir} has no {OLD_LAYOUT_FILE} and is no {' / '.join(CONVERTIBLE_FORMATS)} export: it is not an export "
+            "of an earlier layout (a current export needs no conversion)")
     check_outputs_apart({"NEW_DIR": new_dir}, {"OLD_DIR": old_dir})
     require(not new_dir.exists(), f"{new_dir} already exists; pass a new folder")
     check_output(new_dir, "NEW_DIR")
-    if v3 is None:
-        v3 = _v3_of_v2(old_dir)
+    if old is None:
+        old = _v3_of_v2(old_dir)
     adapter = read_json(old_dir / ADAPTER_DIR / "adapter_config.json", "adapter config") \
         if (old_dir / ADAPTER_DIR / "adapter_config.json").is_file() else None
     try:
-        config = _config_of_v3(v3, adapter)
+        config = _current_config(old, adapter)
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{old_dir}: its records lack {err}; re-export it with this version") from None
     for path in weight_files(old_dir):
@@ -124,7 +126,8 @@ def convert_old_export(old_dir, new_dir):
         model, record = load_export(staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    metrics = read_json(old_dir / "metrics.json", "metrics") if (old_dir / "metrics.json").is_file() else None
+    metrics = current_split_names(read_json(old_dir / "metrics.json", "metrics")) \
+        if (old_dir / "metrics.json").is_file() else None
     extra = [lambda d: (Path(d) / "README.md").write_text(model_card(record, metrics or {}))]
     if metrics is not None:
         extra.append(lambda d: (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2)))
@@ -134,13 +137,13 @@ def convert_old_export(old_dir, new_dir):
     return new_dir
 
 
-def _v3_record(path):
-    """config.json of an lt-export-v3 export as a dict, else None."""
+def _old_record(path):
+    """config.json of an export of a convertible earlier format (CONVERTIBLE_FORMATS) as a dict, else None."""
     try:
         record = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("lt_format") == V3_FORMAT else None
+    return record if isinstance(record, dict) and record.get("lt_format") in CONVERTIBLE_FORMATS else None
 
 
 def _v3_of_v2(old_dir):
@@ -172,12 +175,18 @@ def _v3_of_v2(old_dir):
         raise UserError(f"{old_dir}: its records lack {err}; re-export it with this version") from None
 
 
-def _config_of_v3(record, adapter_config=None):
+def _current_config(record, adapter_config=None):
+    """The LTConfig of an earlier format's config.json record: v3's module settings moved from `arch` into the
+    method's config; the split record's per-split values under this version's split names."""
+    from .data.info import with_current_split_names
     from .modeling_lt import LTConfig
 
-    method = method_record_of_v3(record["method"], record.get("arch") or {}, adapter_config)
+    method = record["method"]
+    if record["lt_format"] == V3_FORMAT:
+        method = method_record_of_v3(method, record.get("arch") or {}, adapter_config)
     kept = {k: v for k, v in record.items() if k not in ("arch", "method", "auto_map", "transformers_version")}
-    return LTConfig.from_dict({**kept, "method": method, "lt_format": LTConfig.export_format})
+    return LTConfig.from_dict({**kept, "method": method, "lt_info": with_current_split_names(record["lt_info"]),
+                               "lt_format": LTConfig.export_format})
 
 
 # v3 `arch` keys -> the method config's fields (lt_utils.methods)

@@ -62,7 +62,7 @@ def card_data(meta, metrics):
     source = SOURCE_DATASETS.get(builder) or hub_id(builder)
     name = f"{Path(builder).name} (imbalance ratio {dataset.get('imb')})" if dataset.get("imb") else Path(builder).name
     results = []
-    for split in ("test", "val"):
+    for split in ("test", "validation"):
         m = metrics.get(split) if isinstance(metrics, dict) else None
         if not (isinstance(m, dict) and "accuracy" in m):
             continue

@@ -84,7 +84,7 @@ class LTConfig(PretrainedConfig):
     is re-attached from it, oldest first."""
 
     model_type = "lt_classifier"
-    export_format = "lt-export-v4"
+    export_format = "lt-export-v5"
 
     def __init__(self, backbone_class="CLIPVisionModel", backbone_model_config=None, backbone_model_kwargs=None,
                  feature="pooler_output", head_type="cosine", head_scale=25.0, layer_wiring=None,

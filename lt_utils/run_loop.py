@@ -46,7 +46,7 @@ class Run:
     plan: object  # schedule.StepPlan
     resume_changes: tuple = ()  # the flag changes resumes of this run were allowed (recorded in every checkpoint)
     batch_transform: object = None  # --augment_on_device: finishes each training batch on the accelerator
-    has_val: bool = True  # without a val split only --protocol best_test evaluates (on test)
+    has_val: bool = True  # without a validation split only --protocol best_test evaluates (on test)
     eval_every: int = None
     ckpt_every: int = None
 
@@ -86,7 +86,7 @@ def on_step(ctx, step):
         protocol = PROTOCOLS.get(ctx.spec.eval.protocol)
         if ctx.has_val:
             with_ema(ctx, lambda: validate(ctx, step))
-        if ctx.has_val and protocol.raw_exports and ctx.ema is not None:  # LT-Soups selects the raw weights on val too
+        if ctx.has_val and protocol.raw_exports and ctx.ema is not None:  # LT-Soups selects the raw weights on validation too
             validate(ctx, step, "best_raw")
         if protocol.test_each_eval:  # LOS keeps the epoch that tests best (the model it reports)
             with_ema(ctx, lambda: keep_best_test(ctx, step))
@@ -108,14 +108,14 @@ def with_ema(ctx, fn):
 
 def validate(ctx, step, name="best"):
     """Validate the model as it is now; keep it as `name`/ when it beats that export's best score."""
-    a, tag = ctx.accelerator, "val" + name[len("best"):]  # val, val_raw
+    a, tag = ctx.accelerator, "validation" + name[len("best"):]  # validation, validation_raw
     metrics = evaluate(ctx.train_model, ctx.val_loader, a, ctx.info.groups, len(ctx.info.class_names), desc=tag)
     a.log({f"{tag}/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
     if a.is_main_process:
         T.log_jsonl(Path(ctx.spec.output.output_dir) / "log.txt", {"step": step, **{f"{tag}_{k}": v for k, v in metrics.items()
                                                                          if not isinstance(v, list)}})
         logger.info(f"step {step}: {tag} acc {metrics['accuracy']:.2f}  mean-class {metrics['mean_class_acc']:.2f}")
-    keep_if_better(ctx, name, step, metrics, {"val": metrics, "step": step})
+    keep_if_better(ctx, name, step, metrics, {"validation": metrics, "step": step})
 
 
 def keep_best_test(ctx, step):

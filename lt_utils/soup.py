@@ -7,8 +7,8 @@ zero-shot model the ingredients were fine-tuned from: the base weights plus `hea
   weighted      anchor 0, `--weights` as given (they must sum to 1, or pass `normalize`)
   progressive   LT-Soups' running merge in the given order: soup = (1-lam)*soup + lam*F_k, starting from the anchor;
                 7 ingredients at lam 0.7 weigh 0.0002 (anchor), 0.0005, ..., 0.21, 0.70 (last)
-  greedy        model-soups' greedy recipe: ranked by val score, an ingredient joins only if the soup's val score
-                strictly improves; the kept ones are averaged uniformly
+  greedy        model-soups' greedy recipe: ranked by validation score, an ingredient joins only if the soup's
+                validation score strictly improves; the kept ones are averaged uniformly
   alpha < 1     WiSE-FT on top of any mode: (1-alpha)*anchor + alpha*soup
 
 The mode decides the weights; `merge_method` (lt_utils.merge) how the weighted tensors combine: averaged (default,
@@ -124,21 +124,22 @@ _SAME_FIELDS = (
 
 
 def val_data_record(meta):
-    """What an export records of its val split: the split's identity (its images' hash) and its local source."""
+    """What an export records of its validation split: the split's identity (its images' hash) and its local source."""
     info = meta["lt_info"]
-    return {"dataset": info.dataset, "val images": (info.index_hashes or {}).get("val"),
+    return {"dataset": info.dataset, "validation images": (info.index_hashes or {}).get("validation"),
             "data_dir": meta["dataset"].get("data_dir")}
 
 
 def check_same_val_data(ingredients):
-    """Greedy soups rank ingredients by their recorded val scores and re-score candidates on one val split: every
+    """Greedy soups rank ingredients by their recorded validation scores and re-score candidates on one validation
+    split: every
     ingredient must record that same split, or the scores compare different data."""
     first = val_data_record(ingredients[0].meta)
     for other in ingredients[1:]:
         theirs = val_data_record(other.meta)
         diff = next((k for k in first if first[k] != theirs[k]), None)
         if diff is not None:
-            raise UserError(f"cannot rank {ingredients[0].name} and {other.name} greedily: they record other val "
+            raise UserError(f"cannot rank {ingredients[0].name} and {other.name} greedily: they record other validation "
                             f"data ({diff} {_short(first[diff])} vs {_short(theirs[diff])}); soup runs trained on "
                             "the same split, or use --mode uniform")
 
@@ -344,12 +345,12 @@ def _merge_params(merge_method, merge_flags):
 
 # ----------------------------------------------------------------------------------------------------- greedy
 def stored_val_score(ing, metric):
-    """The ingredient's val score saved by train_lt.py (best/metrics.json), or None."""
+    """The ingredient's validation score saved by train_lt.py (best/metrics.json), or None."""
     path = ing.path / "metrics.json"
     if not path.is_file():
         return None
     saved = read_json(path, "metrics")
-    value = selection_score(saved.get("val", {}) if isinstance(saved, dict) else {}, metric)
+    value = selection_score(saved.get("validation", {}) if isinstance(saved, dict) else {}, metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -371,14 +372,15 @@ def greedy_select(order, evaluate):
 
 
 def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None, merge_method="average", params=None):
-    """Rank by stored val score (evaluating those without one), then greedy_select with real val evaluations of the
+    """Rank by stored validation score (evaluating those without one), then greedy_select with real validation
+    evaluations of the
     candidate soups, merged by `merge_method`."""
     def score_of(subset):
         tensors = merge_tensors([ingredients[i] for i in subset], [0.0] + [1.0 / len(subset)] * len(subset),
                                 base_state, head_init, progress=False, merge_method=merge_method, params=params,
                                 ids=subset)
         value = selection_score(scorer(tensors), metric)  # higher is better (NLLs negated)
-        require(value is not None, f"the val split gives no {metric}; choose another --select_metric")
+        require(value is not None, f"the validation split gives no {metric}; choose another --select_metric")
         return float(value)
 
     scores = [stored_val_score(ing, metric) for ing in ingredients]
@@ -391,7 +393,8 @@ def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None, mer
 
 
 def build_val_scorer(first, data_args, batch_size=256, num_workers=0):
-    """tensors -> val metrics of the model they define; the val split is the ingredients' own unless overridden."""
+    """tensors -> validation metrics of the model they define; the validation split is the ingredients' own unless
+    overridden."""
     from accelerate import Accelerator
 
     from .checkpoint import load_export
@@ -402,20 +405,21 @@ def build_val_scorer(first, data_args, batch_size=256, num_workers=0):
     model, meta = load_export(first.path)
     ds, info = load_data(val_data_args(data_args, meta), accelerator)
     require(list(info.class_names) == [meta["id2label"][str(i)] for i in range(meta["num_labels"])],
-            f"the val data ({info.dataset}) has other classes than the ingredients; pass their --dataset")
-    require(len(ds["val"]) > 0, f"the val split of {info.dataset} is empty; greedy soups need one (--val_per_class)")
-    loader = accelerator.prepare(image_loader(ds["val"], image_transforms(model.spec)[1], batch_size, num_workers))
+            f"the validation data ({info.dataset}) has other classes than the ingredients; pass their --dataset")
+    require(len(ds["validation"]) > 0,
+            f"the validation split of {info.dataset} is empty; greedy soups need one (--val_per_class)")
+    loader = accelerator.prepare(image_loader(ds["validation"], image_transforms(model.spec)[1], batch_size, num_workers))
     model.to(accelerator.device)
 
     def scorer(tensors):
         model.load_state_dict(tensors)  # every candidate holds every tensor of the model (strict)
-        return evaluate(model, loader, accelerator, info.groups, info.num_classes, desc="val")
+        return evaluate(model, loader, accelerator, info.groups, info.num_classes, desc="validation")
 
     return scorer
 
 
 def val_data_args(data, meta):
-    """The spec.DataSpec of the val split: the user's when --dataset is given, else the split the first ingredient
+    """The spec.DataSpec of the validation split: the user's when --dataset is given, else the split the first ingredient
     records (its LT split and the local source files it was trained on)."""
     if data.dataset is not None:
         return data
@@ -442,7 +446,7 @@ def weight_file_hashes(ing):
 def made_soup(output_dir, inputs, mode, lam=0.7, weights=None, normalize=False, alpha=1.0, merge_method="average",
               merge_flags=None):
     """The manifest of the soup in `output_dir` when it is the one these arguments make (the same ingredients, their
-    weight files unchanged, the same recipe; a greedy soup's choice is its val data's), else None: soup.py
+    weight files unchanged, the same recipe; a greedy soup's choice is its validation data's), else None: soup.py
     --push_to_hub then pushes that soup, evaluated since (eval_lt.py puts its numbers on its card), without merging."""
     path = Path(output_dir) / MANIFEST_FILE
     if not path.is_file():
@@ -502,7 +506,7 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
               merge_method="average", merge_flags=None):
     """Read, check, weigh and merge `inputs` (export dirs / Hub ids) into the export dir `output_dir`.
 
-    scorer_factory(first ingredient) -> scorer(tensors) -> val metrics; needed by greedy only.
+    scorer_factory(first ingredient) -> scorer(tensors) -> validation metrics; needed by greedy only.
     merge_method: how tensors combine (lt_utils.merge); merge_flags: its flags by name (None = its default).
     Returns the manifest (as written to soup_manifest.json, plus "output_sha256" on the main process).
     """
@@ -522,7 +526,7 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
     base_state = load_base_state(first.config) if needs_base(ingredients, [0.0], merge_method) else None
     scores, greedy, scorer = [None] * len(ingredients), None, None
     if mode == "greedy":
-        require(scorer_factory is not None, "greedy soups need val data to score candidates")
+        require(scorer_factory is not None, "greedy soups need validation data to score candidates")
         check_same_val_data(ingredients)
         scorer = scorer_factory(first)
         kept, scores, steps = run_greedy(ingredients, scorer, select_metric, base_state, head_init, merge_method, params)
@@ -539,12 +543,12 @@ def make_soup(inputs, output_dir, mode="uniform", lam=0.7, weights=None, normali
                             base_state, head_init, progress=progress, merge_method=merge_method, params=params,
                             ids=used)
     del base_state
-    metrics = {"val": scorer(tensors)} if scorer else None  # the final soup's full val metrics, for the model card
+    metrics = {"validation": scorer(tensors)} if scorer else None  # the final soup's full validation metrics (model card)
     soup_info = {"mode": mode, "lam": lam if mode == "progressive" else None, "alpha": alpha,
                  "anchor_weight": mix[0], "ingredients": [ing.name for ing in ingredients], "weights": mix[1:],
                  "merge": {"method": merge_method, **params}}
     manifest = {**soup_info, "normalize": bool(normalize), "greedy": greedy,
-                "inputs": [{"path": ing.name, "weight": mix[1 + i], "val_score": scores[i], "sha256": weight_file_hashes(ing)}
+                "inputs": [{"path": ing.name, "weight": mix[1 + i], "validation_score": scores[i], "sha256": weight_file_hashes(ing)}
                            for i, ing in enumerate(ingredients)]}
     state = PartialState()
     if state.is_main_process:

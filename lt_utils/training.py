@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_export, read_export_config, read_resume_record, resolve_resume_path
+from .checkpoint import (CONVERT_COMMAND, EXPORT_FORMAT, earlier_format, load_export, read_export_config,
+                         read_resume_record, resolve_resume_path)
 from .compile import dynamo_plugin
 from .config import INPUT_PATH_FLAGS, TRAIN_FLAGS
 from .data_loaders import head_on_cached_features, resolve_augment
@@ -408,6 +409,7 @@ def check_resume(spec):
     output = spec.output
     if not output.resume_from_checkpoint:
         return None
+    check_current_exports(Path(output.output_dir))
     path = resolve_resume_path(output.resume_from_checkpoint, output.output_dir)
     record = read_resume_record(path)
     if isinstance(record.get("run_spec"), dict):
@@ -419,6 +421,17 @@ def check_resume(spec):
         raise UserError(f"cannot resume from {path}: flags changed since the checkpoint ({describe_changes(changes)}); "
                         f"relaunch with the same flags, {_CHANGE_FIX}")
     return ResumePoint(path, changes, tuple(record.get("resume_changes") or ()))
+
+
+def check_current_exports(out):
+    """A resumed run tests its exports at the end, kept ones too: an export an earlier version wrote there (another
+    format) would be refused only then, after the training, so the resume is refused now."""
+    for name in RUN_ROWS:
+        fmt = earlier_format(out / name)
+        if fmt is not None:
+            raise UserError(f"cannot resume {out}: its {name}/ was written by an earlier version ({fmt}; this version "
+                            f"writes {EXPORT_FORMAT}); start a new --output_dir (convert {name}/ with {CONVERT_COMMAND} "
+                            "to keep it)")
 
 
 def change_record(step, changes):

@@ -1,8 +1,8 @@
 """Rewrite an export of an earlier version (lt-export-v2: lt_model.json + lt_weights.safetensors beside
-model.safetensors; lt-export-v3: config.json with the method's settings in `arch`) as the layout every command of this
-version reads. The old folder is only read.
+model.safetensors; lt-export-v3: config.json with the method's settings in `arch`; lt-export-v4: the validation split
+recorded as "val") as the layout every command of this version reads. The old folder is only read.
 
-  python scripts/convert_export.py outputs/run/best outputs/run/best_v4
+  python scripts/convert_export.py outputs/run/best outputs/run/best_v5
 """
 import sys
 from pathlib import Path

@@ -47,8 +47,8 @@ def test_cifar100_first_selection_images_and_labels(cifar100_dir, tmp_path):
         np.testing.assert_array_equal(got, images[i])
     # val: the next unused images of each class (12 - n_i available, at most 2)
     val_expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[n : n + 2] for c, n in enumerate(counts)]))
-    assert ds["val"]["label"] == labels[val_expected].tolist()
-    assert ds["test"].num_rows == 300 and info.split_sizes == {"train": sum(counts), "val": len(val_expected), "test": 300}
+    assert ds["validation"]["label"] == labels[val_expected].tolist()
+    assert ds["test"].num_rows == 300 and info.split_sizes == {"train": sum(counts), "validation": len(val_expected), "test": 300}
 
 
 def test_cifar100_lift_selection_matches_legacy_draw(cifar100_dir, tmp_path):
@@ -70,8 +70,8 @@ def test_cifar100_lift_selection_matches_legacy_draw(cifar100_dir, tmp_path):
 def test_splits_are_disjoint_and_cached(cifar100_dir, tmp_path):
     kwargs = dict(imb=4, data_dir=cifar100_dir, max_per_class=8, val_per_class=3, cache_dir=tmp_path)
     ds, info = load_lt_dataset("cifar100", **kwargs)
-    train, val, test = (set(decoded_hashes(ds[s])) for s in ("train", "val", "test"))
-    assert len(train) == ds["train"].num_rows and len(val) == ds["val"].num_rows  # random images: all distinct
+    train, val, test = (set(decoded_hashes(ds[s])) for s in ("train", "validation", "test"))
+    assert len(train) == ds["train"].num_rows and len(val) == ds["validation"].num_rows  # random images: all distinct
     assert not train & val and not train & test and not val & test
     arrow = sorted(tmp_path.rglob("*.arrow"))
     stamps = [p.stat().st_mtime_ns for p in arrow]
@@ -86,9 +86,9 @@ def test_splits_are_disjoint_and_cached(cifar100_dir, tmp_path):
 def test_cifar100_test_slice(cifar100_dir, tmp_path):
     ds, info = load_lt_dataset("cifar100", imb=4, data_dir=cifar100_dir, max_per_class=8,
                                val_source="test_slice", val_per_class=1, cache_dir=tmp_path)
-    assert ds["val"].num_rows == 100 and ds["test"].num_rows == 200 and info.val_source == "test_slice"
-    assert np.bincount(ds["val"]["label"]).tolist() == [1] * 100
-    assert not set(decoded_hashes(ds["val"])) & set(decoded_hashes(ds["test"]))
+    assert ds["validation"].num_rows == 100 and ds["test"].num_rows == 200 and info.val_source == "test_slice"
+    assert np.bincount(ds["validation"]["label"]).tolist() == [1] * 100
+    assert not set(decoded_hashes(ds["validation"])) & set(decoded_hashes(ds["test"]))
 
 
 def test_cifar10_batches(tmp_path):
@@ -113,7 +113,7 @@ def test_fashion_mnist_idx_raw(tmp_path):
     root = write_idx_dir(tmp_path / "idx", per_class_train=40, per_class_test=5, gz=False)
     ds, info = load_lt_dataset("fashion_mnist", imb=10, data_dir=root, val_per_class=5, cache_dir=tmp_path / "c")
     assert info.train_counts == lt_counts(40, 10, 10) and info.class_names[9] == "Ankle boot"
-    assert np.bincount(ds["val"]["label"], minlength=10).tolist() == [min(5, 40 - n) for n in info.train_counts]
+    assert np.bincount(ds["validation"]["label"], minlength=10).tolist() == [min(5, 40 - n) for n in info.train_counts]
     assert ds["test"].num_rows == 50
     source = read_idx(root / "train-images-idx3-ubyte")
     source_hashes = set(decoded_hashes(datasets.Dataset.from_dict(
@@ -130,8 +130,8 @@ def test_image_folder_carves_test_and_val(tmp_path):
     assert info.class_names == ["cls00", "cls01", "cls02", "cls03"] and info.max_per_class == 9
     assert info.train_counts == lt_counts(9, 4, 4)
     assert np.bincount(ds["test"]["label"]).tolist() == [3, 3, 3, 3]
-    assert np.bincount(ds["val"]["label"]).tolist() == [2, 2, 2, 2]
-    hashes = [set(decoded_hashes(ds[s])) for s in ("train", "val", "test")]
+    assert np.bincount(ds["validation"]["label"]).tolist() == [2, 2, 2, 2]
+    hashes = [set(decoded_hashes(ds[s])) for s in ("train", "validation", "test")]
     assert not hashes[0] & hashes[1] and not hashes[0] & hashes[2] and not hashes[1] & hashes[2]
     with pytest.raises(UserError, match="needs 40"):
         load_lt_dataset("imagefolder", imb=4, data_dir=root, max_per_class=40, test_per_class=3,
@@ -145,7 +145,7 @@ def test_image_folder_with_test_and_val_dirs(tmp_path):
     ds, info = load_lt_dataset("imagefolder_lt", imb=5, data_dir=root, test_dir=test, val_dir=val,
                                cache_dir=tmp_path / "c")
     assert info.train_counts == [10, 4, 2]
-    assert ds["test"]["label"] == [0, 0, 1, 1, 2, 2] and ds["val"]["label"] == [0, 1, 2]
+    assert ds["test"]["label"] == [0, 0, 1, 1, 2, 2] and ds["validation"]["label"] == [0, 1, 2]
 
 
 def test_imagenet_lt_lists_and_class_names(tmp_path):
@@ -159,7 +159,7 @@ def test_imagenet_lt_lists_and_class_names(tmp_path):
                                class_names_file=names, cache_dir=tmp_path / "c")
     assert info.class_names == ["tench", "goldfish", "great white shark"]
     assert info.train_counts == [6, 3, 1] and info.imb == 6.0
-    assert [ds[s].num_rows for s in ("train", "val", "test")] == [10, 3, 6]
+    assert [ds[s].num_rows for s in ("train", "validation", "test")] == [10, 3, 6]
     # the stored bytes are the listed files' own bytes, with the listed label
     rows = [line.split() for line in train.read_text().splitlines()]
     stored = ds["train"].cast_column("image", datasets.Image(decode=False))
@@ -172,7 +172,7 @@ def test_imagenet_lt_lists_and_class_names(tmp_path):
     capped, cinfo = load_lt_dataset("imagenet_lt", data_dir=root, train_list=train, test_list=test,
                                     max_per_class=2, val_per_class=5, cache_dir=tmp_path / "c")
     # without a val list, val = the train-list images the cap left unused
-    assert cinfo.train_counts == [2, 2, 1] and capped["val"]["label"] == [0] * 4 + [1]
+    assert cinfo.train_counts == [2, 2, 1] and capped["validation"]["label"] == [0] * 4 + [1]
 
 
 def test_places_lt_names_from_categories_and_from_paths(tmp_path):
@@ -184,10 +184,10 @@ def test_places_lt_names_from_categories_and_from_paths(tmp_path):
     _, info = load_lt_dataset("places", data_dir=root, train_list=train, val_list=val, test_list=test,
                               class_names_file=cats, cache_dir=tmp_path / "c")
     assert info.class_names == ["airfield", "bus_station/indoor"]
-    with pytest.warns(UserWarning, match="val split is empty"):
+    with pytest.warns(UserWarning, match="validation split is empty"):
         ds, info = load_lt_dataset("places_lt", data_dir=root, train_list=train, test_list=test,
                                    cache_dir=tmp_path / "c2")
-    assert info.class_names == ["cls_0", "cls_1"] and ds["val"].num_rows == 0
+    assert info.class_names == ["cls_0", "cls_1"] and ds["validation"].num_rows == 0
 
 
 def test_inat_relabel_by_name(tmp_path):
@@ -203,7 +203,7 @@ def test_inat_relabel_by_name(tmp_path):
     assert lift.class_names == ["Ant", "Mole", "Zebra"] and lift.train_counts == [2, 1, 3]
     assert ds["test"].features["label"].names == ["Ant", "Mole", "Zebra"]
     # test_slice: the first test image of each class moves to val
-    assert sorted(ds["val"]["label"]) == [0, 1, 2] and sorted(ds["test"]["label"]) == [0, 1, 2]
+    assert sorted(ds["validation"]["label"]) == [0, 1, 2] and sorted(ds["test"]["label"]) == [0, 1, 2]
 
 
 def test_save_and_load_round_trip(cifar100_dir, tmp_path):
@@ -215,7 +215,7 @@ def test_save_and_load_round_trip(cifar100_dir, tmp_path):
     for loaded, linfo in (load_lt_from_disk(out), load_lt_dataset(str(out))):
         assert linfo == info and linfo.many_threshold == 6
         assert loaded["train"]["label"] == ds["train"]["label"]
-    assert LTInfo.from_dataset(datasets.load_from_disk(str(out))["val"]) == info  # one call, plain datasets
+    assert LTInfo.from_dataset(datasets.load_from_disk(str(out))["validation"]) == info  # one call, plain datasets
     with pytest.raises(UserError, match="already exists"):
         save_lt_to_disk(ds, info, out)
     save_lt_to_disk(ds, info.with_thresholds(100, 20), out, overwrite=True)
@@ -278,4 +278,4 @@ def test_hub_source_path_on_a_local_parquet_repo(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got, np.asarray(source[int(i)]["img"]))
     # val: the next unused image of the classes that have one (y and z), in source order
     val_expected = np.sort([np.flatnonzero(labels == c)[n] for c, n in ((1, 3), (2, 2))])
-    assert ds["val"]["label"] == labels[val_expected].tolist() and ds["test"].num_rows == 6
+    assert ds["validation"]["label"] == labels[val_expected].tolist() and ds["test"].num_rows == 6

@@ -104,8 +104,8 @@ def test_cifar100_plan_full_size(tmp_path, imb, total):
     train_labels = source.splits["train"].labels
     assert n_max == 500 and len(plan["train"][1]) == total
     assert np.bincount(train_labels[plan["train"][1]], minlength=100).tolist() == lt_counts(500, imb, 100)
-    val_idx = plan["val"][1]
-    assert plan["val"][0] == "train" and not set(val_idx) & set(plan["train"][1])
+    val_idx = plan["validation"][1]
+    assert plan["validation"][0] == "train" and not set(val_idx) & set(plan["train"][1])
     # val: up to 20 unused train images per class; class 0 uses all 500, so it has none
     assert np.bincount(train_labels[val_idx], minlength=100).tolist() == [min(20, 500 - n) for n in counts]
     assert plan["test"][0] == "test" and len(plan["test"][1]) == 10000
@@ -116,7 +116,7 @@ def test_cifar100_plan_test_slice(tmp_path):
     builder = Cifar100LT(cache_dir=str(tmp_path), name="imb100", val_source="test_slice", val_per_class=10)
     plan, _, _ = builder.plan(source)
     test_labels = source.splits["test"].labels
-    (vsrc, val_idx), (tsrc, test_idx) = plan["val"], plan["test"]
+    (vsrc, val_idx), (tsrc, test_idx) = plan["validation"], plan["test"]
     assert vsrc == tsrc == "test" and len(val_idx) == 1000 and len(test_idx) == 9000
     assert not set(val_idx) & set(test_idx)
     # LT-Soups: the first 10 test images of each class, in source order

@@ -31,7 +31,7 @@ def test_quickstart_cli_and_api(tmp_path):
                   "--output_dir", out, "--cache_dir", tmp_path / "cache")
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    assert "splits: train 1,485 | val 200 | test 10,000" in text
+    assert "splits: train 1,485 | validation 200 | test 10,000" in text
     assert "head 600 (T-shirt/top), tail 6 (Ankle boot)" in text
     assert "many 4 | medium 3 | few 3" in text
     bars = [line.split() for line in text.splitlines() if line.rstrip().endswith("#")]
@@ -41,10 +41,10 @@ def test_quickstart_cli_and_api(tmp_path):
     assert info.train_counts == COUNTS and info.source == f"local:{DEBIAN_FASHION_MNIST_DIR}"
     assert info.groups == ["many"] * 4 + ["medium"] * 3 + ["few"] * 3
     assert np.bincount(ds["train"]["label"]).tolist() == COUNTS
-    assert np.bincount(ds["val"]["label"]).tolist() == [20] * 10  # unused train images: every class has them
+    assert np.bincount(ds["validation"]["label"]).tolist() == [20] * 10  # unused train images: every class has them
     assert np.bincount(ds["test"]["label"]).tolist() == [1000] * 10  # the full official test set
     train_src = _source_hashes("train")
-    assert _all_from(ds["train"], train_src) and _all_from(ds["val"], train_src)
+    assert _all_from(ds["train"], train_src) and _all_from(ds["validation"], train_src)
     assert _all_from(ds["test"], _source_hashes("t10k"))
 
     # the API with data_dir=None resolves to Debian's files, so it hits the cache the CLI filled

@@ -60,12 +60,12 @@ def test_layouts_give_the_lt_rule_split(sources, tmp_path, layout):
     assert info.dataset == "hf_lt" and info.class_names == CLASS_NAMES
     assert info.train_counts == COUNTS and info.groups == GROUPS and info.group_counts() == {"many": 1, "medium": 2, "few": 1}
     assert info.max_per_class == 30 and info.imb == 10
-    assert {s: ds[s].num_rows for s in ds} == {"train": 52, "val": 12, "test": 20}  # val: class 0 has no image left
+    assert {s: ds[s].num_rows for s in ds} == {"train": 52, "validation": 12, "test": 20}  # val: class 0 has no image left
     assert ds["train"].features["label"].names == CLASS_NAMES
     # exactly which source images: the first n_i of each class (train), the next 4 (val), the whole test split
     assert held_indices(ds["train"]) == first_n(train_labels, COUNTS).tolist()
     assert ds["train"]["label"] == train_labels[first_n(train_labels, COUNTS)].tolist()
-    assert held_indices(ds["val"]) == expected_val(train_labels, COUNTS, 4).tolist()
+    assert held_indices(ds["validation"]) == expected_val(train_labels, COUNTS, 4).tolist()
     assert held_indices(ds["test"]) == list(range(20)) and ds["test"]["label"] == test_labels.tolist()
     assert np.bincount(ds["test"]["label"]).tolist() == [5, 5, 5, 5]
     # the source is recorded, so eval_lt.py and a resume rebuild the same split
@@ -103,11 +103,11 @@ def test_a_hub_id_runs_load_dataset_with_its_config_and_revision(sources, tmp_pa
 def test_validation_and_test_split_names(tmp_path):
     src = write_parquet(tmp_path / "three", splits=("train", "validation", "test"))
     ds, info = build(src, tmp_path / "c", validation_split="validation")
-    assert {s: ds[s].num_rows for s in ds} == {"train": 52, "val": 12, "test": 20}
-    assert held_indices(ds["val"]) == list(range(12)) and ds["val"]["label"] == source_labels("validation").tolist()
+    assert {s: ds[s].num_rows for s in ds} == {"train": 52, "validation": 12, "test": 20}
+    assert held_indices(ds["validation"]) == list(range(12)) and ds["validation"]["label"] == source_labels("validation").tolist()
     # the validation split named as the reported test split
     ds, _ = build(src, tmp_path / "c", test_split="validation")
-    assert ds["test"].num_rows == 12 and ds["val"].num_rows == 12  # val: unused train images again
+    assert ds["test"].num_rows == 12 and ds["validation"].num_rows == 12  # val: unused train images again
 
 
 def test_without_a_test_split_test_is_held_out_before_the_lt_rule(tmp_path):
@@ -118,7 +118,7 @@ def test_without_a_test_split_test_is_held_out_before_the_lt_rule(tmp_path):
     labels = source_labels("train")
     held = np.sort(np.concatenate([np.flatnonzero(labels == c)[-5:] for c in range(4)]))
     assert held_indices(ds["test"]) == held.tolist()
-    assert not set(held_indices(ds["test"])) & set(held_indices(ds["train"]) + held_indices(ds["val"]))
+    assert not set(held_indices(ds["test"])) & set(held_indices(ds["train"]) + held_indices(ds["validation"]))
 
 
 def test_max_train_samples_is_a_seeded_subset_of_the_source_train_split_before_the_lt_rule(sources, tmp_path):
@@ -129,7 +129,7 @@ def test_max_train_samples_is_a_seeded_subset_of_the_source_train_split_before_t
     counts = [int(n_max * 0.1 ** (i / 3)) for i in range(4)]
     assert info.max_per_class == n_max and info.train_counts == counts == [12, 5, 2, 1]
     assert held_indices(ds["train"]) == kept[first_n(labels, counts)].tolist()
-    assert held_indices(ds["val"]) == kept[expected_val(labels, counts, 4)].tolist()  # val from the same subset
+    assert held_indices(ds["validation"]) == kept[expected_val(labels, counts, 4)].tolist()  # val from the same subset
     assert ds["test"].num_rows == 20 and info.hf_source["max_train_samples"] == 60
     other, _ = build(sources["parquet"], tmp_path / "c", max_train_samples=60, seed=4)
     assert held_indices(other["train"]) != held_indices(ds["train"])  # another seed, another subset
@@ -163,7 +163,7 @@ def test_build_lt_cli_saves_and_pushes_the_layout(sources, tmp_path, capsys):
                     "fine_label", "--imb", "10", "--many_threshold", "20", "--few_threshold", "5", "--val_per_class", "4",
                     "--selection", "first", "--cache_dir", str(tmp_path / "c"), "--output_dir", str(out)])
     printed = capsys.readouterr().out
-    assert "hf_lt from datasets:" in printed and "splits: train 52 | val 12 | test 20" in printed
+    assert "hf_lt from datasets:" in printed and "splits: train 52 | validation 12 | test 20" in printed
     assert "head 30 (apple), tail 3 (dog)" in printed
     saved = datasets.load_from_disk(str(out))
     assert saved["train"].num_rows == 52 and saved["train"].features["label"].names == CLASS_NAMES

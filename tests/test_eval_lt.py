@@ -169,9 +169,12 @@ def test_save_predictions_match_the_transformers_model(run_dir, flags, idx_dir, 
 
 
 def test_data_flags_override_the_recorded_split(run_dir, flags, tmp_path):
-    run_eval(run_dir / "final", "--split", "val", "--many_threshold", "25", "--few_threshold", "10", *flags,
-             "--output_dir", tmp_path / "val")
+    common = ("--many_threshold", "25", "--few_threshold", "10", *flags)
+    run_eval(run_dir / "final", "--split", "validation", *common, "--output_dir", tmp_path / "val")
     saved = read_metrics(tmp_path / "val")
+    # --split val, the split's name in earlier versions: the same split, the same numbers, recorded as validation
+    run_eval(run_dir / "final", "--split", "val", *common, "--output_dir", tmp_path / "legacy")
+    assert read_metrics(tmp_path / "legacy") == saved and saved["config"]["split"] == "validation"
     assert saved["metrics"]["num_samples"] == 50  # --val_per_class 5 recorded at training, x 10 classes
     assert saved["config"]["many_threshold"] == 25 and saved["config"]["dataset"]["imb"] == 10.0
     # train counts 40 30 23 18 14 11 8 6 5 4: > 25 many, < 10 few
@@ -208,7 +211,7 @@ def test_output_dirs_never_go_into_the_hub_cache(tmp_path):
     assert hub.output_dir == DEFAULT_OUTPUT_ROOT / "user__lift-cifar" / "eval_test_fivecrop"
     assert zero_shot.output_dir == DEFAULT_OUTPUT_ROOT / "zero_shot_clip_single" / "eval_test_fivecrop"
     assert comparison == DEFAULT_OUTPUT_ROOT / "comparison_eval_test_fivecrop.md"
-    assert assign_output_dirs([hub], tmp_path / "out", "val", "none", overwrite=False) is None
+    assert assign_output_dirs([hub], tmp_path / "out", "validation", "none", overwrite=False) is None
     assert hub.output_dir == tmp_path / "out"  # one target: --output_dir itself
 
 
@@ -296,7 +299,7 @@ def relabel(export):
     ("label_mismatch", "label 3 is 'Gown' in the export but 'Dress' in fashion_mnist_lt"),
     ("missing_dir", "not found"),
     ("partial_dir", "missing model.safetensors"),
-    ("unknown_split", "--split dev is not a valid choice; choose one of train, val, test"),
+    ("unknown_split", "--split dev is not a valid choice; choose one of train, validation, test"),
     ("zero_shot_without_dataset", "--zero_shot alone needs --dataset"),
     ("existing_output", "already exists; pass --overwrite"),
 ])
@@ -346,8 +349,8 @@ def test_evaluating_a_soup_puts_its_numbers_on_its_card(run_dir, flags, tmp_path
     assert results[("test", "accuracy")] == round(test["accuracy"], 4)
     assert results[("test", "mean_class_accuracy")] == round(test["mean_class_acc"], 4)
     card = (soup / "README.md").read_bytes()
-    run_eval(soup, "--split", "val", "--max_eval_samples", "10", *flags)  # a part of val: not the model's numbers
-    assert (soup / "eval_val" / "metrics.json").is_file() and (soup / "README.md").read_bytes() == card
+    run_eval(soup, "--split", "validation", "--max_eval_samples", "10", *flags)  # a part of it: not the model's numbers
+    assert (soup / "eval_validation" / "metrics.json").is_file() and (soup / "README.md").read_bytes() == card
     assert list(json.loads((soup / "metrics.json").read_text())) == ["test"]
 
     # the same soup.py command with --push_to_hub: nothing merged again, the evaluated soup (its card) pushed, once

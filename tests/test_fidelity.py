@@ -131,8 +131,8 @@ def test_ema_and_raw_val_tests_both_models_and_names_the_paper_row(lt_soups_run)
     ema, raw = export_tensors(out / "best"), export_tensors(out / "best_raw")
     assert not torch.equal(ema["head.weight"], raw["head.weight"])  # the EMA and the raw weights, each kept
     logged = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    raw_scores = [line["val_raw_mean_class_acc"] for line in logged if "val_raw_mean_class_acc" in line]
-    assert len(raw_scores) == 2 and results["best_raw"]["val"]["mean_class_acc"] == max(raw_scores)
+    raw_scores = [line["validation_raw_mean_class_acc"] for line in logged if "validation_raw_mean_class_acc" in line]
+    assert len(raw_scores) == 2 and results["best_raw"]["validation"]["mean_class_acc"] == max(raw_scores)
     best, raw = results["best"]["step"], results["best_raw"]["step"]
     assert f"| best (step {best}, test) [paper] |" in result.out and f"| best_raw (step {raw}, test) |" in result.out
 

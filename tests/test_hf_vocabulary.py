@@ -69,24 +69,38 @@ def lt_source(tmp_path_factory):
     return write_lt_source(tmp_path_factory.mktemp("lt_source") / "zoo")
 
 
-def test_imb_none_keeps_a_hub_datasets_own_counts_through_build_lt_and_load_from_disk(lt_source, tmp_path,
-                                                                                       monkeypatch):
+@pytest.fixture(scope="module")
+def zoo_lt(lt_source, tmp_path_factory):
     """build_lt.py --dataset_name user/repo --imb none: a Hub id runs datasets.load_dataset (offline: the local
-    source stands in for the Hub's answer); the saved split reads back with the plain datasets.load_from_disk."""
+    source stands in for the Hub's answer). Returns (the saved split's folder, the command's result)."""
     import datasets
 
     from helpers_cli import run_cli
+
+    root, _ = lt_source
+    out = tmp_path_factory.mktemp("zoo_lt") / "zoo_lt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: datasets.load_from_disk(str(root)))
+        result = run_cli("data_scripts/build_lt.py", "--dataset_name", "someone/zoo-lt", "--imb", "none",
+                         "--validation_split", "validation", "--many_threshold", "20", "--few_threshold", "5",
+                         "--cache_dir", out.parent / "cache", "--output_dir", out)
+    assert result.code == 0, result.err
+    return out, result
+
+
+def test_imb_none_keeps_a_hub_datasets_own_counts_through_build_lt_and_load_from_disk(lt_source, zoo_lt):
+    """The saved split reads back with the plain datasets.load_from_disk, its splits named as transformers and the
+    Hub name them."""
+    import datasets
+
     from helpers_hf import held_indices
 
-    root, labels = lt_source
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: datasets.load_from_disk(str(root)))
-    out = tmp_path / "zoo_lt"
-    result = run_cli("data_scripts/build_lt.py", "--dataset_name", "someone/zoo-lt", "--imb", "none",
-                     "--validation_split", "validation", "--many_threshold", "20", "--few_threshold", "5",
-                     "--cache_dir", tmp_path / "cache", "--output_dir", out)
-    assert result.code == 0, result.err
-    assert "imb none (the source's counts: 20)" in result.out and "splits: train 63 | val 12 | test 12" in result.out
+    (_, labels), (out, result) = lt_source, zoo_lt
+    assert "imb none (the source's counts: 20)" in result.out
+    assert "splits: train 63 | validation 12 | test 12" in result.out
     saved = datasets.load_from_disk(str(out))
+    assert list(saved) == ["train", "validation", "test"]
+    assert saved["validation"]["label"] == labels["validation"]  # the source's validation split, as it is
     assert np.bincount(saved["train"]["label"]).tolist() == LT_COUNTS  # every source train image, none dropped
     assert sorted(held_indices(saved["train"])) == list(range(63))
     record = json.loads((out / "lt_info.json").read_text())
@@ -96,6 +110,56 @@ def test_imb_none_keeps_a_hub_datasets_own_counts_through_build_lt_and_load_from
     from lt_utils.config import recorded_flags
 
     assert recorded_flags(record)["imb"] is None
+
+
+def save_with_the_earlier_split_name(saved_dir, legacy_dir):
+    """`saved_dir` as the previous version wrote it: the validation split saved as "val", the split record's per-split
+    values (lt_info.json, each split's embedded info) keyed "val"."""
+    import datasets
+
+    def earlier(mapping):
+        return {"val" if k == "validation" else k: v for k, v in mapping.items()}
+
+    record = json.loads((saved_dir / "lt_info.json").read_text())
+    record = {**record, "split_sizes": earlier(record["split_sizes"]), "index_hashes": earlier(record["index_hashes"])}
+    ds = datasets.load_from_disk(str(saved_dir))
+    for part in ds.values():
+        part.info.description = json.dumps(record)
+    datasets.DatasetDict(earlier(ds)).save_to_disk(str(legacy_dir))
+    (legacy_dir / "lt_info.json").write_text(json.dumps(record))
+    return record
+
+
+def test_a_split_saved_with_the_earlier_name_val_trains_and_evaluates_as_validation(zoo_lt, tmp_path):
+    """A --data_dir / --dataset folder an earlier version saved (its split "val"): read as validation by every
+    command; eval_lt.py --split val and --split validation are one split, with the same numbers."""
+    import datasets
+
+    from helpers_cli import run_cli
+    from helpers_train import TINY_VIT, export_config
+    from lt_utils.data import load_lt_dataset
+
+    current, legacy = zoo_lt[0], tmp_path / "legacy"
+    earlier = save_with_the_earlier_split_name(current, legacy)
+    assert sorted(datasets.load_from_disk(str(legacy))) == ["test", "train", "val"]
+    ds, info = load_lt_dataset(str(legacy))
+    assert list(ds) == ["train", "validation", "test"] and ds["validation"].num_rows == 12
+    assert info.index_hashes["validation"] == earlier["index_hashes"]["val"] and "val" not in info.split_sizes
+    run = tmp_path / "run"
+    trained = run_cli("train_lt.py", "--dataset", legacy, "--model_name_or_path", TINY_VIT, "--from_scratch", "true",
+                      "--head_init", "random", "--method", "full_all", "--max_train_steps", "2", "--eval_steps", "1",
+                      "--per_device_train_batch_size", "16", "--num_workers", "0", "--output_dir", run)
+    assert trained.code == 0, trained.err
+    assert json.loads((run / "best" / "metrics.json").read_text())["validation"]["num_samples"] == 12
+    assert export_config(run / "best")["lt_info"]["index_hashes"]["validation"] == earlier["index_hashes"]["val"]
+    numbers = {}
+    for split, data in (("val", legacy), ("validation", current)):
+        evaluated = run_cli("eval_lt.py", run / "best", "--dataset", data, "--split", split, "--num_workers", "0",
+                            "--output_dir", tmp_path / split)
+        assert evaluated.code == 0, evaluated.err
+        numbers[split] = json.loads((tmp_path / split / "metrics.json").read_text())
+    assert numbers["val"]["metrics"] == numbers["validation"]["metrics"]
+    assert numbers["val"]["config"]["split"] == "validation" and numbers["val"]["metrics"]["num_samples"] == 12
 
 
 def test_imb_none_on_image_folders_and_lists_with_the_transformers_folder_names(tmp_path):
@@ -113,7 +177,7 @@ def test_imb_none_on_image_folders_and_lists_with_the_transformers_folder_names(
                      "--many_threshold", "5", "--few_threshold", "2", "--cache_dir", tmp_path / "cache",
                      "--output_dir", out)
     assert result.code == 0, result.err
-    assert "splits: train 11 | val 6 | test 6" in result.out
+    assert "splits: train 11 | validation 6 | test 6" in result.out
     record = json.loads((out / "lt_info.json").read_text())
     assert record["train_counts"] == [7, 3, 1] and record["groups"] == ["many", "medium", "few"]
 
@@ -156,9 +220,9 @@ def test_train_val_split_holds_out_a_fraction_of_each_class_before_the_lt_rule(l
     ds, info = load_lt_dataset(None, dataset_name=str(root), imb=None, train_val_split=0.25, selection="first",
                                cache_dir=str(tmp_path / "cache"))
     # ceil(0.25 n) of each class (the last of its order), at least one image left for train
-    assert np.bincount(ds["val"]["label"], minlength=4).tolist() == [10, 4, 2, 1]
+    assert np.bincount(ds["validation"]["label"], minlength=4).tolist() == [10, 4, 2, 1]
     assert info.train_counts == [30, 11, 4, 1] and info.train_val_split == 0.25
-    assert not set(held_indices(ds["val"])) & set(held_indices(ds["train"]))
+    assert not set(held_indices(ds["validation"])) & set(held_indices(ds["train"]))
     with pytest.raises(UserError, match="has its own validation split; drop the flag"):
         load_lt_dataset(None, dataset_name=str(root), validation_split="validation", train_val_split=0.25,
                         cache_dir=str(tmp_path / "cache"))
@@ -211,13 +275,13 @@ def test_a_transformers_resnet_trains_and_exports_at_its_processors_image_size(i
     assert config["id2label"] == {"0": "cls00", "1": "cls01", "2": "cls02"} and config["lt_info"]["imb"] is None
     assert config["head_init"]["init"] == "random"  # the new head's init, not the dropped one of --init_from
     assert "(the source's own class counts)" in (tmp_path / "stage2" / "final" / "README.md").read_text()
-    # eval_lt.py takes transformers' split name: --split validation is the split saved as val
+    # eval_lt.py takes transformers' split name, the one the export records
     evaluated = run_cli("eval_lt.py", out / "final", "--split", "validation", "--num_workers", "0",
                         "--output_dir", tmp_path / "eval")
     assert evaluated.code == 0, evaluated.err
     recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert recorded["config"]["split"] == "val"
-    assert recorded["config"]["split_hash"] == export_config(out / "final")["lt_info"]["index_hashes"]["val"]
+    assert recorded["config"]["split"] == "validation"
+    assert recorded["config"]["split_hash"] == export_config(out / "final")["lt_info"]["index_hashes"]["validation"]
     before, after = export_tensors(out / "final"), export_tensors(tmp_path / "stage2" / "final")
     assert after["head.weight"].shape == (3, 16)
     backbone = [k for k in before if k.startswith("backbone.")]

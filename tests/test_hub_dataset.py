@@ -64,18 +64,18 @@ def test_pushed_layout_reads_with_plain_datasets(pushed):
     repo, (ds, info) = pushed
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == [
         "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet",
-        "data/val-00000-of-00001.parquet", "lt_info.json"]
+        "data/validation-00000-of-00001.parquet", "lt_info.json"]
     plain = datasets.load_dataset(str(repo))  # the client a user has, reading the Hub's layout
-    assert sorted(plain) == ["test", "train", "val"]
+    assert sorted(plain) == ["test", "train", "validation"]
     assert plain["train"].features["label"].names == info.class_names
     assert isinstance(plain["train"].features["image"], datasets.Image)
-    for split in ("train", "val", "test"):
+    for split in ("train", "validation", "test"):
         assert plain[split]["label"] == ds[split]["label"]
     counts = np.bincount(plain["train"]["label"], minlength=10).tolist()
     assert counts == info.train_counts == lt_counts(40, 10, 10)
     assert np.asarray(plain["train"][0]["image"]).tolist() == np.asarray(ds["train"][0]["image"]).tolist()
     card = (repo / "README.md").read_text()
-    assert "path: data/val-*.parquet" in card and "many > 100 (0 classes)" in card
+    assert "path: data/validation-*.parquet" in card and "many > 100 (0 classes)" in card
 
 
 def test_dataset_repo_reads_back_as_lt_split(pushed):
@@ -85,6 +85,23 @@ def test_dataset_repo_reads_back_as_lt_split(pushed):
     assert info2.groups == info.groups and info2.class_names == info.class_names
     assert {s: ds2[s].num_rows for s in ds2} == {s: ds[s].num_rows for s in ds}
     assert ds2["test"]["label"] == ds["test"]["label"]
+
+
+def test_a_repo_pushed_with_the_earlier_split_name_val_reads_as_validation(pushed, tmp_path):
+    repo, (ds, info) = pushed
+    legacy = tmp_path / "legacy"  # the layout as the previous version pushed it: the split, its file, its record "val"
+    shutil.copytree(repo, legacy)
+    (legacy / "data" / "validation-00000-of-00001.parquet").rename(legacy / "data" / "val-00000-of-00001.parquet")
+    card = (legacy / "README.md").read_text()
+    (legacy / "README.md").write_text(card.replace("split: validation", "split: val").replace("data/validation-", "data/val-"))
+    record = json.loads((legacy / "lt_info.json").read_text())
+    for key in ("split_sizes", "index_hashes"):
+        record[key]["val"] = record[key].pop("validation")
+    (legacy / "lt_info.json").write_text(json.dumps(record))
+    assert sorted(datasets.load_dataset(str(legacy))) == ["test", "train", "val"]
+    ds2, info2 = load_lt_dataset(str(legacy))
+    assert info2 == info and list(ds2) == ["train", "validation", "test"]
+    assert ds2["validation"]["label"] == ds["validation"]["label"] and ds2["validation"].num_rows == 50
 
 
 def test_tampered_counts_are_refused(pushed, tmp_path):

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 C = len(FMNIST)
 README_MODEL, README_ADAPTER, README_BASE = "you/lift-c100-lt", "you/lift-c100-lt-lora", "openai/clip-vit-base-patch16"
-METRICS = {"val": {"accuracy": 50.0, "mean_class_acc": 40.0, "many_acc": None, "medium_acc": 45.0, "few_acc": 35.0},
+METRICS = {"validation": {"accuracy": 50.0, "mean_class_acc": 40.0, "many_acc": None, "medium_acc": 45.0, "few_acc": 35.0},
            "test": {"accuracy": 61.25, "mean_class_acc": 55.5, "many_acc": None, "medium_acc": 60.0, "few_acc": 51.0}}
 
 

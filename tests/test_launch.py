@@ -54,7 +54,7 @@ def test_single_gpu_yaml_tracking_secrets_and_log_lines(idx_dir, tmp_path):
     # each validation line is printed once (tqdm's redirect and the root handler used to print it twice)
     printed = res.stdout + res.stderr
     for step in (1, 2):
-        assert printed.count(f"step {step}: val acc") == 1
+        assert printed.count(f"step {step}: validation acc") == 1
     # the token is nowhere: config.yaml, tracker hparams and events, logs, exports, cards, console
     assert SECRET not in printed
     leaks = [p for p, data in all_text(out).items() if SECRET.encode() in data]

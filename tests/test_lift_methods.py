@@ -250,9 +250,9 @@ def test_method_trains_exports_reloads_evaluates_identically_and_resumes(method,
     # reloaded, it gives the val metrics measured in memory during training
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
                                cache_dir=tmp_path / "hf_cache")
-    val = evaluate(model, D.image_loader(ds["val"], D.image_transforms(model.spec)[1], 64, 0), Accelerator(cpu=True),
+    val = evaluate(model, D.image_loader(ds["validation"], D.image_transforms(model.spec)[1], 64, 0), Accelerator(cpu=True),
                    info.groups, 10)
-    recorded = json.loads((out / "best" / "metrics.json").read_text())["val"]
+    recorded = json.loads((out / "best" / "metrics.json").read_text())["validation"]
     assert val["per_class_acc"] == recorded["per_class_acc"]
     assert val["nll"] == pytest.approx(recorded["nll"], rel=1e-5)
 

@@ -130,8 +130,8 @@ def test_test_slice_is_lt_soups_val_and_test(sources):
     ds, info = load_lt_dataset("cifar100_lt", imb=10, data_dir=sources["c100"], val_source="test_slice",
                                val_per_class=10, cache_dir=sources["cache"])
     val, test = reference_val_test(source_labels(sources["c100"], "test"), 10)
-    assert split_indices(ds["val"]) == val and split_indices(ds["test"]) == test
-    assert info.split_sizes["val"] == 1_000 and info.split_sizes["test"] == 200  # 100 x (12 - 10); CIFAR-100: 9,000
+    assert split_indices(ds["validation"]) == val and split_indices(ds["test"]) == test
+    assert info.split_sizes["validation"] == 1_000 and info.split_sizes["test"] == 200  # 100 x (12 - 10); CIFAR-100: 9,000
 
 
 # ---- LT-Soups' capped subsets --------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_cifar10_legacy_split_and_lt_soups_subset(sources):
     order = reference_lt_train(labels, counts, "lift")
     assert info.train_counts == counts and split_indices(ds["train"]) == sorted(order)
     val, test = reference_val_test(source_labels(sources["c10"], "test"), 100)
-    assert split_indices(ds["val"]) == val and split_indices(ds["test"]) == test and len(test) == 100
+    assert split_indices(ds["validation"]) == val and split_indices(ds["test"]) == test and len(test) == 100
     for balance_factor, seed in ((1, 0), (4, 2)):
         sub, _ = capped_subset(ds["train"], info.train_counts, balance_factor, seed=seed, selection="lt_soups")
         assert split_indices(sub) == reference_capped_subset(order, labels[order], balance_factor, seed)

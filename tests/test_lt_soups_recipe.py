@@ -108,7 +108,7 @@ def test_lt_soups_script_runs_the_recipe(setup):
         assert (config["warmup_start_factor"], config["ema_start"], config["num_evals"]) == (1e-6, "first_step", 5)
         assert f"Num examples = {sum(min(n, 3 * 2 ** k) for n in counts)}" in run.stderr
         info = json.loads((run_dir / "final" / "config.json").read_text())["lt_info"]
-        assert info["val_source"] == "test_slice" and info["split_sizes"]["val"] == 10 and info["split_sizes"]["test"] == 20
+        assert info["val_source"] == "test_slice" and info["split_sizes"]["validation"] == 10 and info["split_sizes"]["test"] == 20
         assert [json.loads(line)["step"] for line in (run_dir / "log.txt").read_text().splitlines()] == [2, 4, 6, 8, 10]
     again = subprocess.run(["bash", "scripts/lt_soups.sh", "stage1"], cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("skip") == 2

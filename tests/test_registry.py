@@ -154,9 +154,9 @@ def test_a_method_registered_in_a_test_trains_exports_reloads_evaluates_identica
     # the reloaded model gives the val metrics measured on the model in memory during training
     ds, info = load_lt_dataset("fashion_mnist_lt", data_dir=idx_dir, imb=10, max_per_class=40, val_per_class=5,
                                cache_dir=tmp_path / "hf_cache")
-    loader = D.image_loader(ds["val"], D.image_transforms(model.spec)[1], 64, 0)
+    loader = D.image_loader(ds["validation"], D.image_transforms(model.spec)[1], 64, 0)
     val = evaluate(model, loader, Accelerator(cpu=True), info.groups, 10)
-    recorded = load_export_metrics(out / "best")["val"]
+    recorded = load_export_metrics(out / "best")["validation"]
     assert val["per_class_acc"] == recorded["per_class_acc"] and val["accuracy"] == recorded["accuracy"]
     assert val["nll"] == pytest.approx(recorded["nll"], rel=1e-5)
 

@@ -335,24 +335,24 @@ def argv_for(reader, src):
 
 def source_cases():
     """(reader, clean source, case name, corruption, expected): an error substring, or the split sizes of a build."""
-    ok_idx = "ok: splits: train 40 | val 9 | test 20"  # n_max 6, imb 2: 6 5 5 4 4 4 3 3 3 3
+    ok_idx = "ok: splits: train 40 | validation 9 | test 20"  # n_max 6, imb 2: 6 5 5 4 4 4 3 3 3 3
     for reader in ("idx", "idx_gz"):
         yield reader, reader, "clean", None, ok_idx
         for name, (apply, expect) in IDX_CASES.items():
             yield reader, reader, name, apply, expect
     for reader, keys in CIFAR_KEYS.items():
-        yield reader, reader, "clean", None, ("ok: splits: train 31 | val 0 | test 20" if reader == "cifar10"
-                                              else "ok: splits: train 101 | val 0 | test 100")
+        yield reader, reader, "clean", None, ("ok: splits: train 31 | validation 0 | test 20" if reader == "cifar10"
+                                              else "ok: splits: train 101 | validation 0 | test 100")
         for name, (apply, expect) in cifar_corruptions(keys).items():
             yield reader, reader, name, apply, expect
     for reader in ("imagenet_lt", "inat2018"):
-        yield reader, "oltr", "clean", None, "ok: splits: train 13 | val 0 | test 6"
+        yield reader, "oltr", "clean", None, "ok: splits: train 13 | validation 0 | test 6"
         for name, (apply, expect) in OLTR_CASES.items():
             yield reader, "oltr", name, apply, expect
         for name, (apply, counts) in OLTR_OK.items():
-            yield reader, "oltr", name, apply, f"ok: splits: train {sum(counts)} | val 0 | test 6"
+            yield reader, "oltr", name, apply, f"ok: splits: train {sum(counts)} | validation 0 | test 6"
     for reader in ("hf_folder", "hf_arrow"):  # a `datasets` source, its labels named by --class_names_file
-        yield reader, reader, "clean", None, "ok: splits: train 42 | val 74 | test 20"  # 15 11 9 7; val up to 20 unused
+        yield reader, reader, "clean", None, "ok: splits: train 42 | validation 74 | test 20"  # 15 11 9 7; val up to 20 unused
         for name, (apply, expect) in HF_CASES.items():
             yield reader, reader, name, apply, expect[reader] if isinstance(expect, dict) else expect
     yield "imagefolder", "folder", "clean", None, "ok: | test 15"
@@ -422,12 +422,12 @@ def contradiction_cases():
             yield f"saved-{cli}-{flag}", argv, "contradicts the saved split"
     for flag, value in SAVED_AGREEING:
         yield f"saved-build-agrees-{flag}", [BUILD, "--dataset", "{saved}", f"--{flag}", value], \
-            "ok: splits: train 40 | val 9 | test 20"
+            "ok: splits: train 40 | validation 9 | test 20"
     # named builder configs (imb100 / imb50 / imb10 fix the ratio, quickstart also n_max 600) against --imb /
     # --max_per_class; on 60 images per class imb10 and imb50 build, imb100 leaves a class empty
     fixed = {"imb100": 100, "imb50": 50, "imb10": 10, "quickstart": 100}
     # imb50: 60 38 25 16 10 6 4 2 1 1 train images, up to 20 unused per class for val
-    built = {"imb50": "ok: splits: train 163 | val 180 | test 20", "imb10": "ok: splits: train 240 | val 174 | test 20"}
+    built = {"imb50": "ok: splits: train 163 | validation 180 | test 20", "imb10": "ok: splits: train 240 | validation 174 | test 20"}
     for config, ratio in fixed.items():
         # not --imb 100: a flag at its default value cannot be told from an absent one, so it yields to the config
         for imb in (2, 10, 50):
@@ -503,7 +503,7 @@ def exports(vit_dir, tmp_path_factory):
              "neg": torch.full_like(head, -3e38), "nan": head, "inf": head}
     for name, weight in heads.items():
         info = tiny_info()
-        info.index_hashes = {"val": "other" if name == "c" else "same"}
+        info.index_hashes = {"validation": "other" if name == "c" else "same"}
         write_ingredient(root / name, lt, vit_dir, {"head.weight": weight}, head_init, info=info)
     for name, value in (("nan", float("nan")), ("inf", float("inf"))):  # the exporter never writes these: edited
         tensors = load_file(root / name / "model.safetensors")
@@ -539,7 +539,7 @@ def record_cases():
     yield "soup-merged-overflow", ["soup.py", "{x}/big", "{x}/neg", "--output_dir", "{out}", "--weights", "1.5",
                                    "-0.5", "--merge_method", "task_arithmetic"], "non-finite"
     yield "soup-greedy-other-val-data", ["soup.py", "{x}/a", "{x}/c", "--mode", "greedy", "--output_dir", "{out}"], \
-        "other val data"
+        "other validation data"
     for bad in ("nan", "inf", "scale_0", "scale_nan", "scale_neg", "scale_text", "scale_inf"):
         yield f"soup-export-{bad}", ["soup.py", "{x}/a", f"{{x}}/{bad}", "--output_dir", "{out}"], bad.split("_")[0]
         yield f"predict-export-{bad}", ["predict.py", f"{{x}}/{bad}", "{x}/images", "--output", "{out}.csv"], \

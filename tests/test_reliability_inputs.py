@@ -430,7 +430,7 @@ def test_build_without_val_images_saves_a_loadable_dataset(world, tmp_path):
                     "--val_per_class", "0", "--imb", "2", "--output_dir", str(tmp_path / "ds"),
                     "--cache_dir", str(world["cache"])])
     ds, info = load_lt_dataset(str(tmp_path / "ds"))
-    assert ds["val"].num_rows == 0 and ds["train"].num_rows == sum(info.train_counts) and ds["test"].num_rows == 3
+    assert ds["validation"].num_rows == 0 and ds["train"].num_rows == sum(info.train_counts) and ds["test"].num_rows == 3
 
 
 # ------------------------------------------------------------------- a `datasets` source (--dataset_name, hf_lt)

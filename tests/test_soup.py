@@ -195,7 +195,7 @@ def test_greedy_soup_keeps_and_drops_on_real_val_data(base, tmp_path):
     shifted = good.roll(1, dims=0)  # every class gets its neighbour's row
     heads = {"broken": (broken, 95.0), "shifted": (shifted, 5.0), "long_row": (long_row, None)}  # None: evaluated
     paths = [write_ingredient(tmp_path / name, lt, vit, {"head.weight": head}, good, method="head", info=info,
-                              metrics=None if score is None else {"val": {"mean_class_acc": score}})
+                              metrics=None if score is None else {"validation": {"mean_class_acc": score}})
              for name, (head, score) in heads.items()]
     out = tmp_path / "greedy"
     soup.main([*map(str, paths), "--mode", "greedy", "--output_dir", str(out), "--data_dir", str(data_dir),
@@ -208,7 +208,7 @@ def test_greedy_soup_keeps_and_drops_on_real_val_data(base, tmp_path):
     assert steps[1]["score"] > steps[0]["score"] and steps[2]["score"] <= steps[1]["score"]
     assert manifest["weights"] == [0.5, 0.0, 0.5]
     assert torch.equal(_weights(out)["head.weight"], ((broken.double() + long_row.double()) / 2).float())
-    assert json.loads((out / "metrics.json").read_text())["val"]["mean_class_acc"] == pytest.approx(steps[1]["score"])
+    assert json.loads((out / "metrics.json").read_text())["validation"]["mean_class_acc"] == pytest.approx(steps[1]["score"])
 
 
 def _class_means(lt, train, num_classes):

@@ -37,7 +37,7 @@ def test_run_writes_exports_config_and_metrics(idx_dir, tmp_path, capsys):
         assert metrics["test"]["num_samples"] == 100
         assert metrics["test"]["many_acc"] is None  # no class has > 100 training images here
         assert "| test |" in (export / "README.md").read_text()
-    assert json.loads((out / "best" / "metrics.json").read_text())["val"]["num_samples"] == 50
+    assert json.loads((out / "best" / "metrics.json").read_text())["validation"]["num_samples"] == 50
     # resume states hold only trainable tensors plus our counters; the config round-trips
     assert (out / "step_10" / "lt_resume.json").is_file() and (out / "step_20").is_dir()
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -1,6 +1,6 @@
 """`datasets` builders for the LT splits: one `GeneratorBasedBuilder` per source family, parameterised by `LTConfig`.
 
-A builder reads its source (sources.py), decides which images go to train / val / test (counts.py),
+A builder reads its source (sources.py), decides which images go to train / validation / test (counts.py),
 stores the LTInfo as JSON in `info.description`, and writes the images as encoded bytes. The config,
 including a fingerprint of the source files, keys the cache, so a second build is a cache hit.
 """
@@ -21,6 +21,7 @@ from .counts import (
 )
 from .hf_source import HFSpec, read_hf_source
 from .info import LTInfo
+from .source_base import SOURCE_VAL
 
 
 
@@ -62,7 +63,7 @@ class LTConfig(datasets.BuilderConfig):
 
 
 def features_for(class_names):
-    # draw_rank: the image's position in its class's draw (train, val from unused train images) or in its class's
+    # draw_rank: the image's position in its class's draw (train, validation from unused train images) or in its class's
     # source order (test); LT-Soups' exact capped subsets draw from each class in this order (subsets.py)
     return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names)),
                               "draw_rank": datasets.Value("int32")})
@@ -81,7 +82,8 @@ def first_per_class(labels, num_classes, k):
 
 class LTBuilder(datasets.GeneratorBasedBuilder):
     BUILDER_CONFIG_CLASS = LTConfig
-    VERSION = datasets.Version("1.1.0")  # 1.1: the draw_rank column
+    # 1.1: the draw_rank column; 1.2: the validation split named "validation" (a cached "val" is not reused)
+    VERSION = datasets.Version("1.2.0")
     DATASET = ""
     USES_IMB = True  # False: the source fixes the counts, so imb must not split the cache
     EMPTY_CLASS_HINT = "lower --imb or raise --max_per_class"
@@ -132,11 +134,11 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
         check_no_empty_class(counts, names, self.EMPTY_CLASS_HINT)
         train, unused = take_lt(order, counts, names, extra=0 if held_val else cfg.val_per_class)
         val, test = (held_val, test) if held_val else self.choose_val(source, test, unused)
-        return {"train": ("train", flat_sorted(train)), "val": val, "test": test}, counts, n_max
+        return {"train": ("train", flat_sorted(train)), "validation": val, "test": test}, counts, n_max
 
     def draw_ranks(self, source, src):
         """Per source image of split `src`: its position in its class's draw (the source's train split, drawn by
-        `selection`), or in its class's source order (a test or val split, never drawn)."""
+        `selection`), or in its class's source order (a test or validation split, never drawn)."""
         labels = source.splits[src].labels
         per_class = indices_by_class(labels, len(source.class_names))
         if src == "train":
@@ -149,16 +151,16 @@ class LTBuilder(datasets.GeneratorBasedBuilder):
     def carve_val(self, source, order):
         """--train_val_split f: the last ceil(f * n) images of each class's drawn order (n its source train images,
         at least one kept for train) are validation, held out before the LT rule."""
-        if "val" in source.splits:
+        if SOURCE_VAL in source.splits:
             raise UserError(f"--train_val_split {self.config.train_val_split:g}: {source.description} has its own "
                             "validation split; drop the flag")
         keep = [max(1, len(idx) - math.ceil(self.config.train_val_split * len(idx))) for idx in order]
         return [idx[:k] for idx, k in zip(order, keep)], ("train", flat_sorted([idx[k:] for idx, k in zip(order, keep)]))
 
     def choose_val(self, source, test, unused):
-        """(val, test): the source's own val split if it has one, else per `val_source`."""
-        if "val" in source.splits:
-            return ("val", np.arange(len(source.splits["val"].labels))), test
+        """(validation, test): the source's own validation split if it has one, else per `val_source`."""
+        if SOURCE_VAL in source.splits:
+            return (SOURCE_VAL, np.arange(len(source.splits[SOURCE_VAL].labels))), test
         if self.config.val_source == "test_slice":
             src, idx = test
             val_pos, test_pos = first_per_class(source.splits[src].labels[idx], len(source.class_names),
@@ -249,7 +251,7 @@ class FashionMnistLT(LTBuilder):
 
 class ImageFolderLT(LTBuilder):
     """Any folder-per-class dataset. Test/val from `test_dir`/`val_dir` (same class folders) when given;
-    otherwise `test_per_class` images per class are held out for test before the LT draw, and val
+    otherwise `test_per_class` images per class are held out for test before the LT draw, and validation
     follows `val_source`."""
 
     DATASET = "imagefolder_lt"
@@ -295,7 +297,7 @@ class ListLTBuilder(LTBuilder):
 
     def read_source(self):
         cfg = self.config
-        lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
+        lists = {"train": cfg.train_list, SOURCE_VAL: cfg.val_list, "test": cfg.test_list}
         return sources.read_oltr(cfg.data_dir, lists, cfg.class_names_file, cfg.relabel_by_name)
 
     def train_counts(self, order):
@@ -323,7 +325,7 @@ class INat2018(ListLTBuilder):
 
 class DatasetsLT(LTBuilder):
     """Any `datasets` image-classification dataset (`--dataset_name`: a Hub id or a local folder; hf_source.py): the
-    LT rule on its train split (`--max_train_samples` first), val = its `--validation_split` or unused train images,
+    LT rule on its train split (`--max_train_samples` first), validation = its `--validation_split` or unused train images,
     test = its `--test_split` ("test" by default) or, when it has none, `test_per_class` images per class held out."""
 
     DATASET = "hf_lt"

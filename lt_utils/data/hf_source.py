@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..hub_access import cache_if_unreachable
-from .source_base import HubImages, Source, SourceSplit, read_class_names
+from .source_base import SOURCE_VAL, HubImages, Source, SourceSplit, read_class_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +35,11 @@ class HFSpec:
     trust_remote_code: bool = False
 
     def splits(self, available):
-        """{"train"/"val"/"test": source split name} for the splits the source provides (test may be absent: held out)."""
+        """{"train"/SOURCE_VAL/"test": source split name} for the splits the source provides (test may be absent: held out)."""
         test = self.test_split or ("test" if "test" in available else None)
-        wanted = {"train": self.train_split, "val": self.validation_split, "test": test}
+        wanted = {"train": self.train_split, SOURCE_VAL: self.validation_split, "test": test}
         named = {role: name for role, name in wanted.items() if name is not None}
-        flags = {"train": "--train_split", "val": "--validation_split", "test": "--test_split"}
+        flags = {"train": "--train_split", SOURCE_VAL: "--validation_split", "test": "--test_split"}
         for role, name in named.items():
             if name not in available:
                 raise UserError(f"{flags[role]} {name}: {self.dataset_name} has no split {name!r}; its splits are "

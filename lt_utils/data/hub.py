@@ -13,7 +13,7 @@ from ..axes import SPLITS
 from ..errors import UserError, require
 from ..fileio import atomic_dir
 from ..hub_access import cache_if_unreachable
-from .info import INFO_FILENAME, LTInfo, embed_info
+from .info import INFO_FILENAME, LTInfo, current_split_names, embed_info
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -30,8 +30,7 @@ def is_hub_dataset_id(name):
 
 
 def dataset_card(info, split_sizes):
-    """README.md: the YAML `configs` that maps split names to files (the Hub reads "val" as its own split through
-    it), then what the split is."""
+    """README.md: the YAML `configs` that maps split names to files, then what the split is."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     data = DatasetCardData(
@@ -46,7 +45,7 @@ def dataset_card(info, split_sizes):
         f"many > {info.many_threshold} ({groups['many']} classes), medium ({groups['medium']}), "
         f"few < {info.few_threshold} ({groups['few']}). Splits: " + ", ".join(f"{s} {n:,}" for s, n in split_sizes.items()) + ".", "",
         "Per-class counts, groups and the selection parameters are in `lt_info.json`.", "",
-        "```python", "from datasets import load_dataset", "ds = load_dataset(\"<this repo id>\")   # train / val / test",
+        "```python", "from datasets import load_dataset", "ds = load_dataset(\"<this repo id>\")   # train / validation / test",
         "```", "",
         "With lt-hf: `python train_lt.py --dataset <this repo id> ...`.", ""])
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -87,7 +86,8 @@ def load_lt_from_hub(source, cache_dir=None):
     local, offline = Path(str(source)).is_dir(), None
     try:
         with cache_if_unreachable(source) as offline:  # the cache alone, at once, rather than a minute of retries
-            ds = datasets.load_dataset(str(source), cache_dir=cache_dir)
+            # a repo pushed by an earlier version names its validation split "val"
+            ds = current_split_names(datasets.load_dataset(str(source), cache_dir=cache_dir))
             if local:
                 info_path = Path(str(source)) / INFO_FILENAME
             else:

@@ -1,9 +1,10 @@
-"""LTInfo: what defines an LT split (source, ρ, seed, selection, val policy) and its per-class train counts and groups."""
+"""LTInfo: what defines an LT split (source, ρ, seed, selection, validation policy) and its per-class train counts and groups."""
 import dataclasses
 import json
 import math
 from pathlib import Path
 
+from ..axes import LEGACY_SPLIT_NAMES
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from .counts import GROUPS, assign_groups, lt_counts
@@ -90,7 +91,7 @@ class LTInfo:
     def from_dict(cls, d, origin="the split record"):
         """An LTInfo read back from a record (lt_info.json, an export's config.json), its numbers checked."""
         names = {f.name for f in dataclasses.fields(cls)}
-        info = cls(**{k: v for k, v in d.items() if k in names})
+        info = cls(**{k: v for k, v in with_current_split_names(d).items() if k in names})
         problem = info.record_problem()
         if problem:
             raise UserError(f"{origin} is damaged ({problem}); build the dataset or export the run again")
@@ -142,6 +143,20 @@ class LTInfo:
             return cls.from_dict(json.loads(ds.info.description))
         except (TypeError, ValueError) as err:
             raise UserError("this dataset carries no LT info; build it with lt_utils.data.load_lt_dataset") from err
+
+
+def current_split_names(splits):
+    """A mapping keyed by split (a saved DatasetDict, a record's per-split values) with the splits of earlier versions
+    under this version's names ("val" -> "validation"); anything else as it is."""
+    if not isinstance(splits, dict):
+        return splits
+    renamed = {LEGACY_SPLIT_NAMES.get(name, name): value for name, value in splits.items()}
+    return type(splits)(renamed) if len(renamed) == len(splits) else splits
+
+
+def with_current_split_names(record):
+    """An LTInfo record (a dict) with its per-split values (split_sizes, index_hashes) under this version's split names."""
+    return {k: current_split_names(v) if k in ("split_sizes", "index_hashes") else v for k, v in record.items()}
 
 
 def embed_info(ds, info):

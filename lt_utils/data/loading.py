@@ -15,7 +15,7 @@ from .counts import SELECTION_MODES
 from .hf_source import spec_fingerprint
 from .hub import (check_no_config_name, is_hub_dataset_id, is_hub_layout_dir, load_lt_from_hub,
                   named_config_values)
-from .info import INFO_FILENAME, LTInfo, embed_info
+from .info import INFO_FILENAME, LTInfo, current_split_names, embed_info
 
 DATASET_NAMES = tuple(BUILDERS)
 
@@ -66,7 +66,7 @@ def load_lt_dataset(
     validation_split=None, test_split=None, image_column_name="image", label_column_name="label",
     max_train_samples=None, trust_remote_code=False, train_val_split=None,
 ):
-    """Build (or reuse from the `datasets` cache) an LT split; returns (DatasetDict train/val/test, LTInfo).
+    """Build (or reuse from the `datasets` cache) an LT split; returns (DatasetDict train/validation/test, LTInfo).
 
     name: a builder (`DATASET_NAMES`, short forms like "cifar100" too), a directory written by `save_lt_to_disk`,
         or a split pushed by `build_lt.py --push_to_hub` (its Hub id, or a local folder in that layout); for the
@@ -80,10 +80,10 @@ def load_lt_dataset(
     max_per_class: n_max; None -> the smallest class of the source train set (500 CIFAR-100, 5000 CIFAR-10,
         6000 Fashion-MNIST). For list datasets it caps each class instead.
     seed, selection: which images fill each class ("rng", "lift", "first"; see counts.class_order).
-    val_per_class, val_source: val = up to `val_per_class` unused source-train images per class
+    val_per_class, val_source: validation = up to `val_per_class` unused source-train images per class
         ("unused_train"), or the first `val_per_class` test images per class, taken out of test ("test_slice").
         A val list / `val_dir` takes precedence. train_val_split: instead, a source without a validation split holds
-        out this fraction of each class's train images as val, before the LT rule.
+        out this fraction of each class's train images as validation, before the LT rule.
     test_dir, val_dir, test_per_class: imagefolder_lt only (held-out test size per class without `test_dir`).
     relabel_by_name: list datasets; class ids = rank of the class name (LIFT's iNat order).
     dataset_name (builder "hf_lt", `name` may then be None): any `datasets` image-classification dataset, a Hub id or a
@@ -162,8 +162,9 @@ def load_lt_dataset(
             raise err.__cause__ from None
         raise
     ds = datasets.DatasetDict({s: _as_split(builder, s) for s in SPLITS})
-    if ds["val"].num_rows == 0:
-        warnings.warn(f"{key}: the val split is empty; pass a val list, --val_dir, --train_val_split or --val_source test_slice")
+    if ds["validation"].num_rows == 0:
+        warnings.warn(f"{key}: the validation split is empty; pass a val list, --val_dir, --train_val_split or "
+                      "--val_source test_slice")
     return ds, LTInfo.from_dataset(ds["train"])
 
 
@@ -174,13 +175,15 @@ def check_agrees_with_record(name, info, passed):
     for key, value in passed.items():
         if key in ("name", "cache_dir", "config_name") or value == defaults[key]:
             continue
-        recorded = getattr(info, key, None) if key in LT_RECORDED else None
-        if recorded is None or value != recorded:
-            shown = f" (it records {recorded})" if recorded is not None else ""
+        # a recorded None is a value (--imb none: the source's own counts), not a parameter the split lacks
+        recorded = getattr(info, key) if key in LT_RECORDED else _UNRECORDED
+        if recorded is _UNRECORDED or value != recorded:
+            shown = f" (it records {recorded})" if recorded is not _UNRECORDED else ""
             raise UserError(f"{key}={value} contradicts the saved split {name}{shown}, which fixes its images and "
                             "parameters; drop it, or build a new split with data_scripts/build_lt.py")
 
 
+_UNRECORDED = object()
 # the parameters a saved split records (LTInfo fields of the same name)
 LT_RECORDED = ("imb", "max_per_class", "seed", "selection", "val_per_class", "val_source", "many_threshold",
                "few_threshold")
@@ -209,7 +212,7 @@ def _as_split(builder, split):
 
 def check_savable(ds, info):
     """A saved split must be loadable and usable: two classes or more, train and test images (`datasets` cannot load
-    an empty split back, so an empty val split is left out and rebuilt empty on load)."""
+    an empty split back, so an empty validation split is left out and rebuilt empty on load)."""
     if len(info.class_names) < 2:
         raise UserError(f"{info.dataset} has {len(info.class_names)} class; a classifier needs at least 2, add classes")
     for split in ("train", "test"):
@@ -234,7 +237,7 @@ def load_lt_from_disk(path):
         raise UserError(f"{path} holds no {INFO_FILENAME}; pass a directory written by save_lt_to_disk / build_lt.py")
     info = LTInfo.load(path / INFO_FILENAME)
     try:
-        ds = datasets.load_from_disk(str(path))
+        ds = current_split_names(datasets.load_from_disk(str(path)))
     except Exception as err:  # missing or corrupted arrow / json files
         raise UserError(f"{path} is not a loadable saved dataset ({err.__class__.__name__}); build it again with "
                         "data_scripts/build_lt.py") from None

@@ -95,10 +95,15 @@ class SourceSplit:
         self.labels = labels.astype(np.int64)
 
 
+# a source's own validation part (val list, --val_dir, --validation_split). The names of a source's parts are hashed
+# into the LT split's index_hashes, so this one keeps its earlier name: a recorded split stays the same split
+SOURCE_VAL = "val"
+
+
 @dataclasses.dataclass
 class Source:
     class_names: list
-    splits: dict  # "train" / "test" / optionally "val" -> SourceSplit
+    splits: dict  # "train" / "test" / optionally SOURCE_VAL -> SourceSplit
     description: str
 
     def __post_init__(self):

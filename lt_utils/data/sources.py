@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import UserError
 from .hf_source import HFSpec, SourceUnavailable, read_hf_source
-from .source_base import (ArrayImages, FileImages, Source, SourceSplit, check_class_names, list_files, read_class_names,
-                          read_source_bytes, read_source_text, require_file)
+from .source_base import (SOURCE_VAL, ArrayImages, FileImages, Source, SourceSplit, check_class_names, list_files,
+                          read_class_names, read_source_bytes, read_source_text, require_file)
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -367,7 +367,7 @@ def image_folder_files(*roots):
 def read_image_folder(data_dir, test_dir=None, val_dir=None):
     names, paths, labels = list_image_folder(data_dir)
     splits = {"train": SourceSplit(labels, FileImages(paths, data_dir), str(data_dir))}
-    for split, root in (("test", test_dir), ("val", val_dir)):
+    for split, root in (("test", test_dir), (SOURCE_VAL, val_dir)):
         if root is not None:
             _, p, y = list_image_folder(root, names)
             splits[split] = SourceSplit(y, FileImages(p, root), str(root))
