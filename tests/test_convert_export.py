@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from helpers_cli import run_cli
 from helpers_faults import tree_digest
-from helpers_train import REPO, python_script
+from helpers_train import REPO
 from lt_utils.checkpoint import load_export
 from lt_utils.errors import UserError
 from lt_utils.exports import convert_old_export
@@ -23,7 +23,7 @@ V4 = REPO / "tests" / "fixtures" / "export_v4"  # the same architecture's best/,
 def test_converted_export_is_the_same_model_stored_once(tmp_path):
     old = shutil.copytree(OLD, tmp_path / "old")
     before = tree_digest(old)
-    result = python_script("scripts/convert_export.py", old, tmp_path / "new")
+    result = run_cli("scripts/convert_export.py", old, tmp_path / "new")
     assert result.returncode == 0, result.stderr[-2000:]
     assert tree_digest(old) == before  # only read
     new = tmp_path / "new"
