@@ -35,14 +35,15 @@ def idx_dir(tmp_path_factory):
 # fixtures: trained runs, fork servers) stay on one worker, and modules are handed out in collection order as the
 # workers free up. Longest first (measured on 2 cores) keeps the two workers finishing together; unlisted modules
 # follow in their usual order.
-LONGEST_FIRST = ["test_learning.py", "test_deepspeed.py", "test_distributed.py", "test_launch.py",
-                 "test_learning_los.py", "test_lt_soups_recipe.py", "test_reliability_faults.py", "test_hub_exports.py",
-                 "test_performance.py", "test_reproduce.py", "test_reliability_campaign.py", "test_campaign_paths.py",
-                 "test_reliability_inputs.py", "test_soup.py", "test_packaging.py", "test_backbones.py",
-                 "test_merge_strategies.py", "test_lift_methods.py", "test_eval_lt.py", "test_hub_push.py",
-                 "test_hub_dataset.py", "test_train_lt.py", "test_metrics.py", "test_lt_soups_parity.py",
-                 "test_usage.py", "test_hf_vocabulary.py", "test_data_builders.py", "test_resnet.py",
-                 "test_data_fmnist_real.py", "test_peft_methods.py", "test_data_hf_generic.py", "test_models.py"]
+LONGEST_FIRST = ["test_learning.py", "test_deepspeed.py", "test_distributed.py", "test_reliability_faults.py",
+                 "test_lt_soups_recipe.py", "test_learning_los.py", "test_launch.py", "test_performance.py",
+                 "test_reproduce.py", "test_eval_lt.py", "test_reliability_inputs.py", "test_soup.py",
+                 "test_packaging.py", "test_lift_methods.py", "test_hub_push.py", "test_hub_exports.py",
+                 "test_backbones.py", "test_campaign_paths.py", "test_resnet.py", "test_train_lt.py",
+                 "test_reliability_campaign.py", "test_metrics.py", "test_usage.py", "test_lt_soups_parity.py",
+                 "test_merge_strategies.py", "test_data_builders.py", "test_data_fmnist_real.py", "test_fidelity.py",
+                 "test_data_hf_generic.py", "test_one_record.py", "test_run_spec.py", "test_hub_dataset.py",
+                 "test_hf_vocabulary.py", "test_peft_methods.py", "test_models.py"]
 
 
 def pytest_collection_modifyitems(items):
