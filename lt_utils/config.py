@@ -324,7 +324,7 @@ _DATA = _group("data", {
     "imb_seed": _seed(0, "seed of the images chosen per class", **_lt("seed")),
     "selection": Flag("str", "rng", "which images fill each class", choices=axes.SELECTION_MODES,
                       **_lt("selection")),
-    "val_per_class": _nonneg("int", 20, "val images per class", **_lt("val_per_class")),
+    "val_per_class": _nonneg("int", 20, "validation images per class", **_lt("val_per_class")),
     "val_source": Flag("str", "unused_train", choices=axes.VAL_SOURCES, **_lt("val_source")),
     "train_val_split": Flag("float", None, "a source without a validation split: hold out this fraction of each "
                             "class's train images as validation, before the LT rule (replaces --val_source and "

@@ -19,13 +19,13 @@ class Protocol:
     test_each_eval: bool = False  # test at every validation and report the best test score (row best_test)
 
 
-PROTOCOLS.register("best_val", Protocol("best", "best/ on val (model selection never sees test)"))
+PROTOCOLS.register("best_val", Protocol("best", "best/ on validation (model selection never sees test)"))
 PROTOCOLS.register("final", Protocol("final", "the final model (LIFT)"))
 PROTOCOLS.register("best_test", Protocol(
     "best_test", "the best test score over validations (LOS); optimistic: test picks the model, best/ is the honest row",
     test_each_eval=True))
 PROTOCOLS.register("ema_and_raw_val", Protocol(
-    "best", "the EMA and the raw model, each best on val (LT-Soups): best/ and best_raw/ (no EMA: best/ alone)",
+    "best", "the EMA and the raw model, each best on validation (LT-Soups): best/ and best_raw/ (no EMA: best/ alone)",
     raw_exports=True))
 
 # every export a run may write and test, in all_results.json's row order
