@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .compile import plain_name
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_dir, atomic_write_json, read_json
 from .modeling_lt import LTConfig
 
@@ -303,7 +303,7 @@ def load_export(export_dir):
                 ignore_mismatched_sizes=True)  # reported as mismatched_keys below: the refusal names the tensor
     except Exception as err:  # weights that do not fit the recorded architecture, or a record that builds nothing
         raise UserError(f"{export_dir}: the model cannot be built from its config.json and weights "
-                        f"({err.__class__.__name__}: {_first_line(err)}); re-export it") from None
+                        f"({err.__class__.__name__}: {first_line(err)}); re-export it") from None
     wrong = sorted(info.get("missing_keys") or []) + sorted(info.get("unexpected_keys") or []) + \
         sorted(str(k) for k in info.get("mismatched_keys") or [])
     if wrong:
@@ -316,11 +316,6 @@ def load_export(export_dir):
                         "re-export it")
     model.eval()
     return model, export_record(config, export_dir)
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0][:120] if text else ""
 
 
 def recorded_inputs(export_dir, label):

@@ -23,6 +23,13 @@ def require(condition, message):
         raise UserError(message)
 
 
+def first_line(err, limit=300):
+    """The first line of a library's error (transformers', huggingface_hub's span lines), for a one-line UserError;
+    its class name when it says nothing."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 # what the file system refused, in words: such a failure is the user's to fix, wherever it happened
 _SPACE = "free space or pass an output on another disk, then run again"
 FILE_SYSTEM_ERRNOS = {errno.ENOSPC: ("the disk is full", _SPACE), errno.EDQUOT: ("the disk quota is exceeded", _SPACE),

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .axes import HEAD_INITS  # noqa: F401  (the --head_init registry of the functions below, imported from here)
-from .errors import UserError, require
+from .errors import UserError, first_line, require
 from .heads import random_head_init
-from .models import BACKBONES, _first_line, feature_dim, load_backbone_config, unwrap_lt_model
+from .models import BACKBONES, feature_dim, load_backbone_config, unwrap_lt_model
 from .prompts import class_prompts
 
 
@@ -35,7 +35,7 @@ def load_text_tower(model_name_or_path, use):
         model = tower.load_model(name)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"cannot load the {tower.model_class} text tower or tokenizer from {name!r} "
-                        f"({_first_line(err)}); pass a full checkpoint saved with its tokenizer, or use --head_init "
+                        f"({first_line(err)}); pass a full checkpoint saved with its tokenizer, or use --head_init "
                         "class_mean") from err
     return tower, model.eval(), tokenizer, kind, vision_config
 

@@ -3,7 +3,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 # LT builders -> the Hub dataset their images come from (the model card's `datasets`)
@@ -205,12 +205,8 @@ def check_hub_push(repo_id, token=None, repo_type="model", flag="--hub_model_id"
     try:
         return create_repo(repo_id, token=token, exist_ok=True, repo_type=repo_type).repo_id
     except Exception as err:  # a name of another user, a read-only or invalid token, the network: for the user
-        raise UserError(f"--push_to_hub: creating the Hub repo {repo_id} failed ({_first_line(err)}); check that "
-                        "HF_TOKEN may write there and the repo id") from None
-
-
-def _first_line(err):
-    return f"{err.__class__.__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+        raise UserError(f"--push_to_hub: creating the Hub repo {repo_id} failed ({err.__class__.__name__}: "
+                        f"{first_line(err)}); check that HF_TOKEN may write there and the repo id") from None
 
 
 def push_export(export_dir, repo_id, token=None, what="model", commit_message="Upload long-tail classifier"):
@@ -224,8 +220,9 @@ def push_export(export_dir, repo_id, token=None, what="model", commit_message="U
         commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                token=token, ignore_patterns=list(NOT_PUSHED))
     except Exception as err:  # network, auth, name: the user can fix all of these
-        raise UserError(f"pushing {folder} to the Hub as {repo_id} failed ({_first_line(err)}); check HF_TOKEN and "
-                        "the network, then run the same command again: it pushes what is not pushed yet") from None
+        raise UserError(f"pushing {folder} to the Hub as {repo_id} failed ({err.__class__.__name__}: {first_line(err)}); "
+                        "check HF_TOKEN and the network, then run the same command again: it pushes what is not pushed "
+                        "yet") from None
     return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 

@@ -4,7 +4,7 @@ import csv
 import io
 from pathlib import Path
 
-from .errors import UserError, require
+from .errors import UserError, first_line, require
 from .fileio import atomic_write_text
 from .paths import check_output, check_outputs_apart
 
@@ -62,18 +62,13 @@ def load_classifier(model_id):
         model, info = AutoModelForImageClassification.from_pretrained(str(model_id), trust_remote_code=True,
                                                                       output_loading_info=True)
     except Exception as err:  # transformers' errors for a folder or repo that holds no loadable classifier
-        raise UserError(f"cannot load an image classifier from {model_id} ({_first_line(err)}); "
+        raise UserError(f"cannot load an image classifier from {model_id} ({first_line(err)}); "
                         "pass an export dir (final/, best/, a soup) or a Hub model id") from None
     # transformers fills weights its files lack with a random init (a warning): such predictions mean nothing
     missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     require(not missing, f"cannot load an image classifier from {model_id}: its files lack {len(missing)} of the "
                          f"model's weights (e.g. {missing[0] if missing else ''}); pass a complete export or Hub model")
     return processor, model.eval()
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else err.__class__.__name__
 
 
 def predict_images(processor, model, paths, batch_size=32, top_k=5, progress=True):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .heads import build_head
 from .hub_access import cache_if_unreachable
 from .modeling_lt import FEATURE_WIDTHS, FEATURES, LTConfig, LTModel
@@ -198,12 +198,6 @@ class BackboneSpec:
         return cls(**d)
 
 
-def _first_line(err):
-    """transformers' errors span lines; a UserError is one."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _remote_code_fix(err):
     return "; if you trust its code, pass --trust_remote_code" if "trust_remote_code" in str(err) else ""
 
@@ -231,7 +225,7 @@ def load_backbone_config(model_name_or_path, trust_remote_code=False):
             raise UserError(f"cannot load the model {name!r}: the Hub cannot be reached ({offline}) and it is not in "
                             "the cache; pass a local model dir as --model_name_or_path, or run once with the Hub "
                             "reachable (the download is cached)") from None
-        raise UserError(f"cannot load a model config from {name!r}: {_first_line(err)}{_remote_code_fix(err)}") from err
+        raise UserError(f"cannot load a model config from {name!r}: {first_line(err)}{_remote_code_fix(err)}") from err
     kind = backbone_kind_of(config.model_type)
     if kind is None:
         supported = sorted(t for name in BACKBONES for t in BACKBONES.get(name).model_types)
@@ -251,7 +245,7 @@ def _preprocessing(model_name_or_path, kind, trust_remote_code=False):
                                                        trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # no preprocessor_config.json in the dir or repo
         if _remote_code_fix(err):  # its own processor code, not run: the defaults would silently differ
-            raise UserError(f"cannot load the image processor of {str(model_name_or_path)!r}: {_first_line(err)}"
+            raise UserError(f"cannot load the image processor of {str(model_name_or_path)!r}: {first_line(err)}"
                             f"{_remote_code_fix(err)}") from err
         return default_mean, default_std, _RESAMPLE_NAMES[default_resample], None
     mean = [float(v) for v in (getattr(processor, "image_mean", None) or default_mean)]
@@ -333,7 +327,7 @@ def _from_pretrained(cls, model_name_or_path, kwargs):
             backbone, info = cls.from_pretrained(name, dtype=torch.float32, output_loading_info=True, **kwargs)
     except OSError as err:
         raise UserError(
-            f"cannot load weights from {name!r} ({_first_line(err)}); pass --from_scratch for a config-only dir"
+            f"cannot load weights from {name!r} ({first_line(err)}); pass --from_scratch for a config-only dir"
         ) from err
     missing = list(info.get("missing_keys", []))
     if missing:
