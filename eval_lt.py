@@ -24,6 +24,7 @@ import logging
 from lt_utils.config import (DATA_INPUT_FLAGS, ArgumentParser, add_compile_args, add_data_args, add_flags,
                              resolve_cross_flags)
 from lt_utils.errors import cli_entry, require
+from lt_utils.paths import expand
 
 logger = logging.getLogger("lt")
 
@@ -32,7 +33,7 @@ def get_args_parser():
     parser = ArgumentParser(
         description="Long-tail evaluation (many/medium/few) of export dirs, Hub ids or a zero-shot CLIP / SigLIP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("runs", nargs="*", metavar="RUN",
+    parser.add_argument("runs", nargs="*", metavar="RUN", type=expand,
                         help="an export dir, a run dir (its best/, else final/) or a Hub id; several give one table")
     add_flags(parser, ("which", "split", "zero_shot", "prompt_template", "prompt_descriptor_file", "output_dir",
                        "overwrite", "save_predictions", "top_k", "mixed_precision"), output_dir=None)

@@ -9,13 +9,15 @@ import argparse
 
 from lt_utils.config import ArgumentParser, add_flags
 from lt_utils.errors import cli_entry
+from lt_utils.paths import expand
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Per-image predictions of an export or Hub model, as CSV.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("model", metavar="EXPORT_OR_HUB_ID", help="an export dir or a Hub model id")
-    parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files, or folders (searched recursively)")
+    parser.add_argument("model", metavar="EXPORT_OR_HUB_ID", type=expand, help="an export dir or a Hub model id")
+    parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", type=expand,
+                        help="image files, or folders (searched recursively)")
     add_flags(parser, ("output", "top_k", "batch_size", "overwrite"))
     return parser
 

@@ -30,13 +30,14 @@ import argparse
 from lt_utils.config import (DATA_INPUT_FLAGS, MERGE_PARAM_FLAGS, ArgumentParser, add_data_args, add_flags,
                              resolve_cross_flags)
 from lt_utils.errors import cli_entry
+from lt_utils.paths import expand
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Merge export dirs into a model soup (uniform, weighted, progressive, greedy; "
                                         "WiSE-FT with --alpha; task arithmetic, TIES, DARE with --merge_method).",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("ingredients", nargs="+",
+    parser.add_argument("ingredients", nargs="+", type=expand,
                         help="run dirs, export dirs (final/, best/) or Hub ids, in order (progressive); files and "
                              "folders without a run among them (logs, an earlier soup) are skipped with a note")
     add_flags(parser, ("which", "output_dir"), output_dir=None)

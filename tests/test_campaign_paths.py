@@ -225,6 +225,23 @@ def test_home_and_variables_expand_once(world, tmp_path, cli, how):
     assert not (REPO / "~").exists() and not (REPO / "$LT_CAMPAIGN_HOME").exists()
 
 
+@pytest.mark.parametrize("cli", ["eval", "soup", "predict"])
+@pytest.mark.parametrize("how", ["tilde", "variable"])
+def test_home_and_variables_expand_in_positional_inputs(world, tmp_path, cli, how):
+    """The exports and images named as positional arguments are expanded as the flags' paths are (a quoted `~/run`
+    or `$RUNS/run` from a job script)."""
+    home = ("~" if how == "tilde" else "$LT_CAMPAIGN_HOME") + "/"
+    out = tmp_path / ("p.csv" if cli == "predict" else "out")
+    argv = [home + str(Path(a).relative_to(world["root"])) if Path(str(a)).is_relative_to(world["root"])
+            and str(a) in map(str, (world["run"] / "final", world["run"] / "best", world["images"])) else a
+            for a in cli_argv(cli, world, out)]
+    assert sum(str(a).startswith(home) for a in argv) == {"eval": 1, "soup": 2, "predict": 2}[cli]
+    before = tree_digest(world["root"])
+    res = run_cli(SCRIPTS[cli], *argv, env={"HOME": world["root"], "LT_CAMPAIGN_HOME": world["root"]})
+    assert res.code == 0, res.err[-2000:]
+    judge(res, before, [world["root"]], out, cli)
+
+
 def test_preset_tilde_output_dir_trains_into_home(world, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
