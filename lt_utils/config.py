@@ -5,7 +5,8 @@ with its type, default, range (open or closed bounds), choices (a list or a call
 names), nullability, secrecy and help. The same `Flag.coerce` parses and checks a value from the command line
 (argparse's `type=`) and from a yaml preset, so a preset can never pass what the command line refuses. Every float must
 be finite; a nullable number takes `none` on the command line (yaml's null, e.g. `--imb none`). A flag's `aliases` are
-more names of the same entry (transformers' example names: `--train_dir` is `--data_dir`). A bad value is one line: `error: --flag <value> <problem>; <fix>`, exit 2.
+more names of the same entry (transformers' example names: `--train_dir` is `--data_dir`). A bad value is one line:
+`error: --flag <value> <problem>; <fix>`, exit 2.
 
 Each flag also says what it is to a training run (`Flag`: group, input_path, identity, info_key, may_change). Every
 list of flags the project uses (DATA_FLAGS, INPUT_PATH_FLAGS, RECORDED_DATA_FLAGS, HF_SOURCE_FLAGS, RESUME_FREE_FLAGS,
@@ -383,8 +384,7 @@ _MODEL_FLAGS = _group("model", {
 })
 
 _METHOD = _group("method", {
-    "method": Flag("str", "adaptformer", _method_help, choices=METHODS,
-                   **_MODEL),
+    "method": Flag("str", "adaptformer", _method_help, choices=METHODS, **_MODEL),
     "adapter_dim": _pos("int", None, "AdaptFormer / adapter / LoRA rank r (default: LIFT's 2**max(0, floor(log2(K / 2L))))",
                         nullable=True, **_MODEL),
     # 0 passes the table so that its refusal can name the method that is LIFT's partial 0 (training.check_partial)

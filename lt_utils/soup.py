@@ -132,8 +132,7 @@ def val_data_record(meta):
 
 def check_same_val_data(ingredients):
     """Greedy soups rank ingredients by their recorded validation scores and re-score candidates on one validation
-    split: every
-    ingredient must record that same split, or the scores compare different data."""
+    split: every ingredient must record that same split, or the scores compare different data."""
     first = val_data_record(ingredients[0].meta)
     for other in ingredients[1:]:
         theirs = val_data_record(other.meta)
@@ -373,8 +372,7 @@ def greedy_select(order, evaluate):
 
 def run_greedy(ingredients, scorer, metric, base_state=None, head_init=None, merge_method="average", params=None):
     """Rank by stored validation score (evaluating those without one), then greedy_select with real validation
-    evaluations of the
-    candidate soups, merged by `merge_method`."""
+    evaluations of the candidate soups, merged by `merge_method`."""
     def score_of(subset):
         tensors = merge_tensors([ingredients[i] for i in subset], [0.0] + [1.0 / len(subset)] * len(subset),
                                 base_state, head_init, progress=False, merge_method=merge_method, params=params,

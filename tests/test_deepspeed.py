@@ -12,13 +12,17 @@ from safetensors.torch import load_file
 
 from helpers_cli import run_cli
 from helpers_distributed import (NUM_STEPS, ONE_BATCH_OF_16, STEPS, deepspeed_env, failure_report, final_weights,
-                                 trained_in_process, two_processes_fp32)
+                                 free_port, trained_in_process, two_processes_fp32)
 from helpers_train import REPO, assert_same_weights, reduction_order_atol, tiny_train_args
 
 pytestmark = pytest.mark.slow  # accelerate launch and DeepSpeed: three interpreters per run
 
-# one process of a launch, as accelerate's launcher starts it: a rendezvous of one (the refusals run in-process)
-ONE_PROCESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+
+def one_process():
+    """One process of a launch, as accelerate's launcher starts it: a rendezvous of one on a free port (the refusals
+    run in-process)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_deepspeed_zero2_on_cpu_trains_and_exports(zero2_two_processes, one_proc
 def test_deepspeed_accumulation_mismatch_is_refused(idx_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, *STEPS, "--gradient_accumulation_steps", "2"),
-                     env={**deepspeed_env("ds_zero2.yaml", "--gradient_accumulation_steps", "4"), **ONE_PROCESS})
+                     env={**deepspeed_env("ds_zero2.yaml", "--gradient_accumulation_steps", "4"), **one_process()})
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         "error: DeepSpeed config has gradient_accumulation_steps=4 but --gradient_accumulation_steps=2; set one of them "
         "so they agree (or 'auto' in the DeepSpeed config)")
@@ -60,7 +64,7 @@ def test_deepspeed_accumulation_mismatch_is_refused(idx_dir, tmp_path):
 def test_zero3_without_16bit_gather_is_refused_before_training(idx_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train_lt.py", *tiny_train_args(idx_dir, out, *STEPS),
-                     env={**deepspeed_env("ds_zero3.yaml", "--zero3_save_16bit_model", "false"), **ONE_PROCESS})
+                     env={**deepspeed_env("ds_zero3.yaml", "--zero3_save_16bit_model", "false"), **one_process()})
     assert result.returncode == 2 and "zero3_save_16bit_model: true" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
     assert not (out / "step_1").exists() and not (out / "final").exists()

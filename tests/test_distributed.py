@@ -1,6 +1,7 @@
 """Distributed training on CPU: DDP (gloo), launched with `accelerate launch` and the shipped multi_gpu.yaml, with
-torchrun as on a GPU node, and multi_node.yaml as two `accelerate launch` machines on the loopback address. Each run is compared with one process within the float32
-reduction-order noise measured in-process (helpers_train.reduction_order_atol)."""
+torchrun as on a GPU node, and multi_node.yaml as two `accelerate launch` machines on the loopback address. Each run
+is compared with one process within the float32 reduction-order noise measured in-process
+(helpers_train.reduction_order_atol)."""
 import os
 import subprocess
 import sys
