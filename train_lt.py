@@ -131,10 +131,11 @@ def main(argv=None):
 
     test_loader = accelerator.prepare(D.image_loader(ds["test"], D.test_transform(lt_model.spec, data),
                                                      data.per_device_eval_batch_size, data.num_workers))
+    has_val = len(ds["validation"]) > 0
     ctx = Run(spec=spec, accelerator=accelerator, info=info, train_model=train_model, exporter=exporter,
               val_loader=val_loader, test_loader=test_loader, ema=ema, state=state, plan=plan, resume_changes=resume_changes,
-              batch_transform=batch_transform, has_val=len(ds["validation"]) > 0,
-              eval_every=eval_every(spec.eval, plan) if len(ds["validation"]) or PROTOCOLS.get(spec.eval.protocol).test_each_eval
+              batch_transform=batch_transform, has_val=has_val,
+              eval_every=eval_every(spec.eval, plan) if has_val or PROTOCOLS.get(spec.eval.protocol).test_each_eval
               else None,
               ckpt_every=T.every_n_steps(output.checkpointing_steps, plan, "--checkpointing_steps"))
     schedule = linear_warmup_cosine(optim, plan)
